@@ -1,0 +1,44 @@
+# One-command set-up on a fresh machine: a virtual environment with the verified stack
+# (requirements.txt, see ../shared/ENV.md), crisp-edge installed editable, and the Debian data.
+#   make demo        set up, then run the main job on the embedded ViT
+#   make test        set up, then run the default test suite (the one CI runs)
+#   make test-slow   the slow tests too
+#   make bench       the benchmarks; JSON lands in bench/results/
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP) $(FMNIST)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
+	touch $@
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup
+	$(VENV)/bin/crisp-edge demo
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/bench_retrofit.py
+
+clean:
+	rm -rf $(VENV) crisp-edge-demo .pytest_cache

@@ -1,0 +1,26 @@
+"""Typed errors. Every message says what went wrong and how to fix it."""
+from __future__ import annotations
+
+
+class CrispEdgeError(Exception):
+    """Base class of every error crisp-edge raises on purpose."""
+
+
+class ConfigError(CrispEdgeError, ValueError):
+    """A configuration value is out of range or inconsistent with the model."""
+
+
+class UnknownArchitectureError(CrispEdgeError, ValueError):
+    """The model is not one of the registered architectures."""
+
+
+class RetrofitError(CrispEdgeError, RuntimeError):
+    """A retrofit method cannot be applied with the chosen settings."""
+
+
+class CheckpointError(CrispEdgeError, ValueError):
+    """A checkpoint is unreadable, truncated, or does not match its config."""
+
+
+class DataError(CrispEdgeError, ValueError):
+    """A dataset is missing or malformed."""

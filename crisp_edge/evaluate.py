@@ -1,0 +1,31 @@
+"""Batched inference and the numbers people compare: accuracy, top-1 agreement, worst difference."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500, progress: bool = False,
+            desc: str = "inference") -> torch.Tensor:
+    """Logits of ``model`` on ``x``, in batches, in eval mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    chunks = range(0, len(x), batch_size)
+    out = [model(x[i:i + batch_size]) for i in tqdm(chunks, desc=desc, disable=not progress, leave=False)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of inputs on which two models predict the same class."""
+    return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())

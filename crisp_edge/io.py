@@ -1,0 +1,81 @@
+"""File helpers shared by every writer and reader: atomic writes, hashes, safe JSON.
+
+Writes go to a temporary file in the destination folder, are fsynced, then renamed over the
+target, so a process killed mid-write leaves the previous file intact and never a half file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import CrispEdgeError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike, error: type[CrispEdgeError], what: str, max_bytes: int = 64 << 20) -> dict:
+    """Read a JSON object, raising ``error`` (never a bare exception) on anything malformed."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist.") from None
+    if size > max_bytes:
+        raise error(f"{what} {path} is {size} bytes, larger than any valid one ({max_bytes}).")
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{what} {path} is not valid JSON ({type(e).__name__}: {e}); the file is damaged or not a {what}.") from None
+    if not isinstance(obj, dict):
+        raise error(f"{what} {path} must hold a JSON object, found {type(obj).__name__}.")
+    return obj

@@ -1,0 +1,216 @@
+"""Retrofit (neural mimicry, Alg. 2): fit CRISP factors to a pretrained model's weights.
+
+Two methods, one entry point, ``retrofit_``:
+
+* ``"svd"`` (default, closed form): per group, stack the layers' reshaped weights side by side
+  (``M = [W_1.reshape(u, s), ..., W_n.reshape(u, s)]``, ``u x n*s``) and take the best rank-r
+  factorisation ``M ~ P @ Q`` (exact when ``r >= n*s``; Eckart-Young optimal below). Each rank
+  component j is rescaled (``B`` absorbs ``1/alpha_j``) so that its largest coefficient is
+  ``config.gate_init_max``: mixers stay small, where the gate is well sloped, and the gate's
+  minimum (-0.2785 for SiLU) is never approached. Then ``A = G^-1(alpha * Q)`` on the gate's
+  increasing branch. Optionally refined by ``refine_steps`` of smooth-L1 descent.
+* ``"gradient"``: the paper's Alg. 2 as written: random init, smooth-L1 gradient descent.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .budget import Budget, budget
+from .config import CrispConfig
+from .convert import GroupPlan, convert_, crisp_bases, plan_groups
+from .errors import ConfigError, RetrofitError
+from .gates import crisp_weight_matrix, get_gate
+from .layer import CrispBasis
+from .specs import ArchSpec
+
+METHODS = ("svd", "gradient")
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    name: str
+    role: str
+    group: str
+    rel_error: float  # ||W_crisp - W||_F / ||W||_F
+
+
+@dataclass
+class RetrofitReport:
+    """What a retrofit did: per-layer relative reconstruction errors and the parameter budget."""
+
+    method: str
+    layers: list[LayerFit]
+    budget: Budget
+    seconds: float
+    refine_steps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        return max((l.rel_error for l in self.layers), default=0.0)
+
+    def group_errors(self) -> dict[str, float]:
+        """Worst relative error per group."""
+        out: dict[str, float] = {}
+        for l in self.layers:
+            out[l.group] = max(out.get(l.group, 0.0), l.rel_error)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "refine_steps": self.refine_steps, "seconds": self.seconds,
+                "max_rel_error": self.max_error, "layers": [asdict(l) for l in self.layers],
+                "budget": self.budget.to_dict(), "notes": list(self.notes)}
+
+    def format(self) -> str:
+        """A terminal table: one row per group, then the totals."""
+        from .report import format_budget
+
+        return format_budget(self.budget, self.group_errors()) + (
+            f"\nretrofit: method={self.method}"
+            + (f" + {self.refine_steps} refine steps" if self.refine_steps else "")
+            + f", {self.seconds:.1f} s, worst layer error {self.max_error:.2e}"
+        )
+
+
+def retrofit_(model: nn.Module, config: CrispConfig | None = None, *, arch: str | ArchSpec | None = None,
+              method: str = "svd", refine_steps: int = 0, steps: int = 2000, lr: float | None = None,
+              progress: bool = True, seed: int = 0) -> RetrofitReport:
+    """Convert ``model`` to CRISP form in place and fit the factors to its current weights.
+
+    Args:
+        model: a plain model of a registered architecture (see ``crisp_edge.specs``).
+        config: what to convert; defaults to ``CrispConfig()`` (s=4, groups of 4 blocks, full rank).
+        method: "svd" (closed form, fast, exact at full rank) or "gradient" (Alg. 2 from random init).
+        refine_steps: with "svd", smooth-L1 descent steps after the closed form (0 = none).
+        steps: with "gradient", the number of descent steps per group.
+        lr: Adam learning rate for descent (default 1e-2 for "gradient", 1e-4 for refinement).
+        progress: show a progress bar per group.
+        seed: seeds the random init and the padding of over-complete bases.
+
+    Returns:
+        A ``RetrofitReport`` with per-layer relative errors and the parameter budget.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}.")
+    if not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ConfigError(f"refine_steps must be a non-negative integer, got {refine_steps!r}.")
+    config = config or CrispConfig()
+    _, plans = plan_groups(model, config, arch)  # validates before anything changes
+    if method == "svd":
+        for plan in plans:
+            _check_closed_form(plan)
+    originals = {n: model.get_submodule(n).weight.detach() for p in plans for n in p.layer_names}
+    for name, w in originals.items():
+        if not torch.isfinite(w).all():
+            raise RetrofitError(f"{name}.weight contains NaN or Inf; fix the model's weights before retrofitting.")
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    convert_(model, config, arch, generator=gen)
+    bases = crisp_bases(model)
+    bar = tqdm(plans, desc=f"retrofit ({method})", unit="group", disable=not progress, leave=False)
+    for plan in bar:
+        bar.set_postfix_str(plan.key)
+        basis = bases[plan.key]
+        mixers = [model.get_submodule(n).crisp_mixer for n in plan.layer_names]
+        targets = [originals[n] for n in plan.layer_names]
+        if method == "svd":
+            _closed_form_(basis, mixers, targets, config.gate_init_max, gen)
+            if refine_steps:
+                _descend_(basis, mixers, targets, refine_steps, lr or 1e-4)
+        else:
+            _descend_(basis, mixers, targets, steps, lr or 1e-2)
+    seconds = time.perf_counter() - start
+    layers = [
+        LayerFit(n, p.role, p.key, relative_error(model.get_submodule(n).weight, originals[n]))
+        for p in plans for n in p.layer_names
+    ]
+    return RetrofitReport(method, layers, budget(model), seconds, refine_steps if method == "svd" else 0)
+
+
+def relative_error(approx: torch.Tensor, target: torch.Tensor) -> float:
+    """``||approx - target||_F / ||target||_F`` in float64."""
+    t = target.detach().double()
+    return float((approx.detach().double() - t).norm() / t.norm().clamp_min(1e-300))
+
+
+def _check_closed_form(plan: GroupPlan) -> None:
+    gate = get_gate(plan.gate)
+    if not gate.invertible:
+        raise RetrofitError(
+            f"role {plan.role!r}: the closed-form retrofit needs an invertible gate, and {plan.gate!r} is not; "
+            "use method='gradient' (Alg. 2) for it."
+        )
+    if plan.placement == "post" and plan.gate != "none":
+        raise RetrofitError(
+            f"role {plan.role!r}: placement 'post' (W = G(B @ A)) cannot represent weights below the gate's minimum, "
+            "so it has no exact closed form; use method='gradient' (Alg. 2) for it."
+        )
+
+
+def best_rank_factors(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P (u x k), Q (k x n)`` with ``P @ Q`` the best rank-k approximation of ``m`` (float64).
+
+    Eigen-decomposes the Gram matrix of the smaller side, so a tall ``u x n*s`` stack costs
+    ``O(u (n s)^2)``. Components come out by decreasing singular value; at full rank the product
+    reproduces ``m`` exactly (an orthogonal projection onto the whole row or column space).
+    """
+    m = m.double()
+    if m.shape[1] <= m.shape[0]:
+        _, v = torch.linalg.eigh(m.T @ m)
+        v = v.flip(-1)[:, :k]
+        return m @ v, v.T
+    _, u = torch.linalg.eigh(m @ m.T)
+    u = u.flip(-1)[:, :k]
+    return u, u.T @ m
+
+
+@torch.no_grad()
+def _closed_form_(basis: CrispBasis, mixers: list[nn.Parameter], targets: list[torch.Tensor],
+                  gate_init_max: float, gen: torch.Generator) -> None:
+    u, s, r = basis.u, basis.s, basis.r
+    gate = get_gate(basis.gate_name)
+    stacked = torch.cat([t.double().reshape(u, s) for t in targets], dim=1)  # u x (n*s)
+    k = min(r, basis.full_rank)
+    p, q = best_rank_factors(stacked, k)
+    if basis.placement in ("pre", "post"):  # gate on the coefficients (post only with gate "none")
+        scale = gate_init_max / q.abs().amax(dim=1).clamp_min(1e-300)
+        b, coeff = p / scale, gate.inverse(q * scale[:, None])
+    else:  # "temp": the gate acts on the basis, W = G(B) @ A
+        scale = gate_init_max / p.abs().amax(dim=0).clamp_min(1e-300)
+        b, coeff = gate.inverse(p * scale), q / scale[:, None]
+    if k < r:  # over-complete basis: random extra columns with zero coefficients (exact, yet trainable)
+        extra_b = torch.randn(u, r - k, generator=gen, dtype=torch.float64) * b.std().clamp_min(1e-12)
+        extra_a = gate.inverse(torch.zeros(r - k, coeff.shape[1], dtype=torch.float64)) if basis.placement != "temp" \
+            else torch.zeros(r - k, coeff.shape[1], dtype=torch.float64)
+        b, coeff = torch.cat([b, extra_b], 1), torch.cat([coeff, extra_a], 0)
+    basis.weight.copy_(b)
+    for i, mixer in enumerate(mixers):
+        mixer.copy_(coeff[:, i * s:(i + 1) * s])
+
+
+def _descend_(basis: CrispBasis, mixers: list[nn.Parameter], targets: list[torch.Tensor], steps: int, lr: float) -> None:
+    """Smooth-L1 mimicry (Alg. 2, line 8-9) of one group, with the loss measured in units of the
+    weights' standard deviation so one learning rate fits every layer size."""
+    gate = get_gate(basis.gate_name)
+    u, s = basis.u, basis.s
+    tgt = [t.reshape(u, s).to(basis.weight.dtype) for t in targets]
+    scale = torch.cat([t.flatten() for t in tgt]).std().clamp_min(1e-12)
+    params = [basis.weight, *mixers]
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = sum(
+                F.smooth_l1_loss(crisp_weight_matrix(basis.weight, a, gate, basis.placement) / scale, t / scale)
+                for a, t in zip(mixers, tgt)
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for p in params:
+        p.grad = None

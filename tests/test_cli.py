@@ -1,0 +1,65 @@
+"""The crisp-edge command line: retrofit -> info round trip, overrides, and clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from crisp_edge.cli import _parse_role_override, main
+from crisp_edge.errors import ConfigError
+
+
+
+def test_retrofit_then_info(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(["retrofit", "fmnist-vit", "--out", str(out), "--group-size", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "qkv_0_2" in printed and "worst layer error" in printed
+    assert (out / "model.safetensors").exists() and (out / "crisp.json").exists()
+
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["arch"] == "timm-vit"
+    assert info["budget"]["trainable_per_task"] == 6 * 4 * 12 * 4  # 6 blocks x 4 roles x r=12 x s=4
+    assert info["retrofit"]["max_rel_error"] <= 1e-5
+
+    assert main(["info", str(out)]) == 0
+    assert "fc2_3_5" in capsys.readouterr().out
+
+
+def test_role_overrides_and_targets(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    args = ["retrofit", "fmnist-vit", "--out", str(out), "--targets", "fc1,fc2", "--role", "fc1:s=8,r=16,group_size=all",
+            "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    groups = {g["key"]: g for g in json.loads(capsys.readouterr().out)["budget"]["groups"]}
+    assert set(groups) == {"fc1_0_5", "fc2_0_3", "fc2_4_5"}
+    assert (groups["fc1_0_5"]["s"], groups["fc1_0_5"]["r"]) == (8, 16)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["retrofit", "fmnist-vit", "--s", "5"], "does not divide"),
+    (["retrofit", "fmnist-vit", "--r", "0"], "r must be >= 1"),
+    (["retrofit", "fmnist-vit", "--targets", "nope"], "not roles of timm-vit"),
+    (["retrofit", "no-such-model"], "unknown model"),
+    (["retrofit", "fmnist-vit", "--gate", "relu"], "method='gradient'"),
+])
+def test_bad_input_exits_2_with_message(argv, needle, capsys):
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "error:" in err
+
+
+def test_info_on_missing_checkpoint(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nothing")]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_parse_role_override():
+    assert _parse_role_override("fc1:s=8,r=full,group_size=all") == ("fc1", {"s": 8, "r": None, "group_size": None})
+    with pytest.raises(ConfigError, match="key=value"):
+        _parse_role_override("fc1:bogus=1")
+    with pytest.raises(ConfigError, match="ROLE:key=value"):
+        _parse_role_override("fc1")
