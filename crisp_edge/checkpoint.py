@@ -19,7 +19,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .config import CrispConfig
-from .convert import convert_, crisp_bases, is_crisp
+from .convert import convert_, group_layout, is_crisp, plan_groups, restore_
 from .errors import CheckpointError, ConfigError, CrispEdgeError
 from .io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from .models import build_model, source_of
@@ -28,15 +28,6 @@ CHECKPOINT_FORMAT = "crisp-edge/checkpoint"
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "crisp.json"
-
-
-def group_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The group layout of a CRISP model: for each group its role, layers and factor shapes."""
-    return {
-        key: {"role": b.role, "layers": list(b.layer_names), "d_in": b.d_in, "d_out": b.d_out,
-              "s": b.s, "r": b.r, "gate": b.gate_name, "placement": b.placement}
-        for key, b in crisp_bases(model).items()
-    }
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict | None = None,
@@ -51,7 +42,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict |
     """
     if not is_crisp(model):
         raise CheckpointError("model has no CRISP layers; run retrofit_ or convert_ before save_checkpoint.")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, storages = {}, set()
+    for k, v in model.state_dict().items():  # tied weights (e.g. lm_head = embed_tokens) share storage,
+        v = v.detach().contiguous().cpu()     # which safetensors refuses: save each name its own copy
+        ptr = v.untyped_storage().data_ptr()
+        state[k] = v.clone() if ptr in storages else v
+        storages.add(ptr)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"refusing to save non-finite values (NaN/Inf) in {bad[:5]}.")
@@ -119,9 +115,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> 
     if is_crisp(model):
         raise CheckpointError("load_checkpoint needs the plain architecture; the model given is already CRISP.")
     try:
-        convert_(model, config, meta["arch"])
+        _, plans = plan_groups(model, config, meta["arch"])
     except CrispEdgeError as e:
         raise CheckpointError(f"the checkpoint's config does not fit the model: {e}") from None
+    originals = {n: model.get_submodule(n) for p in plans for n in p.layer_names}
+    convert_(model, config, meta["arch"])
 
     problems = []
     if group_layout(model) != meta["groups"]:
@@ -137,6 +135,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> 
         elif tensors[k].dtype != expected[k].dtype:
             problems.append(f"{k}: file has dtype {tensors[k].dtype}, model has {expected[k].dtype}")
     if problems:
+        restore_(model, originals)  # the caller's model comes back as it was given
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise CheckpointError(f"{folder}: the tensors do not match the config/model: {shown}.")
     model.load_state_dict(tensors, strict=True)

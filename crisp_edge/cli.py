@@ -13,8 +13,12 @@ import sys
 from dataclasses import fields, replace
 
 from . import __version__
+from .adapt import AdaptConfig
 from .config import CrispConfig, RoleConfig
 from .errors import ConfigError, CrispEdgeError
+
+
+_ADAPT = AdaptConfig()  # the library's defaults are the command's defaults
 
 
 def _parse_group_size(text: str) -> int | None:
@@ -99,10 +103,69 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import torch
+
+    from .adapt import adapt_
+    from .checkpoint import load_checkpoint
+    from .mixers import read_mixers, save_mixers
+    from .tasks import load_task
+    from .train import TrainConfig
+
+    data = load_task(args.task, seed=args.seed)
+    model = load_checkpoint(args.checkpoint)
+    config = AdaptConfig(train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
+                         mixer_lr=args.lr, head_lr=args.head_lr, train_head=not args.no_head,
+                         train_biases=args.train_biases)
+    report = adapt_(model, data.x_train, data.y_train, num_classes=data.task.num_classes, config=config,
+                    eval_data=(data.x_test, data.y_test), progress=not args.no_progress)
+    out = args.out or f"{args.task}.mixers.safetensors"
+    save_mixers(model, out, task=args.task, head=not args.no_head, biases=args.train_biases,
+                storage_dtype=torch.float16 if args.fp16 else None, labels=list(data.task.class_names))
+    mf = read_mixers(out)
+    print(f"task {args.task}: test accuracy {100 * report.accuracy:.2f}% on {len(data.x_test):,} images "
+          f"after {args.epochs} epochs ({report.history.seconds_per_epoch:.1f} s/epoch)")
+    print("trainable: " + ", ".join(f"{k} {v:,}" for k, v in report.trainable.items())
+          + f" (total {report.trainable_total:,}); bases unchanged: {report.bases_unchanged}")
+    print(f"wrote {out}: {mf.nbytes:,} bytes ({mf.raw_bytes:,} bytes of tensors)")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import time
+
+    from .checkpoint import load_checkpoint
+    from .evaluate import accuracy, predict
+    from .mixers import TaskSwitcher
+    from .report import format_table
+    from .tasks import TASKS, load_task
+
+    model = load_checkpoint(args.checkpoint)
+    switcher = TaskSwitcher(model)
+    names = [switcher.add(path) for path in args.mixers]
+    rows = []
+    for name in names:
+        t0 = time.perf_counter()
+        switcher.switch(name)
+        ms = 1e3 * (time.perf_counter() - t0)
+        acc = "-"
+        if name in TASKS and not args.no_eval:
+            data = load_task(name)
+            acc = f"{100 * accuracy(predict(model, data.x_test), data.y_test):.2f}%"
+        rows.append([name, f"{ms:.2f} ms", acc])
+    print(format_table(["task", "switch", "test accuracy"], rows))
+    if args.out:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(model, args.out, extra={"task": names[-1]})
+        print(f"saved the model with task {names[-1]!r} applied to {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, limit=args.limit, threads=args.threads)
+    run_demo(out_dir=args.out, limit=args.limit, threads=args.threads, adapt_epochs=args.adapt_epochs)
     return 0
 
 
@@ -115,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="crisp-edge-demo", help="folder for the artifacts (default: ./crisp-edge-demo)")
     d.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    d.add_argument("--adapt-epochs", type=int, default=3, help="epochs per task adaptation (default 3)")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("retrofit", help="convert a model to CRISP form and fit it to its weights")
@@ -133,6 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=2000, help="descent steps per group for --method gradient")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_retrofit)
+
+    a = sub.add_parser("adapt", help="train a task's mixers (bases frozen) and write its mixer file")
+    a.add_argument("checkpoint", help="a CRISP checkpoint folder (from `crisp-edge retrofit`)")
+    a.add_argument("--task", required=True, help="mnist | digits | fmnist5")
+    a.add_argument("--out", help="mixer file to write (default: TASK.mixers.safetensors)")
+    a.add_argument("--epochs", type=int, default=_ADAPT.train.epochs)
+    a.add_argument("--batch-size", type=int, default=_ADAPT.train.batch_size)
+    a.add_argument("--lr", type=float, default=_ADAPT.mixer_lr, help="mixer learning rate")
+    a.add_argument("--head-lr", type=float, default=_ADAPT.head_lr)
+    a.add_argument("--no-head", action="store_true", help="keep the model's head (do not train a new one)")
+    a.add_argument("--train-biases", action="store_true", help="also train the CRISP layers' biases")
+    a.add_argument("--fp16", action="store_true", help="store the mixer file in float16")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=cmd_adapt)
+
+    ap = sub.add_parser("apply", help="apply mixer files to a checkpoint, switching tasks, and evaluate each")
+    ap.add_argument("checkpoint")
+    ap.add_argument("mixers", nargs="+", help="mixer files, applied in order")
+    ap.add_argument("--no-eval", action="store_true", help="do not evaluate on the tasks' test data")
+    ap.add_argument("--out", help="save a checkpoint with the last task applied")
+    ap.set_defaults(func=cmd_apply)
 
     i = sub.add_parser("info", help="describe a CRISP checkpoint: groups, budgets, errors")
     i.add_argument("checkpoint")

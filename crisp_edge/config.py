@@ -61,6 +61,18 @@ def _check_int(name: str, value: Any, minimum: int, hint: str = "") -> None:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}." + (f" ({hint})" if hint else ""))
 
 
+class _ReadOnlyDict(dict):
+    """A dict that refuses edits (and still copies and pickles like a dict)."""
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("CrispConfig.roles is read-only; make a changed copy with CrispConfig.with_role(...).")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only  # type: ignore
+
+    def __reduce__(self):
+        return (_ReadOnlyDict, (dict(self),))
+
+
 @dataclass(frozen=True)
 class CrispConfig:
     """Which roles of an architecture become CRISP, and with what settings.
@@ -71,7 +83,8 @@ class CrispConfig:
         targets: roles to convert; ``None`` = every role the architecture declares.
         gate_init_max: closed-form retrofit only: each rank component is scaled so the largest gated
             value is this, which keeps mixers small and where the gate is well sloped (see the README's
-            design notes). Must lie in (0, 0.27) so SiLU and GELU can be inverted with margin.
+            design notes). Must lie in (0, 0.27) so SiLU can be inverted with margin; GELU (minimum
+            -0.16997) needs less than 0.16997, which ``retrofit_`` checks before changing the model.
     """
 
     default: RoleConfig = field(default_factory=RoleConfig)
@@ -86,7 +99,7 @@ class CrispConfig:
         for name, rc in roles.items():
             if not isinstance(rc, RoleConfig):
                 raise ConfigError(f"roles[{name!r}] must be a RoleConfig, got {type(rc).__name__}.")
-        object.__setattr__(self, "roles", roles)
+        object.__setattr__(self, "roles", _ReadOnlyDict(roles))  # frozen means frozen: no edits after validation
         if self.targets is not None:
             if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
                 raise ConfigError(f"targets must be a sequence of role names, got {self.targets!r}.")

@@ -138,6 +138,7 @@ def materialize_(model: nn.Module) -> nn.Module:
     layers = crisp_layers(model)
     if not layers:
         raise ConfigError("model has no CRISP layers to materialize.")
+    dense = {}
     for name, layer in layers.items():
         lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                         dtype=layer.crisp_mixer.dtype, device=layer.crisp_mixer.device)
@@ -146,8 +147,16 @@ def materialize_(model: nn.Module) -> nn.Module:
             if layer.bias is not None:
                 lin.bias.copy_(layer.bias)
         lin.train(layer.training)
-        _set_submodule(model, name, lin)
-    delattr(model, BASES_NAME)
+        dense[name] = lin
+    return restore_(model, dense)
+
+
+def restore_(model: nn.Module, originals: dict[str, nn.Module]) -> nn.Module:
+    """Undo ``convert_``: put the original modules back (by name) and drop the bases."""
+    for name, module in originals.items():
+        _set_submodule(model, name, module)
+    if hasattr(model, BASES_NAME):
+        delattr(model, BASES_NAME)
     for attr in ("crisp_config", "crisp_arch"):
         model.__dict__.pop(attr, None)
     return model
@@ -162,6 +171,15 @@ def crisp_bases(model: nn.Module) -> dict[str, CrispBasis]:
     """Every shared basis of ``model`` by group key."""
     bases = getattr(model, BASES_NAME, None)
     return dict(bases.items()) if isinstance(bases, nn.ModuleDict) else {}
+
+
+def group_layout(model: nn.Module) -> dict[str, dict]:
+    """The group layout of a CRISP model: for each group its role, layers and factor shapes."""
+    return {
+        key: {"role": b.role, "layers": list(b.layer_names), "d_in": b.d_in, "d_out": b.d_out,
+              "s": b.s, "r": b.r, "gate": b.gate_name, "placement": b.placement}
+        for key, b in crisp_bases(model).items()
+    }
 
 
 def is_crisp(model: nn.Module) -> bool:

@@ -3,28 +3,34 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from .adapt import AdaptConfig, adapt_
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import CrispConfig, RoleConfig
 from .data import load_fashion_mnist
+from .errors import MixerFileError
+from .mixers import TaskSwitcher, apply_mixers_, read_mixers, save_mixers
 from .evaluate import accuracy, max_abs_diff, predict, top1_agreement
-from .models import EMBEDDED_VIT_NAME, embedded_vit_card, load_embedded_vit
+from .models import EMBEDDED_CRISP_CONFIG, EMBEDDED_VIT_NAME, embedded_vit_card, load_embedded_vit
 from .report import format_table
 from .retrofit import retrofit_
+from .tasks import load_task
+from .train import TrainConfig
 
-#: The demo's CRISP layout for the 6-block embedded ViT: two groups of 3 blocks per role, s=4, full
-#: rank r = 3*4 = 12 (48 mixer numbers per layer).
-DEMO_CONFIG = CrispConfig(default=RoleConfig(s=4, group_size=3))
+#: Two real transfer tasks adapted in the demo (see crisp_edge.tasks).
+DEMO_TASKS = ("mnist", "digits")
+
 
 
 def _section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 72 - len(title)))
 
 
-def run_demo(out_dir: str | Path = "crisp-edge-demo", limit: int | None = None, threads: int | None = None) -> dict:
+def run_demo(out_dir: str | Path = "crisp-edge-demo", limit: int | None = None, threads: int | None = None,
+             adapt_epochs: int = 3) -> dict:
     """Run the demo, print what it finds, and return the numbers as a dict."""
     if threads:
         torch.set_num_threads(threads)
@@ -45,7 +51,7 @@ def run_demo(out_dir: str | Path = "crisp-edge-demo", limit: int | None = None, 
 
     _section("2. retrofit at full capacity (closed form, Alg. 2)")
     crisp = copy.deepcopy(model)
-    report = retrofit_(crisp, DEMO_CONFIG)
+    report = retrofit_(crisp, EMBEDDED_CRISP_CONFIG)
     print(report.format())
     out = predict(crisp, x, progress=True, desc="CRISP")
     results.update(crisp_accuracy=accuracy(out, y), top1_agreement=top1_agreement(out, ref),
@@ -62,16 +68,59 @@ def run_demo(out_dir: str | Path = "crisp-edge-demo", limit: int | None = None, 
     results["checkpoint_roundtrip_identical"] = same
     print(f"wrote {ckpt}/ ({size / 1e6:.2f} MB); reloaded outputs identical: {same}")
 
-    _section("4. data-free compression preview (closed form below full rank)")
+    _section("4. adapt two tasks: mixers + a new head, bases frozen (Alg. 3)")
+    tasks, rows = {}, []
+    for name in DEMO_TASKS:
+        data = load_task(name)
+        task_model = copy.deepcopy(crisp)
+        rep = adapt_(task_model, data.x_train, data.y_train, num_classes=data.task.num_classes,
+                     config=AdaptConfig(train=TrainConfig(epochs=adapt_epochs)), eval_data=(data.x_test, data.y_test))
+        path = save_mixers(task_model, out_dir / f"{name}.mixers.safetensors", task=name,
+                           labels=list(data.task.class_names))
+        mf = read_mixers(path)
+        tasks[name] = (data, path)
+        rows.append([name, f"{len(data.x_train):,}/{len(data.x_test):,}", f"{100 * rep.accuracy:.2f}%",
+                     rep.trainable["mixers"], rep.trainable["head"], f"{mf.nbytes:,} B ({mf.raw_bytes:,} raw)",
+                     str(rep.bases_unchanged)])
+        results.setdefault("tasks", {})[name] = {"accuracy": rep.accuracy, "trainable": rep.trainable,
+                                                 "file_bytes": mf.nbytes, "raw_bytes": mf.raw_bytes}
+    print(format_table(["task", "train/test", "accuracy", "mixers", "head", "mixer file", "bases unchanged"], rows))
+
+    _section("5. one model, many tasks: switch by loading a mixer file")
+    live = load_checkpoint(ckpt)
+    switcher = TaskSwitcher(live)
+    for name, (_, path) in tasks.items():
+        switcher.add(path)
+    rows, first_logits = [], {}
+    for name in [*DEMO_TASKS, *DEMO_TASKS]:
+        data = tasks[name][0]
+        t = time.perf_counter()
+        switcher.switch(name)
+        ms = 1e3 * (time.perf_counter() - t)
+        logits = predict(live, data.x_test)
+        same = torch.equal(logits, first_logits.setdefault(name, logits))
+        rows.append([name, f"{ms:.2f} ms", f"{100 * accuracy(logits, data.y_test):.2f}%", str(same)])
+    results["switch_back_identical"] = all(r[3] == "True" for r in rows)
+    print(format_table(["switch to", "switch time", "test accuracy", "same outputs as first visit"], rows))
+    other = copy.deepcopy(model)
+    retrofit_(other, replace(EMBEDDED_CRISP_CONFIG, default=replace(EMBEDDED_CRISP_CONFIG.default, group_size=2)),
+              progress=False)
+    try:
+        apply_mixers_(other, tasks[DEMO_TASKS[0]][1])
+    except MixerFileError as e:
+        print(f"a mixer file on a model with another layout is refused: {type(e).__name__}: {e}")
+
+    _section("6. data-free compression preview (closed form below full rank)")
     rows = []
-    for r in (12, 9, 6, 3):
+    full = EMBEDDED_CRISP_CONFIG.default
+    for r in (full.s * full.group_size, full.s * full.group_size // 2, full.s * full.group_size // 4):
         student = copy.deepcopy(model)
-        rep = retrofit_(student, CrispConfig(default=RoleConfig(s=4, group_size=3, r=r)), progress=False)
+        rep = retrofit_(student, replace(EMBEDDED_CRISP_CONFIG, default=replace(full, r=r)), progress=False)
         acc = accuracy(predict(student, x), y)
         rows.append([f"r={r}", f"{100 * rep.budget.kept_fraction:.0f}%", rep.max_error, f"{100 * acc:.2f}%"])
         results.setdefault("preview", []).append({"r": r, "kept_fraction": rep.budget.kept_fraction,
                                                   "worst_layer_error": rep.max_error, "accuracy": acc})
-    print(format_table(["rank", "kept weights", "worst layer err", "accuracy"], rows))
+    print(format_table(["rank", "kept weights", "worst layer err", "Fashion-MNIST accuracy"], rows))
     print("(data-free best rank-r fits: at s=4 they lose accuracy fast, which is why compression is\n"
           " trained by distillation from the full-capacity model, DESIGN.md section 2)")
 

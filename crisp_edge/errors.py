@@ -24,3 +24,27 @@ class CheckpointError(CrispEdgeError, ValueError):
 
 class DataError(CrispEdgeError, ValueError):
     """A dataset is missing or malformed."""
+
+
+class MixerFileError(CrispEdgeError, ValueError):
+    """A mixer file is unreadable or does not fit the model it is applied to."""
+
+
+class CorruptMixerFileError(MixerFileError):
+    """The file is truncated, damaged, or not a crisp-edge mixer file."""
+
+
+class BasisMismatchError(MixerFileError):
+    """The mixers were trained on other bases (fingerprints differ)."""
+
+
+class LayoutMismatchError(MixerFileError):
+    """The file's groups or tensor shapes differ from the model's layer layout."""
+
+
+class GateMismatchError(MixerFileError):
+    """The file was trained with another gate or gate placement."""
+
+
+class DtypeMismatchError(MixerFileError):
+    """The file's dtype does not match what it declares or what the model computes in."""

@@ -29,6 +29,17 @@ EMBEDDED_VIT_SOURCE: dict[str, Any] = {
 SOURCE_ATTR = "crisp_edge_source"
 
 
+def _embedded_crisp_config():
+    from .config import CrispConfig, RoleConfig
+
+    return CrispConfig(default=RoleConfig(s=4, group_size=3))
+
+
+#: The CRISP layout used for the embedded ViT in the demo, examples and benchmarks: per role, two
+#: groups of 3 blocks sharing a basis, s=4, full rank r = 3*4 = 12 (48 mixer numbers per layer).
+EMBEDDED_CRISP_CONFIG = _embedded_crisp_config()
+
+
 def build_model(source: dict[str, Any]) -> nn.Module:
     """Build the plain (dense, randomly initialised) architecture described by ``source``."""
     library = source.get("library")

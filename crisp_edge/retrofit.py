@@ -104,7 +104,7 @@ def retrofit_(model: nn.Module, config: CrispConfig | None = None, *, arch: str 
     _, plans = plan_groups(model, config, arch)  # validates before anything changes
     if method == "svd":
         for plan in plans:
-            _check_closed_form(plan)
+            _check_closed_form(plan, config.gate_init_max)
     originals = {n: model.get_submodule(n).weight.detach() for p in plans for n in p.layer_names}
     for name, w in originals.items():
         if not torch.isfinite(w).all():
@@ -139,7 +139,7 @@ def relative_error(approx: torch.Tensor, target: torch.Tensor) -> float:
     return float((approx.detach().double() - t).norm() / t.norm().clamp_min(1e-300))
 
 
-def _check_closed_form(plan: GroupPlan) -> None:
+def _check_closed_form(plan: GroupPlan, gate_init_max: float) -> None:
     gate = get_gate(plan.gate)
     if not gate.invertible:
         raise RetrofitError(
@@ -150,6 +150,11 @@ def _check_closed_form(plan: GroupPlan) -> None:
         raise RetrofitError(
             f"role {plan.role!r}: placement 'post' (W = G(B @ A)) cannot represent weights below the gate's minimum, "
             "so it has no exact closed form; use method='gradient' (Alg. 2) for it."
+        )
+    if gate_init_max >= -gate.min_value:  # coefficients reach -gate_init_max: below the gate's minimum
+        raise ConfigError(
+            f"role {plan.role!r}: gate_init_max={gate_init_max} reaches below gate {plan.gate!r}'s minimum "
+            f"({gate.min_value:.5g}), so the closed form cannot invert it; use gate_init_max < {-gate.min_value:.5g}."
         )
 
 

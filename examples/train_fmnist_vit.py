@@ -28,7 +28,7 @@ from crisp_edge.models import EMBEDDED_VIT_SOURCE, build_model
 OUT_DIR = Path(__file__).resolve().parents[1] / "crisp_edge" / "assets" / "fmnist_vit"
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
     """Random shifts of up to 2 pixels and horizontal flips (both label-preserving for clothing)."""
     n = x.shape[0]
     padded = F.pad(x[:, 0], (2, 2, 2, 2), value=float(x.min()))
@@ -37,8 +37,9 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     rows = (torch.arange(28)[None, :] + dy[:, None])[:, :, None].expand(n, 28, 28)
     cols = (torch.arange(28)[None, :] + dx[:, None])[:, None, :].expand(n, 28, 28)
     out = padded[torch.arange(n)[:, None, None], rows, cols]
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+        out[mask] = out[mask].flip(-1)
     return out[:, None]
 
 
@@ -58,6 +59,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT_DIR)
+    p.add_argument("--continue", dest="cont", action="store_true",
+                   help="start from the weights in --out (a second stage; its card keeps the first stage's)")
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--no-flip", action="store_true", help="shifts only, no horizontal flips")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -66,9 +71,15 @@ def main() -> None:
     x_train, y_train = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
     model = build_model(EMBEDDED_VIT_SOURCE)
+    previous = None
+    if args.cont:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(args.out / "model.safetensors")))
+        previous = json.loads((args.out / "card.json").read_text())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    total, warmup = args.epochs * steps_per_epoch, steps_per_epoch
+    total, warmup = args.epochs * steps_per_epoch, max(1, args.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
     )
@@ -79,7 +90,7 @@ def main() -> None:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for step in bar:
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
-            xb = augment(x_train[idx], gen)
+            xb = augment(x_train[idx], gen, flip=not args.no_flip)
             loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -104,9 +115,12 @@ def main() -> None:
         "test_accuracy": history[-1]["test_accuracy"],
         "recipe": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "history": history,
-        "train_time_s": round(time.time() - start, 1),
+        "train_time_s": round(time.time() - start, 1) + (previous["train_time_s"] if previous else 0.0),
         "torch_version": torch.__version__,
     }
+    if previous:
+        card["previous_stages"] = previous.get("previous_stages", []) + [
+            {k: previous[k] for k in ("recipe", "history", "test_accuracy", "train_time_s")}]
     (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps({k: card[k] for k in ("test_accuracy", "parameters", "train_time_s")}))
 

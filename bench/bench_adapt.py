@@ -1,0 +1,187 @@
+"""Benchmark: per-task adaptation of the embedded Fashion-MNIST ViT, CRISP mixers vs the baselines.
+
+For each real transfer task (``crisp_edge.tasks``: mnist, digits, fmnist5) and each method, on the
+same data, epochs, batch size and seed:
+
+* ``crisp``    CRISP mixers + a new head (bases frozen), from the full-capacity retrofit;
+* ``head``     head only (linear probe on the frozen dense model);
+* ``lora_r1``, ``lora_r8``  LoRA through Hugging Face peft on the same linears (qkv, proj, fc1, fc2)
+               + a new head;
+* ``full``     full fine-tuning.
+
+Records test accuracy, trainable parameters, the size of the file a task needs (mixer file, head,
+peft adapter, whole model), its raw tensor bytes, and wall time per epoch (all methods on the same
+2 threads, in one run). Then times a task switch on a live ``vit_small_patch16_224``-size CRISP model
+on 1 thread (``TaskSwitcher.switch``: copy a task's mixers and head into the model). Writes
+``bench/results/adapt.json``.
+
+    .venv/bin/python bench/bench_adapt.py [--epochs 10] [--tasks mnist,digits,fmnist5]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+from pathlib import Path
+
+from _common import RESULTS_DIR, machine_info, pin_threads, timed, write_json
+
+THREADS = pin_threads(2)
+
+import torch  # noqa: E402
+
+import crisp_edge as ce  # noqa: E402
+from crisp_edge.adapt import AdaptConfig, adapt_, new_head_  # noqa: E402
+from crisp_edge.mixers import TaskSwitcher, read_mixers, save_mixers  # noqa: E402
+from crisp_edge.models import EMBEDDED_CRISP_CONFIG  # noqa: E402
+from crisp_edge.tasks import load_task  # noqa: E402
+from crisp_edge.train import TrainConfig, train_classifier  # noqa: E402
+
+SCHEMA = 1
+LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]
+#: Learning rates per method (AdamW): standard choices for each method, fixed before the run.
+LR = {"head": 3e-3, "lora": 3e-3, "full": 3e-4}
+
+
+def file_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def run_crisp(base_crisp, data, train_cfg, tmp: Path) -> dict:
+    model = copy.deepcopy(base_crisp)
+    report = adapt_(model, data.x_train, data.y_train, num_classes=data.task.num_classes,
+                    config=AdaptConfig(train=train_cfg), eval_data=(data.x_test, data.y_test), progress=False)
+    path = save_mixers(model, tmp / f"{data.task.name}.safetensors", task=data.task.name)
+    mf = read_mixers(path)
+    return {"accuracy": report.accuracy, "trainable": report.trainable_total, "trainable_detail": report.trainable,
+            "file_bytes": path.stat().st_size, "raw_bytes": mf.raw_bytes, "bases_unchanged": report.bases_unchanged,
+            "seconds_per_epoch": report.history.seconds_per_epoch, "history": report.history.epochs}
+
+
+def _dense_with_head(base, num_classes: int) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    model.reset_classifier(num_classes)
+    torch.manual_seed(0)
+    torch.nn.init.trunc_normal_(model.head.weight, std=0.02)
+    torch.nn.init.zeros_(model.head.bias)
+    return model
+
+
+def _train(model, params, data, train_cfg, lr) -> tuple:
+    hist = train_classifier(model, [{"params": params, "lr": lr}], data.x_train, data.y_train, train_cfg,
+                            (data.x_test, data.y_test), progress=False)
+    return hist
+
+
+def run_head(base, data, train_cfg, tmp: Path) -> dict:
+    model = _dense_with_head(base, data.task.num_classes)
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    hist = _train(model, list(model.head.parameters()), data, train_cfg, LR["head"])
+    from safetensors.torch import save_file
+
+    path = tmp / "head.safetensors"
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(path))
+    raw = sum(p.numel() * 4 for p in model.head.parameters())
+    return _summary(hist, sum(p.numel() for p in model.head.parameters()), path.stat().st_size, raw)
+
+
+def run_lora(base, data, train_cfg, tmp: Path, r: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    model = _dense_with_head(base, data.task.num_classes)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                                  modules_to_save=["head"]))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    hist = _train(peft_model, params, data, train_cfg, LR["lora"])
+    out = tmp / f"lora_r{r}"
+    peft_model.save_pretrained(str(out))
+    raw = sum(p.numel() * 4 for p in params)
+    return _summary(hist, sum(p.numel() for p in params), file_bytes(out), raw)
+
+
+def run_full(base, data, train_cfg, tmp: Path) -> dict:
+    model = _dense_with_head(base, data.task.num_classes)
+    model.requires_grad_(True)
+    hist = _train(model, list(model.parameters()), data, train_cfg, LR["full"])
+    n = sum(p.numel() for p in model.parameters())
+    return _summary(hist, n, None, n * 4)
+
+
+def _summary(hist, trainable: int, file_size: int | None, raw: int) -> dict:
+    return {"accuracy": hist.final_accuracy, "trainable": trainable, "file_bytes": file_size, "raw_bytes": raw,
+            "seconds_per_epoch": hist.seconds_per_epoch, "history": hist.epochs}
+
+
+def time_task_switch(repeats: int = 200) -> dict:
+    """Switch tasks on a live ViT-S-size CRISP model (random weights), 1 thread."""
+    torch.set_num_threads(1)
+    model = ce.build_model({"library": "timm", "name": "vit_small_patch16_224", "kwargs": {}}).eval()
+    ce.retrofit_(model, ce.CrispConfig(), progress=False)
+    x = torch.randn(1, 3, 224, 224)
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for i in range(2):
+            g = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for layer in ce.crisp_layers(model).values():
+                    layer.crisp_mixer.add_(0.01 * torch.randn(layer.crisp_mixer.shape, generator=g))
+                new_head_(model, 10, seed=i)
+            paths.append(save_mixers(model, Path(d) / f"task{i}.safetensors", task=f"task{i}"))
+        switcher = TaskSwitcher(model)
+        load_s = [timed(lambda p=p: switcher.add(p))[0] for p in paths]
+        switches = [timed(lambda i=i: switcher.switch(f"task{i % 2}"))[0] for i in range(repeats)]
+        with torch.no_grad():
+            forwards = [timed(lambda: model(x))[0] for _ in range(5)]
+        mf = read_mixers(paths[0])
+    torch.set_num_threads(THREADS)
+    return {"model": "vit_small_patch16_224 (random weights), CrispConfig() default: s=4, groups of 4, r=16",
+            "threads": 1, "switch_ms_median": 1e3 * statistics.median(switches), "switch_ms_max": 1e3 * max(switches),
+            "read_and_check_ms": [1e3 * s for s in load_s], "forward_ms_median": 1e3 * statistics.median(forwards),
+            "switch_over_forward": statistics.median(switches) / statistics.median(forwards),
+            "mixer_file_bytes": mf.nbytes, "mixer_raw_bytes": mf.raw_bytes, "target_ms": 5.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--tasks", default="mnist,digits,fmnist5")
+    ap.add_argument("--methods", default="crisp,head,lora_r1,lora_r8,full")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "adapt.json"))
+    args = ap.parse_args(argv)
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=0)
+    base = ce.load_embedded_vit()
+    base_crisp = copy.deepcopy(base)
+    ce.retrofit_(base_crisp, EMBEDDED_CRISP_CONFIG, progress=False)
+    runners = {"crisp": lambda d, t: run_crisp(base_crisp, d, train_cfg, t),
+               "head": lambda d, t: run_head(base, d, train_cfg, t),
+               "lora_r1": lambda d, t: run_lora(base, d, train_cfg, t, 1),
+               "lora_r8": lambda d, t: run_lora(base, d, train_cfg, t, 8),
+               "full": lambda d, t: run_full(base, d, train_cfg, t)}
+    results = {}
+    for task in args.tasks.split(","):
+        data = load_task(task)
+        results[task] = {"train_size": len(data.x_train), "test_size": len(data.x_test), "methods": {}}
+        for method in args.methods.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                res = runners[method](data, Path(tmp))
+            results[task]["methods"][method] = res
+            print(f"{task:8s} {method:8s} acc {100 * res['accuracy']:.2f}%  trainable {res['trainable']:>9,}  "
+                  f"file {res['file_bytes'] or 0:>10,} B  {res['seconds_per_epoch']:.1f} s/epoch", flush=True)
+    switch = time_task_switch()
+    print(f"task switch on ViT-S: {switch['switch_ms_median']:.3f} ms median (1 thread), "
+          f"{switch['switch_over_forward']:.4f} of a forward pass")
+    write_json(args.out, {"schema": SCHEMA, "machine": machine_info(), "threads_training": THREADS,
+                          "protocol": {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0, "lr": LR,
+                                       "crisp": {"config": EMBEDDED_CRISP_CONFIG.to_dict(),
+                                                 "adapt": {"mixer_lr": AdaptConfig().mixer_lr,
+                                                           "head_lr": AdaptConfig().head_lr}},
+                                       "lora": {"alpha": "2r", "targets": LORA_TARGETS, "dropout": 0.0}},
+                          "tasks": results, "task_switch": switch})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

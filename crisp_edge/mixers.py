@@ -1,0 +1,326 @@
+"""Per-task mixer files: the only tensors a task changes, bound to the bases they were trained on.
+
+A mixer file is one safetensors file (no pickle) holding, per group, the stacked mixers
+``mixer.<group>`` (n x r x s), optionally ``bias.<group>`` (n x d_out) and the task head
+``head.weight`` / ``head.bias``, plus JSON metadata in the safetensors header: format version,
+task name, labels, the group layout (role, shape, r, s, gate, placement), the dtype the mixers were
+trained in and the dtype they are stored in, a SHA-256 fingerprint of the bases, and a SHA-256 of
+the tensor data. Loading checks the file itself; applying checks it against the model and refuses,
+with its own error type, a file for other bases, another layout, another gate or another dtype.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import __version__
+from .convert import crisp_bases, group_layout, is_crisp
+from .errors import (
+    BasisMismatchError, CorruptMixerFileError, DtypeMismatchError, GateMismatchError, LayoutMismatchError,
+    MixerFileError,
+)
+from .fingerprint import bases_fingerprint
+from .io import atomic_write_bytes, sha256_bytes
+from .specs import get_architecture
+
+MIXER_FORMAT = "crisp-edge/mixers"
+MIXER_VERSION = 1
+META_KEY = "crisp_edge"
+MAX_MIXER_FILE_BYTES = 1 << 30
+_LAYOUT_FIELDS = ("role", "n", "d_out", "d_in", "r", "s")
+_GATE_FIELDS = ("gate", "placement")
+
+
+@dataclass(frozen=True)
+class MixerFile:
+    """A loaded, self-consistent mixer file (not yet checked against any model)."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    path: Path | None = None
+    nbytes: int = 0
+    raw_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "raw_bytes", sum(t.numel() * t.element_size() for t in self.tensors.values()))
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.meta.get("labels")
+
+
+def _layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {
+        key: {"role": g["role"], "n": len(g["layers"]), "d_out": g["d_out"], "d_in": g["d_in"], "r": g["r"],
+              "s": g["s"], "gate": g["gate"], "placement": g["placement"]}
+        for key, g in group_layout(model).items()
+    }
+
+
+def _pack_layout(layout: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Compact form kept in the file header: ``{"fc1_0_2": "fc1|3|768x192|12|4|silu|pre"}``."""
+    return {k: f"{g['role']}|{g['n']}|{g['d_out']}x{g['d_in']}|{g['r']}|{g['s']}|{g['gate']}|{g['placement']}"
+            for k, g in layout.items()}
+
+
+def _unpack_layout(packed: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for key, text in packed.items():
+        try:
+            role, n, shape, r, s, gate, placement = str(text).split("|")
+            d_out, d_in = shape.split("x")
+            out[key] = {"role": role, "n": int(n), "d_out": int(d_out), "d_in": int(d_in), "r": int(r), "s": int(s),
+                        "gate": gate, "placement": placement}
+        except ValueError:
+            raise CorruptMixerFileError(f"{where}: layout entry {key!r}: {text!r} is malformed.") from None
+    return out
+
+
+def head_module(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The task head (path, module) that the model's architecture spec names, if it is a Linear."""
+    spec = get_architecture(model.crisp_arch)
+    if spec.head is None:
+        return None
+    head = model.get_submodule(spec.head)
+    return (spec.head, head) if isinstance(head, nn.Linear) else None
+
+
+def task_tensors(model: nn.Module, *, head: bool = True, biases: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors that define a task on ``model``: mixers (+ head, + layer biases)."""
+    if not is_crisp(model):
+        raise MixerFileError("model has no CRISP layers; retrofit_ it before saving mixers.")
+    out: dict[str, torch.Tensor] = {}
+    for key, basis in crisp_bases(model).items():
+        layers = [model.get_submodule(n) for n in basis.layer_names]
+        out[f"mixer.{key}"] = torch.stack([l.crisp_mixer.detach() for l in layers])
+        if biases:
+            if any(l.bias is None for l in layers):
+                raise MixerFileError(f"group {key} has layers without bias; save with biases=False.")
+            out[f"bias.{key}"] = torch.stack([l.bias.detach() for l in layers])
+    if head:
+        found = head_module(model)
+        if found is None:
+            raise MixerFileError(f"{model.crisp_arch} has no linear task head to save; use head=False.")
+        out["head.weight"] = found[1].weight.detach()
+        if found[1].bias is not None:
+            out["head.bias"] = found[1].bias.detach()
+    return out
+
+
+def save_mixers(model: nn.Module, path: str | os.PathLike, task: str, *, head: bool = True, biases: bool = False,
+                storage_dtype: torch.dtype | None = None, labels: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s task tensors to the mixer file ``path`` (atomically); returns the path.
+
+    Args:
+        task: the task's name, kept in the file and shown when it is applied.
+        head: include the task head (``spec.head``), e.g. a new classifier.
+        biases: include every CRISP layer's bias (when adaptation trained them).
+        storage_dtype: e.g. ``torch.float16`` to halve the file; values are upcast when applied.
+        labels: class names, for apps that show predictions.
+    """
+    if not isinstance(task, str) or not task:
+        raise MixerFileError("task must be a non-empty name.")
+    tensors = task_tensors(model, head=head, biases=biases)
+    compute_dtype = next(iter(tensors.values())).dtype
+    stored = storage_dtype or compute_dtype
+    if not stored.is_floating_point:
+        raise MixerFileError(f"storage_dtype must be a floating dtype, got {stored}.")
+    tensors = {k: v.to(stored).contiguous().cpu() for k, v in tensors.items()}
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise MixerFileError(f"refusing to save non-finite values (NaN/Inf, or overflow in {stored}) in {bad}.")
+    meta = {
+        "format": MIXER_FORMAT, "version": MIXER_VERSION, "crisp_edge_version": __version__, "task": task,
+        "arch": model.crisp_arch, "layout": _pack_layout(_layout(model)), "bases_sha256": bases_fingerprint(model),
+        "dtype": str(compute_dtype).removeprefix("torch."), "storage_dtype": str(stored).removeprefix("torch."),
+        "data_sha256": _data_digest(tensors),
+    }
+    if labels is not None:
+        meta["labels"] = [str(l) for l in labels]
+    if extra:
+        meta["extra"] = extra
+    data = st_save(tensors, metadata={META_KEY: json.dumps(meta, separators=(",", ":"), sort_keys=True)})
+    atomic_write_bytes(path, data)
+    return Path(path)
+
+
+def _data_digest(tensors: dict[str, torch.Tensor]) -> str:
+    parts = [k.encode() + b"\0" + tensors[k].contiguous().view(torch.uint8).numpy().tobytes() for k in sorted(tensors)]
+    return sha256_bytes(b"".join(parts))
+
+
+def read_mixers(path: str | os.PathLike) -> MixerFile:
+    """Load a mixer file and check it is complete and self-consistent (not yet against a model)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_MIXER_FILE_BYTES:
+            raise CorruptMixerFileError(f"{path} is {size} bytes; a mixer file is kilobytes to megabytes.")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MixerFileError(f"mixer file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise MixerFileError(f"{path} is a folder, not a mixer file.") from None
+    return parse_mixers(data, path)
+
+
+def parse_mixers(data: bytes, path: Path | None = None) -> MixerFile:
+    where = str(path) if path else "mixer file"
+    try:
+        tensors = st_load(data)
+        raw_meta = _safetensors_metadata(data).get(META_KEY)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptMixerFileError(f"{where} is truncated or not a safetensors file ({e}).") from None
+    if raw_meta is None:
+        raise CorruptMixerFileError(f"{where} is a safetensors file but not a crisp-edge mixer file (no metadata).")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as e:
+        raise CorruptMixerFileError(f"{where}: its metadata is not valid JSON ({e}).") from None
+    if not isinstance(meta, dict) or meta.get("format") != MIXER_FORMAT:
+        raise CorruptMixerFileError(f"{where} is not a crisp-edge mixer file.")
+    version = meta.get("version")
+    if not isinstance(version, int) or not 1 <= version <= MIXER_VERSION:
+        raise CorruptMixerFileError(
+            f"{where}: mixer format version {version!r} is not supported (this crisp-edge {__version__} reads "
+            f"1..{MIXER_VERSION}); upgrade crisp-edge."
+        )
+    for key, kind in (("task", str), ("layout", dict), ("bases_sha256", str), ("dtype", str),
+                      ("storage_dtype", str), ("data_sha256", str)):
+        if not isinstance(meta.get(key), kind):
+            raise CorruptMixerFileError(f"{where}: metadata field {key!r} is missing or not a {kind.__name__}.")
+    meta["layout"] = _unpack_layout(meta["layout"], where)
+    if _data_digest(tensors) != meta["data_sha256"]:
+        raise CorruptMixerFileError(f"{where}: tensor data does not match its recorded SHA-256; the file is damaged.")
+    for name, t in tensors.items():
+        if str(t.dtype).removeprefix("torch.") != meta["storage_dtype"]:
+            raise DtypeMismatchError(f"{where}: tensor {name} is {t.dtype}, the file declares {meta['storage_dtype']}.")
+    return MixerFile(meta, tensors, path, len(data))
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_mixers(model: nn.Module, mixers: MixerFile) -> None:
+    """Raise the matching ``MixerFileError`` subclass if ``mixers`` cannot run on ``model``."""
+    where = str(mixers.path) if mixers.path else f"mixer file for task {mixers.task!r}"
+    if not is_crisp(model):
+        raise LayoutMismatchError(f"{where}: the model has no CRISP layers to apply mixers to.")
+    mine, theirs = _layout(model), mixers.meta["layout"]
+    if set(mine) != set(theirs):
+        only_file, only_model = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+        raise LayoutMismatchError(
+            f"{where}: groups differ from the model's: only in the file {only_file}, only in the model {only_model}. "
+            "The file was made for another CRISP layout (group size, targets or depth)."
+        )
+    for key in sorted(mine):
+        diff = [f"{f} {theirs[key].get(f)!r} vs {mine[key][f]!r}" for f in _LAYOUT_FIELDS if theirs[key].get(f) != mine[key][f]]
+        if diff:
+            raise LayoutMismatchError(f"{where}: group {key} differs (file vs model): {', '.join(diff)}.")
+    for key in sorted(mine):
+        diff = [f"{f} {theirs[key].get(f)!r} vs {mine[key][f]!r}" for f in _GATE_FIELDS if theirs[key].get(f) != mine[key][f]]
+        if diff:
+            raise GateMismatchError(f"{where}: group {key} was trained with another gate (file vs model): {', '.join(diff)}.")
+    for key, basis in crisp_bases(model).items():
+        t = mixers.tensors.get(f"mixer.{key}")
+        if t is None or tuple(t.shape) != (basis.n_layers, basis.r, basis.s):
+            got = None if t is None else tuple(t.shape)
+            raise LayoutMismatchError(f"{where}: mixer.{key} has shape {got}, the model needs {(basis.n_layers, basis.r, basis.s)}.")
+        b = mixers.tensors.get(f"bias.{key}")
+        if b is not None and tuple(b.shape) != (basis.n_layers, basis.d_out):
+            raise LayoutMismatchError(f"{where}: bias.{key} has shape {tuple(b.shape)}, the model needs {(basis.n_layers, basis.d_out)}.")
+    if "head.weight" in mixers.tensors:
+        found = head_module(model)
+        if found is None:
+            raise LayoutMismatchError(f"{where} carries a task head but {model.crisp_arch} has no linear head.")
+        if mixers.tensors["head.weight"].shape[1] != found[1].in_features:
+            raise LayoutMismatchError(
+                f"{where}: head takes {mixers.tensors['head.weight'].shape[1]} features, the model's head {found[1].in_features}."
+            )
+    model_dtype = str(next(iter(crisp_bases(model).values())).weight.dtype).removeprefix("torch.")
+    if mixers.meta["dtype"] != model_dtype:
+        raise DtypeMismatchError(
+            f"{where}: mixers were trained in {mixers.meta['dtype']} but the model computes in {model_dtype}; "
+            f"convert the model (e.g. model.to(torch.{mixers.meta['dtype']})) or adapt again in {model_dtype}."
+        )
+    if mixers.meta["bases_sha256"] != bases_fingerprint(model):
+        raise BasisMismatchError(
+            f"{where}: task {mixers.task!r} was trained on other bases (fingerprint {mixers.meta['bases_sha256'][:12]}..., "
+            f"this model's {bases_fingerprint(model)[:12]}...). Its mixers would compute a wrong answer here; "
+            "use the checkpoint it was adapted from, or adapt the task again on this model."
+        )
+
+
+@torch.no_grad()
+def apply_mixers_(model: nn.Module, mixers: MixerFile | str | os.PathLike) -> MixerFile:
+    """Check ``mixers`` against ``model`` and write them into it in place; returns the MixerFile.
+
+    Nothing is written unless every check passes. A head of another class count replaces the
+    model's head module.
+    """
+    mf = mixers if isinstance(mixers, MixerFile) else read_mixers(mixers)
+    check_mixers(model, mf)
+    for key, basis in crisp_bases(model).items():
+        stacked, biases = mf.tensors[f"mixer.{key}"], mf.tensors.get(f"bias.{key}")
+        for i, name in enumerate(basis.layer_names):
+            layer = model.get_submodule(name)
+            layer.crisp_mixer.copy_(stacked[i])
+            if biases is not None:
+                layer.bias.copy_(biases[i])
+    if "head.weight" in mf.tensors:
+        path, head = head_module(model)
+        w, b = mf.tensors["head.weight"], mf.tensors.get("head.bias")
+        if head.weight.shape != w.shape or (head.bias is None) != (b is None):
+            ref = head.weight
+            head = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=ref.dtype, device=ref.device)
+            head.requires_grad_(ref.requires_grad)
+            _replace(model, path, head)
+        head.weight.copy_(w)
+        if b is not None:
+            head.bias.copy_(b)
+    return mf
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+class TaskSwitcher:
+    """Several tasks for one live model: each mixer file is read and checked once, when added;
+    ``switch`` then only copies a few kilobytes into the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.tasks: dict[str, MixerFile] = {}
+        self.active: str | None = None
+
+    def add(self, mixers: MixerFile | str | os.PathLike) -> str:
+        mf = mixers if isinstance(mixers, MixerFile) else read_mixers(mixers)
+        check_mixers(self.model, mf)
+        self.tasks[mf.task] = mf
+        return mf.task
+
+    def switch(self, task: str) -> None:
+        if task not in self.tasks:
+            raise MixerFileError(f"no task {task!r} loaded; loaded: {sorted(self.tasks)}.")
+        apply_mixers_(self.model, self.tasks[task])
+        self.active = task
