@@ -139,5 +139,5 @@ def test_errors_are_value_errors():
 def test_roles_cannot_be_edited_after_validation():
     config = CrispConfig(roles={"fc1": RoleConfig(s=8)})
     with pytest.raises(TypeError, match="read-only"):
-        config.roles["fc2"] = RoleConfig(s=0)  # would bypass validation
+        config.roles["fc2"] = RoleConfig(s=3)  # would bypass the config's own checks
     assert config.with_role("fc2", s=2).role("fc2").s == 2 and "fc2" not in config.roles
