@@ -122,7 +122,7 @@ def retrofit_(model: nn.Module, config: CrispConfig | None = None, *, arch: str 
         if method == "svd":
             _closed_form_(basis, mixers, targets, config.gate_init_max, gen)
             if refine_steps:
-                _descend_(basis, mixers, targets, refine_steps, lr or 1e-4)
+                _descend_(basis, mixers, targets, refine_steps, lr or 1e-4, keep_best=True)
         else:
             _descend_(basis, mixers, targets, steps, lr or 1e-2)
     seconds = time.perf_counter() - start
@@ -199,23 +199,36 @@ def _closed_form_(basis: CrispBasis, mixers: list[nn.Parameter], targets: list[t
         mixer.copy_(coeff[:, i * s:(i + 1) * s])
 
 
-def _descend_(basis: CrispBasis, mixers: list[nn.Parameter], targets: list[torch.Tensor], steps: int, lr: float) -> None:
+def _descend_(basis: CrispBasis, mixers: list[nn.Parameter], targets: list[torch.Tensor], steps: int, lr: float,
+              keep_best: bool = False) -> None:
     """Smooth-L1 mimicry (Alg. 2, line 8-9) of one group, with the loss measured in units of the
-    weights' standard deviation so one learning rate fits every layer size."""
+    weights' standard deviation so one learning rate fits every layer size.
+
+    With ``keep_best`` (refinement) the factors with the lowest loss seen are kept, so refining an
+    already exact closed form cannot make it worse (Adam's first steps move every entry by ~lr)."""
     gate = get_gate(basis.gate_name)
     u, s = basis.u, basis.s
     tgt = [t.reshape(u, s).to(basis.weight.dtype) for t in targets]
     scale = torch.cat([t.flatten() for t in tgt]).std().clamp_min(1e-12)
     params = [basis.weight, *mixers]
     opt = torch.optim.Adam(params, lr=lr)
+    best_loss, best = float("inf"), None
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps + 1):
             loss = sum(
                 F.smooth_l1_loss(crisp_weight_matrix(basis.weight, a, gate, basis.placement) / scale, t / scale)
                 for a, t in zip(mixers, tgt)
             )
+            if keep_best and loss.item() < best_loss:
+                best_loss, best = loss.item(), [p.detach().clone() for p in params]
+            if step == steps:
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    if best is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best):
+                p.copy_(b)
     for p in params:
         p.grad = None

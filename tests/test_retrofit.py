@@ -158,7 +158,7 @@ def test_refinement_keeps_the_exact_fit():
     originals = original_weights(model)
     report = retrofit_(model, CONFIG, refine_steps=20, progress=False)
     assert report.refine_steps == 20
-    assert max(layer_errors(model, originals).values()) <= 1e-3
+    assert max(layer_errors(model, originals).values()) <= 1e-5  # keep_best: refining cannot undo an exact fit
 
 
 def test_refinement_below_capacity_stays_near_the_optimum():
