@@ -21,7 +21,7 @@ from . import __version__
 from .config import CrispConfig
 from .convert import convert_, group_layout, is_crisp, plan_groups, restore_
 from .errors import CheckpointError, ConfigError, CrispEdgeError
-from .io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
+from .io import atomic_write_bytes, atomic_write_json, check_envelope, read_json, sha256_bytes
 from .models import build_model, source_of
 
 CHECKPOINT_FORMAT = "crisp-edge/checkpoint"
@@ -76,18 +76,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder (expected a folder with {META_FILE} and {WEIGHTS_FILE}).")
     meta = read_json(folder / META_FILE, CheckpointError, "checkpoint metadata")
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{folder / META_FILE} is not a crisp-edge checkpoint (format={meta.get('format')!r}).")
-    version = meta.get("version")
-    if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"checkpoint format version {version!r} is not supported (this crisp-edge {__version__} reads "
-            f"1..{CHECKPOINT_VERSION}); upgrade crisp-edge to read newer checkpoints."
-        )
-    for key, kind in (("arch", str), ("config", dict), ("groups", dict), ("weights", dict), ("tensors", dict)):
-        if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{folder / META_FILE}: field {key!r} is missing or not a {kind.__name__}.")
-    return meta
+    return check_envelope(meta, fmt=CHECKPOINT_FORMAT, max_version=CHECKPOINT_VERSION, error=CheckpointError,
+                          where=str(folder / META_FILE), what="checkpoint",
+                          fields={"arch": str, "config": dict, "groups": dict, "weights": dict, "tensors": dict})
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

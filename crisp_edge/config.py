@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .io import check_envelope
 from .gates import GATES, PLACEMENTS
 
 CONFIG_FORMAT = "crisp-edge/config"
@@ -132,14 +133,8 @@ class CrispConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "CrispConfig":
         if not isinstance(d, Mapping):
             raise ConfigError(f"a CRISP config must be a JSON object, got {type(d).__name__}.")
-        if d.get("format") != CONFIG_FORMAT:
-            raise ConfigError(f"not a crisp-edge config (format={d.get('format')!r}, expected {CONFIG_FORMAT!r}).")
-        version = d.get("version")
-        if not isinstance(version, int) or version > CONFIG_VERSION or version < 1:
-            raise ConfigError(
-                f"config version {version!r} is not supported by this crisp-edge (knows 1..{CONFIG_VERSION}); "
-                "upgrade crisp-edge to read newer files."
-            )
+        check_envelope(d, fmt=CONFIG_FORMAT, max_version=CONFIG_VERSION, fields={}, error=ConfigError,
+                       where="config", what="config")
         known = {f.name for f in fields(cls)} | {"format", "version"}
         extra = set(d) - known
         if extra:

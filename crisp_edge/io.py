@@ -80,3 +80,23 @@ def read_json(path: str | os.PathLike, error: type[CrispEdgeError], what: str, m
     if not isinstance(obj, dict):
         raise error(f"{what} {path} must hold a JSON object, found {type(obj).__name__}.")
     return obj
+
+
+def check_envelope(meta: Any, *, fmt: str, max_version: int, fields: dict[str, type], error: type[CrispEdgeError],
+                   where: str, what: str) -> dict:
+    """Check a versioned JSON header: its format tag, a supported version, and required typed fields."""
+    from . import __version__
+
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise error(f"{where} is not a crisp-edge {what} (format={found!r}, expected {fmt!r}).")
+    version = meta.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= max_version:
+        raise error(
+            f"{where}: {what} format version {version!r} is not supported (this crisp-edge {__version__} reads "
+            f"1..{max_version}); upgrade crisp-edge to read newer files."
+        )
+    for key, kind in fields.items():
+        if not isinstance(meta.get(key), kind):
+            raise error(f"{where}: field {key!r} is missing or not a {kind.__name__}.")
+    return meta

@@ -29,7 +29,7 @@ from .errors import (
     MixerFileError,
 )
 from .fingerprint import bases_fingerprint
-from .io import atomic_write_bytes, sha256_bytes
+from .io import atomic_write_bytes, check_envelope, sha256_bytes
 from .specs import get_architecture
 
 MIXER_FORMAT = "crisp-edge/mixers"
@@ -191,18 +191,9 @@ def parse_mixers(data: bytes, path: Path | None = None) -> MixerFile:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as e:
         raise CorruptMixerFileError(f"{where}: its metadata is not valid JSON ({e}).") from None
-    if not isinstance(meta, dict) or meta.get("format") != MIXER_FORMAT:
-        raise CorruptMixerFileError(f"{where} is not a crisp-edge mixer file.")
-    version = meta.get("version")
-    if not isinstance(version, int) or not 1 <= version <= MIXER_VERSION:
-        raise CorruptMixerFileError(
-            f"{where}: mixer format version {version!r} is not supported (this crisp-edge {__version__} reads "
-            f"1..{MIXER_VERSION}); upgrade crisp-edge."
-        )
-    for key, kind in (("task", str), ("layout", dict), ("bases_sha256", str), ("dtype", str),
-                      ("storage_dtype", str), ("data_sha256", str)):
-        if not isinstance(meta.get(key), kind):
-            raise CorruptMixerFileError(f"{where}: metadata field {key!r} is missing or not a {kind.__name__}.")
+    check_envelope(meta, fmt=MIXER_FORMAT, max_version=MIXER_VERSION, error=CorruptMixerFileError, where=where,
+                   what="mixer file", fields={"task": str, "layout": dict, "bases_sha256": str, "dtype": str,
+                                              "storage_dtype": str, "data_sha256": str})
     meta["layout"] = _unpack_layout(meta["layout"], where)
     if _data_digest(tensors) != meta["data_sha256"]:
         raise CorruptMixerFileError(f"{where}: tensor data does not match its recorded SHA-256; the file is damaged.")

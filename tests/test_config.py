@@ -104,9 +104,9 @@ def _dict(**changes):
 
 
 @pytest.mark.parametrize("d, message", [
-    (_dict(version=CONFIG_VERSION + 1), "config version 2 is not supported.*upgrade crisp-edge"),
-    (_dict(version=0), "config version 0 is not supported"),
-    (_dict(version="1"), "config version '1' is not supported"),
+    (_dict(version=CONFIG_VERSION + 1), "config format version 2 is not supported.*upgrade crisp-edge"),
+    (_dict(version=0), "config format version 0 is not supported"),
+    (_dict(version="1"), "config format version '1' is not supported"),
     (_dict(format="something/else"), "not a crisp-edge config.*something/else"),
     ({k: v for k, v in _dict().items() if k != "format"}, "not a crisp-edge config"),
     (_dict(colour="blue"), r"unknown config keys \['colour'\]"),
