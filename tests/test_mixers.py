@@ -13,17 +13,13 @@ from crisp_edge.errors import (
     MixerFileError,
 )
 from crisp_edge.mixers import TaskSwitcher, apply_mixers_, read_mixers, save_mixers
-from crisp_edge.models import build_model
+from crisp_edge.testing import toy_timm_vit
 
-SOURCE = {"library": "timm", "name": "vit_tiny_patch16_224",
-          "kwargs": {"img_size": 16, "patch_size": 8, "in_chans": 1, "num_classes": 4, "embed_dim": 32, "depth": 4,
-                     "num_heads": 2}}
 CONFIG = CrispConfig(default=RoleConfig(s=4, group_size=2))
 
 
 def crisp_toy(config: CrispConfig = CONFIG, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(SOURCE).eval()
+    model = toy_timm_vit(seed=seed)  # 4 blocks, width 32, 16x16 grey images
     retrofit_(model, config, progress=False)
     return model
 
