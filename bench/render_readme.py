@@ -38,7 +38,7 @@ def render_retrofit(d: dict) -> str:
 
 
 def render_adapt(d: dict) -> str:
-    names = {"crisp": "CRISP mixers + head", "head": "head only", "lora_r1": "LoRA r=1 + head",
+    names = {"crisp": "CRISP mixers (s=4) + head", "crisp_s8": "CRISP mixers (s=8) + head", "head": "head only", "lora_r1": "LoRA r=1 + head",
              "lora_r8": "LoRA r=8 + head", "full": "full fine-tuning"}
     rows = []
     for task, t in d["tasks"].items():

@@ -6,6 +6,7 @@ head and the layers' biases), then save the task as a mixer file of kilobytes.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,8 @@ from .convert import crisp_layers, is_crisp
 from .errors import ConfigError
 from .fingerprint import bases_fingerprint
 from .mixers import head_module
-from .train import TrainConfig, TrainHistory, train_classifier
+from .resume import check_checkpointing
+from .train import TrainConfig, TrainHistory, check_dataset, check_inputs, train_classifier
 
 #: Mixers sit at |A| <~ 0.4 after the closed-form retrofit (``gate_init_max``); Adam moves each
 #: entry by about lr per step, so 1e-2 changes a layer's weights by a few percent per step at most.
@@ -44,10 +46,15 @@ class AdaptConfig:
     bias_lr: float = 1e-3
 
     def __post_init__(self) -> None:
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}.")
         for name in ("mixer_lr", "head_lr", "bias_lr"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 < v < 10:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 10:
                 raise ConfigError(f"{name} must be in (0, 10), got {v!r}.")
+        for name in ("train_head", "train_biases"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
 
 @dataclass
@@ -106,27 +113,43 @@ def mark_trainable_(model: nn.Module, *, head: bool = True, biases: bool = False
 
 def adapt_(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int | None = None,
            config: AdaptConfig | None = None, eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
-           progress: bool = True) -> AdaptReport:
+           progress: bool = True, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+           resume: bool = False) -> AdaptReport:
     """Adapt a CRISP model to a task in place: bases frozen, mixers (+ head, + biases) trained.
 
     Args:
         x, y: training inputs and integer labels.
         num_classes: the task's class count; a new head is created when it differs from the model's.
         eval_data: ``(x, y)`` evaluated after every epoch (the report's accuracy).
+        checkpoint_dir, checkpoint_every, resume: keep the run's state and continue after a kill (see
+            ``train_classifier``); resume with the same model, data and config.
     """
     config = config or AdaptConfig()
+    if not isinstance(config, AdaptConfig):
+        raise ConfigError(f"config must be an AdaptConfig, got {type(config).__name__}.")
+    check_checkpointing(checkpoint_dir, checkpoint_every, resume)  # everything checked before the model changes
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if not is_crisp(model):
+        raise ConfigError("model has no CRISP layers; retrofit_ it before adapting.")
+    check_dataset(x, y)
+    check_inputs(model, x)
+    if eval_data is not None:
+        check_dataset(*eval_data, what="evaluation data")
+        check_inputs(model, eval_data[0], what="evaluation data")
     if num_classes is not None:
         found = head_module(model)
         if found is None or found[1].out_features != num_classes:
             new_head_(model, num_classes, seed=config.train.seed)
     head = head_module(model)
-    if head is not None and len(y) and int(y.max()) >= head[1].out_features:
+    if head is not None and int(y.max()) >= head[1].out_features:
         raise ConfigError(f"labels go up to {int(y.max())} but the head has {head[1].out_features} outputs; "
                           "pass num_classes= to give the model a head for this task.")
     before = bases_fingerprint(model)
     groups = mark_trainable_(model, head=config.train_head, biases=config.train_biases)
     lrs = {"mixers": config.mixer_lr, "head": config.head_lr, "biases": config.bias_lr}
     param_groups = [{"params": ps, "lr": lrs[kind]} for kind, ps in groups.items()]
-    history = train_classifier(model, param_groups, x, y, config.train, eval_data, progress, desc="adapt")
+    history = train_classifier(model, param_groups, x, y, config.train, eval_data, progress, desc="adapt",
+                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     trainable = {kind: sum(p.numel() for p in ps) for kind, ps in groups.items()}
     return AdaptReport(trainable, history, bases_unchanged=bases_fingerprint(model) == before)

@@ -112,7 +112,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from .tasks import load_task
     from .train import TrainConfig
 
-    data = load_task(args.task, seed=args.seed)
+    data = load_task(args.task, seed=args.seed, train_limit=args.train_limit)
     model = load_checkpoint(args.checkpoint)
     config = AdaptConfig(train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
                          mixer_lr=args.lr, head_lr=args.head_lr, train_head=not args.no_head,
@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--train-biases", action="store_true", help="also train the CRISP layers' biases")
     a.add_argument("--fp16", action="store_true", help="store the mixer file in float16")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--train-limit", type=int, default=None, help="train on the first N training images only")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=cmd_adapt)
 
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-eval", action="store_true", help="do not evaluate on the tasks' test data")
     ap.add_argument("--out", help="save a checkpoint with the last task applied")
     ap.set_defaults(func=cmd_apply)
+
+    from .export.cli import add_export_parser  # the deploy side: crisp-edge export --target onnx ...
+
+    add_export_parser(sub)
 
     i = sub.add_parser("info", help="describe a CRISP checkpoint: groups, budgets, errors")
     i.add_argument("checkpoint")

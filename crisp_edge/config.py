@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .io import check_envelope
+from .io import check_envelope, parse_json
 from .gates import GATES, PLACEMENTS
 
 CONFIG_FORMAT = "crisp-edge/config"
@@ -45,9 +45,9 @@ class RoleConfig:
             _check_int("r", self.r, minimum=1, hint="use r=None for full capacity")
         if self.group_size is not None:
             _check_int("group_size", self.group_size, minimum=1, hint="use group_size=None for one group")
-        if self.gate not in GATES:
+        if not isinstance(self.gate, str) or self.gate not in GATES:
             raise ConfigError(f"gate must be one of {sorted(GATES)}, got {self.gate!r}.")
-        if self.placement not in PLACEMENTS:
+        if not isinstance(self.placement, str) or self.placement not in PLACEMENTS:
             raise ConfigError(f"placement must be one of {list(PLACEMENTS)}, got {self.placement!r}.")
 
     def rank_for(self, n_layers: int, u: int) -> int:
@@ -139,10 +139,14 @@ class CrispConfig:
         extra = set(d) - known
         if extra:
             raise ConfigError(f"unknown config keys {sorted(extra)}.")
-        targets = d.get("targets")
+        roles, targets = d.get("roles", {}), d.get("targets")
+        if not isinstance(roles, Mapping):
+            raise ConfigError(f"roles must be a JSON object mapping role names to role configs, got {roles!r:.80}.")
+        if targets is not None and not isinstance(targets, (list, tuple)):
+            raise ConfigError(f"targets must be a list of role names or null, got {targets!r:.80}.")
         return cls(
             default=_role_from_dict(d.get("default", {})),
-            roles={k: _role_from_dict(v) for k, v in dict(d.get("roles", {})).items()},
+            roles={k: _role_from_dict(v) for k, v in roles.items()},
             targets=tuple(targets) if targets is not None else None,
             gate_init_max=d.get("gate_init_max", 0.15),
         )
@@ -151,11 +155,8 @@ class CrispConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "CrispConfig":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config is not valid JSON: {e}") from None
+    def from_json(cls, text: str | bytes) -> "CrispConfig":
+        return cls.from_dict(parse_json(text, ConfigError, "config", "CRISP config"))
 
 
 def _role_from_dict(d: Any) -> RoleConfig:

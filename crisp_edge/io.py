@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,28 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def temp_files(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """The temporary files ``atomic_write_bytes`` leaves in ``folder`` when its process is killed
+    mid-write (``.<name>.<random>.tmp``), for every target or only for target ``name``. No loader
+    reads them: each opens its file by its exact name."""
+    pattern = f".{name}.*.tmp" if name else ".*.tmp"
+    return sorted(p for p in Path(folder).glob(pattern) if p.is_file())
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, name: str | None = None, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the leftovers ``temp_files`` finds that are at least ``min_age_s`` old (younger ones may
+    belong to a write in progress in another process); returns what was removed."""
+    removed = []
+    for p in temp_files(folder, name):
+        try:
+            if time.time() - p.stat().st_mtime >= min_age_s:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # removed meanwhile (its writer renamed it into place)
+            pass
+    return removed
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -64,19 +87,31 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def parse_json(data: bytes | str, error: type[CrispEdgeError], where: str, what: str) -> Any:
+    """Parse JSON text, raising ``error`` (never a bare exception) on anything malformed: bad UTF-8,
+    bad syntax, nesting deep enough to exhaust the stack, integers too long to convert."""
+    if not isinstance(data, (bytes, bytearray, str)):
+        raise error(f"{where}: expected JSON text, got {type(data).__name__}.")
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{where} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); the file is damaged or not "
+                    f"a {what}.") from None
+
+
 def read_json(path: str | os.PathLike, error: type[CrispEdgeError], what: str, max_bytes: int = 64 << 20) -> dict:
     """Read a JSON object, raising ``error`` (never a bare exception) on anything malformed."""
     path = Path(path)
     try:
         size = path.stat().st_size
+        data = path.read_bytes() if size <= max_bytes else None
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist.") from None
-    if size > max_bytes:
+    except (OSError, ValueError) as e:  # a folder, no permission, a name with a NUL byte
+        raise error(f"{what} {path} cannot be read ({type(e).__name__}: {e}).") from None
+    if data is None:
         raise error(f"{what} {path} is {size} bytes, larger than any valid one ({max_bytes}).")
-    try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise error(f"{what} {path} is not valid JSON ({type(e).__name__}: {e}); the file is damaged or not a {what}.") from None
+    obj = parse_json(data, error, f"{what} {path}", what)
     if not isinstance(obj, dict):
         raise error(f"{what} {path} must hold a JSON object, found {type(obj).__name__}.")
     return obj
@@ -89,11 +124,11 @@ def check_envelope(meta: Any, *, fmt: str, max_version: int, fields: dict[str, t
 
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise error(f"{where} is not a crisp-edge {what} (format={found!r}, expected {fmt!r}).")
+        raise error(f"{where} is not a crisp-edge {what} (format={found!r:.80}, expected {fmt!r}).")
     version = meta.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= max_version:
         raise error(
-            f"{where}: {what} format version {version!r} is not supported (this crisp-edge {__version__} reads "
+            f"{where}: {what} format version {version!r:.40} is not supported (this crisp-edge {__version__} reads "
             f"1..{max_version}); upgrade crisp-edge to read newer files."
         )
     for key, kind in fields.items():

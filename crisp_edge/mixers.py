@@ -29,7 +29,7 @@ from .errors import (
     MixerFileError,
 )
 from .fingerprint import bases_fingerprint
-from .io import atomic_write_bytes, check_envelope, sha256_bytes
+from .io import atomic_write_bytes, check_envelope, parse_json, sha256_bytes
 from .specs import get_architecture
 
 MIXER_FORMAT = "crisp-edge/mixers"
@@ -159,7 +159,9 @@ def save_mixers(model: nn.Module, path: str | os.PathLike, task: str, *, head: b
 
 
 def _data_digest(tensors: dict[str, torch.Tensor]) -> str:
-    parts = [k.encode() + b"\0" + tensors[k].contiguous().view(torch.uint8).numpy().tobytes() for k in sorted(tensors)]
+    # reshape(-1) first: a 0-dim tensor cannot be viewed as bytes (same bytes for every other shape)
+    parts = [k.encode() + b"\0" + tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+             for k in sorted(tensors)]
     return sha256_bytes(b"".join(parts))
 
 
@@ -175,37 +177,70 @@ def read_mixers(path: str | os.PathLike) -> MixerFile:
         raise MixerFileError(f"mixer file {path} does not exist.") from None
     except IsADirectoryError:
         raise MixerFileError(f"{path} is a folder, not a mixer file.") from None
+    except MixerFileError:
+        raise
+    except (OSError, ValueError) as e:  # no permission, a name with a NUL byte, ...
+        raise MixerFileError(f"mixer file {path} cannot be read ({type(e).__name__}: {e}).") from None
     return parse_mixers(data, path)
 
 
 def parse_mixers(data: bytes, path: Path | None = None) -> MixerFile:
+    """Check the bytes of a mixer file (see ``read_mixers``); raises a ``MixerFileError`` subclass."""
     where = str(path) if path else "mixer file"
     try:
         tensors = st_load(data)
         raw_meta = _safetensors_metadata(data).get(META_KEY)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, RecursionError, TypeError) as e:
         raise CorruptMixerFileError(f"{where} is truncated or not a safetensors file ({e}).") from None
     if raw_meta is None:
         raise CorruptMixerFileError(f"{where} is a safetensors file but not a crisp-edge mixer file (no metadata).")
-    try:
-        meta = json.loads(raw_meta)
-    except json.JSONDecodeError as e:
-        raise CorruptMixerFileError(f"{where}: its metadata is not valid JSON ({e}).") from None
+    meta = parse_json(raw_meta, CorruptMixerFileError, f"{where}: its metadata", "mixer file")
     check_envelope(meta, fmt=MIXER_FORMAT, max_version=MIXER_VERSION, error=CorruptMixerFileError, where=where,
                    what="mixer file", fields={"task": str, "layout": dict, "bases_sha256": str, "dtype": str,
                                               "storage_dtype": str, "data_sha256": str})
     meta["layout"] = _unpack_layout(meta["layout"], where)
+    labels = meta.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(l, str) for l in labels)):
+        raise CorruptMixerFileError(f"{where}: labels must be a list of strings, found {type(labels).__name__}.")
     if _data_digest(tensors) != meta["data_sha256"]:
         raise CorruptMixerFileError(f"{where}: tensor data does not match its recorded SHA-256; the file is damaged.")
     for name, t in tensors.items():
         if str(t.dtype).removeprefix("torch.") != meta["storage_dtype"]:
             raise DtypeMismatchError(f"{where}: tensor {name} is {t.dtype}, the file declares {meta['storage_dtype']}.")
+        if not t.is_floating_point():
+            raise DtypeMismatchError(f"{where}: tensor {name} is {t.dtype}; mixer files hold floating-point tensors.")
+    _check_tensors_fit_layout(tensors, meta["layout"], where)
+    bad = [k for k, t in sorted(tensors.items()) if not torch.isfinite(t).all()]
+    if bad:
+        raise CorruptMixerFileError(f"{where}: tensors {bad[:5]} hold NaN or Inf values; adapt the task again.")
     return MixerFile(meta, tensors, path, len(data))
+
+
+def _check_tensors_fit_layout(tensors: dict[str, torch.Tensor], layout: dict[str, dict[str, Any]], where: str) -> None:
+    """A file's tensors must be the ones its own layout describes: a mixer per group (n x r x s), an
+    optional bias per group (n x d_out), an optional head (2-D weight, 1-D bias of as many classes)."""
+    expected = {f"mixer.{k}": (g["n"], g["r"], g["s"]) for k, g in layout.items()}
+    optional = {f"bias.{k}": (g["n"], g["d_out"]) for k, g in layout.items()}
+    unknown = sorted(set(tensors) - set(expected) - set(optional) - {"head.weight", "head.bias"})
+    if unknown:
+        raise CorruptMixerFileError(f"{where}: tensors {unknown[:5]} have no place in a mixer file of this layout.")
+    for name, shape in {**expected, **optional}.items():
+        t = tensors.get(name)
+        if (t is None and name in expected) or (t is not None and tuple(t.shape) != shape):
+            got = None if t is None else tuple(t.shape)
+            raise CorruptMixerFileError(f"{where}: {name} has shape {got}, the file's own layout says {shape}.")
+    w, b = tensors.get("head.weight"), tensors.get("head.bias")
+    if w is None and b is not None:
+        raise CorruptMixerFileError(f"{where}: has head.bias without head.weight.")
+    if w is not None and (w.dim() != 2 or min(w.shape) == 0):
+        raise CorruptMixerFileError(f"{where}: head.weight has shape {tuple(w.shape)}; a head is (classes x features).")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise CorruptMixerFileError(f"{where}: head.bias has shape {tuple(b.shape)}, head.weight has {w.shape[0]} classes.")
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n].decode("utf-8"))
+    header = json.loads(data[8:8 + n].decode("utf-8"))  # st_load has already checked this header
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
     return meta if isinstance(meta, dict) else {}
 
@@ -265,20 +300,28 @@ def apply_mixers_(model: nn.Module, mixers: MixerFile | str | os.PathLike) -> Mi
     """Check ``mixers`` against ``model`` and write them into it in place; returns the MixerFile.
 
     Nothing is written unless every check passes. A head of another class count replaces the
-    model's head module.
+    model's head module. Tensors the file does not hold (a head, the biases) are left as they are;
+    ``TaskSwitcher`` restores them to the base model's between tasks.
     """
     mf = mixers if isinstance(mixers, MixerFile) else read_mixers(mixers)
     check_mixers(model, mf)
+    write_task_tensors_(model, mf.tensors)
+    return mf
+
+
+@torch.no_grad()
+def write_task_tensors_(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy already-checked task tensors (``mixer.<g>``, ``bias.<g>``, ``head.*``) into ``model``."""
     for key, basis in crisp_bases(model).items():
-        stacked, biases = mf.tensors[f"mixer.{key}"], mf.tensors.get(f"bias.{key}")
+        stacked, biases = tensors[f"mixer.{key}"], tensors.get(f"bias.{key}")
         for i, name in enumerate(basis.layer_names):
             layer = model.get_submodule(name)
             layer.crisp_mixer.copy_(stacked[i])
             if biases is not None:
                 layer.bias.copy_(biases[i])
-    if "head.weight" in mf.tensors:
+    if "head.weight" in tensors:
         path, head = head_module(model)
-        w, b = mf.tensors["head.weight"], mf.tensors.get("head.bias")
+        w, b = tensors["head.weight"], tensors.get("head.bias")
         if head.weight.shape != w.shape or (head.bias is None) != (b is None):
             ref = head.weight
             head = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=ref.dtype, device=ref.device)
@@ -287,7 +330,6 @@ def apply_mixers_(model: nn.Module, mixers: MixerFile | str | os.PathLike) -> Mi
         head.weight.copy_(w)
         if b is not None:
             head.bias.copy_(b)
-    return mf
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -297,10 +339,18 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 class TaskSwitcher:
     """Several tasks for one live model: each mixer file is read and checked once, when added;
-    ``switch`` then only copies a few kilobytes into the model."""
+    ``switch`` then only copies a few kilobytes into the model.
+
+    A task is "the base model with the file's tensors": whatever a file does not hold (its head,
+    the layer biases) comes from the model as it was when the switcher was made, so switching is
+    order-independent and switching back reproduces a task's outputs bit for bit.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        found = head_module(model)
+        self._base = {k: v.clone() for k, v in task_tensors(model, head=found is not None,
+                                                              biases=_all_have_bias(model)).items()}
         self.tasks: dict[str, MixerFile] = {}
         self.active: str | None = None
 
@@ -311,7 +361,18 @@ class TaskSwitcher:
         return mf.task
 
     def switch(self, task: str) -> None:
+        """Make ``task`` (the name of a file given to ``add``) the active one."""
         if task not in self.tasks:
             raise MixerFileError(f"no task {task!r} loaded; loaded: {sorted(self.tasks)}.")
-        apply_mixers_(self.model, self.tasks[task])
+        write_task_tensors_(self.model, {**self._base, **self.tasks[task].tensors})
         self.active = task
+
+    def reset(self) -> None:
+        """Back to the model as it was when the switcher was made."""
+        write_task_tensors_(self.model, self._base)
+        self.active = None
+
+
+def _all_have_bias(model: nn.Module) -> bool:
+    return all(l.bias is not None for b in crisp_bases(model).values() for l in
+               (model.get_submodule(n) for n in b.layer_names))

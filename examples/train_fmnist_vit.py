@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from crisp_edge.data import load_fashion_mnist
+from crisp_edge.io import atomic_write_bytes, atomic_write_json
 from crisp_edge.models import EMBEDDED_VIT_SOURCE, build_model
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "crisp_edge" / "assets" / "fmnist_vit"
@@ -105,7 +106,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_bytes(args.out / "model.safetensors", st_save(state, metadata={"format": "pt"}))
     card = {
         "name": "fmnist-vit",
         "trained_by": "the crisp-edge project, with examples/train_fmnist_vit.py (not a third-party model)",
@@ -121,7 +122,7 @@ def main() -> None:
     if previous:
         card["previous_stages"] = previous.get("previous_stages", []) + [
             {k: previous[k] for k in ("recipe", "history", "test_accuracy", "train_time_s")}]
-    (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    atomic_write_json(args.out / "card.json", card)
     print(json.dumps({k: card[k] for k in ("test_accuracy", "parameters", "train_time_s")}))
 
 

@@ -3,4 +3,29 @@
 This folder is the top-level ``export/`` of the repository, installed as ``crisp_edge.export``
 (see pyproject.toml): a bare top-level module named ``export`` would collide with an unrelated
 package of that name on PyPI.
+
+ONNX Runtime (``export_onnx``): ``dense``, ``factored`` and ``swappable`` bundles; per-task
+``.onnx_adapter`` files (``mixers_to_onnx_adapter``); ``OnnxCrispSession`` runs a bundle and switches
+tasks; ``validate_bundle`` checks parity with the PyTorch reference. Importing this package does not
+import onnx or onnxruntime; the names below load them on first use.
 """
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "export_onnx": "onnx_export", "Bundle": "bundle", "load_bundle": "bundle",
+    "mixers_to_onnx_adapter": "onnx_adapter", "remove_task": "onnx_adapter",
+    "OnnxCrispSession": "onnx_runtime", "DEFAULT_TASK": "onnx_runtime",
+    "validate_bundle": "validate", "ParityReport": "validate", "ATOL_FP32": "validate",
+    "AdapterError": "errors", "BundleError": "errors", "ExportError": "errors", "NoTaskError": "errors",
+    "ParityError": "errors",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

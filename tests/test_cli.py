@@ -63,3 +63,28 @@ def test_parse_role_override():
         _parse_role_override("fc1:bogus=1")
     with pytest.raises(ConfigError, match="ROLE:key=value"):
         _parse_role_override("fc1")
+
+
+def test_adapt_then_apply(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["retrofit", "fmnist-vit", "--out", str(ckpt), "--group-size", "3", "--no-progress"]) == 0
+    mixers = tmp_path / "digits.safetensors"
+    assert main(["adapt", str(ckpt), "--task", "digits", "--epochs", "1", "--train-limit", "256", "--out", str(mixers),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "task digits: test accuracy" in out and "bases unchanged: True" in out and mixers.exists()
+    assert main(["apply", str(ckpt), str(mixers), "--out", str(tmp_path / "applied")]) == 0
+    out = capsys.readouterr().out
+    assert "digits" in out and "ms" in out and (tmp_path / "applied" / "crisp.json").exists()
+
+
+def test_apply_refuses_mixers_for_another_layout(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["retrofit", "fmnist-vit", "--out", str(a), "--group-size", "3", "--no-progress"]) == 0
+    assert main(["retrofit", "fmnist-vit", "--out", str(b), "--group-size", "2", "--no-progress"]) == 0
+    mixers = tmp_path / "m.safetensors"
+    assert main(["adapt", str(a), "--task", "digits", "--epochs", "1", "--train-limit", "64", "--out", str(mixers),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(b), str(mixers)]) == 2
+    assert "groups differ" in capsys.readouterr().err

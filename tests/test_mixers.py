@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from crisp_edge import CrispConfig, RoleConfig, retrofit_
+from crisp_edge import CrispConfig, RoleConfig, crisp_layers, retrofit_
 from crisp_edge.errors import (
     BasisMismatchError, CorruptMixerFileError, DtypeMismatchError, GateMismatchError, LayoutMismatchError,
     MixerFileError,
@@ -182,3 +182,26 @@ def test_swapping_keeps_bases_shared_and_untouched(tmp_path, x):
     apply_mixers_(model, save_mixers(twin, tmp_path / "t.safetensors", task="t"))
     assert all(torch.equal(model.crisp_bases[k].weight, v) for k, v in bases.items())
     assert model.blocks[0].attn.qkv.basis is model.crisp_bases["qkv_0_1"]
+
+
+def test_switching_restores_what_a_file_does_not_hold(tmp_path, x):
+    """A task with trained biases followed by one without: the second must not inherit the biases."""
+    model = crisp_toy()
+    base_out = model(x)
+    plain = save_mixers(model, tmp_path / "plain.safetensors", task="plain", head=False)
+    with torch.no_grad():
+        for layer in crisp_layers(model).values():
+            layer.bias.add_(0.1)
+    with_bias = save_mixers(model, tmp_path / "bias.safetensors", task="bias", biases=True)
+    biased_out = model(x)
+    live = crisp_toy()
+    switcher = TaskSwitcher(live)
+    switcher.add(with_bias)
+    switcher.add(plain)
+    switcher.switch("bias")
+    assert torch.equal(live(x), biased_out)
+    switcher.switch("plain")
+    assert torch.equal(live(x), base_out)
+    switcher.switch("bias")
+    switcher.reset()
+    assert torch.equal(live(x), base_out) and switcher.active is None

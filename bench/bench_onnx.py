@@ -1,0 +1,204 @@
+"""Benchmark: ONNX Runtime export modes vs the plain dense export, side by side, 1 thread.
+
+Per model: the plain timm model exported the plain way (``torch.onnx.export``, TorchScript exporter,
+opset 18, constant folding) is the anchor. Against it, in one interleaved run at batch 1:
+``dense``, ``factored`` and ``swappable`` (a task active) forward latency; the task switch
+(``set_task``: one fold run, adapter preloaded) as a fraction of one swappable forward; and the
+anchor a switch beats, recreating an ORT session on a dense model with other weights. Sizes: bundle
+weights vs stored parameters x 4 bytes, adapter files vs the mixers' raw bytes. Parity: every
+bundle's max abs difference vs PyTorch. Writes bench/results/onnx.json; exit 1 when a target is missed.
+
+Targets (issue 5): dense <= 1.02x, swappable <= 1.10x, switch <= 0.5 forward, weights within 2%
+of stored x 4 bytes, adapters within 10% + 1 KB of raw mixer bytes, parity <= 1e-4.
+
+    .venv/bin/python bench/bench_onnx.py [--models embedded,vit_small] [--repeats 30]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from _common import RESULTS_DIR, interleave, machine_info, pin_threads, summarize, timed, write_json
+
+THREADS = pin_threads(1)
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+import crisp_edge as ce  # noqa: E402
+from crisp_edge.adapt import new_head_  # noqa: E402
+from crisp_edge.export import export_onnx, load_bundle  # noqa: E402
+from crisp_edge.export.onnx_runtime import session_options  # noqa: E402
+from crisp_edge.mixers import save_mixers  # noqa: E402
+from crisp_edge.models import EMBEDDED_CRISP_CONFIG  # noqa: E402
+
+SCHEMA = 1
+TARGETS = {"dense_ratio": 1.02, "swappable_ratio": 1.10, "switch_forwards": 0.5, "weights_rel": 0.02,
+           "adapter_rel": 0.10, "adapter_slack_bytes": 1024, "parity_atol": 1e-4}
+
+
+def build(name: str):
+    """(plain model, CRISP model, config description, example input) for a benchmark model."""
+    if name == "embedded":
+        plain = ce.load_embedded_vit()
+        config, x = EMBEDDED_CRISP_CONFIG, torch.randn(1, 1, 28, 28)
+    else:
+        torch.manual_seed(0)
+        plain = ce.build_model({"library": "timm", "name": f"{name}_patch16_224", "kwargs": {}}).eval()
+        config, x = ce.CrispConfig(), torch.randn(1, 3, 224, 224)
+    model = copy.deepcopy(plain)
+    ce.retrofit_(model, config, progress=False)
+    return plain, model.eval(), config, x
+
+
+def make_task(model, path: Path, task: str, seed: int) -> Path:
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in ce.crisp_layers(m).values():
+            layer.crisp_mixer.add_(0.01 * torch.randn(layer.crisp_mixer.shape, generator=g))
+    new_head_(m, m.get_submodule("head").out_features, seed=seed)
+    save_mixers(m, path, task=task)
+    return path
+
+
+def export_plain(plain, x, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(plain, (x,), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18)
+    return path
+
+
+def bench_model(name: str, repeats: int, work: Path) -> dict:
+    plain, model, config, x = build(name)
+    print(f"{name}: exporting", flush=True)
+    tasks = [make_task(model, work / f"{name}_t{i}.safetensors", f"t{i}", i) for i in (1, 2)]
+    plain_path = export_plain(plain, x, work / f"{name}_plain.onnx")
+    bundles = {mode: export_onnx(model, work / f"{name}_{mode}", mode=mode, tasks=tasks if mode == "swappable" else ())
+               for mode in ("dense", "factored", "swappable")}
+    other = copy.deepcopy(model)  # "other weights" for the session-recreation anchor: task 2 folded
+    ce.mixers.apply_mixers_(other, tasks[1])
+    other_dense = export_onnx(other, work / f"{name}_other_dense", mode="dense")
+
+    xn = x.numpy()
+    plain_sess = ort.InferenceSession(str(plain_path), session_options(1), providers=["CPUExecutionProvider"])
+    sessions = {mode: b.session(threads=1) for mode, b in bundles.items()}
+    sessions["swappable"].set_task("t2")
+    sessions["swappable"].set_task("t1")  # both adapters loaded; t1 active
+    ref = plain(x).detach().numpy()
+    plain_diff = float(np.abs(plain_sess.run(None, {"x": xn})[0] - ref).max())
+
+    def fwd(run):
+        def case():
+            return timed(run)[0]
+        return case
+
+    state = {"i": 0}
+
+    def switch():
+        state["i"] += 1
+        return timed(lambda: sessions["swappable"].set_task("t2" if state["i"] % 2 else "t1"))[0]
+
+    def switch_back_forward():  # keep t1 active for the forward timing
+        sessions["swappable"].set_task("t1")
+        return timed(lambda: sessions["swappable"](xn))[0]
+
+    other_file = str(other_dense.file("model.onnx"))
+
+    def recreate():
+        return timed(lambda: ort.InferenceSession(other_file, session_options(1), providers=["CPUExecutionProvider"]))[0]
+
+    cases = {
+        "plain": fwd(lambda: plain_sess.run(None, {"x": xn})),
+        "dense": fwd(lambda: sessions["dense"](xn)),
+        "factored": fwd(lambda: sessions["factored"](xn)),
+        "swappable": switch_back_forward,
+        "switch": switch,
+        "recreate_session": recreate,
+    }
+    print(f"{name}: timing {repeats} rounds", flush=True)
+    interleave(cases, 2)  # warm-up
+    times = interleave(cases, repeats)
+    med = {k: summarize(v) for k, v in times.items()}
+    base = med["plain"]["median"]
+    sw = med["swappable"]["median"]
+
+    stored_bytes = bundles["swappable"].manifest["params"]["stored_bytes_fp32"]
+    sizes = {}
+    for mode, b in bundles.items():
+        w = b.weights_bytes()
+        sizes[mode] = {"weights_bytes": w, "stored_params_bytes": stored_bytes,
+                       "rel_diff": round(w / stored_bytes - 1, 5)}
+    plain_bytes = 4 * sum(p.numel() for p in plain.parameters())
+    adapters = {t: {"bytes": r["bytes"], "mixer_raw_bytes": r["mixer_file_raw_bytes"],
+                    "ratio": round(r["bytes"] / r["mixer_file_raw_bytes"], 4),
+                    "within_target": r["bytes"] <= (1 + TARGETS["adapter_rel"]) * r["mixer_file_raw_bytes"] + TARGETS["adapter_slack_bytes"]}
+                for t, r in bundles["swappable"].tasks.items()}
+    parity = {mode: b.manifest["parity"]["max_abs"] for mode, b in bundles.items()}
+    ratios = {
+        "dense": round(med["dense"]["median"] / base, 4),
+        "factored": round(med["factored"]["median"] / base, 4),
+        "swappable": round(sw / base, 4),
+        "switch_in_forwards": round(med["switch"]["median"] / sw, 4),
+        "recreate_session_in_forwards": round(med["recreate_session"]["median"] / base, 4),
+    }
+    checks = {
+        "dense_ratio": ratios["dense"] <= TARGETS["dense_ratio"],
+        "swappable_ratio": ratios["swappable"] <= TARGETS["swappable_ratio"],
+        "switch_forwards": ratios["switch_in_forwards"] <= TARGETS["switch_forwards"],
+        "weights_factored": abs(sizes["factored"]["rel_diff"]) <= TARGETS["weights_rel"],
+        "weights_swappable": abs(sizes["swappable"]["rel_diff"]) <= TARGETS["weights_rel"],
+        "adapters": all(a["within_target"] for a in adapters.values()),
+        "parity": all(v <= TARGETS["parity_atol"] for v in parity.values()),
+    }
+    return {
+        "model": name, "crisp_config": config.to_dict(), "input_shape": list(x.shape),
+        "plain_params_bytes": plain_bytes, "plain_export_max_abs_vs_torch": plain_diff,
+        "seconds": med, "ratios_to_plain": ratios, "sizes": sizes, "adapters": adapters, "parity_max_abs": parity,
+        "checks": checks,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="embedded,vit_small", help="comma list of: embedded, vit_small, vit_base")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default=str(RESULTS_DIR / "onnx.json"))
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench_onnx."))
+    try:
+        results = [bench_model(m, args.repeats, work) for m in args.models.split(",") if m]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = write_json(args.out, {
+        "schema": SCHEMA, "benchmark": "onnx",
+        "description": "ONNX Runtime export modes vs the plain dense export of the same model, interleaved in one "
+                       "run, batch 1, ORT intra-op threads 1",
+        "protocol": {"repeats": args.repeats, "warmup_rounds": 2, "statistic": "median", "batch": 1,
+                     "switch": "set_task with the adapter preloaded (one fold run), alternating two tasks",
+                     "recreate_session": "ort.InferenceSession on a dense model file with other weights (creation only)"},
+        "targets": TARGETS, "onnxruntime": ort.__version__, "machine": machine_info(), "results": results,
+    })
+    print(f"\n{'model':<10} {'dense':>7} {'factored':>9} {'swap':>7} {'switch/fwd':>11} {'recreate/fwd':>13} "
+          f"{'swap W/stored':>14} {'parity':>9}")
+    for r in results:
+        q = r["ratios_to_plain"]
+        print(f"{r['model']:<10} {q['dense']:>7.3f} {q['factored']:>9.3f} {q['swappable']:>7.3f} "
+              f"{q['switch_in_forwards']:>11.3f} {q['recreate_session_in_forwards']:>13.2f} "
+              f"{1 + r['sizes']['swappable']['rel_diff']:>14.4f} {max(r['parity_max_abs'].values()):>9.1e}")
+    print(f"wrote {out}")
+    missed = [(r["model"], k) for r in results for k, ok in r["checks"].items() if not ok]
+    for m, k in missed:
+        print(f"MISSED target {k} on {m}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Per-task ``.onnx_adapter`` files for a swappable bundle, made from crisp-edge mixer files.
+
+An adapter holds the task's tensors under the fold graph's overridable-initializer names, which are
+the mixer file's own names (``mixer.<group>``, ``bias.<group>``, ``head.weight``, ``head.bias``),
+in float32 (the graph's dtype; a float16 mixer file is upcast). ORT adapters carry no metadata
+beyond two integers: the *model version* holds a tag of the bundle's bases and layout
+(``adapter_model_version``), checked when an adapter is loaded.
+
+Semantics: a task = the exported model with the file's tensors replacing the exported ones. A file
+without a head (or without biases) keeps the exported head (biases). A file whose head has no bias
+gets a zero bias, as ``apply_mixers_`` gives a bias-free head.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from crisp_edge.errors import BasisMismatchError, DtypeMismatchError, GateMismatchError, LayoutMismatchError
+from crisp_edge.io import atomic_write_json, sha256_file
+from crisp_edge.mixers import MixerFile, read_mixers
+
+from .bundle import ADAPTER_SUFFIX, TASKS_DIR, Bundle, check_task_name, load_bundle
+from .errors import AdapterError, BundleError
+from .onnx_fold import CLASS_AXIS
+
+_LAYOUT_FIELDS = ("role", "n", "d_out", "d_in", "r", "s")
+_GATE_FIELDS = ("gate", "placement")
+ADAPTER_VERSION = 1
+
+
+def _swap(bundle: Bundle) -> dict:
+    if bundle.mode != "swappable":
+        raise BundleError(f"bundle {bundle.path} is {bundle.mode!r}; per-task adapters need a 'swappable' export.")
+    return bundle.manifest["swappable"]
+
+
+def check_mixers_for_bundle(mf: MixerFile, swap: dict, where: str) -> None:
+    """Refuse (with crisp-edge's mixer error types) a mixer file made for other bases or layout."""
+    mine, theirs = swap["layout"], mf.meta["layout"]
+    if set(mine) != set(theirs):
+        raise LayoutMismatchError(
+            f"{where}: groups differ from the bundle's: only in the file {sorted(set(theirs) - set(mine))}, "
+            f"only in the bundle {sorted(set(mine) - set(theirs))}. The file was made for another CRISP layout.")
+    for key in sorted(mine):
+        diff = [f"{f} {theirs[key].get(f)!r} vs {mine[key][f]!r}" for f in _LAYOUT_FIELDS if theirs[key].get(f) != mine[key][f]]
+        if diff:
+            raise LayoutMismatchError(f"{where}: group {key} differs (file vs bundle): {', '.join(diff)}.")
+        diff = [f"{f} {theirs[key].get(f)!r} vs {mine[key][f]!r}" for f in _GATE_FIELDS if theirs[key].get(f) != mine[key][f]]
+        if diff:
+            raise GateMismatchError(f"{where}: group {key} was trained with another gate (file vs bundle): {', '.join(diff)}.")
+    if mf.meta["dtype"] != "float32":
+        raise DtypeMismatchError(f"{where}: mixers were trained in {mf.meta['dtype']}; this bundle computes in float32.")
+    if mf.meta["bases_sha256"] != swap["bases_sha256"]:
+        raise BasisMismatchError(
+            f"{where}: task {mf.task!r} was trained on other bases (fingerprint {mf.meta['bases_sha256'][:12]}..., "
+            f"the bundle's {swap['bases_sha256'][:12]}...). Its mixers would compute a wrong answer here; use the "
+            "checkpoint this bundle was exported from, or adapt the task again on it.")
+
+
+def adapter_arrays(mf: MixerFile, swap: dict, where: str = "mixer file") -> dict[str, np.ndarray]:
+    """The adapter tensors (name -> float32 array) for mixer file ``mf`` on a bundle's ``swap`` record."""
+    check_mixers_for_bundle(mf, swap, where)
+    over = swap["overridable"]
+    arrays = {k: v.detach().cpu().float().contiguous().numpy() for k, v in mf.tensors.items()}
+    unknown = sorted(set(arrays) - set(over))
+    if unknown:
+        raise LayoutMismatchError(f"{where}: tensors {unknown} have no place in this bundle; it can swap {sorted(over)}.")
+    head = swap.get("head")
+    if "head.weight" in arrays and head and head["bias"] and "head.bias" not in arrays:
+        arrays["head.bias"] = np.zeros(arrays["head.weight"].shape[0], np.float32)
+    if "head.bias" in arrays and "head.weight" not in arrays:
+        raise LayoutMismatchError(f"{where}: has head.bias without head.weight.")
+    check_arrays(arrays, over, where)
+    return arrays
+
+
+def check_arrays(arrays: dict[str, np.ndarray], overridable: dict[str, list], where: str) -> None:
+    """Names, dtypes and shapes of adapter tensors against the fold graph's overridable inputs."""
+    unknown = sorted(set(arrays) - set(overridable))
+    if unknown:
+        raise AdapterError(f"{where}: tensor names {unknown} are not overridable in this bundle's fold graph; "
+                           f"valid names: {sorted(overridable)}.")
+    classes = set()
+    for name, a in arrays.items():
+        if a.dtype != np.float32:
+            raise AdapterError(f"{where}: {name} is {a.dtype}, the bundle needs float32.")
+        want = overridable[name]
+        ok = len(a.shape) == len(want) and all(isinstance(w, str) or w == d for w, d in zip(want, a.shape))
+        if not ok:
+            raise AdapterError(f"{where}: {name} has shape {list(a.shape)}, the bundle needs {want} "
+                               f"({CLASS_AXIS!r} = any class count).")
+        classes.update(d for w, d in zip(want, a.shape) if w == CLASS_AXIS)
+    if len(classes) > 1:
+        raise AdapterError(f"{where}: head.weight and head.bias disagree on the class count ({sorted(classes)}).")
+
+
+def write_adapter(arrays: dict[str, np.ndarray], path: Path, model_version: int) -> Path:
+    """Write an ``.onnx_adapter`` atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(ADAPTER_VERSION)
+    fmt.set_model_version(model_version)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fmt.export_adapter(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_adapter(path: str | os.PathLike, swap: dict) -> dict[str, np.ndarray]:
+    """Read and check an adapter against a bundle's ``swap`` record; returns its arrays (copies)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter {path} does not exist.")
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+        version = fmt.get_model_version()
+        arrays = {k: np.array(v.numpy()) for k, v in fmt.get_parameters().items()}
+    except Exception as e:  # ORT raises its own (untyped) errors on a damaged file
+        raise AdapterError(f"{path} is not a readable .onnx_adapter ({type(e).__name__}: {e}).") from None
+    if version != swap["adapter_model_version"]:
+        raise BasisMismatchError(
+            f"{path} was made for other bases or another layout (tag {version}, this bundle's "
+            f"{swap['adapter_model_version']}); convert the task's mixer file for this bundle with "
+            "mixers_to_onnx_adapter.")
+    check_arrays(arrays, swap["overridable"], str(path))
+    return arrays
+
+
+def mixers_to_onnx_adapter(mixer_file: str | os.PathLike | MixerFile, bundle_dir: str | os.PathLike,
+                           name: str | None = None) -> Path:
+    """Turn a crisp-edge mixer file into ``tasks/<name>.onnx_adapter`` of an existing swappable bundle.
+
+    The file is checked against the bundle's recorded bases fingerprint and layout (mismatches raise
+    ``BasisMismatchError`` / ``LayoutMismatchError`` / ``GateMismatchError``); nothing is re-exported.
+    The manifest gains a ``tasks`` entry (file, SHA-256, sizes, labels). Returns the adapter's path.
+    """
+    bundle = load_bundle(bundle_dir)
+    swap = _swap(bundle)
+    mf = mixer_file if isinstance(mixer_file, MixerFile) else read_mixers(mixer_file)
+    task = check_task_name(name or mf.task)
+    where = str(mf.path) if mf.path else f"mixer file for task {mf.task!r}"
+    arrays = adapter_arrays(mf, swap, where)
+    rel = f"{TASKS_DIR}/{task}{ADAPTER_SUFFIX}"
+    path = write_adapter(arrays, bundle.path / rel, swap["adapter_model_version"])
+    record = task_record(bundle.path, rel, mf, arrays)
+    manifest = dict(bundle.manifest)
+    manifest["tasks"] = {**manifest.get("tasks", {}), task: record}
+    atomic_write_json(bundle.path / "manifest.json", manifest)
+    return path
+
+
+def task_record(folder: Path, rel: str, mf: MixerFile, arrays: dict[str, np.ndarray]) -> dict:
+    head = arrays.get("head.weight")
+    return {
+        "file": rel, "sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size,
+        "tensor_bytes": int(sum(a.nbytes for a in arrays.values())), "mixer_file_raw_bytes": mf.raw_bytes,
+        "tensors": {k: list(a.shape) for k, a in sorted(arrays.items())},
+        "num_classes": None if head is None else int(head.shape[0]), "labels": mf.labels,
+        "source_task": mf.task,
+    }
+
+
+def remove_task(bundle_dir: str | os.PathLike, task: str) -> None:
+    """Drop a task's adapter and its manifest entry."""
+    bundle = load_bundle(bundle_dir, verify=False)
+    path = bundle.task_path(task)
+    manifest = dict(bundle.manifest)
+    manifest["tasks"] = {k: v for k, v in manifest["tasks"].items() if k != task}
+    atomic_write_json(bundle.path / "manifest.json", manifest)
+    path.unlink(missing_ok=True)
+
+
+__all__ = ["adapter_arrays", "check_mixers_for_bundle", "mixers_to_onnx_adapter", "read_adapter", "remove_task",
+           "write_adapter"]

@@ -1,0 +1,354 @@
+"""Export a CRISP model to an ONNX Runtime bundle: ``dense``, ``factored`` or ``swappable``.
+
+    bundle = export_onnx(model, "bundle/", mode="swappable", tasks=["mnist.mixers.safetensors"])
+    sess = bundle.session(threads=1); sess.set_task("mnist"); logits = sess(x)
+
+Modes (DESIGN.md section 3):
+
+* ``dense``: a deep copy is ``materialize_``-d and exported; the graph is the original
+  architecture's, with folded weights. Fastest, largest.
+* ``factored``: the CRISP model itself, with bases and mixers as plain initializers. Each basis is
+  one tensor (layers hold a reference to it, so the trace sees one value): the file is about the
+  compressed size. ORT constant-folds W at session creation, so inference runs dense.
+* ``swappable``: switch-then-dense. ``fold.onnx`` (task tensors as overridable initializers ->
+  every layer's dense W, built by ``onnx_fold``) and ``model.onnx`` (the architecture, with every
+  CRISP layer's weight and bias and the head as *graph inputs*, all else initializers). A task
+  switch runs the fold once; inference runs dense. Tasks are ``.onnx_adapter`` files.
+
+Exporter: ``torch.onnx.export(..., dynamo=False)`` (the TorchScript exporter), opset 18. Chosen
+because (1) it keeps the CRISP ops with ``do_constant_folding=False`` (the dynamo exporter's default
+optimizer folds ``B @ G(A)`` into W, defeating ``factored``), (2) its ``dynamic_axes`` give the head's
+class axis a symbolic size in ``swappable``, so tasks may bring heads of any class count, and (3) it
+exports a ViT in a fraction of a second (the dynamo path takes ~12x longer, which matters for tests
+on a 2-core machine). It is deprecated upstream; the choice is one constant (``EXPORTER``) and the
+bundles are plain ONNX either way. Opset 18: supported by every ORT since 1.14, and it has
+``Split(num_outputs=)`` and ``LayerNormalization``.
+
+Every export is validated (``validate_bundle``) in a temporary folder next to ``out_dir`` and only
+then renamed into place, so ``out_dir`` never holds a half-written or unvalidated bundle.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crisp_edge import __version__
+from crisp_edge.convert import _set_submodule, crisp_bases, group_layout, is_crisp, materialize_
+from crisp_edge.errors import ConfigError
+from crisp_edge.fingerprint import bases_fingerprint
+from crisp_edge.io import atomic_write_json
+from crisp_edge.mixers import MixerFile, apply_mixers_, check_mixers, read_mixers
+
+from .bundle import (
+    ADAPTER_SUFFIX, BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, MODES, REFERENCE, TASKS_DIR, Bundle,
+    adapter_model_version, check_task_name, file_record, save_onnx,
+)
+from .errors import ExportError
+from .onnx_adapter import adapter_arrays, task_record, write_adapter
+from .onnx_fold import CLASS_AXIS, DENSE_PREFIX, build_fold_graph
+from .validate import ATOL_FP32, MIN_COSINE, validate_bundle
+
+EXPORTER = "torch.onnx.export(dynamo=False)"
+DEFAULT_OPSET = 18
+BATCH_AXIS = "batch"
+#: Batch sizes of the stored reference cases: two sizes, so the dynamic batch axis is exercised.
+REFERENCE_BATCHES = (2, 3)
+REFERENCE_SEED = 0
+OUTPUT_NAME = "logits"
+
+
+class _Forward(nn.Module):
+    """``model(**inputs)`` as a positional-argument module returning one tensor."""
+
+    def __init__(self, model: nn.Module, input_names: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.input_names = model, list(input_names)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = self.model(**dict(zip(self.input_names, xs)))
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class _FedLinear(nn.Module):
+    """A linear layer whose weight (and bias, when fed) are read from ``slot``, filled per call."""
+
+    def __init__(self, linear: nn.Linear, slot: dict, weight: str, bias: str | None) -> None:
+        super().__init__()
+        self.slot, self.weight_key, self.bias_key = slot, weight, bias
+        self.bias = None if bias else linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.slot[self.bias_key] if self.bias_key else self.bias
+        return F.linear(x, self.slot[self.weight_key], b)
+
+
+class _WeightsAsInputs(nn.Module):
+    """The dense model with the named linear parameters taken from inputs, after the model inputs.
+
+    (``torch.func.functional_call`` refuses to run under the TorchScript tracer, hence the slots.)
+    """
+
+    def __init__(self, model: nn.Module, input_names: Sequence[str], params: Sequence[str]) -> None:
+        super().__init__()
+        self.k, self.params, self.slot = len(input_names), list(params), {}
+        fed = set(params)
+        for path in sorted({p.rpartition(".")[0] for p in params}):
+            linear = model.get_submodule(path)
+            bias = f"{path}.bias" if f"{path}.bias" in fed else None
+            _set_submodule(model, path, _FedLinear(linear, self.slot, f"{path}.weight", bias))
+        self.fwd = _Forward(model, input_names)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        self.slot.clear()
+        self.slot.update(zip(self.params, args[self.k:]))
+        return self.fwd(*args[:self.k])
+
+
+def _example_inputs(model: nn.Module, example_input: Any) -> dict[str, torch.Tensor]:
+    if example_input is None:
+        from crisp_edge.testing import example_inputs
+
+        example_input = example_inputs(model, batch=REFERENCE_BATCHES[0])
+    if isinstance(example_input, torch.Tensor):
+        example_input = {"x": example_input}
+    if not isinstance(example_input, dict) or not example_input:
+        raise ConfigError("example_input must be a tensor or a dict of named tensors.")
+    for name, t in example_input.items():
+        if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32):
+            raise ExportError(f"input {name!r} must be a float32 tensor (integer inputs such as token ids are not "
+                              "supported by this exporter yet).")
+    return example_input
+
+
+def _torch_export(module: nn.Module, args: tuple, path: Path, input_names: list[str], dynamic_axes: dict,
+                  opset: int, fold_constants: bool) -> onnx.ModelProto:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names,
+                          output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes, opset_version=opset,
+                          do_constant_folding=fold_constants)
+    proto = onnx.load(str(path))
+    path.unlink()
+    _strip_wrapper_prefix(proto)
+    return proto
+
+
+def _strip_wrapper_prefix(proto: onnx.ModelProto) -> None:
+    """Name initializers by the model's own parameter names (drop the wrappers' ``model.`` prefixes)."""
+    taken = {t.name for t in proto.graph.initializer} | {v.name for v in proto.graph.input}
+    rename = {}
+    for t in proto.graph.initializer:
+        new = t.name
+        for prefix in ("fwd.model.", "model."):
+            if new.startswith(prefix):
+                new = new[len(prefix):]
+                break
+        if new != t.name and new not in taken:
+            rename[t.name] = new
+            taken.add(new)
+    for t in proto.graph.initializer:
+        t.name = rename.get(t.name, t.name)
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+
+
+def _io_record(graph: onnx.GraphProto, names: list[str], outputs: bool = False) -> list[dict]:
+    values = {v.name: v for v in (graph.output if outputs else graph.input)}
+    out = []
+    for n in names:
+        t = values[n].type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append({"name": n, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+    return out
+
+
+def _stored_params(model: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():  # parameters() yields each tensor once: a shared basis counts once
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _layout(model: nn.Module) -> dict[str, dict]:
+    return {k: {"role": g["role"], "n": len(g["layers"]), "d_out": g["d_out"], "d_in": g["d_in"], "r": g["r"],
+                "s": g["s"], "gate": g["gate"], "placement": g["placement"]} for k, g in group_layout(model).items()}
+
+
+def _reference_inputs(example: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(REFERENCE_SEED)
+    return [{n: torch.randn((b, *t.shape[1:]), generator=g) for n, t in example.items()} for b in REFERENCE_BATCHES]
+
+
+@torch.no_grad()
+def _reference_outputs(model: nn.Module, names: list[str], cases: list[dict]) -> list[np.ndarray]:
+    fwd = _Forward(model, names).eval()
+    return [fwd(*[c[n] for n in names]).float().cpu().numpy() for c in cases]
+
+
+def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "swappable",
+                example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
+                tasks: Sequence[str | os.PathLike | MixerFile] = (), opset: int = DEFAULT_OPSET,
+                overwrite: bool = False, threads: int = 1) -> Bundle:
+    """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ONNX bundle at ``out_dir``.
+
+    Args:
+        mode: "dense", "factored" or "swappable" (see the module docstring).
+        example_input: a float32 tensor (input name ``x``) or a dict of named tensors; axis 0 is the
+            dynamic batch axis. Default: ``crisp_edge.testing.example_inputs(model)``.
+        tasks: mixer files to ship as ``tasks/<task>.onnx_adapter`` (swappable only); each is
+            checked against the model and gets PyTorch reference outputs for validation.
+        overwrite: replace an existing ``out_dir``.
+        threads: ORT intra-op threads for the validation run.
+
+    Returns the validated ``Bundle``; raises ``ParityError`` if ORT disagrees with PyTorch.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
+    if mode != "dense" and not is_crisp(model):
+        raise ConfigError(f"mode {mode!r} needs a CRISP model (retrofit_ it first); a plain model exports as 'dense'.")
+    if tasks and mode != "swappable":
+        raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights; "
+                          "apply_mixers_ and export that model instead).")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} exists; pass overwrite=True to replace it.")
+    model = model.eval()
+    example = _example_inputs(model, example_input)
+    names = list(example)
+    mixers = [t if isinstance(t, MixerFile) else read_mixers(t) for t in tasks]
+    for mf in mixers:
+        check_mixers(model, mf)
+        check_task_name(mf.task)
+    if len({mf.task for mf in mixers}) != len(mixers):
+        raise ConfigError(f"task names repeat: {[mf.task for mf in mixers]}.")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        manifest = _write_bundle(model, tmp, mode, example, names, mixers, opset)
+        bundle = Bundle(tmp, manifest)
+        report = validate_bundle(bundle, threads=threads)
+        manifest["parity"] = {"passed": report.passed, "max_abs": report.max_abs, "checked_cases": len(report.comparisons)}
+        atomic_write_json(tmp / MANIFEST, manifest)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Bundle(out_dir, manifest)
+
+
+def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, names: list[str],
+                  mixers: list[MixerFile], opset: int) -> dict:
+    args = tuple(example[n] for n in names)
+    axes = {n: {0: BATCH_AXIS} for n in names}
+    axes[OUTPUT_NAME] = {0: BATCH_AXIS}
+    models, files, swap, fold_bytes = {}, {}, None, 0
+    if mode == "dense":
+        dense = copy.deepcopy(model)
+        if is_crisp(dense):
+            materialize_(dense)
+        proto = _torch_export(_Forward(dense, names), args, folder / "tmp.onnx", names, axes, opset, True)
+    elif mode == "factored":
+        proto = _torch_export(_Forward(copy.deepcopy(model), names), args, folder / "tmp.onnx", names, axes, opset,
+                              False)
+    else:
+        fold, spec = build_fold_graph(model, opset)
+        written = save_onnx(fold, folder / "fold.onnx")
+        models["fold"] = {"file": "fold.onnx", "inputs": [], "outputs": list(spec.outputs),
+                          "overridable": spec.overridable}
+        files.update({f: None for f in written})
+        dense = materialize_(copy.deepcopy(model))
+        params = list(spec.outputs.values())
+        state = dict(dense.named_parameters())
+        w_names = list(spec.outputs)
+        for out, p in spec.outputs.items():
+            if spec.head and p.startswith(spec.head + "."):
+                axes[out] = {0: CLASS_AXIS}
+        if spec.head:
+            axes[OUTPUT_NAME] = {0: BATCH_AXIS, 1: CLASS_AXIS}
+        module = _WeightsAsInputs(dense, names, params)
+        proto = _torch_export(module, args + tuple(state[p].detach() for p in params), folder / "tmp.onnx",
+                              names + w_names, axes, opset, True)
+        layout = _layout(model)
+        fp = bases_fingerprint(model)
+        head = None
+        if spec.head:
+            h = model.get_submodule(spec.head)
+            head = {"path": spec.head, "in_features": h.in_features, "num_classes": h.out_features,
+                    "bias": h.bias is not None}
+        swap = {"bases_sha256": fp, "layout": layout, "adapter_model_version": adapter_model_version(fp, layout),
+                "overridable": spec.overridable, "weights": spec.outputs, "head": head,
+                "task_semantics": "exported tensors, with the adapter's tensors replacing theirs"}
+    written = save_onnx(proto, folder / "model.onnx")
+    files.update({f: None for f in written})
+    models["model"] = {"file": "model.onnx", "inputs": names + ([] if swap is None else list(swap["weights"])),
+                       "outputs": [OUTPUT_NAME]}
+
+    cases = _reference_inputs(example)
+    ref: dict[str, np.ndarray] = {}
+    for i, c in enumerate(cases):
+        for n in names:
+            ref[f"input.{i}.{n}"] = c[n].numpy()
+    ref_tasks = ["default"]
+    for i, out in enumerate(_reference_outputs(model, names, cases)):
+        ref[f"output.default.{i}.{OUTPUT_NAME}"] = out
+    tasks = {}
+    if swap is not None:
+        for mf in mixers:
+            task_model = copy.deepcopy(model)
+            apply_mixers_(task_model, mf)
+            for i, out in enumerate(_reference_outputs(task_model, names, cases)):
+                ref[f"output.{mf.task}.{i}.{OUTPUT_NAME}"] = out
+            ref_tasks.append(mf.task)
+            rel = f"{TASKS_DIR}/{mf.task}{ADAPTER_SUFFIX}"
+            arrays = adapter_arrays(mf, swap, str(mf.path or mf.task))
+            write_adapter(arrays, folder / rel, swap["adapter_model_version"])
+            tasks[mf.task] = task_record(folder, rel, mf, arrays)
+    np.savez(folder / REFERENCE, **ref)
+    files[REFERENCE] = None
+    files = {f: file_record(folder, f) for f in files}
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    stored = _stored_params(model)
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "crisp_edge_version": __version__, "mode": mode,
+        "opset": opset, "exporter": {"name": EXPORTER, "torch": torch.__version__, "onnx": onnx.__version__,
+                                     "do_constant_folding": mode != "factored"},
+        "arch": getattr(model, "crisp_arch", None), "models": models, "files": files,
+        "inputs": _io_record(graph, names), "outputs": _io_record(graph, [OUTPUT_NAME], outputs=True),
+        "dynamic_axes": {k: {str(a): v for a, v in d.items()} for k, d in axes.items()},
+        "tolerance": {"atol": ATOL_FP32, "min_cosine": MIN_COSINE, "dtype": "float32",
+                      "reason": "fp32 ONNX Runtime vs eager PyTorch: other kernels and summation order"},
+        "reference": {"file": REFERENCE, "inputs": names, "outputs": [OUTPUT_NAME], "cases": len(cases),
+                      "batch_sizes": list(REFERENCE_BATCHES), "seed": REFERENCE_SEED, "tasks": ref_tasks,
+                      "device": "cpu", "dtype": "float32"},
+        "params": {"stored": stored, "stored_bytes_fp32": 4 * stored,
+                   "crisp_groups": len(crisp_bases(model))},
+        "tasks": tasks,
+    }
+    if swap is not None:
+        manifest["swappable"] = swap
+    bundle = Bundle(folder, manifest)
+    manifest["params"]["weights_bytes"] = bundle.weights_bytes()
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,149 @@
+"""The fold graph of a swappable bundle: task tensors in, every CRISP layer's dense weight out.
+
+Built directly with ``onnx.helper`` (not traced), so that its overridable initializers carry exactly
+the tensor names of a crisp-edge mixer file: ``mixer.<group>`` (n x r x s), ``bias.<group>``
+(n x d_out) and ``head.weight`` / ``head.bias``. An ``.onnx_adapter`` is then the mixer file's
+tensors under their own names. Per group the graph computes all n layers with the gate applied once to the stacked mixers:
+
+    G = gate(A)                       # A: mixer.<group>, (n, r, s); "pre" placement
+    W_i = Reshape(MatMul(B, Gather(G, i)), (d_out, d_in))   # B: the shared basis (u, r); row-major
+
+Outputs are named ``dense.<parameter name>`` (e.g. ``dense.blocks.0.mlp.fc1.weight``); the inference
+graph takes the same names as inputs. The bases are plain initializers: stored once, never replaced.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+from crisp_edge.convert import crisp_bases
+from crisp_edge.mixers import head_module
+
+from .errors import ExportError
+
+DENSE_PREFIX = "dense."
+#: Symbolic name of the head's class axis: a task's head may have another class count.
+CLASS_AXIS = "num_classes"
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """What the fold graph produces, and the overridable tensors (name -> shape; str = symbolic)."""
+
+    overridable: dict[str, list]
+    outputs: dict[str, str]  # fold output name -> parameter name in the model
+    head: str | None         # the head module's path, when the head is swappable
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().float().contiguous().numpy()
+
+
+def _gate(nodes: list, x: str, gate: str, tag: str) -> str:
+    out = f"{tag}.gated"
+    if gate == "silu":
+        nodes += [helper.make_node("Sigmoid", [x], [f"{tag}.sig"]), helper.make_node("Mul", [f"{tag}.sig", x], [out])]
+    elif gate == "relu":
+        nodes.append(helper.make_node("Relu", [x], [out]))
+    elif gate == "none":
+        nodes.append(helper.make_node("Identity", [x], [out]))
+    elif gate == "gelu":  # exact erf form, as torch.nn.functional.gelu (opset 18 has no Gelu op)
+        nodes += [helper.make_node("Mul", [x, "const.inv_sqrt2"], [f"{tag}.xs"]),
+                  helper.make_node("Erf", [f"{tag}.xs"], [f"{tag}.erf"]),
+                  helper.make_node("Add", [f"{tag}.erf", "const.one"], [f"{tag}.erf1"]),
+                  helper.make_node("Mul", [x, f"{tag}.erf1"], [f"{tag}.xe"]),
+                  helper.make_node("Mul", [f"{tag}.xe", "const.half"], [out])]
+    else:
+        raise ExportError(f"gate {gate!r} has no ONNX fold; supported: silu, relu, none, gelu.")
+    return out
+
+
+def build_fold_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, FoldSpec]:
+    """The fold graph of a CRISP ``model`` (its current mixers, biases and head are the defaults)."""
+    nodes: list = []
+    inits = [numpy_helper.from_array(np.array(v, np.float32), name) for name, v in
+             (("const.one", 1.0), ("const.half", 0.5), ("const.inv_sqrt2", 1 / math.sqrt(2)))]
+    overridable: dict[str, list] = {}
+    outputs: dict[str, str] = {}
+    value_infos = []
+
+    def add_overridable(name: str, array: np.ndarray, shape: list) -> None:
+        inits.append(numpy_helper.from_array(array, name))
+        overridable[name] = shape
+        value_infos.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+
+    def add_output(out: str, param: str, shape: list) -> None:
+        outputs[out] = param
+        out_infos.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
+
+    out_infos: list = []
+    for key, basis in crisp_bases(model).items():
+        layers = [model.get_submodule(n) for n in basis.layer_names]
+        n, mixer, b = len(layers), f"mixer.{key}", f"basis.{key}"
+        inits.append(numpy_helper.from_array(_np(basis.weight), b))
+        add_overridable(mixer, np.stack([_np(l.crisp_mixer) for l in layers]), [n, basis.r, basis.s])
+        tag = f"fold.{key}"
+        if basis.placement == "pre":
+            g = _gate(nodes, mixer, basis.gate_name, tag)  # gate all n mixers at once: (n, r, s)
+        elif basis.placement == "temp":
+            g = _gate(nodes, b, basis.gate_name, tag)
+        elif basis.placement != "post":
+            raise ExportError(f"group {key}: placement {basis.placement!r} has no ONNX fold.")
+        shape = f"{tag}.shape"
+        inits.append(numpy_helper.from_array(np.array([basis.d_out, basis.d_in], np.int64), shape))
+        for i, name in enumerate(basis.layer_names):
+            # One (u x s) product per layer, reshaped in place: no Split, so W is written once
+            # (the fold is memory-bound: its output is every dense weight).
+            idx = f"{tag}.idx{i}"
+            inits.append(numpy_helper.from_array(np.array(i, np.int64), idx))
+            out = f"{DENSE_PREFIX}{name}.weight"
+            if basis.placement == "pre":
+                nodes.append(helper.make_node("Gather", [g, idx], [f"{tag}.g{i}"], axis=0))
+                nodes.append(helper.make_node("MatMul", [b, f"{tag}.g{i}"], [f"{tag}.m{i}"]))
+            elif basis.placement == "temp":
+                nodes.append(helper.make_node("Gather", [mixer, idx], [f"{tag}.a{i}"], axis=0))
+                nodes.append(helper.make_node("MatMul", [g, f"{tag}.a{i}"], [f"{tag}.m{i}"]))
+            else:  # post: gate after the product
+                nodes.append(helper.make_node("Gather", [mixer, idx], [f"{tag}.a{i}"], axis=0))
+                nodes.append(helper.make_node("MatMul", [b, f"{tag}.a{i}"], [f"{tag}.ba{i}"]))
+                _gate(nodes, f"{tag}.ba{i}", basis.gate_name, f"{tag}.l{i}")
+                nodes.append(helper.make_node("Identity", [f"{tag}.l{i}.gated"], [f"{tag}.m{i}"]))
+            nodes.append(helper.make_node("Reshape", [f"{tag}.m{i}", shape], [out]))
+            add_output(out, f"{name}.weight", [basis.d_out, basis.d_in])
+        if all(l.bias is not None for l in layers):
+            bias = f"bias.{key}"
+            add_overridable(bias, np.stack([_np(l.bias) for l in layers]), [n, basis.d_out])
+            bparts = [f"{tag}.bias{i}" for i in range(n)]
+            nodes.append(helper.make_node("Split", [bias], bparts, axis=0, num_outputs=n))
+            bshape = f"{tag}.bshape"
+            inits.append(numpy_helper.from_array(np.array([basis.d_out], np.int64), bshape))
+            for i, name in enumerate(basis.layer_names):
+                out = f"{DENSE_PREFIX}{name}.bias"
+                nodes.append(helper.make_node("Reshape", [bparts[i], bshape], [out]))
+                add_output(out, f"{name}.bias", [basis.d_out])
+    head_path = None
+    found = head_module(model)
+    if found is not None:
+        head_path, head = found
+        add_overridable("head.weight", _np(head.weight), [CLASS_AXIS, head.in_features])
+        nodes.append(helper.make_node("Identity", ["head.weight"], [f"{DENSE_PREFIX}{head_path}.weight"]))
+        add_output(f"{DENSE_PREFIX}{head_path}.weight", f"{head_path}.weight", [CLASS_AXIS, head.in_features])
+        if head.bias is not None:
+            add_overridable("head.bias", _np(head.bias), [CLASS_AXIS])
+            nodes.append(helper.make_node("Identity", ["head.bias"], [f"{DENSE_PREFIX}{head_path}.bias"]))
+            add_output(f"{DENSE_PREFIX}{head_path}.bias", f"{head_path}.bias", [CLASS_AXIS])
+    # Listing an initializer among the graph inputs makes it overridable (ONNX IR >= 4): the only
+    # kind of tensor an .onnx_adapter may replace.
+    used = {i for node in nodes for i in node.input}
+    inits = [t for t in inits if t.name in used]  # the gelu constants only when a gelu gate uses them
+    graph = helper.make_graph(nodes, "crisp_fold", value_infos, out_infos, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="crisp-edge")
+    proto.ir_version = min(proto.ir_version, 10)
+    onnx.checker.check_model(proto)
+    return proto, FoldSpec(overridable, outputs, head_path)
