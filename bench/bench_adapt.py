@@ -47,8 +47,9 @@ CRISP_CONFIGS = {
     "crisp": EMBEDDED_CRISP_CONFIG,
     "crisp_s8": ce.CrispConfig(default=ce.RoleConfig(s=8, group_size=3)),
 }
-#: Learning rates per method (AdamW): standard choices for each method, fixed before the run.
-LR = {"head": 3e-3, "lora": 3e-3, "full": 3e-4}
+#: Learning rates per method (AdamW): head-only uses the CRISP head's rate; LoRA and full fine-tuning the
+#: usual ones for their method. CRISP uses AdaptConfig's defaults.
+LR = {"head": 1e-2, "lora": 3e-3, "full": 3e-4}
 
 
 def file_bytes(folder: Path) -> int:

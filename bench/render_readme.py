@@ -56,7 +56,27 @@ def render_adapt(d: dict) -> str:
               f"its mixer file is {s['mixer_file_bytes']:,} bytes for {s['mixer_raw_bytes']:,} bytes of tensors.")
 
 
-RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt}
+def render_onnx(d: dict) -> str:
+    t = d["targets"]
+    rows = []
+    for r in d["results"]:
+        q = r["ratios_to_plain"]
+        adapters = max((a["ratio"] for a in r["adapters"].values()), default=float("nan"))
+        rows.append([r["model"], f"{q['dense']:.2f}x", f"{q['factored']:.2f}x", f"{q['swappable']:.2f}x",
+                     f"{q['switch_in_forwards']:.2f}", f"{q['recreate_session_in_forwards']:.1f}",
+                     f"{100 * r['sizes']['swappable']['rel_diff']:+.2f}%", f"{adapters:.3f}x",
+                     f"{max(r['parity_max_abs'].values()):.1e}"])
+    m = d["machine"]
+    return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
+                    "recreate session (forwards)", "swappable weights vs stored x 4 B", "adapter / raw mixers",
+                    "parity max abs"], rows)
+            + f"\n\nLatency as a ratio to the plain dense export of the same model, same run, batch 1, 1 thread, median of "
+              f"{d['protocol']['repeats']} interleaved rounds ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}). "
+              f"Targets: dense <= {t['dense_ratio']}x, swappable <= {t['swappable_ratio']}x, switch <= "
+              f"{t['switch_forwards']} forward, parity <= {t['parity_atol']:g} (`bench/results/onnx.json`).")
+
+
+RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx}
 
 
 def render(text: str) -> str:

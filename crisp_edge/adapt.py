@@ -20,9 +20,10 @@ from .resume import check_checkpointing
 from .train import TrainConfig, TrainHistory, check_dataset, check_inputs, train_classifier
 
 #: Mixers sit at |A| <~ 0.4 after the closed-form retrofit (``gate_init_max``); Adam moves each
-#: entry by about lr per step, so 1e-2 changes a layer's weights by a few percent per step at most.
-DEFAULT_MIXER_LR = 1e-2
-DEFAULT_HEAD_LR = 3e-3
+#: entry by about lr per step. Chosen on 3-epoch MNIST runs of the embedded ViT (s=4: 80.7% at
+#: 1e-2, 83.8% at 3e-2, 87.4% with the head at 1e-2; s=8: 87.0% -> 88.5%); see the README.
+DEFAULT_MIXER_LR = 3e-2
+DEFAULT_HEAD_LR = 1e-2
 
 
 @dataclass(frozen=True)
