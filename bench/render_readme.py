@@ -76,7 +76,19 @@ def render_onnx(d: dict) -> str:
               f"{t['switch_forwards']} forward, parity <= {t['parity_atol']:g} (`bench/results/onnx.json`).")
 
 
-RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx}
+def render_reliability(d: dict) -> str:
+    rows = [[name, f"{r['cases']:,}", f"{r['refused']:,}", f"{r['accepted']:,}", str(r["escapes"])]
+            for name, r in d["fuzz"].items()]
+    rows += [[f"SIGKILL during save ({name})", f"{k['kills']} kills", "-", "-", str(len(k["problems"]))]
+             for name, k in d["kill"].items()]
+    return (_table(["loader / scenario", "cases", "refused (typed error)", "accepted", "escapes / bad files"], rows)
+            + f"\n\n{d['failures_found_and_fixed']} escapes found and fixed on the way (listed in "
+              "`bench/results/reliability.json`); open now: "
+              f"{d['fuzz_escapes_open']} fuzz escapes, {d['kill_problems_open']} kill problems.")
+
+
+RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
+             "reliability": render_reliability}
 
 
 def render(text: str) -> str:
