@@ -80,7 +80,7 @@ class RetrofitReport:
         return format_budget(self.budget, self.group_errors()) + (
             f"\nretrofit: method={self.method}"
             + (f" + {self.refine_steps} refine steps" if self.refine_steps else "")
-            + f", {self.seconds:.1f} s, worst layer error {self.max_error:.2e}"
+            + f", {self.seconds:.2f} s, worst layer error {self.max_error:.2e}"
         )
 
 
