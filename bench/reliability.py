@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from _common import REPO_ROOT, RESULTS_DIR, machine_info, pin_threads, write_json
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests import fuzzing, fuzzing_bundles, killing  # noqa: E402
 
 SCHEMA = 1
-BUNDLE_MANIFESTS, BUNDLE_ADAPTERS = 2000, 4000
+BUNDLE_MANIFESTS, BUNDLE_ADAPTERS = 3000, 6000
 #: Mutated inputs per loader at --scale 1 (10,000+ in all, as the issue asks of the slow run).
 CASES = {"mixers": 6000, "checkpoints": 2000, "configs": 3000, "run_states": 1000, "bundle_manifests": BUNDLE_MANIFESTS,
          "adapters": BUNDLE_ADAPTERS}
@@ -72,6 +73,43 @@ ESCAPES_FIXED = [
      "fix": "optimizer hyperparameters and scheduler state were read from the file: now taken from the run's own config"},
     {"loader": "train resume (run_state)", "found_by": "fuzz (run states)", "was": "RuntimeError mid-training, silent broadcast",
      "fix": "optimizer moments and parameters of another (broadcastable) shape: shapes, dtypes and finiteness are checked"},
+    {"loader": "load_bundle", "found_by": "fuzz (manifest paths)", "was": "file read outside the bundle folder",
+     "fix": "'../model.onnx' (with a matching copy one folder up) was hash-checked and run: every file name in a manifest "
+            "must be a plain relative path (no '..', absolute paths, NUL, backslashes, colons) that resolves inside the folder"},
+    {"loader": "load_bundle", "found_by": "fuzz (manifest fields)", "was": "KeyError, TypeError",
+     "fix": "file and task records of the wrong JSON type or without 'sha256': bundle.check_manifest types every field "
+            "the loaders use (records, models, inputs/outputs, tolerance, tasks, swappable layout and shapes, reference)"},
+    {"loader": "Bundle.session", "found_by": "fuzz (lying manifests)", "was": "InvalidProtobuf, Fail, NoSuchFile (ORT)",
+     "fix": "a model entry naming reference.npz, a missing or odd file: models must be .onnx files listed under 'files'; "
+            "ORT's load errors become BundleError"},
+    {"loader": "Bundle.session", "found_by": "fuzz (lying manifests)", "was": "ValueError, InvalidArgument, TypeError (ORT) at the first forward",
+     "fix": "mode, inputs, outputs or overridable shapes that disagree with the graphs: the session checks the manifest "
+            "against both graphs when it opens them"},
+    {"loader": "OnnxCrispSession.set_task", "found_by": "fuzz (adapters, fresh interpreters)", "was": "SIGBUS (worker crash)",
+     "fix": "ORT memory-maps an adapter file; adapters were cached by file stem, so rewriting t1.onnx_adapter truncated "
+            "the mapping under the cached task t1. Adapter files are no longer cached, and ORT maps a private copy of "
+            "the checked bytes"},
+    {"loader": "OnnxCrispSession.set_task", "found_by": "fuzz (adapters)", "was": "silent wrong task",
+     "fix": "set_task('x/t1.onnx_adapter') replaced the bundle's task t1 for later set_task('t1'): only bundle tasks are "
+            "cached, by task name"},
+    {"loader": "OnnxCrispSession.set_task", "found_by": "fuzz (adapters)", "was": "previous task kept after a refusal",
+     "fix": "a switch refused by the checks left the old task running (one refused in ORT did not): every failed "
+            "set_task now leaves no task (forward: NoTaskError)"},
+    {"loader": "OnnxCrispSession.set_task", "found_by": "fuzz (adapters)", "was": "InvalidArgument (ORT Gemm) at the forward",
+     "fix": "a head.weight of another class count under the exported head.bias passed the checks: an adapter changing "
+            "the class count must carry every head tensor"},
+    {"loader": "OnnxCrispSession.set_task", "found_by": "review (fuzz design)", "was": "silent NaN outputs",
+     "fix": "NaN/Inf adapter values were applied: adapter_format.parse_adapter refuses them (as mixer files do)"},
+    {"loader": "OnnxCrispSession.set_task", "found_by": "review", "was": "untrusted FlatBuffer handed to ORT",
+     "fix": "adapters are parsed by crisp-edge's own bounds-checked FlatBuffer reader first (fields present, float32, "
+            "data size = shape, finite). ORT 1.32 refuses the malformed files tried; earlier ORT sources "
+            "(lora/adapter_format_utils.cc) read dims/raw_data without null or size checks, and pyproject sets no ORT floor"},
+    {"loader": "OnnxCrispSession.set_task", "found_by": "review", "was": "edited task run / TypeError",
+     "fix": "a bundle task edited after load_bundle is refused by its SHA-256; a task that is not a str or path is AdapterError"},
+    {"loader": "load_bundle", "found_by": "review", "was": "file read outside the bundle folder",
+     "fix": "a symbolic link inside the bundle pointing outside it is refused (paths are resolved before use)"},
+    {"loader": "validate_bundle", "found_by": "review", "was": "BadZipFile, KeyError",
+     "fix": "a damaged reference.npz or one missing a listed case: BundleError"},
 ]
 
 
@@ -96,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("onnxruntime is not installed: the export bundle fuzzing is skipped")
     else:
+        start = time.perf_counter()
         bundles = fuzzing_bundles.fuzz_bundles(n["bundle_manifests"], n["adapters"], args.seed)
+        print(f"export bundle fuzzing: {time.perf_counter() - start:.0f} s wall (bundle export, fresh interpreters)")
         tallies["onnx bundle manifests (load_bundle + session + set_task)"] = bundles["manifest"]
         tallies["onnx adapters (.onnx_adapter files via set_task)"] = bundles["adapter"]
     for name, t in tallies.items():

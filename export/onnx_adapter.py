@@ -23,6 +23,7 @@ from crisp_edge.errors import BasisMismatchError, DtypeMismatchError, GateMismat
 from crisp_edge.io import atomic_write_json, sha256_file
 from crisp_edge.mixers import MixerFile, read_mixers
 
+from .adapter_format import MAX_ADAPTER_BYTES, parse_adapter
 from .bundle import ADAPTER_SUFFIX, TASKS_DIR, Bundle, check_task_name, load_bundle
 from .errors import AdapterError, BundleError
 from .onnx_fold import CLASS_AXIS
@@ -74,12 +75,16 @@ def adapter_arrays(mf: MixerFile, swap: dict, where: str = "mixer file") -> dict
         arrays["head.bias"] = np.zeros(arrays["head.weight"].shape[0], np.float32)
     if "head.bias" in arrays and "head.weight" not in arrays:
         raise LayoutMismatchError(f"{where}: has head.bias without head.weight.")
-    check_arrays(arrays, over, where)
+    check_arrays(arrays, over, where, _num_classes(swap))
     return arrays
 
 
-def check_arrays(arrays: dict[str, np.ndarray], overridable: dict[str, list], where: str) -> None:
-    """Names, dtypes and shapes of adapter tensors against the fold graph's overridable inputs."""
+def check_arrays(arrays: dict[str, np.ndarray], overridable: dict[str, list], where: str,
+                 num_classes: int | None = None) -> None:
+    """Names, dtypes and shapes of adapter tensors against the fold graph's overridable inputs.
+
+    ``num_classes`` is the exported head's: an adapter with a head of another class count must
+    replace every head tensor (a new head.weight under the exported head.bias cannot run)."""
     unknown = sorted(set(arrays) - set(overridable))
     if unknown:
         raise AdapterError(f"{where}: tensor names {unknown} are not overridable in this bundle's fold graph; "
@@ -89,13 +94,18 @@ def check_arrays(arrays: dict[str, np.ndarray], overridable: dict[str, list], wh
         if a.dtype != np.float32:
             raise AdapterError(f"{where}: {name} is {a.dtype}, the bundle needs float32.")
         want = overridable[name]
-        ok = len(a.shape) == len(want) and all(isinstance(w, str) or w == d for w, d in zip(want, a.shape))
+        ok = len(a.shape) == len(want) and all(d >= 1 if isinstance(w, str) else w == d for w, d in zip(want, a.shape))
         if not ok:
             raise AdapterError(f"{where}: {name} has shape {list(a.shape)}, the bundle needs {want} "
-                               f"({CLASS_AXIS!r} = any class count).")
+                               f"({CLASS_AXIS!r} = any class count from 1).")
         classes.update(d for w, d in zip(want, a.shape) if w == CLASS_AXIS)
     if len(classes) > 1:
         raise AdapterError(f"{where}: head.weight and head.bias disagree on the class count ({sorted(classes)}).")
+    head = [k for k, shape in overridable.items() if CLASS_AXIS in shape]
+    kept = [k for k in head if k not in arrays]  # the exported tensors the adapter leaves in place
+    if classes and kept and num_classes is not None and classes != {num_classes}:
+        raise AdapterError(f"{where}: a head of {classes.pop()} classes needs {sorted(head)} all in the adapter; "
+                           f"it leaves the exported {kept}, of {num_classes} classes, in place.")
 
 
 def write_adapter(arrays: dict[str, np.ndarray], path: Path, model_version: int) -> Path:
@@ -117,24 +127,45 @@ def write_adapter(arrays: dict[str, np.ndarray], path: Path, model_version: int)
     return path
 
 
-def read_adapter(path: str | os.PathLike, swap: dict) -> dict[str, np.ndarray]:
-    """Read and check an adapter against a bundle's ``swap`` record; returns its arrays (copies)."""
+def _num_classes(swap: dict) -> int | None:
+    head = swap.get("head")
+    return head["num_classes"] if isinstance(head, dict) else None
+
+
+def read_adapter_bytes(path: str | os.PathLike) -> bytes:
+    """An adapter file's bytes (at most ``MAX_ADAPTER_BYTES``), or an ``AdapterError``."""
     path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"adapter {path} does not exist.")
     try:
-        fmt = ort.AdapterFormat.read_adapter(str(path))
-        version = fmt.get_model_version()
-        arrays = {k: np.array(v.numpy()) for k, v in fmt.get_parameters().items()}
-    except Exception as e:  # ORT raises its own (untyped) errors on a damaged file
-        raise AdapterError(f"{path} is not a readable .onnx_adapter ({type(e).__name__}: {e}).") from None
-    if version != swap["adapter_model_version"]:
+        is_file = path.is_file()  # False (not an error) for a name with a NUL byte
+        if is_file:
+            with open(path, "rb") as f:
+                data = f.read(MAX_ADAPTER_BYTES + 1)
+    except OSError as e:  # no permission
+        raise AdapterError(f"adapter {path} cannot be read ({type(e).__name__}: {e}).") from None
+    if not is_file:
+        raise AdapterError(f"adapter {path} does not exist (or is not a file).")
+    if len(data) > MAX_ADAPTER_BYTES:
+        raise AdapterError(f"adapter {path} is larger than any adapter crisp-edge reads ({MAX_ADAPTER_BYTES:,} bytes).")
+    return data
+
+
+def check_adapter(data: bytes, swap: dict, where: str) -> dict[str, np.ndarray]:
+    """Parse an adapter's bytes (``adapter_format.parse_adapter``: the FlatBuffer checked field by
+    field, never handed to ONNX Runtime before) and check it against a bundle's ``swap`` record: the
+    bases tag, tensor names, dtypes and shapes. Returns its arrays (float32 copies)."""
+    contents = parse_adapter(data, where)
+    if contents.model_version != swap["adapter_model_version"]:
         raise BasisMismatchError(
-            f"{path} was made for other bases or another layout (tag {version}, this bundle's "
+            f"{where} was made for other bases or another layout (tag {contents.model_version}, this bundle's "
             f"{swap['adapter_model_version']}); convert the task's mixer file for this bundle with "
             "mixers_to_onnx_adapter.")
-    check_arrays(arrays, swap["overridable"], str(path))
-    return arrays
+    check_arrays(contents.arrays, swap["overridable"], where, _num_classes(swap))
+    return contents.arrays
+
+
+def read_adapter(path: str | os.PathLike, swap: dict) -> dict[str, np.ndarray]:
+    """Read and check an adapter against a bundle's ``swap`` record; returns its arrays (copies)."""
+    return check_adapter(read_adapter_bytes(path), swap, str(path))
 
 
 def mixers_to_onnx_adapter(mixer_file: str | os.PathLike | MixerFile, bundle_dir: str | os.PathLike,
@@ -181,5 +212,5 @@ def remove_task(bundle_dir: str | os.PathLike, task: str) -> None:
     path.unlink(missing_ok=True)
 
 
-__all__ = ["adapter_arrays", "check_mixers_for_bundle", "mixers_to_onnx_adapter", "read_adapter", "remove_task",
-           "write_adapter"]
+__all__ = ["adapter_arrays", "check_adapter", "check_mixers_for_bundle", "mixers_to_onnx_adapter", "read_adapter",
+           "read_adapter_bytes", "remove_task", "write_adapter"]

@@ -9,19 +9,29 @@ ORT silently ignores an active adapter on that path (the default mixers run, no 
     sess = load_bundle("bundle/").session(threads=1)
     sess.set_task("mnist")          # a task of the bundle, an .onnx_adapter path, or "default"
     logits = sess(x)                # numpy (or torch) in, numpy out
+
+Everything the session takes from files is checked before ONNX Runtime sees it: the manifest by
+``load_bundle``, the graphs against the manifest (input, output and overridable tensor names and
+shapes), and every adapter by crisp-edge's own FlatBuffer reader (``adapter_format``); ORT then
+loads the exact bytes that were checked, from a private copy. ORT's own errors become typed ones.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Bundle, load_bundle
-from .errors import AdapterError, ExportError, NoTaskError
-from .onnx_adapter import read_adapter
+from crisp_edge.io import sha256_bytes
+
+from .bundle import ADAPTER_SUFFIX, Bundle, load_bundle
+from .errors import AdapterError, BundleError, ExportError, NoTaskError
+from .onnx_adapter import check_adapter, read_adapter_bytes
 
 #: The exported model's own mixers, biases and head (the fold with no adapter active).
 DEFAULT_TASK = "default"
@@ -50,64 +60,161 @@ class OnnxCrispSession:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         m = self.bundle.manifest
         self.providers = providers or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.bundle.file(m["models"]["model"]["file"])),
-                                            session_options(threads), providers=self.providers)
+        self.session = self._open("model", threads)
         self.input_names = [i["name"] for i in m["inputs"]]
         self.output_names = [o["name"] for o in m["outputs"]]
         self.fold = None
         self.task: str | None = None
         self._weights: dict[str, ort.OrtValue] | None = None
-        self._adapters: dict[str, ort.LoraAdapter] = {}
+        self._adapters: dict[str, ort.LoraAdapter] = {}  # the bundle's own tasks, by name, once loaded
+        self._tmp: str | None = None
+        weight_names: list[str] = []
         if self.swappable:
             self.swap = m["swappable"]
-            self.fold = ort.InferenceSession(str(self.bundle.file(m["models"]["fold"]["file"])),
-                                             session_options(threads), providers=self.providers)
-            self.weight_names = [o.name for o in self.fold.get_outputs()]
+            self.fold = self._open("fold", threads)
+            self.weight_names = weight_names = [o.name for o in self.fold.get_outputs()]
+            self._check_fold()
+        self._check_model(weight_names)
+
+    def _open(self, role: str, threads: int) -> ort.InferenceSession:
+        path = self.bundle.file(self.bundle.manifest["models"][role]["file"])
+        try:
+            return ort.InferenceSession(str(path), session_options(threads), providers=self.providers)
+        except Exception as e:  # noqa: BLE001 - ORT's own (untyped) errors, e.g. a file that is no ONNX graph
+            raise BundleError(f"{path}: ONNX Runtime cannot load the bundle's {role} graph "
+                              f"({type(e).__name__}: {str(e)[:300]}).") from None
+
+    def _check_model(self, weight_names: list[str]) -> None:
+        """The inference graph's inputs and outputs are the ones the manifest names."""
+        where = f"{self.bundle.path}: the model graph"
+        graph_in = [i.name for i in self.session.get_inputs()]
+        graph_out = [o.name for o in self.session.get_outputs()]
+        want_in = self.input_names + weight_names
+        if sorted(graph_in) != sorted(want_in):
+            raise BundleError(f"{where} takes {graph_in!r:.300}; the manifest (and fold graph) name {want_in!r:.300}.")
+        if graph_out != self.output_names:
+            raise BundleError(f"{where} returns {graph_out!r:.300}; the manifest names {self.output_names!r:.300}.")
+        self._input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
+
+    def _check_fold(self) -> None:
+        """The fold graph takes no inputs, and its overridable tensors are the manifest's, with the
+        same shapes: the adapter checks (against the manifest) then hold for the graph itself."""
+        where = f"{self.bundle.path}: the fold graph"
+        if self.fold.get_inputs():
+            raise BundleError(f"{where} has inputs {[i.name for i in self.fold.get_inputs()]}; a fold graph takes none.")
+        graph = {o.name: o for o in self.fold.get_overridable_initializers()}
+        want = self.swap["overridable"]
+        if sorted(graph) != sorted(want):
+            raise BundleError(f"{where} can swap {sorted(graph)!r:.300}; the manifest says {sorted(want)!r:.300}.")
+        for name, arg in graph.items():
+            shape, dims = want[name], list(arg.shape)
+            same = len(shape) == len(dims) and all(
+                (isinstance(w, str) and not isinstance(d, int)) or (isinstance(w, int) and w == d)
+                for w, d in zip(shape, dims))
+            if not same or arg.type != "tensor(float)":
+                raise BundleError(f"{where}: {name} is {arg.type} of shape {dims}; the manifest says float {shape}.")
+        if sorted(self.weight_names) != sorted(self.swap["weights"]):
+            raise BundleError(f"{where} returns {self.weight_names!r:.300}; the manifest says "
+                              f"{sorted(self.swap['weights'])!r:.300}.")
 
     @property
     def swappable(self) -> bool:
         return self.bundle.mode == "swappable"
 
-    def _adapter_path(self, task: str | os.PathLike) -> tuple[str, Path]:
-        if isinstance(task, str) and task in self.bundle.manifest.get("tasks", {}):
-            return task, self.bundle.task_path(task)
+    def _adapter_path(self, task: str | os.PathLike) -> tuple[str, Path, dict | None]:
+        """(name, path, manifest record or None) of a bundle task or an adapter file."""
+        if isinstance(task, str) and task in self.bundle.tasks:
+            return task, self.bundle.task_path(task), self.bundle.tasks[task]
+        if not isinstance(task, (str, os.PathLike)):
+            raise AdapterError(f"a task is a name or an .onnx_adapter path, not {type(task).__name__}.")
         path = Path(task)
-        if path.suffix == ".onnx_adapter" or path.exists():
-            return path.stem, path
-        raise AdapterError(f"{task!r} is neither a task of this bundle ({sorted(self.bundle.tasks)} or "
+        try:
+            exists = path.exists()
+        except OSError:  # e.g. no permission to look: read_adapter_bytes says so below
+            exists = True
+        if path.suffix == ADAPTER_SUFFIX or exists:
+            return path.stem, path, None
+        raise AdapterError(f"{task!r:.200} is neither a task of this bundle ({sorted(self.bundle.tasks)} or "
                            f"{DEFAULT_TASK!r}) nor an .onnx_adapter file.")
 
+    def _read(self, task: str | os.PathLike) -> tuple[str, ort.LoraAdapter]:
+        name, path, record = self._adapter_path(task)
+        data = read_adapter_bytes(path)
+        if record is not None and sha256_bytes(data) != record["sha256"]:
+            raise BundleError(f"task {name!r}: {path} does not match its recorded SHA-256; it was changed after "
+                              "export. Convert the task's mixer file again (mixers_to_onnx_adapter).")
+        check_adapter(data, self.swap, str(path))  # our checks first: ORT trusts the file's structure
+        return name, self._ort_adapter(data, path)
+
+    def _ort_adapter(self, data: bytes, path: Path) -> ort.LoraAdapter:
+        """ORT's adapter over exactly the checked bytes: a private copy, so the file cannot change (or
+        be truncated under ORT's memory map) between the checks and the load."""
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="crisp-adapters-")
+            weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        fd, tmp = tempfile.mkstemp(suffix=ADAPTER_SUFFIX, dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            adapter = ort.LoraAdapter()
+            adapter.Load(tmp)
+        except Exception as e:  # noqa: BLE001 - ORT's own (untyped) errors
+            raise AdapterError(f"{path}: ONNX Runtime cannot load this adapter ({type(e).__name__}: {str(e)[:300]}).") from None
+        finally:
+            try:
+                os.unlink(tmp)  # POSIX: the mapping stays valid; elsewhere the folder goes with the session
+            except OSError:
+                pass
+        return adapter
+
     def load_adapter(self, task: str | os.PathLike) -> str:
-        """Read, check and keep a task's adapter (names, shapes and bases tag); returns its name."""
-        name, path = self._adapter_path(task)
-        read_adapter(path, self.swap)  # our checks first: ORT's own errors do not say what to fix
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        self._adapters[name] = adapter
+        """Read, check and keep a task of the bundle (names, shapes, bases tag and SHA-256), so that
+        switching to it later is one fold run; returns its name. An adapter *file* is checked but not
+        kept: ``set_task(path)`` reads it again, so an edited file never runs from a stale copy."""
+        if not self.swappable:
+            raise ExportError(f"this bundle is {self.bundle.mode!r}; only 'swappable' bundles load adapters.")
+        name, adapter = self._read(task)
+        if isinstance(task, str) and task in self.bundle.tasks:
+            self._adapters[name] = adapter
         return name
 
     def set_task(self, task: str | os.PathLike) -> str:
         """Switch to ``task``: fold its mixers into dense weights once. Returns the task's name.
 
-        ``task`` is a task of the bundle, a path to an ``.onnx_adapter``, or ``"default"``.
+        ``task`` is a task of the bundle, a path to an ``.onnx_adapter``, or ``"default"``. A failed
+        switch (any error) leaves the session with no task: a forward is then a ``NoTaskError``, never
+        the previous task's answer to a caller who missed the error.
         """
         if not self.swappable:
             raise ExportError(f"this bundle is {self.bundle.mode!r}; only 'swappable' bundles switch tasks.")
+        self._weights, self.task = None, None
         opts = ort.RunOptions()
-        if task == DEFAULT_TASK:
+        if isinstance(task, str) and task == DEFAULT_TASK:
             name = DEFAULT_TASK
-        else:
-            key = task if isinstance(task, str) and task in self._adapters else None
-            name = key or self.load_adapter(task)
+        elif isinstance(task, str) and task in self._adapters:
+            name = task
             opts.add_active_adapter(self._adapters[name])
+        else:
+            name, adapter = self._read(task)
+            if isinstance(task, str) and task in self.bundle.tasks:
+                self._adapters[name] = adapter
+            opts.add_active_adapter(adapter)
         try:
             values = self.fold.run_with_ort_values(self.weight_names, {}, opts)
-        except Exception as e:  # ORT's own error, e.g. an adapter edited after our checks
-            self._weights, self.task = None, None
+        except Exception as e:  # noqa: BLE001 - ORT's own error
             raise AdapterError(f"task {name!r}: the fold run failed in ONNX Runtime: {e}") from None
         self._weights = dict(zip(self.weight_names, values))
         self.task = name
         return name
+
+    def _check_input(self, name: str, a: np.ndarray) -> None:
+        want = self._input_shapes.get(name)
+        if want is None:
+            return
+        ok = a.ndim == len(want) and all(not isinstance(w, int) or w == d for w, d in zip(want, a.shape))
+        if not ok:
+            raise ExportError(f"input {name!r} has shape {list(a.shape)}; the model takes {list(want)} "
+                              "(names are free sizes, e.g. the batch).")
 
     def run(self, feeds: dict[str, Any] | Any) -> dict[str, np.ndarray]:
         """All outputs by name, for inputs given by name (or the single input as an array)."""
@@ -118,15 +225,26 @@ class OnnxCrispSession:
         missing = sorted(set(self.input_names) - set(feeds))
         if missing:
             raise ExportError(f"missing inputs {missing}; the model takes {self.input_names}.")
-        arrays = {k: _as_numpy(feeds[k]) for k in self.input_names}
+        try:
+            arrays = {k: _as_numpy(feeds[k]) for k in self.input_names}
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"inputs must be float arrays or tensors ({type(e).__name__}: {e}).") from None
+        for k, a in arrays.items():
+            self._check_input(k, a)
         if not self.swappable:
-            return dict(zip(self.output_names, self.session.run(self.output_names, arrays)))
+            try:
+                return dict(zip(self.output_names, self.session.run(self.output_names, arrays)))
+            except Exception as e:  # noqa: BLE001 - ORT's own error
+                raise ExportError(f"ONNX Runtime failed on these inputs: {str(e)[:300]}") from None
         if self._weights is None:
             raise NoTaskError("no task is set: call set_task(name) first (set_task('default') for the "
                               "exported mixers); a swappable session has no weights until then.")
         values = dict(self._weights)  # the task's dense weights, built once by set_task
         values.update({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-        outs = self.session.run_with_ort_values(self.output_names, values, None)
+        try:
+            outs = self.session.run_with_ort_values(self.output_names, values, None)
+        except Exception as e:  # noqa: BLE001 - ORT's own error
+            raise ExportError(f"ONNX Runtime failed on these inputs: {str(e)[:300]}") from None
         return {n: o.numpy() for n, o in zip(self.output_names, outs)}
 
     def __call__(self, x: Any) -> np.ndarray:

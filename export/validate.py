@@ -9,6 +9,7 @@ one ``ParityError`` naming the worst. ``export_onnx`` calls it before the bundle
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -105,12 +106,17 @@ def reference_cases(bundle: Bundle) -> tuple[list[dict[str, np.ndarray]], dict[s
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{path} is not a readable reference file ({e}).") from None
-    m = bundle.manifest["reference"]
-    inputs = [{n: data[f"input.{i}.{n}"] for n in m["inputs"]} for i in range(m["cases"])]
-    outputs = {t: [{n: data[f"output.{t}.{i}.{n}"] for n in m["outputs"]} for i in range(m["cases"])]
-               for t in m["tasks"]}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise BundleError(f"{path} is not a readable reference file ({type(e).__name__}: {e}).") from None
+    m = bundle.manifest.get("reference")
+    if not isinstance(m, dict):
+        raise BundleError(f"{bundle.path}: the manifest records no reference data; export the bundle again.")
+    try:
+        inputs = [{n: data[f"input.{i}.{n}"] for n in m["inputs"]} for i in range(m["cases"])]
+        outputs = {t: [{n: data[f"output.{t}.{i}.{n}"] for n in m["outputs"]} for i in range(m["cases"])]
+                   for t in m["tasks"]}
+    except KeyError as e:
+        raise BundleError(f"{path} lacks {e} that the manifest's 'reference' record lists.") from None
     return inputs, outputs
 
 

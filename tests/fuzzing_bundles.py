@@ -90,7 +90,7 @@ def case_bundle(bundle_dir: Path, work: Path) -> Path:
 
 # --- manifest mutations --------------------------------------------------------------------------------
 DEEP = "\x00DEEP\x00"  # replaced by 5000 nested brackets in the text (json.dumps could not write them)
-HOSTILE_VALUES: list[Any] = [None, True, False, 0, -1, 1, 1.5, -0.0, 2**31, 2**63, 2**64, 10**30, 1e308, float("inf"),
+HOSTILE_VALUES: list[Any] = [None, True, False, 0, -1, 1, 1.5, -0.0, 2**31, 2**63, 2**64, 10**30, 10**400, 1e308, float("inf"),
                              float("nan"), "", "x", "\x00", "../", [], [None], {}, {"a": 1}, [[[[[[1]]]]]], "1" * 5000,
                              DEEP]
 HOSTILE_PATHS = ["../model.onnx", "../fold.onnx", "../tasks/t1.onnx_adapter", "../../etc/passwd", "/etc/passwd",
@@ -558,6 +558,9 @@ def _spawn(spec: dict, stderr) -> subprocess.Popen:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    tmp = Path(spec["work"]) / "tmp"  # a killed worker's temporary files go with the work folder
+    tmp.mkdir(parents=True, exist_ok=True)
+    env["TMPDIR"] = str(tmp)
     return subprocess.Popen([sys.executable, "-m", "tests.fuzzing_bundles", json.dumps(spec)], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=stderr)
 
