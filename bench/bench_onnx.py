@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import crisp_edge as ce  # noqa: E402
 from crisp_edge.adapt import new_head_  # noqa: E402
-from crisp_edge.export import export_onnx, load_bundle  # noqa: E402
+from crisp_edge.export import export_onnx  # noqa: E402
 from crisp_edge.export.onnx_runtime import session_options  # noqa: E402
 from crisp_edge.mixers import save_mixers  # noqa: E402
 from crisp_edge.models import EMBEDDED_CRISP_CONFIG  # noqa: E402

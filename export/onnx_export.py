@@ -56,7 +56,7 @@ from .bundle import (
 )
 from .errors import ExportError
 from .onnx_adapter import adapter_arrays, task_record, write_adapter
-from .onnx_fold import CLASS_AXIS, DENSE_PREFIX, build_fold_graph
+from .onnx_fold import CLASS_AXIS, build_fold_graph
 from .validate import ATOL_FP32, MIN_COSINE, validate_bundle
 
 EXPORTER = "torch.onnx.export(dynamo=False)"
@@ -263,7 +263,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
     args = tuple(example[n] for n in names)
     axes = {n: {0: BATCH_AXIS} for n in names}
     axes[OUTPUT_NAME] = {0: BATCH_AXIS}
-    models, files, swap, fold_bytes = {}, {}, None, 0
+    models, files, swap = {}, {}, None
     if mode == "dense":
         dense = copy.deepcopy(model)
         if is_crisp(dense):

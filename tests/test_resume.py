@@ -2,7 +2,6 @@
 part-way and resumed, end bit-identical to uninterrupted runs; foreign or damaged states are refused."""
 from __future__ import annotations
 
-import copy
 import os
 import random
 import signal
