@@ -22,7 +22,7 @@ from . import __version__
 from .config import CrispConfig
 from .convert import convert_, group_layout, is_crisp, plan_groups, restore_
 from .errors import CheckpointError, ConfigError, CrispEdgeError
-from .io import atomic_write_bytes, atomic_write_json, check_envelope, read_json, sha256_bytes
+from .io import atomic_write_bytes, atomic_write_json, check_envelope, inside, read_json, sha256_bytes
 from .models import build_model, source_of
 from .specs import get_architecture
 
@@ -252,9 +252,7 @@ def _read_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]
     name = weights.get("file", WEIGHTS_FILE)
     if not isinstance(name, str):
         raise CheckpointError(f"{folder / META_FILE}: weights file name must be a string, found {name!r:.80}.")
-    file = folder / name
-    if file.parent != folder or file.name != name:
-        raise CheckpointError(f"{folder / META_FILE}: weights file must sit inside the checkpoint folder.")
+    file = inside(folder, name, str(folder / META_FILE), CheckpointError, "checkpoint")
     try:
         data = file.read_bytes()
     except FileNotFoundError:

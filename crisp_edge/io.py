@@ -135,3 +135,35 @@ def check_envelope(meta: Any, *, fmt: str, max_version: int, fields: dict[str, t
         if not isinstance(meta.get(key), kind):
             raise error(f"{where}: field {key!r} is missing or not a {kind.__name__}.")
     return meta
+
+
+def check_relpath(name: Any, where: str, error: type[CrispEdgeError], folder_kind: str = "folder") -> str:
+    """A file name read from a manifest: a plain relative path inside its folder, or ``error``.
+
+    Refused: non-strings, empty names, absolute paths, ``..`` / ``.`` / empty components, NUL bytes,
+    backslashes and colons (Windows separators and drive letters), and names over 1024 characters.
+    """
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise error(f"{where}: file name {name!r:.80} must be a non-empty string of at most 1024 characters.")
+    parts = name.split("/")
+    if ("\x00" in name or "\\" in name or ":" in name or name.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise error(f"{where}: file name {name!r:.80} is not a plain relative path inside the {folder_kind} folder "
+                    "(no absolute paths, '..', '.', empty parts, backslashes, colons or NUL bytes).")
+    return name
+
+
+def inside(folder: Path, name: str, where: str, error: type[CrispEdgeError], folder_kind: str = "folder") -> Path:
+    """``folder / name`` for a checked relative ``name``, refusing a path that resolves (through a
+    symbolic link) outside ``folder``: no manifest can make crisp-edge read a file elsewhere."""
+    check_relpath(name, where, error, folder_kind)
+    path = Path(folder) / name
+    try:
+        real, base = os.path.realpath(path), os.path.realpath(folder)
+        outside = real == base or os.path.commonpath([real, base]) != base  # ValueError: another drive
+    except (OSError, ValueError) as e:
+        raise error(f"{where}: {name!r} cannot be resolved ({type(e).__name__}: {e}).") from None
+    if outside:
+        raise error(f"{where}: {name!r} resolves to {real}, outside the {folder_kind} folder {base} (a symbolic "
+                    f"link?); a {folder_kind}'s files must lie inside it.")
+    return path

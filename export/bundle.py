@@ -26,6 +26,8 @@ from typing import Any
 import onnx
 
 from crisp_edge.io import check_envelope, read_json, sha256_file
+from crisp_edge.io import check_relpath as io_check_relpath
+from crisp_edge.io import inside as io_inside
 
 from .errors import BundleError
 
@@ -57,35 +59,15 @@ def check_task_name(name: str) -> str:
 
 
 def check_relpath(name: Any, where: str) -> str:
-    """A file name from a manifest: a plain relative path inside the bundle folder, or a ``BundleError``.
-
-    Refused: non-strings, empty names, absolute paths, ``..`` / ``.`` / empty components, NUL bytes,
-    backslashes and colons (Windows separators and drive letters), and names over 1024 characters.
-    """
-    if not isinstance(name, str) or not name or len(name) > 1024:
-        raise BundleError(f"{where}: file name {name!r:.80} must be a non-empty string of at most 1024 characters.")
-    parts = name.split("/")
-    if ("\x00" in name or "\\" in name or ":" in name or name.startswith("/")
-            or any(p in ("", ".", "..") for p in parts)):
-        raise BundleError(f"{where}: file name {name!r:.80} is not a plain relative path inside the bundle folder "
-                          "(no absolute paths, '..', '.', empty parts, backslashes, colons or NUL bytes).")
-    return name
+    """A file name from a manifest: a plain relative path inside the bundle folder, or a ``BundleError``
+    (see ``crisp_edge.io.check_relpath``)."""
+    return io_check_relpath(name, where, BundleError, "bundle")
 
 
 def inside(folder: Path, name: str, where: str) -> Path:
     """``folder / name`` for a checked relative ``name``, refusing a path that resolves (through a
-    symbolic link) outside ``folder``."""
-    check_relpath(name, where)
-    path = folder / name
-    try:
-        real, base = os.path.realpath(path), os.path.realpath(folder)
-        outside = real == base or os.path.commonpath([real, base]) != base  # ValueError: another drive
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{where}: {name!r} cannot be resolved ({type(e).__name__}: {e}).") from None
-    if outside:
-        raise BundleError(f"{where}: {name!r} resolves to {real}, outside the bundle folder {base} (a symbolic "
-                          "link?); a bundle's files must lie inside it.")
-    return path
+    symbolic link) outside ``folder`` (see ``crisp_edge.io.inside``)."""
+    return io_inside(folder, name, where, BundleError, "bundle")
 
 
 def _is_int(v: Any, lo: int = 0, hi: int = _MAX_SIZE) -> bool:
