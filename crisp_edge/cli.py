@@ -222,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.set_defaults(func=cmd_apply)
 
     from .export.cli import add_export_parser  # the deploy side: crisp-edge export --target onnx ...
+    from .export.parity_cli import add_parity_parser
     from .pipeline_cli import add_pipeline_parser
 
     add_export_parser(sub)
+    add_parity_parser(sub)
     add_pipeline_parser(sub)
 
     i = sub.add_parser("info", help="describe a CRISP checkpoint: groups, budgets, errors")

@@ -20,6 +20,8 @@ _LAZY = {
     "validate_bundle": "validate", "ParityReport": "validate", "ATOL_FP32": "validate",
     "AdapterError": "errors", "BundleError": "errors", "ExportError": "errors", "NoTaskError": "errors",
     "ParityError": "errors",
+    "check_bundle": "parity", "check_outputs": "parity", "recompute_reference": "parity",
+    "tolerance_for": "parity", "write_reports": "parity_report",
 }
 
 __all__ = sorted(_LAZY)

@@ -37,7 +37,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import onnx
 import torch
 import torch.nn as nn
@@ -57,14 +56,15 @@ from .bundle import (
 from .errors import ExportError
 from .onnx_adapter import adapter_arrays, task_record, write_adapter
 from .onnx_fold import CLASS_AXIS, build_fold_graph
+from .reference import (
+    REFERENCE_BATCHES, reference_inputs, reference_outputs, reference_record, resolve_reference,
+    write_reference,
+)
 from .validate import ATOL_FP32, MIN_COSINE, validate_bundle
 
 EXPORTER = "torch.onnx.export(dynamo=False)"
 DEFAULT_OPSET = 18
 BATCH_AXIS = "batch"
-#: Batch sizes of the stored reference cases: two sizes, so the dynamic batch axis is exercised.
-REFERENCE_BATCHES = (2, 3)
-REFERENCE_SEED = 0
 OUTPUT_NAME = "logits"
 
 
@@ -189,21 +189,11 @@ def _layout(model: nn.Module) -> dict[str, dict]:
                 "s": g["s"], "gate": g["gate"], "placement": g["placement"]} for k, g in group_layout(model).items()}
 
 
-def _reference_inputs(example: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(REFERENCE_SEED)
-    return [{n: torch.randn((b, *t.shape[1:]), generator=g) for n, t in example.items()} for b in REFERENCE_BATCHES]
-
-
-@torch.no_grad()
-def _reference_outputs(model: nn.Module, names: list[str], cases: list[dict]) -> list[np.ndarray]:
-    fwd = _Forward(model, names).eval()
-    return [fwd(*[c[n] for n in names]).float().cpu().numpy() for c in cases]
-
-
 def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "swappable",
                 example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
                 tasks: Sequence[str | os.PathLike | MixerFile] = (), opset: int = DEFAULT_OPSET,
-                overwrite: bool = False, threads: int = 1) -> Bundle:
+                overwrite: bool = False, threads: int = 1, reference_device: str = "auto",
+                reference_dtype: str = "float32") -> Bundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ONNX bundle at ``out_dir``.
 
     Args:
@@ -214,6 +204,9 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
             checked against the model and gets PyTorch reference outputs for validation.
         overwrite: replace an existing ``out_dir``.
         threads: ORT intra-op threads for the validation run.
+        reference_device: where the PyTorch reference runs: "auto" (CUDA when present, else CPU),
+            "cpu" or "cuda" (``crisp_edge.export.reference``); recorded in the manifest.
+        reference_dtype: "float32" or "float64" (a tighter reference); recorded in the manifest.
 
     Returns the validated ``Bundle``; raises ``ParityError`` if ORT disagrees with PyTorch.
     """
@@ -224,6 +217,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights; "
                           "apply_mixers_ and export that model instead).")
+    reference = resolve_reference(reference_device, reference_dtype)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} exists; pass overwrite=True to replace it.")
@@ -240,7 +234,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        manifest = _write_bundle(model, tmp, mode, example, names, mixers, opset)
+        manifest = _write_bundle(model, tmp, mode, example, names, mixers, opset, reference)
         bundle = Bundle(tmp, manifest)
         report = validate_bundle(bundle, threads=threads)
         manifest["parity"] = {"passed": report.passed, "max_abs": report.max_abs, "checked_cases": len(report.comparisons)}
@@ -259,7 +253,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
 
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, names: list[str],
-                  mixers: list[MixerFile], opset: int) -> dict:
+                  mixers: list[MixerFile], opset: int, reference: dict) -> dict:
     args = tuple(example[n] for n in names)
     axes = {n: {0: BATCH_AXIS} for n in names}
     axes[OUTPUT_NAME] = {0: BATCH_AXIS}
@@ -305,27 +299,20 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
     models["model"] = {"file": "model.onnx", "inputs": names + ([] if swap is None else list(swap["weights"])),
                        "outputs": [OUTPUT_NAME]}
 
-    cases = _reference_inputs(example)
-    ref: dict[str, np.ndarray] = {}
-    for i, c in enumerate(cases):
-        for n in names:
-            ref[f"input.{i}.{n}"] = c[n].numpy()
-    ref_tasks = ["default"]
-    for i, out in enumerate(_reference_outputs(model, names, cases)):
-        ref[f"output.default.{i}.{OUTPUT_NAME}"] = out
+    cases = reference_inputs(example)
+    run_ref = {"output_names": [OUTPUT_NAME], "device": reference["device"], "dtype": reference["dtype"]}
+    ref = {"default": reference_outputs(model, cases, **run_ref)}
     tasks = {}
     if swap is not None:
         for mf in mixers:
             task_model = copy.deepcopy(model)
             apply_mixers_(task_model, mf)
-            for i, out in enumerate(_reference_outputs(task_model, names, cases)):
-                ref[f"output.{mf.task}.{i}.{OUTPUT_NAME}"] = out
-            ref_tasks.append(mf.task)
+            ref[mf.task] = reference_outputs(task_model, cases, **run_ref)
             rel = f"{TASKS_DIR}/{mf.task}{ADAPTER_SUFFIX}"
             arrays = adapter_arrays(mf, swap, str(mf.path or mf.task))
             write_adapter(arrays, folder / rel, swap["adapter_model_version"])
             tasks[mf.task] = task_record(folder, rel, mf, arrays)
-    np.savez(folder / REFERENCE, **ref)
+    write_reference(folder, cases, ref)
     files[REFERENCE] = None
     files = {f: file_record(folder, f) for f in files}
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
@@ -339,9 +326,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
         "dynamic_axes": {k: {str(a): v for a, v in d.items()} for k, d in axes.items()},
         "tolerance": {"atol": ATOL_FP32, "min_cosine": MIN_COSINE, "dtype": "float32",
                       "reason": "fp32 ONNX Runtime vs eager PyTorch: other kernels and summation order"},
-        "reference": {"file": REFERENCE, "inputs": names, "outputs": [OUTPUT_NAME], "cases": len(cases),
-                      "batch_sizes": list(REFERENCE_BATCHES), "seed": REFERENCE_SEED, "tasks": ref_tasks,
-                      "device": "cpu", "dtype": "float32"},
+        "reference": reference_record(names, [OUTPUT_NAME], len(cases), list(ref), **reference),
         "params": {"stored": stored, "stored_bytes_fp32": 4 * stored,
                    "crisp_groups": len(crisp_bases(model))},
         "tasks": tasks,
