@@ -3,6 +3,7 @@
 #   make demo        set up, then run the main job on the embedded ViT
 #   make test        set up, then run the default test suite (the one CI runs)
 #   make test-slow   the slow tests too
+#   make parity      the whole parity suite (ONNX Runtime + ExecuTorch, fault injection)
 #   make bench       the benchmarks (about 40 minutes on 2 cores); JSON lands in bench/results/ and the
 #                    README's results tables are re-rendered from it
 
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow parity bench clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -37,6 +38,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q
+
+# The whole parity suite (architecture x mode x runtime x task, fault injection, the C++ runner's outputs)
+parity: setup
+	$(PY) -m pytest -q runtime_tests/test_parity.py runtime_tests/test_parity_faults.py runtime_tests/test_matrix.py
 
 bench: setup
 	-$(PY) bench/bench_retrofit.py  # a leading '-': a missed target (exit 1) still lets the rest run
