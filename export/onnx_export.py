@@ -24,6 +24,15 @@ on a 2-core machine). It is deprecated upstream; the choice is one constant (``E
 bundles are plain ONNX either way. Opset 18: supported by every ORT since 1.14, and it has
 ``Split(num_outputs=)`` and ``LayerNormalization``.
 
+Exporter choice (``exporter=``): "torch" (the default, above) exports every model and mode;
+"optimum" exports a Hugging Face ``ViTForImageClassification`` or ``LlamaForCausalLM`` as a
+``dense`` bundle through ``optimum.exporters.onnx`` (``onnx_optimum``: optimum knows each
+architecture's input names, integer token inputs, dynamic axes and tracing patches); "auto" picks
+optimum for those models in dense mode when optimum imports, torch otherwise. ``factored`` and
+``swappable`` always use the TorchScript path: they need the CRISP ops (and weights as graph
+inputs) kept in the graph, which optimum's per-architecture configs do not describe. The manifest's
+``exporter`` record names the exporter (``kind``: "torch" or "optimum") and its versions.
+
 Every export is validated (``validate_bundle``) in a temporary folder next to ``out_dir`` and only
 then renamed into place, so ``out_dir`` never holds a half-written or unvalidated bundle.
 """
@@ -56,6 +65,7 @@ from .bundle import (
 from .errors import ExportError
 from .onnx_adapter import adapter_arrays, task_record, write_adapter
 from .onnx_fold import CLASS_AXIS, build_fold_graph
+from .onnx_optimum import OptimumExport, export_with_optimum, resolve_exporter
 from .reference import (
     REFERENCE_BATCHES, reference_inputs, reference_outputs, reference_record, resolve_reference,
     write_reference,
@@ -193,7 +203,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
                 example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
                 tasks: Sequence[str | os.PathLike | MixerFile] = (), opset: int = DEFAULT_OPSET,
                 overwrite: bool = False, threads: int = 1, reference_device: str = "auto",
-                reference_dtype: str = "float32") -> Bundle:
+                reference_dtype: str = "float32", exporter: str = "torch") -> Bundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ONNX bundle at ``out_dir``.
 
     Args:
@@ -207,6 +217,8 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         reference_device: where the PyTorch reference runs: "auto" (CUDA when present, else CPU),
             "cpu" or "cuda" (``crisp_edge.export.reference``); recorded in the manifest.
         reference_dtype: "float32" or "float64" (a tighter reference); recorded in the manifest.
+        exporter: "torch" (TorchScript, every model and mode), "optimum" (Hugging Face ViT / LLaMA,
+            dense only; integer token inputs supported) or "auto" (see the module docstring).
 
     Returns the validated ``Bundle``; raises ``ParityError`` if ORT disagrees with PyTorch.
     """
@@ -222,8 +234,14 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} exists; pass overwrite=True to replace it.")
     model = model.eval()
-    example = _example_inputs(model, example_input)
-    names = list(example)
+    kind = resolve_exporter(model, mode, exporter)
+    if kind == "optimum":
+        optimum_export = export_with_optimum(model, example_input, opset)
+        example, names = {}, optimum_export.input_names
+    else:
+        optimum_export = None
+        example = _example_inputs(model, example_input)
+        names = list(example)
     mixers = [t if isinstance(t, MixerFile) else read_mixers(t) for t in tasks]
     for mf in mixers:
         check_mixers(model, mf)
@@ -234,7 +252,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        manifest = _write_bundle(model, tmp, mode, example, names, mixers, opset, reference)
+        manifest = _write_bundle(model, tmp, mode, example, names, mixers, opset, reference, optimum_export)
         bundle = Bundle(tmp, manifest)
         report = validate_bundle(bundle, threads=threads)
         manifest["parity"] = {"passed": report.passed, "max_abs": report.max_abs, "checked_cases": len(report.comparisons)}
@@ -253,12 +271,15 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
 
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, names: list[str],
-                  mixers: list[MixerFile], opset: int, reference: dict) -> dict:
-    args = tuple(example[n] for n in names)
+                  mixers: list[MixerFile], opset: int, reference: dict, optimum_export: OptimumExport | None = None,
+                  ) -> dict:
+    args = tuple(example[n] for n in names) if optimum_export is None else ()
     axes = {n: {0: BATCH_AXIS} for n in names}
     axes[OUTPUT_NAME] = {0: BATCH_AXIS}
     models, files, swap = {}, {}, None
-    if mode == "dense":
+    if optimum_export is not None:  # dense, exported by optimum (onnx_optimum)
+        proto, axes = optimum_export.proto, optimum_export.dynamic_axes
+    elif mode == "dense":
         dense = copy.deepcopy(model)
         if is_crisp(dense):
             materialize_(dense)
@@ -299,7 +320,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
     models["model"] = {"file": "model.onnx", "inputs": names + ([] if swap is None else list(swap["weights"])),
                        "outputs": [OUTPUT_NAME]}
 
-    cases = reference_inputs(example)
+    cases = optimum_export.cases if optimum_export is not None else reference_inputs(example)
     run_ref = {"output_names": [OUTPUT_NAME], "device": reference["device"], "dtype": reference["dtype"]}
     ref = {"default": reference_outputs(model, cases, **run_ref)}
     tasks = {}
@@ -319,8 +340,9 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
     stored = _stored_params(model)
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "crisp_edge_version": __version__, "mode": mode,
-        "opset": opset, "exporter": {"name": EXPORTER, "torch": torch.__version__, "onnx": onnx.__version__,
-                                     "do_constant_folding": mode != "factored"},
+        "opset": opset, "exporter": optimum_export.record if optimum_export is not None else {
+            "name": EXPORTER, "kind": "torch", "torch": torch.__version__, "onnx": onnx.__version__,
+            "do_constant_folding": mode != "factored"},
         "arch": getattr(model, "crisp_arch", None), "models": models, "files": files,
         "inputs": _io_record(graph, names), "outputs": _io_record(graph, [OUTPUT_NAME], outputs=True),
         "dynamic_axes": {k: {str(a): v for a, v in d.items()} for k, d in axes.items()},

@@ -46,9 +46,22 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return so
 
 
-def _as_numpy(x: Any) -> np.ndarray:
+#: ONNX Runtime input types the sessions feed, as numpy dtypes (float inputs are cast to float32
+#: as before; integer inputs such as token ids must be given as integers).
+_ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _as_numpy(x: Any, dtype: type = np.float32, name: str = "x") -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
+    if dtype is not np.float32:  # an integer input (token ids, masks, positions): never truncate floats
+        a = np.asarray(x)
+        if a.dtype.kind not in "iu":
+            raise ExportError(f"input {name!r} takes integers ({np.dtype(dtype).name}, e.g. token ids); got "
+                              f"{a.dtype.name} values. Pass an integer array or tensor.")
+        if a.size and (a.min() < np.iinfo(dtype).min or a.max() > np.iinfo(dtype).max):
+            raise ExportError(f"input {name!r} holds values outside the {np.dtype(dtype).name} range.")
+        return np.ascontiguousarray(a, dtype=dtype)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -95,6 +108,7 @@ class OnnxCrispSession:
         if graph_out != self.output_names:
             raise BundleError(f"{where} returns {graph_out!r:.300}; the manifest names {self.output_names!r:.300}.")
         self._input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        self._input_dtypes = {i.name: _ORT_INT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
 
     def _check_fold(self) -> None:
         """The fold graph takes no inputs, and its overridable tensors are the manifest's, with the
@@ -226,9 +240,9 @@ class OnnxCrispSession:
         if missing:
             raise ExportError(f"missing inputs {missing}; the model takes {self.input_names}.")
         try:
-            arrays = {k: _as_numpy(feeds[k]) for k in self.input_names}
+            arrays = {k: _as_numpy(feeds[k], self._input_dtypes.get(k, np.float32), k) for k in self.input_names}
         except (TypeError, ValueError) as e:
-            raise ExportError(f"inputs must be float arrays or tensors ({type(e).__name__}: {e}).") from None
+            raise ExportError(f"inputs must be numeric arrays or tensors ({type(e).__name__}: {e}).") from None
         for k, a in arrays.items():
             self._check_input(k, a)
         if not self.swappable:
