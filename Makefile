@@ -26,9 +26,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip check
 	touch $@
 
+# Debian packages: the Fashion-MNIST data, and g++ for the ExecuTorch C++ runner (export/runner)
 $(FMNIST):
 	$(SUDO) apt-get update -qq
-	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist g++
 
 demo: setup
 	$(VENV)/bin/crisp-edge demo

@@ -221,11 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="save a checkpoint with the last task applied")
     ap.set_defaults(func=cmd_apply)
 
-    from .export.cli import add_export_parser  # the deploy side: crisp-edge export --target onnx ...
+    from .export.cli import add_export_parser, add_export_task_parser  # the deploy side
     from .export.parity_cli import add_parity_parser
     from .pipeline_cli import add_pipeline_parser
 
     add_export_parser(sub)
+    add_export_task_parser(sub)
     add_parity_parser(sub)
     add_pipeline_parser(sub)
 

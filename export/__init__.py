@@ -4,6 +4,10 @@ This folder is the top-level ``export/`` of the repository, installed as ``crisp
 (see pyproject.toml): a bare top-level module named ``export`` would collide with an unrelated
 package of that name on PyPI.
 
+ExecuTorch (``export_executorch``): the same three modes as ``.pte`` programs (XNNPACK or portable),
+per-task ``.ptd`` files (``add_executorch_task``), ``EtCrispSession``, and a C++ runner in
+``export/runner``. Parity for both runtimes: ``check_bundle`` / ``check_outputs`` (``parity``).
+
 ONNX Runtime (``export_onnx``): ``dense``, ``factored`` and ``swappable`` bundles; per-task
 ``.onnx_adapter`` files (``mixers_to_onnx_adapter``); ``OnnxCrispSession`` runs a bundle and switches
 tasks; ``validate_bundle`` checks parity with the PyTorch reference. Importing this package does not
@@ -22,6 +26,8 @@ _LAZY = {
     "ParityError": "errors",
     "check_bundle": "parity", "check_outputs": "parity", "recompute_reference": "parity",
     "tolerance_for": "parity", "write_reports": "parity_report",
+    "export_executorch": "et_export", "load_et_bundle": "et_bundle", "EtBundle": "et_bundle",
+    "EtCrispSession": "et_runtime", "add_executorch_task": "et_tasks", "export_with_optimum": "onnx_optimum",
 }
 
 __all__ = sorted(_LAZY)

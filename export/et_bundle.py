@@ -1,0 +1,210 @@
+"""The ExecuTorch export bundle on disk: a program, a manifest, reference data and per-task ``.ptd`` files.
+
+    bundle/
+      manifest.json        format "crisp-edge/executorch-bundle", version 1 (see ``export_executorch``)
+      model.pte            the program: ``forward`` (+ ``set_task`` and ``crisp_tag`` when swappable)
+      default.ptd          swappable only: the exported model's own task tensors (mixers, head)
+      runner_spec.txt      the names, shapes and tag the C++ runner needs (plain text)
+      reference.npz        fixed seeded inputs and the PyTorch outputs for them (no pickle)
+      tasks/<name>.ptd     swappable only: one per task, ExecuTorch's FlatTensor format
+
+The bases live in ``model.pte`` (stored once; ``set_task`` reads them to rebuild every layer's dense
+weight in place). ``load_et_bundle`` checks the manifest's envelope and fields, that every file name is
+a plain relative path inside the folder, and every file's SHA-256, the same way ``bundle.load_bundle``
+does for ONNX bundles (and with its helpers).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crisp_edge.io import check_envelope, read_json, sha256_file
+
+from .bundle import (
+    LAYOUT_INTS,
+    LAYOUT_STRS,
+    MANIFEST,
+    MODES,
+    REFERENCE,
+    TASKS_DIR,
+    _is_int,
+    _is_number,
+    _names,
+    _record,
+    adapter_model_version,
+    check_relpath,
+    check_shape,
+    check_task_name,
+    inside,
+)
+from .errors import BundleError
+
+ET_BUNDLE_FORMAT = "crisp-edge/executorch-bundle"
+ET_BUNDLE_VERSION = 1
+PROGRAM = "model.pte"
+DEFAULT_PTD = "default.ptd"
+PTD_SUFFIX = ".ptd"
+#: The plain-text spec the C++ runner reads (names, shapes, tag): it has no JSON parser.
+RUNNER_SPEC = "runner_spec.txt"
+RECIPES = ("xnnpack", "portable")
+#: The task tensor holding the bases-and-layout tag (int64, shape [1]) in every task ``.ptd``.
+TAG_KEY = "crisp.tag"
+
+
+def _check_swappable(swap: Any, where: str) -> None:
+    if not isinstance(swap, dict):
+        raise BundleError(f"{where}: a swappable bundle needs the object 'swappable' (bases, layout, set_task inputs).")
+    where = f"{where}: swappable"
+    layout = swap.get("layout")
+    if not isinstance(swap.get("bases_sha256"), str) or not isinstance(layout, dict) or not layout:
+        raise BundleError(f"{where} needs 'bases_sha256' and a non-empty 'layout'.")
+    for key, group in layout.items():
+        if (not isinstance(group, dict) or set(group) != set(LAYOUT_INTS + LAYOUT_STRS)
+                or not all(_is_int(group[f], 1) for f in LAYOUT_INTS)
+                or not all(isinstance(group[f], str) and len(group[f]) <= 64 for f in LAYOUT_STRS)):
+            raise BundleError(f"{where}.layout[{key!r:.80}] must hold exactly {sorted(LAYOUT_INTS + LAYOUT_STRS)}.")
+    if swap.get("tag") != adapter_model_version(swap["bases_sha256"], layout):
+        raise BundleError(f"{where}.tag {swap.get('tag')!r:.40} is not the tag of the recorded bases and layout; "
+                          "the manifest was edited. Export the bundle again.")
+    inputs = swap.get("set_task_inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BundleError(f"{where}.set_task_inputs must be a non-empty list of {{name, shape}}.")
+    for item in inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BundleError(f"{where}.set_task_inputs: {item!r:.80} is not {{name, shape}}.")
+        check_shape(item.get("shape"), f"{where}.set_task_inputs[{item['name']!r}]")
+    head = swap.get("head")
+    if head is not None and not (isinstance(head, dict) and _is_int(head.get("max_classes"), 1)
+                                 and _is_int(head.get("num_classes"), 1) and _is_int(head.get("in_features"), 1)
+                                 and head["num_classes"] <= head["max_classes"]):
+        raise BundleError(f"{where}.head must be null or {{in_features, num_classes, max_classes}}; found {head!r:.200}.")
+
+
+def check_et_manifest(meta: dict, folder: Path) -> dict:
+    """Every field the loaders use, beyond the envelope: types, ranges, and safe file names."""
+    where = str(folder / MANIFEST)
+    mode = meta["mode"]
+    if mode not in MODES:
+        raise BundleError(f"{where}: unknown mode {mode!r:.80}; expected one of {MODES}.")
+    if meta["recipe"] not in RECIPES:
+        raise BundleError(f"{where}: unknown recipe {meta['recipe']!r:.80}; expected one of {RECIPES}.")
+    files = meta["files"]
+    for name, rec in files.items():
+        check_relpath(name, f"{where}: files")
+        _record(rec, f"{where}: files[{name!r}]")
+    if PROGRAM not in files:
+        raise BundleError(f"{where}: 'files' must list the program {PROGRAM} with its SHA-256.")
+    _names(meta["inputs"], where, "inputs")
+    _names(meta["outputs"], where, "outputs")
+    for item in meta["inputs"]:
+        check_shape(item.get("shape"), f"{where}: inputs[{item['name']!r}]")
+    tol = meta["tolerance"]
+    if not (_is_number(tol.get("atol")) and tol["atol"] >= 0 and _is_number(tol.get("min_cosine"))
+            and -1 <= tol["min_cosine"] <= 1):
+        raise BundleError(f"{where}: tolerance needs 'atol' (a number >= 0) and 'min_cosine' (-1..1); found {tol!r:.200}.")
+    tasks = meta.get("tasks", {})
+    if not isinstance(tasks, dict) or (tasks and mode != "swappable"):
+        raise BundleError(f"{where}: 'tasks' must be an object, and only a swappable bundle holds tasks.")
+    for task, rec in tasks.items():
+        try:
+            check_task_name(task)
+        except BundleError as e:
+            raise BundleError(f"{where}: {e}") from None
+        rec = _record(rec, f"{where}: tasks[{task!r}]")
+        name = check_relpath(rec.get("file"), f"{where}: tasks[{task!r}].file")
+        if not (name.startswith(TASKS_DIR + "/") and name.endswith(PTD_SUFFIX)):
+            raise BundleError(f"{where}: tasks[{task!r}].file {name!r:.80} must be {TASKS_DIR}/<name>{PTD_SUFFIX}.")
+    if mode == "swappable":
+        _check_swappable(meta.get("swappable"), where)
+        if DEFAULT_PTD not in files:
+            raise BundleError(f"{where}: a swappable bundle lists {DEFAULT_PTD} under 'files'.")
+    elif "swappable" in meta:
+        raise BundleError(f"{where}: a {mode!r} bundle has no 'swappable' record; the manifest was edited.")
+    ref = meta.get("reference")
+    if ref is not None and not (isinstance(ref, dict) and ref.get("file") == REFERENCE and REFERENCE in files
+                                and _is_int(ref.get("cases"), 0, 1 << 16)
+                                and all(isinstance(ref.get(k), list) and all(isinstance(v, str) for v in ref[k])
+                                        for k in ("inputs", "outputs", "tasks"))):
+        raise BundleError(f"{where}: 'reference' must name {REFERENCE} (listed under 'files'), a case count, and the "
+                          f"input, output and task names; found {ref!r:.200}.")
+    return meta
+
+
+def read_et_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(path)
+    meta = read_json(folder / MANIFEST, BundleError, "bundle manifest")
+    check_envelope(meta, fmt=ET_BUNDLE_FORMAT, max_version=ET_BUNDLE_VERSION, error=BundleError,
+                   where=str(folder / MANIFEST), what="ExecuTorch bundle",
+                   fields={"mode": str, "recipe": str, "files": dict, "inputs": list, "outputs": list,
+                           "tolerance": dict})
+    return check_et_manifest(meta, folder)
+
+
+@dataclass
+class EtBundle:
+    """A loaded, hash-checked ExecuTorch export bundle."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
+    @property
+    def recipe(self) -> str:
+        return self.manifest["recipe"]
+
+    @property
+    def tasks(self) -> dict[str, dict]:
+        return dict(self.manifest.get("tasks", {}))
+
+    def file(self, name: str) -> Path:
+        """The bundle's file ``name`` (a plain relative path that stays inside the folder)."""
+        return inside(self.path, name, str(self.path / MANIFEST))
+
+    def task_path(self, task: str) -> Path:
+        if not isinstance(task, str) or task not in self.manifest.get("tasks", {}):
+            raise BundleError(f"bundle {self.path} has no task {task!r:.80}; it has {sorted(self.tasks)}.")
+        return inside(self.path, self.manifest["tasks"][task]["file"], f"{self.path / MANIFEST}: tasks[{task!r}]")
+
+    def session(self, threads: int = 1, **kwargs):
+        """An ``EtCrispSession`` on this bundle (ExecuTorch's Python runtime)."""
+        from .et_runtime import EtCrispSession
+
+        return EtCrispSession(self, threads=threads, **kwargs)
+
+
+def verify_files(folder: Path, meta: dict) -> None:
+    """Every recorded file (and task) exists and matches its recorded size and SHA-256."""
+    records = dict(meta["files"])
+    records.update({t["file"]: t for t in meta.get("tasks", {}).values()})
+    for name, rec in records.items():
+        p = inside(folder, name, str(folder / MANIFEST))
+        if not p.is_file():
+            raise BundleError(f"{folder}: {name} is missing.")
+        try:
+            size = p.stat().st_size
+            digest = sha256_file(p) if size == rec["bytes"] else None
+        except OSError as e:
+            raise BundleError(f"{folder}: {name} cannot be read ({type(e).__name__}: {e}).") from None
+        if digest != rec["sha256"]:
+            what = "SHA-256" if digest else f"size ({size} bytes, recorded {rec['bytes']})"
+            raise BundleError(f"{folder}: {name} does not match its recorded {what}; the file was changed or "
+                              "damaged. Export the bundle again.")
+
+
+def load_et_bundle(path: str | os.PathLike, verify: bool = True) -> EtBundle:
+    """Read an ExecuTorch bundle folder; with ``verify`` check every recorded file's SHA-256."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise BundleError(f"{folder} is not a bundle folder (no such directory).")
+    meta = read_et_manifest(folder)
+    if verify:
+        verify_files(folder, meta)
+    return EtBundle(folder, meta)
+
+
+__all__ = ["DEFAULT_PTD", "ET_BUNDLE_FORMAT", "PROGRAM", "RECIPES", "TAG_KEY", "EtBundle", "load_et_bundle"]
