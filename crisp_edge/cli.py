@@ -165,7 +165,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, limit=args.limit, threads=args.threads, adapt_epochs=args.adapt_epochs)
+    run_demo(out_dir=args.out, limit=args.limit, threads=args.threads, adapt_epochs=args.adapt_epochs,
+             keep_fraction=args.keep, distill_fraction=args.distill_fraction, distill_epochs=args.distill_epochs)
     return 0
 
 
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     d.add_argument("--adapt-epochs", type=int, default=3, help="epochs per task adaptation (default 3)")
+    d.add_argument("--keep", type=float, default=0.5, help="kept fraction of the targeted weights (default 0.5)")
+    d.add_argument("--distill-fraction", type=float, default=0.02, help="training slice to distil on (default 0.02)")
+    d.add_argument("--distill-epochs", type=int, default=3, help="distillation epochs (default 3)")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("retrofit", help="convert a model to CRISP form and fit it to its weights")
@@ -222,9 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.set_defaults(func=cmd_apply)
 
     from .export.cli import add_export_parser, add_export_task_parser  # the deploy side
+    from .compress.cli import add_compress_parser
+    from .compress.llama import add_compress_llm_parser
     from .export.parity_cli import add_parity_parser
     from .pipeline_cli import add_pipeline_parser
 
+    add_compress_parser(sub)
+    add_compress_llm_parser(sub)
     add_export_parser(sub)
     add_export_task_parser(sub)
     add_parity_parser(sub)

@@ -1,4 +1,9 @@
-"""The main job: the CRISP path on the embedded Fashion-MNIST ViT, printed for a person to read."""
+"""The main job: the whole CRISP path on the embedded Fashion-MNIST ViT, printed for a person to read.
+
+retrofit -> compress -> adapt two tasks (Alg. 6, ``run_pipeline``) -> switch tasks in PyTorch ->
+export to ONNX Runtime and ExecuTorch (swappable: one model, a small file per task) -> switch tasks
+in each runtime -> parity reports (JSON, JUnit, PNG) for both bundles.
+"""
 from __future__ import annotations
 
 import copy
@@ -6,15 +11,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .adapt import AdaptConfig, adapt_
-from .checkpoint import load_checkpoint, save_checkpoint
+from .adapt import AdaptConfig
+from .checkpoint import load_checkpoint
 from .data import load_fashion_mnist
 from .errors import MixerFileError
-from .mixers import TaskSwitcher, apply_mixers_, read_mixers, save_mixers
 from .evaluate import accuracy, max_abs_diff, predict, top1_agreement
+from .mixers import TaskSwitcher, apply_mixers_, read_mixers
 from .models import EMBEDDED_CRISP_CONFIG, EMBEDDED_VIT_NAME, embedded_vit_card, load_embedded_vit
+from .pipeline import PipelineConfig, run_pipeline
 from .report import format_table
 from .retrofit import retrofit_
 from .tasks import load_task
@@ -22,16 +29,33 @@ from .train import TrainConfig
 
 #: Two real transfer tasks adapted in the demo (see crisp_edge.tasks).
 DEMO_TASKS = ("mnist", "digits")
-
+#: The ExecuTorch program's static batch (the test sets run through it in batches of this size).
+ET_BATCH = 100
 
 
 def _section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 72 - len(title)))
 
 
+def _batches(x: torch.Tensor, batch: int) -> list[np.ndarray]:
+    """``x`` in batches of exactly ``batch`` rows (the last zero-padded): ExecuTorch shapes are static."""
+    out = []
+    for i in range(0, len(x), batch):
+        b = x[i:i + batch].numpy()
+        if len(b) < batch:
+            b = np.concatenate([b, np.zeros((batch - len(b), *b.shape[1:]), np.float32)])
+        out.append(np.ascontiguousarray(b, dtype=np.float32))
+    return out
+
+
 def run_demo(out_dir: str | Path = "crisp-edge-demo", limit: int | None = None, threads: int | None = None,
-             adapt_epochs: int = 3) -> dict:
-    """Run the demo, print what it finds, and return the numbers as a dict."""
+             adapt_epochs: int = 3, keep_fraction: float = 0.5, distill_fraction: float = 0.02,
+             distill_epochs: int = 3, train_limit: int | None = None) -> dict:
+    """Run the demo, print what it finds, and return the numbers as a dict.
+
+    ``limit`` evaluates on the first N test images; ``train_limit`` adapts on at most N images per task;
+    the distillation settings are deliberately short (the benchmark's recipe is 3% for 4 epochs).
+    """
     if threads:
         torch.set_num_threads(threads)
     out_dir = Path(out_dir)
@@ -49,55 +73,34 @@ def run_demo(out_dir: str | Path = "crisp-edge-demo", limit: int | None = None, 
     results["original_accuracy"] = accuracy(ref, y)
     print(f"original model: {100 * results['original_accuracy']:.2f}% on {len(x):,} test images")
 
-    _section("2. retrofit at full capacity (closed form, Alg. 2)")
-    crisp = copy.deepcopy(model)
-    report = retrofit_(crisp, EMBEDDED_CRISP_CONFIG)
-    print(report.format())
-    out = predict(crisp, x, progress=True, desc="CRISP")
-    results.update(crisp_accuracy=accuracy(out, y), top1_agreement=top1_agreement(out, ref),
-                   max_abs_logit_diff=max_abs_diff(out, ref), worst_layer_error=report.max_error,
-                   retrofit_seconds=report.seconds)
-    print(f"CRISP model: {100 * results['crisp_accuracy']:.2f}% accuracy; top-1 agreement with the original "
-          f"{100 * results['top1_agreement']:.2f}%; max |logit diff| {results['max_abs_logit_diff']:.1e}")
+    _section(f"2. retrofit -> compress to {100 * keep_fraction:.0f}% -> adapt {' + '.join(DEMO_TASKS)} (Alg. 6)")
+    config = PipelineConfig(crisp=EMBEDDED_CRISP_CONFIG, keep_fraction=keep_fraction, distill_fraction=distill_fraction,
+                            distill_epochs=distill_epochs, tasks=DEMO_TASKS, train_limit=train_limit,
+                            adapt=AdaptConfig(train=TrainConfig(epochs=adapt_epochs, batch_size=64)))
+    run = run_pipeline(model, out_dir / "run", config, restart=True, eval_data=(x, y))
+    teacher = load_checkpoint(out_dir / "run" / "retrofit")
+    crisp_out = predict(teacher, x)
+    results.update(top1_agreement=top1_agreement(crisp_out, ref), max_abs_logit_diff=max_abs_diff(crisp_out, ref),
+                   worst_layer_error=run.stages["retrofit"]["max_error"], pipeline=run.stages)
+    print(f"\nfull-capacity CRISP (closed form): worst layer error {results['worst_layer_error']:.1e}, top-1 agreement "
+          f"with the original {100 * results['top1_agreement']:.2f}%, max |logit diff| {results['max_abs_logit_diff']:.1e}")
+    print(run.summary())
 
-    _section("3. checkpoint: safetensors + JSON, reloaded")
-    ckpt = save_checkpoint(crisp, out_dir / "checkpoint", extra={"retrofit": report.to_dict(), "model": EMBEDDED_VIT_NAME})
-    reloaded = load_checkpoint(ckpt)
-    same = torch.equal(predict(reloaded, x[:256]), predict(crisp, x[:256]))
-    size = sum(f.stat().st_size for f in ckpt.iterdir())
-    results["checkpoint_roundtrip_identical"] = same
-    print(f"wrote {ckpt}/ ({size / 1e6:.2f} MB); reloaded outputs identical: {same}")
-
-    _section("4. adapt two tasks: mixers + a new head, bases frozen (Alg. 3)")
-    tasks, rows = {}, []
-    for name in DEMO_TASKS:
-        data = load_task(name)
-        task_model = copy.deepcopy(crisp)
-        rep = adapt_(task_model, data.x_train, data.y_train, num_classes=data.task.num_classes,
-                     config=AdaptConfig(train=TrainConfig(epochs=adapt_epochs)), eval_data=(data.x_test, data.y_test))
-        path = save_mixers(task_model, out_dir / f"{name}.mixers.safetensors", task=name,
-                           labels=list(data.task.class_names))
-        mf = read_mixers(path)
-        tasks[name] = (data, path)
-        rows.append([name, f"{len(data.x_train):,}/{len(data.x_test):,}", f"{100 * rep.accuracy:.2f}%",
-                     rep.trainable["mixers"], rep.trainable["head"], f"{mf.nbytes:,} B ({mf.raw_bytes:,} raw)",
-                     str(rep.bases_unchanged)])
-        results.setdefault("tasks", {})[name] = {"accuracy": rep.accuracy, "trainable": rep.trainable,
-                                                 "file_bytes": mf.nbytes, "raw_bytes": mf.raw_bytes}
-    print(format_table(["task", "train/test", "accuracy", "mixers", "head", "mixer file", "bases unchanged"], rows))
-
-    _section("5. one model, many tasks: switch by loading a mixer file")
-    live = load_checkpoint(ckpt)
+    _section("3. one model, many tasks: switch by loading a mixer file (PyTorch)")
+    live = load_checkpoint(run.checkpoint)  # the compressed bases: what ships
     switcher = TaskSwitcher(live)
-    for name, (_, path) in tasks.items():
+    paths = run.mixer_files
+    tasks = {name: load_task(name, train_limit=train_limit) for name in DEMO_TASKS}
+    for path in paths.values():
         switcher.add(path)
-    rows, first_logits, identical = [], {}, []
+    rows, first_logits, identical, torch_logits = [], {}, [], {}
     for name in [*DEMO_TASKS, *DEMO_TASKS]:
-        data = tasks[name][0]
+        data = tasks[name]
         t = time.perf_counter()
         switcher.switch(name)
         ms = 1e3 * (time.perf_counter() - t)
         logits = predict(live, data.x_test)
+        torch_logits.setdefault(name, logits)
         identical.append(torch.equal(logits, first_logits.setdefault(name, logits)))
         rows.append([name, f"{ms:.2f} ms", f"{100 * accuracy(logits, data.y_test):.2f}%", str(identical[-1])])
     results["switch_back_identical"] = all(identical)
@@ -106,48 +109,76 @@ def run_demo(out_dir: str | Path = "crisp-edge-demo", limit: int | None = None, 
     retrofit_(other, replace(EMBEDDED_CRISP_CONFIG, default=replace(EMBEDDED_CRISP_CONFIG.default, group_size=2)),
               progress=False)
     try:
-        apply_mixers_(other, tasks[DEMO_TASKS[0]][1])
+        apply_mixers_(other, paths[DEMO_TASKS[0]])
     except MixerFileError as e:
-        print(f"a mixer file on a model with another layout is refused: {type(e).__name__}: {e}")
+        print(f"a mixer file on a model with another layout is refused: {type(e).__name__}: {str(e)[:110]}...")
 
-    _section("6. export to ONNX Runtime (swappable: one session, a .onnx_adapter per task)")
+    base = load_checkpoint(run.checkpoint)  # the exporters take the bases with their default mixers
+    sizes = {name: read_mixers(p).nbytes for name, p in paths.items()}
+    bundles = {}
+
+    _section("4. export to ONNX Runtime (swappable: one session, an .onnx_adapter per task)")
     from .export import export_onnx  # the deploy side; imports onnx / onnxruntime
 
     t = time.perf_counter()
-    bundle = export_onnx(crisp, out_dir / "onnx", mode="swappable", tasks=[p for _, p in tasks.values()],
-                         overwrite=True)
-    print(f"exported {out_dir / 'onnx'}/ in {time.perf_counter() - t:.1f} s, validated against PyTorch "
-          f"(max abs {bundle.manifest['parity']['max_abs']:.1e})")
-    session, rows = bundle.session(threads=1), []
-    for name, (data, _) in tasks.items():
+    bundles["onnx"] = export_onnx(base, out_dir / "onnx", mode="swappable", tasks=list(paths.values()), overwrite=True)
+    print(f"exported {out_dir / 'onnx'}/ in {time.perf_counter() - t:.1f} s (parity checked before it was written: "
+          f"max abs {bundles['onnx'].manifest['parity']['max_abs']:.1e})")
+    session, rows = bundles["onnx"].session(threads=1), []
+    for name, data in tasks.items():
         t = time.perf_counter()
         session.set_task(name)
         ms = 1e3 * (time.perf_counter() - t)
-        ort_logits = torch.from_numpy(session(data.x_test.numpy()))
-        switcher.switch(name)
-        ref_logits = predict(live, data.x_test)
-        rows.append([name, f"{bundle.tasks[name]['bytes']:,} B", f"{ms:.2f} ms",
-                     f"{100 * accuracy(ort_logits, data.y_test):.2f}%", f"{100 * top1_agreement(ort_logits, ref_logits):.2f}%",
-                     f"{max_abs_diff(ort_logits, ref_logits):.1e}"])
-        results.setdefault("onnx", {})[name] = {"accuracy": accuracy(ort_logits, data.y_test),
-                                                "top1_agreement": top1_agreement(ort_logits, ref_logits),
-                                                "max_abs_diff": max_abs_diff(ort_logits, ref_logits)}
-    print(format_table(["task", "adapter", "switch", "ORT accuracy", "top-1 vs PyTorch", "max abs diff"], rows))
+        got = torch.from_numpy(session(data.x_test.numpy()))
+        rows.append(_runtime_row(results, "onnx", name, bundles["onnx"].tasks[name]["bytes"], sizes[name], ms, got,
+                                 torch_logits[name], data.y_test))
+    print(format_table(["task", "adapter", "mixer file", "switch", "accuracy", "top-1 vs PyTorch", "max abs diff"], rows))
 
-    _section("7. data-free compression preview (closed form below full rank)")
+    _section("5. export to ExecuTorch (XNNPACK, swappable: one program, a .ptd per task)")
+    from .export import export_executorch
+
+    t = time.perf_counter()
+    bundles["executorch"] = export_executorch(base, out_dir / "executorch", mode="swappable", recipe="xnnpack",
+                                              tasks=list(paths.values()), overwrite=True,
+                                              example_input=torch.zeros(ET_BATCH, *x.shape[1:]))
+    m = bundles["executorch"].manifest
+    print(f"exported {out_dir / 'executorch'}/ in {time.perf_counter() - t:.1f} s: model.pte "
+          f"{m['params']['program_bytes'] / 1e6:.2f} MB for {m['params']['stored']:,} stored parameters (parity "
+          f"checked before it was written: max abs {m['parity']['max_abs']:.1e})")
+    session, rows = bundles["executorch"].session(threads=1), []
+    for name, data in tasks.items():
+        t = time.perf_counter()
+        session.set_task(name)
+        ms = 1e3 * (time.perf_counter() - t)
+        got = torch.from_numpy(np.concatenate([session(b) for b in _batches(data.x_test, ET_BATCH)])[:len(data.x_test)])
+        rows.append(_runtime_row(results, "executorch", name, bundles["executorch"].tasks[name]["bytes"], sizes[name],
+                                 ms, got, torch_logits[name], data.y_test))
+    print(format_table(["task", ".ptd", "mixer file", "switch", "accuracy", "top-1 vs PyTorch", "max abs diff"], rows))
+
+    _section("6. parity reports (what CI reads: crisp-edge parity BUNDLE)")
+    from .export import check_bundle, write_reports
+
     rows = []
-    full = EMBEDDED_CRISP_CONFIG.default
-    for r in (full.s * full.group_size, full.s * full.group_size // 2, full.s * full.group_size // 4):
-        student = copy.deepcopy(model)
-        rep = retrofit_(student, replace(EMBEDDED_CRISP_CONFIG, default=replace(full, r=r)), progress=False)
-        acc = accuracy(predict(student, x), y)
-        rows.append([f"r={r}", f"{100 * rep.budget.kept_fraction:.0f}%", rep.max_error, f"{100 * acc:.2f}%"])
-        results.setdefault("preview", []).append({"r": r, "kept_fraction": rep.budget.kept_fraction,
-                                                  "worst_layer_error": rep.max_error, "accuracy": acc})
-    print(format_table(["rank", "kept weights", "worst layer err", "Fashion-MNIST accuracy"], rows))
-    print("(data-free best rank-r fits: at s=4 they lose accuracy fast, which is why compression is\n"
-          " trained by distillation from the full-capacity model, DESIGN.md section 2)")
+    for runtime, bundle in bundles.items():
+        report = check_bundle(bundle.path)
+        files = write_reports(report, out_dir / f"parity-{runtime}")
+        results.setdefault("parity", {})[runtime] = {"passed": report.passed, "max_abs": report.max_abs,
+                                                     "outputs": len(report.comparisons)}
+        rows.append([runtime, "PASS" if report.passed else "FAIL", len(report.comparisons), f"{report.max_abs:.1e}",
+                     f"{report.atol:g}",
+                     ", ".join(p.name for p in files.values())])
+    print(format_table(["bundle", "parity", "outputs checked", "max abs", "tolerance", f"reports in {out_dir}/parity-*/"],
+                       rows))
 
     results["seconds"] = time.perf_counter() - t0
     _section(f"done in {results['seconds']:.0f} s")
     return results
+
+
+def _runtime_row(results: dict, runtime: str, name: str, task_bytes: int, mixer_bytes: int, ms: float,
+                 got: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor) -> list:
+    rec = {"accuracy": accuracy(got, labels), "top1_agreement": top1_agreement(got, ref),
+           "max_abs_diff": max_abs_diff(got, ref), "task_bytes": task_bytes, "switch_ms": ms}
+    results.setdefault(runtime, {})[name] = rec
+    return [name, f"{task_bytes:,} B", f"{mixer_bytes:,} B", f"{ms:.2f} ms", f"{100 * rec['accuracy']:.2f}%",
+            f"{100 * rec['top1_agreement']:.2f}%", f"{rec['max_abs_diff']:.1e}"]

@@ -55,7 +55,7 @@ class PipelineConfig:
         crisp: the CRISP layout to retrofit to (full capacity: the teacher).
         keep_fraction: the fraction of the targeted linear parameters the compressed bases keep
             (0.5 = 50% reduction); ``None`` skips compression (adapt the full-capacity model).
-        allocator: how the budget becomes per-group ranks ("uniform" or "greedy").
+        allocator: how the budget becomes per-role ranks ("greedy", the benchmark's winner at 50%, or "uniform").
         distill_fraction: the slice of the base training set used for distillation.
         distill_epochs: passes over that slice.
         tasks: the transfer tasks to adapt (names from ``crisp_edge.tasks.TASKS``).
@@ -66,8 +66,8 @@ class PipelineConfig:
 
     crisp: CrispConfig = EMBEDDED_CRISP_CONFIG
     keep_fraction: float | None = 0.5
-    allocator: str = "uniform"
-    distill_fraction: float = 0.05
+    allocator: str = "greedy"
+    distill_fraction: float = 0.03
     distill_epochs: int = 4
     tasks: tuple[str, ...] = ("mnist", "digits")
     adapt: AdaptConfig = field(default_factory=lambda: AdaptConfig(train=TrainConfig(epochs=8, batch_size=64)))

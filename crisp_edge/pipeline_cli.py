@@ -36,8 +36,8 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the run folder (resumed when it holds a run with the same settings)")
     p.add_argument("--keep", type=float, default=0.5,
                    help="kept fraction of the targeted weights (default 0.5 = 50%% reduction; 1 = no compression)")
-    p.add_argument("--allocator", default="uniform", choices=["uniform", "greedy"], help="budget -> per-group ranks")
-    p.add_argument("--distill-fraction", type=float, default=0.05, help="slice of the base training set to distil on")
+    p.add_argument("--allocator", default="greedy", choices=["greedy", "uniform"], help="budget -> per-role ranks")
+    p.add_argument("--distill-fraction", type=float, default=0.03, help="slice of the base training set to distil on")
     p.add_argument("--distill-epochs", type=int, default=4)
     p.add_argument("--task", action="append", help="a task to adapt (repeatable; default mnist and digits)")
     p.add_argument("--adapt-epochs", type=int, default=8)

@@ -1,0 +1,35 @@
+"""Compression of CRISP models: shrink the shared bases to a parameter budget.
+
+ViT (Alg. 4): ``allocate_ranks`` (budget -> per-role ranks, uniform or greedy), ``init_student``
+(top-r SVD of each teacher group), ``distill_`` (KL on logits + per-block feature MSE, DDP-aware),
+and ``compress_vit`` doing all three. LLaMA (Alg. 5): ``compress_llama_`` (data-free basis reduction,
+least-squares re-solve, ``calibrate_``). Baselines at equal stored budget (``baselines``): ``svd_``,
+``basis_sharing_``, ``fips_``, all counted by ``stored_params``.
+"""
+from .baselines import BaselineReport, basis_sharing_, capture_linear_inputs, fips_, stored_params, svd_
+from .distill import DistillConfig, DistillReport, distill_, heldout_loss, init_student
+from .llama import CalibrationConfig, LlamaCompressReport, calibrate_, compress_llama_
+from .ranks import RankPlan, allocate_ranks
+from .vit import CompressReport, compress_vit
+
+__all__ = [
+    "BaselineReport",
+    "CalibrationConfig",
+    "LlamaCompressReport",
+    "basis_sharing_",
+    "calibrate_",
+    "capture_linear_inputs",
+    "compress_llama_",
+    "fips_",
+    "stored_params",
+    "svd_",
+    "CompressReport",
+    "DistillConfig",
+    "DistillReport",
+    "RankPlan",
+    "allocate_ranks",
+    "compress_vit",
+    "distill_",
+    "heldout_loss",
+    "init_student",
+]
