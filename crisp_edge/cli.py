@@ -17,7 +17,6 @@ from .adapt import AdaptConfig
 from .config import CrispConfig, RoleConfig
 from .errors import ConfigError, CrispEdgeError
 
-
 _ADAPT = AdaptConfig()  # the library's defaults are the command's defaults
 
 
@@ -225,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="save a checkpoint with the last task applied")
     ap.set_defaults(func=cmd_apply)
 
-    from .export.cli import add_export_parser, add_export_task_parser  # the deploy side
     from .compress.cli import add_compress_parser
     from .compress.llama import add_compress_llm_parser
+    from .export.cli import add_export_parser, add_export_task_parser  # the deploy side
     from .export.parity_cli import add_parity_parser
     from .pipeline_cli import add_pipeline_parser
 

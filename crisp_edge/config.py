@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
-from .io import check_envelope, parse_json
 from .gates import GATES, PLACEMENTS
+from .io import check_envelope, parse_json
 
 CONFIG_FORMAT = "crisp-edge/config"
 CONFIG_VERSION = 1
@@ -114,7 +115,7 @@ class CrispConfig:
     def role(self, name: str) -> RoleConfig:
         return self.roles.get(name, self.default)
 
-    def with_role(self, name: str, **changes: Any) -> "CrispConfig":
+    def with_role(self, name: str, **changes: Any) -> CrispConfig:
         """A copy with ``name``'s settings changed (frozen configs are never mutated)."""
         return replace(self, roles={**self.roles, name: replace(self.role(name), **changes)})
 
@@ -130,7 +131,7 @@ class CrispConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CrispConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CrispConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"a CRISP config must be a JSON object, got {type(d).__name__}.")
         check_envelope(d, fmt=CONFIG_FORMAT, max_version=CONFIG_VERSION, fields={}, error=ConfigError,
@@ -155,7 +156,7 @@ class CrispConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "CrispConfig":
+    def from_json(cls, text: str | bytes) -> CrispConfig:
         return cls.from_dict(parse_json(text, ConfigError, "config", "CRISP config"))
 
 

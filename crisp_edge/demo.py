@@ -11,7 +11,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .adapt import AdaptConfig
@@ -20,7 +19,12 @@ from .data import load_fashion_mnist
 from .errors import MixerFileError
 from .evaluate import accuracy, max_abs_diff, predict, top1_agreement
 from .mixers import TaskSwitcher, apply_mixers_, read_mixers
-from .models import EMBEDDED_CRISP_CONFIG, EMBEDDED_VIT_NAME, embedded_vit_card, load_embedded_vit
+from .models import (
+    EMBEDDED_CRISP_CONFIG,
+    EMBEDDED_VIT_NAME,
+    embedded_vit_card,
+    load_embedded_vit,
+)
 from .pipeline import PipelineConfig, run_pipeline
 from .report import format_table
 from .retrofit import retrofit_
@@ -35,17 +39,6 @@ ET_BATCH = 100
 
 def _section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 72 - len(title)))
-
-
-def _batches(x: torch.Tensor, batch: int) -> list[np.ndarray]:
-    """``x`` in batches of exactly ``batch`` rows (the last zero-padded): ExecuTorch shapes are static."""
-    out = []
-    for i in range(0, len(x), batch):
-        b = x[i:i + batch].numpy()
-        if len(b) < batch:
-            b = np.concatenate([b, np.zeros((batch - len(b), *b.shape[1:]), np.float32)])
-        out.append(np.ascontiguousarray(b, dtype=np.float32))
-    return out
 
 
 def run_demo(out_dir: str | Path = "crisp-edge-demo", limit: int | None = None, threads: int | None = None,
@@ -150,7 +143,7 @@ def run_demo(out_dir: str | Path = "crisp-edge-demo", limit: int | None = None, 
         t = time.perf_counter()
         session.set_task(name)
         ms = 1e3 * (time.perf_counter() - t)
-        got = torch.from_numpy(np.concatenate([session(b) for b in _batches(data.x_test, ET_BATCH)])[:len(data.x_test)])
+        got = torch.from_numpy(session.predict(data.x_test))  # in batches of the program's static ET_BATCH
         rows.append(_runtime_row(results, "executorch", name, bundles["executorch"].tasks[name]["bytes"], sizes[name],
                                  ms, got, torch_logits[name], data.y_test))
     print(format_table(["task", ".ptd", "mixer file", "switch", "accuracy", "top-1 vs PyTorch", "max abs diff"], rows))

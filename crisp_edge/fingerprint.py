@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .convert import crisp_bases
 from .layer import CrispBasis

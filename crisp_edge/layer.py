@@ -11,8 +11,8 @@ use it, and gradients from every layer of the group accumulate in the same tenso
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .gates import crisp_weight_matrix, get_gate
 

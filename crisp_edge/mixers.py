@@ -17,15 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import nn
 
 from . import __version__
 from .convert import crisp_bases, group_layout, is_crisp
 from .errors import (
-    BasisMismatchError, CorruptMixerFileError, DtypeMismatchError, GateMismatchError, LayoutMismatchError,
+    BasisMismatchError,
+    CorruptMixerFileError,
+    DtypeMismatchError,
+    GateMismatchError,
+    LayoutMismatchError,
     MixerFileError,
 )
 from .fingerprint import bases_fingerprint

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
+from torch import nn
 
 from .errors import CheckpointError, ConfigError
 

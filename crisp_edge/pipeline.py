@@ -19,12 +19,13 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .adapt import AdaptConfig, adapt_
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint

@@ -19,8 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .budget import Budget, budget
@@ -30,7 +30,12 @@ from .errors import CheckpointError, ConfigError, RetrofitError
 from .gates import crisp_weight_matrix, get_gate
 from .layer import CrispBasis
 from .resume import (
-    RUN_STATE_FILE, check_checkpointing, load_run_state, optimizer_tensors, restore_copy_, restore_optimizer_,
+    RUN_STATE_FILE,
+    check_checkpointing,
+    load_run_state,
+    optimizer_tensors,
+    restore_copy_,
+    restore_optimizer_,
     save_run_state,
 )
 from .specs import ArchSpec

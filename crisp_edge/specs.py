@@ -5,10 +5,10 @@ Add your own with ``register_architecture(ArchSpec(...))``.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
-import torch.nn as nn
+from torch import nn
 
 from .errors import UnknownArchitectureError
 

@@ -23,9 +23,9 @@ drawn with ``numpy.random.default_rng(seed)``; each split is then shuffled, so `
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import torch

@@ -7,10 +7,12 @@ Every toy is small enough that a full retrofit takes milliseconds on a CPU.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .models import build_model
 
@@ -85,3 +87,23 @@ def forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``model(**inputs)`` as one tensor (the logits of Hugging Face outputs)."""
     out = model(**inputs)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def make_task_file(model: nn.Module, path: str | Path, task: str = "task1", seed: int = 1, num_classes: int = 3,
+                   biases: bool = False) -> Path:
+    """A stand-in task for tests: ``model``'s mixers perturbed (seeded) and a new head of ``num_classes``
+    classes, written as a mixer file at ``path`` (the model itself is not changed)."""
+    import copy
+
+    from .adapt import new_head_
+    from .convert import crisp_layers
+    from .mixers import save_mixers
+
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in crisp_layers(m).values():
+            layer.crisp_mixer.add_(0.1 * torch.randn(layer.crisp_mixer.shape, generator=g))
+    new_head_(m, num_classes, seed=seed)
+    save_mixers(m, path, task=task, biases=biases)
+    return Path(path)

@@ -12,14 +12,19 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import accuracy, predict
 from .resume import (
-    RUN_STATE_FILE, check_checkpointing, load_run_state, optimizer_tensors, restore_copy_, restore_optimizer_,
+    RUN_STATE_FILE,
+    check_checkpointing,
+    load_run_state,
+    optimizer_tensors,
+    restore_copy_,
+    restore_optimizer_,
     save_run_state,
 )
 

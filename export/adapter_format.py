@@ -188,4 +188,4 @@ def _parse(r: _Reader) -> AdapterContents:
     return AdapterContents(ints[0], ints[1], ints[2], arrays)
 
 
-__all__ = ["AdapterContents", "MAX_ADAPTER_BYTES", "parse_adapter"]
+__all__ = ["MAX_ADAPTER_BYTES", "AdapterContents", "parse_adapter"]

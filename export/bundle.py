@@ -305,6 +305,25 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return check_manifest(meta, folder)
 
 
+def verify_files(folder: Path, meta: dict) -> None:
+    """Every file the manifest records (and every task's) exists and matches its size and SHA-256."""
+    records = dict(meta["files"])
+    records.update({t["file"]: t for t in meta.get("tasks", {}).values()})
+    for name, rec in records.items():
+        p = inside(folder, name, str(folder / MANIFEST))
+        if not p.is_file():
+            raise BundleError(f"{folder}: {name} is missing.")
+        try:
+            size = p.stat().st_size
+            digest = sha256_file(p) if size == rec["bytes"] else None
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{folder}: {name} cannot be read ({type(e).__name__}: {e}).") from None
+        if digest != rec["sha256"]:
+            what = "SHA-256" if digest else f"size ({size} bytes, recorded {rec['bytes']})"
+            raise BundleError(f"{folder}: {name} does not match its recorded {what}; the file was changed "
+                              "or damaged. Export the bundle again.")
+
+
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     """Read a bundle folder; with ``verify`` check every recorded file's SHA-256 (and the tasks')."""
     folder = Path(path)
@@ -312,19 +331,68 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         raise BundleError(f"{folder} is not a bundle folder (no such directory).")
     meta = read_manifest(folder)
     if verify:
-        records = dict(meta["files"])
-        records.update({t["file"]: t for t in meta.get("tasks", {}).values()})
-        for name, rec in records.items():
-            p = inside(folder, name, str(folder / MANIFEST))
-            if not p.is_file():
-                raise BundleError(f"{folder}: {name} is missing.")
-            try:
-                size = p.stat().st_size
-                digest = sha256_file(p) if size == rec["bytes"] else None
-            except (OSError, ValueError) as e:
-                raise BundleError(f"{folder}: {name} cannot be read ({type(e).__name__}: {e}).") from None
-            if digest != rec["sha256"]:
-                what = "SHA-256" if digest else f"size ({size} bytes, recorded {rec['bytes']})"
-                raise BundleError(f"{folder}: {name} does not match its recorded {what}; the file was changed "
-                                  "or damaged. Export the bundle again.")
+        verify_files(folder, meta)
     return Bundle(folder, meta)
+
+
+def task_mixers(model: Any, tasks: Any) -> list:
+    """The mixer files a swappable export ships, read and checked against ``model`` (bases, layout, gate,
+    dtype), with valid, distinct task names."""
+    from crisp_edge.errors import ConfigError
+    from crisp_edge.mixers import MixerFile, check_mixers, read_mixers
+
+    mixers = [t if isinstance(t, MixerFile) else read_mixers(t) for t in tasks]
+    for mf in mixers:
+        check_mixers(model, mf)
+        check_task_name(mf.task)
+    if len({mf.task for mf in mixers}) != len(mixers):
+        raise ConfigError(f"task names repeat: {[mf.task for mf in mixers]}.")
+    return mixers
+
+
+def write_validated(out_dir: Path, write: Any, make_bundle: Any, *, threads: int = 1, validate: bool = True) -> Any:
+    """Write a bundle with ``write(folder) -> manifest`` into a temporary sibling of ``out_dir``, check
+    its parity there (the runtime against the stored PyTorch reference; ``ParityError`` on a mismatch),
+    record the result in the manifest, and only then move it into place (replacing an old bundle).
+    Any failure removes the temporary folder: ``out_dir`` holds the old bundle or the new, never half."""
+    import shutil
+    import tempfile
+
+    from crisp_edge.io import atomic_write_json
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        manifest = write(tmp)
+        if validate:
+            from .validate import validate_bundle
+
+            report = validate_bundle(make_bundle(tmp, manifest), threads=threads)
+            manifest["parity"] = {"passed": report.passed, "max_abs": report.max_abs,
+                                  "checked_cases": len(report.comparisons)}
+            atomic_write_json(tmp / MANIFEST, manifest)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return make_bundle(out_dir, manifest)
+
+
+def feeds_by_name(feeds: Any, input_names: list[str]) -> dict[str, Any]:
+    """A session's inputs by name: a dict is checked for every name, a bare array is the single input."""
+    from .errors import ExportError
+
+    if not isinstance(feeds, dict):
+        if len(input_names) != 1:
+            raise ExportError(f"the model takes {input_names}; pass a dict of inputs.")
+        return {input_names[0]: feeds}
+    missing = sorted(set(input_names) - set(feeds))
+    if missing:
+        raise ExportError(f"missing inputs {missing}; the model takes {input_names}.")
+    return feeds

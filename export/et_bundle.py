@@ -16,11 +16,10 @@ does for ONNX bundles (and with its helpers).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crisp_edge.io import check_envelope, read_json, sha256_file
+from crisp_edge.io import check_envelope, read_json
 
 from .bundle import (
     LAYOUT_INTS,
@@ -29,6 +28,7 @@ from .bundle import (
     MODES,
     REFERENCE,
     TASKS_DIR,
+    Bundle,
     _is_int,
     _is_number,
     _names,
@@ -37,7 +37,7 @@ from .bundle import (
     check_relpath,
     check_shape,
     check_task_name,
-    inside,
+    verify_files,
 )
 from .errors import BundleError
 
@@ -142,33 +142,12 @@ def read_et_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return check_et_manifest(meta, folder)
 
 
-@dataclass
-class EtBundle:
-    """A loaded, hash-checked ExecuTorch export bundle."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def mode(self) -> str:
-        return self.manifest["mode"]
+class EtBundle(Bundle):
+    """A loaded, hash-checked ExecuTorch export bundle (an export ``Bundle`` with a recipe and ExecuTorch sessions)."""
 
     @property
     def recipe(self) -> str:
         return self.manifest["recipe"]
-
-    @property
-    def tasks(self) -> dict[str, dict]:
-        return dict(self.manifest.get("tasks", {}))
-
-    def file(self, name: str) -> Path:
-        """The bundle's file ``name`` (a plain relative path that stays inside the folder)."""
-        return inside(self.path, name, str(self.path / MANIFEST))
-
-    def task_path(self, task: str) -> Path:
-        if not isinstance(task, str) or task not in self.manifest.get("tasks", {}):
-            raise BundleError(f"bundle {self.path} has no task {task!r:.80}; it has {sorted(self.tasks)}.")
-        return inside(self.path, self.manifest["tasks"][task]["file"], f"{self.path / MANIFEST}: tasks[{task!r}]")
 
     def session(self, threads: int = 1, **kwargs):
         """An ``EtCrispSession`` on this bundle (ExecuTorch's Python runtime)."""
@@ -176,24 +155,9 @@ class EtBundle:
 
         return EtCrispSession(self, threads=threads, **kwargs)
 
-
-def verify_files(folder: Path, meta: dict) -> None:
-    """Every recorded file (and task) exists and matches its recorded size and SHA-256."""
-    records = dict(meta["files"])
-    records.update({t["file"]: t for t in meta.get("tasks", {}).values()})
-    for name, rec in records.items():
-        p = inside(folder, name, str(folder / MANIFEST))
-        if not p.is_file():
-            raise BundleError(f"{folder}: {name} is missing.")
-        try:
-            size = p.stat().st_size
-            digest = sha256_file(p) if size == rec["bytes"] else None
-        except OSError as e:
-            raise BundleError(f"{folder}: {name} cannot be read ({type(e).__name__}: {e}).") from None
-        if digest != rec["sha256"]:
-            what = "SHA-256" if digest else f"size ({size} bytes, recorded {rec['bytes']})"
-            raise BundleError(f"{folder}: {name} does not match its recorded {what}; the file was changed or "
-                              "damaged. Export the bundle again.")
+    def weights_bytes(self) -> int:
+        """Bytes of the program file (weights and code: ExecuTorch keeps them in one flatbuffer)."""
+        return self.file(PROGRAM).stat().st_size
 
 
 def load_et_bundle(path: str | os.PathLike, verify: bool = True) -> EtBundle:

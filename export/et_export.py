@@ -36,8 +36,6 @@ from __future__ import annotations
 import collections
 import copy
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,9 +54,7 @@ from crisp_edge.io import atomic_write_json
 from crisp_edge.mixers import (
     MixerFile,
     apply_mixers_,
-    check_mixers,
     head_module,
-    read_mixers,
 )
 
 from .bundle import (
@@ -67,8 +63,9 @@ from .bundle import (
     REFERENCE,
     TASKS_DIR,
     adapter_model_version,
-    check_task_name,
     file_record,
+    task_mixers,
+    write_validated,
 )
 from .errors import ExportError
 from .et_bundle import (
@@ -276,35 +273,10 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         raise ExportError(f"{out_dir} exists; pass overwrite=True to replace it.")
     model = model.eval()
     example = _example_inputs(model, example_input)
-    mixers = [t if isinstance(t, MixerFile) else read_mixers(t) for t in tasks]
-    for mf in mixers:
-        check_mixers(model, mf)
-        check_task_name(mf.task)
-    if len({mf.task for mf in mixers}) != len(mixers):
-        raise ConfigError(f"task names repeat: {[mf.task for mf in mixers]}.")
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        manifest = _write_bundle(model, tmp, mode, recipe, example, mixers, max_classes, reference)
-        if validate:
-            from .validate import validate_bundle
-
-            report = validate_bundle(EtBundle(tmp, manifest), threads=threads)
-            manifest["parity"] = {"passed": report.passed, "max_abs": report.max_abs,
-                                  "checked_cases": len(report.comparisons)}
-            atomic_write_json(tmp / MANIFEST, manifest)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return EtBundle(out_dir, manifest)
+    mixers = task_mixers(model, tasks)
+    return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, recipe, example, mixers,
+                                                                 max_classes, reference),
+                           EtBundle, threads=threads, validate=validate)
 
 
 def _io(names: list[str], example: dict[str, torch.Tensor]) -> list[dict]:

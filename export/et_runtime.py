@@ -25,7 +25,8 @@ import torch
 
 from crisp_edge.io import sha256_bytes
 
-from .errors import AdapterError, BundleError, ExportError, NoTaskError, ParityError
+from .bundle import feeds_by_name
+from .errors import AdapterError, BundleError, ExportError, NoTaskError
 from .et_bundle import DEFAULT_PTD, PROGRAM, PTD_SUFFIX, EtBundle, load_et_bundle
 from .et_tasks import check_task_ptd, read_ptd_bytes
 
@@ -144,13 +145,7 @@ class EtCrispSession:
 
     def run(self, feeds: dict[str, Any] | Any) -> dict[str, np.ndarray]:
         """All outputs by name, for inputs given by name (or the single input as an array)."""
-        if not isinstance(feeds, dict):
-            if len(self.input_names) != 1:
-                raise ExportError(f"the model takes {self.input_names}; pass a dict of inputs.")
-            feeds = {self.input_names[0]: feeds}
-        missing = sorted(set(self.input_names) - set(feeds))
-        if missing:
-            raise ExportError(f"missing inputs {missing}; the model takes {self.input_names}.")
+        feeds = feeds_by_name(feeds, self.input_names)
         xs = []
         for k in self.input_names:
             try:
@@ -180,6 +175,21 @@ class EtCrispSession:
     def __call__(self, x: Any) -> np.ndarray:
         """The first output for input ``x`` (numpy or torch)."""
         return self.run(x)[self.output_names[0]]
+
+    def predict(self, x: Any) -> np.ndarray:
+        """The first output for any number of rows of the single input: ``x`` runs in batches of the
+        program's static batch size (the last one zero-padded) and the padding rows are dropped."""
+        if len(self.input_names) != 1:
+            raise ExportError(f"predict takes the single input of a one-input program; this one takes {self.input_names}.")
+        x = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+        batch = self._input_shapes[self.input_names[0]][0]
+        outs = []
+        for i in range(0, len(x), batch):
+            b = x[i:i + batch]
+            if len(b) < batch:
+                b = np.concatenate([b, np.zeros((batch - len(b), *b.shape[1:]), np.float32)])
+            outs.append(self(b)[: min(batch, len(x) - i)])
+        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 
 def write_runner_inputs(bundle: EtBundle | str | os.PathLike, folder: str | os.PathLike) -> int:

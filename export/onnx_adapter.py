@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from crisp_edge.errors import BasisMismatchError, DtypeMismatchError, GateMismatchError, LayoutMismatchError
+from crisp_edge.errors import (
+    BasisMismatchError,
+    DtypeMismatchError,
+    GateMismatchError,
+    LayoutMismatchError,
+)
 from crisp_edge.io import atomic_write_json, sha256_file
 from crisp_edge.mixers import MixerFile, read_mixers
 

@@ -40,37 +40,57 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import onnx
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from crisp_edge import __version__
-from crisp_edge.convert import _set_submodule, crisp_bases, group_layout, is_crisp, materialize_
+from crisp_edge.convert import (
+    _set_submodule,
+    crisp_bases,
+    group_layout,
+    is_crisp,
+    materialize_,
+)
 from crisp_edge.errors import ConfigError
 from crisp_edge.fingerprint import bases_fingerprint
 from crisp_edge.io import atomic_write_json
-from crisp_edge.mixers import MixerFile, apply_mixers_, check_mixers, read_mixers
+from crisp_edge.mixers import MixerFile, apply_mixers_
 
 from .bundle import (
-    ADAPTER_SUFFIX, BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, MODES, REFERENCE, TASKS_DIR, Bundle,
-    adapter_model_version, check_task_name, file_record, save_onnx,
+    ADAPTER_SUFFIX,
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    MANIFEST,
+    MODES,
+    REFERENCE,
+    TASKS_DIR,
+    Bundle,
+    adapter_model_version,
+    file_record,
+    save_onnx,
+    task_mixers,
+    write_validated,
 )
 from .errors import ExportError
 from .onnx_adapter import adapter_arrays, task_record, write_adapter
 from .onnx_fold import CLASS_AXIS, build_fold_graph
 from .onnx_optimum import OptimumExport, export_with_optimum, resolve_exporter
 from .reference import (
-    REFERENCE_BATCHES, reference_inputs, reference_outputs, reference_record, resolve_reference,
+    REFERENCE_BATCHES,
+    reference_inputs,
+    reference_outputs,
+    reference_record,
+    resolve_reference,
     write_reference,
 )
-from .validate import ATOL_FP32, MIN_COSINE, validate_bundle
+from .validate import ATOL_FP32, MIN_COSINE
 
 EXPORTER = "torch.onnx.export(dynamo=False)"
 DEFAULT_OPSET = 18
@@ -242,32 +262,10 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         optimum_export = None
         example = _example_inputs(model, example_input)
         names = list(example)
-    mixers = [t if isinstance(t, MixerFile) else read_mixers(t) for t in tasks]
-    for mf in mixers:
-        check_mixers(model, mf)
-        check_task_name(mf.task)
-    if len({mf.task for mf in mixers}) != len(mixers):
-        raise ConfigError(f"task names repeat: {[mf.task for mf in mixers]}.")
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        manifest = _write_bundle(model, tmp, mode, example, names, mixers, opset, reference, optimum_export)
-        bundle = Bundle(tmp, manifest)
-        report = validate_bundle(bundle, threads=threads)
-        manifest["parity"] = {"passed": report.passed, "max_abs": report.max_abs, "checked_cases": len(report.comparisons)}
-        atomic_write_json(tmp / MANIFEST, manifest)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Bundle(out_dir, manifest)
+    mixers = task_mixers(model, tasks)
+    return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, example, names, mixers, opset,
+                                                                 reference, optimum_export),
+                           Bundle, threads=threads)
 
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, names: list[str],

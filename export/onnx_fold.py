@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 from crisp_edge.convert import crisp_bases
 from crisp_edge.mixers import head_module

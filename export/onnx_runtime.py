@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from crisp_edge.io import sha256_bytes
 
-from .bundle import ADAPTER_SUFFIX, Bundle, load_bundle
+from .bundle import ADAPTER_SUFFIX, Bundle, feeds_by_name, load_bundle
 from .errors import AdapterError, BundleError, ExportError, NoTaskError
 from .onnx_adapter import check_adapter, read_adapter_bytes
 
@@ -232,13 +232,7 @@ class OnnxCrispSession:
 
     def run(self, feeds: dict[str, Any] | Any) -> dict[str, np.ndarray]:
         """All outputs by name, for inputs given by name (or the single input as an array)."""
-        if not isinstance(feeds, dict):
-            if len(self.input_names) != 1:
-                raise ExportError(f"the model takes {self.input_names}; pass a dict of inputs.")
-            feeds = {self.input_names[0]: feeds}
-        missing = sorted(set(self.input_names) - set(feeds))
-        if missing:
-            raise ExportError(f"missing inputs {missing}; the model takes {self.input_names}.")
+        feeds = feeds_by_name(feeds, self.input_names)
         try:
             arrays = {k: _as_numpy(feeds[k], self._input_dtypes.get(k, np.float32), k) for k in self.input_names}
         except (TypeError, ValueError) as e:

@@ -19,8 +19,6 @@ from crisp_edge.export.errors import AdapterError, BundleError, NoTaskError
 from crisp_edge.export.et_bundle import DEFAULT_PTD, PROGRAM, load_et_bundle
 from crisp_edge.export.et_export import export_executorch
 from crisp_edge.export.et_runtime import write_runner_inputs
-from crisp_edge.export.parity import check_outputs
-from crisp_edge.export.validate import validate_bundle
 from crisp_edge.export.et_tasks import (
     add_task,
     check_task_ptd,
@@ -28,12 +26,13 @@ from crisp_edge.export.et_tasks import (
     task_arrays,
     write_task_ptd,
 )
+from crisp_edge.export.parity import check_outputs
+from crisp_edge.export.validate import validate_bundle
 
 import crisp_edge as ce
-from crisp_edge.adapt import new_head_
 from crisp_edge.errors import BasisMismatchError, LayoutMismatchError
-from crisp_edge.mixers import apply_mixers_, read_mixers, save_mixers
-from crisp_edge.testing import toy_model
+from crisp_edge.mixers import apply_mixers_, read_mixers
+from crisp_edge.testing import make_task_file, toy_model
 
 pytestmark = pytest.mark.runtime
 CONFIG = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2))
@@ -46,16 +45,6 @@ def crisp_toy(seed: int = 0, config: ce.CrispConfig = CONFIG):
     return model
 
 
-def make_task(model, path, task: str, seed: int, num_classes: int, biases: bool = False):
-    """A task's mixer file: perturbed mixers and a new head of ``num_classes`` classes."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in ce.crisp_layers(m).values():
-            layer.crisp_mixer.add_(0.1 * torch.randn(layer.crisp_mixer.shape, generator=g))
-    new_head_(m, num_classes, seed=seed)
-    save_mixers(m, path, task=task, biases=biases)
-    return path
 
 
 def torch_logits(model, mixer_path, x):
@@ -74,7 +63,7 @@ def model():
 @pytest.fixture(scope="module")
 def tasks(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("tasks")
-    return [make_task(model, d / "t1.safetensors", "t1", 1, 3), make_task(model, d / "t2.safetensors", "t2", 2, 7)]
+    return [make_task_file(model, d / "t1.safetensors", "t1", 1, 3), make_task_file(model, d / "t2.safetensors", "t2", 2, 7)]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +119,7 @@ def test_set_task_from_a_ptd_path_and_wrong_input_shape(portable, model, tasks):
 
 
 def test_add_task_later_without_reexport(bundle_copy, model, tmp_path):
-    path = make_task(model, tmp_path / "t3.safetensors", "t3", 3, 5)
+    path = make_task_file(model, tmp_path / "t3.safetensors", "t3", 3, 5)
     before = (bundle_copy.path / PROGRAM).read_bytes()
     ptd = add_task(bundle_copy.path, path)
     assert ptd == bundle_copy.path / "tasks" / "t3.ptd"
@@ -149,20 +138,20 @@ def test_add_task_later_without_reexport(bundle_copy, model, tmp_path):
 def test_mixers_for_other_bases_or_layout_are_refused(bundle_copy, tmp_path):
     other = crisp_toy(seed=1)
     with pytest.raises(BasisMismatchError, match="other bases"):
-        add_task(bundle_copy.path, make_task(other, tmp_path / "o.safetensors", "o", 1, 3))
+        add_task(bundle_copy.path, make_task_file(other, tmp_path / "o.safetensors", "o", 1, 3))
     regrouped = crisp_toy(config=ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=1)))
     with pytest.raises(LayoutMismatchError):
-        add_task(bundle_copy.path, make_task(regrouped, tmp_path / "g.safetensors", "g", 1, 3))
+        add_task(bundle_copy.path, make_task_file(regrouped, tmp_path / "g.safetensors", "g", 1, 3))
     assert "o" not in load_et_bundle(bundle_copy.path).tasks
 
 
 def test_head_larger_than_the_program_capacity_is_refused(bundle_copy, model, tmp_path):
     with pytest.raises(AdapterError, match="max_classes"):
-        add_task(bundle_copy.path, make_task(model, tmp_path / "big.safetensors", "big", 1, 9))
+        add_task(bundle_copy.path, make_task_file(model, tmp_path / "big.safetensors", "big", 1, 9))
 
 
 def test_mixer_file_with_biases_is_refused(portable, model, tmp_path):
-    mf = read_mixers(make_task(model, tmp_path / "b.safetensors", "b", 1, 3, biases=True))
+    mf = read_mixers(make_task_file(model, tmp_path / "b.safetensors", "b", 1, 3, biases=True))
     with pytest.raises(LayoutMismatchError, match="biases"):
         task_arrays(mf, portable.manifest["swappable"])
 

@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the shared harness lives in tests/ (bare `pytest runtime_tests/...` too)
     sys.path.insert(0, str(ROOT))
 
-from tests import fuzzing_bundles  # noqa: E402
-from tests.fuzzing_bundles import flatbuffer_adapter  # noqa: E402
+from crisp_edge.export import AdapterError, BundleError, NoTaskError, load_bundle
+from crisp_edge.export.adapter_format import parse_adapter
+from crisp_edge.export.onnx_adapter import write_adapter
 
-from crisp_edge.errors import BasisMismatchError, CrispEdgeError  # noqa: E402
-from crisp_edge.export import AdapterError, BundleError, NoTaskError, load_bundle  # noqa: E402
-from crisp_edge.export.adapter_format import parse_adapter  # noqa: E402
-from crisp_edge.export.onnx_adapter import write_adapter  # noqa: E402
-from crisp_edge.io import sha256_file  # noqa: E402
+from crisp_edge.errors import BasisMismatchError, CrispEdgeError
+from crisp_edge.io import sha256_file
+from tests import fuzzing_bundles
+from tests.fuzzing_bundles import flatbuffer_adapter
 
 pytestmark = pytest.mark.runtime
 FAST = {"manifest": 80, "adapter": 140}

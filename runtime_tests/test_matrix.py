@@ -22,9 +22,8 @@ from crisp_edge.export.parity import check_bundle
 from crisp_edge.export.reference import read_reference
 
 import crisp_edge as ce
-from crisp_edge.adapt import new_head_
-from crisp_edge.mixers import apply_mixers_, read_mixers, save_mixers
-from crisp_edge.testing import example_inputs, forward, toy_model
+from crisp_edge.mixers import apply_mixers_, read_mixers
+from crisp_edge.testing import example_inputs, forward, make_task_file, toy_model
 
 pytestmark = pytest.mark.runtime
 torch.set_num_threads(1)
@@ -45,16 +44,6 @@ def crisp_toy(arch: str) -> torch.nn.Module:
     return copy.deepcopy(_toys[arch])
 
 
-def make_task(model, path, seed: int = 1, num_classes: int = 3):
-    """A task's mixer file: perturbed mixers and a new head (another class count than the model's)."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in ce.crisp_layers(m).values():
-            layer.crisp_mixer.add_(0.1 * torch.randn(layer.crisp_mixer.shape, generator=g))
-    new_head_(m, num_classes, seed=seed)
-    save_mixers(m, path, task="task1")
-    return path
 
 
 def export(runtime: str, model, out, mode: str, tasks=()):
@@ -75,7 +64,7 @@ def test_parity_matrix(runtime, arch, mode, task, tmp_path):
     model = crisp_toy(arch)
     tasks = []
     if task == "task":
-        mixer_file = make_task(model, tmp_path / "task1.safetensors")
+        mixer_file = make_task_file(model, tmp_path / "task1.safetensors")
         if mode == "swappable":
             tasks = [mixer_file]  # shipped as a task: one bundle, switched at run time
         else:

@@ -8,19 +8,23 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-import crisp_edge as ce
-from crisp_edge.adapt import new_head_
-from crisp_edge.errors import BasisMismatchError, LayoutMismatchError
-from crisp_edge.io import sha256_file
-from crisp_edge.mixers import apply_mixers_, save_mixers
-from crisp_edge.testing import toy_model
-
 from crisp_edge.export import (
-    AdapterError, BundleError, NoTaskError, ParityError, export_onnx, load_bundle, mixers_to_onnx_adapter,
+    AdapterError,
+    BundleError,
+    NoTaskError,
+    ParityError,
+    export_onnx,
+    load_bundle,
+    mixers_to_onnx_adapter,
     validate_bundle,
 )
 from crisp_edge.export.onnx_adapter import write_adapter
+
+import crisp_edge as ce
+from crisp_edge.errors import BasisMismatchError, LayoutMismatchError
+from crisp_edge.io import sha256_file
+from crisp_edge.mixers import apply_mixers_
+from crisp_edge.testing import make_task_file, toy_model
 
 pytestmark = pytest.mark.runtime
 CONFIG = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2))
@@ -32,16 +36,6 @@ def crisp_toy(seed: int = 0, config: ce.CrispConfig = CONFIG):
     return model
 
 
-def make_task(model, path, task: str, seed: int, num_classes: int):
-    """A task's mixer file: perturbed mixers and a new head of ``num_classes`` classes."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in ce.crisp_layers(m).values():
-            layer.crisp_mixer.add_(0.1 * torch.randn(layer.crisp_mixer.shape, generator=g))
-    new_head_(m, num_classes, seed=seed)
-    save_mixers(m, path, task=task)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def model():
 @pytest.fixture(scope="module")
 def tasks(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("tasks")
-    return [make_task(model, d / "t1.safetensors", "t1", 1, 4), make_task(model, d / "t2.safetensors", "t2", 2, 7)]
+    return [make_task_file(model, d / "t1.safetensors", "t1", 1, 4), make_task_file(model, d / "t2.safetensors", "t2", 2, 7)]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +112,7 @@ def test_adapter_sizes_match_the_mixers(swappable):
 
 
 def test_mixer_file_converts_for_an_existing_bundle(model, tasks, swappable, tmp_path):
-    path = make_task(model, tmp_path / "t3.safetensors", "t3", 3, 4)
+    path = make_task_file(model, tmp_path / "t3.safetensors", "t3", 3, 4)
     adapter = mixers_to_onnx_adapter(path, swappable.path)
     assert adapter.name == "t3.onnx_adapter"
     bundle = load_bundle(swappable.path)  # manifest updated, hashes still check
@@ -132,10 +126,10 @@ def test_mixer_file_converts_for_an_existing_bundle(model, tasks, swappable, tmp
 def test_mixer_file_for_other_bases_or_layout_is_refused(swappable, tmp_path):
     other = crisp_toy(seed=1)  # same layout, other bases
     with pytest.raises(BasisMismatchError, match="other bases"):
-        mixers_to_onnx_adapter(make_task(other, tmp_path / "a.safetensors", "a", 1, 4), swappable.path)
+        mixers_to_onnx_adapter(make_task_file(other, tmp_path / "a.safetensors", "a", 1, 4), swappable.path)
     regrouped = crisp_toy(config=ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=4)))
     with pytest.raises(LayoutMismatchError, match="groups differ"):
-        mixers_to_onnx_adapter(make_task(regrouped, tmp_path / "b.safetensors", "b", 1, 4), swappable.path)
+        mixers_to_onnx_adapter(make_task_file(regrouped, tmp_path / "b.safetensors", "b", 1, 4), swappable.path)
     assert "a" not in load_bundle(swappable.path).tasks
 
 

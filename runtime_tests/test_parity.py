@@ -45,10 +45,8 @@ from crisp_edge.export.reference import (
 )
 
 import crisp_edge as ce
-from crisp_edge.adapt import new_head_
 from crisp_edge.errors import ConfigError
-from crisp_edge.mixers import save_mixers
-from crisp_edge.testing import toy_model
+from crisp_edge.testing import make_task_file, toy_model
 
 pytestmark = pytest.mark.runtime
 torch.set_num_threads(1)
@@ -67,14 +65,7 @@ def bundle(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("parity")
     tasks = []
     for name, seed, classes in (("t1", 1, 4), ("t2", 2, 6)):
-        m = copy.deepcopy(model)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for layer in ce.crisp_layers(m).values():
-                layer.crisp_mixer.add_(0.1 * torch.randn(layer.crisp_mixer.shape, generator=g))
-        new_head_(m, classes, seed=seed)
-        save_mixers(m, d / f"{name}.safetensors", task=name)
-        tasks.append(d / f"{name}.safetensors")
+        tasks.append(make_task_file(model, d / f"{name}.safetensors", name, seed, classes))
     return export_onnx(model, d / "bundle", mode="swappable", tasks=tasks).path
 
 

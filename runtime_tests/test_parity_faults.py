@@ -29,10 +29,8 @@ from crisp_edge.export.reference import read_reference, write_reference
 from onnx import TensorProto, helper, numpy_helper
 
 import crisp_edge as ce
-from crisp_edge.adapt import new_head_
 from crisp_edge.io import atomic_write_json, sha256_file
-from crisp_edge.mixers import save_mixers
-from crisp_edge.testing import toy_model
+from crisp_edge.testing import make_task_file, toy_model
 
 pytestmark = pytest.mark.runtime
 torch.set_num_threads(1)
@@ -46,16 +44,6 @@ def crisp_toy(seed: int = 0):
     return model
 
 
-def make_task(model, path: Path, task: str, seed: int, num_classes: int = 4) -> Path:
-    """A task's mixer file: perturbed mixers and a new head."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in ce.crisp_layers(m).values():
-            layer.crisp_mixer.add_(0.1 * torch.randn(layer.crisp_mixer.shape, generator=g))
-    new_head_(m, num_classes, seed=seed)
-    save_mixers(m, path, task=task)
-    return path
 
 
 def rehash(folder: Path) -> None:
@@ -167,7 +155,7 @@ def model():
 @pytest.fixture(scope="module")
 def task_files(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("tasks")
-    return [make_task(model, d / "t1.safetensors", "t1", 1), make_task(model, d / "t2.safetensors", "t2", 2)]
+    return [make_task_file(model, d / "t1.safetensors", "t1", 1, 4), make_task_file(model, d / "t2.safetensors", "t2", 2, 4)]
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +166,7 @@ def onnx_bundles(model, task_files, tmp_path_factory):
            "dense": export_onnx(model, d / "dense", mode="dense").path,
            "factored": export_onnx(model, d / "factored", mode="factored").path}
     other = crisp_toy(seed=5)  # other bases: its own t2 mixers
-    other_task = make_task(other, d / "other_t2.safetensors", "t2", 3)
+    other_task = make_task_file(other, d / "other_t2.safetensors", "t2", 3, 4)
     out["other-bases"] = export_onnx(other, d / "other", mode="swappable", tasks=[other_task]).path
     return out
 
@@ -393,7 +381,7 @@ def test_et_swapped_task_file_names_the_task(et_bundles, tmp_path):
 def test_et_mixers_of_other_bases_refused_and_reported(et_bundles, tmp_path):
     folder = copy_bundle(et_bundles["swappable"], tmp_path / "b")
     other = crisp_toy(seed=5)
-    et_other_bases_task(folder, other, make_task(other, tmp_path / "o.safetensors", "t2", 3), "t2")
+    et_other_bases_task(folder, other, make_task_file(other, tmp_path / "o.safetensors", "t2", 3, 4), "t2")
     rehash(folder)
     report = check_bundle(folder)
     [f] = report.failures

@@ -6,7 +6,14 @@ and ``compress_vit`` doing all three. LLaMA (Alg. 5): ``compress_llama_`` (data-
 least-squares re-solve, ``calibrate_``). Baselines at equal stored budget (``baselines``): ``svd_``,
 ``basis_sharing_``, ``fips_``, all counted by ``stored_params``.
 """
-from .baselines import BaselineReport, basis_sharing_, capture_linear_inputs, fips_, stored_params, svd_
+from .baselines import (
+    BaselineReport,
+    basis_sharing_,
+    capture_linear_inputs,
+    fips_,
+    stored_params,
+    svd_,
+)
 from .distill import DistillConfig, DistillReport, distill_, heldout_loss, init_student
 from .llama import CalibrationConfig, LlamaCompressReport, calibrate_, compress_llama_
 from .ranks import RankPlan, allocate_ranks
@@ -15,21 +22,21 @@ from .vit import CompressReport, compress_vit
 __all__ = [
     "BaselineReport",
     "CalibrationConfig",
+    "CompressReport",
+    "DistillConfig",
+    "DistillReport",
     "LlamaCompressReport",
+    "RankPlan",
+    "allocate_ranks",
     "basis_sharing_",
     "calibrate_",
     "capture_linear_inputs",
     "compress_llama_",
-    "fips_",
-    "stored_params",
-    "svd_",
-    "CompressReport",
-    "DistillConfig",
-    "DistillReport",
-    "RankPlan",
-    "allocate_ranks",
     "compress_vit",
     "distill_",
+    "fips_",
     "heldout_loss",
     "init_student",
+    "stored_params",
+    "svd_",
 ]

@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import CrispConfig, RoleConfig
@@ -59,7 +59,12 @@ from ..gates import get_gate
 from ..layer import CrispBasis, CrispLinear
 from ..retrofit import retrofit_
 from ..specs import get_architecture
-from .baselines import LinearInputStats, capture_linear_inputs, stored_params, targeted_linears
+from .baselines import (
+    LinearInputStats,
+    capture_linear_inputs,
+    stored_params,
+    targeted_linears,
+)
 
 REDUCTIONS = ("cluster", "truncate")
 
@@ -283,7 +288,7 @@ def _install_group_(model: nn.Module, key: str, old: CrispBasis, b: torch.Tensor
                      old.placement, dtype=old.weight.dtype, device=old.weight.device)
     new.weight.copy_(b / scale)
     crisp_bases(model)  # the ModuleDict exists
-    getattr(model, "crisp_bases")[key] = new
+    model.crisp_bases[key] = new
     for name, c in zip(old.layer_names, cs):
         layer = model.get_submodule(name)
         lin = CrispLinear(new, bias=layer.bias is not None)
