@@ -120,7 +120,9 @@ def _num(v, fmt: str) -> str:
 
 COMPRESS_NAMES = {"crisp": "CRISP s=4, greedy ranks, SVD init, distilled (Alg. 4)",
                   "crisp-uniform": "CRISP, uniform ranks", "crisp-random": "CRISP without SVD init",
-                  "crisp-mimicry": "CRISP mimicry only (no distillation)", "svd": "per-layer truncated SVD",
+                  "crisp-mimicry": "CRISP mimicry only (no distillation)",
+                  "crisp-s192": "CRISP s=192 (wide mixers: u = d_out), greedy, SVD init, distilled",
+                  "svd": "per-layer truncated SVD",
                   "basis-sharing": "Basis Sharing (whitened)", "fips": "FiPS (shared basis + sparse)"}
 
 
