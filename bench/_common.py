@@ -13,8 +13,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 #: Environment variables read once by the math libraries torch links against.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
@@ -126,3 +127,33 @@ def write_json(path: str | Path, data: Any) -> Path:
 
     atomic_write_json(path, data)
     return Path(path)
+
+
+def load_bench_model(name: str):
+    """(plain model, CRISP model, CRISP config, example input) for a benchmark model: ``embedded`` (the
+    Fashion-MNIST ViT, its own layout) or a timm ``vit_small`` / ``vit_base`` with random weights and the
+    default ``CrispConfig()``; the CRISP model is the plain one retrofitted at full capacity."""
+    import copy
+
+    import torch
+
+    import crisp_edge as ce
+    from crisp_edge.models import EMBEDDED_CRISP_CONFIG
+
+    if name == "embedded":
+        plain = ce.load_embedded_vit()
+        config, x = EMBEDDED_CRISP_CONFIG, torch.randn(1, 1, 28, 28)
+    else:
+        torch.manual_seed(0)
+        plain = ce.build_model({"library": "timm", "name": f"{name}_patch16_224", "kwargs": {}}).eval()
+        config, x = ce.CrispConfig(), torch.randn(1, 3, 224, 224)
+    model = copy.deepcopy(plain)
+    ce.retrofit_(model, config, progress=False)
+    return plain, model.eval(), config, x
+
+
+def bench_task(model, path: Path, task: str, seed: int) -> Path:
+    """A benchmark task's mixer file: slightly perturbed mixers and a new head of the same class count."""
+    from crisp_edge.testing import make_task_file
+
+    return make_task_file(model, path, task, seed, model.get_submodule("head").out_features, scale=0.01)

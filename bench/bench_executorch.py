@@ -29,7 +29,9 @@ from pathlib import Path
 
 from _common import (
     RESULTS_DIR,
+    bench_task,
     interleave,
+    load_bench_model,
     machine_info,
     pin_threads,
     summarize,
@@ -45,39 +47,13 @@ from crisp_edge.export.et_export import _unfuse_attention, export_executorch, lo
 from crisp_edge.export.et_runtime import load_program, set_threads
 from crisp_edge.export.onnx_export import _Forward
 
-import crisp_edge as ce
-from crisp_edge.adapt import new_head_
-from crisp_edge.mixers import save_mixers
-from crisp_edge.models import EMBEDDED_CRISP_CONFIG
-
 SCHEMA = 1
 TARGETS = {"dense_ratio": 1.02, "swappable_ratio": 1.10, "switch_forwards": 1.0, "pte_rel": 0.02,
            "task_rel": 0.10, "task_slack_bytes": 1024, "parity_atol": 1e-3, "top1_agreement": 1.0}
 
 
-def build(name: str):
-    """(plain model, CRISP model, config, example input) for a benchmark model."""
-    if name == "embedded":
-        plain = ce.load_embedded_vit()
-        config, x = EMBEDDED_CRISP_CONFIG, torch.randn(1, 1, 28, 28)
-    else:
-        torch.manual_seed(0)
-        plain = ce.build_model({"library": "timm", "name": f"{name}_patch16_224", "kwargs": {}}).eval()
-        config, x = ce.CrispConfig(), torch.randn(1, 3, 224, 224)
-    model = copy.deepcopy(plain)
-    ce.retrofit_(model, config, progress=False)
-    return plain, model.eval(), config, x
 
 
-def make_task(model, path: Path, task: str, seed: int) -> Path:
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in ce.crisp_layers(m).values():
-            layer.crisp_mixer.add_(0.01 * torch.randn(layer.crisp_mixer.shape, generator=g))
-    new_head_(m, m.get_submodule("head").out_features, seed=seed)
-    save_mixers(m, path, task=task)
-    return path
 
 
 def plain_program(plain, x, fused: bool = False) -> bytes:
@@ -107,9 +83,9 @@ def real_agreement(sessions: dict, model, limit: int) -> dict:
 
 
 def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limit: int) -> dict:
-    plain, model, config, x = build(name)
+    plain, model, config, x = load_bench_model(name)
     print(f"{name}: exporting {modes} (+ the plain anchor)", flush=True)
-    tasks = [make_task(model, work / f"{name}_t{i}.safetensors", f"t{i}", i) for i in (1, 2)]
+    tasks = [bench_task(model, work / f"{name}_t{i}.safetensors", f"t{i}", i) for i in (1, 2)]
     t0 = time.perf_counter()
     plain_pte = plain_program(plain, x)
     export_s = {"plain": round(time.perf_counter() - t0, 1)}

@@ -23,49 +23,35 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from _common import RESULTS_DIR, interleave, machine_info, pin_threads, summarize, timed, write_json
+from _common import (
+    RESULTS_DIR,
+    bench_task,
+    interleave,
+    load_bench_model,
+    machine_info,
+    pin_threads,
+    summarize,
+    timed,
+    write_json,
+)
 
 THREADS = pin_threads(1)
 
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import onnxruntime as ort
+import torch
+from crisp_edge.export import export_onnx
+from crisp_edge.export.onnx_runtime import session_options
 
-import crisp_edge as ce  # noqa: E402
-from crisp_edge.adapt import new_head_  # noqa: E402
-from crisp_edge.export import export_onnx  # noqa: E402
-from crisp_edge.export.onnx_runtime import session_options  # noqa: E402
-from crisp_edge.mixers import save_mixers  # noqa: E402
-from crisp_edge.models import EMBEDDED_CRISP_CONFIG  # noqa: E402
+import crisp_edge as ce
 
 SCHEMA = 1
 TARGETS = {"dense_ratio": 1.02, "swappable_ratio": 1.10, "switch_forwards": 0.5, "weights_rel": 0.02,
            "adapter_rel": 0.10, "adapter_slack_bytes": 1024, "parity_atol": 1e-4}
 
 
-def build(name: str):
-    """(plain model, CRISP model, config description, example input) for a benchmark model."""
-    if name == "embedded":
-        plain = ce.load_embedded_vit()
-        config, x = EMBEDDED_CRISP_CONFIG, torch.randn(1, 1, 28, 28)
-    else:
-        torch.manual_seed(0)
-        plain = ce.build_model({"library": "timm", "name": f"{name}_patch16_224", "kwargs": {}}).eval()
-        config, x = ce.CrispConfig(), torch.randn(1, 3, 224, 224)
-    model = copy.deepcopy(plain)
-    ce.retrofit_(model, config, progress=False)
-    return plain, model.eval(), config, x
 
 
-def make_task(model, path: Path, task: str, seed: int) -> Path:
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in ce.crisp_layers(m).values():
-            layer.crisp_mixer.add_(0.01 * torch.randn(layer.crisp_mixer.shape, generator=g))
-    new_head_(m, m.get_submodule("head").out_features, seed=seed)
-    save_mixers(m, path, task=task)
-    return path
 
 
 def export_plain(plain, x, path: Path) -> Path:
@@ -77,9 +63,9 @@ def export_plain(plain, x, path: Path) -> Path:
 
 
 def bench_model(name: str, repeats: int, work: Path) -> dict:
-    plain, model, config, x = build(name)
+    plain, model, config, x = load_bench_model(name)
     print(f"{name}: exporting", flush=True)
-    tasks = [make_task(model, work / f"{name}_t{i}.safetensors", f"t{i}", i) for i in (1, 2)]
+    tasks = [bench_task(model, work / f"{name}_t{i}.safetensors", f"t{i}", i) for i in (1, 2)]
     plain_path = export_plain(plain, x, work / f"{name}_plain.onnx")
     bundles = {mode: export_onnx(model, work / f"{name}_{mode}", mode=mode, tasks=tasks if mode == "swappable" else ())
                for mode in ("dense", "factored", "swappable")}

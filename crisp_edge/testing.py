@@ -90,9 +90,9 @@ def forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def make_task_file(model: nn.Module, path: str | Path, task: str = "task1", seed: int = 1, num_classes: int = 3,
-                   biases: bool = False) -> Path:
-    """A stand-in task for tests: ``model``'s mixers perturbed (seeded) and a new head of ``num_classes``
-    classes, written as a mixer file at ``path`` (the model itself is not changed)."""
+                   biases: bool = False, scale: float = 0.1) -> Path:
+    """A stand-in task for tests and benchmarks: ``model``'s mixers perturbed (seeded, by ``scale``) and a
+    new head of ``num_classes`` classes, written as a mixer file at ``path`` (``model`` is not changed)."""
     import copy
 
     from .adapt import new_head_
@@ -103,7 +103,7 @@ def make_task_file(model: nn.Module, path: str | Path, task: str = "task1", seed
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in crisp_layers(m).values():
-            layer.crisp_mixer.add_(0.1 * torch.randn(layer.crisp_mixer.shape, generator=g))
+            layer.crisp_mixer.add_(scale * torch.randn(layer.crisp_mixer.shape, generator=g))
     new_head_(m, num_classes, seed=seed)
     save_mixers(m, path, task=task, biases=biases)
     return Path(path)
