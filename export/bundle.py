@@ -159,6 +159,29 @@ def _check_swappable(swap: Any, where: str) -> None:
                           f"found {head!r:.200}.")
 
 
+def check_tolerance_and_tasks(meta: dict, where: str, mode: str, files: dict, suffix: str) -> None:
+    """The manifest fields every bundle kind shares: the parity tolerance, and the task records (valid
+    names, only in a swappable bundle, files ``tasks/<name><suffix>`` with consistent hashes)."""
+    tol = meta["tolerance"]
+    if not (_is_number(tol.get("atol")) and tol["atol"] >= 0 and _is_number(tol.get("min_cosine"))
+            and -1 <= tol["min_cosine"] <= 1):
+        raise BundleError(f"{where}: tolerance needs 'atol' (a number >= 0) and 'min_cosine' (-1..1); found {tol!r:.200}.")
+    tasks = _dict(meta, "tasks", where, required=False)
+    if tasks and mode != "swappable":
+        raise BundleError(f"{where}: a {mode!r} bundle cannot hold tasks; found {sorted(tasks)!r:.200}.")
+    for task, rec in tasks.items():
+        try:
+            check_task_name(task)
+        except BundleError as e:
+            raise BundleError(f"{where}: {e}") from None
+        rec = _record(rec, f"{where}: tasks[{task!r}]")
+        name = check_relpath(rec.get("file"), f"{where}: tasks[{task!r}].file")
+        if not (name.startswith(TASKS_DIR + "/") and name.endswith(suffix)):
+            raise BundleError(f"{where}: tasks[{task!r}].file {name!r:.80} must be {TASKS_DIR}/<name>{suffix}.")
+        if name in files and files[name]["sha256"] != rec["sha256"]:
+            raise BundleError(f"{where}: {name!r} is recorded twice with different SHA-256s.")
+
+
 def check_manifest(meta: dict, folder: Path) -> dict:
     """Every field the loaders use, beyond the envelope: types, ranges, and safe file names."""
     where = str(folder / MANIFEST)
@@ -186,24 +209,7 @@ def check_manifest(meta: dict, folder: Path) -> dict:
                               "SHA-256) under 'files'.")
     _names(meta["inputs"], where, "inputs")
     _names(meta["outputs"], where, "outputs")
-    tol = meta["tolerance"]
-    if not (_is_number(tol.get("atol")) and tol["atol"] >= 0 and _is_number(tol.get("min_cosine"))
-            and -1 <= tol["min_cosine"] <= 1):
-        raise BundleError(f"{where}: tolerance needs 'atol' (a number >= 0) and 'min_cosine' (-1..1); found {tol!r:.200}.")
-    tasks = _dict(meta, "tasks", where, required=False)
-    if tasks and mode != "swappable":
-        raise BundleError(f"{where}: a {mode!r} bundle cannot hold tasks; found {sorted(tasks)!r:.200}.")
-    for task, rec in tasks.items():
-        try:
-            check_task_name(task)
-        except BundleError as e:
-            raise BundleError(f"{where}: {e}") from None
-        rec = _record(rec, f"{where}: tasks[{task!r}]")
-        name = check_relpath(rec.get("file"), f"{where}: tasks[{task!r}].file")
-        if not (name.startswith(TASKS_DIR + "/") and name.endswith(ADAPTER_SUFFIX)):
-            raise BundleError(f"{where}: tasks[{task!r}].file {name!r:.80} must be {TASKS_DIR}/<name>{ADAPTER_SUFFIX}.")
-        if name in files and files[name]["sha256"] != rec["sha256"]:
-            raise BundleError(f"{where}: {name!r} is recorded twice with different SHA-256s.")
+    check_tolerance_and_tasks(meta, where, mode, files, ADAPTER_SUFFIX)
     if mode == "swappable":
         _check_swappable(meta.get("swappable"), where)
     elif "swappable" in meta:

@@ -27,16 +27,14 @@ from .bundle import (
     MANIFEST,
     MODES,
     REFERENCE,
-    TASKS_DIR,
     Bundle,
     _is_int,
-    _is_number,
     _names,
     _record,
     adapter_model_version,
     check_relpath,
     check_shape,
-    check_task_name,
+    check_tolerance_and_tasks,
     verify_files,
 )
 from .errors import BundleError
@@ -100,22 +98,7 @@ def check_et_manifest(meta: dict, folder: Path) -> dict:
     _names(meta["outputs"], where, "outputs")
     for item in meta["inputs"]:
         check_shape(item.get("shape"), f"{where}: inputs[{item['name']!r}]")
-    tol = meta["tolerance"]
-    if not (_is_number(tol.get("atol")) and tol["atol"] >= 0 and _is_number(tol.get("min_cosine"))
-            and -1 <= tol["min_cosine"] <= 1):
-        raise BundleError(f"{where}: tolerance needs 'atol' (a number >= 0) and 'min_cosine' (-1..1); found {tol!r:.200}.")
-    tasks = meta.get("tasks", {})
-    if not isinstance(tasks, dict) or (tasks and mode != "swappable"):
-        raise BundleError(f"{where}: 'tasks' must be an object, and only a swappable bundle holds tasks.")
-    for task, rec in tasks.items():
-        try:
-            check_task_name(task)
-        except BundleError as e:
-            raise BundleError(f"{where}: {e}") from None
-        rec = _record(rec, f"{where}: tasks[{task!r}]")
-        name = check_relpath(rec.get("file"), f"{where}: tasks[{task!r}].file")
-        if not (name.startswith(TASKS_DIR + "/") and name.endswith(PTD_SUFFIX)):
-            raise BundleError(f"{where}: tasks[{task!r}].file {name!r:.80} must be {TASKS_DIR}/<name>{PTD_SUFFIX}.")
+    check_tolerance_and_tasks(meta, where, mode, files, PTD_SUFFIX)
     if mode == "swappable":
         _check_swappable(meta.get("swappable"), where)
         if DEFAULT_PTD not in files:
