@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -94,6 +95,10 @@ ATOL = {"xnnpack": 1e-3, "portable": 1e-4}
 MIN_COSINE = 0.9999
 #: Reference cases stored (each of the program's static batch size).
 REFERENCE_CASES = 2
+# torchao (imported by ExecuTorch's XNNPACK backend) registers an Enum with torch's pytree, which logs a
+# deprecation warning meant for torchao's developers on every import; keep it out of users' terminals.
+logging.getLogger("torch.utils._pytree").addFilter(
+    lambda record: "register_constant() on Enum subclasses" not in record.getMessage())
 _CONTROL = {"executorch_call_delegate", "getitem"}
 
 

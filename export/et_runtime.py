@@ -16,7 +16,10 @@ sees its tensors; the program's own ``crisp_tag`` is compared with the manifest'
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +36,36 @@ from .et_tasks import check_task_ptd, read_ptd_bytes
 DEFAULT_TASK = "default"
 
 
+@contextlib.contextmanager
+def _native_log_quiet():
+    """Hold back what native code writes to stderr (file descriptor 2) meanwhile; replay it on an error.
+
+    ExecuTorch's threadpool logs its CPU probing ("[cpuinfo_utils.cpp:71] Reading file ...") the first
+    time it is queried: information for runtime developers, noise in a user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            buf.seek(0)
+            sys.stderr.write(buf.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def set_threads(threads: int) -> None:
     """Pin ExecuTorch's CPU threadpool (XNNPACK's threads) and torch's to ``threads``."""
     from executorch.extension.pybindings import portable_lib
 
     torch.set_num_threads(threads)
-    if portable_lib._threadpool_get_thread_count() != threads:
-        portable_lib._unsafe_reset_threadpool(threads)
+    with _native_log_quiet():
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
 
 
 def load_program(data: bytes, where: str):
