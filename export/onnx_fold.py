@@ -5,8 +5,13 @@ the tensor names of a crisp-edge mixer file: ``mixer.<group>`` (n x r x s), ``bi
 (n x d_out) and ``head.weight`` / ``head.bias``. An ``.onnx_adapter`` is then the mixer file's
 tensors under their own names. Per group the graph computes all n layers with the gate applied once to the stacked mixers:
 
-    G = gate(A)                       # A: mixer.<group>, (n, r, s); "pre" placement
-    W_i = Reshape(MatMul(B, Gather(G, i)), (d_out, d_in))   # B: the shared basis (u, r); row-major
+    G = gate(A)                                    # A: mixer.<group>, (n, r, s); "pre" placement
+    M = MatMul(B, Reshape(Transpose(G), (r, n*s)))  # B: the shared basis (u, r), read once per group
+    W_i = Reshape(Split(M, axis=1)[i], (d_out, d_in))   # columns [i*s, (i+1)*s); row-major
+
+(one product per group rather than one per layer: the fold is memory-bound and B, n times the size of
+a layer's weight at full capacity, is then read once; measured 0.52 -> 0.41 forwards on ViT-S and
+0.62 -> 0.55 on ViT-B, 1 thread). ``temp`` and ``post`` placements build each layer separately.
 
 Outputs are named ``dense.<parameter name>`` (e.g. ``dense.blocks.0.mlp.fc1.weight``); the inference
 graph takes the same names as inputs. The bases are plain initializers: stored once, never replaced.
@@ -96,9 +101,23 @@ def build_fold_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, Fol
             raise ExportError(f"group {key}: placement {basis.placement!r} has no ONNX fold.")
         shape = f"{tag}.shape"
         inits.append(numpy_helper.from_array(np.array([basis.d_out, basis.d_in], np.int64), shape))
-        for i, name in enumerate(basis.layer_names):
-            # One (u x s) product per layer, reshaped in place: no Split, so W is written once
-            # (the fold is memory-bound: its output is every dense weight).
+        if basis.placement == "pre":
+            # One product for the whole group, B read once: (u x r) @ (r x n*s), G = [G(A_1) ... G(A_n)];
+            # layer i is columns [i*s, (i+1)*s) of it, split off and reshaped.
+            perm = f"{tag}.gt"
+            nodes.append(helper.make_node("Transpose", [g], [perm], perm=[1, 0, 2]))  # (r, n, s)
+            rs = f"{tag}.rs"
+            inits.append(numpy_helper.from_array(np.array([basis.r, n * basis.s], np.int64), rs))
+            nodes.append(helper.make_node("Reshape", [perm, rs], [f"{tag}.gall"]))
+            nodes.append(helper.make_node("MatMul", [b, f"{tag}.gall"], [f"{tag}.all"]))
+            parts = [f"{tag}.m{i}" for i in range(n)]
+            nodes.append(helper.make_node("Split", [f"{tag}.all"], parts, axis=1, num_outputs=n))
+            for i, name in enumerate(basis.layer_names):
+                out = f"{DENSE_PREFIX}{name}.weight"
+                nodes.append(helper.make_node("Reshape", [parts[i], shape], [out]))
+                add_output(out, f"{name}.weight", [basis.d_out, basis.d_in])
+        for i, name in enumerate(basis.layer_names if basis.placement != "pre" else []):
+            # temp / post: one (u x s) product per layer, reshaped in place.
             idx = f"{tag}.idx{i}"
             inits.append(numpy_helper.from_array(np.array(i, np.int64), idx))
             out = f"{DENSE_PREFIX}{name}.weight"
