@@ -330,15 +330,21 @@ def verify_files(folder: Path, meta: dict) -> None:
                               "or damaged. Export the bundle again.")
 
 
-def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Read a bundle folder; with ``verify`` check every recorded file's SHA-256 (and the tasks')."""
+def open_folder(path: str | os.PathLike, read: Any, make: Any, verify: bool) -> Any:
+    """``make(folder, read(folder))`` for a bundle folder, after (with ``verify``) checking every recorded
+    file's size and SHA-256: the one loading path of every bundle kind."""
     folder = Path(path)
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle folder (no such directory).")
-    meta = read_manifest(folder)
+    meta = read(folder)
     if verify:
         verify_files(folder, meta)
-    return Bundle(folder, meta)
+    return make(folder, meta)
+
+
+def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Read an ONNX bundle folder; with ``verify`` check every recorded file's SHA-256 (and the tasks')."""
+    return open_folder(path, read_manifest, Bundle, verify)
 
 
 def task_mixers(model: Any, tasks: Any) -> list:

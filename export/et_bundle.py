@@ -35,7 +35,7 @@ from .bundle import (
     check_relpath,
     check_shape,
     check_tolerance_and_tasks,
-    verify_files,
+    open_folder,
 )
 from .errors import BundleError
 
@@ -145,13 +145,7 @@ class EtBundle(Bundle):
 
 def load_et_bundle(path: str | os.PathLike, verify: bool = True) -> EtBundle:
     """Read an ExecuTorch bundle folder; with ``verify`` check every recorded file's SHA-256."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise BundleError(f"{folder} is not a bundle folder (no such directory).")
-    meta = read_et_manifest(folder)
-    if verify:
-        verify_files(folder, meta)
-    return EtBundle(folder, meta)
+    return open_folder(path, read_et_manifest, EtBundle, verify)
 
 
 __all__ = ["DEFAULT_PTD", "ET_BUNDLE_FORMAT", "PROGRAM", "RECIPES", "TAG_KEY", "EtBundle", "load_et_bundle"]

@@ -112,17 +112,11 @@ def add_parity_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``parity`` alone (``python -m crisp_edge.export.parity_cli BUNDLE ...``), for tests and CI."""
-    from crisp_edge.errors import CrispEdgeError
+    """Run ``parity`` alone (``python -m crisp_edge.export.parity_cli BUNDLE ...``), for tests and CI:
+    the ``crisp-edge parity`` command itself, errors and exit codes included."""
+    from crisp_edge.cli import main as crisp_edge_main
 
-    parser = argparse.ArgumentParser(prog="crisp-edge")
-    add_parity_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["parity", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except CrispEdgeError as e:
-        print(f"crisp-edge parity: error: {e}", file=sys.stderr)
-        return 2
+    return crisp_edge_main(["parity", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
