@@ -80,7 +80,7 @@ from .bundle import (
 )
 from .errors import ExportError
 from .onnx_adapter import adapter_arrays, task_record, write_adapter
-from .onnx_fold import CLASS_AXIS, build_fold_graph
+from .onnx_fold import CLASS_AXIS, build_fold_graph, take_folded_weights
 from .onnx_optimum import OptimumExport, export_with_optimum, resolve_exporter
 from .reference import (
     REFERENCE_BATCHES,
@@ -301,8 +301,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
         if spec.head:
             axes[OUTPUT_NAME] = {0: BATCH_AXIS, 1: CLASS_AXIS}
         module = _WeightsAsInputs(dense, names, params)
-        proto = _torch_export(module, args + tuple(state[p].detach() for p in params), folder / "tmp.onnx",
-                              names + w_names, axes, opset, True)
+        proto = take_folded_weights(_torch_export(module, args + tuple(state[p].detach() for p in params),
+                                                  folder / "tmp.onnx", names + w_names, axes, opset, True), spec)
         layout = _layout(model)
         fp = bases_fingerprint(model)
         head = None

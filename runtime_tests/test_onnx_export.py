@@ -100,6 +100,25 @@ def test_swappable_switches_tasks_like_pytorch(model, tasks, swappable):
     assert np.array_equal(sess(x), outs["t1"])  # switching back is exact
 
 
+def test_swappable_forwards_from_several_threads_and_batches(swappable):
+    """Each thread binds the task's weights once (its own IOBinding); a switch rebinds every thread's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sess = swappable.session()
+    sess.set_task("t1")
+    xs = [np.random.default_rng(i).standard_normal((b, *x_input().shape[1:])).astype(np.float32)
+          for i, b in enumerate((1, 3, 5, 2))]
+    want = [sess(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(sess, xs * 4))
+    for i, out in enumerate(got):
+        assert np.array_equal(out, want[i % len(xs)])
+    sess.set_task("t2")  # every thread's binding is stale now: the new task's weights run
+    with ThreadPoolExecutor(2) as pool:
+        after = list(pool.map(sess, xs[:2]))
+    assert after[0].shape[1] == 7 and not np.array_equal(after[0][:, :5], want[0][:, :5])
+
+
 def test_forward_before_set_task_is_an_error(swappable):
     sess = swappable.session()
     with pytest.raises(NoTaskError, match="set_task"):
