@@ -3,11 +3,13 @@
 Per model: the plain timm model lowered the plain way (``torch.export`` + ``XnnpackPartitioner()``,
 timm's fused attention turned off as in every crisp-edge export, so the anchor is the fast one) is
 the anchor; the same with timm's default fused attention is timed too (``plain_fused_attention``).
-Against it, in one interleaved run at batch 1: ``dense``, ``factored`` and ``swappable`` (a task
-active) forward latency (each program's ``forward`` method, called as the anchor's is); the task
+Against it, in one interleaved run at batch 1 (batch B for a model named ``model@B``): ``dense``, ``factored`` and ``swappable`` (a task
+active) forward latency in steady state (each program's ``forward`` method, called as the anchor's
+is, consecutively as an app's frames); the task
 switch (``set_task`` with the task's tensors already read, and from the ``.ptd`` file) in forwards of
 the swappable program; and the anchor a switch beats, reloading a whole dense program
-(``load_program`` + ``load_method``, file in page cache). Sizes: ``.pte`` (+ ``default.ptd``, the
+(``load_program`` + ``load_method``, file in page cache); and the floor under any switch that
+materialises dense weights, one memory copy of as many bytes. Sizes: ``.pte`` (+ ``default.ptd``, the
 exported mixers) vs stored parameters x 4 bytes (the rest is the program), task ``.ptd`` vs the
 mixers' raw bytes. Parity: every bundle's max abs difference vs PyTorch on its reference cases and
 top-1 agreement on real Fashion-MNIST test images (embedded model). Writes bench/results/executorch.json.
@@ -30,11 +32,14 @@ from pathlib import Path
 from _common import (
     RESULTS_DIR,
     bench_task,
+    copy_floor,
     interleave,
     load_bench_model,
     machine_info,
     pin_threads,
+    steady,
     summarize,
+    switch_written_bytes,
     timed,
     write_json,
 )
@@ -103,10 +108,11 @@ def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limi
         plain_diff = float((plain_fwd.execute([x])[0] - plain(x)).abs().max())
     sessions = {mode: b.session(threads=1) for mode, b in bundles.items()}
     fused_fwd = load_program(fused_pte, "plain_fused").load_method("forward")
-    cases = {"plain": lambda: timed(lambda: plain_fwd.execute([x]))[0],
-             "plain_fused_attention": lambda: timed(lambda: fused_fwd.execute([x]))[0]}
+    cases = {"plain": steady(lambda: plain_fwd.execute([x])),
+             "plain_fused_attention": steady(lambda: fused_fwd.execute([x]))}
+
     def forward_case(sess):  # the program's forward, as for the anchor (no session wrapper)
-        return lambda: timed(lambda: sess.forward.execute([x]))[0]
+        return steady(lambda: sess.forward.execute([x]))
 
     for mode, sess in sessions.items():
         if mode != "swappable":
@@ -125,11 +131,14 @@ def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limi
         def switch_from_file():  # read, parse and check the .ptd, then set_task
             return timed(lambda: swap.set_task(t1_file))[0]
 
+        swap_forward = steady(lambda: swap.forward.execute([x]))
+
         def swappable_forward():
             swap.set_task("t1")
-            return timed(lambda: swap.forward.execute([x]))[0]
+            return swap_forward()
 
-        cases.update({"swappable": swappable_forward, "switch": switch, "switch_from_file": switch_from_file})
+        cases.update({"swappable": swappable_forward, "switch": switch, "switch_from_file": switch_from_file,
+                      "copy_dense_weights": copy_floor(switch_written_bytes(model))})
     dense_file = bundles["dense"].file("model.pte") if "dense" in bundles else None
 
     def reload():
@@ -149,6 +158,7 @@ def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limi
         sw = med["swappable"]["median"]
         ratios["switch_in_forwards"] = round(med["switch"]["median"] / sw, 4)
         ratios["switch_from_file_in_forwards"] = round(med["switch_from_file"]["median"] / sw, 4)
+        ratios["copy_floor_in_forwards"] = round(med["copy_dense_weights"]["median"] / sw, 4)
     if "reload_program" in med:
         ratios["reload_program_in_forwards"] = round(med["reload_program"]["median"] / base, 4)
 
@@ -190,7 +200,7 @@ def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limi
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="embedded,vit_small", help="comma list of: embedded, vit_small, vit_base")
+    ap.add_argument("--models", default="embedded,embedded@16,vit_small", help="comma list of: embedded, vit_small, vit_base; model@B for batch B")
     ap.add_argument("--modes", default="dense,factored,swappable")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--eval-limit", type=int, default=2000, help="Fashion-MNIST test images for top-1 agreement")
@@ -211,20 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     out = write_json(out_path, {
         "schema": SCHEMA, "benchmark": "executorch", "quick": args.quick,
         "description": "ExecuTorch export modes (XNNPACK, fp32) vs the plain dense XNNPACK program of the same model, "
-                       "interleaved in one run, batch 1, 1 thread",
-        "protocol": {"repeats": args.repeats, "warmup_rounds": 2, "statistic": "median", "batch": 1,
-                     "switch": "set_task with the task's tensors already read (alternating two tasks)",
+                       "interleaved in one run, batch 1 (B for model@B), 1 thread",
+        "protocol": {"repeats": args.repeats, "warmup_rounds": 2, "statistic": "median", "batch": "1, or B for a model named model@B",
+                     "forwards": "steady state: consecutive calls per round (about 20 ms of them), seconds per call",
+                     "switch": "set_task with the task's tensors already read (alternating two tasks); one call per "
+                               "round, right after other cases (cold caches)",
+                     "copy_dense_weights": "np.copyto of as many bytes as the switch writes (every CRISP layer's "
+                                           "dense W): the floor under any switch that materialises the weights",
                      "switch_from_file": "read + parse + check the task .ptd (Python FlatTensor reader), then set_task",
                      "reload_program": "load_program(bytes of the dense .pte) + load_method('forward')"},
         "targets": TARGETS, "executorch": executorch.version.__version__, "machine": machine_info(), "results": results,
     })
     print(f"\n{'model':<10} {'dense':>7} {'factored':>9} {'swap':>7} {'switch/fwd':>11} {'file switch':>12} "
-          f"{'reload/fwd':>11} {'parity':>9}")
+          f"{'reload/fwd':>11} {'copy floor':>11} {'parity':>9}")
     for r in results:
         q = r["ratios_to_plain"]
         print(f"{r['model']:<10} {q.get('dense', 0):>7.3f} {q.get('factored', 0):>9.3f} {q.get('swappable', 0):>7.3f} "
               f"{q.get('switch_in_forwards', 0):>11.3f} {q.get('switch_from_file_in_forwards', 0):>12.3f} "
-              f"{q.get('reload_program_in_forwards', 0):>11.2f} {max(r['parity_max_abs'].values()):>9.1e}")
+              f"{q.get('reload_program_in_forwards', 0):>11.2f} {q.get('copy_floor_in_forwards', 0):>11.3f} {max(r['parity_max_abs'].values()):>9.1e}")
         print(f"  sizes: {({k: (v['pte_bytes'], v.get('rel_diff')) for k, v in r['sizes'].items()})}")
         print(f"  tasks: {r['tasks']}  top-1 agreement: {r['top1_agreement_fmnist']}")
     print(f"wrote {out}")

@@ -1,10 +1,12 @@
 """Benchmark: ONNX Runtime export modes vs the plain dense export, side by side, 1 thread.
 
 Per model: the plain timm model exported the plain way (``torch.onnx.export``, TorchScript exporter,
-opset 18, constant folding) is the anchor. Against it, in one interleaved run at batch 1:
-``dense``, ``factored`` and ``swappable`` (a task active) forward latency; the task switch
+opset 18, constant folding) is the anchor. Against it, in one interleaved run at batch 1 (batch B for a model named ``model@B``):
+``dense``, ``factored`` and ``swappable`` (a task active) forward latency in steady state
+(consecutive calls, as an app's frames); the task switch
 (``set_task``: one fold run, adapter preloaded) as a fraction of one swappable forward; and the
-anchor a switch beats, recreating an ORT session on a dense model with other weights. Sizes: bundle
+anchor a switch beats, recreating an ORT session on a dense model with other weights; and the floor
+under any switch that materialises dense weights, one memory copy of as many bytes. Sizes: bundle
 weights vs stored parameters x 4 bytes, adapter files vs the mixers' raw bytes. Parity: every
 bundle's max abs difference vs PyTorch. Writes bench/results/onnx.json; exit 1 when a target is missed.
 
@@ -26,11 +28,14 @@ from pathlib import Path
 from _common import (
     RESULTS_DIR,
     bench_task,
+    copy_floor,
     interleave,
     load_bench_model,
     machine_info,
     pin_threads,
+    steady,
     summarize,
+    switch_written_bytes,
     timed,
     write_json,
 )
@@ -81,32 +86,31 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
     ref = plain(x).detach().numpy()
     plain_diff = float(np.abs(plain_sess.run(None, {"x": xn})[0] - ref).max())
 
-    def fwd(run):
-        def case():
-            return timed(run)[0]
-        return case
-
     state = {"i": 0}
 
     def switch():
         state["i"] += 1
         return timed(lambda: sessions["swappable"].set_task("t2" if state["i"] % 2 else "t1"))[0]
 
+    swap_forward = steady(lambda: sessions["swappable"](xn))
+
     def switch_back_forward():  # keep t1 active for the forward timing
         sessions["swappable"].set_task("t1")
-        return timed(lambda: sessions["swappable"](xn))[0]
+        return swap_forward()
 
     other_file = str(other_dense.file("model.onnx"))
 
     def recreate():
         return timed(lambda: ort.InferenceSession(other_file, session_options(1), providers=["CPUExecutionProvider"]))[0]
 
+    written = switch_written_bytes(model)
     cases = {
-        "plain": fwd(lambda: plain_sess.run(None, {"x": xn})),
-        "dense": fwd(lambda: sessions["dense"](xn)),
-        "factored": fwd(lambda: sessions["factored"](xn)),
+        "plain": steady(lambda: plain_sess.run(None, {"x": xn})),
+        "dense": steady(lambda: sessions["dense"](xn)),
+        "factored": steady(lambda: sessions["factored"](xn)),
         "swappable": switch_back_forward,
         "switch": switch,
+        "copy_dense_weights": copy_floor(written),
         "recreate_session": recreate,
     }
     print(f"{name}: timing {repeats} rounds", flush=True)
@@ -133,6 +137,7 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
         "factored": round(med["factored"]["median"] / base, 4),
         "swappable": round(sw / base, 4),
         "switch_in_forwards": round(med["switch"]["median"] / sw, 4),
+        "copy_floor_in_forwards": round(med["copy_dense_weights"]["median"] / sw, 4),
         "recreate_session_in_forwards": round(med["recreate_session"]["median"] / base, 4),
     }
     checks = {
@@ -147,14 +152,14 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
     return {
         "model": name, "crisp_config": config.to_dict(), "input_shape": list(x.shape),
         "plain_params_bytes": plain_bytes, "plain_export_max_abs_vs_torch": plain_diff,
-        "seconds": med, "ratios_to_plain": ratios, "sizes": sizes, "adapters": adapters, "parity_max_abs": parity,
+        "switch_written_bytes": written, "seconds": med, "ratios_to_plain": ratios, "sizes": sizes, "adapters": adapters, "parity_max_abs": parity,
         "checks": checks,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="embedded,vit_small,vit_base", help="comma list of: embedded, vit_small, vit_base")
+    ap.add_argument("--models", default="embedded,embedded@16,vit_small,vit_base", help="comma list of: embedded, vit_small, vit_base; model@B for batch B")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", default=str(RESULTS_DIR / "onnx.json"))
     args = ap.parse_args(argv)
@@ -166,18 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     out = write_json(args.out, {
         "schema": SCHEMA, "benchmark": "onnx",
         "description": "ONNX Runtime export modes vs the plain dense export of the same model, interleaved in one "
-                       "run, batch 1, ORT intra-op threads 1",
-        "protocol": {"repeats": args.repeats, "warmup_rounds": 2, "statistic": "median", "batch": 1,
-                     "switch": "set_task with the adapter preloaded (one fold run), alternating two tasks",
+                       "run, batch 1 (B for model@B), ORT intra-op threads 1",
+        "protocol": {"repeats": args.repeats, "warmup_rounds": 2, "statistic": "median", "batch": "1, or B for a model named model@B",
+                     "forwards": "steady state: consecutive calls per round (about 20 ms of them), seconds per call",
+                     "switch": "set_task with the adapter preloaded (one fold run), alternating two tasks; one call "
+                               "per round, right after other cases (cold caches)",
+                     "copy_dense_weights": "np.copyto of as many bytes as the switch writes (every CRISP layer's "
+                                           "dense W): the floor under any switch that materialises the weights",
                      "recreate_session": "ort.InferenceSession on a dense model file with other weights (creation only)"},
         "targets": TARGETS, "onnxruntime": ort.__version__, "machine": machine_info(), "results": results,
     })
     print(f"\n{'model':<10} {'dense':>7} {'factored':>9} {'swap':>7} {'switch/fwd':>11} {'recreate/fwd':>13} "
-          f"{'swap W/stored':>14} {'parity':>9}")
+          f"{'copy floor':>11} {'swap W/stored':>14} {'parity':>9}")
     for r in results:
         q = r["ratios_to_plain"]
         print(f"{r['model']:<10} {q['dense']:>7.3f} {q['factored']:>9.3f} {q['swappable']:>7.3f} "
               f"{q['switch_in_forwards']:>11.3f} {q['recreate_session_in_forwards']:>13.2f} "
+              f"{q['copy_floor_in_forwards']:>11.3f} "
               f"{1 + r['sizes']['swappable']['rel_diff']:>14.4f} {max(r['parity_max_abs'].values()):>9.1e}")
     print(f"wrote {out}")
     missed = [(r["model"], k) for r in results for k, ok in r["checks"].items() if not ok]
