@@ -149,6 +149,34 @@ def switch_written_bytes(model) -> int:
     return sum(4 * b.d_out * b.d_in * len(b.layer_names) for b in crisp_bases(model).values())
 
 
+def task_switch_cases(set_task: Callable[[str], Any], forward: Callable[[], Any], model) -> dict[str, Callable[[], float]]:
+    """The cases a runtime benchmark times on a swappable session with tasks ``t1`` and ``t2``:
+    ``swappable`` (``t1`` active, forwards in steady state), ``switch`` (one ``set_task``, alternating
+    the two tasks, a single cold call) and ``copy_dense_weights`` (the floor under any switch)."""
+    state = {"i": 0}
+
+    def switch() -> float:
+        state["i"] += 1
+        return timed(lambda: set_task("t2" if state["i"] % 2 else "t1"))[0]
+
+    steady_forward = steady(forward)
+
+    def swappable() -> float:  # t1 active for the forward timing
+        set_task("t1")
+        return steady_forward()
+
+    return {"swappable": swappable, "switch": switch, "copy_dense_weights": copy_floor(switch_written_bytes(model))}
+
+
+#: How the cases of ``task_switch_cases`` are timed, for the benchmarks' JSON ``protocol``.
+SWITCH_PROTOCOL = {
+    "batch": "1, or B for a model named model@B",
+    "forwards": "steady state: consecutive calls per round (about 20 ms of them), seconds per call",
+    "copy_dense_weights": "np.copyto of as many bytes as the switch writes (every CRISP layer's dense W): the "
+                          "floor under any switch that materialises the weights",
+}
+
+
 def summarize(seconds: list[float]) -> dict[str, Any]:
     """Median, min and every run of a list of timings (seconds, to 0.1 microsecond: ratios of
     sub-millisecond medians rounded to 0.1 ms were off by up to 6%)."""

@@ -3,8 +3,8 @@
 Per model: the plain timm model lowered the plain way (``torch.export`` + ``XnnpackPartitioner()``,
 timm's fused attention turned off as in every crisp-edge export, so the anchor is the fast one) is
 the anchor; the same with timm's default fused attention is timed too (``plain_fused_attention``).
-Against it, in one interleaved run at batch 1 (batch B for a model named ``model@B``): ``dense``, ``factored`` and ``swappable`` (a task
-active) forward latency in steady state (each program's ``forward`` method, called as the anchor's
+Against it, in one interleaved run at batch 1 (batch B for a model named ``model@B``): ``dense``,
+``factored`` and ``swappable`` (a task active) forward latency in steady state (each program's ``forward`` method, called as the anchor's
 is, consecutively as an app's frames); the task
 switch (``set_task`` with the task's tensors already read, and from the ``.ptd`` file) in forwards of
 the swappable program; and the anchor a switch beats, reloading a whole dense program
@@ -31,15 +31,15 @@ from pathlib import Path
 
 from _common import (
     RESULTS_DIR,
+    SWITCH_PROTOCOL,
     bench_task,
-    copy_floor,
     interleave,
     load_bench_model,
     machine_info,
     pin_threads,
     steady,
     summarize,
-    switch_written_bytes,
+    task_switch_cases,
     timed,
     write_json,
 )
@@ -121,24 +121,13 @@ def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limi
         swap = sessions["swappable"]
         swap.set_task("t2")
         swap.set_task("t1")  # both tasks read and cached; t1 active
-        state = {"i": 0}
         t1_file = bundles["swappable"].task_path("t1")
-
-        def switch():
-            state["i"] += 1
-            return timed(lambda: swap.set_task("t2" if state["i"] % 2 else "t1"))[0]
 
         def switch_from_file():  # read, parse and check the .ptd, then set_task
             return timed(lambda: swap.set_task(t1_file))[0]
 
-        swap_forward = steady(lambda: swap.forward.execute([x]))
-
-        def swappable_forward():
-            swap.set_task("t1")
-            return swap_forward()
-
-        cases.update({"swappable": swappable_forward, "switch": switch, "switch_from_file": switch_from_file,
-                      "copy_dense_weights": copy_floor(switch_written_bytes(model))})
+        cases.update({**task_switch_cases(swap.set_task, lambda: swap.forward.execute([x]), model),
+                      "switch_from_file": switch_from_file})
     dense_file = bundles["dense"].file("model.pte") if "dense" in bundles else None
 
     def reload():
@@ -222,12 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         "schema": SCHEMA, "benchmark": "executorch", "quick": args.quick,
         "description": "ExecuTorch export modes (XNNPACK, fp32) vs the plain dense XNNPACK program of the same model, "
                        "interleaved in one run, batch 1 (B for model@B), 1 thread",
-        "protocol": {"repeats": args.repeats, "warmup_rounds": 2, "statistic": "median", "batch": "1, or B for a model named model@B",
-                     "forwards": "steady state: consecutive calls per round (about 20 ms of them), seconds per call",
+        "protocol": {"repeats": args.repeats, "warmup_rounds": 2, "statistic": "median", **SWITCH_PROTOCOL,
                      "switch": "set_task with the task's tensors already read (alternating two tasks); one call per "
                                "round, right after other cases (cold caches)",
-                     "copy_dense_weights": "np.copyto of as many bytes as the switch writes (every CRISP layer's "
-                                           "dense W): the floor under any switch that materialises the weights",
                      "switch_from_file": "read + parse + check the task .ptd (Python FlatTensor reader), then set_task",
                      "reload_program": "load_program(bytes of the dense .pte) + load_method('forward')"},
         "targets": TARGETS, "executorch": executorch.version.__version__, "machine": machine_info(), "results": results,

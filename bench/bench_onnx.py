@@ -1,9 +1,9 @@
 """Benchmark: ONNX Runtime export modes vs the plain dense export, side by side, 1 thread.
 
 Per model: the plain timm model exported the plain way (``torch.onnx.export``, TorchScript exporter,
-opset 18, constant folding) is the anchor. Against it, in one interleaved run at batch 1 (batch B for a model named ``model@B``):
-``dense``, ``factored`` and ``swappable`` (a task active) forward latency in steady state
-(consecutive calls, as an app's frames); the task switch
+opset 18, constant folding) is the anchor. Against it, in one interleaved run at batch 1 (batch B
+for a model named ``model@B``): ``dense``, ``factored`` and ``swappable`` (a task active) forward
+latency in steady state (consecutive calls, as an app's frames); the task switch
 (``set_task``: one fold run, adapter preloaded) as a fraction of one swappable forward; and the
 anchor a switch beats, recreating an ORT session on a dense model with other weights; and the floor
 under any switch that materialises dense weights, one memory copy of as many bytes. Sizes: bundle
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from _common import (
     RESULTS_DIR,
+    SWITCH_PROTOCOL,
     bench_task,
-    copy_floor,
     interleave,
     load_bench_model,
     machine_info,
@@ -36,6 +36,7 @@ from _common import (
     steady,
     summarize,
     switch_written_bytes,
+    task_switch_cases,
     timed,
     write_json,
 )
@@ -86,31 +87,17 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
     ref = plain(x).detach().numpy()
     plain_diff = float(np.abs(plain_sess.run(None, {"x": xn})[0] - ref).max())
 
-    state = {"i": 0}
-
-    def switch():
-        state["i"] += 1
-        return timed(lambda: sessions["swappable"].set_task("t2" if state["i"] % 2 else "t1"))[0]
-
-    swap_forward = steady(lambda: sessions["swappable"](xn))
-
-    def switch_back_forward():  # keep t1 active for the forward timing
-        sessions["swappable"].set_task("t1")
-        return swap_forward()
-
     other_file = str(other_dense.file("model.onnx"))
 
     def recreate():
         return timed(lambda: ort.InferenceSession(other_file, session_options(1), providers=["CPUExecutionProvider"]))[0]
 
-    written = switch_written_bytes(model)
+    swap = sessions["swappable"]
     cases = {
         "plain": steady(lambda: plain_sess.run(None, {"x": xn})),
         "dense": steady(lambda: sessions["dense"](xn)),
         "factored": steady(lambda: sessions["factored"](xn)),
-        "swappable": switch_back_forward,
-        "switch": switch,
-        "copy_dense_weights": copy_floor(written),
+        **task_switch_cases(swap.set_task, lambda: swap(xn), model),
         "recreate_session": recreate,
     }
     print(f"{name}: timing {repeats} rounds", flush=True)
@@ -152,7 +139,7 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
     return {
         "model": name, "crisp_config": config.to_dict(), "input_shape": list(x.shape),
         "plain_params_bytes": plain_bytes, "plain_export_max_abs_vs_torch": plain_diff,
-        "switch_written_bytes": written, "seconds": med, "ratios_to_plain": ratios, "sizes": sizes, "adapters": adapters, "parity_max_abs": parity,
+        "switch_written_bytes": switch_written_bytes(model), "seconds": med, "ratios_to_plain": ratios, "sizes": sizes, "adapters": adapters, "parity_max_abs": parity,
         "checks": checks,
     }
 
@@ -172,12 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         "schema": SCHEMA, "benchmark": "onnx",
         "description": "ONNX Runtime export modes vs the plain dense export of the same model, interleaved in one "
                        "run, batch 1 (B for model@B), ORT intra-op threads 1",
-        "protocol": {"repeats": args.repeats, "warmup_rounds": 2, "statistic": "median", "batch": "1, or B for a model named model@B",
-                     "forwards": "steady state: consecutive calls per round (about 20 ms of them), seconds per call",
+        "protocol": {"repeats": args.repeats, "warmup_rounds": 2, "statistic": "median", **SWITCH_PROTOCOL,
                      "switch": "set_task with the adapter preloaded (one fold run), alternating two tasks; one call "
                                "per round, right after other cases (cold caches)",
-                     "copy_dense_weights": "np.copyto of as many bytes as the switch writes (every CRISP layer's "
-                                           "dense W): the floor under any switch that materialises the weights",
                      "recreate_session": "ort.InferenceSession on a dense model file with other weights (creation only)"},
         "targets": TARGETS, "onnxruntime": ort.__version__, "machine": machine_info(), "results": results,
     })
