@@ -32,6 +32,9 @@ class RoleConfig:
         group_size: how many consecutive blocks share one basis. ``None`` = all blocks in one group.
         gate: "silu" (the paper's sigmoid(A)*A), "gelu", "relu" or "none".
         placement: "pre" (W = B @ G(A), the paper's), "post" (G(B @ A)) or "temp" (G(B) @ A).
+        transpose: reshape ``W.T`` instead of ``W`` (``W.T.reshape(u, s) = B @ G(A)``). With ``s = d_out``
+            the shared basis spans the layers' *input* side, which is cheaper than the output side
+            (``s = d_in``) when ``d_in + n*d_out < d_out + n*d_in`` (e.g. LLaMA's k/v/down projections).
     """
 
     s: int = 4
@@ -39,9 +42,12 @@ class RoleConfig:
     group_size: int | None = 4
     gate: str = "silu"
     placement: str = "pre"
+    transpose: bool = False
 
     def __post_init__(self) -> None:
         _check_int("s", self.s, minimum=1)
+        if not isinstance(self.transpose, bool):
+            raise ConfigError(f"transpose must be True or False, got {self.transpose!r}.")
         if self.r is not None:
             _check_int("r", self.r, minimum=1, hint="use r=None for full capacity")
         if self.group_size is not None:
@@ -124,8 +130,8 @@ class CrispConfig:
         return {
             "format": CONFIG_FORMAT,
             "version": CONFIG_VERSION,
-            "default": asdict(self.default),
-            "roles": {k: asdict(v) for k, v in sorted(self.roles.items())},
+            "default": _role_to_dict(self.default),
+            "roles": {k: _role_to_dict(v) for k, v in sorted(self.roles.items())},
             "targets": list(self.targets) if self.targets is not None else None,
             "gate_init_max": self.gate_init_max,
         }
@@ -158,6 +164,14 @@ class CrispConfig:
     @classmethod
     def from_json(cls, text: str | bytes) -> CrispConfig:
         return cls.from_dict(parse_json(text, ConfigError, "config", "CRISP config"))
+
+
+def _role_to_dict(rc: RoleConfig) -> dict[str, Any]:
+    """A role's JSON; ``transpose`` only when set, so configs written before it existed stay identical."""
+    d = asdict(rc)
+    if not d["transpose"]:
+        del d["transpose"]
+    return d
 
 
 def _role_from_dict(d: Any) -> RoleConfig:

@@ -34,6 +34,7 @@ class GroupPlan:
     r: int
     gate: str
     placement: str
+    transpose: bool = False
 
     @property
     def u(self) -> int:
@@ -97,6 +98,7 @@ def plan_groups(model: nn.Module, config: CrispConfig, arch: str | ArchSpec | No
             plans.append(GroupPlan(
                 key=f"{role}_{start}_{end}", role=role, layer_names=tuple(n for n, _ in group),
                 d_in=d_in, d_out=d_out, s=rc.s, r=rc.rank_for(len(group), u), gate=rc.gate, placement=rc.placement,
+                transpose=rc.transpose,
             ))
     return spec, plans
 
@@ -115,7 +117,7 @@ def convert_(model: nn.Module, config: CrispConfig | None = None, arch: str | Ar
         first = model.get_submodule(plan.layer_names[0])
         ref = first.weight
         basis = CrispBasis(plan.role, list(plan.layer_names), plan.d_in, plan.d_out, plan.s, plan.r,
-                           plan.gate, plan.placement, dtype=ref.dtype, device=ref.device)
+                           plan.gate, plan.placement, dtype=ref.dtype, device=ref.device, transpose=plan.transpose)
         with torch.no_grad():
             basis.weight.copy_(torch.randn(basis.weight.shape, generator=generator) * RANDOM_INIT_STD)
         bases[plan.key] = basis
@@ -178,6 +180,7 @@ def group_layout(model: nn.Module) -> dict[str, dict]:
     return {
         key: {"role": b.role, "layers": list(b.layer_names), "d_in": b.d_in, "d_out": b.d_out,
               "s": b.s, "r": b.r, "gate": b.gate_name, "placement": b.placement}
+        | ({"transpose": True} if b.transpose else {})  # only when set: older checkpoints' layouts stay equal
         for key, b in crisp_bases(model).items()
     }
 

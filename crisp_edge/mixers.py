@@ -40,7 +40,7 @@ MIXER_FORMAT = "crisp-edge/mixers"
 MIXER_VERSION = 1
 META_KEY = "crisp_edge"
 MAX_MIXER_FILE_BYTES = 1 << 30
-_LAYOUT_FIELDS = ("role", "n", "d_out", "d_in", "r", "s")
+_LAYOUT_FIELDS = ("role", "n", "d_out", "d_in", "r", "s", "transpose")
 _GATE_FIELDS = ("gate", "placement")
 
 
@@ -66,17 +66,22 @@ class MixerFile:
         return self.meta.get("labels")
 
 
-def _layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+def model_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The layout a mixer file (and a swappable bundle) records per group: role, n, shape, r, s, gate,
+    placement, and ``transpose: True`` for a transposed group (absent otherwise, so records made
+    before transposed groups existed are unchanged)."""
     return {
         key: {"role": g["role"], "n": len(g["layers"]), "d_out": g["d_out"], "d_in": g["d_in"], "r": g["r"],
-              "s": g["s"], "gate": g["gate"], "placement": g["placement"]}
+              "s": g["s"], "gate": g["gate"], "placement": g["placement"]} | ({"transpose": True} if g.get("transpose") else {})
         for key, g in group_layout(model).items()
     }
 
 
 def _pack_layout(layout: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Compact form kept in the file header: ``{"fc1_0_2": "fc1|3|768x192|12|4|silu|pre"}``."""
+    """Compact form kept in the file header: ``{"fc1_0_2": "fc1|3|768x192|12|4|silu|pre"}``, with a
+    trailing ``|T`` for a transposed group (files of untransposed layouts read as before)."""
     return {k: f"{g['role']}|{g['n']}|{g['d_out']}x{g['d_in']}|{g['r']}|{g['s']}|{g['gate']}|{g['placement']}"
+               + ("|T" if g.get("transpose") else "")
             for k, g in layout.items()}
 
 
@@ -84,10 +89,12 @@ def _unpack_layout(packed: dict[str, Any], where: str) -> dict[str, dict[str, An
     out = {}
     for key, text in packed.items():
         try:
-            role, n, shape, r, s, gate, placement = str(text).split("|")
+            role, n, shape, r, s, gate, placement, *flag = str(text).split("|")
             d_out, d_in = shape.split("x")
+            if flag not in ([], ["T"]):
+                raise ValueError
             out[key] = {"role": role, "n": int(n), "d_out": int(d_out), "d_in": int(d_in), "r": int(r), "s": int(s),
-                        "gate": gate, "placement": placement}
+                        "gate": gate, "placement": placement} | ({"transpose": True} if flag else {})
         except ValueError:
             raise CorruptMixerFileError(f"{where}: layout entry {key!r}: {text!r} is malformed.") from None
     return out
@@ -149,7 +156,7 @@ def save_mixers(model: nn.Module, path: str | os.PathLike, task: str, *, head: b
         raise MixerFileError(f"refusing to save non-finite values (NaN/Inf, or overflow in {stored}) in {bad}.")
     meta = {
         "format": MIXER_FORMAT, "version": MIXER_VERSION, "crisp_edge_version": __version__, "task": task,
-        "arch": model.crisp_arch, "layout": _pack_layout(_layout(model)), "bases_sha256": bases_fingerprint(model),
+        "arch": model.crisp_arch, "layout": _pack_layout(model_layout(model)), "bases_sha256": bases_fingerprint(model),
         "dtype": str(compute_dtype).removeprefix("torch."), "storage_dtype": str(stored).removeprefix("torch."),
         "data_sha256": _data_digest(tensors),
     }
@@ -249,26 +256,34 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
+def check_layouts(mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, Any]], where: str, other: str) -> None:
+    """Refuse a mixer file's layout ``theirs`` unless it is ``mine`` (the ``other``'s: "model" or
+    "bundle"): groups, shapes, ranks, transposition (``LayoutMismatchError``), gates (``GateMismatchError``)."""
+    if set(mine) != set(theirs):
+        only_file, only_other = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+        raise LayoutMismatchError(
+            f"{where}: groups differ from the {other}'s: only in the file {only_file}, only in the {other} {only_other}. "
+            "The file was made for another CRISP layout (group size, targets or depth)."
+        )
+
+    def field_of(g: dict, f: str) -> Any:
+        return bool(g.get(f)) if f == "transpose" else g.get(f)
+
+    for fields_, error, what in ((_LAYOUT_FIELDS, LayoutMismatchError, "differs"),
+                                 (_GATE_FIELDS, GateMismatchError, "was trained with another gate")):
+        for key in sorted(mine):
+            diff = [f"{f} {field_of(theirs[key], f)!r} vs {field_of(mine[key], f)!r}" for f in fields_
+                    if field_of(theirs[key], f) != field_of(mine[key], f)]
+            if diff:
+                raise error(f"{where}: group {key} {what} (file vs {other}): {', '.join(diff)}.")
+
+
 def check_mixers(model: nn.Module, mixers: MixerFile) -> None:
     """Raise the matching ``MixerFileError`` subclass if ``mixers`` cannot run on ``model``."""
     where = str(mixers.path) if mixers.path else f"mixer file for task {mixers.task!r}"
     if not is_crisp(model):
         raise LayoutMismatchError(f"{where}: the model has no CRISP layers to apply mixers to.")
-    mine, theirs = _layout(model), mixers.meta["layout"]
-    if set(mine) != set(theirs):
-        only_file, only_model = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
-        raise LayoutMismatchError(
-            f"{where}: groups differ from the model's: only in the file {only_file}, only in the model {only_model}. "
-            "The file was made for another CRISP layout (group size, targets or depth)."
-        )
-    for key in sorted(mine):
-        diff = [f"{f} {theirs[key].get(f)!r} vs {mine[key][f]!r}" for f in _LAYOUT_FIELDS if theirs[key].get(f) != mine[key][f]]
-        if diff:
-            raise LayoutMismatchError(f"{where}: group {key} differs (file vs model): {', '.join(diff)}.")
-    for key in sorted(mine):
-        diff = [f"{f} {theirs[key].get(f)!r} vs {mine[key][f]!r}" for f in _GATE_FIELDS if theirs[key].get(f) != mine[key][f]]
-        if diff:
-            raise GateMismatchError(f"{where}: group {key} was trained with another gate (file vs model): {', '.join(diff)}.")
+    check_layouts(model_layout(model), mixers.meta["layout"], where, "model")
     for key, basis in crisp_bases(model).items():
         t = mixers.tensors.get(f"mixer.{key}")
         if t is None or tuple(t.shape) != (basis.n_layers, basis.r, basis.s):

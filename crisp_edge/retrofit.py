@@ -3,7 +3,8 @@
 Two methods, one entry point, ``retrofit_``:
 
 * ``"svd"`` (default, closed form): per group, stack the layers' reshaped weights side by side
-  (``M = [W_1.reshape(u, s), ..., W_n.reshape(u, s)]``, ``u x n*s``) and take the best rank-r
+  (``M = [W_1.reshape(u, s), ..., W_n.reshape(u, s)]``, ``u x n*s``; ``W_i.T`` for a transposed group)
+  and take the best rank-r
   factorisation ``M ~ P @ Q`` (exact when ``r >= n*s``; Eckart-Young optimal below). Each rank
   component j is rescaled (``B`` absorbs ``1/alpha_j``) so that its largest coefficient is
   ``config.gate_init_max``: mixers stay small, where the gate is well sloped, and the gate's
@@ -264,7 +265,7 @@ def _closed_form_(basis: CrispBasis, mixers: list[nn.Parameter], targets: list[t
                   gate_init_max: float, gen: torch.Generator) -> None:
     u, s, r = basis.u, basis.s, basis.r
     gate = get_gate(basis.gate_name)
-    stacked = torch.cat([t.double().reshape(u, s) for t in targets], dim=1)  # u x (n*s)
+    stacked = torch.cat([basis.to_folded(t.double()) for t in targets], dim=1)  # u x (n*s)
     k = min(r, basis.full_rank)
     p, q = best_rank_factors(stacked, k)
     if basis.placement in ("pre", "post"):  # gate on the coefficients (post only with gate "none")
@@ -293,8 +294,7 @@ def _descend_(basis: CrispBasis, mixers: list[nn.Parameter], targets: list[torch
     ``on_step = (callback, every)`` calls ``callback(step, opt, best_loss, best)`` after every
     ``every`` steps; ``resume_from`` (a run state it saved) continues from that step."""
     gate = get_gate(basis.gate_name)
-    u, s = basis.u, basis.s
-    tgt = [t.reshape(u, s).to(basis.weight.dtype) for t in targets]
+    tgt = [basis.to_folded(t).to(basis.weight.dtype) for t in targets]
     scale = torch.cat([t.flatten() for t in tgt]).std().clamp_min(1e-12)
     params = [basis.weight, *mixers]
     opt = torch.optim.Adam(params, lr=lr)

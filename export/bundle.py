@@ -51,6 +51,21 @@ _MAX_SIZE = 1 << 48
 _MAX_RANK = 8
 
 
+def check_layout_record(layout: Any, where: str) -> None:
+    """A manifest's CRISP layout: a non-empty object of groups, each exactly the mixer files' layout
+    fields (sizes >= 1, names), plus ``"transpose": true`` for a transposed group."""
+    if not isinstance(layout, dict) or not layout or len(layout) > 1 << 16:
+        raise BundleError(f"{where} must be a non-empty object of CRISP groups.")
+    for key, group in layout.items():
+        fields = set(LAYOUT_INTS + LAYOUT_STRS)
+        if (not isinstance(group, dict) or set(group) - {"transpose"} != fields
+                or group.get("transpose", True) is not True
+                or not all(_is_int(group[f], 1) for f in LAYOUT_INTS)
+                or not all(isinstance(group[f], str) and len(group[f]) <= 64 for f in LAYOUT_STRS)):
+            raise BundleError(f"{where}[{key!r:.80}] must hold exactly {sorted(fields)} (sizes >= 1 and names), and "
+                              f"\"transpose\": true only for a transposed group; found {group!r:.200}.")
+
+
 def check_task_name(name: str) -> str:
     if not isinstance(name, str) or not _TASK_NAME.match(name) or name == "default":
         raise BundleError(f"task name {name!r} must be 1-64 characters of letters, digits, '_', '-', '.', "
@@ -128,14 +143,7 @@ def _check_swappable(swap: Any, where: str) -> None:
     if not isinstance(swap.get("bases_sha256"), str) or not _SHA256.match(swap["bases_sha256"]):
         raise BundleError(f"{where}.bases_sha256 must be 64 lower-case hex digits.")
     layout = swap.get("layout")
-    if not isinstance(layout, dict) or not layout or len(layout) > 1 << 16:
-        raise BundleError(f"{where}.layout must be a non-empty object of CRISP groups.")
-    for key, group in layout.items():
-        if (not isinstance(group, dict) or set(group) != set(LAYOUT_INTS + LAYOUT_STRS)
-                or not all(_is_int(group[f], 1) for f in LAYOUT_INTS)
-                or not all(isinstance(group[f], str) and len(group[f]) <= 64 for f in LAYOUT_STRS)):
-            raise BundleError(f"{where}.layout[{key!r:.80}] must hold exactly {sorted(LAYOUT_INTS + LAYOUT_STRS)} "
-                              f"(sizes >= 1 and names); found {group!r:.200}.")
+    check_layout_record(layout, f"{where}.layout")
     tag = swap.get("adapter_model_version")
     if not _is_int(tag, 0, 0x7FFFFFFF) or tag != adapter_model_version(swap["bases_sha256"], layout):
         raise BundleError(f"{where}.adapter_model_version {tag!r:.40} is not the tag of the recorded bases and layout; "

@@ -22,8 +22,6 @@ from typing import Any
 from crisp_edge.io import check_envelope, read_json
 
 from .bundle import (
-    LAYOUT_INTS,
-    LAYOUT_STRS,
     MANIFEST,
     MODES,
     REFERENCE,
@@ -32,6 +30,7 @@ from .bundle import (
     _names,
     _record,
     adapter_model_version,
+    check_layout_record,
     check_relpath,
     check_shape,
     check_tolerance_and_tasks,
@@ -56,13 +55,9 @@ def _check_swappable(swap: Any, where: str) -> None:
         raise BundleError(f"{where}: a swappable bundle needs the object 'swappable' (bases, layout, set_task inputs).")
     where = f"{where}: swappable"
     layout = swap.get("layout")
-    if not isinstance(swap.get("bases_sha256"), str) or not isinstance(layout, dict) or not layout:
+    if not isinstance(swap.get("bases_sha256"), str):
         raise BundleError(f"{where} needs 'bases_sha256' and a non-empty 'layout'.")
-    for key, group in layout.items():
-        if (not isinstance(group, dict) or set(group) != set(LAYOUT_INTS + LAYOUT_STRS)
-                or not all(_is_int(group[f], 1) for f in LAYOUT_INTS)
-                or not all(isinstance(group[f], str) and len(group[f]) <= 64 for f in LAYOUT_STRS)):
-            raise BundleError(f"{where}.layout[{key!r:.80}] must hold exactly {sorted(LAYOUT_INTS + LAYOUT_STRS)}.")
+    check_layout_record(layout, f"{where}.layout")
     if swap.get("tag") != adapter_model_version(swap["bases_sha256"], layout):
         raise BundleError(f"{where}.tag {swap.get('tag')!r:.40} is not the tag of the recorded bases and layout; "
                           "the manifest was edited. Export the bundle again.")

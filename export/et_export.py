@@ -52,10 +52,12 @@ from crisp_edge.errors import ConfigError
 from crisp_edge.fingerprint import bases_fingerprint
 from crisp_edge.gates import crisp_weight_matrix, get_gate
 from crisp_edge.io import atomic_write_json
+from crisp_edge.layer import unfold_weight
 from crisp_edge.mixers import (
     MixerFile,
     apply_mixers_,
     head_module,
+    model_layout,
 )
 
 from .bundle import (
@@ -80,7 +82,7 @@ from .et_bundle import (
     EtBundle,
 )
 from .et_tasks import task_arrays, task_record, write_task_ptd
-from .onnx_export import OUTPUT_NAME, _example_inputs, _Forward, _layout, _stored_params
+from .onnx_export import OUTPUT_NAME, _example_inputs, _Forward, _stored_params
 from .reference import (
     REFERENCE_SEED,
     reference_inputs,
@@ -140,7 +142,7 @@ class _SwapProgram(nn.Module):
         for key, b in crisp_bases(model).items():
             bkey = key.replace(".", "_")
             self.bases[bkey] = nn.Parameter(b.weight.detach().clone(), requires_grad=False)
-            self.groups.append((key, bkey, list(b.layer_names), b.gate_name, b.placement, b.d_out, b.d_in))
+            self.groups.append((key, bkey, list(b.layer_names), b.gate_name, b.placement, b.d_out, b.d_in, b.transpose))
             for n in b.layer_names:
                 lin = dense.get_submodule(n)
                 _replace(dense, n, _BufLinear(lin.weight, lin.bias))
@@ -162,10 +164,10 @@ class _SwapProgram(nn.Module):
         return self.fwd(*xs)
 
     def set_task(self, *inputs: torch.Tensor) -> torch.Tensor:
-        for (key, bkey, layers, gate, placement, d_out, d_in), mixers in zip(self.groups, inputs):
+        for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
             g = get_gate(gate)
             for j, n in enumerate(layers):
-                w = crisp_weight_matrix(self.bases[bkey], mixers[j], g, placement).reshape(d_out, d_in)
+                w = unfold_weight(crisp_weight_matrix(self.bases[bkey], mixers[j], g, placement), d_out, d_in, transpose)
                 self.fwd.model.get_submodule(n).weight.copy_(w)
         if self.head_path is not None:
             head = self.fwd.model.get_submodule(self.head_path)
@@ -316,7 +318,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
         prog = _SwapProgram(model, names, head["max_classes"] if head else None).eval()
         view = copy.copy(prog)
         view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
-        fp, layout = bases_fingerprint(model), _layout(model)
+        fp, layout = bases_fingerprint(model), model_layout(model)
         inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2],
                                                      crisp_bases(model)[key].s]}
                   for key, bkey, layers, *_ in prog.groups]

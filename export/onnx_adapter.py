@@ -22,19 +22,16 @@ import onnxruntime as ort
 from crisp_edge.errors import (
     BasisMismatchError,
     DtypeMismatchError,
-    GateMismatchError,
     LayoutMismatchError,
 )
 from crisp_edge.io import atomic_write_json, sha256_file
-from crisp_edge.mixers import MixerFile, read_mixers
+from crisp_edge.mixers import MixerFile, check_layouts, read_mixers
 
 from .adapter_format import MAX_ADAPTER_BYTES, parse_adapter
 from .bundle import ADAPTER_SUFFIX, TASKS_DIR, Bundle, check_task_name, load_bundle
 from .errors import AdapterError, BundleError
 from .onnx_fold import CLASS_AXIS
 
-_LAYOUT_FIELDS = ("role", "n", "d_out", "d_in", "r", "s")
-_GATE_FIELDS = ("gate", "placement")
 ADAPTER_VERSION = 1
 
 
@@ -46,18 +43,7 @@ def _swap(bundle: Bundle) -> dict:
 
 def check_mixers_for_bundle(mf: MixerFile, swap: dict, where: str) -> None:
     """Refuse (with crisp-edge's mixer error types) a mixer file made for other bases or layout."""
-    mine, theirs = swap["layout"], mf.meta["layout"]
-    if set(mine) != set(theirs):
-        raise LayoutMismatchError(
-            f"{where}: groups differ from the bundle's: only in the file {sorted(set(theirs) - set(mine))}, "
-            f"only in the bundle {sorted(set(mine) - set(theirs))}. The file was made for another CRISP layout.")
-    for key in sorted(mine):
-        diff = [f"{f} {theirs[key].get(f)!r} vs {mine[key][f]!r}" for f in _LAYOUT_FIELDS if theirs[key].get(f) != mine[key][f]]
-        if diff:
-            raise LayoutMismatchError(f"{where}: group {key} differs (file vs bundle): {', '.join(diff)}.")
-        diff = [f"{f} {theirs[key].get(f)!r} vs {mine[key][f]!r}" for f in _GATE_FIELDS if theirs[key].get(f) != mine[key][f]]
-        if diff:
-            raise GateMismatchError(f"{where}: group {key} was trained with another gate (file vs bundle): {', '.join(diff)}.")
+    check_layouts(swap["layout"], mf.meta["layout"], where, "bundle")
     if mf.meta["dtype"] != "float32":
         raise DtypeMismatchError(f"{where}: mixers were trained in {mf.meta['dtype']}; this bundle computes in float32.")
     if mf.meta["bases_sha256"] != swap["bases_sha256"]:

@@ -54,14 +54,13 @@ from crisp_edge import __version__
 from crisp_edge.convert import (
     _set_submodule,
     crisp_bases,
-    group_layout,
     is_crisp,
     materialize_,
 )
 from crisp_edge.errors import ConfigError
 from crisp_edge.fingerprint import bases_fingerprint
 from crisp_edge.io import atomic_write_json
-from crisp_edge.mixers import MixerFile, apply_mixers_
+from crisp_edge.mixers import MixerFile, apply_mixers_, model_layout
 
 from .bundle import (
     ADAPTER_SUFFIX,
@@ -214,11 +213,6 @@ def _stored_params(model: nn.Module) -> int:
     return n
 
 
-def _layout(model: nn.Module) -> dict[str, dict]:
-    return {k: {"role": g["role"], "n": len(g["layers"]), "d_out": g["d_out"], "d_in": g["d_in"], "r": g["r"],
-                "s": g["s"], "gate": g["gate"], "placement": g["placement"]} for k, g in group_layout(model).items()}
-
-
 def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "swappable",
                 example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
                 tasks: Sequence[str | os.PathLike | MixerFile] = (), opset: int = DEFAULT_OPSET,
@@ -303,7 +297,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
         module = _WeightsAsInputs(dense, names, params)
         proto = take_folded_weights(_torch_export(module, args + tuple(state[p].detach() for p in params),
                                                   folder / "tmp.onnx", names + w_names, axes, opset, True), spec)
-        layout = _layout(model)
+        layout = model_layout(model)
         fp = bases_fingerprint(model)
         head = None
         if spec.head:

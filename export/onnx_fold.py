@@ -47,7 +47,9 @@ class FoldSpec:
     overridable: dict[str, list]
     outputs: dict[str, str]  # fold output name -> parameter name in the model
     head: str | None         # the head module's path, when the head is swappable
-    folded: dict[str, tuple[list[int], list[int]]]  # output in folded layout -> ((u, s), (d_out, d_in))
+    #: output in folded layout -> ((u, s), the shape it reshapes to, transposed): (d_out, d_in), or
+    #: (d_in, d_out) and then a transpose for a transposed group
+    folded: dict[str, tuple[list[int], list[int], bool]]
 
 
 def _np(t) -> np.ndarray:
@@ -92,11 +94,11 @@ def build_fold_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, Fol
         out_infos.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
 
     out_infos: list = []
-    folded: dict[str, tuple[list[int], list[int]]] = {}
+    folded: dict[str, tuple[list[int], list[int], bool]] = {}
 
     def add_weight(out: str, param: str, basis) -> None:
-        shape = [basis.d_out * basis.d_in // basis.s, basis.s]
-        folded[out] = (shape, [basis.d_out, basis.d_in])
+        shape = [basis.u, basis.s]
+        folded[out] = (shape, list(basis.folded_dense_shape), basis.transpose)
         add_output(out, param, shape)
 
     for key, basis in crisp_bases(model).items():
@@ -174,7 +176,8 @@ def build_fold_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, Fol
 def take_folded_weights(proto: onnx.ModelProto, spec: FoldSpec) -> onnx.ModelProto:
     """The inference graph ``proto`` (taking each weight as a (d_out, d_in) input) rewritten to take the
     fold's outputs as they are: each folded-layout input declared (u, s) and reshaped in the graph
-    (a free alias on a graph input, where the same Reshape in the fold would copy)."""
+    (a free alias on a graph input, where the same Reshape in the fold would copy); a transposed
+    group's weight is reshaped to (d_in, d_out) and transposed, which ORT folds into the MatMul."""
     graph = proto.graph
     inputs = {i.name: i for i in graph.input}
     missing = sorted(set(spec.folded) - set(inputs))
@@ -186,14 +189,17 @@ def take_folded_weights(proto: onnx.ModelProto, spec: FoldSpec) -> onnx.ModelPro
             if name in rename:
                 node.input[k] = rename[name]
     reshapes = []
-    for name, (shape, dense_shape) in spec.folded.items():
+    for name, (shape, dense_shape, transpose) in spec.folded.items():
         dims = inputs[name].type.tensor_type.shape.dim
         del dims[:]
         for d in shape:
             dims.add().dim_value = d
         target = f"{name}.dense_shape"
         graph.initializer.append(numpy_helper.from_array(np.array(dense_shape, np.int64), target))
-        reshapes.append(helper.make_node("Reshape", [name, target], [rename[name]], name=f"{name}.to_dense"))
+        reshaped = f"{name}.transposed" if transpose else rename[name]
+        reshapes.append(helper.make_node("Reshape", [name, target], [reshaped], name=f"{name}.to_dense"))
+        if transpose:
+            reshapes.append(helper.make_node("Transpose", [reshaped], [rename[name]], perm=[1, 0], name=f"{name}.untranspose"))
     nodes = reshapes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)

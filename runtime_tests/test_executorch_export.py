@@ -285,3 +285,19 @@ def test_cli_export_and_export_task(model, tasks, tmp_path, capsys):
     sess = b.session()
     sess.set_task("later")
     assert sess(np.zeros((1, 1, 16, 16), np.float32)).shape == (1, 7)
+
+
+def test_transposed_groups_export_and_switch(tmp_path):
+    """A transposed group (fc2 with s = d_out: an input-side basis) builds the same weights in the
+    program's set_task as in PyTorch."""
+    config = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2),
+                            roles={"fc2": ce.RoleConfig(s=32, group_size=2, transpose=True)})
+    model = crisp_toy(config=config)
+    task = make_task_file(model, tmp_path / "t.safetensors", "t", 1, 3)
+    bundle = export_executorch(model, tmp_path / "b", mode="swappable", recipe="portable", tasks=[task])
+    assert bundle.manifest["parity"]["passed"]
+    assert bundle.manifest["swappable"]["layout"]["fc2_0_1"]["transpose"] is True
+    sess = load_et_bundle(bundle.path).session(threads=1)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    sess.set_task("t")
+    assert np.abs(sess.run({"x": x.numpy()})["logits"] - torch_logits(model, task, x)).max() <= 1e-4

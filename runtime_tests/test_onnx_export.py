@@ -227,3 +227,31 @@ def test_fold_graph_covers_every_gate_and_placement(tmp_path, gate, placement):
                 generator=torch.Generator().manual_seed(0))
     bundle = export_onnx(model.eval(), tmp_path / "b", mode="swappable")  # validated inside
     assert bundle.manifest["parity"]["max_abs"] <= 1e-4
+
+
+#: fc1 transposed at a small s, fc2 transposed with s = d_out (an input-side basis, as LLaMA's down_proj).
+TRANSPOSED = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2),
+                            roles={"fc1": ce.RoleConfig(s=4, group_size=2, transpose=True),
+                                   "fc2": ce.RoleConfig(s=32, group_size=2, transpose=True)})
+
+
+@pytest.mark.parametrize("mode", ["factored", "swappable"])
+def test_transposed_groups_export_and_switch(tmp_path, mode):
+    """Transposed groups (W.T = reshape(B @ G(A))) fold to the same weights as PyTorch in every mode,
+    and an untransposed model's mixer file is refused by the bundle."""
+    model = crisp_toy(config=TRANSPOSED)
+    task = make_task_file(model, tmp_path / "t.safetensors", "t", 1, 4)
+    bundle = export_onnx(model, tmp_path / mode, mode=mode, tasks=[task] if mode == "swappable" else ())
+    assert bundle.manifest["parity"]["passed"] and bundle.manifest["parity"]["max_abs"] <= 1e-4
+    if mode == "factored":
+        return
+    assert bundle.manifest["swappable"]["layout"]["fc2_0_1"]["transpose"] is True
+    assert "transpose" not in bundle.manifest["swappable"]["layout"]["qkv_0_1"]
+    ref = copy.deepcopy(model)
+    apply_mixers_(ref, task)
+    sess = bundle.session()
+    sess.set_task("t")
+    np.testing.assert_allclose(sess(x_input()), ref(x_input()).detach().numpy(), atol=1e-4, rtol=0)
+    plain = crisp_toy()  # same shapes for qkv/proj, fc1 untransposed
+    with pytest.raises(LayoutMismatchError, match="transpose"):
+        mixers_to_onnx_adapter(make_task_file(plain, tmp_path / "p.safetensors", "p", 1, 4), bundle.path)

@@ -127,11 +127,12 @@ def _batches(n=3):
 
 @pytest.mark.parametrize("reduction", ["cluster", "truncate"])
 def test_alg5_hits_budget_and_stage1b_never_hurts(reduction):
+    """Output-side bases: Stage 1b's plain least squares never raises the (unweighted) weight error."""
     model = toy_hf_llama(depth=4)
     original = stored_params(model)
     budget = int(0.7 * original) - 3
     report = compress_llama_(model, budget, calib_batches=_batches(), calibration=CalibrationConfig(steps=3),
-                             reduction=reduction, progress=False)
+                             reduction=reduction, sides="out", progress=False)
     stored = stored_params(model)
     assert report.stored == stored <= budget
     units = _role_units(model)
@@ -151,18 +152,63 @@ def _role_units(model):
     return units
 
 
+@pytest.mark.parametrize("sides", ["out", "in"])
 @pytest.mark.parametrize("reduction", ["cluster", "truncate"])
-def test_alg5_is_exact_at_zero_rates(reduction):
+def test_alg5_is_exact_at_zero_rates(reduction, sides):
     model = toy_hf_llama()
     x = example_inputs(model)
     ref = forward(model, x)
-    report = compress_llama_(model, rates={}, reduction=reduction, progress=False)
+    report = compress_llama_(model, rates={}, reduction=reduction, sides=sides, calib_batches=_batches(),
+                             calibration=CalibrationConfig(steps=0), progress=False)
     assert report.errors["stage1b"] < 1e-5
     assert torch.allclose(forward(model, x), ref, atol=1e-4)
+    assert {b.transpose for b in model.crisp_bases.values()} == {sides == "in"}
 
 
-def test_input_statistics_lower_the_output_error(monkeypatch):
-    """With calibration inputs the kept subspace is the principal one of the outputs: lower output error."""
+def _share_one_side_(model, role, side, rank=12, seed=0):
+    """Make every ``role`` layer of ``model`` exactly rank ``rank`` with one factor shared by all of them:
+    ``W_i = U_i V^T`` (a shared input side) or ``W_i = U V_i^T`` (a shared output side)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [m for n, (r, m) in targeted_linears(model).items() if r == role]
+    d_out, d_in = layers[0].weight.shape
+    shared = torch.randn(d_in if side == "in" else d_out, rank, generator=g)
+    with torch.no_grad():
+        for m in layers:
+            own = torch.randn(d_out if side == "in" else d_in, rank, generator=g)
+            m.weight.copy_(own @ shared.T if side == "in" else shared @ own.T)
+
+
+def test_choose_sides_finds_the_side_the_layers_share():
+    """A role whose layers share their input side is exactly representable by an input-side basis at
+    a small rank, not by an output-side one (and the other way round); auto picks the exact side and
+    then compresses that role without error."""
+    from crisp_edge.compress.llama import choose_sides
+
+    model = toy_hf_llama(depth=4)
+    _share_one_side_(model, "down_proj", "in")
+    _share_one_side_(model, "gate_proj", "out")
+    budget = int(0.5 * stored_params(model))
+    sides, scores = choose_sides(model, budget)
+    assert sides["down_proj"] == "in" and sides["gate_proj"] == "out"
+    assert scores["down_proj"]["in"] < 1e-9 < scores["down_proj"]["out"]
+    assert scores["gate_proj"]["out"] < 1e-9 < scores["gate_proj"]["in"]
+    teacher = {n: m.weight.detach().clone() for n, (r, m) in targeted_linears(model).items()}
+    report = compress_llama_(model, budget, reduction="truncate", progress=False)
+    assert report.sides["down_proj"] == "in" and report.sides["gate_proj"] == "out"
+    assert report.side_errors == scores
+    for n, w in teacher.items():
+        if "down_proj" in n or "gate_proj" in n:
+            assert torch.allclose(model.get_submodule(n).weight.detach(), w, atol=1e-5), n
+    with pytest.raises(ConfigError, match="sides must"):
+        compress_llama_(toy_hf_llama(), budget, sides="left", progress=False)
+    with pytest.raises(ConfigError, match="sides must map"):
+        compress_llama_(toy_hf_llama(), budget, sides={"down_proj": "left"}, progress=False)
+
+
+@pytest.mark.parametrize("sides", ["out", "in"])
+def test_input_statistics_lower_the_output_error(monkeypatch, sides):
+    """With calibration inputs the kept subspace is the principal one of the outputs (an input-side
+    basis: whitened, and the coefficients re-solved weighted by the inputs): lower output error."""
     from crisp_edge.compress.baselines import capture_linear_inputs
 
     dense = toy_hf_llama(depth=4)
@@ -178,7 +224,7 @@ def test_input_statistics_lower_the_output_error(monkeypatch):
         model = toy_hf_llama(depth=4)
         monkeypatch.setattr(alg5, "capture_linear_inputs", lambda *a, **k: stats)  # the skewed statistics above
         compress_llama_(model, int(0.6 * stored_params(model)), calib_batches=batches, use_input_stats=use,
-                        calibration=CalibrationConfig(steps=0), reduction="truncate", progress=False)
+                        calibration=CalibrationConfig(steps=0), reduction="truncate", sides=sides, progress=False)
         diff = {n: model.get_submodule(n).weight.detach().double() - w for n, w in teacher.items()}
         errors[use] = sum(float(torch.trace(diff[n] @ stats.gram[n] @ diff[n].T) / torch.trace(w @ stats.gram[n] @ w.T))
                           for n, w in teacher.items())

@@ -15,6 +15,7 @@ CONFIGS = [
     CrispConfig(default=RoleConfig(s=2), roles={"fc1": RoleConfig(s=8, r=3), "qkv": RoleConfig(gate="none",
                 placement="post", group_size=1)}, targets=("qkv", "fc1", "fc2")),
     CrispConfig(targets=["fc2"]),  # a list is accepted and stored as a tuple
+    CrispConfig(roles={"fc2": RoleConfig(s=32, transpose=True)}),
 ]
 
 
@@ -33,6 +34,13 @@ def test_json_round_trip(config):
     d = json.loads(text)
     assert d["format"] == CONFIG_FORMAT and d["version"] == CONFIG_VERSION
     assert CrispConfig.from_dict(config.to_dict()) == config
+
+
+def test_transpose_is_written_only_when_set():
+    """Configs without transposed roles keep the JSON they had before ``transpose`` existed."""
+    assert "transpose" not in CrispConfig().to_json()
+    d = CrispConfig(roles={"fc2": RoleConfig(transpose=True)}).to_dict()
+    assert d["roles"]["fc2"]["transpose"] is True and "transpose" not in d["default"]
 
 
 def test_targets_become_a_tuple():
@@ -76,6 +84,7 @@ def test_rank_for(n_layers, u, r, expected):
     ({"group_size": 0}, "group_size must be >= 1.*group_size=None"),
     ({"gate": "tanh"}, r"gate must be one of \['gelu', 'none', 'relu', 'silu'\], got 'tanh'"),
     ({"placement": "mid"}, "placement must be one of .*'pre'.*got 'mid'"),
+    ({"transpose": 1}, "transpose must be True or False, got 1"),
 ])
 def test_bad_role_values(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -72,3 +72,38 @@ def test_converted_layer_repr_and_formula():
     b = layer.basis
     torch.testing.assert_close(layer.weight, (b.weight @ F.silu(layer.crisp_mixer)).reshape(32, 128))
     assert "r=8, s=4, gate=silu" in repr(layer)
+
+
+def test_transposed_group_reshapes_the_transposed_weight():
+    """transpose=True: W.T.reshape(u, s) == B @ G(A); to_folded / from_folded are each other's inverse."""
+    basis = CrispBasis("fc", ["a"], d_in=6, d_out=4, s=4, r=3, dtype=torch.float64, transpose=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        basis.weight.copy_(torch.randn(basis.weight.shape, generator=g, dtype=torch.float64))
+    layer = CrispLinear(basis, bias=False)
+    with torch.no_grad():
+        layer.crisp_mixer.copy_(torch.randn(layer.crisp_mixer.shape, generator=g, dtype=torch.float64))
+    a = layer.crisp_mixer
+    product = basis.weight @ (torch.sigmoid(a) * a)  # (u, s) = (6, 4): W.T
+    assert basis.folded_dense_shape == (6, 4) and "transpose=True" in repr(basis)
+    torch.testing.assert_close(layer.weight, product.reshape(6, 4).T)
+    torch.testing.assert_close(basis.to_folded(layer.weight), product)
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    assert torch.equal(basis.from_folded(basis.to_folded(w)), w)
+
+
+def test_transposed_role_retrofits_exactly_and_records_its_layout():
+    """A transposed role with s = d_out shares an input-side basis; the closed-form retrofit is exact."""
+    from crisp_edge import retrofit_
+    from crisp_edge.convert import group_layout
+
+    model = toy_timm_vit(depth=2)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = model(x)
+    fc2 = model.blocks[0].mlp.fc2
+    config = CrispConfig(default=RoleConfig(s=4, group_size=2), roles={"fc2": RoleConfig(s=fc2.out_features, transpose=True)})
+    retrofit_(model, config, progress=False)
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    layout = group_layout(model)
+    assert layout["fc2_0_1"]["transpose"] is True and layout["fc2_0_1"]["s"] == fc2.out_features
+    assert "transpose" not in layout["fc1_0_1"]

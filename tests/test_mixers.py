@@ -111,6 +111,19 @@ def test_other_layout_refused(tmp_path):
         apply_mixers_(crisp_toy(CrispConfig(default=RoleConfig(s=4, group_size=2, r=4))), path)
 
 
+def test_transposed_layout_refused(tmp_path):
+    """Same shapes, same s and r, but one model reshapes W.T: its mixers mean something else."""
+    transposed = CrispConfig(default=RoleConfig(s=4, group_size=2), roles={"fc1": RoleConfig(s=4, group_size=2, transpose=True)})
+    path = save_mixers(crisp_toy(), tmp_path / "m.safetensors", task="m")
+    with pytest.raises(LayoutMismatchError, match="transpose False vs True"):
+        apply_mixers_(crisp_toy(transposed), path)
+    tpath = save_mixers(crisp_toy(transposed), tmp_path / "t.safetensors", task="t")
+    assert read_mixers(tpath).meta["layout"]["fc1_0_1"]["transpose"] is True
+    with pytest.raises(LayoutMismatchError, match="transpose True vs False"):
+        apply_mixers_(crisp_toy(), tpath)
+    apply_mixers_(crisp_toy(transposed), tpath)  # its own layout: applies
+
+
 def test_other_gate_refused(tmp_path):
     path = save_mixers(crisp_toy(), tmp_path / "m.safetensors", task="m")
     with pytest.raises(GateMismatchError, match="gate 'silu' vs 'gelu'"):

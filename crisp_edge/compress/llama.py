@@ -60,25 +60,38 @@ from ..layer import CrispBasis, CrispLinear
 from ..retrofit import retrofit_
 from ..specs import get_architecture
 from .baselines import (
+    GRAM_RIDGE,
     LinearInputStats,
     capture_linear_inputs,
     stored_params,
     targeted_linears,
+    whitening_factor,
 )
 
 REDUCTIONS = ("cluster", "truncate")
+#: Where a role's shared basis lives: "out" (``s = d_in``, the layers' output side) or "in"
+#: (``s = d_out``, transposed: the input side, as Basis Sharing). ``"auto"`` picks per role.
+SIDES = ("out", "in")
 
 
 def llama_crisp_config(model: nn.Module, group_size: int | None = 2, ranks: Mapping[str, int] | None = None,
-                       gate_init_max: float = 0.15) -> CrispConfig:
-    """The CRISP layout used for LLaMA compression: per role ``s = d_in`` (``u = d_out``), groups of
-    ``group_size`` blocks, rank ``ranks[role]`` (full capacity where absent)."""
+                       gate_init_max: float = 0.15, sides: Mapping[str, str] | None = None) -> CrispConfig:
+    """The CRISP layout used for LLaMA compression, per role: an output-side basis (``sides[role] ==
+    "out"``, the default: ``s = d_in``, ``u = d_out``) or an input-side one (``"in"``: ``s = d_out``,
+    ``transpose=True``, ``u = d_in``); groups of ``group_size`` blocks, rank ``ranks[role]`` (full
+    capacity where absent)."""
     spec = get_architecture("hf-llama")
     block = model.get_submodule(spec.blocks)[0]
+    sides = dict(sides or {})
+    bad = {k: v for k, v in sides.items() if k not in spec.roles or v not in SIDES}
+    if bad:
+        raise ConfigError(f"sides must map roles {list(spec.roles)} to one of {SIDES}; got {bad}.")
     roles = {}
     for role, path in spec.roles.items():
-        d_in = block.get_submodule(path).in_features
-        roles[role] = RoleConfig(s=d_in, r=(ranks or {}).get(role), group_size=group_size)
+        lin = block.get_submodule(path)
+        r = (ranks or {}).get(role)
+        roles[role] = (RoleConfig(s=lin.out_features, r=r, group_size=group_size, transpose=True)
+                       if sides.get(role) == "in" else RoleConfig(s=lin.in_features, r=r, group_size=group_size))
     return CrispConfig(default=RoleConfig(s=1, group_size=group_size), roles=roles, targets=tuple(spec.roles),
                        gate_init_max=gate_init_max)
 
@@ -98,6 +111,8 @@ class LlamaCompressReport:
     seconds: dict[str, float]
     calibration: dict | None = None
     notes: list[str] = field(default_factory=list)
+    sides: dict[str, str] = field(default_factory=dict)
+    side_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> side -> est. rel. error
 
     @property
     def shortfall(self) -> int:
@@ -107,7 +122,8 @@ class LlamaCompressReport:
         return asdict(self) | {"shortfall": self.shortfall, "kept_fraction": self.stored / self.original}
 
     def format(self) -> str:
-        ranks = ", ".join(f"{k} {v}/{self.full_ranks[k]}" for k, v in self.ranks.items())
+        ranks = ", ".join(f"{k} {v}/{self.full_ranks[k]}" + (" (in)" if self.sides.get(k) == "in" else "")
+                          for k, v in self.ranks.items())
         errs = ", ".join(f"{k} {v:.3f}" for k, v in self.errors.items())
         return (f"CRISP-LLaMA ({self.reduction}): budget {self.budget:,} -> stored {self.stored:,} of {self.original:,} "
                 f"({100 * self.stored / self.original:.1f}%); ranks {ranks}; mean rel. weight error: {errs}")
@@ -117,12 +133,12 @@ class LlamaCompressReport:
 # ranks
 # --------------------------------------------------------------------------------------------------
 def plan_ranks(model: nn.Module, budget: int | None = None, rates: Mapping[str, float] | None = None,
-               group_size: int | None = 2) -> tuple[dict[str, int], dict[str, int]]:
-    """``(ranks, full_ranks)`` per role for a dense LLaMA under ``llama_crisp_config``, from an integer
-    ``budget`` (largest whole-rank count <= budget) or from per-projection ``rates``."""
+               group_size: int | None = 2, sides: Mapping[str, str] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """``(ranks, full_ranks)`` per role for a dense LLaMA under ``llama_crisp_config`` (with ``sides``),
+    from an integer ``budget`` (largest whole-rank count <= budget) or from per-projection ``rates``."""
     if (budget is None) == (rates is None):
         raise ConfigError("give exactly one of budget= (stored numbers) or rates= ({role: fraction removed}).")
-    _, plans = plan_groups(model, llama_crisp_config(model, group_size), "hf-llama")
+    _, plans = plan_groups(model, llama_crisp_config(model, group_size, sides=sides), "hf-llama")
     roles: dict[str, list] = {}
     for p in plans:
         roles.setdefault(p.role, []).append(p)
@@ -161,19 +177,77 @@ def plan_ranks(model: nn.Module, budget: int | None = None, rates: Mapping[str, 
     return ranks, full
 
 
+@torch.no_grad()
+def _truncation_error(plan, weights: Mapping[str, torch.Tensor], moments: Mapping[str, torch.Tensor] | None,
+                      rank: int) -> tuple[float, float]:
+    """``(error, energy)`` of one group kept at ``rank`` on its side, as Stage 1's top components would
+    keep it: ``sum_i ||(W_i - W^_i) X_i^T||^2`` and ``sum_i ||W_i X_i^T||^2`` (``X^T X = Sigma_i``; the
+    identity without statistics)."""
+    ws = [weights[n].double() for n in plan.layer_names]
+    sms = [moments[n].double() if moments else torch.eye(ws[0].shape[1], dtype=torch.float64) for n in plan.layer_names]
+    c = torch.zeros(1, dtype=torch.float64)
+    if not plan.transpose:  # output side: project every W_i on the top eigenvectors of sum_i W_i Sigma_i W_i^T
+        _, vecs = torch.linalg.eigh(sum(w @ sm @ w.T for w, sm in zip(ws, sms)))
+        u = vecs[:, -rank:]
+        approx = [u @ (u.T @ w) for w in ws]
+    else:  # input side: whitened by the group's mean second moment, as principal_basis
+        sf = whitening_factor(sum(sms) / len(sms))
+        _, vecs = torch.linalg.eigh(sum((w @ sf).T @ (w @ sf) for w in ws))
+        v = vecs[:, -rank:]
+        back = torch.linalg.solve_triangular(sf.T, v, upper=True).T  # V^T S^-1
+        approx = [(w @ sf @ v) @ back for w in ws]
+    for w, a, sm in zip(ws, approx, sms):
+        e = w - a
+        c += ((e @ sm) * e).sum()
+    energy = sum(float(((w @ sm) * w).sum()) for w, sm in zip(ws, sms))
+    return float(c), energy
+
+
+def choose_sides(model: nn.Module, budget: int, group_size: int | None = 2,
+                 moments: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Per role, the basis side (``SIDES``) with the smaller error at the rank ``budget`` buys on it.
+
+    A component of an output-side basis costs ``d_out + n*d_in`` numbers, of an input-side one
+    ``d_in + n*d_out``, and the two sides also differ in how much of the layers' output variance
+    their leading components hold. So each side is scored as Stage 1 would use it: every group kept
+    at the rank ``plan_ranks`` gives the role on that side, the relative activation-weighted error
+    (``moments[name]``: each layer's input second moment; ``None`` = unweighted). Returns
+    ``(sides, {role: {side: error}})``. ``model`` is the dense LLaMA (before the retrofit)."""
+    weights = {n: m.weight.detach() for n, (_, m) in targeted_linears(model, arch="hf-llama").items()}
+    scores: dict[str, dict[str, float]] = {}
+    for side in SIDES:
+        every = dict.fromkeys(get_architecture("hf-llama").roles, side)
+        ranks, _ = plan_ranks(model, budget, group_size=group_size, sides=every)
+        _, plans = plan_groups(model, llama_crisp_config(model, group_size, sides=every), "hf-llama")
+        totals: dict[str, list[float]] = {}
+        for p in plans:
+            err, energy = _truncation_error(p, weights, moments, ranks[p.role])
+            t = totals.setdefault(p.role, [0.0, 0.0])
+            t[0], t[1] = t[0] + err, t[1] + energy
+        for role, (err, energy) in totals.items():
+            scores.setdefault(role, {})[side] = err / max(energy, 1e-300)
+    sides = {role: min(SIDES, key=lambda sd: (by_side[sd], sd != "out")) for role, by_side in scores.items()}
+    return sides, scores
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage 1: importance, clustering, merging
 # --------------------------------------------------------------------------------------------------
-def importance(basis: torch.Tensor, coeffs: list[torch.Tensor], second_moments: list[torch.Tensor] | None = None
-               ) -> torch.Tensor:
-    """Per component j: ``||b_j|| * sqrt(sum_i ||c_ij||^2)``, or with input second moments ``Sigma_i``
-    (``s = d_in``) ``||b_j|| * sqrt(sum_i c_ij^T Sigma_i c_ij)``: the component's output RMS."""
-    norms = basis.double().norm(dim=0)
+def importance(basis: torch.Tensor, coeffs: list[torch.Tensor], second_moments: list[torch.Tensor] | None = None,
+               transpose: bool = False) -> torch.Tensor:
+    """Per component j: ``||b_j|| * sqrt(sum_i ||c_ij||^2)``; with input second moments ``Sigma_i``, the
+    component's output RMS: ``||b_j|| * sqrt(sum_i c_ij^T Sigma_i c_ij)`` for an output-side basis
+    (``s = d_in``), ``sqrt(sum_i ||c_ij||^2 b_j^T Sigma_i b_j)`` for an input-side one (transposed,
+    ``s = d_out``)."""
+    b = basis.double()
     if second_moments is None:
-        energy = sum(c.double().pow(2).sum(dim=1) for c in coeffs)
-    else:
-        energy = sum(((c.double() @ m) * c.double()).sum(dim=1) for c, m in zip(coeffs, second_moments))
-    return norms * energy.clamp_min(0).sqrt()
+        return b.norm(dim=0) * sum(c.double().pow(2).sum(dim=1) for c in coeffs).clamp_min(0).sqrt()
+    if transpose:
+        energy = sum(((b.T @ m.double()) * b.T).sum(dim=1) * c.double().pow(2).sum(dim=1)
+                     for c, m in zip(coeffs, second_moments))
+        return energy.clamp_min(0).sqrt()
+    energy = sum(((c.double() @ m) * c.double()).sum(dim=1) for c, m in zip(coeffs, second_moments))
+    return b.norm(dim=0) * energy.clamp_min(0).sqrt()
 
 
 def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, *, iters: int = 25,
@@ -220,23 +294,34 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, *, iters: int = 25
     return labels
 
 
-def principal_basis(basis: torch.Tensor, coeffs: list[torch.Tensor], second_moments: list[torch.Tensor]
-                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Re-express a group's factors (``s = d_in``) in the principal directions of its *output*
-    covariance ``K = sum_i M_i Sigma_i M_i^T`` (``M_i = B C_i``, ``Sigma_i`` the input second moment):
-    ``B = top-r eigenvectors of K``, ``C_i = B^T M_i``. A change of basis, so exact when ``B`` spans
-    the same space as before (always at full capacity); afterwards the importance of component j is
-    ``sqrt(lambda_j)`` and truncation keeps the output-variance-optimal subspace."""
+def principal_basis(basis: torch.Tensor, coeffs: list[torch.Tensor], second_moments: list[torch.Tensor],
+                    transpose: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Re-express a group's factors in the directions that carry the most output variance. A change
+    of basis, so exact when the new ``B`` spans the same space as before (always at full capacity);
+    afterwards truncation keeps the output-variance-optimal subspace.
+
+    Output-side basis (``s = d_in``, ``M_i = B C_i = W_i``): ``B`` = top-r eigenvectors of the output
+    covariance ``K = sum_i M_i Sigma_i M_i^T``, ``C_i = B^T M_i``. Input-side basis (transposed,
+    ``s = d_out``, ``M_i = W_i^T``): Basis Sharing's whitening, ``S S^T = mean_i Sigma_i``; ``V`` = top-r
+    eigenvectors of ``S^T (sum_i M_i M_i^T) S``, ``B = S^-T V``, ``C_i = V^T S^T M_i``."""
     b = basis.double()
     ms = [b @ c.double() for c in coeffs]
-    k = sum(m @ sm.double() @ m.T for m, sm in zip(ms, second_moments))
-    _, vecs = torch.linalg.eigh(k)
-    v = vecs.flip(-1)[:, :b.shape[1]]
-    return v, [v.T @ m for m in ms]
+    r = b.shape[1]
+    if not transpose:
+        k = sum(m @ sm.double() @ m.T for m, sm in zip(ms, second_moments))
+        _, vecs = torch.linalg.eigh(k)
+        v = vecs.flip(-1)[:, :r]
+        return v, [v.T @ m for m in ms]
+    sf = whitening_factor(sum(sm.double() for sm in second_moments) / len(second_moments))
+    ws = [sf.T @ m for m in ms]                       # S^T W_i^T
+    _, vecs = torch.linalg.eigh(sum(w @ w.T for w in ws))
+    v = vecs.flip(-1)[:, :r]
+    new_b = torch.linalg.solve_triangular(sf.T, v, upper=True)  # S^-T V
+    return new_b, [v.T @ w for w in ws]
 
 
 def reduce_basis(basis: torch.Tensor, coeffs: list[torch.Tensor], k: int, *, method: str = "cluster",
-                 second_moments: list[torch.Tensor] | None = None, proj_dim: int = 32,
+                 second_moments: list[torch.Tensor] | None = None, transpose: bool = False, proj_dim: int = 32,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Stage 1 for one group: ``(B' (u x k), [C'_i (k x s)])`` from ``B (u x r)`` and gated
     coefficients ``C_i (r x s)``. ``method="cluster"``: Alg. 5 (importance, random-projection
@@ -247,7 +332,7 @@ def reduce_basis(basis: torch.Tensor, coeffs: list[torch.Tensor], k: int, *, met
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {method!r}.")
     b = basis.double()
     cs = [c.double() for c in coeffs]
-    w = importance(b, cs, second_moments)
+    w = importance(b, cs, second_moments, transpose)
     norms = b.norm(dim=0).clamp_min(1e-30)
     unit_b = b / norms
     cs = [c * norms[:, None] for c in cs]
@@ -271,10 +356,24 @@ def reduce_basis(basis: torch.Tensor, coeffs: list[torch.Tensor], k: int, *, met
     return new_b, new_c
 
 
-def resolve_coefficients(basis: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Stage 1b: ``C_i = pinv(B) @ M_i`` (least squares against the teacher's reshaped weights)."""
-    pinv = torch.linalg.pinv(basis.double())
-    return [pinv @ t.double() for t in targets]
+def resolve_coefficients(basis: torch.Tensor, targets: list[torch.Tensor],
+                         second_moments: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Stage 1b: ``C_i = pinv(B) @ M_i`` (least squares against the teacher's folded weights ``M_i``).
+
+    With ``second_moments`` (an input-side basis, ``M_i = W_i^T``) the fit is weighted by the layer's
+    inputs, ``min ||(W_i - C_i^T B^T) X_i^T||``: ``C_i = (B^T Sigma_i B)^-1 B^T Sigma_i M_i``. (For an
+    output-side basis the plain projection is already optimal under any input weighting.)"""
+    b = basis.double()
+    if second_moments is None:
+        pinv = torch.linalg.pinv(b)
+        return [pinv @ t.double() for t in targets]
+    out = []
+    for t, sm in zip(targets, second_moments):
+        sm = sm.double()
+        sm = sm + GRAM_RIDGE * float(sm.diagonal().mean().clamp_min(1e-30)) * torch.eye(sm.shape[0], dtype=sm.dtype)
+        sb = sm @ b  # a ridge on Sigma, not on B^T Sigma B: a basis spanning W_i still reproduces it exactly
+        out.append(torch.linalg.solve(b.T @ sb, sb.T @ t.double()))
+    return out
 
 
 @torch.no_grad()
@@ -285,7 +384,7 @@ def _install_group_(model: nn.Module, key: str, old: CrispBasis, b: torch.Tensor
     gate = get_gate(old.gate_name)
     scale = gate_init_max / torch.cat(cs, dim=1).abs().amax(dim=1).clamp_min(1e-300)
     new = CrispBasis(old.role, old.layer_names, old.d_in, old.d_out, old.s, b.shape[1], old.gate_name,
-                     old.placement, dtype=old.weight.dtype, device=old.weight.device)
+                     old.placement, dtype=old.weight.dtype, device=old.weight.device, transpose=old.transpose)
     new.weight.copy_(b / scale)
     crisp_bases(model)  # the ModuleDict exists
     model.crisp_bases[key] = new
@@ -379,7 +478,7 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
                     group_size: int | None = 2, calib_batches: list[torch.Tensor] | None = None,
                     calibration: CalibrationConfig | None = None, reduction: str = "cluster",
                     use_input_stats: bool = True, gate_init_max: float = 0.15, seed: int = 0,
-                    progress: bool = True) -> LlamaCompressReport:
+                    sides: str | Mapping[str, str] = "auto", progress: bool = True) -> LlamaCompressReport:
     """Alg. 5 on a dense ``LlamaForCausalLM``, in place (it ends as a CRISP model with reduced ranks).
 
     Args:
@@ -390,22 +489,41 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
             (``use_input_stats``) and for Stage 2. ``None``: data-free (Stage 1 + 1b only).
         calibration: Stage 2 settings (``CalibrationConfig(steps=0)`` skips it).
         reduction: "cluster" (Alg. 5) or "truncate" (keep the most important components).
+        sides: where each role's basis lives: ``"auto"`` (per role, the side ``choose_sides`` scores
+            better at this budget; with ``rates``, "out"), ``"out"``, ``"in"``, or ``{role: side}``.
     """
     if reduction not in REDUCTIONS:
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     original = stored_params(model, arch="hf-llama")
-    ranks, full = plan_ranks(model, budget, rates, group_size)
+    roles = tuple(get_architecture("hf-llama").roles)
+    if isinstance(sides, str) and sides not in (*SIDES, "auto"):
+        raise ConfigError(f"sides must be 'auto', one of {SIDES}, or a {{role: side}} mapping; got {sides!r}.")
+    plan_ranks(model, budget, rates, group_size)  # the budget or rates are valid before any work
     teacher = {n: m.weight.detach().clone() for n, (_, m) in targeted_linears(model, arch="hf-llama").items()}
     stats: LinearInputStats | None = None
     if calib_batches and use_input_stats:
         stats = capture_linear_inputs(model, [{"input_ids": b} for b in calib_batches], arch="hf-llama",
                                       progress=progress)
+    moments_all = {n: stats.gram[n] / max(stats.tokens[n], 1) for n in stats.gram} if stats is not None else None
     times["capture"] = time.perf_counter() - t0
     t = time.perf_counter()
-    retrofit_(model, llama_crisp_config(model, group_size, gate_init_max=gate_init_max), arch="hf-llama",
-              progress=progress)
+    side_errors: dict[str, dict[str, float]] = {}
+    if sides == "auto":
+        chosen = {}  # with per-projection rates: output side (the rates are fractions of its rank)
+        if budget is not None:
+            chosen, side_errors = choose_sides(model, budget, group_size, moments_all)
+    elif isinstance(sides, str):
+        chosen = dict.fromkeys(roles, sides)
+    else:
+        chosen = dict(sides)
+    chosen = {role: chosen.get(role, "out") for role in roles}
+    times["sides"] = time.perf_counter() - t
+    ranks, full = plan_ranks(model, budget, rates, group_size, chosen)
+    t = time.perf_counter()
+    retrofit_(model, llama_crisp_config(model, group_size, gate_init_max=gate_init_max, sides=chosen),
+              arch="hf-llama", progress=progress)
     times["retrofit"] = time.perf_counter() - t
     errors = {"retrofit": _mean_rel_error(model, teacher)}
     gen = torch.Generator().manual_seed(seed)
@@ -416,20 +534,19 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
         gate = get_gate(basis.gate_name)
         layers = [model.get_submodule(n) for n in basis.layer_names]
         coeffs = [gate.fn(l.crisp_mixer.detach().double()) for l in layers]
-        moments = None
-        if stats is not None and basis.s == basis.d_in:
-            moments = [stats.gram[n] / max(stats.tokens[n], 1) for n in basis.layer_names]
-        b = basis.weight.detach()
+        moments = [moments_all[n] for n in basis.layer_names] if moments_all is not None else None
+        b, tr = basis.weight.detach(), basis.transpose
         if moments is not None:
-            b, coeffs = principal_basis(b, coeffs, moments)
-        b, cs = reduce_basis(b, coeffs, ranks[basis.role], method=reduction, second_moments=moments, generator=gen)
-        targets = [teacher[n].reshape(basis.u, basis.s) for n in basis.layer_names]
+            b, coeffs = principal_basis(b, coeffs, moments, transpose=tr)
+        b, cs = reduce_basis(b, coeffs, ranks[basis.role], method=reduction, second_moments=moments, transpose=tr,
+                             generator=gen)
+        targets = [basis.to_folded(teacher[n]) for n in basis.layer_names]
         stage1 += [float((b @ c - t.double()).norm() / t.double().norm()) for c, t in zip(cs, targets)]
-        solved[key] = (basis, b, resolve_coefficients(b, targets))
+        solved[key] = (basis, b, resolve_coefficients(b, targets, moments if tr else None))
     errors["stage1"] = sum(stage1) / len(stage1)
     for key, (basis, b, cs) in solved.items():
         _install_group_(model, key, basis, b, cs, gate_init_max)
-    model.crisp_config = llama_crisp_config(model, group_size, ranks, gate_init_max)
+    model.crisp_config = llama_crisp_config(model, group_size, ranks, gate_init_max, chosen)
     errors["stage1b"] = _mean_rel_error(model, teacher)
     times["stage1"] = time.perf_counter() - t
     cal = None
@@ -444,8 +561,9 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
         budget=budget if budget is not None else stored_params(model, arch="hf-llama"),
         stored=stored_params(model, arch="hf-llama"), original=original, ranks=ranks, full_ranks=full,
         rates=rates_out, reduction=reduction, errors=errors, seconds=times, calibration=cal,
-        notes=[f"s = d_in per role, group_size={group_size}",
-               "importance from input statistics" if stats is not None else "data-free importance"])
+        notes=[f"bases per role on the side {chosen} (out: s = d_in; in: s = d_out, transposed), group_size={group_size}",
+               "importance from input statistics" if stats is not None else "data-free importance"],
+        sides=chosen, side_errors=side_errors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -476,7 +594,8 @@ def cmd_compress_llm(args) -> int:
     batches = [calib[i:i + 2] for i in range(0, calib.shape[0], 2)]
     original = stored_params(model, arch="hf-llama")
     report = compress_llama_(model, int(args.keep * original), group_size=args.group_size, calib_batches=batches,
-                             calibration=CalibrationConfig(steps=args.steps), reduction=args.reduction)
+                             calibration=CalibrationConfig(steps=args.steps), reduction=args.reduction,
+                             sides=args.sides)
     print(report.format())
     if args.eval_tokens and heldout_text is not None:
         ids = tokenize(tok, heldout_text, max_tokens=args.eval_tokens + 1)
@@ -495,6 +614,9 @@ def add_compress_llm_parser(subparsers):
     p.add_argument("--keep", type=float, default=0.7, help="kept fraction of the targeted weights (0.7 = 30%% off)")
     p.add_argument("--group-size", type=int, default=2, help="consecutive blocks sharing a basis (default 2)")
     p.add_argument("--reduction", choices=REDUCTIONS, default="cluster", help="Stage 1 (default: cluster, Alg. 5)")
+    p.add_argument("--sides", choices=(*SIDES, "auto"), default="auto",
+                   help="where each role's shared basis lives: out (s = d_in), in (s = d_out, transposed), or "
+                        "auto: per role, the side with the smaller error at this budget (default)")
     p.add_argument("--steps", type=int, default=16, help="Stage-2 calibration steps (0 = none)")
     p.add_argument("--calib-text", help="a UTF-8 text file for calibration (default: the KJV Old Testament)")
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")

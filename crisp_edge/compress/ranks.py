@@ -27,6 +27,7 @@ from torch import nn
 from ..config import CrispConfig
 from ..convert import crisp_bases, crisp_layers, is_crisp, plan_groups
 from ..errors import ConfigError
+from ..layer import fold_weight, unfold_weight
 from ..retrofit import best_rank_factors
 
 METHODS = ("uniform", "greedy")
@@ -42,6 +43,7 @@ class GroupInfo:
     u: int
     s: int
     full_rank: int
+    transpose: bool = False
 
     @property
     def n(self) -> int:
@@ -91,9 +93,9 @@ class RankPlan:
 def group_infos(model: nn.Module, config: CrispConfig | None = None) -> list[GroupInfo]:
     """The groups of a CRISP model, or the groups ``config`` would make of a plain one."""
     if is_crisp(model):
-        return [GroupInfo(k, b.role, tuple(b.layer_names), b.u, b.s, b.full_rank) for k, b in crisp_bases(model).items()]
+        return [GroupInfo(k, b.role, tuple(b.layer_names), b.u, b.s, b.full_rank, b.transpose) for k, b in crisp_bases(model).items()]
     _, plans = plan_groups(model, config or CrispConfig())
-    return [GroupInfo(p.key, p.role, p.layer_names, p.u, p.s, p.full_rank) for p in plans]
+    return [GroupInfo(p.key, p.role, p.layer_names, p.u, p.s, p.full_rank, p.transpose) for p in plans]
 
 
 def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "uniform", *,
@@ -186,13 +188,13 @@ def _role_errors(model: nn.Module, roles: dict[str, list[GroupInfo]], grids: dic
     for role, gs in roles.items():
         errs = dict.fromkeys(grids[role], 0.0)
         for g in gs:
-            stacked = torch.cat([weights[n].double().reshape(g.u, g.s) for n in g.layer_names], dim=1)
+            stacked = torch.cat([fold_weight(weights[n].double(), g.u, g.s, g.transpose) for n in g.layer_names], dim=1)
             p, q = best_rank_factors(stacked, g.full_rank)
             for rank in grids[role]:
                 approx = p[:, :rank] @ q[:rank]
                 for i, name in enumerate(g.layer_names):
                     w = weights[name].double()
-                    diff = approx[:, i * g.s:(i + 1) * g.s].reshape(w.shape) - w
+                    diff = unfold_weight(approx[:, i * g.s:(i + 1) * g.s], *w.shape, g.transpose) - w
                     if name in inputs:  # ||X D^T||^2 = tr(D G D^T) with G = X^T X
                         gram = inputs[name]
                         errs[rank] += float(((diff @ gram) * diff).sum() / ((w @ gram) * w).sum().clamp_min(1e-300))
