@@ -11,8 +11,9 @@ granularity allows (``stored`` and ``shortfall`` are recorded).
 * ``original``: the dense model.
 * ``svd``: per-layer truncated SVD, data-free (``baselines.svd_``).
 * ``basis_sharing``: Basis Sharing, groups of 2 blocks, whitened by calibration inputs.
-* ``crisp``: Alg. 5 (``compress_llama_``): retrofit with s = d_in, groups of 2, importance-weighted
-  clustering, LS re-solve; then Stage 2 calibration.
+* ``crisp``: Alg. 5 (``compress_llama_``): retrofit with each role's basis on the side
+  ``choose_sides`` scores better (output side s = d_in, or input side s = d_out transposed), groups of
+  2, importance-weighted clustering, LS re-solve; then Stage 2 calibration.
 * ``crisp_truncate`` (optional): the same with Stage 1 = keep the most important components.
 
 Fairness: every compressed model is evaluated before and after the same Stage-2 calibration
@@ -90,7 +91,7 @@ def run_one(args: argparse.Namespace) -> dict:
             rep = compress_llama_(model, budget, group_size=args.group_size, calib_batches=batches,
                                   calibration=CalibrationConfig(steps=0),
                                   reduction="truncate" if args.method == "crisp_truncate" else "cluster",
-                                  progress=show).to_dict()
+                                  allocation=args.allocation, progress=show).to_dict()
         out["compress_seconds"] = round(time.perf_counter() - t, 2)
         out["rss_after_compress_mb"] = round(_rss_mb(), 1)
         rep.pop("layer_errors", None)
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2, help="windows per calibration batch")
     ap.add_argument("--steps", type=int, default=16, help="Stage-2 calibration steps, the same for every method")
+    ap.add_argument("--allocation", default="uniform", help="CRISP's ranks from the budget: uniform or greedy")
     ap.add_argument("--lr", type=float, default=2e-3, help="relative Adam step (x RMS of each tensor)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1k eval tokens, 4 calibration windows, 2 steps")
     ap.add_argument("--out", default=str(RESULTS_DIR / "compress_llm.json"))
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "schema": SCHEMA, "benchmark": "compress_llm", "quick": args.quick, "machine": machine_info(),
         "settings": {k: getattr(args, k) for k in ("model", "keep", "group_size", "eval_tokens", "window",
-                                                   "calib_windows", "calib_len", "batch", "steps", "lr")},
+                                                   "calib_windows", "calib_len", "batch", "steps", "lr",
+                                                   "allocation")},
         "text": "KJV (Debian bible-kjv): calibration = Old Testament, held-out = New Testament from Matthew 1:1",
         "summary": summary, "best_compressed": min(compressed, key=compressed.get) if compressed else None,
         "runs": results, "failures": failures,

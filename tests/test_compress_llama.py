@@ -231,6 +231,39 @@ def test_input_statistics_lower_the_output_error(monkeypatch, sides):
     assert errors[True] < 0.9 * errors[False]
 
 
+def test_greedy_ranks_spend_the_budget_where_the_error_is():
+    """A role whose layers are exactly low-rank needs few components; the greedy allocator gives it no
+    more than that and spends the rest elsewhere, within the budget; uniform allocation does not."""
+    from crisp_edge.compress.llama import greedy_ranks
+
+    model = toy_hf_llama(depth=4)
+    _share_one_side_(model, "gate_proj", "out", rank=3)  # exact at rank 3 on the output side
+    budget = int(0.5 * stored_params(model))
+    sides = {"gate_proj": "out"}
+    uniform, full = plan_ranks(model, budget, sides=sides)
+    greedy, full_g = greedy_ranks(model, budget, sides=sides)
+    assert full == full_g and uniform["gate_proj"] > 3
+    assert greedy["gate_proj"] == 3
+    units = _role_units_for(model, sides)
+    spent = sum(units[r] * greedy[r] for r in greedy)
+    assert spent <= budget and budget - spent < min(units.values())
+    assert sum(greedy[r] for r in greedy if r != "gate_proj") > sum(uniform[r] for r in uniform if r != "gate_proj")
+    report = compress_llama_(model, budget, reduction="truncate", allocation="greedy", sides=sides, progress=False)
+    assert report.ranks == greedy and report.stored <= budget and report.allocation == "greedy"
+    with pytest.raises(ConfigError, match="allocation must be"):
+        compress_llama_(toy_hf_llama(), budget, allocation="best", progress=False)
+
+
+def _role_units_for(model, sides):
+    from crisp_edge.compress.llama import llama_crisp_config
+    from crisp_edge.convert import plan_groups
+
+    units = {}
+    for p in plan_groups(model, llama_crisp_config(model, 2, sides=sides), "hf-llama")[1]:
+        units[p.role] = units.get(p.role, 0) + p.u + len(p.layer_names) * p.s
+    return units
+
+
 def test_rates_give_the_papers_ranks():
     model = toy_hf_llama()
     ranks, full = plan_ranks(model, rates={"q_proj": 0.5, "down_proj": 0.25})

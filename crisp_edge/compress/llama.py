@@ -69,6 +69,8 @@ from .baselines import (
 )
 
 REDUCTIONS = ("cluster", "truncate")
+#: How a budget becomes ranks: every role the same kept fraction, or greedily by error per number.
+ALLOCATIONS = ("uniform", "greedy")
 #: Where a role's shared basis lives: "out" (``s = d_in``, the layers' output side) or "in"
 #: (``s = d_out``, transposed: the input side, as Basis Sharing). ``"auto"`` picks per role.
 SIDES = ("out", "in")
@@ -112,6 +114,7 @@ class LlamaCompressReport:
     calibration: dict | None = None
     notes: list[str] = field(default_factory=list)
     sides: dict[str, str] = field(default_factory=dict)
+    allocation: str = "uniform"
     side_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> side -> est. rel. error
 
     @property
@@ -178,29 +181,37 @@ def plan_ranks(model: nn.Module, budget: int | None = None, rates: Mapping[str, 
 
 
 @torch.no_grad()
-def _truncation_error(plan, weights: Mapping[str, torch.Tensor], moments: Mapping[str, torch.Tensor] | None,
-                      rank: int) -> tuple[float, float]:
-    """``(error, energy)`` of one group kept at ``rank`` on its side, as Stage 1's top components would
-    keep it: ``sum_i ||(W_i - W^_i) X_i^T||^2`` and ``sum_i ||W_i X_i^T||^2`` (``X^T X = Sigma_i``; the
-    identity without statistics)."""
+def _group_spectrum(plan, weights: Mapping[str, torch.Tensor], moments: Mapping[str, torch.Tensor] | None
+                    ) -> torch.Tensor:
+    """The descending eigenvalues ``lambda`` of one group on its side, as Stage 1 sees it: keeping the
+    leading ``k`` components leaves the error ``sum(lambda[k:])`` (activation-weighted: ``X^T X =
+    Sigma_i``, the identity without statistics); ``sum(lambda)`` is the group's energy. Output side:
+    ``sum_i W_i Sigma_i W_i^T`` (exact). Input side: ``S^T (sum_i W_i^T W_i) S`` with ``S S^T`` the
+    group's mean second moment, as ``principal_basis`` whitens it."""
     ws = [weights[n].double() for n in plan.layer_names]
     sms = [moments[n].double() if moments else torch.eye(ws[0].shape[1], dtype=torch.float64) for n in plan.layer_names]
-    c = torch.zeros(1, dtype=torch.float64)
-    if not plan.transpose:  # output side: project every W_i on the top eigenvectors of sum_i W_i Sigma_i W_i^T
-        _, vecs = torch.linalg.eigh(sum(w @ sm @ w.T for w, sm in zip(ws, sms)))
-        u = vecs[:, -rank:]
-        approx = [u @ (u.T @ w) for w in ws]
-    else:  # input side: whitened by the group's mean second moment, as principal_basis
+    if not plan.transpose:
+        mat = sum(w @ sm @ w.T for w, sm in zip(ws, sms))
+    else:
         sf = whitening_factor(sum(sms) / len(sms))
-        _, vecs = torch.linalg.eigh(sum((w @ sf).T @ (w @ sf) for w in ws))
-        v = vecs[:, -rank:]
-        back = torch.linalg.solve_triangular(sf.T, v, upper=True).T  # V^T S^-1
-        approx = [(w @ sf @ v) @ back for w in ws]
-    for w, a, sm in zip(ws, approx, sms):
-        e = w - a
-        c += ((e @ sm) * e).sum()
-    energy = sum(float(((w @ sm) * w).sum()) for w, sm in zip(ws, sms))
-    return float(c), energy
+        mat = sum((w @ sf).T @ (w @ sf) for w in ws)
+    return torch.linalg.eigvalsh(mat).flip(0).clamp_min(0)[:plan.full_rank]
+
+
+def _role_spectra(model: nn.Module, group_size: int | None, sides: Mapping[str, str],
+                  moments: Mapping[str, torch.Tensor] | None) -> dict[str, tuple[torch.Tensor, float]]:
+    """Per role: ``(gain, energy)``, ``gain[k]`` the error removed by the role's ``k+1``-th component
+    (summed over its groups, which share one rank) and ``energy`` the role's total."""
+    weights = {n: m.weight.detach() for n, (_, m) in targeted_linears(model, arch="hf-llama").items()}
+    _, plans = plan_groups(model, llama_crisp_config(model, group_size, sides=sides), "hf-llama")
+    out: dict[str, list] = {}
+    for p in plans:
+        lam = _group_spectrum(p, weights, moments)
+        acc = out.setdefault(p.role, [torch.zeros(0, dtype=torch.float64), 0.0])
+        n = max(len(acc[0]), len(lam))
+        acc[0] = F.pad(acc[0], (0, n - len(acc[0]))) + F.pad(lam, (0, n - len(lam)))
+        acc[1] += float(lam.sum())
+    return {role: (gain, energy) for role, (gain, energy) in out.items()}
 
 
 def choose_sides(model: nn.Module, budget: int, group_size: int | None = 2,
@@ -213,21 +224,54 @@ def choose_sides(model: nn.Module, budget: int, group_size: int | None = 2,
     at the rank ``plan_ranks`` gives the role on that side, the relative activation-weighted error
     (``moments[name]``: each layer's input second moment; ``None`` = unweighted). Returns
     ``(sides, {role: {side: error}})``. ``model`` is the dense LLaMA (before the retrofit)."""
-    weights = {n: m.weight.detach() for n, (_, m) in targeted_linears(model, arch="hf-llama").items()}
     scores: dict[str, dict[str, float]] = {}
     for side in SIDES:
         every = dict.fromkeys(get_architecture("hf-llama").roles, side)
         ranks, _ = plan_ranks(model, budget, group_size=group_size, sides=every)
-        _, plans = plan_groups(model, llama_crisp_config(model, group_size, sides=every), "hf-llama")
-        totals: dict[str, list[float]] = {}
-        for p in plans:
-            err, energy = _truncation_error(p, weights, moments, ranks[p.role])
-            t = totals.setdefault(p.role, [0.0, 0.0])
-            t[0], t[1] = t[0] + err, t[1] + energy
-        for role, (err, energy) in totals.items():
-            scores.setdefault(role, {})[side] = err / max(energy, 1e-300)
+        for role, (gain, energy) in _role_spectra(model, group_size, every, moments).items():
+            scores.setdefault(role, {})[side] = float(gain[ranks[role]:].sum()) / max(energy, 1e-300)
     sides = {role: min(SIDES, key=lambda sd: (by_side[sd], sd != "out")) for role, by_side in scores.items()}
     return sides, scores
+
+
+def greedy_ranks(model: nn.Module, budget: int, group_size: int | None = 2, sides: Mapping[str, str] | None = None,
+                 moments: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """``(ranks, full_ranks)`` spending ``budget`` where it removes the most error per stored number
+    (the JACTUS idea; ``plan_ranks`` gives every role the same kept fraction instead): from rank 1,
+    one component at a time to the role whose next component removes the most *relative*
+    activation-weighted error (``_role_spectra``: the role's error over its energy) per number it
+    costs, while one fits. The gains shrink with rank, so this greedy is the optimum of the summed
+    relative errors up to the last component's granularity."""
+    import heapq
+
+    _, plans = plan_groups(model, llama_crisp_config(model, group_size, sides=sides), "hf-llama")
+    unit: dict[str, int] = {}
+    full: dict[str, int] = {}
+    for p in plans:
+        unit[p.role] = unit.get(p.role, 0) + p.u + len(p.layer_names) * p.s
+        full[p.role] = min(full.get(p.role, p.full_rank), p.full_rank)
+    spectra = _role_spectra(model, group_size, sides or {}, moments)
+    ranks = dict.fromkeys(unit, 1)
+    left = budget - sum(unit.values())
+    if left < 0:
+        raise ConfigError(f"budget {budget:,} is below rank 1 for every role ({sum(unit.values()):,}).")
+
+    def key(role: str) -> float:
+        gain, energy = spectra[role]
+        k = ranks[role]
+        return -(float(gain[k]) if k < len(gain) else 0.0) / max(energy, 1e-300) / unit[role]
+
+    heap = [(key(r), r) for r in unit if ranks[r] < full[r]]
+    heapq.heapify(heap)
+    while heap:
+        _, role = heapq.heappop(heap)
+        if unit[role] > left:  # never fits again (left only shrinks); a cheaper role still may
+            continue
+        ranks[role] += 1
+        left -= unit[role]
+        if ranks[role] < full[role]:
+            heapq.heappush(heap, (key(role), role))
+    return ranks, full
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,7 +522,8 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
                     group_size: int | None = 2, calib_batches: list[torch.Tensor] | None = None,
                     calibration: CalibrationConfig | None = None, reduction: str = "cluster",
                     use_input_stats: bool = True, gate_init_max: float = 0.15, seed: int = 0,
-                    sides: str | Mapping[str, str] = "auto", progress: bool = True) -> LlamaCompressReport:
+                    sides: str | Mapping[str, str] = "auto", allocation: str = "uniform",
+                    progress: bool = True) -> LlamaCompressReport:
     """Alg. 5 on a dense ``LlamaForCausalLM``, in place (it ends as a CRISP model with reduced ranks).
 
     Args:
@@ -491,6 +536,8 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
         reduction: "cluster" (Alg. 5) or "truncate" (keep the most important components).
         sides: where each role's basis lives: ``"auto"`` (per role, the side ``choose_sides`` scores
             better at this budget; with ``rates``, "out"), ``"out"``, ``"in"``, or ``{role: side}``.
+        allocation: with a ``budget``, "uniform" (every role the same kept fraction: ``plan_ranks``) or
+            "greedy" (``greedy_ranks``: where a stored number removes the most relative error).
     """
     if reduction not in REDUCTIONS:
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
@@ -498,6 +545,8 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
     t0 = time.perf_counter()
     original = stored_params(model, arch="hf-llama")
     roles = tuple(get_architecture("hf-llama").roles)
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
     if isinstance(sides, str) and sides not in (*SIDES, "auto"):
         raise ConfigError(f"sides must be 'auto', one of {SIDES}, or a {{role: side}} mapping; got {sides!r}.")
     plan_ranks(model, budget, rates, group_size)  # the budget or rates are valid before any work
@@ -520,7 +569,10 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
         chosen = dict(sides)
     chosen = {role: chosen.get(role, "out") for role in roles}
     times["sides"] = time.perf_counter() - t
-    ranks, full = plan_ranks(model, budget, rates, group_size, chosen)
+    if allocation == "greedy" and budget is not None:
+        ranks, full = greedy_ranks(model, budget, group_size, chosen, moments_all)
+    else:
+        ranks, full = plan_ranks(model, budget, rates, group_size, chosen)
     t = time.perf_counter()
     retrofit_(model, llama_crisp_config(model, group_size, gate_init_max=gate_init_max, sides=chosen),
               arch="hf-llama", progress=progress)
@@ -560,7 +612,7 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
     return LlamaCompressReport(
         budget=budget if budget is not None else stored_params(model, arch="hf-llama"),
         stored=stored_params(model, arch="hf-llama"), original=original, ranks=ranks, full_ranks=full,
-        rates=rates_out, reduction=reduction, errors=errors, seconds=times, calibration=cal,
+        rates=rates_out, reduction=reduction, errors=errors, seconds=times, calibration=cal, allocation=allocation,
         notes=[f"bases per role on the side {chosen} (out: s = d_in; in: s = d_out, transposed), group_size={group_size}",
                "importance from input statistics" if stats is not None else "data-free importance"],
         sides=chosen, side_errors=side_errors)
@@ -595,7 +647,7 @@ def cmd_compress_llm(args) -> int:
     original = stored_params(model, arch="hf-llama")
     report = compress_llama_(model, int(args.keep * original), group_size=args.group_size, calib_batches=batches,
                              calibration=CalibrationConfig(steps=args.steps), reduction=args.reduction,
-                             sides=args.sides)
+                             sides=args.sides, allocation=args.allocation)
     print(report.format())
     if args.eval_tokens and heldout_text is not None:
         ids = tokenize(tok, heldout_text, max_tokens=args.eval_tokens + 1)
@@ -617,6 +669,9 @@ def add_compress_llm_parser(subparsers):
     p.add_argument("--sides", choices=(*SIDES, "auto"), default="auto",
                    help="where each role's shared basis lives: out (s = d_in), in (s = d_out, transposed), or "
                         "auto: per role, the side with the smaller error at this budget (default)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                   help="ranks from the budget: uniform (every role the same kept fraction) or greedy (where a "
+                        "stored number removes the most relative error)")
     p.add_argument("--steps", type=int, default=16, help="Stage-2 calibration steps (0 = none)")
     p.add_argument("--calib-text", help="a UTF-8 text file for calibration (default: the KJV Old Testament)")
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")
