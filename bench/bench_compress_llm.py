@@ -15,6 +15,8 @@ granularity allows (``stored`` and ``shortfall`` are recorded).
   ``choose_sides`` scores better (output side s = d_in, or input side s = d_out transposed), groups of
   2, importance-weighted clustering, LS re-solve; then Stage 2 calibration.
 * ``crisp_truncate`` (optional): the same with Stage 1 = keep the most important components.
+* ``crisp_truncate_out`` (optional, the ablation of the side choice): ``crisp_truncate`` with every
+  basis on the output side (s = d_in), as before ``choose_sides`` existed.
 
 Fairness: every compressed model is evaluated before and after the same Stage-2 calibration
 (``calibrate_``: weight reconstruction + LM loss, ``--steps`` Adam steps on the same batches).
@@ -38,7 +40,7 @@ from pathlib import Path
 from _common import RESULTS_DIR, machine_info, pin_threads, write_json
 
 SCHEMA = 1
-METHODS = ("original", "svd", "basis_sharing", "crisp", "crisp_truncate")
+METHODS = ("original", "svd", "basis_sharing", "crisp", "crisp_truncate", "crisp_truncate_out")
 DEFAULT_METHODS = ("original", "svd", "basis_sharing", "crisp")
 
 
@@ -90,7 +92,8 @@ def run_one(args: argparse.Namespace) -> dict:
         else:
             rep = compress_llama_(model, budget, group_size=args.group_size, calib_batches=batches,
                                   calibration=CalibrationConfig(steps=0),
-                                  reduction="truncate" if args.method == "crisp_truncate" else "cluster",
+                                  reduction="truncate" if args.method.startswith("crisp_truncate") else "cluster",
+                                  sides="out" if args.method == "crisp_truncate_out" else "auto",
                                   allocation=args.allocation, progress=show).to_dict()
         out["compress_seconds"] = round(time.perf_counter() - t, 2)
         out["rss_after_compress_mb"] = round(_rss_mb(), 1)

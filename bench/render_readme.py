@@ -187,14 +187,16 @@ def render_compress_vit(d: dict) -> str:
 
 LLM_NAMES = {"original": "original SmolLM2-135M", "svd": "per-layer truncated SVD",
              "basis_sharing": "Basis Sharing (whitened)", "crisp": "CRISP, Alg. 5 (k-means merge)",
-             "crisp_truncate": "CRISP, Alg. 5 with top-component reduction"}
+             "crisp_truncate": "CRISP, Alg. 5 with top-component reduction",
+             "crisp_truncate_out": "ablation: the same, every basis on the output side"}
 
 
 def render_compress_llm(d: dict) -> str:
-    summary = dict(d["summary"])
-    extra = RESULTS / "compress_llm_crisp_truncate.json"
-    if extra.exists():
-        summary.update(json.loads(extra.read_text())["summary"])
+    summary, runs = dict(d["summary"]), dict(d["runs"])
+    for extra in sorted(RESULTS.glob("compress_llm_*.json")):  # methods run separately (same settings)
+        more = json.loads(extra.read_text())
+        summary.update(more["summary"])
+        runs.update(more["runs"])
     rows = []
     for key, name in LLM_NAMES.items():
         r = summary.get(key)
@@ -212,7 +214,22 @@ def render_compress_llm(d: dict) -> str:
               f"Calibration: {s['calib_windows']} windows of {s['calib_len']} Old Testament tokens, {s['steps']} steps of "
               f"weight reconstruction + LM loss for every method; held-out: the first {s['eval_tokens']:,} New Testament "
               f"tokens (Debian `bible-kjv`), windows of {s['window']}. 1 thread, each method in its own process; times "
-              "were taken on a shared, busy machine (`bench/results/compress_llm*.json`).")
+              "were taken on a shared, busy machine (`bench/results/compress_llm*.json`)."
+            + _llm_sides(runs))
+
+
+def _llm_sides(runs: dict) -> str:
+    """Which side CRISP put each role's basis on (``choose_sides``), with the scores it compared."""
+    rep = next((runs[m]["report"] for m in ("crisp_truncate", "crisp") if m in runs and runs[m]["report"].get("sides")), None)
+    if rep is None:
+        return ""
+    sides = rep["sides"]
+    by = {side: [r.removesuffix("_proj") for r, sd in sides.items() if sd == side] for side in ("in", "out")}
+    scores = ", ".join(f"{r.removesuffix('_proj')} {100 * e['in']:.2f} vs {100 * e['out']:.2f}"
+                       for r, e in rep.get("side_errors", {}).items())
+    return (f"\n\nCRISP's bases (`sides=\"auto\"`): input side for {', '.join(by['in']) or 'none'}; output side for "
+            f"{', '.join(by['out']) or 'none'}. Relative calibration-weighted error of keeping the leading components "
+            f"at this budget, input vs output side (%): {scores}.")
 
 
 def _ppl(v: float) -> str:

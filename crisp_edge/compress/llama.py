@@ -241,7 +241,11 @@ def greedy_ranks(model: nn.Module, budget: int, group_size: int | None = 2, side
     one component at a time to the role whose next component removes the most *relative*
     activation-weighted error (``_role_spectra``: the role's error over its energy) per number it
     costs, while one fits. The gains shrink with rank, so this greedy is the optimum of the summed
-    relative errors up to the last component's granularity."""
+    relative errors up to the last component's granularity.
+
+    Measured on SmolLM2-135M at 30% off (README): worse than uniform, 115.4 vs 61.2 perplexity. The
+    weighted error is dominated by a few outlier input channels, so a role such as down_proj looks
+    nearly free to cut (rank 339 -> 116) when it is not."""
     import heapq
 
     _, plans = plan_groups(model, llama_crisp_config(model, group_size, sides=sides), "hf-llama")
