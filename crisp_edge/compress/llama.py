@@ -6,15 +6,18 @@ Pipeline (per role p and group g; ``u x r`` basis ``B``, per-layer ``r x s`` mix
 gated coefficients ``C_i = G(A_i)``, so ``W_i.reshape(u, s) = B @ C_i = sum_j b_j c_ij^T``):
 
 0. **Retrofit** at full capacity with ``crisp_edge.retrofit_`` (closed form, exact) under
-   ``llama_crisp_config``: ``s = d_in`` for every role, so ``u = d_out`` and the basis is a shared
-   *output* basis of the group (the Basis Sharing structure; DESIGN.md section 2 measured it as the
-   best data-free fit of every s, while small s fits poorly without training). Groups of
-   ``group_size`` consecutive blocks (default 2).
-   With calibration inputs, each group's full-capacity basis is then re-expressed in the principal
-   directions of the group's output covariance ``sum_i W_i Sigma_i W_i^T`` (``principal_basis``: a
-   change of basis, still exact), so that the sigma^2-aware importance below ranks output directions
-   by the variance they carry (the activation-aware counterpart of Basis Sharing's whitening).
-1. **Basis reduction** to ``r'_p`` components (data-free without calibration inputs):
+   ``llama_crisp_config``, each role's basis on one side (``choose_sides`` picks, per role, the side
+   whose leading components keep more output variance at the rank the budget buys there):
+   ``s = d_in`` (``u = d_out``: a shared *output* basis; DESIGN.md section 2 measured wide s as the
+   best data-free fit, while small s fits poorly without training) or ``s = d_out`` transposed
+   (``u = d_in``: a shared *input* basis, Basis Sharing's structure). Groups of ``group_size``
+   consecutive blocks (default 2).
+   With calibration inputs, each group's full-capacity basis is then re-expressed in its principal
+   directions (``principal_basis``: a change of basis, still exact): of the output covariance
+   ``sum_i W_i Sigma_i W_i^T`` for an output basis, of the whitened inputs for an input basis, so
+   that the sigma^2-aware importance below ranks directions by the output variance they carry.
+1. **Basis reduction** (``reduction="truncate"``, the default, keeps the most important
+   components; ``"cluster"`` is the paper's merge, below) to ``r'_p`` components (data-free without calibration inputs):
    IMPORTANCE ``w_j = ||b_j|| * sqrt(sum_i ||c_ij||^2)``: the component's energy. (The paper's
    ``||b_j|| + lambda sum_i ||A_ij||_1`` depends on how the retrofit split scale between B and A;
    the product does not. With calibration inputs and ``s = d_in``, ``||c_ij||^2`` becomes
@@ -27,8 +30,8 @@ gated coefficients ``C_i = G(A_i)``, so ``W_i.reshape(u, s) = B @ C_i = sum_j b_
    MERGE: importance-weighted average of the members' unit templates, rescaled back to unit norm
    (averaging spread-out vectors shrinks the norm: the variance-aware rescaling).
    AGGREGATE: the members' coefficients are summed.
-1b. **Least-squares coefficient re-solve**: ``C_i = pinv(B') W_i.reshape(u, s)`` against the teacher
-   (the dense weights); then each component is rescaled so its largest coefficient is
+1b. **Least-squares coefficient re-solve**: ``C_i = pinv(B') M_i`` against the teacher's folded
+   weights (weighted by each layer's inputs for an input basis); then each component is rescaled so its largest coefficient is
    ``gate_init_max`` and ``A_i = G^-1(C_i)``, as in the retrofit.
 2. **Calibration** (``calibrate_``, shared with the baselines): Adam on bases and mixers minimising
    ``w_recon * mean_i ||W_i - W_teacher_i||^2 / ||W_teacher_i||^2 + w_lm * LM loss`` on
