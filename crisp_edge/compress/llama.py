@@ -138,19 +138,28 @@ class LlamaCompressReport:
 # --------------------------------------------------------------------------------------------------
 # ranks
 # --------------------------------------------------------------------------------------------------
+def _role_costs(model: nn.Module, group_size: int | None, sides: Mapping[str, str] | None
+                ) -> tuple[list[str], dict[str, int], dict[str, int], dict[str, int]]:
+    """``(roles, unit, full, dense)``: per role, the stored numbers one more rank costs (over all its
+    groups), its full rank, and its dense weight count, under ``llama_crisp_config``."""
+    _, plans = plan_groups(model, llama_crisp_config(model, group_size, sides=sides), "hf-llama")
+    unit: dict[str, int] = {}
+    full: dict[str, int] = {}
+    dense: dict[str, int] = {}
+    for p in plans:
+        unit[p.role] = unit.get(p.role, 0) + p.u + len(p.layer_names) * p.s
+        full[p.role] = min(full.get(p.role, p.full_rank), p.full_rank)
+        dense[p.role] = dense.get(p.role, 0) + len(p.layer_names) * p.d_in * p.d_out
+    return list(unit), unit, full, dense
+
+
 def plan_ranks(model: nn.Module, budget: int | None = None, rates: Mapping[str, float] | None = None,
                group_size: int | None = 2, sides: Mapping[str, str] | None = None) -> tuple[dict[str, int], dict[str, int]]:
     """``(ranks, full_ranks)`` per role for a dense LLaMA under ``llama_crisp_config`` (with ``sides``),
     from an integer ``budget`` (largest whole-rank count <= budget) or from per-projection ``rates``."""
     if (budget is None) == (rates is None):
         raise ConfigError("give exactly one of budget= (stored numbers) or rates= ({role: fraction removed}).")
-    _, plans = plan_groups(model, llama_crisp_config(model, group_size, sides=sides), "hf-llama")
-    roles: dict[str, list] = {}
-    for p in plans:
-        roles.setdefault(p.role, []).append(p)
-    full = {role: min(p.full_rank for p in ps) for role, ps in roles.items()}
-    unit = {role: sum(p.u + len(p.layer_names) * p.s for p in ps) for role, ps in roles.items()}
-    dense = {role: sum(len(p.layer_names) * p.d_in * p.d_out for p in ps) for role, ps in roles.items()}
+    roles, unit, full, dense = _role_costs(model, group_size, sides)
     if rates is not None:
         unknown = set(rates) - set(roles)
         if unknown:
@@ -251,12 +260,7 @@ def greedy_ranks(model: nn.Module, budget: int, group_size: int | None = 2, side
     nearly free to cut (rank 339 -> 116) when it is not."""
     import heapq
 
-    _, plans = plan_groups(model, llama_crisp_config(model, group_size, sides=sides), "hf-llama")
-    unit: dict[str, int] = {}
-    full: dict[str, int] = {}
-    for p in plans:
-        unit[p.role] = unit.get(p.role, 0) + p.u + len(p.layer_names) * p.s
-        full[p.role] = min(full.get(p.role, p.full_rank), p.full_rank)
+    _, unit, full, _ = _role_costs(model, group_size, sides)
     spectra = _role_spectra(model, group_size, sides or {}, moments)
     ranks = dict.fromkeys(unit, 1)
     left = budget - sum(unit.values())
