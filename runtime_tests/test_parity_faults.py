@@ -314,13 +314,11 @@ def et_other_bases_task(folder: Path, other_model, other_mixers: Path, name: str
     """Write ``tasks/<name>.ptd`` as an export of ``other_model`` (other bases) would: its tag and mixers."""
     from crisp_edge.export.bundle import adapter_model_version
     from crisp_edge.export.et_tasks import task_arrays, write_task_ptd
-    from crisp_edge.export.onnx_export import _layout
-
     from crisp_edge.fingerprint import bases_fingerprint
-    from crisp_edge.mixers import read_mixers
+    from crisp_edge.mixers import model_layout, read_mixers
 
     swap = json.loads((folder / "manifest.json").read_text())["swappable"]
-    fp, layout = bases_fingerprint(other_model), _layout(other_model)
+    fp, layout = bases_fingerprint(other_model), model_layout(other_model)
     other = {**swap, "bases_sha256": fp, "layout": layout, "tag": adapter_model_version(fp, layout)}
     assert other["tag"] != swap["tag"]
     write_task_ptd(task_arrays(read_mixers(other_mixers), other), folder / f"tasks/{name}.ptd", other["tag"])
