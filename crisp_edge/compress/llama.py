@@ -59,7 +59,7 @@ from ..config import CrispConfig, RoleConfig
 from ..convert import _set_submodule, crisp_bases, plan_groups
 from ..errors import ConfigError
 from ..gates import get_gate
-from ..layer import CrispBasis, CrispLinear
+from ..layer import CrispBasis, CrispLinear, fold_weight
 from ..retrofit import retrofit_
 from ..specs import get_architecture
 from .baselines import (
@@ -200,13 +200,10 @@ def _group_spectrum(plan, weights: Mapping[str, torch.Tensor], moments: Mapping[
     Sigma_i``, the identity without statistics); ``sum(lambda)`` is the group's energy. Output side:
     ``sum_i W_i Sigma_i W_i^T`` (exact). Input side: ``S^T (sum_i W_i^T W_i) S`` with ``S S^T`` the
     group's mean second moment, as ``principal_basis`` whitens it."""
-    ws = [weights[n].double() for n in plan.layer_names]
-    sms = [moments[n].double() if moments else torch.eye(ws[0].shape[1], dtype=torch.float64) for n in plan.layer_names]
-    if not plan.transpose:
-        mat = sum(w @ sm @ w.T for w, sm in zip(ws, sms))
-    else:
-        sf = whitening_factor(sum(sms) / len(sms))
-        mat = sum((w @ sf).T @ (w @ sf) for w in ws)
+    ms = [fold_weight(weights[n].double(), plan.u, plan.s, plan.transpose) for n in plan.layer_names]
+    d_in = weights[plan.layer_names[0]].shape[1]
+    sms = [moments[n].double() if moments else torch.eye(d_in, dtype=torch.float64) for n in plan.layer_names]
+    mat, _ = _side_gram(ms, sms, plan.transpose)
     return torch.linalg.eigvalsh(mat).flip(0).clamp_min(0)[:plan.full_rank]
 
 
@@ -361,18 +358,26 @@ def principal_basis(basis: torch.Tensor, coeffs: list[torch.Tensor], second_mome
     eigenvectors of ``S^T (sum_i M_i M_i^T) S``, ``B = S^-T V``, ``C_i = V^T S^T M_i``."""
     b = basis.double()
     ms = [b @ c.double() for c in coeffs]
-    r = b.shape[1]
-    if not transpose:
-        k = sum(m @ sm.double() @ m.T for m, sm in zip(ms, second_moments))
-        _, vecs = torch.linalg.eigh(k)
-        v = vecs.flip(-1)[:, :r]
+    mat, sf = _side_gram(ms, [sm.double() for sm in second_moments], transpose)
+    v = torch.linalg.eigh(mat)[1].flip(-1)[:, :b.shape[1]]
+    if sf is None:
         return v, [v.T @ m for m in ms]
-    sf = whitening_factor(sum(sm.double() for sm in second_moments) / len(second_moments))
-    ws = [sf.T @ m for m in ms]                       # S^T W_i^T
-    _, vecs = torch.linalg.eigh(sum(w @ w.T for w in ws))
-    v = vecs.flip(-1)[:, :r]
     new_b = torch.linalg.solve_triangular(sf.T, v, upper=True)  # S^-T V
-    return new_b, [v.T @ w for w in ws]
+    return new_b, [v.T @ sf.T @ m for m in ms]
+
+
+def _side_gram(ms: list[torch.Tensor], second_moments: list[torch.Tensor], transpose: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The symmetric matrix whose leading eigenvectors are a group's principal directions on its side,
+    from its folded weights ``M_i`` and input second moments ``Sigma_i`` (float64), and the whitening
+    factor ``S`` of an input side (``None`` for an output side). Output side (``M_i = W_i``):
+    ``sum_i M_i Sigma_i M_i^T``. Input side (``M_i = W_i^T``): ``S^T (sum_i M_i M_i^T) S`` with
+    ``S S^T = mean_i Sigma_i``. Keeping the leading k leaves an error equal to the remaining eigenvalues."""
+    if not transpose:
+        return sum(m @ sm @ m.T for m, sm in zip(ms, second_moments)), None
+    sf = whitening_factor(sum(second_moments) / len(second_moments))
+    ws = [sf.T @ m for m in ms]
+    return sum(w @ w.T for w in ws), sf
 
 
 def reduce_basis(basis: torch.Tensor, coeffs: list[torch.Tensor], k: int, *, method: str = "cluster",
