@@ -34,7 +34,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 # Debian packages: the Fashion-MNIST data, the King James Bible (LLaMA perplexity benchmark), and
-# g++ for the ExecuTorch C++ runner (export/runner). apt-get runs only when one is missing.
+# g++ for the ExecuTorch C++ runner (export/executorch/runner). apt-get runs only when one is missing.
 $(DEB_STAMP):
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -9,7 +9,7 @@ as examples/onnx_switch_tasks.py does), exports a swappable XNNPACK bundle, then
 
 1. Python: in ONE ExecuTorch program, switches task after task and prints each task's accuracy on its
    real test data, the switch time and the top-1 agreement / max abs difference with PyTorch;
-2. C++: builds ``export/runner`` (g++, against the executorch wheel) and runs the same test sets
+2. C++: builds ``export/executorch/runner`` (g++, against the executorch wheel) and runs the same test sets
    through ``crisp_et_runner`` (``model.pte`` + ``default.ptd`` + the task's ``.ptd``), reading its
    ``.npy`` outputs back for the same accuracy and agreement figures.
 """
@@ -51,8 +51,8 @@ def batches(x: torch.Tensor, batch: int) -> list[np.ndarray]:
 
 
 def build_runner() -> Path:
-    exe = REPO / "export/runner/build/crisp_et_runner"
-    subprocess.run(["bash", str(REPO / "export/runner/build.sh"), sys.executable, str(exe)], check=True,
+    exe = REPO / "export/executorch/runner/build/crisp_et_runner"
+    subprocess.run(["bash", str(REPO / "export/executorch/runner/build.sh"), sys.executable, str(exe)], check=True,
                    capture_output=True)
     return exe
 

@@ -6,7 +6,7 @@ package of that name on PyPI.
 
 ExecuTorch (``export_executorch``): the same three modes as ``.pte`` programs (XNNPACK or portable),
 per-task ``.ptd`` files (``add_executorch_task``), ``EtCrispSession``, and a C++ runner in
-``export/runner``. Parity for both runtimes: ``check_bundle`` / ``check_outputs`` (``parity``).
+``export/executorch/runner``. Parity for both runtimes: ``check_bundle`` / ``check_outputs`` (``parity``).
 
 ONNX Runtime (``export_onnx``): ``dense``, ``factored`` and ``swappable`` bundles; per-task
 ``.onnx_adapter`` files (``mixers_to_onnx_adapter``); ``OnnxCrispSession`` runs a bundle and switches

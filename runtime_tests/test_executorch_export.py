@@ -230,7 +230,7 @@ def test_xnnpack_modes_meet_parity(model, tasks, mode, tmp_path):
 def test_cpp_runner_switches_tasks_and_refuses_foreign_files(portable, tasks, tmp_path):
     assert shutil.which("g++"), "the C++ runner needs g++ (`make setup` installs it: apt-get install g++)"
     exe = tmp_path / "crisp_et_runner"
-    subprocess.run(["bash", str(REPO / "export/runner/build.sh"), str(REPO / ".venv/bin/python"), str(exe)],
+    subprocess.run(["bash", str(REPO / "export/executorch/runner/build.sh"), str(REPO / ".venv/bin/python"), str(exe)],
                    check=True, capture_output=True)
     b = portable
     n = write_runner_inputs(b, tmp_path / "in")

@@ -406,11 +406,11 @@ def test_et_device_outputs_faults_named(et_bundles):
 
 @pytest.fixture(scope="module")
 def et_runner(tmp_path_factory):
-    """The C++ runner (export/runner), built with its build.sh when this checkout has no binary yet."""
+    """The C++ runner (export/executorch/runner), built with its build.sh when this checkout has no binary yet."""
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1] / "export" / "runner"
+    root = Path(__file__).resolve().parents[1] / "export" / "executorch" / "runner"
     binary = root / "build" / "crisp_et_runner"
     if not binary.is_file():
         binary = tmp_path_factory.mktemp("runner") / "crisp_et_runner"

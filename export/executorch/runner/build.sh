@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build crisp_et_runner with plain g++ against the headers and libraries the executorch wheel ships.
-#   export/runner/build.sh [PYTHON] [OUT]    (default: .venv/bin/python, export/runner/build/crisp_et_runner)
+#   export/executorch/runner/build.sh [PYTHON] [OUT]    (default: .venv/bin/python, export/executorch/runner/build/crisp_et_runner)
 # CMake is not needed (the wheel's CMake config wants 3.28; the definitions below are the ones it sets).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-PY="${1:-$HERE/../../.venv/bin/python}"
+PY="${1:-$HERE/../../../.venv/bin/python}"
 OUT="${2:-$HERE/build/crisp_et_runner}"
 ET="$("$PY" -c 'import executorch; print(list(executorch.__path__)[0])')"
 mkdir -p "$(dirname "$OUT")"
