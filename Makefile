@@ -54,7 +54,7 @@ test-slow: setup
 
 # The whole parity suite (architecture x mode x runtime x task, fault injection, the C++ runner's outputs)
 parity: setup
-	$(PY) -m pytest -q runtime_tests/test_parity.py runtime_tests/test_parity_faults.py runtime_tests/test_matrix.py
+	$(PY) -m pytest -q runtime_tests/parity/
 
 bench: setup
 	-$(PY) bench/bench_retrofit.py  # a leading '-': a missed target (exit 1) still lets the rest run

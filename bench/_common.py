@@ -144,7 +144,7 @@ def copy_floor(nbytes: int) -> Callable[[], float]:
 
 def switch_written_bytes(model) -> int:
     """Bytes of dense weights a task switch writes: every CRISP layer's W (fp32)."""
-    from crisp_edge.convert import crisp_bases
+    from crisp_edge.method.convert import crisp_bases
 
     return sum(4 * b.d_out * b.d_in * len(b.layer_names) for b in crisp_bases(model).values())
 
@@ -186,7 +186,7 @@ def summarize(seconds: list[float]) -> dict[str, Any]:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as pretty-printed JSON, atomically (the library's own atomic writer)."""
-    from crisp_edge.io import atomic_write_json  # imported late: crisp_edge loads torch
+    from crisp_edge.files.io import atomic_write_json  # imported late: crisp_edge loads torch
 
     atomic_write_json(path, data)
     return Path(path)
@@ -202,7 +202,7 @@ def load_bench_model(name: str):
     import torch
 
     import crisp_edge as ce
-    from crisp_edge.models import EMBEDDED_CRISP_CONFIG
+    from crisp_edge.models.sources import EMBEDDED_CRISP_CONFIG
 
     name, _, batch = name.partition("@")
     if batch:

@@ -1,6 +1,6 @@
 """Benchmark: per-task adaptation of the embedded Fashion-MNIST ViT, CRISP mixers vs the baselines.
 
-For each real transfer task (``crisp_edge.tasks``: mnist, digits, fmnist5) and each method, on the
+For each real transfer task (``crisp_edge.data.tasks``: mnist, digits, fmnist5) and each method, on the
 same data, epochs, batch size and seeds (``--seeds 0,1,2``: the mean accuracy, every seed's kept):
 
 * ``crisp``    CRISP mixers + a new head (bases frozen), from the full-capacity retrofit;
@@ -32,12 +32,13 @@ THREADS = pin_threads(2)
 import torch
 
 import crisp_edge as ce
-from crisp_edge.adapt import AdaptConfig, adapt_, new_head_
-from crisp_edge.evaluate import accuracy, predict
-from crisp_edge.mixers import TaskSwitcher, read_mixers, save_mixers
-from crisp_edge.models import EMBEDDED_CRISP_CONFIG
-from crisp_edge.tasks import load_task
-from crisp_edge.train import TrainConfig, train_classifier
+from crisp_edge.training.adapt import AdaptConfig, adapt_, new_head_
+from crisp_edge.training.evaluate import accuracy, predict
+from crisp_edge.files.mixers import read_mixers, save_mixers
+from crisp_edge.files.switcher import TaskSwitcher
+from crisp_edge.models.sources import EMBEDDED_CRISP_CONFIG
+from crisp_edge.data.tasks import load_task
+from crisp_edge.training.loop import TrainConfig, train_classifier
 
 SCHEMA = 1
 LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]

@@ -53,9 +53,10 @@ def run_one(args: argparse.Namespace) -> dict:
     pin_threads(1)
     import torch
 
-    from crisp_edge.compress.baselines import basis_sharing_, capture_linear_inputs, stored_params, svd_
-    from crisp_edge.compress.llama import CalibrationConfig, calibrate_, compress_llama_
-    from crisp_edge.lm import load_causal_lm, load_kjv, perplexity, tokenize, windows
+    from crisp_edge.training.compress.baselines import basis_sharing_, svd_
+    from crisp_edge.training.compress.linear_stats import capture_linear_inputs, stored_params
+    from crisp_edge.training.compress.llama import CalibrationConfig, calibrate_, compress_llama_
+    from crisp_edge.models.causal_lm import load_causal_lm, load_kjv, perplexity, tokenize, windows
 
     torch.manual_seed(0)
     out: dict = {"method": args.method}
@@ -116,7 +117,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 def _targets(model) -> list[str]:
-    from crisp_edge.compress.baselines import targeted_linears
+    from crisp_edge.training.compress.baselines import targeted_linears
 
     return list(targeted_linears(model))
 

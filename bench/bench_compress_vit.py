@@ -13,7 +13,7 @@ and is evaluated on the full 10,000-image test split before and after that train
 * ``crisp-mimicry``: greedy ranks, SVD init, no distillation (data-free "mimicry only");
 * ``svd``          : per-layer truncated SVD of the original weights (``baselines.svd_``);
 * ``basis-sharing``: cross-layer shared input basis, calibration-whitened (``baselines.basis_sharing_``);
-* ``fips``         : shared basis + sparse per-layer projections (``baselines.fips_``).
+* ``fips``         : shared basis + sparse per-layer projections (``fips.fips_``).
 
 The baselines get the budget ``crisp`` stores at that kept fraction (``stored_params`` counts every
 method alike). Each run is its own subprocess, so its time and peak RSS (``ru_maxrss``) are its own.
@@ -49,18 +49,18 @@ def run_one(method: str, keep: float, args: argparse.Namespace) -> dict:
     """One compression run (in this process): build, evaluate, distil, evaluate; returns its record."""
     pin_threads(1)
 
-    from crisp_edge.compress import (
+    from crisp_edge.training.compress import (
         DistillConfig,
         allocate_ranks,
         distill_,
         init_student,
     )
-    from crisp_edge.compress.cli import distillation_slice
-    from crisp_edge.compress.distill import peak_rss_mb
-    from crisp_edge.data import load_fashion_mnist
-    from crisp_edge.evaluate import accuracy, predict
-    from crisp_edge.models import EMBEDDED_CRISP_CONFIG, load_embedded_vit
-    from crisp_edge.retrofit import retrofit_
+    from crisp_edge.cli.compress import distillation_slice
+    from crisp_edge.training.compress.distill import peak_rss_mb
+    from crisp_edge.data.fashion_mnist import load_fashion_mnist
+    from crisp_edge.training.evaluate import accuracy, predict
+    from crisp_edge.models.sources import EMBEDDED_CRISP_CONFIG, load_embedded_vit
+    from crisp_edge.training.retrofit import retrofit_
 
     x, _, _ = distillation_slice(args.fraction, seed=0)
     xt, yt = load_fashion_mnist("test", limit=args.test_limit)
@@ -74,7 +74,7 @@ def run_one(method: str, keep: float, args: argparse.Namespace) -> dict:
     if method in CRISP_METHODS:
         alloc, init, distil = CRISP_METHODS[method]
         if method == "crisp-s192":  # the same function (an exact retrofit), another layout; held to the same budget
-            from crisp_edge.config import CrispConfig, RoleConfig
+            from crisp_edge.method.config import CrispConfig, RoleConfig
 
             teacher = load_embedded_vit()
             retrofit_(teacher, CrispConfig(default=RoleConfig(**WIDE_CONFIG["default"])), progress=False)
@@ -84,7 +84,7 @@ def run_one(method: str, keep: float, args: argparse.Namespace) -> dict:
         student = init_student(teacher, plan, init=init)
         record.update(ranks=plan.role_ranks, allocation=alloc, init=init)
     else:
-        from crisp_edge.compress import baselines as bl
+        from crisp_edge.training.compress import baselines as bl
 
         distil = True
         student = load_embedded_vit()
@@ -98,7 +98,7 @@ def run_one(method: str, keep: float, args: argparse.Namespace) -> dict:
             rep = bl.fips_(student, budget, calib_inputs=calib, group_size=3, progress=False)
         record.update(baseline=rep.to_dict() | {"layer_errors": None})
     init_seconds = time.perf_counter() - start
-    from crisp_edge.compress.baselines import stored_params
+    from crisp_edge.training.compress.baselines import stored_params
 
     record["stored"] = stored_params(student)
     if record["stored"] > budget:
@@ -122,8 +122,8 @@ def run_one(method: str, keep: float, args: argparse.Namespace) -> dict:
 
 def record_original() -> int:
     """The targeted dense weights of the embedded ViT (every method's denominator)."""
-    from crisp_edge.compress.baselines import stored_params
-    from crisp_edge.models import load_embedded_vit
+    from crisp_edge.training.compress.baselines import stored_params
+    from crisp_edge.models.sources import load_embedded_vit
 
     return stored_params(load_embedded_vit())
 

@@ -48,9 +48,9 @@ THREADS = pin_threads(1)
 
 import numpy as np
 import torch
-from crisp_edge.export.et_export import _unfuse_attention, export_executorch, lower
-from crisp_edge.export.et_runtime import load_program, set_threads
-from crisp_edge.export.onnx_export import _Forward
+from crisp_edge.export.executorch.export import _unfuse_attention, export_executorch, lower
+from crisp_edge.export.executorch.session import load_program, set_threads
+from crisp_edge.export.model_io import _Forward
 
 SCHEMA = 1
 TARGETS = {"dense_ratio": 1.02, "swappable_ratio": 1.10, "switch_forwards": 1.0, "pte_rel": 0.02,
@@ -73,7 +73,7 @@ def plain_program(plain, x, fused: bool = False) -> bytes:
 
 def real_agreement(sessions: dict, model, limit: int) -> dict:
     """Top-1 agreement with PyTorch on Fashion-MNIST test images (embedded model; batch-1 programs)."""
-    from crisp_edge.data import load_fashion_mnist
+    from crisp_edge.data.fashion_mnist import load_fashion_mnist
 
     xs, _ = load_fashion_mnist("test", limit=limit)
     with torch.no_grad():

@@ -47,7 +47,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from crisp_edge.export import export_onnx
-from crisp_edge.export.onnx_runtime import session_options
+from crisp_edge.export.onnx.session import session_options
 
 import crisp_edge as ce
 

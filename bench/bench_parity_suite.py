@@ -1,6 +1,6 @@
 """Benchmark: how long the whole parity suite (``make parity``) takes on this machine.
 
-Runs ``pytest`` on the parity suite (runtime_tests/test_parity.py, test_parity_faults.py,
+Runs ``pytest`` on the parity suite (runtime_tests/parity/: test_parity.py, test_faults.py,
 test_matrix.py: architecture x mode x runtime x task, fault injection for ONNX Runtime and
 ExecuTorch, the C++ runner's outputs) in a subprocess, and records its wall time, the number of tests
 passed/failed, and the machine. Writes ``bench/results/parity_suite.json``.
@@ -16,7 +16,7 @@ import time
 
 from _common import REPO_ROOT, RESULTS_DIR, machine_info, write_json
 
-SUITE = ["runtime_tests/test_parity.py", "runtime_tests/test_parity_faults.py", "runtime_tests/test_matrix.py"]
+SUITE = ["runtime_tests/parity/"]
 
 
 def main() -> int:

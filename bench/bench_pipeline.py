@@ -18,10 +18,10 @@ from _common import RESULTS_DIR, machine_info, pin_threads, write_json
 
 THREADS = pin_threads(2)
 
-from crisp_edge.adapt import AdaptConfig  # noqa: E402
-from crisp_edge.models import load_embedded_vit  # noqa: E402
-from crisp_edge.pipeline import PipelineConfig, run_pipeline  # noqa: E402
-from crisp_edge.train import TrainConfig  # noqa: E402
+from crisp_edge.training.adapt import AdaptConfig  # noqa: E402
+from crisp_edge.models.sources import load_embedded_vit  # noqa: E402
+from crisp_edge.training.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from crisp_edge.training.loop import TrainConfig  # noqa: E402
 
 GOAL_POINTS = 2.0
 

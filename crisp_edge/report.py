@@ -1,7 +1,7 @@
 """Plain-text tables for the terminal (the CLI and the demo print these)."""
 from __future__ import annotations
 
-from .budget import Budget
+from crisp_edge.method.budget import Budget
 
 
 def format_table(headers: list[str], rows: list[list[object]]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import build_model
+from crisp_edge.models.sources import build_model
 
 #: The timm toy's source record (what a checkpoint stores to rebuild it): 16x16 grey images, 4 tokens + CLS.
 TIMM_VIT_SOURCE: dict[str, Any] = {
@@ -59,7 +59,7 @@ def toy_hf_llama(seed: int = 0, depth: int = 2) -> nn.Module:
     return _seeded(seed, lambda: transformers.LlamaForCausalLM(config))
 
 
-#: Architecture name (as in ``crisp_edge.specs``) -> toy factory.
+#: Architecture name (as in ``crisp_edge.method.specs``) -> toy factory.
 TOYS: dict[str, Callable[..., nn.Module]] = {
     "timm-vit": toy_timm_vit, "hf-vit": toy_hf_vit, "hf-llama": toy_hf_llama,
 }
@@ -95,9 +95,9 @@ def make_task_file(model: nn.Module, path: str | Path, task: str = "task1", seed
     new head of ``num_classes`` classes, written as a mixer file at ``path`` (``model`` is not changed)."""
     import copy
 
-    from .adapt import new_head_
-    from .convert import crisp_layers
-    from .mixers import save_mixers
+    from crisp_edge.files.mixers import save_mixers
+    from crisp_edge.method.convert import crisp_layers
+    from crisp_edge.training.adapt import new_head_
 
     m = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)

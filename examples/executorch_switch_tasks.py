@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from crisp_edge.export.et_export import export_executorch
+from crisp_edge.export.executorch.export import export_executorch
 
 import crisp_edge as ce
-from crisp_edge.evaluate import predict
-from crisp_edge.mixers import apply_mixers_, read_mixers
-from crisp_edge.models import EMBEDDED_CRISP_CONFIG
-from crisp_edge.tasks import load_task
+from crisp_edge.training.evaluate import predict
+from crisp_edge.files.mixers import apply_mixers_, read_mixers
+from crisp_edge.models.sources import EMBEDDED_CRISP_CONFIG
+from crisp_edge.data.tasks import load_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_switch_tasks import quick_mixers

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 import crisp_edge as ce
-from crisp_edge.adapt import AdaptConfig, adapt_
-from crisp_edge.evaluate import predict
+from crisp_edge.training.adapt import AdaptConfig, adapt_
+from crisp_edge.training.evaluate import predict
 from crisp_edge.export import export_onnx
-from crisp_edge.mixers import apply_mixers_, read_mixers, save_mixers
-from crisp_edge.models import EMBEDDED_CRISP_CONFIG
-from crisp_edge.tasks import load_task
-from crisp_edge.train import TrainConfig
+from crisp_edge.files.mixers import apply_mixers_, read_mixers, save_mixers
+from crisp_edge.models.sources import EMBEDDED_CRISP_CONFIG
+from crisp_edge.data.tasks import load_task
+from crisp_edge.training.loop import TrainConfig
 
 TASKS = ("mnist", "digits", "fmnist5")
 

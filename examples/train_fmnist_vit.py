@@ -1,7 +1,7 @@
 """Train the embedded default model: a small timm VisionTransformer on Fashion-MNIST.
 
 No pretrained ViT can be downloaded here, so crisp-edge ships one it trained itself. This script is
-how: the architecture is ``crisp_edge.models.EMBEDDED_VIT_SOURCE`` (6 blocks, width 192, 7x7 patches
+how: the architecture is ``crisp_edge.models.sources.EMBEDDED_VIT_SOURCE`` (6 blocks, width 192, 7x7 patches
 on 28x28 grey images, 2.7M parameters), trained from scratch on the 60,000 training images with
 AdamW, a cosine schedule, label smoothing and light augmentation (random shifts, horizontal flips).
 It writes ``crisp_edge/assets/fmnist_vit/model.safetensors`` and ``card.json`` (the recipe, the
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import save as st_save
 from tqdm import tqdm
 
-from crisp_edge.data import load_fashion_mnist
-from crisp_edge.io import atomic_write_bytes, atomic_write_json
-from crisp_edge.models import EMBEDDED_VIT_SOURCE, build_model
+from crisp_edge.data.fashion_mnist import load_fashion_mnist
+from crisp_edge.files.io import atomic_write_bytes, atomic_write_json
+from crisp_edge.models.sources import EMBEDDED_VIT_SOURCE, build_model
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "crisp_edge" / "assets" / "fmnist_vit"
 

@@ -1,33 +1,38 @@
-"""crisp_edge.export: the deploy side (ONNX Runtime and ExecuTorch exporters, export bundles).
+"""crisp_edge.export: the deploy side (ONNX Runtime and ExecuTorch exporters, export bundles, parity).
 
 This folder is the top-level ``export/`` of the repository, installed as ``crisp_edge.export``
 (see pyproject.toml): a bare top-level module named ``export`` would collide with an unrelated
-package of that name on PyPI.
+package of that name on PyPI. Its layout (docs/architecture.md):
 
-ExecuTorch (``export_executorch``): the same three modes as ``.pte`` programs (XNNPACK or portable),
-per-task ``.ptd`` files (``add_executorch_task``), ``EtCrispSession``, and a C++ runner in
-``export/executorch/runner``. Parity for both runtimes: ``check_bundle`` / ``check_outputs`` (``parity``).
+    bundle.py       the runtime-neutral bundle contract and the runtime registry (imports no runtime)
+    model_io.py     what both exporters need of a PyTorch model (inputs, logits wrapper)
+    flatbuffer.py   the strict FlatBuffers reader behind both runtimes' task-file checks
+    onnx/           ONNX Runtime: export (dense / factored / swappable), fold graph, .onnx_adapter, session
+    executorch/     ExecuTorch: .pte export, .ptd task files, session, and the C++ runner (runner/)
+    parity/         reference outputs, tolerances, checks of any bundle, reports
 
-ONNX Runtime (``export_onnx``): ``dense``, ``factored`` and ``swappable`` bundles; per-task
-``.onnx_adapter`` files (``mixers_to_onnx_adapter``); ``OnnxCrispSession`` runs a bundle and switches
-tasks; ``validate_bundle`` checks parity with the PyTorch reference. Importing this package does not
-import onnx or onnxruntime; the names below load them on first use.
+Importing this package imports no runtime; the names below load theirs on first use.
 """
 from __future__ import annotations
 
 import importlib
 
 _LAZY = {
-    "export_onnx": "onnx_export", "Bundle": "bundle", "load_bundle": "bundle",
-    "mixers_to_onnx_adapter": "onnx_adapter", "remove_task": "onnx_adapter",
-    "OnnxCrispSession": "onnx_runtime", "DEFAULT_TASK": "onnx_runtime",
-    "validate_bundle": "validate", "ParityReport": "validate", "ATOL_FP32": "validate",
+    # the runtime-neutral bundle contract
+    "Bundle": "bundle", "open_bundle": "bundle", "register_runtime": "bundle", "Runtime": "bundle",
     "AdapterError": "errors", "BundleError": "errors", "ExportError": "errors", "NoTaskError": "errors",
     "ParityError": "errors",
-    "check_bundle": "parity", "check_outputs": "parity", "recompute_reference": "parity",
-    "tolerance_for": "parity", "write_reports": "parity_report",
-    "export_executorch": "et_export", "load_et_bundle": "et_bundle", "EtBundle": "et_bundle",
-    "EtCrispSession": "et_runtime", "add_executorch_task": "et_tasks", "export_with_optimum": "onnx_optimum",
+    # ONNX Runtime
+    "export_onnx": "onnx.export", "load_bundle": "onnx.bundle", "OnnxBundle": "onnx.bundle",
+    "mixers_to_onnx_adapter": "onnx.adapter", "remove_task": "onnx.adapter",
+    "OnnxCrispSession": "onnx.session", "DEFAULT_TASK": "onnx.session", "export_with_optimum": "onnx.optimum",
+    # ExecuTorch
+    "export_executorch": "executorch.export", "load_et_bundle": "executorch.bundle", "EtBundle": "executorch.bundle",
+    "EtCrispSession": "executorch.session", "add_executorch_task": "executorch.tasks",
+    # parity
+    "validate_bundle": "parity.validate", "ParityReport": "parity.validate", "ATOL_FP32": "parity.validate",
+    "check_bundle": "parity.check", "check_outputs": "parity.check", "recompute_reference": "parity.check",
+    "tolerance_for": "parity.check", "write_reports": "parity.report",
 }
 
 __all__ = sorted(_LAZY)

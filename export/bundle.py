@@ -1,45 +1,39 @@
-"""The ONNX export bundle on disk: a folder with its model(s), a manifest, reference data and tasks.
+"""The bundle contract, the same for every runtime: manifest fields, file records, task records, the
+one loading path (open, verify every file's SHA-256, check every field), staged writes, and the registry
+that maps a manifest's ``format`` to its runtime's loader and session.
 
     bundle/
-      manifest.json            format "crisp-edge/onnx-bundle", version 1 (see ``export_onnx``)
-      model.onnx               the inference graph (+ model.onnx.data when over 100 MB)
-      fold.onnx                swappable only: task tensors in, dense weights out
-      reference.npz            fixed seeded inputs and the PyTorch outputs for them (no pickle)
-      tasks/<name>.onnx_adapter  swappable only: one per task, ORT's own adapter format
+      manifest.json      {"format": "crisp-edge/<runtime>-bundle", "version": 1, "mode": ..., "files": {...}, ...}
+      reference.npz      fixed seeded inputs and the PyTorch outputs for them (no pickle)
+      tasks/<name><suffix>   swappable only: one task file per task, in the runtime's own format
+      ...                the runtime's model files (see crisp_edge.export.onnx.bundle, .executorch.bundle)
 
-``load_bundle`` reads the manifest, checks its envelope, every field the loaders use (types,
-ranges, and that every file name is a plain relative path inside the bundle folder) and every file's
-SHA-256, and returns a ``Bundle``; a damaged or edited file is a ``BundleError``, never a silently
-different model, and no manifest makes crisp-edge read a file outside the bundle folder.
+This module imports no runtime: a runtime registers itself in ``RUNTIMES`` (by module path, imported
+only when a bundle of its format is opened), so generic code (parity, the command line) opens any
+bundle through ``open_bundle`` and reaches its session through ``Bundle.session``.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
+from crisp_edge.export.errors import BundleError
 
-from crisp_edge.io import check_envelope, read_json, sha256_file
-from crisp_edge.io import check_relpath as io_check_relpath
-from crisp_edge.io import inside as io_inside
+from crisp_edge.files.io import check_relpath as io_check_relpath
+from crisp_edge.files.io import inside as io_inside
+from crisp_edge.files.io import read_json, sha256_file
 
-from .errors import BundleError
-
-BUNDLE_FORMAT = "crisp-edge/onnx-bundle"
-BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
 REFERENCE = "reference.npz"
 TASKS_DIR = "tasks"
-ADAPTER_SUFFIX = ".onnx_adapter"
-#: Above this a graph's weights go to an external data file beside it (protobuf's hard limit is
-#: 2 GB; 100 MB keeps the .onnx itself quick to parse and diff).
-EXTERNAL_DATA_BYTES = 100 << 20
 MODES = ("dense", "factored", "swappable")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -49,6 +43,62 @@ LAYOUT_STRS = ("role", "gate", "placement")
 #: Sizes in a manifest are counts of elements or bytes: anything beyond this is not a real bundle.
 _MAX_SIZE = 1 << 48
 _MAX_RANK = 8
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How to open a bundle format: the runtime's name and its loader and session, as ``module:attribute``."""
+
+    name: str
+    loader: str
+    session: str
+
+    def resolve(self, which: str) -> Any:
+        module, _, attr = getattr(self, which).partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            raise BundleError(f"a {self.name} bundle needs {module} and its runtime, which cannot be imported here "
+                              f"({type(e).__name__}: {e}); install the runtime's requirements "
+                              "(pip install 'crisp-edge[export]').") from None
+
+
+#: manifest ``format`` -> its runtime. A new runtime adds one entry (``register_runtime``).
+RUNTIMES: dict[str, Runtime] = {
+    "crisp-edge/onnx-bundle": Runtime("onnxruntime", "crisp_edge.export.onnx.bundle:load_bundle",
+                                      "crisp_edge.export.onnx.session:OnnxCrispSession"),
+    "crisp-edge/executorch-bundle": Runtime("executorch", "crisp_edge.export.executorch.bundle:load_et_bundle",
+                                            "crisp_edge.export.executorch.session:EtCrispSession"),
+}
+
+
+def register_runtime(fmt: str, runtime: Runtime) -> None:
+    """Make bundles whose manifest says ``format: fmt`` open with ``runtime``'s loader and session."""
+    RUNTIMES[fmt] = runtime
+
+
+def runtime_of(fmt: Any, where: str) -> Runtime:
+    if fmt not in RUNTIMES:
+        raise BundleError(f"{where}: format {fmt!r:.80} is not a crisp-edge bundle format; known: {sorted(RUNTIMES)}.")
+    return RUNTIMES[fmt]
+
+
+def bundle_runtime(path: str | os.PathLike) -> tuple[str, Callable[..., Any]]:
+    """(runtime name, loader) for the bundle folder at ``path``, from its manifest's ``format``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise BundleError(f"{folder} is not a bundle folder (no such directory).")
+    meta = read_json(folder / MANIFEST, BundleError, "bundle manifest")
+    runtime = runtime_of(meta.get("format"), str(folder / MANIFEST))
+    return runtime.name, runtime.resolve("loader")
+
+
+def open_bundle(bundle: Any) -> tuple[str, Any]:
+    """(runtime name, loaded and verified bundle) for a bundle object or a bundle folder path."""
+    if isinstance(bundle, (str, os.PathLike)):
+        runtime, load = bundle_runtime(bundle)
+        return runtime, load(bundle)
+    return runtime_of(bundle.manifest.get("format"), str(bundle.path)).name, bundle
 
 
 def check_layout_record(layout: Any, where: str) -> None:
@@ -66,6 +116,17 @@ def check_layout_record(layout: Any, where: str) -> None:
                               f"\"transpose\": true only for a transposed group; found {group!r:.200}.")
 
 
+def check_reference_record(meta: dict, where: str, files: dict) -> None:
+    """The optional ``reference`` record: the reference file (listed under ``files``), a case count and names."""
+    ref = meta.get("reference")
+    if ref is not None and not (isinstance(ref, dict) and ref.get("file") == REFERENCE and REFERENCE in files
+                                and _is_int(ref.get("cases"), 0, 1 << 16)
+                                and all(isinstance(ref.get(k), list) and all(isinstance(v, str) for v in ref[k])
+                                        for k in ("inputs", "outputs", "tasks"))):
+        raise BundleError(f"{where}: 'reference' must name {REFERENCE} (listed under 'files'), a case count, and the "
+                          f"input, output and task names; found {ref!r:.200}.")
+
+
 def check_task_name(name: str) -> str:
     if not isinstance(name, str) or not _TASK_NAME.match(name) or name == "default":
         raise BundleError(f"task name {name!r} must be 1-64 characters of letters, digits, '_', '-', '.', "
@@ -75,13 +136,13 @@ def check_task_name(name: str) -> str:
 
 def check_relpath(name: Any, where: str) -> str:
     """A file name from a manifest: a plain relative path inside the bundle folder, or a ``BundleError``
-    (see ``crisp_edge.io.check_relpath``)."""
+    (see ``crisp_edge.files.io.check_relpath``)."""
     return io_check_relpath(name, where, BundleError, "bundle")
 
 
 def inside(folder: Path, name: str, where: str) -> Path:
     """``folder / name`` for a checked relative ``name``, refusing a path that resolves (through a
-    symbolic link) outside ``folder`` (see ``crisp_edge.io.inside``)."""
+    symbolic link) outside ``folder`` (see ``crisp_edge.files.io.inside``)."""
     return io_inside(folder, name, where, BundleError, "bundle")
 
 
@@ -136,37 +197,6 @@ def check_shape(shape: Any, where: str) -> list:
     return shape
 
 
-def _check_swappable(swap: Any, where: str) -> None:
-    if not isinstance(swap, dict):
-        raise BundleError(f"{where}: a swappable bundle needs the object 'swappable' (bases, layout, overridable tensors).")
-    where = f"{where}: swappable"
-    if not isinstance(swap.get("bases_sha256"), str) or not _SHA256.match(swap["bases_sha256"]):
-        raise BundleError(f"{where}.bases_sha256 must be 64 lower-case hex digits.")
-    layout = swap.get("layout")
-    check_layout_record(layout, f"{where}.layout")
-    tag = swap.get("adapter_model_version")
-    if not _is_int(tag, 0, 0x7FFFFFFF) or tag != adapter_model_version(swap["bases_sha256"], layout):
-        raise BundleError(f"{where}.adapter_model_version {tag!r:.40} is not the tag of the recorded bases and layout; "
-                          "the manifest was edited. Export the bundle again.")
-    over = swap.get("overridable")
-    if not isinstance(over, dict) or not over or len(over) > 1 << 16:
-        raise BundleError(f"{where}.overridable must be a non-empty object (tensor name -> shape).")
-    for name, shape in over.items():
-        if not name or len(name) > 1024:
-            raise BundleError(f"{where}.overridable: tensor name {name!r:.80} is empty or too long.")
-        check_shape(shape, f"{where}.overridable[{name!r}]")
-    weights = swap.get("weights")
-    if (not isinstance(weights, dict) or not weights
-            or not all(isinstance(v, str) and k and v for k, v in weights.items())):
-        raise BundleError(f"{where}.weights must be a non-empty object (fold output -> model parameter).")
-    head = swap.get("head")
-    if head is not None and not (isinstance(head, dict) and _is_int(head.get("num_classes"), 1)
-                                 and _is_int(head.get("in_features"), 1) and isinstance(head.get("bias"), bool)
-                                 and isinstance(head.get("path"), str)):
-        raise BundleError(f"{where}.head must be null or an object with path, in_features, num_classes and bias; "
-                          f"found {head!r:.200}.")
-
-
 def check_tolerance_and_tasks(meta: dict, where: str, mode: str, files: dict, suffix: str) -> None:
     """The manifest fields every bundle kind shares: the parity tolerance, and the task records (valid
     names, only in a swappable bundle, files ``tasks/<name><suffix>`` with consistent hashes)."""
@@ -190,83 +220,15 @@ def check_tolerance_and_tasks(meta: dict, where: str, mode: str, files: dict, su
             raise BundleError(f"{where}: {name!r} is recorded twice with different SHA-256s.")
 
 
-def check_manifest(meta: dict, folder: Path) -> dict:
-    """Every field the loaders use, beyond the envelope: types, ranges, and safe file names."""
-    where = str(folder / MANIFEST)
-    mode = meta["mode"]
-    if mode not in MODES:
-        raise BundleError(f"{folder}: unknown mode {mode!r:.80}; expected one of {MODES}.")
-    if not _is_int(meta["opset"], 1, 1000):
-        raise BundleError(f"{where}: opset {meta['opset']!r:.40} is not an ONNX opset (1..1000).")
-    files = meta["files"]
-    if not files or len(files) > 1 << 16:
-        raise BundleError(f"{where}: field 'files' lists no files (or absurdly many).")
-    for name, rec in files.items():
-        check_relpath(name, f"{where}: files")
-        _record(rec, f"{where}: files[{name!r}]")
-    models = meta["models"]
-    roles = {"model", "fold"} if mode == "swappable" else {"model"}
-    if set(models) != roles:
-        raise BundleError(f"{where}: a {mode!r} bundle has the models {sorted(roles)}, the manifest lists "
-                          f"{sorted(models)!r:.200}.")
-    for role, rec in models.items():
-        name = rec.get("file") if isinstance(rec, dict) else None
-        check_relpath(name, f"{where}: models[{role!r}].file")
-        if not name.endswith(".onnx") or name not in files:
-            raise BundleError(f"{where}: models[{role!r}].file {name!r:.80} must be an .onnx file listed (with its "
-                              "SHA-256) under 'files'.")
-    _names(meta["inputs"], where, "inputs")
-    _names(meta["outputs"], where, "outputs")
-    check_tolerance_and_tasks(meta, where, mode, files, ADAPTER_SUFFIX)
-    if mode == "swappable":
-        _check_swappable(meta.get("swappable"), where)
-    elif "swappable" in meta:
-        raise BundleError(f"{where}: a {mode!r} bundle has no 'swappable' record; the manifest was edited.")
-    ref = meta.get("reference")
-    if ref is not None:
-        if not (isinstance(ref, dict) and ref.get("file") == REFERENCE and REFERENCE in files
-                and _is_int(ref.get("cases"), 0, 1 << 16)
-                and all(isinstance(ref.get(k), list) and all(isinstance(v, str) for v in ref[k])
-                        for k in ("inputs", "outputs", "tasks"))):
-            raise BundleError(f"{where}: 'reference' must name {REFERENCE} (listed under 'files'), a case count, and "
-                              f"the input, output and task names; found {ref!r:.200}.")
-    return meta
+def bundle_tag(bases_sha256: str, layout: dict) -> int:
+    """A 31-bit tag binding task files to one bundle's bases and layout (both runtimes).
 
-
-def adapter_model_version(bases_sha256: str, layout: dict) -> int:
-    """A 31-bit tag binding adapter files to one bundle's bases and layout.
-
-    ``.onnx_adapter`` files carry no metadata except two integers; the model version holds this tag
-    so that an adapter made for other bases is refused when loaded, not run.
+    ``.onnx_adapter`` files carry no metadata except two integers (the model version holds this tag);
+    an ExecuTorch task ``.ptd`` holds it as ``crisp.tag``: a task made for other bases is refused when
+    loaded, not run.
     """
     blob = bases_sha256 + json.dumps(layout, sort_keys=True, separators=(",", ":"))
     return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
-
-
-def save_onnx(proto: onnx.ModelProto, path: Path) -> list[str]:
-    """Save ``proto`` at ``path``, weights external when large; returns the file names written."""
-    data_name = path.name + ".data"
-    stale = path.parent / data_name
-    if stale.exists():  # onnx.save appends to an existing data file
-        stale.unlink()
-    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        return [path.name, data_name]
-    onnx.save_model(proto, str(path))
-    return [path.name]
-
-
-def initializer_bytes(path: Path) -> int:
-    """Bytes of every initializer of the ONNX file at ``path`` (embedded or external)."""
-    proto = onnx.load(str(path), load_external_data=False)
-    total = 0
-    for t in proto.graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
 
 
 def file_record(folder: Path, name: str) -> dict[str, Any]:
@@ -276,7 +238,7 @@ def file_record(folder: Path, name: str) -> dict[str, Any]:
 
 @dataclass
 class Bundle:
-    """A loaded, hash-checked export bundle."""
+    """A loaded, hash-checked export bundle of any runtime (subclassed by each runtime's bundle)."""
 
     path: Path
     manifest: dict[str, Any]
@@ -284,6 +246,10 @@ class Bundle:
     @property
     def mode(self) -> str:
         return self.manifest["mode"]
+
+    @property
+    def runtime(self) -> str:
+        return runtime_of(self.manifest.get("format"), str(self.path / MANIFEST)).name
 
     @property
     def tasks(self) -> dict[str, dict]:
@@ -299,24 +265,13 @@ class Bundle:
         return inside(self.path, self.manifest["tasks"][task]["file"], f"{self.path / MANIFEST}: tasks[{task!r}]")
 
     def session(self, threads: int = 1, **kwargs):
-        """An ``OnnxCrispSession`` on this bundle (``threads`` = ORT intra-op threads)."""
-        from .onnx_runtime import OnnxCrispSession
-
-        return OnnxCrispSession(self, threads=threads, **kwargs)
+        """A session of this bundle's runtime (``threads`` = the runtime's intra-op threads)."""
+        cls = runtime_of(self.manifest.get("format"), str(self.path / MANIFEST)).resolve("session")
+        return cls(self, threads=threads, **kwargs)
 
     def weights_bytes(self) -> int:
-        """Bytes of every weight the bundle's graphs hold (all models, not adapters)."""
-        return sum(initializer_bytes(self.path / m["file"]) for m in self.manifest["models"].values())
-
-
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    folder = Path(path)
-    meta = read_json(folder / MANIFEST, BundleError, "bundle manifest")
-    check_envelope(meta, fmt=BUNDLE_FORMAT, max_version=BUNDLE_VERSION, error=BundleError,
-                   where=str(folder / MANIFEST), what="ONNX bundle",
-                   fields={"mode": str, "models": dict, "files": dict, "inputs": list, "outputs": list,
-                           "tolerance": dict, "opset": int})
-    return check_manifest(meta, folder)
+        """Bytes of every weight the bundle's model files hold (not task files)."""
+        raise NotImplementedError
 
 
 def verify_files(folder: Path, meta: dict) -> None:
@@ -350,16 +305,11 @@ def open_folder(path: str | os.PathLike, read: Any, make: Any, verify: bool) -> 
     return make(folder, meta)
 
 
-def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Read an ONNX bundle folder; with ``verify`` check every recorded file's SHA-256 (and the tasks')."""
-    return open_folder(path, read_manifest, Bundle, verify)
-
-
 def task_mixers(model: Any, tasks: Any) -> list:
     """The mixer files a swappable export ships, read and checked against ``model`` (bases, layout, gate,
     dtype), with valid, distinct task names."""
     from crisp_edge.errors import ConfigError
-    from crisp_edge.mixers import MixerFile, check_mixers, read_mixers
+    from crisp_edge.files.mixers import MixerFile, check_mixers, read_mixers
 
     mixers = [t if isinstance(t, MixerFile) else read_mixers(t) for t in tasks]
     for mf in mixers:
@@ -370,24 +320,40 @@ def task_mixers(model: Any, tasks: Any) -> list:
     return mixers
 
 
-def write_validated(out_dir: Path, write: Any, make_bundle: Any, *, threads: int = 1, validate: bool = True) -> Any:
+def check_mixers_for_bundle(mf: Any, swap: dict, where: str) -> None:
+    """Refuse (with crisp-edge's mixer error types) a mixer file made for other bases, layout or dtype
+    than a swappable bundle's ``swap`` record."""
+    from crisp_edge.errors import BasisMismatchError, DtypeMismatchError
+    from crisp_edge.files.mixers import check_layouts
+
+    check_layouts(swap["layout"], mf.meta["layout"], where, "bundle")
+    if mf.meta["dtype"] != "float32":
+        raise DtypeMismatchError(f"{where}: mixers were trained in {mf.meta['dtype']}; this bundle computes in float32.")
+    if mf.meta["bases_sha256"] != swap["bases_sha256"]:
+        raise BasisMismatchError(
+            f"{where}: task {mf.task!r} was trained on other bases (fingerprint {mf.meta['bases_sha256'][:12]}..., "
+            f"the bundle's {swap['bases_sha256'][:12]}...). Its mixers would compute a wrong answer here; use the "
+            "checkpoint this bundle was exported from, or adapt the task again on it.")
+
+
+def write_validated(out_dir: Path, write: Any, make_bundle: Any, *, threads: int = 1,
+                    validate: Callable[..., Any] | None = None) -> Any:
     """Write a bundle with ``write(folder) -> manifest`` into a temporary sibling of ``out_dir``, check
-    its parity there (the runtime against the stored PyTorch reference; ``ParityError`` on a mismatch),
-    record the result in the manifest, and only then move it into place (replacing an old bundle).
+    its parity there with ``validate(bundle, threads=...)`` (the runtime against the stored PyTorch
+    reference; ``ParityError`` on a mismatch; skipped when ``None``), record the result in the manifest,
+    and only then move it into place (replacing an old bundle).
     Any failure removes the temporary folder: ``out_dir`` holds the old bundle or the new, never half."""
     import shutil
     import tempfile
 
-    from crisp_edge.io import atomic_write_json
+    from crisp_edge.files.io import atomic_write_json
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         manifest = write(tmp)
-        if validate:
-            from .validate import validate_bundle
-
-            report = validate_bundle(make_bundle(tmp, manifest), threads=threads)
+        if validate is not None:
+            report = validate(make_bundle(tmp, manifest), threads=threads)
             manifest["parity"] = {"passed": report.passed, "max_abs": report.max_abs,
                                   "checked_cases": len(report.comparisons)}
             atomic_write_json(tmp / MANIFEST, manifest)
@@ -406,7 +372,7 @@ def write_validated(out_dir: Path, write: Any, make_bundle: Any, *, threads: int
 
 def feeds_by_name(feeds: Any, input_names: list[str]) -> dict[str, Any]:
     """A session's inputs by name: a dict is checked for every name, a bare array is the single input."""
-    from .errors import ExportError
+    from crisp_edge.export.errors import ExportError
 
     if not isinstance(feeds, dict):
         if len(input_names) != 1:

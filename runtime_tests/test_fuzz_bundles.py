@@ -21,11 +21,11 @@ if str(ROOT) not in sys.path:  # the shared harness lives in tests/ (bare `pytes
     sys.path.insert(0, str(ROOT))
 
 from crisp_edge.export import AdapterError, BundleError, NoTaskError, load_bundle
-from crisp_edge.export.adapter_format import parse_adapter
-from crisp_edge.export.onnx_adapter import write_adapter
+from crisp_edge.export.onnx.adapter import write_adapter
+from crisp_edge.export.onnx.adapter_format import parse_adapter
 
 from crisp_edge.errors import BasisMismatchError, CrispEdgeError
-from crisp_edge.io import sha256_file
+from crisp_edge.files.io import sha256_file
 from tests import fuzzing_bundles
 from tests.fuzzing_bundles import flatbuffer_adapter
 

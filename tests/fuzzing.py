@@ -28,10 +28,17 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from crisp_edge import CrispConfig, RoleConfig, retrofit_, save_checkpoint
-from crisp_edge.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint
 from crisp_edge.errors import CrispEdgeError
-from crisp_edge.io import sha256_bytes
-from crisp_edge.mixers import META_KEY, _data_digest, apply_mixers_, parse_mixers, read_mixers, save_mixers
+from crisp_edge.files.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint
+from crisp_edge.files.io import sha256_bytes
+from crisp_edge.files.mixers import (
+    META_KEY,
+    _data_digest,
+    apply_mixers_,
+    parse_mixers,
+    read_mixers,
+    save_mixers,
+)
 from crisp_edge.testing import toy_model
 
 #: A loader that takes this long on a file of kilobytes is hanging, not working.
@@ -494,8 +501,8 @@ def fuzz_configs(n: int, seed: int, tally: Tally | None = None) -> Tally:
 
 # --- run states (resumable training) ------------------------------------------------------------------------
 def _tiny_adaptation():
-    from crisp_edge.adapt import AdaptConfig
-    from crisp_edge.train import TrainConfig
+    from crisp_edge.training.adapt import AdaptConfig
+    from crisp_edge.training.loop import TrainConfig
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 3, (16,), generator=g)
@@ -508,8 +515,8 @@ class _Stop(Exception):
 
 def _state_at(model: torch.nn.Module, folder: Path, stop_at: int, every: int | None) -> bytes:
     """The run state an adaptation leaves when it crashes at its ``stop_at``-th step."""
-    from crisp_edge.adapt import adapt_
-    from crisp_edge.resume import RUN_STATE_FILE
+    from crisp_edge.files.run_state import RUN_STATE_FILE
+    from crisp_edge.training.adapt import adapt_
 
     x, y, config = _tiny_adaptation()
     model = copy.deepcopy(model)
@@ -531,8 +538,8 @@ def _state_at(model: torch.nn.Module, folder: Path, stop_at: int, every: int | N
 
 def fuzz_run_states(n: int, seed: int, model: torch.nn.Module | None = None, tally: Tally | None = None) -> Tally:
     """``n`` mutated ``run_state.safetensors`` files through ``adapt_(..., resume=True)``."""
-    from crisp_edge.adapt import adapt_
-    from crisp_edge.resume import RUN_STATE_FILE
+    from crisp_edge.files.run_state import RUN_STATE_FILE
+    from crisp_edge.training.adapt import adapt_
 
     rng = random.Random(seed)
     tally = tally or Tally("run states")

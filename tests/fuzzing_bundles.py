@@ -37,8 +37,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import fuzzing
-from .fuzzing import CASE_TIME_LIMIT_S, Tally, attempt, mutate_bytes, mutate_json
+from tests import fuzzing
+from tests.fuzzing import CASE_TIME_LIMIT_S, Tally, attempt, mutate_bytes, mutate_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: A worker gets this long to import onnxruntime and torch and open the bundle (a loaded 2-core box).
@@ -51,9 +51,9 @@ def build_bundle(folder: Path) -> Path:
     """Export the fuzzing bundle into ``folder/bundle`` (a swappable toy ViT with tasks t1 and t2) and
     put decoys beside it: exact copies of its files one folder up, where ``../name`` would find them."""
     import torch
-
     from crisp_edge.export import export_onnx
-    from crisp_edge.mixers import save_mixers
+
+    from crisp_edge.files.mixers import save_mixers
 
     torch.set_num_threads(1)
     folder = Path(folder)
@@ -411,7 +411,6 @@ class Worker:
     def __init__(self, bundle_dir: Path, work: Path) -> None:
         import numpy as np
         import onnxruntime as ort
-
         from crisp_edge.export import load_bundle
 
         self.work = work

@@ -24,10 +24,15 @@ from pathlib import Path
 
 import torch
 
-from crisp_edge.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from crisp_edge.errors import CrispEdgeError
-from crisp_edge.io import remove_stale_temp_files, temp_files
-from crisp_edge.mixers import read_mixers, save_mixers, task_tensors
+from crisp_edge.files.checkpoint import (
+    META_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    save_checkpoint,
+)
+from crisp_edge.files.io import remove_stale_temp_files, temp_files
+from crisp_edge.files.mixers import read_mixers, save_mixers, task_tensors
 
 CKPT, MIXERS = "ckpt", "task.safetensors"
 NAMES = ("A", "B")
@@ -35,7 +40,7 @@ NAMES = ("A", "B")
 
 def make_versions() -> dict[str, torch.nn.Module]:
     """Two CRISP toys of one architecture whose every tensor differs (B = A + seeded noise)."""
-    from .fuzzing import crisp_toy
+    from tests.fuzzing import crisp_toy
 
     a = crisp_toy()
     b = copy.deepcopy(a)

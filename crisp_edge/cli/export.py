@@ -1,0 +1,77 @@
+"""``crisp-edge export``: the command-line face of ``export_onnx`` and ``export_executorch``.
+
+    crisp-edge export --target onnx --mode swappable ckpt/ --out bundle/ --task mnist.mixers.safetensors
+    crisp-edge export --target executorch --recipe xnnpack --mode swappable ckpt/ --out et/ --task mnist.mixers.safetensors
+    crisp-edge export-task et/ digits.mixers.safetensors      # add a task to a swappable bundle (.ptd / .onnx_adapter)
+
+Listed in ``crisp_edge.cli.main.VERBS``; ``export-task`` lives in ``crisp_edge.cli.export_task``.
+"""
+from __future__ import annotations
+
+import argparse
+
+TARGETS = ("onnx", "executorch")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from crisp_edge.export.onnx.export import export_onnx
+    from crisp_edge.files.checkpoint import load_checkpoint
+
+    model = load_checkpoint(args.checkpoint)
+    if args.target == "executorch":
+        return _export_executorch(model, args)
+    bundle = export_onnx(model, args.out, mode=args.mode, tasks=args.task or (), opset=args.opset,
+                         overwrite=args.overwrite, threads=args.threads, exporter=args.exporter)
+    m = bundle.manifest
+    p = m["params"]
+    print(f"wrote {args.out}: {args.mode} ONNX bundle (opset {m['opset']}), weights {p['weights_bytes']:,} bytes "
+          f"for {p['stored']:,} stored parameters")
+    for name, t in m["tasks"].items():
+        print(f"  task {name}: {t['file']} ({t['bytes']:,} bytes)")
+    print(f"parity vs PyTorch: max abs {m['parity']['max_abs']:.2e} over {m['parity']['checked_cases']} outputs "
+          f"(tolerance {m['tolerance']['atol']:g})")
+    return 0
+
+
+def _export_executorch(model, args: argparse.Namespace) -> int:
+    from crisp_edge.export.executorch.export import export_executorch
+    from crisp_edge.testing import example_inputs
+
+    bundle = export_executorch(model, args.out, mode=args.mode, recipe=args.recipe, tasks=args.task or (),
+                               example_input=example_inputs(model, batch=args.batch), max_classes=args.max_classes,
+                               overwrite=args.overwrite, threads=args.threads)
+    m = bundle.manifest
+    print(f"wrote {args.out}: {args.mode} ExecuTorch bundle ({args.recipe}, batch {m['batch']}), program "
+          f"{m['params']['program_bytes']:,} bytes for {m['params']['stored']:,} stored parameters")
+    for method, ops in m["non_delegated_ops"].items():
+        if ops and args.recipe != "portable":
+            print(f"  {method}: not delegated: " + ", ".join(f"{k} x{v}" for k, v in ops.items()))
+    for name, t in m["tasks"].items():
+        print(f"  task {name}: {t['file']} ({t['bytes']:,} bytes)")
+    print(f"parity vs PyTorch: max abs {m['parity']['max_abs']:.2e} over {m['parity']['checked_cases']} outputs "
+          f"(tolerance {m['tolerance']['atol']:g})")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``export`` command to ``crisp-edge``'s subparsers; returns its parser."""
+    e = subparsers.add_parser("export", help="export a CRISP checkpoint to an edge runtime bundle (validated)")
+    e.add_argument("checkpoint", help="a CRISP checkpoint folder")
+    e.add_argument("--target", default="onnx", choices=TARGETS, help="runtime (default onnx)")
+    e.add_argument("--exporter", default="auto", choices=["torch", "optimum", "auto"],
+                   help="onnx: torch (TorchScript, every mode) or optimum (Hugging Face ViT/LLaMA, dense only); "
+                        "auto (default): optimum for a Hugging Face model in dense mode, else torch")
+    e.add_argument("--mode", default="swappable", choices=["dense", "factored", "swappable"],
+                   help="dense: folded weights; factored: bases stored once; swappable (default): per-task adapters")
+    e.add_argument("--out", required=True, help="bundle folder to write")
+    e.add_argument("--task", action="append", help="a mixer file to ship as a task adapter (repeatable; swappable)")
+    e.add_argument("--recipe", default="xnnpack", choices=["xnnpack", "portable"],
+                   help="executorch: XNNPACK delegate (default) or portable kernels only")
+    e.add_argument("--batch", type=int, default=1, help="executorch: the program's (static) batch size")
+    e.add_argument("--max-classes", type=int, default=None,
+                   help="executorch swappable: head capacity for tasks added later (default: the largest head shipped)")
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    e.add_argument("--threads", type=int, default=1, help="runtime threads for validation")
+    e.set_defaults(func=cmd_export)
+    return e

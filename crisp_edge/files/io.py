@@ -1,0 +1,169 @@
+"""File helpers shared by every writer and reader: atomic writes, hashes, safe JSON.
+
+Writes go to a temporary file in the destination folder, are fsynced, then renamed over the
+target, so a process killed mid-write leaves the previous file intact and never a half file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from crisp_edge.errors import CrispEdgeError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared like any written file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def temp_files(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """The temporary files ``atomic_write_bytes`` leaves in ``folder`` when its process is killed
+    mid-write (``.<name>.<random>.tmp``), for every target or only for target ``name``. No loader
+    reads them: each opens its file by its exact name."""
+    pattern = f".{name}.*.tmp" if name else ".*.tmp"
+    return sorted(p for p in Path(folder).glob(pattern) if p.is_file())
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, name: str | None = None, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the leftovers ``temp_files`` finds that are at least ``min_age_s`` old (younger ones may
+    belong to a write in progress in another process); returns what was removed."""
+    removed = []
+    for p in temp_files(folder, name):
+        try:
+            if time.time() - p.stat().st_mtime >= min_age_s:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # removed meanwhile (its writer renamed it into place)
+            pass
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_json(data: bytes | str, error: type[CrispEdgeError], where: str, what: str) -> Any:
+    """Parse JSON text, raising ``error`` (never a bare exception) on anything malformed: bad UTF-8,
+    bad syntax, nesting deep enough to exhaust the stack, integers too long to convert."""
+    if not isinstance(data, (bytes, bytearray, str)):
+        raise error(f"{where}: expected JSON text, got {type(data).__name__}.")
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{where} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); the file is damaged or not "
+                    f"a {what}.") from None
+
+
+def read_json(path: str | os.PathLike, error: type[CrispEdgeError], what: str, max_bytes: int = 64 << 20) -> dict:
+    """Read a JSON object, raising ``error`` (never a bare exception) on anything malformed."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        data = path.read_bytes() if size <= max_bytes else None
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist.") from None
+    except (OSError, ValueError) as e:  # a folder, no permission, a name with a NUL byte
+        raise error(f"{what} {path} cannot be read ({type(e).__name__}: {e}).") from None
+    if data is None:
+        raise error(f"{what} {path} is {size} bytes, larger than any valid one ({max_bytes}).")
+    obj = parse_json(data, error, f"{what} {path}", what)
+    if not isinstance(obj, dict):
+        raise error(f"{what} {path} must hold a JSON object, found {type(obj).__name__}.")
+    return obj
+
+
+def check_envelope(meta: Any, *, fmt: str, max_version: int, fields: dict[str, type], error: type[CrispEdgeError],
+                   where: str, what: str) -> dict:
+    """Check a versioned JSON header: its format tag, a supported version, and required typed fields."""
+    from crisp_edge._version import __version__
+
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise error(f"{where} is not a crisp-edge {what} (format={found!r:.80}, expected {fmt!r}).")
+    version = meta.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= max_version:
+        raise error(
+            f"{where}: {what} format version {version!r:.40} is not supported (this crisp-edge {__version__} reads "
+            f"1..{max_version}); upgrade crisp-edge to read newer files."
+        )
+    for key, kind in fields.items():
+        if not isinstance(meta.get(key), kind):
+            raise error(f"{where}: field {key!r} is missing or not a {kind.__name__}.")
+    return meta
+
+
+def check_relpath(name: Any, where: str, error: type[CrispEdgeError], folder_kind: str = "folder") -> str:
+    """A file name read from a manifest: a plain relative path inside its folder, or ``error``.
+
+    Refused: non-strings, empty names, absolute paths, ``..`` / ``.`` / empty components, NUL bytes,
+    backslashes and colons (Windows separators and drive letters), and names over 1024 characters.
+    """
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise error(f"{where}: file name {name!r:.80} must be a non-empty string of at most 1024 characters.")
+    parts = name.split("/")
+    if ("\x00" in name or "\\" in name or ":" in name or name.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise error(f"{where}: file name {name!r:.80} is not a plain relative path inside the {folder_kind} folder "
+                    "(no absolute paths, '..', '.', empty parts, backslashes, colons or NUL bytes).")
+    return name
+
+
+def inside(folder: Path, name: str, where: str, error: type[CrispEdgeError], folder_kind: str = "folder") -> Path:
+    """``folder / name`` for a checked relative ``name``, refusing a path that resolves (through a
+    symbolic link) outside ``folder``: no manifest can make crisp-edge read a file elsewhere."""
+    check_relpath(name, where, error, folder_kind)
+    path = Path(folder) / name
+    try:
+        real, base = os.path.realpath(path), os.path.realpath(folder)
+        outside = real == base or os.path.commonpath([real, base]) != base  # ValueError: another drive
+    except (OSError, ValueError) as e:
+        raise error(f"{where}: {name!r} cannot be resolved ({type(e).__name__}: {e}).") from None
+    if outside:
+        raise error(f"{where}: {name!r} resolves to {real}, outside the {folder_kind} folder {base} (a symbolic "
+                    f"link?); a {folder_kind}'s files must lie inside it.")
+    return path

@@ -1,0 +1,135 @@
+"""The ExecuTorch export bundle on disk: a program, a manifest, reference data and per-task ``.ptd`` files.
+
+    bundle/
+      manifest.json        format "crisp-edge/executorch-bundle", version 1 (see ``export_executorch``)
+      model.pte            the program: ``forward`` (+ ``set_task`` and ``crisp_tag`` when swappable)
+      default.ptd          swappable only: the exported model's own task tensors (mixers, head)
+      runner_spec.txt      the names, shapes and tag the C++ runner needs (plain text)
+      reference.npz        fixed seeded inputs and the PyTorch outputs for them (no pickle)
+      tasks/<name>.ptd     swappable only: one per task, ExecuTorch's FlatTensor format
+
+The bases live in ``model.pte`` (stored once; ``set_task`` reads them to rebuild every layer's dense
+weight in place). ``load_et_bundle`` checks the manifest's envelope and fields, that every file name is
+a plain relative path inside the folder, and every file's SHA-256, with the shared checks of
+``crisp_edge.export.bundle``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from crisp_edge.export.bundle import (
+    MANIFEST,
+    MODES,
+    Bundle,
+    _is_int,
+    _names,
+    _record,
+    bundle_tag,
+    check_layout_record,
+    check_reference_record,
+    check_relpath,
+    check_shape,
+    check_tolerance_and_tasks,
+    open_folder,
+)
+from crisp_edge.export.errors import BundleError
+
+from crisp_edge.files.io import check_envelope, read_json
+
+ET_BUNDLE_FORMAT = "crisp-edge/executorch-bundle"
+ET_BUNDLE_VERSION = 1
+PROGRAM = "model.pte"
+DEFAULT_PTD = "default.ptd"
+PTD_SUFFIX = ".ptd"
+#: The plain-text spec the C++ runner reads (names, shapes, tag): it has no JSON parser.
+RUNNER_SPEC = "runner_spec.txt"
+RECIPES = ("xnnpack", "portable")
+#: The task tensor holding the bases-and-layout tag (int64, shape [1]) in every task ``.ptd``.
+TAG_KEY = "crisp.tag"
+
+
+def _check_swappable(swap: Any, where: str) -> None:
+    if not isinstance(swap, dict):
+        raise BundleError(f"{where}: a swappable bundle needs the object 'swappable' (bases, layout, set_task inputs).")
+    where = f"{where}: swappable"
+    layout = swap.get("layout")
+    if not isinstance(swap.get("bases_sha256"), str):
+        raise BundleError(f"{where} needs 'bases_sha256' and a non-empty 'layout'.")
+    check_layout_record(layout, f"{where}.layout")
+    if swap.get("tag") != bundle_tag(swap["bases_sha256"], layout):
+        raise BundleError(f"{where}.tag {swap.get('tag')!r:.40} is not the tag of the recorded bases and layout; "
+                          "the manifest was edited. Export the bundle again.")
+    inputs = swap.get("set_task_inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BundleError(f"{where}.set_task_inputs must be a non-empty list of {{name, shape}}.")
+    for item in inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BundleError(f"{where}.set_task_inputs: {item!r:.80} is not {{name, shape}}.")
+        check_shape(item.get("shape"), f"{where}.set_task_inputs[{item['name']!r}]")
+    head = swap.get("head")
+    if head is not None and not (isinstance(head, dict) and _is_int(head.get("max_classes"), 1)
+                                 and _is_int(head.get("num_classes"), 1) and _is_int(head.get("in_features"), 1)
+                                 and head["num_classes"] <= head["max_classes"]):
+        raise BundleError(f"{where}.head must be null or {{in_features, num_classes, max_classes}}; found {head!r:.200}.")
+
+
+def check_et_manifest(meta: dict, folder: Path) -> dict:
+    """Every field the loaders use, beyond the envelope: types, ranges, and safe file names."""
+    where = str(folder / MANIFEST)
+    mode = meta["mode"]
+    if mode not in MODES:
+        raise BundleError(f"{where}: unknown mode {mode!r:.80}; expected one of {MODES}.")
+    if meta["recipe"] not in RECIPES:
+        raise BundleError(f"{where}: unknown recipe {meta['recipe']!r:.80}; expected one of {RECIPES}.")
+    files = meta["files"]
+    for name, rec in files.items():
+        check_relpath(name, f"{where}: files")
+        _record(rec, f"{where}: files[{name!r}]")
+    if PROGRAM not in files:
+        raise BundleError(f"{where}: 'files' must list the program {PROGRAM} with its SHA-256.")
+    _names(meta["inputs"], where, "inputs")
+    _names(meta["outputs"], where, "outputs")
+    for item in meta["inputs"]:
+        check_shape(item.get("shape"), f"{where}: inputs[{item['name']!r}]")
+    check_tolerance_and_tasks(meta, where, mode, files, PTD_SUFFIX)
+    if mode == "swappable":
+        _check_swappable(meta.get("swappable"), where)
+        if DEFAULT_PTD not in files:
+            raise BundleError(f"{where}: a swappable bundle lists {DEFAULT_PTD} under 'files'.")
+    elif "swappable" in meta:
+        raise BundleError(f"{where}: a {mode!r} bundle has no 'swappable' record; the manifest was edited.")
+    check_reference_record(meta, where, files)
+    return meta
+
+
+def read_et_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(path)
+    meta = read_json(folder / MANIFEST, BundleError, "bundle manifest")
+    check_envelope(meta, fmt=ET_BUNDLE_FORMAT, max_version=ET_BUNDLE_VERSION, error=BundleError,
+                   where=str(folder / MANIFEST), what="ExecuTorch bundle",
+                   fields={"mode": str, "recipe": str, "files": dict, "inputs": list, "outputs": list,
+                           "tolerance": dict})
+    return check_et_manifest(meta, folder)
+
+
+class EtBundle(Bundle):
+    """A loaded, hash-checked ExecuTorch export bundle (an export ``Bundle`` with a recipe; its session:
+    ``EtCrispSession``, ExecuTorch's Python runtime)."""
+
+    @property
+    def recipe(self) -> str:
+        return self.manifest["recipe"]
+
+    def weights_bytes(self) -> int:
+        """Bytes of the program file (weights and code: ExecuTorch keeps them in one flatbuffer)."""
+        return self.file(PROGRAM).stat().st_size
+
+
+def load_et_bundle(path: str | os.PathLike, verify: bool = True) -> EtBundle:
+    """Read an ExecuTorch bundle folder; with ``verify`` check every recorded file's SHA-256."""
+    return open_folder(path, read_et_manifest, EtBundle, verify)
+
+
+__all__ = ["DEFAULT_PTD", "ET_BUNDLE_FORMAT", "PROGRAM", "RECIPES", "TAG_KEY", "EtBundle", "load_et_bundle"]

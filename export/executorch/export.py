@@ -1,0 +1,346 @@
+"""Export a CRISP model to an ExecuTorch bundle: ``dense``, ``factored`` or ``swappable``; XNNPACK or portable.
+
+    bundle = export_executorch(model, "bundle/", mode="swappable", recipe="xnnpack", tasks=["mnist.mixers.safetensors"])
+    sess = bundle.session(threads=1); sess.set_task("mnist"); logits = sess(x)
+
+Modes (DESIGN.md sections 3-4):
+
+* ``dense``: a deep copy is ``materialize_``-d and lowered: the original architecture with folded
+  weights, exactly what the plain XNNPACK recipe gives a dense model. Fastest, largest.
+* ``factored``: the CRISP model itself; every forward builds W = reshape(B @ G(A)) in the graph. With
+  XNNPACK the computed-weight linears need ``force_non_static_weights_for_f32_linear`` (else they fall
+  back to portable kernels, ~47x slower); that flag breaks the conv patch embedding, so convolutions
+  are lowered first by a conv-only partitioner. Smallest file; slower forward.
+* ``swappable``: switch-then-dense in one program. Every CRISP linear's weight (and the head) is a
+  mutable buffer; the method ``set_task(mixers..., head.weight, head.bias)`` rebuilds them in place from
+  the bases (constants of the program, stored once) and ``forward`` reads them at dense speed. Programs
+  are emitted with ``share_mutable_buffers=True`` and ``emit_mutable_buffer_names=True`` so both methods
+  see one copy of the buffers. A constant method ``crisp_tag`` returns the bases-and-layout tag that
+  every task ``.ptd`` must carry (``et_tasks``). Tasks are ``tasks/<name>.ptd``; the exported mixers are
+  ``default.ptd``. The head has a fixed capacity (``max_classes``): smaller heads are zero-padded and
+  outputs are cut to the task's class count by the loaders.
+
+Recipes: ``xnnpack`` (delegate to XNNPACK, fp32; tolerance 1e-3) and ``portable`` (ExecuTorch's portable
+kernels, no delegate; tolerance 1e-4). timm's fused attention (``F.scaled_dot_product_attention``)
+decomposes into ops XNNPACK does not take, so it is turned off on the copy that is lowered
+(``fused_attn = False`` on every module that has the flag): the attention matmuls and softmax stay
+delegated. The ops left outside the delegate after lowering are recorded in the manifest
+(``non_delegated_ops``), e.g. ``native_layer_norm``.
+
+ExecuTorch programs have static shapes: the batch size is the example input's (``batch`` records it).
+Every export is validated in ExecuTorch (``validate_bundle``, the parity library) in a temporary folder next to
+``out_dir`` and only then renamed into place.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from crisp_edge.export.bundle import (
+    MANIFEST,
+    MODES,
+    REFERENCE,
+    TASKS_DIR,
+    bundle_tag,
+    file_record,
+    task_mixers,
+    write_validated,
+)
+from crisp_edge.export.errors import ExportError
+from crisp_edge.export.executorch.bundle import (
+    DEFAULT_PTD,
+    ET_BUNDLE_FORMAT,
+    ET_BUNDLE_VERSION,
+    PROGRAM,
+    PTD_SUFFIX,
+    RECIPES,
+    RUNNER_SPEC,
+    EtBundle,
+)
+from crisp_edge.export.executorch.lowering import lower
+from crisp_edge.export.executorch.runner_spec import runner_spec
+from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
+from crisp_edge.export.model_io import (
+    OUTPUT_NAME,
+    _example_inputs,
+    _Forward,
+    _stored_params,
+)
+from crisp_edge.export.parity.reference import (
+    REFERENCE_SEED,
+    reference_inputs,
+    reference_outputs,
+    reference_record,
+    resolve_reference,
+    write_reference,
+)
+from crisp_edge.export.parity.validate import validate_bundle
+from torch import nn
+
+from crisp_edge._version import __version__
+from crisp_edge.errors import ConfigError
+from crisp_edge.files.fingerprint import bases_fingerprint
+from crisp_edge.files.io import atomic_write_json
+from crisp_edge.files.mixers import (
+    MixerFile,
+    apply_mixers_,
+    head_module,
+    model_layout,
+)
+from crisp_edge.method.convert import crisp_bases, is_crisp, materialize_
+from crisp_edge.method.gates import crisp_weight_matrix, get_gate
+from crisp_edge.method.layer import unfold_weight
+
+#: fp32 XNNPACK vs eager PyTorch: other GEMM kernels and summation order (DESIGN.md section 6).
+ATOL = {"xnnpack": 1e-3, "portable": 1e-4}
+MIN_COSINE = 0.9999
+#: Reference cases stored (each of the program's static batch size).
+REFERENCE_CASES = 2
+# torchao (imported by ExecuTorch's XNNPACK backend) registers an Enum with torch's pytree, which logs a
+# deprecation warning meant for torchao's developers on every import; keep it out of users' terminals.
+logging.getLogger("torch.utils._pytree").addFilter(
+    lambda record: "register_constant() on Enum subclasses" not in record.getMessage())
+
+
+def _unfuse_attention(model: nn.Module) -> int:
+    """Turn timm's fused attention off (its SDPA decomposes into ops XNNPACK does not take)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(getattr(m, "fused_attn", None), bool):
+            m.fused_attn = False
+            n += 1
+    return n
+
+
+class _BufLinear(nn.Module):
+    """A linear layer whose weight and bias are buffers (written by ``set_task``, read by ``forward``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bias_buffer: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone().contiguous())
+        if bias_buffer:
+            self.register_buffer("bias", bias.detach().clone().contiguous())
+        else:
+            self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _SwapProgram(nn.Module):
+    """The dense architecture with CRISP weights (and the head) as buffers, the bases as constants, and
+    ``set_task`` rebuilding the buffers from task inputs. ``forward`` runs the model."""
+
+    def __init__(self, model: nn.Module, names: list[str], max_classes: int | None) -> None:
+        super().__init__()
+        dense = materialize_(copy.deepcopy(model))
+        _unfuse_attention(dense)
+        self.bases = nn.ParameterDict()
+        self.groups: list[tuple] = []
+        for key, b in crisp_bases(model).items():
+            bkey = key.replace(".", "_")
+            self.bases[bkey] = nn.Parameter(b.weight.detach().clone(), requires_grad=False)
+            self.groups.append((key, bkey, list(b.layer_names), b.gate_name, b.placement, b.d_out, b.d_in, b.transpose))
+            for n in b.layer_names:
+                lin = dense.get_submodule(n)
+                _replace(dense, n, _BufLinear(lin.weight, lin.bias))
+        self.head_path = None
+        found = head_module(model)
+        if found is not None and max_classes is not None:
+            self.head_path, head = found
+            w = torch.zeros(max_classes, head.in_features)
+            b = torch.zeros(max_classes)
+            w[:head.out_features] = head.weight.detach()
+            if head.bias is not None:
+                b[:head.out_features] = head.bias.detach()
+            _replace(dense, self.head_path, _BufLinear(w, b, bias_buffer=True))
+        for p in dense.parameters():
+            p.requires_grad_(False)
+        self.fwd = _Forward(dense, names)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.fwd(*xs)
+
+    def set_task(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
+            g = get_gate(gate)
+            for j, n in enumerate(layers):
+                w = unfold_weight(crisp_weight_matrix(self.bases[bkey], mixers[j], g, placement), d_out, d_in, transpose)
+                self.fwd.model.get_submodule(n).weight.copy_(w)
+        if self.head_path is not None:
+            head = self.fwd.model.get_submodule(self.head_path)
+            head.weight.copy_(inputs[len(self.groups)])
+            head.bias.copy_(inputs[len(self.groups) + 1])
+        return torch.zeros(1)
+
+
+class _SetTaskView(_SwapProgram):
+    """The same module (same buffers, same names) with ``set_task`` as its ``forward``, for export."""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.set_task(*inputs)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "swappable",
+                      recipe: str = "xnnpack", tasks: Sequence[str | os.PathLike | MixerFile] = (),
+                      example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
+                      max_classes: int | None = None, overwrite: bool = False, threads: int = 1,
+                      validate: bool = True, reference_device: str = "auto",
+                      reference_dtype: str = "float32") -> EtBundle:
+    """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ExecuTorch bundle at ``out_dir``.
+
+    Args:
+        mode: "dense", "factored" or "swappable" (see the module docstring).
+        recipe: "xnnpack" or "portable".
+        tasks: mixer files to ship as ``tasks/<task>.ptd`` (swappable only), checked against the model;
+            each gets PyTorch reference outputs for validation.
+        example_input: a float32 tensor (input ``x``) or dict of named tensors; its shapes (batch
+            included) are the program's. Default: ``crisp_edge.testing.example_inputs(model, batch=2)``.
+        max_classes: swappable: the head's capacity (default: the largest head of the model and tasks).
+        threads: ExecuTorch threads for the validation run.
+        validate: run the bundle in ExecuTorch against the PyTorch reference before moving it into place.
+        reference_device, reference_dtype: where and in which dtype the PyTorch reference runs ("auto" =
+            CUDA when present; "float64" for a tighter reference), as in ``crisp_edge.export.parity.reference``.
+
+    Returns the ``EtBundle``; raises ``ParityError`` if ExecuTorch disagrees with PyTorch.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe must be one of {RECIPES}, got {recipe!r}.")
+    if mode != "dense" and not is_crisp(model):
+        raise ConfigError(f"mode {mode!r} needs a CRISP model (retrofit_ it first); a plain model exports as 'dense'.")
+    if tasks and mode != "swappable":
+        raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights).")
+    reference = resolve_reference(reference_device, reference_dtype)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} exists; pass overwrite=True to replace it.")
+    model = model.eval()
+    example = _example_inputs(model, example_input)
+    mixers = task_mixers(model, tasks)
+    return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, recipe, example, mixers,
+                                                                 max_classes, reference),
+                           EtBundle, threads=threads, validate=validate_bundle if validate else None)
+
+
+def _io(names: list[str], example: dict[str, torch.Tensor]) -> list[dict]:
+    return [{"name": n, "dtype": "float32", "shape": list(example[n].shape)} for n in names]
+
+
+def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, example: dict,
+                  mixers: list[MixerFile], max_classes: int | None, reference: dict) -> dict:
+    names = list(example)
+    args = tuple(example[n] for n in names)
+    files: list[str] = [PROGRAM]
+    swap = None
+    if mode in ("dense", "factored"):
+        m = copy.deepcopy(model)
+        if mode == "dense" and is_crisp(m):
+            materialize_(m)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        _unfuse_attention(m)
+        pte, ops = lower({"forward": _Forward(m, names).eval()}, {"forward": args}, recipe, mode)
+    else:
+        found = head_module(model)
+        head = None
+        if found is not None:
+            counts = [found[1].out_features] + [int(mf.tensors["head.weight"].shape[0])
+                                                for mf in mixers if "head.weight" in mf.tensors]
+            cap = max_classes if max_classes is not None else max(counts)
+            if cap < max(counts):
+                raise ConfigError(f"max_classes={cap} is smaller than a head to ship ({max(counts)} classes).")
+            head = {"path": found[0], "in_features": found[1].in_features, "num_classes": found[1].out_features,
+                    "max_classes": cap}
+        prog = _SwapProgram(model, names, head["max_classes"] if head else None).eval()
+        view = copy.copy(prog)
+        view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
+        fp, layout = bases_fingerprint(model), model_layout(model)
+        inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2],
+                                                     crisp_bases(model)[key].s]}
+                  for key, bkey, layers, *_ in prog.groups]
+        if head:
+            inputs += [{"name": "head.weight", "shape": [head["max_classes"], head["in_features"]]},
+                       {"name": "head.bias", "shape": [head["max_classes"]]}]
+        swap = {"bases_sha256": fp, "layout": layout, "tag": bundle_tag(fp, layout),
+                "set_task_inputs": inputs, "head": head,
+                "task_semantics": "exported tensors, with the task file's tensors replacing theirs"}
+        set_args = tuple(torch.zeros(i["shape"]) for i in inputs)
+        pte, ops = lower({"forward": prog, "set_task": view}, {"forward": args, "set_task": set_args}, recipe, mode,
+                         constant_methods={"crisp_tag": swap["tag"]})
+    (folder / PROGRAM).write_bytes(pte)
+
+    batches = [int(args[0].shape[0])] * REFERENCE_CASES  # static shapes: every case has the program's batch
+    cases = reference_inputs(example, batches=batches, seed=REFERENCE_SEED)
+
+    def outputs(m: nn.Module) -> list[dict]:
+        return reference_outputs(m, cases, output_names=[OUTPUT_NAME], **reference)
+
+    ref = {"default": outputs(model)}
+    tasks = {}
+    if swap is not None:
+        default = {f"mixer.{k}": torch.stack([model.get_submodule(n).crisp_mixer.detach() for n in b.layer_names])
+                   for k, b in crisp_bases(model).items()}
+        if swap["head"]:
+            h = model.get_submodule(swap["head"]["path"])
+            default["head.weight"] = h.weight.detach()
+            default["head.bias"] = h.bias.detach() if h.bias is not None else torch.zeros(h.out_features)
+        write_task_ptd({k: v.float().contiguous().numpy() for k, v in default.items()}, folder / DEFAULT_PTD,
+                       swap["tag"])
+        files.append(DEFAULT_PTD)
+        for mf in mixers:
+            task_model = copy.deepcopy(model)
+            apply_mixers_(task_model, mf)
+            ref[mf.task] = outputs(task_model)
+            rel = f"{TASKS_DIR}/{mf.task}{PTD_SUFFIX}"
+            arrays = task_arrays(mf, swap, str(mf.path or mf.task))
+            write_task_ptd(arrays, folder / rel, swap["tag"])
+            tasks[mf.task] = task_record(folder, rel, mf, arrays)
+    write_reference(folder, cases, ref)
+    files.append(REFERENCE)
+    out_shape = list(ref["default"][0][OUTPUT_NAME].shape)
+    stored = _stored_params(model)
+    import executorch
+
+    manifest: dict[str, Any] = {
+        "format": ET_BUNDLE_FORMAT, "version": ET_BUNDLE_VERSION, "crisp_edge_version": __version__, "mode": mode,
+        "recipe": recipe,
+        "exporter": {"name": "torch.export + executorch.exir.to_edge_transform_and_lower", "torch": torch.__version__,
+                     "executorch": getattr(getattr(executorch, "version", None), "__version__", "unknown"),
+                     "fused_attention": False},
+        "arch": getattr(model, "crisp_arch", None), "program": {"file": PROGRAM, "methods": sorted(ops)
+                                                                + (["crisp_tag"] if swap else [])},
+        "files": {f: file_record(folder, f) for f in files},
+        "inputs": _io(names, example),
+        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": out_shape}],
+        "batch": int(args[0].shape[0]),
+        "non_delegated_ops": ops,
+        "tolerance": {"atol": ATOL[recipe], "min_cosine": MIN_COSINE, "dtype": "float32",
+                      "reason": f"fp32 ExecuTorch ({recipe}) vs eager PyTorch: other kernels and summation order"},
+        "reference": reference_record(names, [OUTPUT_NAME], len(cases), list(ref), batches=batches,
+                                      seed=REFERENCE_SEED, **reference),
+        "params": {"stored": stored, "stored_bytes_fp32": 4 * stored, "crisp_groups": len(crisp_bases(model)),
+                   "program_bytes": (folder / PROGRAM).stat().st_size},
+        "tasks": tasks,
+    }
+    if swap is not None:
+        manifest["swappable"] = swap
+    (folder / RUNNER_SPEC).write_text(runner_spec(manifest))
+    manifest["files"][RUNNER_SPEC] = file_record(folder, RUNNER_SPEC)
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+__all__ = ["ATOL", "MIN_COSINE", "export_executorch", "lower", "non_delegated_ops"]

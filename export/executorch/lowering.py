@@ -1,0 +1,67 @@
+"""Lowering PyTorch modules to an ExecuTorch program: ``torch.export`` of each method, the recipe's
+partitioners (XNNPACK, or portable kernels only), and the record of which operators stayed outside
+the delegate. Shared by every ExecuTorch exporter."""
+from __future__ import annotations
+
+import collections
+import warnings
+
+import torch
+from torch import nn
+
+_CONTROL = {"executorch_call_delegate", "getitem"}
+
+
+def _partitioners(recipe: str, mode: str) -> list:
+    if recipe == "portable":
+        return []
+    from executorch.backends.xnnpack.partition.config.gemm_configs import (
+        ConvolutionConfig,
+    )
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
+
+    if mode == "dense":
+        return [XnnpackPartitioner()]
+    # Weights that are not constants (computed in the graph, or buffers set by set_task) need the
+    # forced flag, which breaks the conv patch embedding: convs go first, to a conv-only partitioner.
+    return [XnnpackPartitioner(configs=[ConvolutionConfig]),
+            XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)]
+
+
+def non_delegated_ops(edge) -> dict[str, dict[str, int]]:
+    """Per method, the operators left outside any delegate after lowering (name -> count)."""
+    out = {}
+    for name in edge.methods:
+        counts: collections.Counter = collections.Counter()
+        for node in edge.exported_program(name).graph_module.graph.nodes:
+            if node.op == "call_function":
+                target = getattr(node.target, "__name__", str(node.target))
+                if target not in _CONTROL and "getitem" not in target:
+                    counts[target] += 1
+        out[name] = dict(sorted(counts.items()))
+    return out
+
+
+def lower(programs: dict[str, nn.Module], example: dict[str, tuple], recipe: str, mode: str,
+          constant_methods: dict | None = None):
+    """``torch.export`` each method, lower with the recipe's partitioners; returns (pte bytes, non-delegated ops)."""
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
+    from executorch.exir.passes import MemoryPlanningPass
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        exported = {k: torch.export.export(m, example[k], strict=False) for k, m in programs.items()}
+        edge = to_edge_transform_and_lower(exported, partitioner=_partitioners(recipe, mode),
+                                           constant_methods=constant_methods,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        ops = non_delegated_ops(edge)
+        config = ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+                                         emit_mutable_buffer_names=True) if mode == "swappable" else None
+        prog = edge.to_executorch(config) if config else edge.to_executorch()
+    return prog.buffer, ops

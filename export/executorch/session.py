@@ -1,0 +1,241 @@
+"""Running an ExecuTorch bundle from Python (``executorch.runtime``), with task switching.
+
+Swappable bundles run *switch-then-dense* in one program (DESIGN.md section 4): ``set_task`` takes the
+task's mixers and head as inputs and writes every layer's dense weight into the program's shared
+mutable buffers; ``forward`` reads them. ``executorch.runtime.Program`` shares one set of arenas between
+the host methods of a program, which this design needs (the legacy ``_load_for_executorch`` does not,
+and ``forward`` would read garbage). ``forward`` before any ``set_task`` would read uninitialised
+memory: ``run`` raises ``NoTaskError`` instead.
+
+    sess = load_et_bundle("bundle/").session(threads=1)
+    sess.set_task("mnist")        # a task of the bundle, a task .ptd path, or "default"
+    out = sess.run({"x": x})      # {"logits": array}
+
+Every task file is parsed and checked (bases tag, names, shapes, dtypes, values) before the program
+sees its tensors; the program's own ``crisp_tag`` is compared with the manifest's when it is loaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from crisp_edge.export.bundle import feeds_by_name
+from crisp_edge.export.errors import AdapterError, BundleError, ExportError, NoTaskError
+from crisp_edge.export.executorch.bundle import (
+    DEFAULT_PTD,
+    PROGRAM,
+    PTD_SUFFIX,
+    EtBundle,
+    load_et_bundle,
+)
+from crisp_edge.export.executorch.tasks import check_task_ptd, read_ptd_bytes
+
+from crisp_edge.files.io import sha256_bytes
+
+DEFAULT_TASK = "default"
+
+
+@contextlib.contextmanager
+def _native_log_quiet():
+    """Hold back what native code writes to stderr (file descriptor 2) meanwhile; replay it on an error.
+
+    ExecuTorch's threadpool logs its CPU probing ("[cpuinfo_utils.cpp:71] Reading file ...") the first
+    time it is queried: information for runtime developers, noise in a user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            buf.seek(0)
+            sys.stderr.write(buf.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def set_threads(threads: int) -> None:
+    """Pin ExecuTorch's CPU threadpool (XNNPACK's threads) and torch's to ``threads``."""
+    from executorch.extension.pybindings import portable_lib
+
+    torch.set_num_threads(threads)
+    with _native_log_quiet():
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+
+
+def load_program(data: bytes, where: str):
+    """An ``executorch.runtime.Program`` from a ``.pte``'s bytes; a damaged file is a ``BundleError``."""
+    from executorch.runtime import Runtime
+
+    try:
+        return Runtime.get().load_program(data)
+    except Exception as e:  # noqa: BLE001 - the runtime's own errors
+        raise BundleError(f"{where}: ExecuTorch cannot load this program ({type(e).__name__}: {str(e)[:300]}). "
+                          "The file is damaged or truncated; export the bundle again.") from None
+
+
+class EtCrispSession:
+    """One bundle's program in ExecuTorch's Python runtime; for swappable bundles, one live task at a time."""
+
+    def __init__(self, bundle: EtBundle | str | os.PathLike, threads: int = 1) -> None:
+        self.bundle = bundle if isinstance(bundle, EtBundle) else load_et_bundle(bundle)
+        m = self.bundle.manifest
+        set_threads(threads)
+        path = self.bundle.file(PROGRAM)
+        data = path.read_bytes()
+        if sha256_bytes(data) != m["files"][PROGRAM]["sha256"]:
+            raise BundleError(f"{path} does not match its recorded SHA-256; export the bundle again.")
+        self._data = data  # the runtime may keep pointers into the program's bytes
+        self.program = load_program(data, str(path))
+        self.input_names = [i["name"] for i in m["inputs"]]
+        self.output_names = [o["name"] for o in m["outputs"]]
+        self._input_shapes = {i["name"]: list(i["shape"]) for i in m["inputs"]}
+        want = {"forward", "set_task", "crisp_tag"} if self.swappable else {"forward"}
+        if not want <= self.program.method_names:
+            raise BundleError(f"{path} has the methods {sorted(self.program.method_names)}; a {self.bundle.mode!r} "
+                              f"bundle's program has {sorted(want)}.")
+        self.forward = self._method("forward")
+        self.task: str | None = None
+        self.num_classes: int | None = None
+        if self.swappable:
+            self.swap = m["swappable"]
+            tag = self._method("crisp_tag").execute([])
+            if list(tag) != [self.swap["tag"]]:
+                raise BundleError(f"{path}: the program's crisp_tag is {list(tag)}, the manifest's {self.swap['tag']}: "
+                                  "the program and manifest come from different exports.")
+            self.set_task_method = self._method("set_task")
+            self._default, _ = self._read_task(self.bundle.file(DEFAULT_PTD), m["files"][DEFAULT_PTD], "default")
+            self._cache: dict[str, tuple[dict, int | None]] = {}
+
+    def _method(self, name: str):
+        try:
+            return self.program.load_method(name)
+        except Exception as e:  # noqa: BLE001 - the runtime's own errors
+            raise BundleError(f"{self.bundle.path}: ExecuTorch cannot load method {name!r} "
+                              f"({type(e).__name__}: {str(e)[:300]}).") from None
+
+    @property
+    def swappable(self) -> bool:
+        return self.bundle.mode == "swappable"
+
+    def _read_task(self, path: Path, record: dict | None, name: str) -> tuple[dict, int | None]:
+        data = read_ptd_bytes(path)
+        if record is not None and sha256_bytes(data) != record["sha256"]:
+            raise BundleError(f"task {name!r}: {path} does not match its recorded SHA-256; it was changed after "
+                              "export. Convert the task's mixer file again (add_task).")
+        return check_task_ptd(data, self.swap, str(path))
+
+    def _resolve(self, task: str | os.PathLike) -> tuple[str, dict, int | None]:
+        if isinstance(task, str) and task == DEFAULT_TASK:
+            return DEFAULT_TASK, self._default, None
+        if isinstance(task, str) and task in self.bundle.tasks:
+            if task not in self._cache:
+                self._cache[task] = self._read_task(self.bundle.task_path(task), self.bundle.tasks[task], task)
+            return (task, *self._cache[task])
+        if not isinstance(task, (str, os.PathLike)):
+            raise AdapterError(f"a task is a name or a {PTD_SUFFIX} path, not {type(task).__name__}.")
+        path = Path(task)
+        if path.suffix != PTD_SUFFIX and not path.exists():
+            raise AdapterError(f"{task!r:.200} is neither a task of this bundle ({sorted(self.bundle.tasks)} or "
+                               f"{DEFAULT_TASK!r}) nor a {PTD_SUFFIX} file.")
+        return (path.stem, *self._read_task(path, None, path.stem))
+
+    def set_task(self, task: str | os.PathLike) -> str:
+        """Switch to ``task``: rebuild every layer's dense weight from its mixers, once. Returns the name.
+
+        A failed switch leaves the session with no task (a forward is then ``NoTaskError``)."""
+        if not self.swappable:
+            raise ExportError(f"this bundle is {self.bundle.mode!r}; only 'swappable' bundles switch tasks.")
+        self.task = None
+        name, arrays, classes = self._resolve(task)
+        full = {**self._default, **arrays}
+        feeds = []
+        for item in self.swap["set_task_inputs"]:
+            a = full[item["name"]]
+            if item["name"].startswith("head.") and a.shape[0] < item["shape"][0]:  # pad to the head capacity
+                a = np.concatenate([a, np.zeros((item["shape"][0] - a.shape[0], *a.shape[1:]), np.float32)])
+            feeds.append(torch.from_numpy(np.ascontiguousarray(a)))
+        try:
+            self.set_task_method.execute(feeds)
+        except Exception as e:  # noqa: BLE001 - the runtime's own error
+            raise AdapterError(f"task {name!r}: set_task failed in ExecuTorch: {str(e)[:300]}") from None
+        head = self.swap.get("head")
+        self.num_classes = classes or (head["num_classes"] if head else None)
+        self.task = name
+        return name
+
+    def run(self, feeds: dict[str, Any] | Any) -> dict[str, np.ndarray]:
+        """All outputs by name, for inputs given by name (or the single input as an array)."""
+        feeds = feeds_by_name(feeds, self.input_names)
+        xs = []
+        for k in self.input_names:
+            try:
+                a = torch.as_tensor(np.ascontiguousarray(feeds[k], dtype=np.float32))
+            except (TypeError, ValueError) as e:
+                raise ExportError(f"input {k!r} must be a float array or tensor ({type(e).__name__}: {e}).") from None
+            if list(a.shape) != self._input_shapes[k]:
+                raise ExportError(f"input {k!r} has shape {list(a.shape)}; this program takes exactly "
+                                  f"{self._input_shapes[k]} (ExecuTorch programs have static shapes; pad or split "
+                                  "the batch, or export with another batch size).")
+            xs.append(a)
+        if self.swappable and self.task is None:
+            raise NoTaskError("no task is set: call set_task(name) first (set_task('default') for the exported "
+                              "mixers); a swappable program has no weights until then.")
+        try:
+            outs = self.forward.execute(xs)
+        except Exception as e:  # noqa: BLE001 - the runtime's own error
+            raise ExportError(f"ExecuTorch failed on these inputs: {str(e)[:300]}") from None
+        result = {}
+        for name, o in zip(self.output_names, outs):
+            o = o.detach().numpy().copy()
+            if self.swappable and self.num_classes is not None:
+                o = o[..., :self.num_classes]
+            result[name] = o
+        return result
+
+    def __call__(self, x: Any) -> np.ndarray:
+        """The first output for input ``x`` (numpy or torch)."""
+        return self.run(x)[self.output_names[0]]
+
+    def predict(self, x: Any) -> np.ndarray:
+        """The first output for any number of rows of the single input: ``x`` runs in batches of the
+        program's static batch size (the last one zero-padded) and the padding rows are dropped."""
+        if len(self.input_names) != 1:
+            raise ExportError(f"predict takes the single input of a one-input program; this one takes {self.input_names}.")
+        x = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+        batch = self._input_shapes[self.input_names[0]][0]
+        outs = []
+        for i in range(0, len(x), batch):
+            b = x[i:i + batch]
+            if len(b) < batch:
+                b = np.concatenate([b, np.zeros((batch - len(b), *b.shape[1:]), np.float32)])
+            outs.append(self(b)[: min(batch, len(x) - i)])
+        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+
+def write_runner_inputs(bundle: EtBundle | str | os.PathLike, folder: str | os.PathLike) -> int:
+    """Write the bundle's reference inputs as ``input.{i}.{name}.npy`` files for the C++ runner; returns
+    the number of cases."""
+    from crisp_edge.export.parity.validate import reference_cases
+
+    b = bundle if isinstance(bundle, EtBundle) else load_et_bundle(bundle)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs, _ = reference_cases(b)
+    for i, case in enumerate(inputs):
+        for name, a in case.items():
+            np.save(folder / f"input.{i}.{name}.npy", np.ascontiguousarray(a, dtype=np.float32))
+    return len(inputs)
+
+
+__all__ = ["DEFAULT_TASK", "EtCrispSession", "set_threads", "write_runner_inputs"]

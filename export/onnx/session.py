@@ -1,0 +1,283 @@
+"""Running a bundle in ONNX Runtime, with task switching for swappable bundles.
+
+Swappable bundles run *switch-then-dense* (DESIGN.md sections 3-4): two sessions. ``set_task`` runs
+the fold session once with the task's ``.onnx_adapter`` active (``RunOptions.add_active_adapter``)
+and keeps its outputs, every layer's dense weight, as ``OrtValue``s; ``run`` feeds them with the
+input to the inference session through an ``IOBinding`` that holds them bound (one per thread,
+rebound after a switch), so a forward passes only the input: about 10% faster than handing ~100
+``OrtValue``s to ``run_with_ort_values`` on every call (embedded ViT, batch 1). The fold run itself
+never uses ``run_with_iobinding``: ORT silently ignores an active adapter on that path (the default
+mixers run, no error).
+
+    sess = load_bundle("bundle/").session(threads=1)
+    sess.set_task("mnist")          # a task of the bundle, an .onnx_adapter path, or "default"
+    logits = sess(x)                # numpy (or torch) in, numpy out
+
+Everything the session takes from files is checked before ONNX Runtime sees it: the manifest by
+``load_bundle``, the graphs against the manifest (input, output and overridable tensor names and
+shapes), and every adapter by crisp-edge's own FlatBuffer reader (``adapter_format``); ORT then
+loads the exact bytes that were checked, from a private copy. ORT's own errors become typed ones.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from crisp_edge.export.bundle import Bundle, feeds_by_name
+from crisp_edge.export.errors import AdapterError, BundleError, ExportError, NoTaskError
+from crisp_edge.export.onnx.adapter import check_adapter, read_adapter_bytes
+from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, load_bundle
+
+from crisp_edge.files.io import sha256_bytes
+
+#: The exported model's own mixers, biases and head (the fold with no adapter active).
+DEFAULT_TASK = "default"
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3  # overridable initializers are the point here: not worth ORT's warning
+    return so
+
+
+#: ONNX Runtime input types the sessions feed, as numpy dtypes (float inputs are cast to float32
+#: as before; integer inputs such as token ids must be given as integers).
+_ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _as_numpy(x: Any, dtype: type = np.float32, name: str = "x") -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    if dtype is not np.float32:  # an integer input (token ids, masks, positions): never truncate floats
+        a = np.asarray(x)
+        if a.dtype.kind not in "iu":
+            raise ExportError(f"input {name!r} takes integers ({np.dtype(dtype).name}, e.g. token ids); got "
+                              f"{a.dtype.name} values. Pass an integer array or tensor.")
+        if a.size and (a.min() < np.iinfo(dtype).min or a.max() > np.iinfo(dtype).max):
+            raise ExportError(f"input {name!r} holds values outside the {np.dtype(dtype).name} range.")
+        return np.ascontiguousarray(a, dtype=dtype)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class OnnxCrispSession:
+    """One bundle in ONNX Runtime; for swappable bundles, one live task at a time."""
+
+    def __init__(self, bundle: Bundle | str | os.PathLike, threads: int = 1,
+                 providers: list[str] | None = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        m = self.bundle.manifest
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.session = self._open("model", threads)
+        self.input_names = [i["name"] for i in m["inputs"]]
+        self.output_names = [o["name"] for o in m["outputs"]]
+        self.fold = None
+        self.task: str | None = None
+        self._weights: dict[str, ort.OrtValue] | None = None
+        self._adapters: dict[str, ort.LoraAdapter] = {}  # the bundle's own tasks, by name, once loaded
+        self._generation = 0  # bumped by every switch: a thread's binding of older weights is stale
+        self._local = threading.local()
+        self._tmp: str | None = None
+        weight_names: list[str] = []
+        if self.swappable:
+            self.swap = m["swappable"]
+            self.fold = self._open("fold", threads)
+            self.weight_names = weight_names = [o.name for o in self.fold.get_outputs()]
+            self._check_fold()
+        self._check_model(weight_names)
+
+    def _open(self, role: str, threads: int) -> ort.InferenceSession:
+        path = self.bundle.file(self.bundle.manifest["models"][role]["file"])
+        try:
+            return ort.InferenceSession(str(path), session_options(threads), providers=self.providers)
+        except Exception as e:  # noqa: BLE001 - ORT's own (untyped) errors, e.g. a file that is no ONNX graph
+            raise BundleError(f"{path}: ONNX Runtime cannot load the bundle's {role} graph "
+                              f"({type(e).__name__}: {str(e)[:300]}).") from None
+
+    def _check_model(self, weight_names: list[str]) -> None:
+        """The inference graph's inputs and outputs are the ones the manifest names."""
+        where = f"{self.bundle.path}: the model graph"
+        graph_in = [i.name for i in self.session.get_inputs()]
+        graph_out = [o.name for o in self.session.get_outputs()]
+        want_in = self.input_names + weight_names
+        if sorted(graph_in) != sorted(want_in):
+            raise BundleError(f"{where} takes {graph_in!r:.300}; the manifest (and fold graph) name {want_in!r:.300}.")
+        if graph_out != self.output_names:
+            raise BundleError(f"{where} returns {graph_out!r:.300}; the manifest names {self.output_names!r:.300}.")
+        self._input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        self._input_dtypes = {i.name: _ORT_INT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+
+    def _check_fold(self) -> None:
+        """The fold graph takes no inputs, and its overridable tensors are the manifest's, with the
+        same shapes: the adapter checks (against the manifest) then hold for the graph itself."""
+        where = f"{self.bundle.path}: the fold graph"
+        if self.fold.get_inputs():
+            raise BundleError(f"{where} has inputs {[i.name for i in self.fold.get_inputs()]}; a fold graph takes none.")
+        graph = {o.name: o for o in self.fold.get_overridable_initializers()}
+        want = self.swap["overridable"]
+        if sorted(graph) != sorted(want):
+            raise BundleError(f"{where} can swap {sorted(graph)!r:.300}; the manifest says {sorted(want)!r:.300}.")
+        for name, arg in graph.items():
+            shape, dims = want[name], list(arg.shape)
+            same = len(shape) == len(dims) and all(
+                (isinstance(w, str) and not isinstance(d, int)) or (isinstance(w, int) and w == d)
+                for w, d in zip(shape, dims))
+            if not same or arg.type != "tensor(float)":
+                raise BundleError(f"{where}: {name} is {arg.type} of shape {dims}; the manifest says float {shape}.")
+        if sorted(self.weight_names) != sorted(self.swap["weights"]):
+            raise BundleError(f"{where} returns {self.weight_names!r:.300}; the manifest says "
+                              f"{sorted(self.swap['weights'])!r:.300}.")
+
+    @property
+    def swappable(self) -> bool:
+        return self.bundle.mode == "swappable"
+
+    def _adapter_path(self, task: str | os.PathLike) -> tuple[str, Path, dict | None]:
+        """(name, path, manifest record or None) of a bundle task or an adapter file."""
+        if isinstance(task, str) and task in self.bundle.tasks:
+            return task, self.bundle.task_path(task), self.bundle.tasks[task]
+        if not isinstance(task, (str, os.PathLike)):
+            raise AdapterError(f"a task is a name or an .onnx_adapter path, not {type(task).__name__}.")
+        path = Path(task)
+        try:
+            exists = path.exists()
+        except OSError:  # e.g. no permission to look: read_adapter_bytes says so below
+            exists = True
+        if path.suffix == ADAPTER_SUFFIX or exists:
+            return path.stem, path, None
+        raise AdapterError(f"{task!r:.200} is neither a task of this bundle ({sorted(self.bundle.tasks)} or "
+                           f"{DEFAULT_TASK!r}) nor an .onnx_adapter file.")
+
+    def _read(self, task: str | os.PathLike) -> tuple[str, ort.LoraAdapter]:
+        name, path, record = self._adapter_path(task)
+        data = read_adapter_bytes(path)
+        if record is not None and sha256_bytes(data) != record["sha256"]:
+            raise BundleError(f"task {name!r}: {path} does not match its recorded SHA-256; it was changed after "
+                              "export. Convert the task's mixer file again (mixers_to_onnx_adapter).")
+        check_adapter(data, self.swap, str(path))  # our checks first: ORT trusts the file's structure
+        return name, self._ort_adapter(data, path)
+
+    def _ort_adapter(self, data: bytes, path: Path) -> ort.LoraAdapter:
+        """ORT's adapter over exactly the checked bytes: a private copy, so the file cannot change (or
+        be truncated under ORT's memory map) between the checks and the load."""
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="crisp-adapters-")
+            weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        fd, tmp = tempfile.mkstemp(suffix=ADAPTER_SUFFIX, dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            adapter = ort.LoraAdapter()
+            adapter.Load(tmp)
+        except Exception as e:  # noqa: BLE001 - ORT's own (untyped) errors
+            raise AdapterError(f"{path}: ONNX Runtime cannot load this adapter ({type(e).__name__}: {str(e)[:300]}).") from None
+        finally:
+            try:
+                os.unlink(tmp)  # POSIX: the mapping stays valid; elsewhere the folder goes with the session
+            except OSError:
+                pass
+        return adapter
+
+    def load_adapter(self, task: str | os.PathLike) -> str:
+        """Read, check and keep a task of the bundle (names, shapes, bases tag and SHA-256), so that
+        switching to it later is one fold run; returns its name. An adapter *file* is checked but not
+        kept: ``set_task(path)`` reads it again, so an edited file never runs from a stale copy."""
+        if not self.swappable:
+            raise ExportError(f"this bundle is {self.bundle.mode!r}; only 'swappable' bundles load adapters.")
+        name, adapter = self._read(task)
+        if isinstance(task, str) and task in self.bundle.tasks:
+            self._adapters[name] = adapter
+        return name
+
+    def set_task(self, task: str | os.PathLike) -> str:
+        """Switch to ``task``: fold its mixers into dense weights once. Returns the task's name.
+
+        ``task`` is a task of the bundle, a path to an ``.onnx_adapter``, or ``"default"``. A failed
+        switch (any error) leaves the session with no task: a forward is then a ``NoTaskError``, never
+        the previous task's answer to a caller who missed the error.
+        """
+        if not self.swappable:
+            raise ExportError(f"this bundle is {self.bundle.mode!r}; only 'swappable' bundles switch tasks.")
+        self._weights, self.task = None, None
+        self._generation += 1
+        opts = ort.RunOptions()
+        if isinstance(task, str) and task == DEFAULT_TASK:
+            name = DEFAULT_TASK
+        elif isinstance(task, str) and task in self._adapters:
+            name = task
+            opts.add_active_adapter(self._adapters[name])
+        else:
+            name, adapter = self._read(task)
+            if isinstance(task, str) and task in self.bundle.tasks:
+                self._adapters[name] = adapter
+            opts.add_active_adapter(adapter)
+        try:
+            values = self.fold.run_with_ort_values(self.weight_names, {}, opts)
+        except Exception as e:  # noqa: BLE001 - ORT's own error
+            raise AdapterError(f"task {name!r}: the fold run failed in ONNX Runtime: {e}") from None
+        self._weights = dict(zip(self.weight_names, values))
+        self.task = name
+        return name
+
+    def _check_input(self, name: str, a: np.ndarray) -> None:
+        want = self._input_shapes.get(name)
+        if want is None:
+            return
+        ok = a.ndim == len(want) and all(not isinstance(w, int) or w == d for w, d in zip(want, a.shape))
+        if not ok:
+            raise ExportError(f"input {name!r} has shape {list(a.shape)}; the model takes {list(want)} "
+                              "(names are free sizes, e.g. the batch).")
+
+    def run(self, feeds: dict[str, Any] | Any) -> dict[str, np.ndarray]:
+        """All outputs by name, for inputs given by name (or the single input as an array)."""
+        feeds = feeds_by_name(feeds, self.input_names)
+        try:
+            arrays = {k: _as_numpy(feeds[k], self._input_dtypes.get(k, np.float32), k) for k in self.input_names}
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"inputs must be numeric arrays or tensors ({type(e).__name__}: {e}).") from None
+        for k, a in arrays.items():
+            self._check_input(k, a)
+        if not self.swappable:
+            try:
+                return dict(zip(self.output_names, self.session.run(self.output_names, arrays)))
+            except Exception as e:  # noqa: BLE001 - ORT's own error
+                raise ExportError(f"ONNX Runtime failed on these inputs: {str(e)[:300]}") from None
+        if self._weights is None:
+            raise NoTaskError("no task is set: call set_task(name) first (set_task('default') for the "
+                              "exported mixers); a swappable session has no weights until then.")
+        binding = self._binding()
+        try:
+            for k, a in arrays.items():
+                binding.bind_cpu_input(k, a)
+            binding.clear_binding_outputs()  # outputs keep the last run's shape otherwise (another batch fails)
+            for name in self.output_names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            outs = binding.copy_outputs_to_cpu()
+        except Exception as e:  # noqa: BLE001 - ORT's own error
+            raise ExportError(f"ONNX Runtime failed on these inputs: {str(e)[:300]}") from None
+        return dict(zip(self.output_names, outs))
+
+    def _binding(self) -> ort.IOBinding:
+        """This thread's binding of the inference session, with the current task's dense weights bound
+        (built once per thread and task: the weights are not passed again on every forward)."""
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            binding = self.session.io_binding()
+            for name, value in self._weights.items():  # the task's dense weights, built once by set_task
+                binding.bind_ortvalue_input(name, value)
+            local.binding, local.generation = binding, self._generation
+        return local.binding
+
+    def __call__(self, x: Any) -> np.ndarray:
+        """The first output for input ``x`` (numpy or torch)."""
+        return self.run(x)[self.output_names[0]]

@@ -1,0 +1,335 @@
+"""Parity of an exported artifact with its PyTorch reference, for every runtime.
+
+    report = check_bundle("bundle/")                          # run it in its runtime (ORT, ExecuTorch)
+    report = check_outputs("bundle/", "device_outputs.npz")   # outputs produced elsewhere (a phone, C++)
+    report.passed, report.format(), report.worst
+
+A bundle (``manifest.json`` + ``reference.npz``, see ``reference.py``) stores fixed seeded inputs and
+the PyTorch outputs for them, per task. ``check_bundle`` opens the bundle with its runtime's loader
+(dispatched on the manifest's ``format`` through ``RUNTIMES``), runs every stored case for every
+task, and compares *every* output: max absolute error, max relative error (against the reference's
+largest magnitude), cosine similarity and top-1 agreement, against the named tolerance of
+(runtime, mode, dtype) in ``TOLERANCES``. ``check_outputs`` compares arrays keyed
+``output.{task}.{i}.{name}`` (an ``.npz`` or a folder of ``.npy`` files) instead of running anything.
+
+A failed comparison is diagnosed, so the message names the fault: a wrong output dtype
+("dtype float16 != reference float32"), outputs that match another output's reference ("outputs
+reordered: 'a' matches the reference of 'b'"), outputs that match another task's reference ("outputs
+match task 'mnist' rather than 'digits' (wrong task's mixers?)"), or plain numeric drift ("max abs
+0.3 > 0.0001"). An artifact its loader refuses (a mixer file made for other bases, a damaged file)
+is a failed check naming the loader's typed error, not a crash.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from crisp_edge.export.bundle import bundle_runtime, open_bundle
+from crisp_edge.export.errors import BundleError
+from crisp_edge.export.parity.compare import (
+    ATOL_FP32,
+    MIN_COSINE,
+    Failure,
+    ParityReport,
+    Tolerance,
+    _diagnose,
+    compare,
+    tolerance_for,
+)
+from crisp_edge.export.parity.reference import (
+    DEFAULT_TASK,
+    REFERENCE,
+    Reference,
+    load_arrays,
+    read_reference,
+)
+
+from crisp_edge.errors import ConfigError, CrispEdgeError
+
+MANIFEST = "manifest.json"
+#: At most this many device output arrays are read (a sanity bound against a folder of junk).
+MAX_OUTPUT_FILES = 1 << 14
+
+
+def _expected_dtypes(manifest: dict) -> dict[str, str]:
+    outs = manifest.get("outputs")
+    if not isinstance(outs, list):
+        return {}
+    return {o["name"]: o["dtype"] for o in outs if isinstance(o, dict) and isinstance(o.get("dtype"), str)
+            and isinstance(o.get("name"), str)}
+
+
+def _new_report(bundle: Any, runtime: str, *, source: str, atol: float | None, min_cosine: float | None,
+                ref: Reference | None) -> tuple[ParityReport, Tolerance]:
+    m = bundle.manifest
+    mode = str(m.get("mode", ""))
+    dtypes = set(_expected_dtypes(m).values()) or {"float32"}
+    dtype = "float16" if "float16" in dtypes else "float32"
+    try:
+        tol = tolerance_for(runtime, mode, dtype, recipe=m.get("recipe") if isinstance(m.get("recipe"), str) else None)
+    except ConfigError:
+        t = m.get("tolerance", {})
+        tol = Tolerance(float(t.get("atol", ATOL_FP32)), float(t.get("min_cosine", MIN_COSINE)),
+                        "the bundle manifest's own tolerance (no table entry for this runtime/mode/dtype)")
+    if atol is not None or min_cosine is not None:
+        tol = Tolerance(tol.atol if atol is None else float(atol), tol.min_cosine if min_cosine is None else float(min_cosine),
+                        "set by the caller", tol.min_top1)
+    report = ParityReport(str(bundle.path), tol.atol, tol.min_cosine, runtime=runtime, mode=mode, source=source,
+                          bundle_format=str(m.get("format", "")),
+                          tolerance={**tol.to_dict(), "runtime": runtime, "mode": mode, "dtype": dtype,
+                                     "recipe": m.get("recipe")},
+                          reference={} if ref is None else {k: ref.record.get(k) for k in (
+                              "device", "dtype", "cases", "batch_sizes", "seed", "recomputed") if k in ref.record})
+    return report, tol
+
+
+def _compare_case(report: ParityReport, tol: Tolerance, ref: Reference, task: str, case: int,
+                  got: dict[str, np.ndarray], dtypes: dict[str, str]) -> None:
+    for name in ref.output_names:
+        if name not in got:
+            report.failures.append(Failure(task, "outputs", "missing", f"case {case}: output {name!r} was not produced "
+                                           f"(the artifact returns {sorted(got)})"))
+            continue
+        want = ref.outputs[task][case][name]
+        c = compare(got[name], want, task=task, case=case, output=name, atol=tol.atol, min_cosine=tol.min_cosine,
+                    min_top1=tol.min_top1, dtype=dtypes.get(name))
+        report.comparisons.append(_diagnose(c, np.asarray(got[name]), ref, tol))
+        g = np.asarray(got[name])
+        if g.shape == want.shape and g.dtype.kind in "fiub":
+            diff = np.abs(g.astype(np.float64) - want.astype(np.float64)).ravel()
+            report.diffs.setdefault(name, []).append((task, case, diff))
+    for name in sorted(set(got) - set(ref.output_names)):
+        report.failures.append(Failure(task, "outputs", "unexpected", f"case {case}: output {name!r} is not in the "
+                                       f"reference ({ref.output_names})"))
+
+
+def _select_tasks(ref: Reference, tasks: Iterable[str] | None) -> list[str]:
+    if tasks is None:
+        return ref.tasks
+    tasks = list(tasks)
+    unknown = [t for t in tasks if t not in ref.outputs]
+    if unknown:
+        raise ConfigError(f"no reference outputs for task(s) {unknown}; the bundle has {ref.tasks}.")
+    return tasks
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="parity", unit="case", leave=False)
+
+
+def check_bundle(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None = None, atol: float | None = None,
+                 min_cosine: float | None = None, raise_on_failure: bool = False, raise_errors: bool = False,
+                 progress: bool = False, session_kwargs: dict | None = None,
+                 reference: Reference | None = None) -> ParityReport:
+    """Run ``bundle`` (a folder or a loaded bundle of any runtime in ``RUNTIMES``) on its stored
+    inputs and compare every output of every case of every task (or of ``tasks``) with the reference.
+
+    Files the loader refuses (damaged, edited, an adapter for other bases) become failures in the
+    report, each naming the loader's typed error (with ``raise_errors`` the typed error propagates
+    instead). With ``raise_on_failure`` a failed check raises ``ParityError`` (carrying the report)
+    instead of returning it. ``reference``: compare with this reference (``recompute_reference``:
+    the model run again, e.g. in float64 or on the GPU) instead of the one stored in the bundle.
+    """
+    path = str(getattr(bundle, "path", bundle))
+    report = ParityReport(path, float("nan"), float("nan"), source="runtime", threads=threads)
+
+    def failed(task: str, stage: str, e: Exception, prefix: str = "") -> None:
+        if raise_errors:
+            raise e
+        report.failures.append(Failure(task, stage, type(e).__name__, prefix + str(e)))
+
+    def done() -> ParityReport:
+        return report.raise_if_failed() if raise_on_failure else report
+
+    try:
+        runtime, b = open_bundle(bundle)
+    except CrispEdgeError as e:
+        failed("*", "load", e)
+        return done()
+    try:
+        ref = reference if reference is not None else read_reference(b.path, b.manifest.get("reference"))
+    except CrispEdgeError as e:
+        report, _ = _new_report(b, runtime, source="runtime", atol=atol, min_cosine=min_cosine, ref=None)
+        failed("*", "load", e)
+        return done()
+    report, tol = _new_report(b, runtime, source="runtime", atol=atol, min_cosine=min_cosine, ref=ref)
+    report.threads = threads
+    selected = _select_tasks(ref, tasks)
+    report.tasks = list(selected)
+    dtypes = _expected_dtypes(b.manifest)
+    t0 = time.perf_counter()
+    try:
+        sess = b.session(threads=threads, **(session_kwargs or {}))
+    except CrispEdgeError as e:
+        failed("*", "load", e)
+        return done()
+    report.timings["load_s"] = time.perf_counter() - t0
+    names = list(sess.output_names)
+    if names != ref.output_names:
+        report.failures.append(Failure("*", "load", "OutputNames", f"the artifact's outputs are {names}; the reference "
+                                       f"names {ref.output_names}"))
+    bar = _bar(len(selected) * len(ref.inputs), progress)
+    run_s = switch_s = 0.0
+    for task in selected:
+        if sess.swappable:
+            t0 = time.perf_counter()
+            try:
+                sess.set_task(task)
+            except CrispEdgeError as e:
+                failed(task, "set_task", e)
+                bar.update(len(ref.inputs))
+                continue
+            switch_s += time.perf_counter() - t0
+        elif task != DEFAULT_TASK:
+            report.failures.append(Failure(task, "set_task", "NotSwappable", f"a {report.mode!r} bundle has one fixed "
+                                           "set of weights, but the reference has outputs for this task"))
+            bar.update(len(ref.inputs))
+            continue
+        for i, feeds in enumerate(ref.inputs):
+            t0 = time.perf_counter()
+            try:
+                got = sess.run(feeds)
+            except CrispEdgeError as e:
+                failed(task, "run", e, f"case {i}: ")
+                continue
+            finally:
+                bar.update(1)
+            run_s += time.perf_counter() - t0
+            _compare_case(report, tol, ref, task, i, got, dtypes)
+    bar.close()
+    report.timings.update(run_s=run_s, set_task_s=switch_s)
+    return done()
+
+
+def load_device_outputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Arrays keyed ``output.{task}.{i}.{name}`` from an ``.npz`` or a folder of ``<key>.npy`` files
+    (never unpickled: ``allow_pickle=False``); a ``BundleError`` naming the file otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npy")
+        if not files:
+            raise BundleError(f"{path} holds no .npy files; device outputs are <key>.npy files keyed "
+                              "output.{task}.{i}.{name}, or one .npz.")
+        if len(files) > MAX_OUTPUT_FILES:
+            raise BundleError(f"{path} holds {len(files)} .npy files, more than any reference ({MAX_OUTPUT_FILES}).")
+        out = {}
+        for p in files:
+            try:
+                out[p.stem] = np.load(p, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise BundleError(f"{p} is not a readable .npy array ({type(e).__name__}: {str(e)[:200]}); it must be "
+                                  "a plain numeric array (no pickled objects).") from None
+        return out
+    if not path.exists():
+        raise BundleError(f"device outputs {path} do not exist (expected an .npz or a folder of .npy files).")
+    return load_arrays(path, BundleError, "device outputs file (.npz)")
+
+
+def check_outputs(bundle: Any, outputs: str | os.PathLike | dict[str, np.ndarray], *,
+                  tasks: Iterable[str] | None = None, atol: float | None = None, min_cosine: float | None = None,
+                  runtime: str | None = None, raise_on_failure: bool = False) -> ParityReport:
+    """Compare outputs produced elsewhere (keyed ``output.{task}.{i}.{name}``) with the bundle's reference.
+
+    Every task present in ``outputs`` (or every task of ``tasks``) must have every case and output;
+    a key the reference does not know is a failure (a misnamed output). ``runtime`` overrides which
+    runtime's tolerance applies (default: the bundle's).
+    """
+    path = str(getattr(bundle, "path", bundle))
+    try:
+        rt, b = open_bundle(bundle)
+        ref = read_reference(b.path, b.manifest.get("reference"))
+    except CrispEdgeError as e:
+        report = ParityReport(path, float("nan"), float("nan"), source="outputs")
+        report.failures.append(Failure("*", "load", type(e).__name__, str(e)))
+        return report.raise_if_failed() if raise_on_failure else report
+    report, tol = _new_report(b, runtime or rt, source="outputs", atol=atol, min_cosine=min_cosine, ref=ref)
+    try:
+        arrays = outputs if isinstance(outputs, dict) else load_device_outputs(outputs)
+    except CrispEdgeError as e:
+        report.failures.append(Failure("*", "outputs", type(e).__name__, str(e)))
+        return report.raise_if_failed() if raise_on_failure else report
+    report.outputs_path = "" if isinstance(outputs, dict) else str(outputs)
+    keys = {f"output.{t}.{i}.{n}": (t, i, n) for t in ref.tasks for i in range(len(ref.inputs)) for n in ref.output_names}
+    present = [t for t in ref.tasks if any(k in arrays for k, (tt, _, _) in keys.items() if tt == t)]
+    selected = _select_tasks(ref, tasks) if tasks is not None else present
+    report.tasks = list(selected)
+    if not selected:
+        report.failures.append(Failure("*", "outputs", "missing", f"no array is keyed output.{{task}}.{{i}}.{{name}} "
+                                       f"for the reference's tasks {ref.tasks}, cases 0..{len(ref.inputs) - 1} and "
+                                       f"outputs {ref.output_names}; found {sorted(arrays)[:10]}"))
+    dtypes = _expected_dtypes(b.manifest)
+    for task in selected:
+        for i in range(len(ref.inputs)):
+            got = {n: arrays[f"output.{task}.{i}.{n}"] for n in ref.output_names if f"output.{task}.{i}.{n}" in arrays}
+            _compare_case(report, tol, ref, task, i, got, dtypes)
+    for k in sorted(set(arrays) - set(keys)):
+        report.failures.append(Failure("*", "outputs", "unexpected", f"array {k!r} is not in the reference (keys are "
+                                       f"output.{{task}}.{{i}}.{{name}} for tasks {ref.tasks} and outputs "
+                                       f"{ref.output_names})"))
+    return report.raise_if_failed() if raise_on_failure else report
+
+
+def recompute_reference(bundle: Any, model: Any, mixers: Iterable[Any] = (), *, device: str = "auto",
+                        dtype: str = "float32") -> Reference:
+    """The bundle's reference made again from ``model`` (the CRISP model it was exported from) on the
+    bundle's stored inputs: on ``device`` ("auto": CUDA when present) in ``dtype`` ("float64" for a
+    tighter reference). Tasks: ``default`` (the model as given) and one per mixer file in ``mixers``
+    (applied to a copy; named by the file's task). Pass it to ``check_bundle(reference=...)``."""
+    import copy
+
+    import torch
+    from crisp_edge.export.parity.reference import reference_outputs, resolve_reference
+
+    from crisp_edge.files.mixers import MixerFile, apply_mixers_, read_mixers
+
+    where = resolve_reference(device, dtype)
+    _, b = open_bundle(bundle)
+    stored = read_reference(b.path, b.manifest.get("reference"))
+    cases = [{n: torch.from_numpy(np.array(v)) for n, v in c.items()} for c in stored.inputs]
+    run = dict(output_names=stored.output_names, **where)
+    outs = {DEFAULT_TASK: reference_outputs(model, cases, **run)}
+    for mf in mixers:
+        mf = mf if isinstance(mf, MixerFile) else read_mixers(mf)
+        task_model = copy.deepcopy(model)
+        apply_mixers_(task_model, mf)
+        outs[mf.task] = reference_outputs(task_model, cases, **run)
+    return Reference(stored.inputs, outs, {**stored.record, "tasks": list(outs), **where, "recomputed": True})
+
+
+def run_outputs(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Run ``bundle`` in its runtime on the stored inputs and return the outputs keyed
+    ``output.{task}.{i}.{name}`` (what a device run must write for ``check_outputs``)."""
+    _, b = open_bundle(bundle)
+    ref = read_reference(b.path, b.manifest.get("reference"))
+    sess = b.session(threads=threads)
+    out = {}
+    for task in _select_tasks(ref, tasks):
+        if sess.swappable:
+            sess.set_task(task)
+        elif task != DEFAULT_TASK:
+            continue
+        for i, feeds in enumerate(ref.inputs):
+            for n, v in sess.run(feeds).items():
+                out[f"output.{task}.{i}.{n}"] = np.asarray(v)
+    return out
+
+
+__all__ = ["ATOL_FP32", "MIN_COSINE", "REFERENCE", "RUNTIMES", "TOLERANCES", "Comparison", "Failure", "ParityReport",
+           "Tolerance", "bundle_runtime", "check_bundle", "check_outputs", "compare", "load_device_outputs",
+           "open_bundle", "recompute_reference", "run_outputs", "tolerance_for"]

@@ -1,0 +1,271 @@
+"""What parity compares and against what: the named tolerances per (runtime, mode, dtype), one
+output's comparison (max abs / relative error, cosine, top-1) with a diagnosis that names the fault,
+and the report that collects every comparison of a check (``crisp_edge.export.parity.check``)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from crisp_edge.export.errors import ParityError
+from crisp_edge.export.parity.reference import DEFAULT_TASK, Reference
+
+from crisp_edge.errors import ConfigError
+
+#: Relative error is reported against the reference's largest magnitude (element-wise relative error
+#: is meaningless for outputs near zero); informative, not a pass criterion.
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------- tolerances
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria for one (runtime, mode, dtype): every output within ``atol`` of the reference and
+    at cosine >= ``min_cosine``; top-1 agreement >= ``min_top1`` where set."""
+
+    atol: float
+    min_cosine: float
+    reason: str
+    min_top1: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: fp32 ONNX Runtime vs eager PyTorch: same math, other kernels and summation order; measured
+#: differences are ~1e-6 on ViT logits, so 1e-4 leaves room for deeper models without hiding a wrong
+#: weight (one perturbed weight moves the toy logits by ~1e-1).
+ATOL_FP32 = 1e-4
+#: A direction check that does not depend on the output's scale (a wrong weight drops it far below).
+MIN_COSINE = 0.99999
+#: XNNPACK fp32 GEMMs block and fuse differently (and may use FMA where PyTorch does not): ~1e-4
+#: measured on ViT logits, hence 1e-3.
+ATOL_XNNPACK_FP32 = 1e-3
+MIN_COSINE_XNNPACK = 0.9999
+#: fp16 has an 11-bit significand: ~5e-4 relative per op, compounding over a network's depth.
+ATOL_FP16 = 5e-2
+MIN_COSINE_FP16 = 0.999
+
+_ORT = "fp32 ONNX Runtime vs eager PyTorch: other kernels and summation order (~1e-6 measured on ViT logits)"
+_ET = "ExecuTorch fp32 (XNNPACK where delegated): other GEMM blocking, fused ops, FMA (~1e-4 measured on ViT logits)"
+_ET_PORTABLE = ("ExecuTorch fp32 portable kernels (no delegate): plain loops, other summation order than PyTorch's "
+                "BLAS (~1e-6 on ViT logits), so the ONNX Runtime fp32 bound holds")
+_FP16 = "fp16 activations or weights: 11-bit significand, ~5e-4 relative per op compounding with depth"
+
+#: (runtime, mode, dtype) -> Tolerance. ``mode`` "*" applies to every mode of that runtime and dtype; a
+#: runtime "<runtime>-<recipe>" (e.g. "executorch-portable") applies to bundles of that recipe first.
+TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
+    ("onnxruntime", "dense", "float32"): Tolerance(ATOL_FP32, MIN_COSINE, _ORT + "; weights folded by PyTorch"),
+    ("onnxruntime", "factored", "float32"): Tolerance(
+        ATOL_FP32, MIN_COSINE, _ORT + "; W = B @ G(A) built by ORT at load, rounding like PyTorch's to ~1e-7"),
+    ("onnxruntime", "swappable", "float32"): Tolerance(
+        ATOL_FP32, MIN_COSINE, _ORT + "; W built by the fold graph once per task switch"),
+    ("onnxruntime", "*", "float16"): Tolerance(ATOL_FP16, MIN_COSINE_FP16, _FP16, min_top1=0.99),
+    ("executorch", "dense", "float32"): Tolerance(ATOL_XNNPACK_FP32, MIN_COSINE_XNNPACK, _ET + "; weights folded"),
+    ("executorch", "factored", "float32"): Tolerance(
+        ATOL_XNNPACK_FP32, MIN_COSINE_XNNPACK, _ET + "; W built in the program from bases and mixers"),
+    ("executorch", "swappable", "float32"): Tolerance(
+        ATOL_XNNPACK_FP32, MIN_COSINE_XNNPACK, _ET + "; W built by the set_task method into a shared buffer"),
+    ("executorch", "*", "float32"): Tolerance(ATOL_XNNPACK_FP32, MIN_COSINE_XNNPACK, _ET),
+    ("executorch-portable", "*", "float32"): Tolerance(ATOL_FP32, MIN_COSINE, _ET_PORTABLE),
+    ("executorch", "*", "float16"): Tolerance(ATOL_FP16, MIN_COSINE_FP16, _FP16, min_top1=0.99),
+}
+
+
+def tolerance_for(runtime: str, mode: str, dtype: str = "float32", recipe: str | None = None) -> Tolerance:
+    """The named tolerance of (runtime, mode, dtype) (of ``runtime-recipe`` first, when a bundle records a
+    recipe); a ``ConfigError`` when the table has none."""
+    keys = [(f"{runtime}-{recipe}", mode, dtype), (f"{runtime}-{recipe}", "*", dtype)] if recipe else []
+    for key in keys + [(runtime, mode, dtype), (runtime, "*", dtype)]:
+        if key in TOLERANCES:
+            return TOLERANCES[key]
+    known = sorted({f"{r}/{m}/{d}" for r, m, d in TOLERANCES})
+    raise ConfigError(f"no parity tolerance for runtime {runtime!r}, mode {mode!r}, dtype {dtype!r}; known: {known}. "
+                      "Pass atol= (and min_cosine=) explicitly.")
+
+
+# --------------------------------------------------------------------------------------- comparisons
+@dataclass(frozen=True)
+class Comparison:
+    """One output of one case of one task against its reference."""
+
+    task: str
+    case: int
+    output: str
+    shape: list
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1: float | None
+    passed: bool
+    problem: str = ""
+    dtype: str = ""
+    ref_dtype: str = ""
+    fault: str = ""  # a short tag of the diagnosed fault: dtype, shape, reordered, wrong-task, numeric, non-finite
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A check that failed before any output could be compared (a refused file, a missing output)."""
+
+    task: str
+    stage: str  # load | set_task | run | outputs
+    error: str  # the typed error's class name, or "missing" / "unexpected"
+    message: str
+
+
+def compare(got: np.ndarray, ref: np.ndarray, *, task: str, case: int, output: str, atol: float = ATOL_FP32,
+            min_cosine: float = MIN_COSINE, min_top1: float | None = None, dtype: str | None = None) -> Comparison:
+    """One output against its reference (float64 arithmetic). ``dtype``: the dtype the artifact must
+    produce (default: the reference's own)."""
+    got, ref = np.asarray(got), np.asarray(ref)
+    want = dtype or ref.dtype.name
+    shape = list(got.shape)
+    if tuple(got.shape) != tuple(ref.shape):
+        return Comparison(task, case, output, shape, float("inf"), float("inf"), 0.0, None, False,
+                          f"shape {shape} != reference {list(ref.shape)}", got.dtype.name, want, "shape")
+    if got.dtype.kind not in "fiub":
+        return Comparison(task, case, output, shape, float("inf"), float("inf"), 0.0, None, False,
+                          f"dtype {got.dtype.name} != reference {want} (not numeric)", got.dtype.name, want, "dtype")
+    g, r = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    if not np.isfinite(g).all():
+        bad = int((~np.isfinite(g)).sum())
+        return Comparison(task, case, output, shape, float("inf"), float("inf"), 0.0, None, False,
+                          f"{bad} non-finite values (NaN/inf)", got.dtype.name, want, "non-finite")
+    diff = np.abs(g - r)
+    max_abs = float(diff.max(initial=0.0))
+    max_rel = max_abs / max(float(np.abs(r).max(initial=0.0)), _EPS)
+    denom = float(np.linalg.norm(g) * np.linalg.norm(r))
+    cosine = float(g @ r / denom) if denom > 0 else float(np.array_equal(g, r))
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).mean()) if got.ndim >= 2 and got.size else None
+    problems, fault = [], ""
+    if got.dtype.name != want:
+        problems.append(f"dtype {got.dtype.name} != reference {want}")
+        fault = "dtype"
+    if max_abs > atol:
+        problems.append(f"max abs {max_abs:.3g} > {atol:g}")
+    if cosine < min_cosine:
+        problems.append(f"cosine {cosine:.7f} < {min_cosine}")
+    if min_top1 is not None and top1 is not None and top1 < min_top1:
+        problems.append(f"top-1 agreement {top1:.3f} < {min_top1}")
+    if problems and not fault:
+        fault = "numeric"
+    return Comparison(task, case, output, shape, max_abs, max_rel, cosine, top1, not problems, "; ".join(problems),
+                      got.dtype.name, want, fault)
+
+
+def _matches(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> bool:
+    c = compare(got, ref, task="", case=0, output="", atol=tol.atol, min_cosine=tol.min_cosine)
+    return c.fault in ("", "dtype") and c.max_abs <= tol.atol and c.cosine >= tol.min_cosine
+
+
+def _diagnose(c: Comparison, got: np.ndarray, ref: Reference, tol: Tolerance) -> Comparison:
+    """Name the fault behind a failed comparison: it matches another output's, another case's or another
+    task's reference (within the tolerance)."""
+    if c.passed or c.fault in ("dtype", "non-finite"):
+        return c
+    refs = ref.outputs
+    for other in ref.output_names:
+        if other != c.output and _matches(got, refs[c.task][c.case][other], tol):
+            return _with(c, f"outputs reordered: {c.output!r} matches the reference of {other!r}", "reordered")
+    for j, case in enumerate(refs[c.task]):
+        if j != c.case and _matches(got, case[c.output], tol):
+            return _with(c, f"outputs reordered: case {c.case} matches the reference of case {j}", "reordered")
+    for task in refs:
+        if task != c.task and _matches(got, refs[task][c.case][c.output], tol):
+            hint = "the task's mixers were not applied?" if task == DEFAULT_TASK else "wrong task's mixers?"
+            return _with(c, f"outputs match task {task!r} rather than {c.task!r} ({hint})", "wrong-task")
+    return c
+
+
+def _with(c: Comparison, diagnosis: str, fault: str) -> Comparison:
+    d = asdict(c)
+    d.update(problem=f"{diagnosis} [{c.problem}]", fault=fault)
+    return Comparison(**d)
+
+
+# --------------------------------------------------------------------------------------- report
+@dataclass
+class ParityReport:
+    """Every comparison and failure of one parity check. ``passed``: something was compared, and all passed."""
+
+    bundle: str
+    atol: float
+    min_cosine: float
+    comparisons: list[Comparison] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    runtime: str = ""
+    mode: str = ""
+    source: str = "runtime"  # "runtime": run here; "outputs": arrays produced elsewhere
+    outputs_path: str = ""
+    tolerance: dict = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)
+    tasks: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    threads: int | None = None
+    bundle_format: str = ""
+    #: output name -> [(task, case, |got - ref| flattened)], for the error-distribution plot.
+    diffs: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.comparisons) and not self.failures and all(c.passed for c in self.comparisons)
+
+    @property
+    def worst(self) -> Comparison | None:
+        failed = [c for c in self.comparisons if not c.passed]
+        pool = failed or self.comparisons
+        return max(pool, key=lambda c: (bool(c.problem), c.max_abs)) if pool else None
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for c in self.comparisons), default=float("nan"))
+
+    def problems(self) -> list[str]:
+        """One line per failure and failed comparison, naming the fault."""
+        out = [f"task {f.task!r}: {f.stage}: {f.error}: {f.message}" for f in self.failures]
+        out += [f"task {c.task!r}, case {c.case}, output {c.output!r}: {c.problem}" for c in self.comparisons if not c.passed]
+        return out
+
+    def summary(self) -> str:
+        """One line: PASS/FAIL, what was checked, the worst error, the first problem."""
+        n, bad = len(self.comparisons), sum(not c.passed for c in self.comparisons) + len(self.failures)
+        head = "PASS" if self.passed else "FAIL"
+        where = f"{self.runtime or '?'} {self.mode or ''}".strip()
+        line = (f"{head} {self.bundle} ({where}, {self.source}): {n} outputs compared over {len(self.tasks)} task(s), "
+                f"{bad} problem(s); max abs {self.max_abs:.2e} (atol {self.atol:g}, min cosine {self.min_cosine})")
+        if not self.comparisons and not self.failures:
+            line += "; nothing was compared"
+        probs = self.problems()
+        return line + (f"\n  first problem: {probs[0]}" if probs else "")
+
+    def to_dict(self) -> dict:
+        return {"bundle": self.bundle, "atol": self.atol, "min_cosine": self.min_cosine, "passed": self.passed,
+                "max_abs": self.max_abs, "comparisons": [asdict(c) for c in self.comparisons],
+                "failures": [asdict(f) for f in self.failures]}
+
+    def format(self) -> str:
+        lines = [f"{'task':<12} {'case':>4} {'output':<10} {'shape':<12} {'max abs':>9} {'max rel':>9} {'cosine':>10} {'top-1':>6}"]
+        for c in self.comparisons:
+            top1 = "-" if c.top1 is None else f"{100 * c.top1:.0f}%"
+            lines.append(f"{c.task:<12} {c.case:>4} {c.output:<10} {'x'.join(map(str, c.shape)):<12} {c.max_abs:>9.2e} "
+                         f"{c.max_rel:>9.2e} {c.cosine:>10.7f} {top1:>6}{'' if c.passed else '  FAIL ' + c.problem}")
+        lines += [f"FAIL task {f.task!r} ({f.stage}): {f.error}: {f.message}" for f in self.failures]
+        return "\n".join(lines)
+
+    def raise_if_failed(self, what: str | None = None) -> ParityReport:
+        """Raise ``ParityError`` (carrying this report) naming the first problem, unless it passed."""
+        if self.passed:
+            return self
+        if what is None:
+            refused = self.failures and self.failures[0].stage == "load"
+            what = "the bundle cannot be loaded" if refused else "the artifact's outputs differ from PyTorch"
+        probs = self.problems() or ["nothing was compared (no reference cases?)"]
+        w = self.worst
+        worst = "" if w is None else f" (max abs {w.max_abs:.3g}, cosine {w.cosine:.7f})"
+        raise ParityError(f"{self.bundle}: {what}: {probs[0]}{worst}"
+                          + (f"; and {len(probs) - 1} more problem(s)" if len(probs) > 1 else "")
+                          + "\n" + self.format(), self)
+
+
+# --------------------------------------------------------------------------------------- runtimes

@@ -1,0 +1,257 @@
+"""ONNX Runtime export: dense, factored and swappable bundles of a toy timm ViT, checked in ORT."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from crisp_edge.export import (
+    AdapterError,
+    BundleError,
+    NoTaskError,
+    ParityError,
+    export_onnx,
+    load_bundle,
+    mixers_to_onnx_adapter,
+    validate_bundle,
+)
+from crisp_edge.export.onnx.adapter import write_adapter
+
+import crisp_edge as ce
+from crisp_edge.errors import BasisMismatchError, LayoutMismatchError
+from crisp_edge.files.io import sha256_file
+from crisp_edge.files.mixers import apply_mixers_
+from crisp_edge.testing import make_task_file, toy_model
+
+pytestmark = pytest.mark.runtime
+CONFIG = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2))
+
+
+def crisp_toy(seed: int = 0, config: ce.CrispConfig = CONFIG):
+    model = toy_model("timm-vit", seed=seed)
+    ce.retrofit_(model, config, progress=False)
+    return model
+
+
+
+
+@pytest.fixture(scope="module")
+def model():
+    return crisp_toy()
+
+
+@pytest.fixture(scope="module")
+def tasks(model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    return [make_task_file(model, d / "t1.safetensors", "t1", 1, 4), make_task_file(model, d / "t2.safetensors", "t2", 2, 7)]
+
+
+@pytest.fixture(scope="module")
+def swappable(model, tasks, tmp_path_factory):
+    return export_onnx(model, tmp_path_factory.mktemp("b") / "swap", mode="swappable", tasks=tasks)
+
+
+def x_input(batch: int = 5, seed: int = 7) -> torch.Tensor:
+    return torch.randn((batch, 1, 16, 16), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", ["dense", "factored"])
+def test_fixed_modes_export_and_validate(model, tmp_path, mode):
+    bundle = export_onnx(model, tmp_path / mode, mode=mode)
+    m = bundle.manifest
+    assert m["parity"]["passed"] and m["parity"]["max_abs"] <= 1e-4
+    assert m["inputs"][0]["shape"][0] == "batch" and m["outputs"][0]["shape"][0] == "batch"
+    proto = onnx.load(str(bundle.file("model.onnx")))
+    names = [t.name for t in proto.graph.initializer]
+    ops = {n.op_type for n in proto.graph.node}
+    if mode == "dense":  # the original architecture: no CRISP tensors, no gate
+        assert not any("crisp" in n for n in names) and "Sigmoid" not in ops
+    else:  # each shared basis stored once; the file is the stored parameters' size
+        assert sorted(n for n in names if n.startswith("crisp_bases")) == sorted(
+            f"crisp_bases.{k}.weight" for k in ce.crisp_bases(model))
+        assert m["params"]["weights_bytes"] <= 1.02 * m["params"]["stored_bytes_fp32"]
+    out = bundle.session()(x_input())
+    np.testing.assert_allclose(out, model(x_input()).detach().numpy(), atol=1e-4, rtol=0)
+    report = validate_bundle(bundle.path)
+    assert report.passed and len(report.comparisons) == 2
+
+
+def test_swappable_switches_tasks_like_pytorch(model, tasks, swappable):
+    assert validate_bundle(swappable.path).passed
+    weights = swappable.weights_bytes()
+    assert weights <= 1.02 * swappable.manifest["params"]["stored_bytes_fp32"]
+    sess = swappable.session()
+    x = x_input()
+    outs = {}
+    for name, path in (("t1", tasks[0]), ("t2", tasks[1]), ("default", None)):
+        ref_model = copy.deepcopy(model)
+        if path is not None:
+            apply_mixers_(ref_model, path)
+        assert sess.set_task(name) == name
+        outs[name] = sess(x)
+        ref = ref_model(x).detach().numpy()
+        assert outs[name].shape == ref.shape
+        np.testing.assert_allclose(outs[name], ref, atol=1e-4, rtol=0)
+    assert outs["t2"].shape == (5, 7)  # a task's head may have another class count
+    sess.set_task("t1")
+    assert np.array_equal(sess(x), outs["t1"])  # switching back is exact
+
+
+def test_swappable_forwards_from_several_threads_and_batches(swappable):
+    """Each thread binds the task's weights once (its own IOBinding); a switch rebinds every thread's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sess = swappable.session()
+    sess.set_task("t1")
+    xs = [np.random.default_rng(i).standard_normal((b, *x_input().shape[1:])).astype(np.float32)
+          for i, b in enumerate((1, 3, 5, 2))]
+    want = [sess(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(sess, xs * 4))
+    for i, out in enumerate(got):
+        assert np.array_equal(out, want[i % len(xs)])
+    sess.set_task("t2")  # every thread's binding is stale now: the new task's weights run
+    with ThreadPoolExecutor(2) as pool:
+        after = list(pool.map(sess, xs[:2]))
+    assert after[0].shape[1] == 7 and not np.array_equal(after[0][:, :5], want[0][:, :5])
+
+
+def test_forward_before_set_task_is_an_error(swappable):
+    sess = swappable.session()
+    with pytest.raises(NoTaskError, match="set_task"):
+        sess(x_input())
+
+
+def test_adapter_sizes_match_the_mixers(swappable):
+    for t in swappable.tasks.values():
+        assert t["bytes"] <= 1.10 * t["mixer_file_raw_bytes"] + 1024
+
+
+def test_mixer_file_converts_for_an_existing_bundle(model, tasks, swappable, tmp_path):
+    path = make_task_file(model, tmp_path / "t3.safetensors", "t3", 3, 4)
+    adapter = mixers_to_onnx_adapter(path, swappable.path)
+    assert adapter.name == "t3.onnx_adapter"
+    bundle = load_bundle(swappable.path)  # manifest updated, hashes still check
+    sess = bundle.session()
+    sess.set_task("t3")
+    ref_model = copy.deepcopy(model)
+    apply_mixers_(ref_model, path)
+    np.testing.assert_allclose(sess(x_input()), ref_model(x_input()).detach().numpy(), atol=1e-4, rtol=0)
+
+
+def test_mixer_file_for_other_bases_or_layout_is_refused(swappable, tmp_path):
+    other = crisp_toy(seed=1)  # same layout, other bases
+    with pytest.raises(BasisMismatchError, match="other bases"):
+        mixers_to_onnx_adapter(make_task_file(other, tmp_path / "a.safetensors", "a", 1, 4), swappable.path)
+    regrouped = crisp_toy(config=ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=4)))
+    with pytest.raises(LayoutMismatchError, match="groups differ"):
+        mixers_to_onnx_adapter(make_task_file(regrouped, tmp_path / "b.safetensors", "b", 1, 4), swappable.path)
+    assert "a" not in load_bundle(swappable.path).tasks
+
+
+def test_adapter_with_wrong_name_shape_or_bases_is_a_clear_error(swappable, tmp_path):
+    swap = swappable.manifest["swappable"]
+    tag = swap["adapter_model_version"]
+    sess = swappable.session()
+    good = {"mixer.qkv_0_1": np.zeros(swap["overridable"]["mixer.qkv_0_1"], np.float32)}
+    bad_name = write_adapter({"mixer.nope": good["mixer.qkv_0_1"]}, tmp_path / "name.onnx_adapter", tag)
+    with pytest.raises(AdapterError, match="not overridable"):
+        sess.set_task(bad_name)
+    bad_shape = write_adapter({"mixer.qkv_0_1": np.zeros((2, 3, 4), np.float32)}, tmp_path / "shape.onnx_adapter", tag)
+    with pytest.raises(AdapterError, match="has shape"):
+        sess.set_task(bad_shape)
+    other = write_adapter(good, tmp_path / "other.onnx_adapter", tag ^ 1)
+    with pytest.raises(BasisMismatchError):
+        sess.set_task(other)
+    assert sess.task is None
+    sess.set_task(write_adapter(good, tmp_path / "ok.onnx_adapter", tag))  # the same tensors, right tag: fine
+
+
+def _perturb(bundle_dir, name: str, delta: float) -> None:
+    path = bundle_dir / "model.onnx"
+    proto = onnx.load(str(path))
+    for t in proto.graph.initializer:
+        if t.name == name:
+            a = onnx.numpy_helper.to_array(t).copy()
+            a.flat[0] += delta
+            t.CopyFrom(onnx.numpy_helper.from_array(a, name))
+    onnx.save(proto, str(path))
+
+
+def test_perturbed_bundle_fails_validation(model, tmp_path):
+    bundle = export_onnx(model, tmp_path / "d", mode="dense")
+    _perturb(bundle.path, "patch_embed.proj.bias", 0.05)
+    with pytest.raises(BundleError, match="SHA-256"):  # an edited file is caught by its hash first
+        validate_bundle(bundle.path)
+    manifest = json.loads((bundle.path / "manifest.json").read_text())
+    manifest["files"]["model.onnx"]["sha256"] = sha256_file(bundle.path / "model.onnx")
+    (bundle.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ParityError, match="max abs") as err:
+        validate_bundle(bundle.path)
+    assert not err.value.report.passed and err.value.report.max_abs > 1e-4
+
+
+def test_export_refuses_bad_requests(model, tasks, tmp_path):
+    with pytest.raises(ce.ConfigError, match="swappable"):
+        export_onnx(model, tmp_path / "x", mode="dense", tasks=tasks)
+    with pytest.raises(ce.ConfigError, match="CRISP"):
+        export_onnx(toy_model("timm-vit"), tmp_path / "y", mode="factored")
+    (tmp_path / "z").mkdir()
+    with pytest.raises(ce.CrispEdgeError, match="exists"):
+        export_onnx(model, tmp_path / "z", mode="dense")
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary folder left behind
+
+
+def test_cli_export(model, tasks, tmp_path, capsys):
+    import argparse
+
+    from crisp_edge.cli.export import add_parser as add_export_parser
+
+    ce.save_checkpoint(model, tmp_path / "ckpt")
+    parser = argparse.ArgumentParser()
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", "--target", "onnx", "--mode", "swappable", str(tmp_path / "ckpt"),
+                              "--out", str(tmp_path / "bundle"), "--task", str(tasks[0])])
+    assert args.func(args) == 0
+    assert "task t1" in capsys.readouterr().out
+    assert load_bundle(tmp_path / "bundle").tasks.keys() == {"t1"}
+
+
+@pytest.mark.parametrize("gate,placement", [("gelu", "post"), ("relu", "temp"), ("none", "pre")])
+def test_fold_graph_covers_every_gate_and_placement(tmp_path, gate, placement):
+    model = toy_model("timm-vit", depth=2)
+    ce.convert_(model, ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2, gate=gate, placement=placement)),
+                generator=torch.Generator().manual_seed(0))
+    bundle = export_onnx(model.eval(), tmp_path / "b", mode="swappable")  # validated inside
+    assert bundle.manifest["parity"]["max_abs"] <= 1e-4
+
+
+#: fc1 transposed at a small s, fc2 transposed with s = d_out (an input-side basis, as LLaMA's down_proj).
+TRANSPOSED = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2),
+                            roles={"fc1": ce.RoleConfig(s=4, group_size=2, transpose=True),
+                                   "fc2": ce.RoleConfig(s=32, group_size=2, transpose=True)})
+
+
+@pytest.mark.parametrize("mode", ["factored", "swappable"])
+def test_transposed_groups_export_and_switch(tmp_path, mode):
+    """Transposed groups (W.T = reshape(B @ G(A))) fold to the same weights as PyTorch in every mode,
+    and an untransposed model's mixer file is refused by the bundle."""
+    model = crisp_toy(config=TRANSPOSED)
+    task = make_task_file(model, tmp_path / "t.safetensors", "t", 1, 4)
+    bundle = export_onnx(model, tmp_path / mode, mode=mode, tasks=[task] if mode == "swappable" else ())
+    assert bundle.manifest["parity"]["passed"] and bundle.manifest["parity"]["max_abs"] <= 1e-4
+    if mode == "factored":
+        return
+    assert bundle.manifest["swappable"]["layout"]["fc2_0_1"]["transpose"] is True
+    assert "transpose" not in bundle.manifest["swappable"]["layout"]["qkv_0_1"]
+    ref = copy.deepcopy(model)
+    apply_mixers_(ref, task)
+    sess = bundle.session()
+    sess.set_task("t")
+    np.testing.assert_allclose(sess(x_input()), ref(x_input()).detach().numpy(), atol=1e-4, rtol=0)
+    plain = crisp_toy()  # same shapes for qkv/proj, fc1 untransposed
+    with pytest.raises(LayoutMismatchError, match="transpose"):
+        mixers_to_onnx_adapter(make_task_file(plain, tmp_path / "p.safetensors", "p", 1, 4), bundle.path)

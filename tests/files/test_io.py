@@ -1,0 +1,89 @@
+"""Atomic writes keep the old file on failure and never leave temp files; JSON reading is strict."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from crisp_edge.errors import CheckpointError, DataError
+from crisp_edge.files.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
+
+
+def test_write_replace_and_create_parents(tmp_path):
+    path = tmp_path / "a" / "b" / "f.bin"
+    atomic_write_bytes(path, b"one")
+    assert path.read_bytes() == b"one"
+    atomic_write_bytes(path, b"two")
+    assert path.read_bytes() == b"two"
+    assert os.listdir(path.parent) == ["f.bin"]
+
+
+@pytest.mark.parametrize("fails", ["os.fsync", "os.replace"])
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, fails):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old contents")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(fails, boom)
+    with pytest.raises(OSError, match="disk on fire"):
+        atomic_write_bytes(path, b"new contents that never land")
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old contents"
+    assert os.listdir(tmp_path) == ["f.bin"]  # the temporary file is gone
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "f.json"
+    atomic_write_json(path, {"v": 1})
+    monkeypatch.setattr("os.fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(path, {"v": 2})
+    monkeypatch.undo()
+    assert read_json(path, DataError, "thing") == {"v": 1}
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_json_round_trip(tmp_path):
+    atomic_write_json(tmp_path / "x.json", {"b": [1, 2], "a": None})
+    assert read_json(tmp_path / "x.json", CheckpointError, "metadata") == {"a": None, "b": [1, 2]}
+    assert (tmp_path / "x.json").read_text().endswith("}\n")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{broken", "metadata .* is not valid JSON"),
+    (b"\xff\xfe", "is not valid JSON .*UnicodeDecodeError"),
+    (b'"a string"', "must hold a JSON object, found str"),
+    (b"[" * 100000 + b"]" * 100000, "is not valid JSON"),
+])
+def test_read_json_errors(tmp_path, content, message):
+    (tmp_path / "x.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        read_json(tmp_path / "x.json", CheckpointError, "metadata")
+
+
+def test_read_json_missing_and_oversized(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_json(tmp_path / "nope.json", DataError, "card")
+    (tmp_path / "big.json").write_bytes(b"{}" + b" " * 100)
+    with pytest.raises(DataError, match="larger than any valid one"):
+        read_json(tmp_path / "big.json", DataError, "card", max_bytes=50)
+
+
+def test_hashes(tmp_path):
+    data = b"crisp" * 100000
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_bytes(data) == sha256_file(tmp_path / "f")
+    assert sha256_bytes(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    atomic_write_bytes(tmp_path / "f.bin", b"x")  # not mkstemp's private 0600
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
