@@ -10,10 +10,11 @@ says what a bundle's weights and activations are.
            is_dynamic=True)``. Dynamic activations need no calibration data.
 
 Which modes take which scheme is each runtime's own table (``MODES`` in ``export/onnx/quantize.py`` and
-``export/executorch/quantize.py``): a swappable bundle writes new dense weights at every task switch,
-and neither runtime's integer kernels take weights that change without a reload (both pack them at
-load), so ``dense`` is the quantized mode today; a request the runtime cannot honour is refused with
-the reason, never exported in float silently.
+``export/executorch/quantize.py``): ``dense`` today. A factored or swappable bundle computes its weights
+from the bases and mixers at run time (every forward, or every task switch) in float32; quantizing them
+there (an int8 fold output with its scales for ONNX Runtime's MatMulInteger; XNNPACK packs its int8
+weights once at load, so a switch would need a reload) is not built yet. A request a runtime cannot
+honour is refused with the reason, never exported in float silently.
 """
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ def check_scheme(quantize: str | None, mode: str, runtime: str, modes: dict[str,
         raise ConfigError(f"quantize must be one of {sorted(SCHEMES)} (or None for float32), got {quantize!r}.")
     if mode not in modes.get(quantize, ()):
         raise ConfigError(
-            f"{runtime} cannot export a {mode!r} bundle with {quantize} weights: a task switch writes new dense "
-            f"weights, and {runtime}'s integer kernels pack their weights once at load, so changeable weights would "
-            f"run in float (or not at all). Use mode='dense' with quantize={quantize!r} (one task per bundle: apply "
-            "the task's mixer file first), or a float32 swappable bundle.")
+            f"{runtime}: quantize={quantize!r} is available for mode(s) {modes.get(quantize, ())} only. A {mode!r} "
+            "bundle computes its weights from the bases and mixers at run time (factored: every forward; "
+            "swappable: every task switch) in float32, and quantizing them there is not built yet. For one task, "
+            "apply its mixer file and export mode='dense'; to switch tasks, export a float32 swappable bundle.")
     return quantize
 
 
