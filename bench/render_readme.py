@@ -259,9 +259,32 @@ def render_parity_suite(d: dict) -> str:
             + f"\n\nThe whole parity suite, slow cases included ({m['date'][:10]}, load average "
               f"{m['load_average_1_5_15'][0]}; `bench/results/parity_suite.json`).")
 
+def render_quantize(d: dict) -> str:
+    rows = []
+    for m in d["models"]:
+        for rt, r in m["runtimes"].items():
+            acc = (f"{r['top1_float32']:.2f} -> {r['top1_int8']:.2f} ({r['agreement'] * 100:.1f}% agree)"
+                   if "top1_int8" in r else "-")
+            rows.append([m["model"], rt, f"{r['bytes_float32'] / 2**20:.2f} -> {r['bytes_int8'] / 2**20:.2f} MiB",
+                         f"{r['bytes_ratio']:.3f}x", f"{r['latency_ratio']:.2f}x", acc,
+                         f"{r['parity_max_abs_int8']:.1e}"])
+    m = d["machine"]
+    t = d["targets"]
+    return (_table(["model", "runtime", "weights float32 -> int8", "bytes", "latency int8 / float32", "top-1 % "
+                    "float32 -> int8 (Fashion-MNIST test)", "parity max abs (int8 tol. 0.5)"], rows)
+            + f"\n\nDense bundles, `quantize=\"int8\"` (int8 per-channel weights, dynamically quantized int8 "
+              f"activations) against float32 of the same CRISP model, same run, batch 1, {d['threads']} thread, "
+              f"median of interleaved rounds ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}). "
+              f"Targets: bytes <= {t['bytes_ratio']}x, latency <= {t['latency_ratio']}x, top-1 drop <= "
+              f"{t['top1_drop_points']} points, agreement >= {t['top1_agreement'] * 100:.0f}% "
+              "(`bench/results/quantize.json`). ViT-S has random weights (no pretrained ViT-S offline): its row "
+              "measures size and speed only.")
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
-             "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite}
+             "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
+             "quantize": render_quantize}
 
 
 def render(text: str) -> str:

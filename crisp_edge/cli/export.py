@@ -21,11 +21,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.target == "executorch":
         return _export_executorch(model, args)
     bundle = export_onnx(model, args.out, mode=args.mode, tasks=args.task or (), opset=args.opset,
-                         overwrite=args.overwrite, threads=args.threads, exporter=args.exporter)
+                         overwrite=args.overwrite, threads=args.threads, exporter=args.exporter,
+                         quantize=args.quantize)
     m = bundle.manifest
     p = m["params"]
-    print(f"wrote {args.out}: {args.mode} ONNX bundle (opset {m['opset']}), weights {p['weights_bytes']:,} bytes "
-          f"for {p['stored']:,} stored parameters")
+    print(f"wrote {args.out}: {args.mode} ONNX bundle (opset {m['opset']}{_precision(m)}), weights "
+          f"{p['weights_bytes']:,} bytes for {p['stored']:,} stored parameters")
     for name, t in m["tasks"].items():
         print(f"  task {name}: {t['file']} ({t['bytes']:,} bytes)")
     print(f"parity vs PyTorch: max abs {m['parity']['max_abs']:.2e} over {m['parity']['checked_cases']} outputs "
@@ -39,9 +40,9 @@ def _export_executorch(model, args: argparse.Namespace) -> int:
 
     bundle = export_executorch(model, args.out, mode=args.mode, recipe=args.recipe, tasks=args.task or (),
                                example_input=example_inputs(model, batch=args.batch), max_classes=args.max_classes,
-                               overwrite=args.overwrite, threads=args.threads)
+                               overwrite=args.overwrite, threads=args.threads, quantize=args.quantize)
     m = bundle.manifest
-    print(f"wrote {args.out}: {args.mode} ExecuTorch bundle ({args.recipe}, batch {m['batch']}), program "
+    print(f"wrote {args.out}: {args.mode} ExecuTorch bundle ({args.recipe}{_precision(m)}, batch {m['batch']}), program "
           f"{m['params']['program_bytes']:,} bytes for {m['params']['stored']:,} stored parameters")
     for method, ops in m["non_delegated_ops"].items():
         if ops and args.recipe != "portable":
@@ -51,6 +52,11 @@ def _export_executorch(model, args: argparse.Namespace) -> int:
     print(f"parity vs PyTorch: max abs {m['parity']['max_abs']:.2e} over {m['parity']['checked_cases']} outputs "
           f"(tolerance {m['tolerance']['atol']:g})")
     return 0
+
+
+def _precision(manifest: dict) -> str:
+    q = manifest.get("quantize")
+    return f", {q['scheme']}: weights {q['weights']}" if q else ""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -71,6 +77,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--max-classes", type=int, default=None,
                    help="executorch swappable: head capacity for tasks added later (default: the largest head shipped)")
     e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights (per channel) with dynamically quantized activations (dense mode; default: float32)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     e.add_argument("--threads", type=int, default=1, help="runtime threads for validation")
     e.set_defaults(func=cmd_export)

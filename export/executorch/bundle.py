@@ -35,7 +35,7 @@ from crisp_edge.export.bundle import (
     open_folder,
 )
 from crisp_edge.export.errors import BundleError
-
+from crisp_edge.export.quantize import check_quantize_record
 from crisp_edge.files.io import check_envelope, read_json
 
 ET_BUNDLE_FORMAT = "crisp-edge/executorch-bundle"
@@ -102,6 +102,7 @@ def check_et_manifest(meta: dict, folder: Path) -> dict:
     elif "swappable" in meta:
         raise BundleError(f"{where}: a {mode!r} bundle has no 'swappable' record; the manifest was edited.")
     check_reference_record(meta, where, files)
+    check_quantize_record(meta, where)
     return meta
 
 

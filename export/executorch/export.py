@@ -67,6 +67,11 @@ from crisp_edge.export.executorch.bundle import (
 )
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
+from crisp_edge.export.executorch.quantize import MODES as QUANT_MODES
+from crisp_edge.export.executorch.quantize import RECIPES as QUANT_RECIPES
+from crisp_edge.export.executorch.quantize import quantize_module
+from crisp_edge.export.parity.compare import tolerance_for
+from crisp_edge.export.quantize import SCHEMES, check_scheme, quantize_record
 from crisp_edge.export.executorch.runner_spec import runner_spec
 from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
 from crisp_edge.export.model_io import (
@@ -100,9 +105,6 @@ from crisp_edge.method.convert import crisp_bases, is_crisp, materialize_
 from crisp_edge.method.gates import crisp_weight_matrix, get_gate
 from crisp_edge.method.layer import unfold_weight
 
-#: fp32 XNNPACK vs eager PyTorch: other GEMM kernels and summation order (DESIGN.md section 6).
-ATOL = {"xnnpack": 1e-3, "portable": 1e-4}
-MIN_COSINE = 0.9999
 #: Reference cases stored (each of the program's static batch size).
 REFERENCE_CASES = 2
 # torchao (imported by ExecuTorch's XNNPACK backend) registers an Enum with torch's pytree, which logs a
@@ -195,12 +197,18 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _tolerance_record(mode: str, recipe: str, quantize: str | None) -> dict[str, Any]:
+    dtype = "float32" if quantize is None else SCHEMES[quantize]["dtype"]
+    tol = tolerance_for("executorch", mode, dtype, recipe=recipe)
+    return {"atol": tol.atol, "min_cosine": tol.min_cosine, "dtype": dtype, "reason": tol.reason}
+
+
 def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "swappable",
                       recipe: str = "xnnpack", tasks: Sequence[str | os.PathLike | MixerFile] = (),
                       example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
                       max_classes: int | None = None, overwrite: bool = False, threads: int = 1,
                       validate: bool = True, reference_device: str = "auto",
-                      reference_dtype: str = "float32") -> EtBundle:
+                      reference_dtype: str = "float32", quantize: str | None = None) -> EtBundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ExecuTorch bundle at ``out_dir``.
 
     Args:
@@ -215,6 +223,9 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         validate: run the bundle in ExecuTorch against the PyTorch reference before moving it into place.
         reference_device, reference_dtype: where and in which dtype the PyTorch reference runs ("auto" =
             CUDA when present; "float64" for a tighter reference), as in ``crisp_edge.export.parity.reference``.
+        quantize: None (float32) or "int8" (``crisp_edge.export.quantize``: XNNPACK's int8 per-channel
+            weights with dynamically quantized activations, through PT2E; dense mode, xnnpack recipe),
+            recorded in the manifest; parity then uses the int8 tolerance.
 
     Returns the ``EtBundle``; raises ``ParityError`` if ExecuTorch disagrees with PyTorch.
     """
@@ -226,6 +237,10 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         raise ConfigError(f"mode {mode!r} needs a CRISP model (retrofit_ it first); a plain model exports as 'dense'.")
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights).")
+    quantize = check_scheme(quantize, mode, "ExecuTorch", QUANT_MODES)
+    if quantize is not None and recipe not in QUANT_RECIPES[quantize]:
+        raise ConfigError(f"quantize={quantize!r} needs recipe in {QUANT_RECIPES[quantize]} (the portable kernels have "
+                          f"no quantized linear); got recipe={recipe!r}.")
     reference = resolve_reference(reference_device, reference_dtype)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -234,7 +249,7 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
     example = _example_inputs(model, example_input)
     mixers = task_mixers(model, tasks)
     return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, recipe, example, mixers,
-                                                                 max_classes, reference),
+                                                                 max_classes, reference, quantize),
                            EtBundle, threads=threads, validate=validate_bundle if validate else None)
 
 
@@ -243,7 +258,8 @@ def _io(names: list[str], example: dict[str, torch.Tensor]) -> list[dict]:
 
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, example: dict,
-                  mixers: list[MixerFile], max_classes: int | None, reference: dict) -> dict:
+                  mixers: list[MixerFile], max_classes: int | None, reference: dict,
+                  quantize: str | None = None) -> dict:
     names = list(example)
     args = tuple(example[n] for n in names)
     files: list[str] = [PROGRAM]
@@ -259,7 +275,11 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
         for p in m.parameters():
             p.requires_grad_(False)
         _unfuse_attention(m)
-        pte, ops = lower({"forward": _Forward(m, names).eval()}, {"forward": args}, recipe, mode,
+        program, quant = _Forward(m, names).eval(), None
+        if quantize is not None:
+            program, tool = quantize_module(program, args, quantize)
+            quant = quantize_record(quantize, tool)
+        pte, ops = lower({"forward": program}, {"forward": args}, recipe, mode,
                          constant_methods={IO_METHOD: io_tag(contract)})
     else:
         found = head_module(model)
@@ -337,14 +357,15 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
         "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": out_shape}],
         "batch": int(args[0].shape[0]),
         "non_delegated_ops": ops,
-        "tolerance": {"atol": ATOL[recipe], "min_cosine": MIN_COSINE, "dtype": "float32",
-                      "reason": f"fp32 ExecuTorch ({recipe}) vs eager PyTorch: other kernels and summation order"},
+        "tolerance": _tolerance_record(mode, recipe, quantize),
         "reference": reference_record(names, [OUTPUT_NAME], len(cases), list(ref), batches=batches,
                                       seed=REFERENCE_SEED, **reference),
         "params": {"stored": stored, "stored_bytes_fp32": 4 * stored, "crisp_groups": len(crisp_bases(model)),
                    "program_bytes": (folder / PROGRAM).stat().st_size},
         "tasks": tasks,
     }
+    if quantize is not None:
+        manifest["quantize"] = quant
     if swap is not None:
         manifest["swappable"] = swap
     (folder / RUNNER_SPEC).write_text(runner_spec(manifest))
@@ -353,4 +374,4 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
     return manifest
 
 
-__all__ = ["ATOL", "MIN_COSINE", "export_executorch", "lower", "non_delegated_ops"]
+__all__ = ["export_executorch", "lower"]

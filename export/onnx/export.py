@@ -48,6 +48,10 @@ from typing import Any
 import onnx
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from crisp_edge._version import __version__
+from crisp_edge.errors import ConfigError
 from crisp_edge.export.bundle import (
     MANIFEST,
     MODES,
@@ -83,6 +87,9 @@ from crisp_edge.export.onnx.optimum import (
     export_with_optimum,
     resolve_exporter,
 )
+from crisp_edge.export.onnx.quantize import MODES as QUANT_MODES
+from crisp_edge.export.onnx.quantize import quantize_graph
+from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.reference import (
     reference_inputs,
     reference_outputs,
@@ -90,11 +97,8 @@ from crisp_edge.export.parity.reference import (
     resolve_reference,
     write_reference,
 )
-from crisp_edge.export.parity.validate import ATOL_FP32, MIN_COSINE, validate_bundle
-from torch import nn
-
-from crisp_edge._version import __version__
-from crisp_edge.errors import ConfigError
+from crisp_edge.export.parity.validate import validate_bundle
+from crisp_edge.export.quantize import SCHEMES, check_scheme, quantize_record
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import atomic_write_json
 from crisp_edge.files.mixers import MixerFile, apply_mixers_, model_layout
@@ -189,11 +193,17 @@ def _io_record(graph: onnx.GraphProto, names: list[str], outputs: bool = False) 
     return out
 
 
+def _tolerance_record(mode: str, quantize: str | None) -> dict[str, Any]:
+    dtype = "float32" if quantize is None else SCHEMES[quantize]["dtype"]
+    tol = tolerance_for("onnxruntime", mode, dtype)
+    return {"atol": tol.atol, "min_cosine": tol.min_cosine, "dtype": dtype, "reason": tol.reason}
+
+
 def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "swappable",
                 example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
                 tasks: Sequence[str | os.PathLike | MixerFile] = (), opset: int = DEFAULT_OPSET,
                 overwrite: bool = False, threads: int = 1, reference_device: str = "auto",
-                reference_dtype: str = "float32", exporter: str = "torch") -> OnnxBundle:
+                reference_dtype: str = "float32", exporter: str = "torch", quantize: str | None = None) -> OnnxBundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ONNX bundle at ``out_dir``.
 
     Args:
@@ -209,6 +219,9 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         reference_dtype: "float32" or "float64" (a tighter reference); recorded in the manifest.
         exporter: "torch" (TorchScript, every model and mode), "optimum" (Hugging Face ViT / LLaMA,
             dense only; integer token inputs supported) or "auto" (see the module docstring).
+        quantize: None (float32) or "int8" (``crisp_edge.export.quantize``: int8 per-channel weights,
+            dynamic int8 activations, by ONNX Runtime's ``quantize_dynamic``; dense mode), recorded in the
+            manifest; parity then uses the int8 tolerance.
 
     Returns the validated ``OnnxBundle``; raises ``ParityError`` if ORT disagrees with PyTorch.
     """
@@ -219,6 +232,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights; "
                           "apply_mixers_ and export that model instead).")
+    quantize = check_scheme(quantize, mode, "ONNX Runtime", QUANT_MODES)
     reference = resolve_reference(reference_device, reference_dtype)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -234,13 +248,13 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         names = list(example)
     mixers = task_mixers(model, tasks)
     return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, example, names, mixers, opset,
-                                                                 reference, optimum_export),
+                                                                 reference, optimum_export, quantize),
                            OnnxBundle, threads=threads, validate=validate_bundle)
 
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, names: list[str],
                   mixers: list[MixerFile], opset: int, reference: dict, optimum_export: OptimumExport | None = None,
-                  ) -> dict:
+                  quantize: str | None = None) -> dict:
     args = tuple(example[n] for n in names) if optimum_export is None else ()
     axes = {n: {0: BATCH_AXIS} for n in names}
     axes[OUTPUT_NAME] = {0: BATCH_AXIS}
@@ -285,6 +299,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
                 "task_semantics": "exported tensors, with the adapter's tensors replacing theirs"}
     written = save_onnx(proto, folder / "model.onnx")
     files.update({f: None for f in written})
+    quant = None if quantize is None else quantize_record(quantize, quantize_graph(folder / "model.onnx", quantize))
     models["model"] = {"file": "model.onnx", "inputs": names + ([] if swap is None else list(swap["weights"])),
                        "outputs": [OUTPUT_NAME]}
 
@@ -314,8 +329,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
         "arch": getattr(model, "crisp_arch", None), "models": models, "files": files,
         "inputs": _io_record(graph, names), "outputs": _io_record(graph, [OUTPUT_NAME], outputs=True),
         "dynamic_axes": {k: {str(a): v for a, v in d.items()} for k, d in axes.items()},
-        "tolerance": {"atol": ATOL_FP32, "min_cosine": MIN_COSINE, "dtype": "float32",
-                      "reason": "fp32 ONNX Runtime vs eager PyTorch: other kernels and summation order"},
+        "tolerance": _tolerance_record(mode, quantize),
         "reference": reference_record(names, [OUTPUT_NAME], len(cases), list(ref), **reference),
         "params": {"stored": stored, "stored_bytes_fp32": 4 * stored,
                    "crisp_groups": len(crisp_bases(model))},
@@ -323,6 +337,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
     }
     if swap is not None:
         manifest["swappable"] = swap
+    if quant is not None:
+        manifest["quantize"] = quant
     bundle = OnnxBundle(folder, manifest)
     manifest["params"]["weights_bytes"] = bundle.weights_bytes()
     atomic_write_json(folder / MANIFEST, manifest)

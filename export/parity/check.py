@@ -40,6 +40,7 @@ from crisp_edge.export.parity.compare import (
     compare,
     tolerance_for,
 )
+from crisp_edge.export.quantize import SCHEMES
 from crisp_edge.export.parity.reference import (
     DEFAULT_TASK,
     REFERENCE,
@@ -69,6 +70,9 @@ def _new_report(bundle: Any, runtime: str, *, source: str, atol: float | None, m
     mode = str(m.get("mode", ""))
     dtypes = set(_expected_dtypes(m).values()) or {"float32"}
     dtype = "float16" if "float16" in dtypes else "float32"
+    quant = m.get("quantize")
+    if isinstance(quant, dict) and quant.get("scheme") in SCHEMES:  # weights quantized: the scheme's tolerance
+        dtype = SCHEMES[quant["scheme"]]["dtype"]
     try:
         tol = tolerance_for(runtime, mode, dtype, recipe=m.get("recipe") if isinstance(m.get("recipe"), str) else None)
     except ConfigError:
@@ -330,6 +334,6 @@ def run_outputs(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None = 
     return out
 
 
-__all__ = ["ATOL_FP32", "MIN_COSINE", "REFERENCE", "RUNTIMES", "TOLERANCES", "Comparison", "Failure", "ParityReport",
+__all__ = ["ATOL_FP32", "MIN_COSINE", "REFERENCE", "Failure", "ParityReport",
            "Tolerance", "bundle_runtime", "check_bundle", "check_outputs", "compare", "load_device_outputs",
            "open_bundle", "recompute_reference", "run_outputs", "tolerance_for"]

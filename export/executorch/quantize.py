@@ -1,0 +1,42 @@
+"""Quantized ExecuTorch programs: the XNNPACK quantizer through PT2E (``torchao.quantization.pt2e``).
+
+``quantize_module(module, args, "int8")`` exports the module, annotates it with ExecuTorch's
+``XNNPACKQuantizer`` configured for int8 per-channel symmetric weights and dynamically quantized int8
+activations (``get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)``), runs it once
+on ``args`` (dynamic activations need no calibration statistics, but PT2E's observers want one pass)
+and converts it; the result lowers with the plain XNNPACK partitioner, which takes the quantized
+linears as XNNPACK's dynamically quantized fully-connected kernels.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+#: scheme -> the (mode, recipe) pairs ExecuTorch can run it in (see crisp_edge.export.quantize).
+MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",)}
+RECIPES: dict[str, tuple[str, ...]] = {"int8": ("xnnpack",)}
+
+
+def quantize_module(module: nn.Module, args: tuple, scheme: str) -> tuple[nn.Module, dict[str, Any]]:
+    """(the quantized graph module, the tool record for the manifest)."""
+    import executorch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    assert scheme == "int8", scheme  # the only scheme in MODES; check_scheme refuses the rest
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        graph = torch.export.export(module, args, strict=False).module()
+        graph = prepare_pt2e(graph, quantizer)
+        graph(*args)
+        graph = convert_pt2e(graph)
+    return graph, {"name": "XNNPACKQuantizer (PT2E)",
+                   "executorch": getattr(getattr(executorch, "version", None), "__version__", "unknown"),
+                   "config": "get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)"}
