@@ -70,28 +70,15 @@ def model_from_args(args: argparse.Namespace):
     return model
 
 
-def check_writable_folder(path: str | None, what: str = "--out") -> None:
-    """Refuse an output folder that cannot be written (before any work is done): a file in its place, or
-    a parent that cannot be created or written."""
-    import os
-    from pathlib import Path
-
-    if not path:
-        return
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{what} {folder} is a file, not a folder; choose another path.")
-    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {folder}: {probe} cannot be written; choose a writable path.")
-
-
 def cmd_retrofit(args: argparse.Namespace) -> int:
     from crisp_edge.files.checkpoint import save_checkpoint
     from crisp_edge.training.retrofit import retrofit_
 
+    from crisp_edge.files.io import check_writable
+
     config = _config_from_args(args)
-    check_writable_folder(args.out)
+    if args.out:
+        check_writable(args.out, ConfigError, folder=True, what="--out")
     model = model_from_args(args)
     report = retrofit_(model, config, method=args.method, refine_steps=args.refine_steps, steps=args.steps,
                        progress=not args.no_progress)
