@@ -82,6 +82,7 @@ from crisp_edge.export.onnx.optimum import (
     OptimumExport,
     export_with_optimum,
     resolve_exporter,
+    write_hf_configs,
 )
 from crisp_edge.export.parity.reference import (
     reference_inputs,
@@ -285,6 +286,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
                 "task_semantics": "exported tensors, with the adapter's tensors replacing theirs"}
     written = save_onnx(proto, folder / "model.onnx")
     files.update({f: None for f in written})
+    if mode == "dense":  # a plain model.onnx: with its HF config files, optimum's ORTModelFor... loads the bundle
+        files.update({f: None for f in write_hf_configs(model, folder)})
     models["model"] = {"file": "model.onnx", "inputs": names + ([] if swap is None else list(swap["weights"])),
                        "outputs": [OUTPUT_NAME]}
 
