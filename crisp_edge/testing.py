@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from crisp_edge.models.outputs import logits_of
 from crisp_edge.models.sources import build_model
 
 #: The timm toy's source record (what a checkpoint stores to rebuild it): 16x16 grey images, 4 tokens + CLS.
@@ -85,8 +86,7 @@ def example_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str,
 
 def forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``model(**inputs)`` as one tensor (the logits of Hugging Face outputs)."""
-    out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
+    return logits_of(model(**inputs))
 
 
 def make_task_file(model: nn.Module, path: str | Path, task: str = "task1", seed: int = 1, num_classes: int = 3,

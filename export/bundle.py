@@ -344,12 +344,11 @@ def write_validated(out_dir: Path, write: Any, make_bundle: Any, *, threads: int
     and only then move it into place (replacing an old bundle).
     Any failure removes the temporary folder: ``out_dir`` holds the old bundle or the new, never half."""
     import shutil
-    import tempfile
 
-    from crisp_edge.files.io import atomic_write_json
+    from crisp_edge.files.io import atomic_write_json, make_temp_dir
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         manifest = write(tmp)
         if validate is not None:

@@ -11,6 +11,7 @@ from crisp_edge.export.parity.reference import REFERENCE_BATCHES
 from torch import nn
 
 from crisp_edge.errors import ConfigError
+from crisp_edge.models.outputs import logits_of
 
 #: The name of the single output of every exported graph / program.
 OUTPUT_NAME = "logits"
@@ -24,8 +25,7 @@ class _Forward(nn.Module):
         self.model, self.input_names = model, list(input_names)
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        out = self.model(**dict(zip(self.input_names, xs)))
-        return out if isinstance(out, torch.Tensor) else out.logits
+        return logits_of(self.model(**dict(zip(self.input_names, xs))))
 
 
 def _example_inputs(model: nn.Module, example_input: Any) -> dict[str, torch.Tensor]:

@@ -1,33 +1,62 @@
-"""crisp-edge adapt: train a task's mixers (bases frozen) and write its mixer file."""
+"""crisp-edge adapt: train a task's mixers (bases frozen) and write its mixer file.
+
+    crisp-edge adapt ckpt/ --data my-images/ --val-fraction 0.1 --out mine.mixers.safetensors
+    crisp-edge adapt ckpt/ --task mnist                      # a built-in task
+"""
 from __future__ import annotations
 
 import argparse
 
+from crisp_edge.cli.data_args import add_data_arguments
 from crisp_edge.training.adapt import AdaptConfig
 
 _ADAPT = AdaptConfig()  # the library's defaults are the command's defaults
 
+
 def cmd_adapt(args: argparse.Namespace) -> int:
     import torch
 
-    from crisp_edge.data.tasks import load_task
+    from crisp_edge.cli.data_args import load_train_val, task_name
+    from crisp_edge.data.input_spec import input_spec_of
+    from crisp_edge.errors import ConfigError
     from crisp_edge.files.checkpoint import load_checkpoint
+    from crisp_edge.files.io import check_writable
     from crisp_edge.files.mixers import read_mixers, save_mixers
     from crisp_edge.training.adapt import adapt_
     from crisp_edge.training.loop import TrainConfig
 
-    data = load_task(args.task, seed=args.seed, train_limit=args.train_limit)
-    model = load_checkpoint(args.checkpoint)
+    if (args.task is None) == (args.data is None):
+        raise ConfigError("pass --data PATH (your data) or --task NAME (a built-in task: mnist | digits | fmnist5).")
+    if args.task is not None and (args.val is not None or args.val_fraction is not None):
+        raise ConfigError("--val and --val-fraction go with --data; a built-in task has its own test split.")
+    name = args.name or args.task or task_name(args.data)
+    out = args.out or f"{name}.mixers.safetensors"
+    check_writable(out, ConfigError, what="--out")  # before training: a failed write would lose the result
     config = AdaptConfig(train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
                          mixer_lr=args.lr, head_lr=args.head_lr, train_head=not args.no_head,
                          train_biases=args.train_biases)
-    report = adapt_(model, data.x_train, data.y_train, num_classes=data.task.num_classes, config=config,
-                    eval_data=(data.x_test, data.y_test), progress=not args.no_progress)
-    out = args.out or f"{args.task}.mixers.safetensors"
-    save_mixers(model, out, task=args.task, head=not args.no_head, biases=args.train_biases,
-                storage_dtype=torch.float16 if args.fp16 else None, labels=list(data.task.class_names))
+    model = load_checkpoint(args.checkpoint)
+    if args.task is not None:
+        from crisp_edge.data.labeled import LabeledData
+        from crisp_edge.data.tasks import load_task
+
+        data = load_task(args.task, seed=args.seed, train_limit=args.train_limit)
+        names = tuple(data.task.class_names)
+        train = LabeledData(data.x_train, data.y_train, class_names=names, source=f"task {args.task} (train)")
+        val = LabeledData(data.x_test, data.y_test, class_names=names, source=f"task {args.task} (test)")
+    else:
+        spec = input_spec_of(model)
+        train, val = load_train_val(args, spec, max_items=args.train_limit, progress=not args.no_progress)
+        print(f"data: {train.describe()}; validation: {len(val):,} examples ({spec.describe()})")
+    num_classes = None if args.no_head else train.num_classes  # --no-head: labels must fit the model's head
+    report = adapt_(model, train, num_classes=num_classes, config=config, eval_data=val,
+                    progress=not args.no_progress)
+    labels = list(train.class_names) if train.class_names else None
+    save_mixers(model, out, task=name, head=not args.no_head, biases=args.train_biases,
+                storage_dtype=torch.float16 if args.fp16 else None, labels=labels)
     mf = read_mixers(out)
-    print(f"task {args.task}: test accuracy {100 * report.accuracy:.2f}% on {len(data.x_test):,} images "
+    split = "test" if args.task is not None else "validation"
+    print(f"task {name}: {split} accuracy {100 * report.accuracy:.2f}% on {len(val):,} examples "
           f"after {args.epochs} epochs ({report.history.seconds_per_epoch:.1f} s/epoch)")
     print("trainable: " + ", ".join(f"{k} {v:,}" for k, v in report.trainable.items())
           + f" (total {report.trainable_total:,}); bases unchanged: {report.bases_unchanged}")
@@ -38,8 +67,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     a = subparsers.add_parser("adapt", help="train a task's mixers (bases frozen) and write its mixer file")
     a.add_argument("checkpoint", help="a CRISP checkpoint folder (from `crisp-edge retrofit`)")
-    a.add_argument("--task", required=True, help="mnist | digits | fmnist5")
-    a.add_argument("--out", help="mixer file to write (default: TASK.mixers.safetensors)")
+    add_data_arguments(a, what="your task's training data")
+    a.add_argument("--task", help="a built-in task instead of --data: mnist | digits | fmnist5")
+    a.add_argument("--name", help="the task's name in the mixer file (default: --task, or the data's folder/file name)")
+    a.add_argument("--out", help="mixer file to write (default: NAME.mixers.safetensors)")
     a.add_argument("--epochs", type=int, default=_ADAPT.train.epochs)
     a.add_argument("--batch-size", type=int, default=_ADAPT.train.batch_size)
     a.add_argument("--lr", type=float, default=_ADAPT.mixer_lr, help="mixer learning rate")
@@ -48,7 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--train-biases", action="store_true", help="also train the CRISP layers' biases")
     a.add_argument("--fp16", action="store_true", help="store the mixer file in float16")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--train-limit", type=int, default=None, help="train on the first N training images only")
+    a.add_argument("--train-limit", type=int, default=None, help="train on the first N training examples only")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=cmd_adapt)
     return a

@@ -8,8 +8,11 @@ joins the process group (NCCL on CUDA, else gloo), distillation runs data-parall
 alone writes the checkpoint and prints.
 
 The teacher is a CRISP checkpoint folder (or ``fmnist-vit``: the embedded ViT retrofitted at full
-capacity). Distillation data: a seeded random slice (``--fraction``) of the Fashion-MNIST training
-split, so the model must take 28x28 grey images. Listed in ``crisp_edge.cli.main.VERBS``.
+capacity). Distillation data: ``--data PATH`` (images or tensors your model takes, read with its own
+input spec; labels optional), else, for a model that takes the embedded ViT's 28x28 grey images, a seeded
+random slice (``--fraction``) of the Fashion-MNIST training split. ``--no-distill`` needs no data at
+all. Accuracy: ``--val PATH`` (labelled), or ``--eval`` (Fashion-MNIST test, embedded-ViT inputs only).
+Listed in ``crisp_edge.cli.main.VERBS``.
 """
 from __future__ import annotations
 
@@ -87,36 +90,60 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace, rank: int) -> int:
-    import torch
-
     from crisp_edge.data.fashion_mnist import load_fashion_mnist
     from crisp_edge.files.checkpoint import save_checkpoint
     from crisp_edge.training.compress.distill import DistillConfig
     from crisp_edge.training.compress.vit import compress_vit
     from crisp_edge.training.evaluate import accuracy, predict
 
+    from crisp_edge.data.formats import load_dataset
+    from crisp_edge.data.input_spec import KNOWN_SPECS, input_spec_of
+    from crisp_edge.errors import DataError
+    from crisp_edge.files.io import check_writable
+    from crisp_edge.models.sources import EMBEDDED_VIT_NAME
+
     out = Path(args.out)
-    if rank == 0 and out.exists() and any(out.iterdir()) and not args.overwrite:
+    if rank == 0 and out.exists() and out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace the checkpoint in it.")
+    check_writable(out, ConfigError, folder=True, what="--out")
     teacher = load_teacher(args.source)
-    x, _, _ = distillation_slice(args.fraction, args.seed)
-    shape = tuple(x.shape[1:])
-    try:
-        with torch.no_grad():
-            teacher(x[:2])
-    except Exception as e:  # noqa: BLE001 - any shape error of the model's forward
-        raise ConfigError(f"the teacher does not take Fashion-MNIST images {shape} ({type(e).__name__}: "
-                          f"{str(e)[:120]}); `compress` distils on Fashion-MNIST, use the Python API "
-                          "(crisp_edge.training.compress.compress_vit) with your own data.") from None
+    spec = input_spec_of(teacher)
+    # models that take the embedded ViT's 28x28 grey images get Fashion-MNIST as before
+    fmnist_inputs = spec.kind == "image" and spec.shape == KNOWN_SPECS[EMBEDDED_VIT_NAME][1].shape
+    val = None
+    if args.val is not None:
+        val = load_dataset(args.val, spec, progress=not args.no_progress)
+    if args.eval and not fmnist_inputs:
+        raise DataError(f"--eval evaluates on Fashion-MNIST, but the model takes {spec.describe()}; pass --val PATH "
+                        "(labelled data in your model's form) instead.")
+    if args.data is not None:
+        data = load_dataset(args.data, spec, labels="optional", progress=not args.no_progress)
+        x, dataset = data.x, {"dataset": str(args.data), "examples": len(data)}
+        if x is None or not x.is_floating_point():
+            raise DataError(f"{args.data}: `compress` distils vision models on images; use compress-llm for text.")
+    elif args.no_distill:
+        x, dataset = None, None  # data-free: the SVD init alone, ranks from the weights
+    elif fmnist_inputs:
+        x, _, _ = distillation_slice(args.fraction, args.seed)
+        dataset = {"dataset": "fashion-mnist/train", "fraction": args.fraction, "images": len(x), "seed": args.seed}
+    else:
+        raise DataError(f"compress distils on inputs the model takes ({spec.describe()}, {spec.source}): pass --data "
+                        "PATH (an image folder, flat or in class subfolders, or a .safetensors / .npz with x; labels "
+                        "optional), or --no-distill for the data-free SVD init.")
     config = DistillConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda_kl=args.lambda_kl,
                            lambda_feat=args.lambda_feat, seed=args.seed)
     student, report = compress_vit(teacher, args.keep, x, method=args.method, init=args.init, config=config,
                                    distill=not args.no_distill, progress=not args.no_progress)
     if rank != 0:
         return 0
-    extra = {"compress": report.to_dict() | {"data": {"dataset": "fashion-mnist/train", "fraction": args.fraction,
-                                                      "images": len(x), "seed": args.seed}}}
+    extra = {"compress": report.to_dict() | {"data": dataset}}
     print(report.format())
+    if val is not None:
+        acc_t = accuracy(predict(teacher, val.x), val.y)
+        acc_s = accuracy(predict(student, val.x), val.y)
+        extra["compress"]["eval"] = {"data": str(args.val), "examples": len(val), "teacher_accuracy": acc_t,
+                                     "student_accuracy": acc_s}
+        print(f"{args.val} ({len(val):,} examples): teacher {acc_t:.2%}, compressed {acc_s:.2%}")
     if args.eval:
         xt, yt = load_fashion_mnist("test", limit=args.eval_limit)
         acc_t = accuracy(predict(teacher, xt), yt)
@@ -139,15 +166,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="folder for the compressed checkpoint")
     c.add_argument("--method", default="greedy", choices=["uniform", "greedy"], help="rank allocation (default greedy)")
     c.add_argument("--init", default="svd", choices=["svd", "random"], help="student init (default svd, Alg. 4)")
+    c.add_argument("--data", help="distillation inputs your model takes: an image folder (flat or in class "
+                                  "subfolders) or a .safetensors / .npz with x; labels optional")
+    c.add_argument("--val", help="labelled data to report the teacher's and the student's accuracy on")
     c.add_argument("--fraction", type=_fraction, default=0.03,
-                   help="fraction of the Fashion-MNIST training split used for distillation (default 0.03)")
+                   help="without --data: the fraction of the Fashion-MNIST training split to distil on (default 0.03)")
     c.add_argument("--epochs", type=int, default=4)
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--lr", type=float, default=2e-3)
     c.add_argument("--lambda-kl", type=float, default=1.0)
     c.add_argument("--lambda-feat", type=float, default=0.2)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--no-distill", action="store_true", help="stop after the SVD init (data-free, 'mimicry only')")
+    c.add_argument("--no-distill", action="store_true",
+                   help="stop after the SVD init (data-free, 'mimicry only'; with --data, ranks still use it)")
     c.add_argument("--eval", action="store_true", help="report teacher and student accuracy on the test split")
     c.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
     c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")

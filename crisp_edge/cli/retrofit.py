@@ -47,14 +47,39 @@ def _config_from_args(args: argparse.Namespace) -> CrispConfig:
     return CrispConfig(default=default, roles=roles, targets=targets)
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and where its weights come from (shared by retrofit and pipeline)."""
+    p.add_argument("model", help="fmnist-vit | timm:<name> (also timm:local-dir:DIR, timm:hf-hub:ID) | a local "
+                                 "Hugging Face model folder | a .gguf file")
+    p.add_argument("--weights", help="timm:<name>: a weights file (.safetensors, or .pth/.pt read with weights_only)")
+    p.add_argument("--model-arg", action="append", metavar="NAME=VALUE",
+                   help="timm:<name>: a keyword argument of timm.create_model, e.g. num_classes=7 (repeatable)")
+    p.add_argument("--random-init", action="store_true",
+                   help="build the architecture with random weights, on purpose (tests, benchmarks)")
+
+
+def model_from_args(args: argparse.Namespace):
+    """The plain model the arguments name, with its weights; says on stderr where they came from."""
+    from crisp_edge.models.sources import create_model
+    from crisp_edge.models.weights import describe_origin, origin_of, parse_model_args
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model = create_model(args.model, weights=args.weights, model_args=parse_model_args(args.model_arg),
+                         random_init=args.random_init)
+    print(f"  {describe_origin(origin_of(model))}", file=sys.stderr)
+    return model
+
+
 def cmd_retrofit(args: argparse.Namespace) -> int:
     from crisp_edge.files.checkpoint import save_checkpoint
-    from crisp_edge.models.sources import create_model
     from crisp_edge.training.retrofit import retrofit_
 
+    from crisp_edge.files.io import check_writable
+
     config = _config_from_args(args)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = create_model(args.model)
+    if args.out:
+        check_writable(args.out, ConfigError, folder=True, what="--out")
+    model = model_from_args(args)
     report = retrofit_(model, config, method=args.method, refine_steps=args.refine_steps, steps=args.steps,
                        progress=not args.no_progress)
     print(report.format())
@@ -66,7 +91,7 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     r = subparsers.add_parser("retrofit", help="convert a model to CRISP form and fit it to its weights")
-    r.add_argument("model", help="fmnist-vit | timm:<name> | a local Hugging Face model folder")
+    add_model_arguments(r)
     r.add_argument("--out", help="checkpoint folder to write")
     r.add_argument("--config", help="a CRISP config JSON file (overrides the flags below)")
     r.add_argument("--s", type=int, default=4, help="mixer width s (must divide d_in*d_out; default 4)")

@@ -2,7 +2,8 @@
 code from the files (safetensors + JSON only) and checks everything it can before using the tensors.
 
 ``crisp.json`` records the format version, the architecture spec, the CRISP config, how to rebuild
-the plain architecture (its "source"), the group layout, every tensor's shape and dtype, and the
+the plain architecture (its "source"), where its pretrained weights came from (its "origin": kind,
+name, arguments, and the weight files with their SHA-256), the group layout, every tensor's shape and dtype, and the
 SHA-256 of the weights file (which catches truncated or modified files).
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from crisp_edge.method.convert import (
 )
 from crisp_edge.method.specs import get_architecture
 from crisp_edge.models.sources import build_model, source_of
+from crisp_edge.models.weights import ORIGIN_ATTR, origin_of
 
 CHECKPOINT_FORMAT = "crisp-edge/checkpoint"
 CHECKPOINT_VERSION = 1
@@ -47,7 +49,7 @@ _STAGED_SUFFIX = ".staged"
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict | None = None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, origin: dict | None = None) -> Path:
     """Write ``model`` (a CRISP model) to the folder ``path``; returns the folder.
 
     Args:
@@ -55,6 +57,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict |
             made by ``crisp_edge.models.sources`` and Hugging Face models know it). Without one, loading
             needs ``load_checkpoint(path, model=<plain model>)``.
         extra: JSON-serialisable notes to keep (e.g. a retrofit report).
+        origin: where the pretrained weights came from (kind, name, arguments, files with SHA-256);
+            defaults to what ``model`` records (``crisp_edge.models.weights.origin_of``).
     """
     if not is_crisp(model):
         raise CheckpointError("model has no CRISP layers; run retrofit_ or convert_ before save_checkpoint.")
@@ -75,6 +79,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict |
         "arch": model.crisp_arch,
         "config": model.crisp_config.to_dict(),
         "source": source if source is not None else source_of(model),
+        "origin": origin if origin is not None else (origin_of(model) or _python_origin(model)),
         "groups": group_layout(model),
         "weights": {"file": WEIGHTS_FILE, "bytes": len(data), "sha256": sha256_bytes(data)},
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()},
@@ -83,6 +88,14 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict |
     folder = Path(path)
     _write_folder(folder, data, meta)
     return folder
+
+
+def _python_origin(model: nn.Module) -> dict[str, Any]:
+    """What can be said of a model built in Python without ``create_model``: its class and, for timm,
+    the architecture its pretrained config names (a hint for the error that asks for a source)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return {"kind": "python", "class": type(model).__name__, "files": [], **({"timm_architecture": arch} if arch else {})}
 
 
 def _write_folder(folder: Path, data: bytes, meta: dict[str, Any]) -> None:
@@ -154,6 +167,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> 
         raise CheckpointError("load_checkpoint needs the plain architecture; the model given is already CRISP.")
     _convert_checked_(model, config, meta, tensors, folder)
     model.load_state_dict(tensors, strict=True)
+    if isinstance(meta.get("origin"), dict):  # kept when the model is compressed and saved again
+        setattr(model, ORIGIN_ATTR, meta["origin"])
     return model.eval()
 
 
@@ -212,9 +227,16 @@ def _check_source(meta: dict[str, Any], tensors: dict[str, torch.Tensor], folder
     where = folder / META_FILE
     source = meta.get("source")
     if not source:
+        origin = meta.get("origin") if isinstance(meta.get("origin"), dict) else {}
+        arch = origin.get("timm_architecture")
+        name = repr(arch) if isinstance(arch, str) else "'NAME'"
         raise CheckpointError(
-            f"{folder} does not record how to build its architecture; pass the plain model: "
-            "load_checkpoint(path, model=timm.create_model(...))."
+            f"{folder} does not record how to build its architecture (its model was built in Python"
+            f"{', a timm ' + name if arch else ''}). In Python, load it with load_checkpoint(path, model=<the plain "
+            f"model>); to make it usable from the command line, save it again with its source: "
+            f"save_checkpoint(model, path, source={{'library': 'timm', 'name': {name}, 'kwargs': {{<the arguments "
+            f"you gave timm.create_model>}}}}), or build the model with crisp_edge.create_model('timm:' + {name}, "
+            "weights=..., model_args={...}) before retrofitting (it records its source)."
         )
     library = source.get("library") if isinstance(source, dict) else None
     if not isinstance(library, str) or library not in _SOURCE_FIELDS:

@@ -36,6 +36,51 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def check_writable(path: str | os.PathLike, error: type[CrispEdgeError], *, folder: bool = False,
+                   what: str = "output") -> Path:
+    """Refuse an output path that cannot be written, before any work is done (training that ends in a
+    failed write loses its result): a folder where a file goes (or the reverse), or a nearest existing
+    folder in which no file can be created (tried with a temporary file, removed at once: permission
+    bits do not tell for root, read-only mounts or /proc). Returns the path."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise error(f"{what} {path} is {'a file' if folder else 'a folder'}; give a {'folder' if folder else 'file'} path.")
+    start = path if folder and path.exists() else path.parent
+    ancestor = next((p for p in (start, *start.parents) if p.exists()), Path("."))
+    if not ancestor.is_dir():
+        raise error(f"{what} {path}: {ancestor} is a file, so no folder can be made under it; choose another path.")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor, prefix=".crisp-edge-write-check."):
+            pass
+    except OSError as e:
+        raise error(f"{what} {path}: nothing can be written in {ancestor} ({e.strerror or e}); choose another path.") \
+            from None
+    return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``); elsewhere
+    set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: Path, prefix: str, suffix: str = ".tmp") -> Path:
+    """A fresh folder in ``parent`` (``tempfile.mkdtemp``: a unique name, no race) that gets the
+    permissions ``mkdir`` would give it (``0o777`` less the umask) rather than mkdtemp's ``0o700``: it
+    becomes a user's artifact folder once renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

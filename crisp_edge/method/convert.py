@@ -137,7 +137,27 @@ def convert_(model: nn.Module, config: CrispConfig | None = None, arch: str | Ar
     model.add_module(BASES_NAME, bases)
     model.crisp_config = config
     model.crisp_arch = spec.name
+    if hasattr(model, "save_pretrained"):  # a Hugging Face model: its own savers would lose the CRISP layers
+        for method in _HF_SAVERS:
+            model.__dict__[method] = _refuse_hf_save
     return model
+
+
+#: Hugging Face methods that write a model in transformers' format. A CRISP model's tensors
+#: (crisp_bases.*, *.crisp_mixer) have names transformers does not know: ``from_pretrained`` would
+#: re-initialise every converted linear at random, with only a log line. They are refused instead.
+_HF_SAVERS = ("save_pretrained", "push_to_hub")
+
+
+def _refuse_hf_save(*_args, **_kwargs):
+    from crisp_edge.errors import CheckpointError
+
+    raise CheckpointError(
+        "this is a CRISP model: save_pretrained / push_to_hub would write tensors that from_pretrained cannot "
+        "read (it would re-initialise every converted linear at random). Save it with "
+        "crisp_edge.save_checkpoint(model, path) and load it with crisp_edge.load_checkpoint(path); or, for a "
+        "plain Hugging Face model, fold the CRISP layers into dense linears first with crisp_edge.materialize_(model) "
+        "and then call save_pretrained.")
 
 
 def materialize_(model: nn.Module) -> nn.Module:
@@ -164,7 +184,7 @@ def restore_(model: nn.Module, originals: dict[str, nn.Module]) -> nn.Module:
         _set_submodule(model, name, module)
     if hasattr(model, BASES_NAME):
         delattr(model, BASES_NAME)
-    for attr in ("crisp_config", "crisp_arch"):
+    for attr in ("crisp_config", "crisp_arch", *_HF_SAVERS):
         model.__dict__.pop(attr, None)
     return model
 

@@ -64,7 +64,7 @@ def load_causal_lm(source: str | Path = SMOLLM2, dtype: torch.dtype = torch.floa
             raise ConfigError(f"cannot load GGUF {path}: {type(e).__name__}: {str(e)[:300]}. It must be a "
                               "GGUF of an architecture transformers reads (llama, mistral, qwen2, ...).") from None
     elif path.is_dir() and (path / "config.json").exists():
-        from crisp_edge.models.sources import load_hf_pretrained
+        from crisp_edge.models.weights import load_hf_pretrained
 
         model = load_hf_pretrained(path).to(dtype)
         try:

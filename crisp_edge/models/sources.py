@@ -2,11 +2,13 @@
 
 A checkpoint records *how to build* the plain architecture (its "source"), never code: either a timm
 model name with keyword arguments, or a Hugging Face config dictionary. ``build_model`` turns that
-record back into a randomly initialised module, offline.
+record back into a randomly initialised module, offline (a checkpoint then loads its own weights into
+it). ``create_model`` turns a name into a model *with* its pretrained weights (``weights.py``).
 """
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -80,42 +82,75 @@ def source_of(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def create_model(name: str) -> nn.Module:
-    """The plain model behind a name:
+def create_model(name: str, *, weights: str | os.PathLike | None = None, model_args: dict[str, Any] | None = None,
+                 random_init: bool = False) -> nn.Module:
+    """The plain model behind a name, with its pretrained weights (never random ones by accident):
 
     * ``"fmnist-vit"``: the embedded ViT with its trained weights;
-    * ``"timm:<model_name>"``: a timm architecture with random weights (no network);
+    * ``"timm:<name>"`` (also ``timm:local-dir:DIR`` / ``timm:hf-hub:ID``): timm's pretrained weights from
+      its caches (offline), or from ``weights`` (a .safetensors / .pth file); ``model_args`` are timm's
+      keyword arguments (``{"num_classes": 7, "img_size": 224}``); see ``crisp_edge.models.weights``;
     * a local Hugging Face model folder (``config.json`` + ``*.safetensors``): loaded with its
-      pretrained weights, offline, safetensors only.
+      pretrained weights, offline, safetensors only;
+    * a ``.gguf`` file (or ``"smollm2"``): a LLaMA-architecture causal LM (``causal_lm.load_causal_lm``).
+
+    ``random_init=True`` builds the architecture with random weights, on purpose (tests, benchmarks).
+    When no weights can be found a ConfigError lists the ways to give them. The model records how to
+    rebuild its architecture (``source_of``) and where its weights came from (``weights.origin_of``).
     """
-    if name == EMBEDDED_VIT_NAME:
-        return load_embedded_vit()
+    from crisp_edge.models import weights as w
+
+    model_args = dict(model_args or {})
     if name.startswith("timm:"):
-        return build_model({"library": "timm", "name": name[5:], "kwargs": {}})
-    if Path(name).is_dir() and (Path(name) / "config.json").exists():
-        return load_hf_pretrained(name)
-    raise ConfigError(
-        f"unknown model {name!r}: use {EMBEDDED_VIT_NAME!r}, 'timm:<name>' (e.g. timm:vit_small_patch16_224), "
-        "or a local Hugging Face model folder with config.json and safetensors weights."
-    )
+        if random_init:
+            if weights is not None:
+                raise ConfigError("--random-init and --weights contradict each other; pass one.")
+            prefix, arch, saved = w.timm_architecture(name[5:])
+            if prefix == "hf-hub":
+                raise ConfigError("--random-init needs an architecture name (timm:vit_small_patch16_224), not hf-hub:.")
+            model = build_model({"library": "timm", "name": arch, "kwargs": {**saved, **model_args}})
+            origin = {"kind": "random-init", "name": name, "kwargs": model_args, "files": []}
+        else:
+            model, source, origin = w.load_timm(name[5:], model_args, weights=weights)
+            setattr(model, SOURCE_ATTR, source)
+        setattr(model, w.ORIGIN_ATTR, origin)
+        return model
+    if weights is not None or model_args:
+        raise ConfigError(f"--weights and --model-arg apply to timm:<name> models; {name!r} carries its own weights "
+                          "and configuration (edit its config.json to change the architecture).")
+    path = Path(name)
+    if name == EMBEDDED_VIT_NAME:
+        model = load_embedded_vit() if not random_init else build_model(EMBEDDED_VIT_SOURCE)
+        with resources.as_file(embedded_vit_files() / "model.safetensors") as file:
+            files = [] if random_init else [w.file_record(file)]
+        origin = {"kind": "random-init" if random_init else "embedded", "name": name, "kwargs": {}, "files": files}
+    elif path.is_dir() and (path / "config.json").exists():
+        model = w.load_hf_pretrained(path, random_init=random_init)
+        setattr(model, SOURCE_ATTR, source_of(model))
+        files = [] if random_init else [w.file_record(p) for p in sorted(path.glob("*.safetensors"))]
+        origin = {"kind": "random-init" if random_init else "hf-folder", "name": str(path.resolve()), "kwargs": {},
+                  "files": files}
+    elif name == "smollm2" or (path.suffix.lower() == ".gguf"):
+        from crisp_edge.models.causal_lm import find_smollm2_gguf, load_causal_lm
 
-
-def load_hf_pretrained(folder: str | Path) -> nn.Module:
-    """A Hugging Face model saved locally (``save_pretrained``), offline and from safetensors only
-    (``use_safetensors=True`` refuses pickled ``.bin`` weights)."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    class_name = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, str(class_name), None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ConfigError(f"{folder}/config.json names no transformers model class (architectures={class_name!r}).")
-    try:
-        model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    except OSError as e:
-        raise ConfigError(f"cannot load {folder} (safetensors weights are required, pickle is refused): {e}") from None
-    setattr(model, SOURCE_ATTR, {"library": "transformers", "class": cls.__name__, "config": config.to_dict()})
-    return model.eval()
+        if random_init:
+            raise ConfigError("--random-init is not available for GGUF models; use a Hugging Face config folder.")
+        file = find_smollm2_gguf() if name == "smollm2" else path
+        model = load_causal_lm(file)[0]
+        setattr(model, SOURCE_ATTR, source_of(model))
+        origin = {"kind": "gguf", "name": name, "kwargs": {}, "files": [w.file_record(file)]}
+    else:
+        hint = ""
+        if path.is_file() and path.suffix.lower() in w.WEIGHT_SUFFIXES:
+            hint = f" A weights file goes with its architecture: timm:<architecture> --weights {name}."
+        elif path.is_dir():
+            hint = f" {name} has no config.json (a Hugging Face folder) ; for timm's folder format use timm:local-dir:{name}."
+        raise ConfigError(
+            f"unknown model {name!r}: use {EMBEDDED_VIT_NAME!r}, 'timm:<name>' (e.g. timm:vit_small_patch16_224 "
+            "--weights FILE), 'timm:local-dir:DIR', a local Hugging Face model folder with config.json and "
+            f"safetensors weights, or a .gguf file.{hint}")
+    setattr(model, w.ORIGIN_ATTR, origin)
+    return model
 
 
 def embedded_vit_files():

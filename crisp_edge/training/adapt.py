@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from crisp_edge.data.feed import feed
 from crisp_edge.errors import ConfigError
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.mixers import head_module
@@ -118,16 +120,23 @@ def mark_trainable_(model: nn.Module, *, head: bool = True, biases: bool = False
     return groups
 
 
-def adapt_(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int | None = None,
-           config: AdaptConfig | None = None, eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+def adapt_(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, num_classes: int | None = None,
+           config: AdaptConfig | None = None, eval_data: Any = None,
            progress: bool = True, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
            resume: bool = False) -> AdaptReport:
     """Adapt a CRISP model to a task in place: bases frozen, mixers (+ head, + biases) trained.
 
+        adapt_(model, x, y)                                # tensors
+        adapt_(model, load_dataset("images/", input_spec_of(model)), eval_data=val)
+        adapt_(model, my_dataloader)                       # a torch Dataset / DataLoader of (input, label)
+
     Args:
-        x, y: training inputs and integer labels.
-        num_classes: the task's class count; a new head is created when it differs from the model's.
-        eval_data: ``(x, y)`` evaluated after every epoch (the report's accuracy).
+        x, y: the training data: inputs and integer labels as tensors, or (``y`` omitted) anything
+            ``crisp_edge.data.feed.feed`` takes: a ``LabeledData``, a torch ``Dataset`` / ``DataLoader``,
+            an ``(x, y)`` pair or a data path. Checked against the model's ``InputSpec`` first.
+        num_classes: the task's class count; a new head is created when it differs from the model's
+            (default: the data's class count when it names its classes, else the model's head).
+        eval_data: evaluated after every epoch (the report's accuracy); the same forms as ``x``.
         checkpoint_dir, checkpoint_every, resume: keep the run's state and continue after a kill (see
             ``train_classifier``); resume with the same model, data and config.
     """
@@ -139,11 +148,17 @@ def adapt_(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: i
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}.")
     if not is_crisp(model):
         raise ConfigError("model has no CRISP layers; retrofit_ it before adapting.")
-    check_dataset(x, y)
-    check_inputs(model, x)
+    train = feed(x, y, model=model, what="training data")
+    x, y = train.x, train.y
     if eval_data is not None:
+        val = feed(eval_data, model=model, what="evaluation data", class_names=train.class_names)
+        eval_data = (val.x, val.y)
         check_dataset(*eval_data, what="evaluation data")
         check_inputs(model, eval_data[0], what="evaluation data")
+    check_dataset(x, y)
+    check_inputs(model, x)
+    if num_classes is None and train.class_names is not None:
+        num_classes = len(train.class_names)
     if num_classes is not None:
         found = head_module(model)
         if found is None or found[1].out_features != num_classes:

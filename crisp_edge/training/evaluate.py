@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from crisp_edge.models.outputs import logits_of
+
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500, progress: bool = False,
@@ -13,7 +15,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500, progress: 
     was_training = model.training
     model.eval()
     chunks = range(0, len(x), batch_size)
-    out = [model(x[i:i + batch_size]) for i in tqdm(chunks, desc=desc, disable=not progress, leave=False)]
+    out = [logits_of(model(x[i:i + batch_size])) for i in tqdm(chunks, desc=desc, disable=not progress, leave=False)]
     model.train(was_training)
     return torch.cat(out)
 

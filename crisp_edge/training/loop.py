@@ -26,6 +26,7 @@ from crisp_edge.files.run_state import (
     restore_optimizer_,
     save_run_state,
 )
+from crisp_edge.models.outputs import logits_of
 from crisp_edge.training.evaluate import accuracy, predict
 
 SCHEDULES = ("cosine", "constant")
@@ -233,7 +234,7 @@ def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor
                    initial=first_step if epoch == first_epoch else 0)
         for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
             idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=config.label_smoothing)
+            loss = F.cross_entropy(logits_of(model(x[idx])), y[idx], label_smoothing=config.label_smoothing)
             value = loss.item()
             if not math.isfinite(value):  # refused before the step, so the model keeps its last finite weights
                 raise ConfigError(f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {value}); "

@@ -63,7 +63,12 @@ class PipelineConfig:
         allocator: how the budget becomes per-role ranks ("greedy", the benchmark's winner at 50%, or "uniform").
         distill_fraction: the slice of the base training set used for distillation.
         distill_epochs: passes over that slice.
-        tasks: the transfer tasks to adapt (names from ``crisp_edge.data.tasks.TASKS``).
+        tasks: the built-in transfer tasks to adapt (names from ``crisp_edge.data.tasks.TASKS``; their
+            images are 28x28 grey, for models that take those).
+        data: your own tasks, ``(name, path)`` pairs: data in any form ``data.formats.load_dataset``
+            reads, with the model's own input spec; ``val_fraction`` of each is held out for validation.
+        distill_data: a path of distillation inputs (labels optional); default: Fashion-MNIST for models
+            that take 28x28 grey images, else the training inputs of ``data``'s tasks.
         adapt: how each task's mixers are trained.
         train_limit: use at most this many training images per task (quick runs); None = all.
         seed: seeds the distillation slice and the training runs.
@@ -78,6 +83,9 @@ class PipelineConfig:
     adapt: AdaptConfig = field(default_factory=lambda: AdaptConfig(train=TrainConfig(epochs=8, batch_size=64)))
     train_limit: int | None = None
     seed: int = 0
+    data: tuple[tuple[str, str], ...] = ()
+    val_fraction: float = 0.1
+    distill_data: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.crisp, CrispConfig):
@@ -99,6 +107,16 @@ class PipelineConfig:
             raise ConfigError(f"tasks must be distinct names from {sorted(TASKS)}, got {list(self.tasks)}.")
         if not isinstance(self.adapt, AdaptConfig):
             raise ConfigError(f"adapt must be an AdaptConfig, got {type(self.adapt).__name__}.")
+        if isinstance(self.data, (str, bytes)) or not all(
+                isinstance(d, (tuple, list)) and len(d) == 2 and all(isinstance(s, str) and s for s in d) for d in self.data):
+            raise ConfigError(f"data must be (task name, path) pairs, got {self.data!r}.")
+        names = [n for n, _ in self.data] + list(self.tasks)
+        if len(set(names)) != len(names):
+            raise ConfigError(f"task names must be distinct, got {names}.")
+        vf = self.val_fraction
+        if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {vf!r}.")
+        object.__setattr__(self, "data", tuple((str(n), str(p)) for n, p in self.data))
         tl = self.train_limit
         if tl is not None and (isinstance(tl, bool) or not isinstance(tl, int) or tl < 1):
             raise ConfigError(f"train_limit must be a positive integer or None, got {tl!r}.")
@@ -108,6 +126,10 @@ class PipelineConfig:
         d = asdict(self)
         d["crisp"] = self.crisp.to_dict()
         d["tasks"] = list(self.tasks)
+        d["data"] = [list(pair) for pair in self.data]
+        for key, default in (("data", []), ("val_fraction", 0.1), ("distill_data", None)):
+            if d[key] == default:  # settings added later: runs recorded before them still resume
+                del d[key]
         return d
 
 
@@ -139,9 +161,10 @@ class PipelineResult:
                          f"({r['seconds']:.1f} s)")
         c = self.stages.get("compress", {})
         if c and not c.get("skipped"):
+            acc = "" if c.get("accuracy") is None else \
+                f", accuracy {100 * c['accuracy']:.2f}% (teacher {100 * c['teacher_accuracy']:.2f}%)"
             lines.append(f"compress: kept {100 * c['kept_fraction']:.1f}% of the targeted weights "
-                         f"({c['stored']:,} stored numbers), accuracy {100 * c['accuracy']:.2f}% "
-                         f"(teacher {100 * c['teacher_accuracy']:.2f}%) ({c['seconds']:.0f} s)")
+                         f"({c['stored']:,} stored numbers){acc} ({c['seconds']:.0f} s)")
         tasks = self.stages.get("adapt", {}).get("tasks", {})
         if tasks:
             rows = [[t, f"{100 * v['accuracy']:.2f}%", f"{v['trainable']:,}", f"{v['bytes']:,} B"] for t, v in tasks.items()]
@@ -220,24 +243,25 @@ def run_pipeline(model: nn.Module, out_dir: str | Path, config: PipelineConfig |
         model: the pretrained model (not modified).
         out_dir: the run folder (created; resumed when it holds a run with the same settings).
         config: the run's settings (default: the embedded ViT's layout, 50% reduction, mnist + digits).
-        distill_data: images (and labels, used only for reporting) of the base task to distil on;
-            default: the Fashion-MNIST training split (the embedded model's own data), of which
-            ``config.distill_fraction`` is used.
-        eval_data: the base task's test set, to report the teacher's and the student's accuracy;
-            default: the Fashion-MNIST test split.
+        distill_data: inputs of the base task to distil on (a tensor, ``(x, y)``, a Dataset, ...; labels
+            unused), of which ``config.distill_fraction`` is used; default: ``config.distill_data``, else
+            the Fashion-MNIST training split for models that take 28x28 grey images, else the training
+            inputs of ``config.data``'s tasks.
+        eval_data: the base task's labelled test set, to report the teacher's and the student's
+            accuracy; default: the Fashion-MNIST test split with Fashion-MNIST distillation, else none.
+
+    Every task's data and the distillation inputs are read and checked against the model's own
+    ``InputSpec`` first: bad data is a DataError before any stage runs or any file is written.
         restart: delete the folder's earlier run and start over.
     Returns a ``PipelineResult``; the deployable checkpoint is ``result.checkpoint`` and the tasks
     ``result.mixer_files``.
     """
     config = config or PipelineConfig()
     folder = Path(out_dir)
+    # all data is read and checked against the model's input spec before the run folder is touched
+    tasks, distill_data, eval_data = _load_data(model, config, distill_data, eval_data, progress)
     run = _Run(folder, config, restart)
     result = PipelineResult(folder)
-    if distill_data is None or eval_data is None:
-        from crisp_edge.data.fashion_mnist import load_fashion_mnist
-
-        distill_data = distill_data or load_fashion_mnist("train")
-        eval_data = eval_data or load_fashion_mnist("test")
 
     # 1. retrofit at full capacity: the teacher
     ckpt = folder / "retrofit"
@@ -266,7 +290,7 @@ def run_pipeline(model: nn.Module, out_dir: str | Path, config: PipelineConfig |
         result.resumed.append("compress")
     else:
         log(f"[2/3] compress: keep {100 * config.keep_fraction:.0f}% of the targeted weights, distil on "
-            f"{100 * config.distill_fraction:.0f}% of the base training set")
+            f"{len(distill_data[0]):,} inputs ({100 * config.distill_fraction:.0f}% of them)")
         student, rec = _compress(teacher, config, distill_data, eval_data, progress)
         save_checkpoint(student, ckpt, source=source_of(model), extra={"compress": rec})
         run.record("compress", rec)
@@ -275,23 +299,74 @@ def run_pipeline(model: nn.Module, out_dir: str | Path, config: PipelineConfig |
     # 3. freeze the bases, adapt mixers (+ head) per task (Alg. 3)
     rec = dict(run.done("adapt") or {"tasks": {}})
     done = {t: r for t, r in rec["tasks"].items() if _mixer_ok(folder / r["file"])}
-    for i, name in enumerate(config.tasks):
+    for i, (name, (train, val)) in enumerate(tasks.items()):
         if name in done:
             result.resumed.append(f"adapt {name}")
             continue
-        log(f"[3/3] adapt task {name} ({i + 1}/{len(config.tasks)}): mixers + head, bases frozen")
-        data = load_task(name, seed=config.seed, train_limit=config.train_limit)
+        log(f"[3/3] adapt task {name} ({i + 1}/{len(tasks)}): mixers + head, bases frozen")
         task_model = copy.deepcopy(student)
-        rep = adapt_(task_model, data.x_train, data.y_train, num_classes=data.task.num_classes, config=config.adapt,
-                     eval_data=(data.x_test, data.y_test), progress=progress)
+        rep = adapt_(task_model, train, num_classes=train.num_classes, config=config.adapt, eval_data=val,
+                     progress=progress)
         rel = f"tasks/{name}.mixers.safetensors"
-        save_mixers(task_model, folder / rel, task=name, labels=list(data.task.class_names))
+        save_mixers(task_model, folder / rel, task=name,
+                    labels=list(train.class_names) if train.class_names else None)
         done[name] = {"file": rel, "accuracy": rep.accuracy, "trainable": rep.trainable_total,
                       "bytes": (folder / rel).stat().st_size, "bases_unchanged": rep.bases_unchanged,
                       "seconds": rep.history.seconds}
         run.record("adapt", {"tasks": dict(done)})
-    result.stages["adapt"] = {"tasks": {t: done[t] for t in config.tasks}}
+    result.stages["adapt"] = {"tasks": {t: done[t] for t in tasks}}
     return result
+
+
+def _load_data(model: nn.Module, config: PipelineConfig, distill_data, eval_data, progress: bool):
+    """``(tasks, distill_data, eval_data)``: every task's (train, validation) ``LabeledData`` and the
+    compression stage's inputs, read with the model's own ``InputSpec`` and checked against it, so bad
+    data or a task the model cannot take is an error before any stage runs or any file is written."""
+    from crisp_edge.data.feed import feed, model_spec
+    from crisp_edge.data.formats import load_dataset
+    from crisp_edge.data.labeled import LabeledData, split_validation
+    from crisp_edge.errors import DataError
+
+    spec = model_spec(model)
+    grey28 = spec is not None and spec.kind == "image" and spec.shape == (1, 28, 28)
+    tasks: dict[str, tuple[LabeledData, LabeledData]] = {}
+    for name in config.tasks:
+        if spec is not None and not grey28:
+            raise DataError(f"the built-in task {name!r} has 28x28 grey images but the model takes {spec.describe()} "
+                            f"({spec.source}); pass your own data for it (data=[(name, path)], --data PATH).")
+        d = load_task(name, seed=config.seed, train_limit=config.train_limit)
+        names = tuple(d.task.class_names)
+        tasks[name] = (LabeledData(d.x_train, d.y_train, class_names=names, source=f"task {name} (train)"),
+                       LabeledData(d.x_test, d.y_test, class_names=names, source=f"task {name} (test)"))
+    for name, path in config.data:
+        train = feed(path, model=model, what=f"task {name}", progress=progress)
+        if config.train_limit is not None and len(train) > config.train_limit:
+            train = train.subset(list(range(config.train_limit)))
+        tasks[name] = split_validation(train, config.val_fraction, seed=config.seed)
+    if config.keep_fraction is None:
+        return tasks, distill_data, eval_data
+    if distill_data is None and config.distill_data is not None:
+        d = load_dataset(config.distill_data, spec, labels="optional", progress=progress) if spec else None
+        distill_data = (d.x, d.y) if d is not None else None
+    elif distill_data is None and (grey28 or spec is None) and not config.data:
+        from crisp_edge.data.fashion_mnist import load_fashion_mnist
+
+        distill_data = load_fashion_mnist("train")
+        eval_data = eval_data or load_fashion_mnist("test")
+    elif distill_data is None and config.data:
+        distill_data = (torch.cat([tasks[n][0].x for n, _ in config.data]), None)
+    if distill_data is None:
+        raise DataError(f"compression distils on inputs the model takes ({spec.describe() if spec else 'unknown'}); "
+                        "give distill_data (--distill-data PATH) or your own task data (--data PATH), or "
+                        "keep_fraction=None (--keep 1) to skip compression.")
+    x = feed(distill_data[0] if isinstance(distill_data, tuple) else distill_data, model=model, labels="optional",
+             what="distillation data").x
+    from crisp_edge.training.loop import check_inputs
+
+    check_inputs(model, x, what="distillation data")
+    if eval_data is not None:
+        check_inputs(model, eval_data[0], what="evaluation data")
+    return tasks, (x, None), eval_data
 
 
 def _compress(teacher: nn.Module, config: PipelineConfig, distill_data, eval_data, progress: bool) -> tuple[nn.Module, dict]:
@@ -304,12 +379,15 @@ def _compress(teacher: nn.Module, config: PipelineConfig, distill_data, eval_dat
     idx = torch.randperm(len(x), generator=g)[: max(1, round(config.distill_fraction * len(x)))]
     t0 = time.perf_counter()
     student, report = compress_vit(teacher, config.keep_fraction, x[idx], method=config.allocator,
-                                   config=DistillConfig(epochs=config.distill_epochs, seed=config.seed),
+                                   config=DistillConfig(epochs=config.distill_epochs, seed=config.seed,
+                                                        batch_size=min(DistillConfig().batch_size, len(idx))),
                                    progress=progress)
     seconds = time.perf_counter() - t0
-    xe, ye = eval_data
+    acc = {"accuracy": None, "teacher_accuracy": None}
+    if eval_data is not None:
+        xe, ye = eval_data
+        acc = {"accuracy": accuracy(predict(student, xe), ye), "teacher_accuracy": accuracy(predict(teacher, xe), ye)}
     rec = {"checkpoint": "compressed", "keep_fraction": config.keep_fraction, "allocator": config.allocator,
-           "kept_fraction": report.kept_fraction, "stored": report.stored, "distill_images": len(idx),
-           "accuracy": accuracy(predict(student, xe), ye), "teacher_accuracy": accuracy(predict(teacher, xe), ye),
+           "kept_fraction": report.kept_fraction, "stored": report.stored, "distill_images": len(idx), **acc,
            "seconds": seconds, "peak_rss_mb": report.peak_rss_mb, "ranks": report.plan.role_ranks}
     return student, rec

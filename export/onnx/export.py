@@ -86,6 +86,7 @@ from crisp_edge.export.onnx.optimum import (
     OptimumExport,
     export_with_optimum,
     resolve_exporter,
+    write_hf_configs,
 )
 from crisp_edge.export.onnx.quantize import MODES as QUANT_MODES
 from crisp_edge.export.onnx.quantize import quantize_graph
@@ -300,6 +301,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
     written = save_onnx(proto, folder / "model.onnx")
     files.update({f: None for f in written})
     quant = None if quantize is None else quantize_record(quantize, quantize_graph(folder / "model.onnx", quantize))
+    if mode == "dense":  # a plain model.onnx: with its HF config files, optimum's ORTModelFor... loads the bundle
+        files.update({f: None for f in write_hf_configs(model, folder)})
     models["model"] = {"file": "model.onnx", "inputs": names + ([] if swap is None else list(swap["weights"])),
                        "outputs": [OUTPUT_NAME]}
 

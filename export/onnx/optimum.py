@@ -240,5 +240,41 @@ def export_with_optimum(model: nn.Module, example_input: Any = None, opset: int 
     return OptimumExport(proto, task, names, axes, cases, record)
 
 
+#: PIL resample codes, as Hugging Face image processors store them.
+_PIL_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def write_hf_configs(model: nn.Module, folder: Path) -> list[str]:
+    """Beside a dense ``model.onnx`` of a Hugging Face model: its ``config.json`` (the architecture
+    class named in ``architectures``) and, for image models whose preprocessing a ``ViTImageProcessor``
+    expresses exactly (resize straight to the model size, no crop), ``preprocessor_config.json``, so
+    optimum's ``ORTModelFor...from_pretrained(bundle)`` and ``AutoImageProcessor`` load the bundle as
+    it is. Returns the names written (none for models without a Hugging Face config)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_file") or not getattr(config, "model_type", None):
+        return []
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]
+    config.to_json_file(str(folder / "config.json"))
+    written = ["config.json"]
+    from crisp_edge.data.input_spec import input_spec_of
+    from crisp_edge.errors import CrispEdgeError
+
+    try:
+        spec = input_spec_of(model)
+    except CrispEdgeError:
+        return written
+    if spec.kind == "image" and spec.crop_mode == "squash" and spec.crop_pct == 1.0:
+        import transformers
+
+        processor = transformers.ViTImageProcessor(
+            do_resize=True, size={"height": spec.height, "width": spec.width},
+            resample=_PIL_CODES[spec.interpolation], do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+            image_mean=list(spec.mean), image_std=list(spec.std))
+        processor.save_pretrained(str(folder))
+        written.append("preprocessor_config.json")
+    return written
+
+
 __all__ = ["EXPORTERS", "OPTIMUM_TASKS", "OptimumExport", "export_with_optimum", "optimum_available", "optimum_task",
-           "resolve_exporter"]
+           "resolve_exporter", "write_hf_configs"]

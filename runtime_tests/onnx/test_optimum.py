@@ -178,3 +178,34 @@ def test_bad_inputs_are_refused_before_anything_is_written(llama, tmp_path):
     with pytest.raises(ExportError, match=r"float32 \[batch, 1, 16, 16\] tensor"):
         export_onnx(vit, tmp_path / "d", mode="dense", exporter="optimum", example_input=torch.zeros(2, 1, 24, 24))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exporter", ["optimum", "torch"])
+def test_dense_hf_bundles_carry_their_config_and_optimum_loads_them(tmp_path, exporter, llama_bundle):
+    """A dense bundle of a Hugging Face model holds config.json (+ preprocessor_config.json for the ViT),
+    hashed in the manifest; optimum's ORTModelForImageClassification loads the folder as it is and
+    gives the bundle's logits. The LLaMA bundle gets its config (no tokenizer is known: no processor)."""
+    import transformers
+    from crisp_edge.files.io import sha256_file
+
+    model = crisp_toy("hf-vit")
+    bundle = export_onnx(model, tmp_path / "vit", mode="dense", exporter=exporter)
+    files = bundle.manifest["files"]
+    for name in ("config.json", "preprocessor_config.json"):
+        assert files[name]["sha256"] == sha256_file(tmp_path / "vit" / name)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "vit")
+    assert config.architectures == ["ViTForImageClassification"] and config.num_labels == 3
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "vit")
+    assert processor.size == {"height": 16, "width": 16} and list(processor.image_mean) == [0.5]
+    from optimum.onnxruntime import ORTModelForImageClassification
+
+    ort_model = ORTModelForImageClassification.from_pretrained(tmp_path / "vit")
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = forward(model, {"pixel_values": x})
+    got = ort_model(pixel_values=x).logits
+    assert torch.as_tensor(got).shape == (2, 3) and (torch.as_tensor(got) - want).abs().max() < ATOL
+    assert "config.json" in llama_bundle.manifest["files"] and "preprocessor_config.json" not in llama_bundle.manifest["files"]
+    # swappable bundles hold more than one graph: no optimum config is claimed for them
+    swap = export_onnx(model, tmp_path / "swap", mode="swappable")
+    assert "config.json" not in swap.manifest["files"]

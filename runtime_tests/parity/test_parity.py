@@ -298,6 +298,14 @@ def test_ci_workflow_example_uses_the_real_command():
     assert any("--outputs" in c for c in calls)
     uses = [step.get("uses", "") for job in doc["jobs"].values() for step in job["steps"]]
     assert any("junit" in u for u in uses)
+    # every extra the install lines name (crisp-edge[all], ...) is one pyproject.toml declares
+    import tomllib
+
+    pyproject = tomllib.loads((path.parents[2] / "pyproject.toml").read_text())
+    extras = set(pyproject["project"]["optional-dependencies"])
+    named = {e.strip() for block in runs for group in re.findall(r"crisp-edge\[([^\]]*)\]", block)
+             for e in group.split(",")}
+    assert named and named <= extras, f"the workflow installs extras {sorted(named - extras)} that do not exist"
 
 
 def test_recomputed_reference_float64_from_checkpoint(model, bundle, tmp_path, capsys):

@@ -87,3 +87,27 @@ def test_hashes(tmp_path):
 def test_written_files_are_readable_by_others(tmp_path):
     atomic_write_bytes(tmp_path / "f.bin", b"x")  # not mkstemp's private 0600
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_bundle_folders_get_the_umask_permissions(tmp_path, umask):
+    """A bundle folder (made by write_validated through a temporary sibling) gets mkdir's permissions,
+    0o777 less the umask, not mkdtemp's 0o700; the files inside keep theirs."""
+    import os
+
+    from crisp_edge.export.bundle import write_validated
+    from crisp_edge.files.io import atomic_write_json, make_temp_dir
+
+    old = os.umask(umask)
+    try:
+        assert (make_temp_dir(tmp_path, prefix="x").stat().st_mode & 0o777) == 0o777 & ~umask
+
+        def write(folder):
+            atomic_write_json(folder / "manifest.json", {"ok": True})
+            return {"ok": True}
+
+        out = write_validated(tmp_path / "bundle", write, lambda folder, manifest: folder)
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert (out / "manifest.json").exists()

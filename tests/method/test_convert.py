@@ -242,3 +242,34 @@ def test_layers_of_one_group_must_share_a_shape():
     _, plans = plan_groups(Odd(), CrispConfig(default=RoleConfig(group_size=1), targets=("fc1",)), arch="timm-vit")
     assert [(p.key, p.d_out) for p in plans] == [("fc1_0_0", 16), ("fc1_1_1", 32)]
 
+
+
+def test_hugging_face_savers_refuse_a_crisp_model_and_work_after_materialize(tmp_path):
+    """save_pretrained on a CRISP HF model would reload with freshly initialised linears: it is refused
+    loudly; folded back to dense linears (materialize_) the model saves and reloads exactly."""
+    import copy
+
+    import transformers
+
+    from crisp_edge.errors import CheckpointError
+    from crisp_edge.method.config import CrispConfig, RoleConfig
+    from crisp_edge.method.convert import materialize_
+    from crisp_edge.testing import toy_model
+    from crisp_edge.training.retrofit import retrofit_
+
+    model = toy_model("hf-vit")
+    retrofit_(model, CrispConfig(default=RoleConfig(s=4, group_size=2)), progress=False)
+    for m in (model, copy.deepcopy(model)):
+        with pytest.raises(CheckpointError, match="crisp_edge.save_checkpoint.*materialize_"):
+            m.save_pretrained(tmp_path / "hf")
+        with pytest.raises(CheckpointError, match="CRISP model"):
+            m.push_to_hub("me/model")
+    assert not (tmp_path / "hf").exists()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        want = model(x).logits
+    materialize_(model)
+    model.save_pretrained(tmp_path / "hf")
+    back = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, want, rtol=1e-5, atol=1e-5)

@@ -61,7 +61,7 @@ def test_bad_sources(source, message):
 
 
 def test_create_model_names():
-    model = create_model("timm:vit_tiny_patch16_224")
+    model = create_model("timm:vit_tiny_patch16_224", random_init=True)  # no weights on this machine: on purpose
     assert type(model).__name__ == "VisionTransformer" and model.crisp_edge_source["name"] == "vit_tiny_patch16_224"
     with pytest.raises(ConfigError, match="unknown model 'nope'.*fmnist-vit.*timm:<name>"):
         create_model("nope")

@@ -49,6 +49,7 @@ from crisp_edge.method.specs import (
     get_architecture,
     resolve_blocks,
 )
+from crisp_edge.models.outputs import logits_of
 from crisp_edge.training.retrofit import _closed_form_
 
 INITS = ("svd", "random")
@@ -189,10 +190,6 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     return resolve_blocks(model, spec)
 
 
-def _logits(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 class _Features:
     """Collects every block's output on a forward pass (first element of tuple outputs)."""
 
@@ -286,9 +283,9 @@ def distill_(student: nn.Module, teacher: nn.Module, x: torch.Tensor, config: Di
                 idx = torch.tensor(order[step * local_bs:(step + 1) * local_bs])
                 xb = x[idx].to(device)
                 with torch.no_grad():
-                    t_logits = _logits(teacher(xb))
+                    t_logits = logits_of(teacher(xb))
                 t_out = t_feats.take()
-                s_logits = _logits(model(xb))
+                s_logits = logits_of(model(xb))
                 loss, _, _ = distill_loss(s_logits, t_logits, s_feats.take(), t_out, config)
                 if not torch.isfinite(loss):
                     raise ConfigError(f"the distillation loss became {float(loss.detach())} at step {report.steps}; "
@@ -339,8 +336,8 @@ def heldout_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, config
     try:
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
-            t_logits = _logits(teacher(xb))
-            s_logits = _logits(student(xb))
+            t_logits = logits_of(teacher(xb))
+            s_logits = logits_of(student(xb))
             loss, _, _ = distill_loss(s_logits, t_logits, s_feats.take(), t_feats.take(), config)
             total, count = total + float(loss) * len(xb), count + len(xb)
     finally:

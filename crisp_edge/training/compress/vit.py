@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from crisp_edge.errors import ConfigError
+from crisp_edge.errors import DataError
 from crisp_edge.method.budget import budget
 from crisp_edge.method.config import CrispConfig
 from crisp_edge.method.convert import is_crisp
@@ -28,6 +28,7 @@ from crisp_edge.training.compress.distill import (
     peak_rss_mb,
 )
 from crisp_edge.training.compress.ranks import RankPlan, allocate_ranks
+from crisp_edge.training.loop import check_inputs
 from crisp_edge.training.retrofit import retrofit_
 
 
@@ -63,7 +64,7 @@ class CompressReport:
                 f"{self.seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MiB")
 
 
-def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor, *, method: str = "greedy",
+def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | None, *, method: str = "greedy",
                  init: str = "svd", config: DistillConfig | None = None, crisp_config: CrispConfig | None = None,
                  calib: torch.Tensor | None = None, distill: bool = True, progress: bool = True,
                  eval_fn=None) -> tuple[nn.Module, CompressReport]:
@@ -73,7 +74,8 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor, *, m
         teacher: a full-capacity CRISP model, or a plain one (a retrofitted copy with ``crisp_config``,
             default ``CrispConfig()``, becomes the teacher; the argument itself is never changed).
         keep_fraction: kept fraction of the targeted dense weights, in (0, 1].
-        x: distillation inputs (e.g. a slice of the training images).
+        x: distillation inputs (e.g. a slice of the training images), checked against the model's input
+            spec first; may be None with ``distill=False`` (data-free: greedy then measures weight error).
         method: rank allocation, "greedy" (default: it won on the embedded ViT) or "uniform" (``allocate_ranks``).
         init: student init, "svd" (Alg. 4) or "random" (ablation).
         config: the distillation settings.
@@ -89,9 +91,13 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor, *, m
         teacher = copy.deepcopy(teacher)
         retrofit_(teacher, crisp_config or CrispConfig(), progress=False)
         notes.append("teacher: closed-form full-capacity retrofit of the given dense model")
-    if not isinstance(x, torch.Tensor) or len(x) == 0:
-        raise ConfigError("x must be a non-empty tensor of distillation inputs.")
-    if method == "greedy" and calib is None:
+    if x is not None or distill:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or len(x) == 0:
+            raise DataError("x must be a non-empty tensor of distillation inputs (distill=False needs none).")
+        check_inputs(teacher, x, what="distillation inputs")  # the model's own input spec, before any work
+    if calib is not None:
+        check_inputs(teacher, calib, what="calibration inputs")
+    if method == "greedy" and calib is None and x is not None:
         calib = x[:64]
     plan = allocate_ranks(teacher, keep_fraction, method, calib=calib)
     student = init_student(teacher, plan, init=init, seed=(config or DistillConfig()).seed)
