@@ -135,10 +135,23 @@ class _BufLinear(nn.Module):
 
 class _SwapProgram(nn.Module):
     """The dense architecture with CRISP weights (and the head) as buffers, the bases as constants, and
-    ``set_task`` rebuilding the buffers from task inputs. ``forward`` runs the model."""
+    ``set_task`` rebuilding the buffers from task inputs. ``forward`` runs the model.
 
-    def __init__(self, model: nn.Module, names: list[str], max_classes: int | None) -> None:
+    The task guard: ``set_task`` writes the bundle's tag into the buffer ``task_tag`` (zero in the
+    program's initial state); ``forward`` multiplies its output by ``index_select(ones(1), 0,
+    task_tag != tag)``, i.e. by 1 once a task is set. Before any ``set_task`` the index is 1, out of
+    range, and ExecuTorch's bounds-checked portable kernel fails the whole ``forward`` (error 0x12,
+    InvalidArgument, logged as "index[0] = 1 is out of range") instead of returning all-zero logits:
+    the plain ``Runtime.load_program(pte, data_path=ptd)`` / C++ ``Module(pte, ptd)`` path, which never
+    calls ``set_task``, fails loudly. (ExecuTorch 1.5.1 removes ``torch._assert_async`` and
+    ``aten._assert_scalar`` from programs in ``RemoveGraphAssertsPass``, so an assert op cannot do it.)
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], max_classes: int | None, tag: int = 0) -> None:
         super().__init__()
+        self.tag = int(tag)
+        self.register_buffer("task_tag", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("task_guard", torch.ones(1))
         dense = materialize_(copy.deepcopy(model))
         _unfuse_attention(dense)
         self.bases = nn.ParameterDict()
@@ -165,7 +178,8 @@ class _SwapProgram(nn.Module):
         self.fwd = _Forward(dense, names)
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return self.fwd(*xs)
+        unset = (self.task_tag != self.tag).long()  # 0 once set_task ran: the index is in range
+        return self.fwd(*xs) * torch.index_select(self.task_guard, 0, unset)
 
     def set_task(self, *inputs: torch.Tensor) -> torch.Tensor:
         for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
@@ -177,6 +191,7 @@ class _SwapProgram(nn.Module):
             head = self.fwd.model.get_submodule(self.head_path)
             head.weight.copy_(inputs[len(self.groups)])
             head.bias.copy_(inputs[len(self.groups) + 1])
+        self.task_tag.fill_(self.tag)
         return torch.zeros(1)
 
 
@@ -264,10 +279,10 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                 raise ConfigError(f"max_classes={cap} is smaller than a head to ship ({max(counts)} classes).")
             head = {"path": found[0], "in_features": found[1].in_features, "num_classes": found[1].out_features,
                     "max_classes": cap}
-        prog = _SwapProgram(model, names, head["max_classes"] if head else None).eval()
+        fp, layout = bases_fingerprint(model), model_layout(model)
+        prog = _SwapProgram(model, names, head["max_classes"] if head else None, bundle_tag(fp, layout)).eval()
         view = copy.copy(prog)
         view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
-        fp, layout = bases_fingerprint(model), model_layout(model)
         inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2],
                                                      crisp_bases(model)[key].s]}
                   for key, bkey, layers, *_ in prog.groups]
