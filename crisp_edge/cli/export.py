@@ -21,7 +21,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.target == "executorch":
         return _export_executorch(model, args)
     bundle = export_onnx(model, args.out, mode=args.mode, tasks=args.task or (), opset=args.opset,
-                         overwrite=args.overwrite, threads=args.threads, exporter=args.exporter)
+                         overwrite=args.overwrite, threads=args.threads, exporter=args.exporter,
+                         checkpoint=args.checkpoint)
     m = bundle.manifest
     p = m["params"]
     print(f"wrote {args.out}: {args.mode} ONNX bundle (opset {m['opset']}), weights {p['weights_bytes']:,} bytes "
@@ -39,7 +40,7 @@ def _export_executorch(model, args: argparse.Namespace) -> int:
 
     bundle = export_executorch(model, args.out, mode=args.mode, recipe=args.recipe, tasks=args.task or (),
                                example_input=example_inputs(model, batch=args.batch), max_classes=args.max_classes,
-                               overwrite=args.overwrite, threads=args.threads)
+                               overwrite=args.overwrite, threads=args.threads, checkpoint=args.checkpoint)
     m = bundle.manifest
     print(f"wrote {args.out}: {args.mode} ExecuTorch bundle ({args.recipe}, batch {m['batch']}), program "
           f"{m['params']['program_bytes']:,} bytes for {m['params']['stored']:,} stored parameters")

@@ -80,6 +80,7 @@ from crisp_edge.export.parity.reference import (
     resolve_reference,
     write_reference,
 )
+from crisp_edge.export.parity.task_reference import source_record
 from crisp_edge.export.parity.validate import validate_bundle
 from torch import nn
 
@@ -212,7 +213,7 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
                       example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
                       max_classes: int | None = None, overwrite: bool = False, threads: int = 1,
                       validate: bool = True, reference_device: str = "auto",
-                      reference_dtype: str = "float32") -> EtBundle:
+                      reference_dtype: str = "float32", checkpoint: str | os.PathLike | None = None) -> EtBundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ExecuTorch bundle at ``out_dir``.
 
     Args:
@@ -227,6 +228,9 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         validate: run the bundle in ExecuTorch against the PyTorch reference before moving it into place.
         reference_device, reference_dtype: where and in which dtype the PyTorch reference runs ("auto" =
             CUDA when present; "float64" for a tighter reference), as in ``crisp_edge.export.parity.reference``.
+
+        checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
+            that tasks added later (``export-task``) get their PyTorch reference from it.
 
     Returns the ``EtBundle``; raises ``ParityError`` if ExecuTorch disagrees with PyTorch.
     """
@@ -246,7 +250,7 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
     example = _example_inputs(model, example_input)
     mixers = task_mixers(model, tasks)
     return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, recipe, example, mixers,
-                                                                 max_classes, reference),
+                                                                 max_classes, reference, source_record(checkpoint, model)),
                            EtBundle, threads=threads, validate=validate_bundle if validate else None)
 
 
@@ -255,7 +259,7 @@ def _io(names: list[str], example: dict[str, torch.Tensor]) -> list[dict]:
 
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, example: dict,
-                  mixers: list[MixerFile], max_classes: int | None, reference: dict) -> dict:
+                  mixers: list[MixerFile], max_classes: int | None, reference: dict, source: dict | None = None) -> dict:
     names = list(example)
     args = tuple(example[n] for n in names)
     files: list[str] = [PROGRAM]
@@ -350,6 +354,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                    "program_bytes": (folder / PROGRAM).stat().st_size},
         "tasks": tasks,
     }
+    if source is not None:
+        manifest["source"] = source
     if swap is not None:
         manifest["swappable"] = swap
     (folder / RUNNER_SPEC).write_text(runner_spec(manifest))

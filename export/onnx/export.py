@@ -90,6 +90,7 @@ from crisp_edge.export.parity.reference import (
     resolve_reference,
     write_reference,
 )
+from crisp_edge.export.parity.task_reference import source_record
 from crisp_edge.export.parity.validate import ATOL_FP32, MIN_COSINE, validate_bundle
 from torch import nn
 
@@ -193,7 +194,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
                 example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
                 tasks: Sequence[str | os.PathLike | MixerFile] = (), opset: int = DEFAULT_OPSET,
                 overwrite: bool = False, threads: int = 1, reference_device: str = "auto",
-                reference_dtype: str = "float32", exporter: str = "torch") -> OnnxBundle:
+                reference_dtype: str = "float32", exporter: str = "torch", checkpoint: str | os.PathLike | None = None) -> OnnxBundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ONNX bundle at ``out_dir``.
 
     Args:
@@ -209,6 +210,9 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         reference_dtype: "float32" or "float64" (a tighter reference); recorded in the manifest.
         exporter: "torch" (TorchScript, every model and mode), "optimum" (Hugging Face ViT / LLaMA,
             dense only; integer token inputs supported) or "auto" (see the module docstring).
+
+        checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
+            that tasks added later (``export-task``) get their PyTorch reference from it.
 
     Returns the validated ``OnnxBundle``; raises ``ParityError`` if ORT disagrees with PyTorch.
     """
@@ -234,13 +238,13 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         names = list(example)
     mixers = task_mixers(model, tasks)
     return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, example, names, mixers, opset,
-                                                                 reference, optimum_export),
+                                                                 reference, optimum_export, source_record(checkpoint, model)),
                            OnnxBundle, threads=threads, validate=validate_bundle)
 
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, names: list[str],
                   mixers: list[MixerFile], opset: int, reference: dict, optimum_export: OptimumExport | None = None,
-                  ) -> dict:
+                  source: dict | None = None) -> dict:
     args = tuple(example[n] for n in names) if optimum_export is None else ()
     axes = {n: {0: BATCH_AXIS} for n in names}
     axes[OUTPUT_NAME] = {0: BATCH_AXIS}
@@ -321,6 +325,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
                    "crisp_groups": len(crisp_bases(model))},
         "tasks": tasks,
     }
+    if source is not None:
+        manifest["source"] = source
     if swap is not None:
         manifest["swappable"] = swap
     bundle = OnnxBundle(folder, manifest)
