@@ -83,7 +83,7 @@ def _new_report(bundle: Any, runtime: str, *, source: str, atol: float | None, m
                           tolerance={**tol.to_dict(), "runtime": runtime, "mode": mode, "dtype": dtype,
                                      "recipe": m.get("recipe")},
                           reference={} if ref is None else {k: ref.record.get(k) for k in (
-                              "device", "dtype", "cases", "batch_sizes", "seed", "recomputed") if k in ref.record})
+                              "device", "dtype", "cases", "batch_sizes", "seed", "recomputed", "recomputed_tasks") if k in ref.record})
     return report, tol
 
 
@@ -315,7 +315,9 @@ def recompute_reference(bundle: Any, model: Any, mixers: Iterable[Any] = (), *, 
     """The bundle's reference made again from ``model`` (the CRISP model it was exported from) on the
     bundle's stored inputs: on ``device`` ("auto": CUDA when present) in ``dtype`` ("float64" for a
     tighter reference). Tasks: ``default`` (the model as given) and one per mixer file in ``mixers``
-    (applied to a copy; named by the file's task). Pass it to ``check_bundle(reference=...)``."""
+    (applied to a copy; named by the file's task). The bundle's other tasks keep their stored reference
+    (``record["recomputed_tasks"]`` names the recomputed ones), so none goes unchecked. Pass it to
+    ``check_bundle(reference=...)``."""
     import copy
 
     import torch
@@ -336,10 +338,11 @@ def recompute_reference(bundle: Any, model: Any, mixers: Iterable[Any] = (), *, 
         apply_mixers_(task_model, mf)
         outs[mf.task] = reference_outputs(task_model, cases, **run)
         unchecked.pop(mf.task, None)
+    recomputed = list(outs)
     # the bundle's other tasks keep their stored reference (still PyTorch's): none is silently left out
     outs.update({t: v for t, v in stored.outputs.items() if t not in outs})
-    return Reference(stored.inputs, outs, {**stored.record, "tasks": list(outs), **where, "recomputed": True},
-                     unchecked)
+    return Reference(stored.inputs, outs, {**stored.record, "tasks": list(outs), **where, "recomputed": True,
+                                           "recomputed_tasks": recomputed}, unchecked)
 
 
 def run_outputs(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None = None) -> dict[str, np.ndarray]:

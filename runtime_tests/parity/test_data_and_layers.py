@@ -153,3 +153,25 @@ def test_per_layer_for_executorch_says_why_not(bundles, model):
     report = check_bundle(bundles["et"])
     layers = locate_divergence(report, bundles["et"], model)
     assert layers["available"] is False and "executorch" in layers["reason"]
+
+
+def test_new_report_records_documented(bundles, model, data, tmp_path):
+    """The ``unchecked[]``, ``data`` and ``layers`` records (and each layer row) are documented field by field."""
+    from crisp_edge.export.parity.report import report_json
+
+    from .test_parity import documented
+
+    b = Path(shutil.copytree(bundles["dense"], tmp_path / "b"))
+    perturb_linear(b, "/model/blocks/blocks.0/attn/qkv/")
+    report = check_bundle(b)
+    check_inputs(report, b, data, model, device="cpu")
+    locate_divergence(report, b, model)
+    report.unchecked.append({"task": "t9", "reason": "no checkpoint", "allowed": False})
+    doc = report_json(report)
+    assert doc["layers"]["first_over"]["layer"] == "blocks.0.attn.qkv"
+    assert set(doc["unchecked"][0]) == documented("### `unchecked[]`")
+    assert set(doc["data"]) == documented("### `data`")
+    assert set(doc["data"]["tasks"]["default"]) == documented("### `data.tasks[TASK]`")
+    assert set(doc["layers"]) | {"reason"} == documented("### `layers`")
+    assert set(doc["layers"]["layers"][0]) == documented("### `layers.layers[]`")
+    assert "inputs" in documented("### `comparisons[]`")
