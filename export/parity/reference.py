@@ -282,6 +282,9 @@ def read_bundle_reference(folder: str | os.PathLike, manifest: dict, error: type
             ref.unchecked[task] = str(why)[:500] if isinstance(why, str) and why else NO_REFERENCE
             continue
         where = f"{folder / 'manifest.json'}: tasks[{task!r}].reference.file"
+        if r["file"] not in (manifest.get("files") or {}):
+            raise error(f"{where}: {r['file']!r:.80} is not listed (with its SHA-256) under 'files'; the manifest was "
+                        "edited. Add the task again (crisp-edge export-task).")
         path = io_inside(folder, r["file"], where, error, "bundle")
         data = load_arrays(path, error, f"reference file of task {task!r}")
         try:

@@ -150,3 +150,13 @@ def test_cli_export_task_and_parity_exit_codes(onnx_src, task3, ckpt, tmp_path, 
     assert crisp_edge_main(["export-task", str(b), str(task3), "--checkpoint", str(ckpt)]) == 0
     assert "PyTorch reference for 't3' computed" in capsys.readouterr().out
     assert crisp_edge_main(args) == 0
+
+
+def test_reference_file_not_listed_in_the_manifest_is_refused(onnx_src, task3, tmp_path):
+    b = copy_of(onnx_src, tmp_path)
+    mixers_to_onnx_adapter(task3, b)
+    m = manifest(b)
+    del m["files"][m["tasks"]["t3"]["reference"]["file"]]  # an edit: the file would no longer be hash-checked
+    (b / "manifest.json").write_text(json.dumps(m))
+    report = check_bundle(b)
+    assert not report.passed and "not listed" in report.failures[0].message
