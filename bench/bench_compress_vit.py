@@ -180,7 +180,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 1% of train, 1 epoch, 1,000 test images")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1%% of train, 1 epoch, 1,000 test images")
     p.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--fraction", type=float, default=0.03, help="distillation slice of the train split")

@@ -76,7 +76,7 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
     bundles = {mode: export_onnx(model, work / f"{name}_{mode}", mode=mode, tasks=tasks if mode == "swappable" else ())
                for mode in ("dense", "factored", "swappable")}
     other = copy.deepcopy(model)  # "other weights" for the session-recreation anchor: task 2 folded
-    ce.mixers.apply_mixers_(other, tasks[1])
+    ce.apply_mixers_(other, tasks[1])
     other_dense = export_onnx(other, work / f"{name}_other_dense", mode="dense")
 
     xn = x.numpy()

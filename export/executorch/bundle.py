@@ -2,9 +2,9 @@
 
     bundle/
       manifest.json        format "crisp-edge/executorch-bundle", version 1 (see ``export_executorch``)
-      model.pte            the program: ``forward`` (+ ``set_task`` and ``crisp_tag`` when swappable)
+      model.pte            the program: ``forward`` and ``crisp_io`` (+ ``set_task`` and ``crisp_tag`` when swappable)
       default.ptd          swappable only: the exported model's own task tensors (mixers, head)
-      runner_spec.txt      the names, shapes and tag the C++ runner needs (plain text)
+      runner_spec.txt      a plain-text summary of names, shapes and tag (the C++ runner reads manifest.json)
       reference.npz        fixed seeded inputs and the PyTorch outputs for them (no pickle)
       tasks/<name>.ptd     swappable only: one per task, ExecuTorch's FlatTensor format
 
@@ -43,7 +43,8 @@ ET_BUNDLE_VERSION = 1
 PROGRAM = "model.pte"
 DEFAULT_PTD = "default.ptd"
 PTD_SUFFIX = ".ptd"
-#: The plain-text spec the C++ runner reads (names, shapes, tag): it has no JSON parser.
+#: A plain-text summary of names, shapes and tag; the C++ runner no longer reads it (it verifies
+#: manifest.json and reads that), kept for tools that parse it.
 RUNNER_SPEC = "runner_spec.txt"
 RECIPES = ("xnnpack", "portable")
 #: The task tensor holding the bases-and-layout tag (int64, shape [1]) in every task ``.ptd``.

@@ -16,7 +16,9 @@ Modes (DESIGN.md sections 3-4):
   the bases (constants of the program, stored once) and ``forward`` reads them at dense speed. Programs
   are emitted with ``share_mutable_buffers=True`` and ``emit_mutable_buffer_names=True`` so both methods
   see one copy of the buffers. A constant method ``crisp_tag`` returns the bases-and-layout tag that
-  every task ``.ptd`` must carry (``et_tasks``). Tasks are ``tasks/<name>.ptd``; the exported mixers are
+  every task ``.ptd`` must carry (``et_tasks``). Every program (all modes) also has ``crisp_io``: the
+  tag of its I/O contract (names, order, shapes; ``digest.io_tag``), so a loader can tell that the
+  manifest describing it was not edited. Tasks are ``tasks/<name>.ptd``; the exported mixers are
   ``default.ptd``. The head has a fixed capacity (``max_classes``): smaller heads are zero-padded and
   outputs are cut to the task's class count by the loaders.
 
@@ -63,6 +65,7 @@ from crisp_edge.export.executorch.bundle import (
     RUNNER_SPEC,
     EtBundle,
 )
+from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
 from crisp_edge.export.executorch.runner_spec import runner_spec
 from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
@@ -264,6 +267,10 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
     args = tuple(example[n] for n in names)
     files: list[str] = [PROGRAM]
     swap = None
+    with torch.no_grad():  # the I/O contract the program carries as crisp_io (digest.io_spec_text)
+        out_shape = list(_Forward(model, names).eval()(*args).shape)
+    contract: dict[str, Any] = {"mode": mode, "inputs": _io(names, example),
+                                "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": out_shape}]}
     if mode in ("dense", "factored"):
         m = copy.deepcopy(model)
         if mode == "dense" and is_crisp(m):
@@ -271,7 +278,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
         for p in m.parameters():
             p.requires_grad_(False)
         _unfuse_attention(m)
-        pte, ops = lower({"forward": _Forward(m, names).eval()}, {"forward": args}, recipe, mode)
+        pte, ops = lower({"forward": _Forward(m, names).eval()}, {"forward": args}, recipe, mode,
+                         constant_methods={IO_METHOD: io_tag(contract)})
     else:
         found = head_module(model)
         head = None
@@ -298,7 +306,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                 "task_semantics": "exported tensors, with the task file's tensors replacing theirs"}
         set_args = tuple(torch.zeros(i["shape"]) for i in inputs)
         pte, ops = lower({"forward": prog, "set_task": view}, {"forward": args, "set_task": set_args}, recipe, mode,
-                         constant_methods={"crisp_tag": swap["tag"]})
+                         constant_methods={"crisp_tag": swap["tag"], IO_METHOD: io_tag({**contract, "swappable": swap})})
     (folder / PROGRAM).write_bytes(pte)
 
     batches = [int(args[0].shape[0])] * REFERENCE_CASES  # static shapes: every case has the program's batch
@@ -329,7 +337,9 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
             tasks[mf.task] = task_record(folder, rel, mf, arrays)
     write_reference(folder, cases, ref)
     files.append(REFERENCE)
-    out_shape = list(ref["default"][0][OUTPUT_NAME].shape)
+    if list(ref["default"][0][OUTPUT_NAME].shape) != out_shape:
+        raise ExportError(f"the reference output has shape {list(ref['default'][0][OUTPUT_NAME].shape)}, the program "
+                          f"was lowered for {out_shape}.")
     stored = _stored_params(model)
     import executorch
 
@@ -340,7 +350,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                      "executorch": getattr(getattr(executorch, "version", None), "__version__", "unknown"),
                      "fused_attention": False},
         "arch": getattr(model, "crisp_arch", None), "program": {"file": PROGRAM, "methods": sorted(ops)
-                                                                + (["crisp_tag"] if swap else [])},
+                                                                + (["crisp_tag"] if swap else []) + [IO_METHOD]},
         "files": {f: file_record(folder, f) for f in files},
         "inputs": _io(names, example),
         "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": out_shape}],

@@ -1,10 +1,11 @@
-"""The plain-text file the C++ runner (export/executorch/runner) reads beside the program: the bundle's
-mode, tag, input/output names and shapes, and the ``set_task`` inputs in the program's order."""
+"""A plain-text summary written beside the program: the bundle's mode, tag, input/output names and
+shapes, and the ``set_task`` inputs in the program's order. The C++ runner (export/executorch/runner)
+no longer reads it: it reads and verifies manifest.json (see the runner's README)."""
 from __future__ import annotations
 
 
 def runner_spec(manifest: dict) -> str:
-    """The plain-text summary the C++ runner reads (it has no JSON parser): mode, tag, shapes and names."""
+    """The plain-text summary (mode, tag, shapes and names) of ``manifest``."""
     def tensor(kind: str, name: str, shape: list) -> str:
         return f"{kind} {name} {len(shape)} {' '.join(map(str, shape))}"
 

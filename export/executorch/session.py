@@ -34,6 +34,7 @@ from crisp_edge.export.executorch.bundle import (
     EtBundle,
     load_et_bundle,
 )
+from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.tasks import check_task_ptd, read_ptd_bytes
 
 from crisp_edge.files.io import sha256_bytes
@@ -104,6 +105,15 @@ class EtCrispSession:
         if not want <= self.program.method_names:
             raise BundleError(f"{path} has the methods {sorted(self.program.method_names)}; a {self.bundle.mode!r} "
                               f"bundle's program has {sorted(want)}.")
+        if not self.swappable and "set_task" in self.program.method_names:
+            raise BundleError(f"{path} is a swappable program, but the manifest says {self.bundle.mode!r}: the manifest "
+                              "was edited (forward without set_task would read unwritten weights). Export the bundle again.")
+        if IO_METHOD in self.program.method_names:  # programs exported before crisp_io lack it
+            got = list(self._method(IO_METHOD).execute([]))
+            if got != [io_tag(m)]:
+                raise BundleError(f"{path}: the manifest's inputs, outputs, set_task inputs or head (names, order, "
+                                  f"shapes) are not the ones this program was exported with ({IO_METHOD} {got} != "
+                                  f"{io_tag(m)}): the manifest was edited. Export the bundle again.")
         self.forward = self._method("forward")
         self.task: str | None = None
         self.num_classes: int | None = None
@@ -133,7 +143,7 @@ class EtCrispSession:
         if record is not None and sha256_bytes(data) != record["sha256"]:
             raise BundleError(f"task {name!r}: {path} does not match its recorded SHA-256; it was changed after "
                               "export. Convert the task's mixer file again (add_task).")
-        return check_task_ptd(data, self.swap, str(path))
+        return check_task_ptd(data, self.swap, str(path), hashed=record is not None)
 
     def _resolve(self, task: str | os.PathLike) -> tuple[str, dict, int | None]:
         if isinstance(task, str) and task == DEFAULT_TASK:

@@ -3,7 +3,8 @@
 A task ``.ptd`` is ExecuTorch's FlatTensor format (``FlatTensorSerializer``), holding the task's
 tensors under the mixer file's own names (``mixer.<group>`` n x r x s, ``head.weight`` C x d,
 ``head.bias`` C) in float32, plus ``crisp.tag``: an int64 [1] tensor with the 31-bit tag of the bundle's
-bases and layout (``bundle.adapter_model_version``). Loaders (Python ``EtCrispSession`` and the C++
+bases and layout (``bundle.adapter_model_version``), and ``crisp.digest``: a uint8 [32] SHA-256 of
+every other tensor (``digest.py`` defines the canonical form), which vouches for a file given by path. Loaders (Python ``EtCrispSession`` and the C++
 runner) compare it with the program's ``crisp_tag`` method and refuse a file made for other bases or
 another layout *before* it runs; then names, dtypes and shapes are checked against the manifest.
 
@@ -35,6 +36,7 @@ from crisp_edge.export.executorch.bundle import (
     EtBundle,
     load_et_bundle,
 )
+from crisp_edge.export.executorch.digest import DIGEST_KEY, check_digest, ptd_digest
 from crisp_edge.export.flatbuffer import FlatReader as _Reader
 from crisp_edge.export.flatbuffer import Malformed as _Malformed
 
@@ -113,7 +115,8 @@ def check_task_arrays(arrays: dict[str, np.ndarray], swap: dict, where: str) -> 
 
 
 def ptd_bytes(arrays: dict[str, np.ndarray], tag: int) -> bytes:
-    """A FlatTensor (``.ptd``) file's bytes holding ``arrays`` (float32) and the ``crisp.tag`` tensor."""
+    """A FlatTensor (``.ptd``) file's bytes holding ``arrays`` (float32), the ``crisp.tag`` tensor, and
+    ``crisp.digest`` over both (``digest.ptd_digest``: what vouches for a task file handed over by path)."""
     from executorch.exir._serialize.data_serializer import DataEntry, DataPayload
     from executorch.exir.tensor_layout import TensorLayout
     from executorch.extension.flat_tensor.serialize.serialize import (
@@ -123,6 +126,9 @@ def ptd_bytes(arrays: dict[str, np.ndarray], tag: int) -> bytes:
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sorted(arrays.items())}
     tensors[TAG_KEY] = torch.tensor([tag], dtype=torch.int64)
+    if any(t.dim() == 0 for t in tensors.values()):
+        raise AdapterError("task tensors are never 0-d (the FlatTensor serializer would store them as [1]).")
+    tensors[DIGEST_KEY] = torch.from_numpy(ptd_digest({k: t.numpy() for k, t in tensors.items()}))
     buffers, named = [], {}
     for i, (k, t) in enumerate(tensors.items()):
         buffers.append(t.numpy().tobytes())
@@ -131,7 +137,7 @@ def ptd_bytes(arrays: dict[str, np.ndarray], tag: int) -> bytes:
 
 
 #: ExecuTorch ScalarType codes (scalar_type.fbs) of the tensors a task file may hold.
-_DTYPES = {6: np.float32, 4: np.int64}
+_DTYPES = {6: np.float32, 4: np.int64, 0: np.uint8}
 _HEADER_MAGIC = b"FH01"
 _HEADER_BYTES = 40
 
@@ -237,10 +243,19 @@ def read_ptd_bytes(path: str | os.PathLike) -> bytes:
     return data
 
 
-def check_task_ptd(data: bytes, swap: dict, where: str) -> tuple[dict[str, np.ndarray], int | None]:
-    """Parse a task ``.ptd`` and check it against a bundle's ``swap`` record: the bases tag first, then
-    names, dtypes and shapes. Returns (float32 task arrays, head class count or None)."""
+def check_task_ptd(data: bytes, swap: dict, where: str, hashed: bool = False) -> tuple[dict[str, np.ndarray], int | None]:
+    """Parse a task ``.ptd`` and check it against a bundle's ``swap`` record: its ``crisp.digest``, the
+    bases tag, then names, dtypes and shapes. Returns (float32 task arrays, head class count or None).
+
+    ``hashed``: the caller checked ``data`` against a SHA-256 recorded in the bundle's manifest; only then
+    may a file lack ``crisp.digest`` (task files written before digests, inside their bundle). A file
+    with a digest must match it in any case."""
     arrays = parse_ptd(data, where)
+    ok = check_digest(arrays)
+    if ok is False:
+        raise AdapterError(f"{where}: its contents do not match its {DIGEST_KEY!r} (damaged or edited after export). "
+                           "Re-export the task with `crisp-edge export-task BUNDLE MIXERS.safetensors`.")
+    arrays.pop(DIGEST_KEY, None)
     tag = arrays.pop(TAG_KEY, None)
     if tag is None or tag.dtype != np.int64 or tag.shape != (1,):
         raise AdapterError(f"{where} holds no {TAG_KEY!r} tensor: it is not a crisp-edge task file. Write it with "
@@ -249,6 +264,10 @@ def check_task_ptd(data: bytes, swap: dict, where: str) -> tuple[dict[str, np.nd
         raise BasisMismatchError(
             f"{where} was made for other bases or another layout (tag {int(tag[0])}, this bundle's {swap['tag']}); "
             "its mixers would compute a wrong answer here. Convert the task's mixer file for this bundle (add_task).")
+    if ok is None and not hashed:
+        raise AdapterError(f"{where} carries no {DIGEST_KEY!r}: a task file given by path must (it was written before "
+                           "task files carried one, or not by crisp-edge). Re-export the task with `crisp-edge "
+                           "export-task BUNDLE MIXERS.safetensors`, or ship it inside the bundle, whose manifest hashes it.")
     return arrays, check_task_arrays(arrays, swap, where)
 
 
