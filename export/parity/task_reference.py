@@ -12,10 +12,13 @@ it unless the user opts out by name (``--allow-unchecked NAME``).
 The per-task reference lives in its own file, ``tasks/<name>.reference.npz`` (keys
 ``output.{task}.{i}.{name}``, the inputs stay in ``reference.npz``), listed under the manifest's
 ``files`` (so it is hash-checked like any other file) and named by the task record's
-``reference.file``. The update writes new files under new names first (a name already in use gets
-a content-hash suffix) and replaces the manifest last, atomically: a killed update leaves the old
-bundle (plus unreferenced new files), never a bundle whose manifest and files disagree. Files the
-new manifest no longer names, and that the old one recorded (written by crisp-edge), are removed last.
+``reference.file``. The update computes everything first, writes the reference under a new name (a
+name already in use gets a content-hash suffix) and replaces the manifest last, atomically. The task
+file itself must be ``tasks/<name><suffix>`` (the C++ runner accepts no other name): a new task is a
+new file, but re-adding an existing task replaces its file (atomically) before the manifest, so a run
+killed in between leaves a bundle that refuses that task (SHA-256 mismatch), never one that runs it
+silently wrong; the all-or-nothing bundle update of issue 16 closes that window. Files the new
+manifest no longer names, and that the old one recorded (written by crisp-edge), are removed last.
 """
 from __future__ import annotations
 
@@ -128,10 +131,10 @@ def add_task_files(bundle: Any, task: str, task_suffix: str, write: Callable[[Pa
     ``record(rel)`` makes the task record of the written task file ``rel``."""
     folder, old = bundle.path, bundle.manifest
     in_use = set(old.get("files", {})) | {t["file"] for t in old.get("tasks", {}).values()}
+    rel = f"{TASKS_DIR}/{task}{task_suffix}"  # fixed: loaders (the C++ runner) accept no other name
     staged = folder / TASKS_DIR / f".{task}{task_suffix}.{os.getpid()}.staged"
     try:
         write(staged)
-        rel = fresh_name(folder, f"{TASKS_DIR}/{task}{task_suffix}", staged.read_bytes(), in_use)
         os.replace(staged, folder / rel)
     finally:
         staged.unlink(missing_ok=True)

@@ -119,15 +119,16 @@ def test_checkpoint_with_other_bases_is_refused_and_nothing_written(onnx_src, ta
     assert sorted(p.relative_to(b) for p in b.rglob("*")) == before
 
 
-def test_readding_a_task_writes_new_names_first_and_removes_the_old_files(onnx_src, task3, model, tmp_path):
+def test_readding_a_task_writes_a_new_reference_and_removes_the_old_one(onnx_src, task3, model, tmp_path):
     b = copy_of(onnx_src, tmp_path)
     mixers_to_onnx_adapter(task3, b)
     first = manifest(b)["tasks"]["t3"]
     changed = make_task_file(model, tmp_path / "t3b.safetensors", "t3", 4, 5)
     mixers_to_onnx_adapter(changed, b)
     second = manifest(b)["tasks"]["t3"]
-    assert second["file"] != first["file"] and second["reference"]["file"] != first["reference"]["file"]
-    assert not (b / first["file"]).exists() and not (b / first["reference"]["file"]).exists()
+    assert second["file"] == first["file"] == "tasks/t3.onnx_adapter"  # the one name loaders accept
+    assert second["sha256"] != first["sha256"] and second["reference"]["file"] != first["reference"]["file"]
+    assert not (b / first["reference"]["file"]).exists()
     assert check_bundle(b).passed
     remove_task(b, "t3")
     assert "t3" not in manifest(b)["tasks"] and sorted(p.name for p in (b / "tasks").iterdir()) == []
@@ -160,3 +161,30 @@ def test_reference_file_not_listed_in_the_manifest_is_refused(onnx_src, task3, t
     (b / "manifest.json").write_text(json.dumps(m))
     report = check_bundle(b)
     assert not report.passed and "not listed" in report.failures[0].message
+
+
+@pytest.mark.slow
+def test_cpp_runner_outputs_for_an_added_task_are_checked(et_src, task3, tmp_path):
+    """The C++ runner runs a task added by export-task (its manifest record now carries the reference
+    fields), and ``check_outputs`` checks its outputs against the task's reference."""
+    import subprocess
+    import sys
+
+    from crisp_edge.export.executorch.session import write_runner_inputs
+
+    root = Path(__file__).resolve().parents[2]
+    exe = tmp_path / "crisp_et_runner"
+    subprocess.run(["bash", str(root / "export" / "executorch" / "runner" / "build.sh"), sys.executable, str(exe)],
+                   check=True, capture_output=True, timeout=900)
+    b = copy_of(et_src, tmp_path)
+    add_task(b, task3)
+    n = write_runner_inputs(b, tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    r = subprocess.run([str(exe), str(b), str(tmp_path / "out"), "--inputs", str(tmp_path / "in"), "--cases", str(n),
+                        "--task", "t3", "--task", "default"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = check_outputs(b, tmp_path / "out")
+    assert report.passed and sorted(report.tasks) == ["default", "t3"]
+    bad = tmp_path / "out" / "output.t3.0.logits.npy"
+    np.save(bad, np.load(bad) + 0.1)
+    assert not check_outputs(b, tmp_path / "out").passed
