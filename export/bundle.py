@@ -72,7 +72,8 @@ RUNTIMES: dict[str, Runtime] = {
                                       "crisp_edge.export.onnx.session:OnnxCrispSession",
                                       "crisp_edge.export.onnx.probe:intermediate_outputs"),
     "crisp-edge/executorch-bundle": Runtime("executorch", "crisp_edge.export.executorch.bundle:load_et_bundle",
-                                            "crisp_edge.export.executorch.session:EtCrispSession"),
+                                            "crisp_edge.export.executorch.session:EtCrispSession",
+                                            "crisp_edge.export.executorch.probe:intermediate_outputs"),
 }
 
 

@@ -61,9 +61,9 @@ def module_outputs(graph: onnx.GraphProto, modules: list[str]) -> dict[str, str]
 
 
 def intermediate_outputs(bundle: Any, task: str, feeds: dict[str, np.ndarray], modules: list[str],
-                         threads: int = 1) -> dict[str, np.ndarray]:
+                         threads: int = 1, model: Any = None) -> dict[str, np.ndarray]:
     """Outputs of ``modules`` (PyTorch names) when ``bundle`` runs ``feeds`` on ``task``; modules not found
-    in the graph are left out."""
+    in the graph are left out. (``model`` is not needed: the bundle's own graph is probed.)"""
     sess = bundle.session(threads=threads)
     if sess.swappable:
         sess.set_task(task)

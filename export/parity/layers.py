@@ -8,15 +8,16 @@
 The probed layers are every block of the architecture (``ArchSpec.blocks``) and every CRISP linear,
 in the order PyTorch runs them. PyTorch's outputs come from forward hooks on those modules; the
 runtime's from its probe (``Runtime.probe`` in ``crisp_edge.export.bundle.RUNTIMES``: for ONNX
-Runtime, a copy of the graph with the intermediate tensors as extra outputs, ``export/onnx/probe.py``),
-both on the first stored case of the failing task. A layer is over tolerance when its max abs error
+Runtime, a copy of the bundle's own graph with the intermediate tensors as extra outputs,
+``export/onnx/probe.py``; for ExecuTorch, a debug program lowered from the task's PyTorch model as the
+bundle was, with those outputs as extra outputs, ``export/executorch/probe.py``), both on the first
+stored case of the failing task. A layer is over tolerance when its max abs error
 exceeds ``atol * max(1, max |reference|)`` (intermediate activations are larger than logits, and fp32
 rounding grows with magnitude) or its cosine is below the report's ``min_cosine``; the first such
 layer in execution order is where the runtime went wrong, since every later one inherits the error.
 
-ExecuTorch has no probe yet: its programs keep intermediate values inside the XNNPACK delegate, and
-ETDump intermediate outputs need an ETRecord written at export (see docs/parity-report.md).
-``report.layers`` then says why the per-layer check was not done.
+A runtime without a probe (or no PyTorch model to compare with) leaves ``report.layers`` saying why the
+per-layer check was not done.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def locate_divergence(report: ParityReport, bundle: Any, model: torch.nn.Module 
         task_model = _task_model(model, importlib.import_module(probe.__module__), b, task)
         kinds = probe_modules(task_model)
         want = torch_intermediates(task_model, feeds, list(kinds))
-        got = probe(b, task, feeds, list(want), threads)
+        got = probe(b, task, feeds, list(want), threads, model=task_model)
     except CrispEdgeError as e:
         report.layers = {"available": False, "reason": f"{type(e).__name__}: {e}"}
         return report.layers

@@ -149,10 +149,37 @@ def test_clean_swappable_bundle_per_layer_all_within(bundles, model):
     assert report.passed
 
 
-def test_per_layer_for_executorch_says_why_not(bundles, model):
+def test_executorch_per_layer_debug_program(bundles, model, monkeypatch):
+    """ExecuTorch: a debug program lowered like the bundle matches PyTorch layer by layer; a fault injected
+    into one linear of what ExecuTorch runs (standing in for a kernel that computes it wrong) is named first."""
+    import torch
+    from crisp_edge.export.executorch import probe
+
     report = check_bundle(bundles["et"])
+    clean = locate_divergence(report, bundles["et"], model, task="t1")
+    assert clean["available"] and clean["first_over"] is None and len(clean["layers"]) == 2 + 8
+    made = probe.debug_model
+
+    def faulty(m):
+        m = made(m)
+        w = m.get_submodule("blocks.1.attn.proj").weight
+        with torch.no_grad():
+            w.add_(0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+        return m
+
+    monkeypatch.setattr(probe, "debug_model", faulty)
     layers = locate_divergence(report, bundles["et"], model)
-    assert layers["available"] is False and "executorch" in layers["reason"]
+    assert layers["first_over"]["layer"] == "blocks.1.attn.proj"
+    assert not any(r["over"] for r in layers["layers"][:[r["layer"] for r in layers["layers"]].index("blocks.1.attn.proj")])
+
+
+def test_per_layer_without_a_model_says_why(bundles, tmp_path):
+    b = Path(shutil.copytree(bundles["dense"], tmp_path / "b"))
+    m = json.loads((b / "manifest.json").read_text())
+    del m["source"]
+    (b / "manifest.json").write_text(json.dumps(m))
+    layers = locate_divergence(check_bundle(b), b)
+    assert layers["available"] is False and "no PyTorch model" in layers["reason"]
 
 
 def test_new_report_records_documented(bundles, model, data, tmp_path):
