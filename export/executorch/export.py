@@ -21,6 +21,8 @@ Modes (DESIGN.md sections 3-4):
   manifest describing it was not edited. Tasks are ``tasks/<name>.ptd``; the exported mixers are
   ``default.ptd``. The head has a fixed capacity (``max_classes``): smaller heads are zero-padded and
   outputs are cut to the task's class count by the loaders.
+  ``forward`` before any ``set_task`` fails in the runtime itself (the task guard, ``_SwapProgram``), so
+  a plain ``Runtime.load_program(pte, data_path=ptd)`` or C++ ``Module(pte, ptd)`` never returns zeros.
 
 Recipes: ``xnnpack`` (delegate to XNNPACK, fp32; tolerance 1e-3) and ``portable`` (ExecuTorch's portable
 kernels, no delegate; tolerance 1e-4). timm's fused attention (``F.scaled_dot_product_attention``)
