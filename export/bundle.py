@@ -47,11 +47,14 @@ _MAX_RANK = 8
 
 @dataclass(frozen=True)
 class Runtime:
-    """How to open a bundle format: the runtime's name and its loader and session, as ``module:attribute``."""
+    """How to open a bundle format: the runtime's name and its loader and session, as ``module:attribute``;
+    ``probe`` (optional, ``module`` holding ``intermediate_outputs`` and ``task_tensors``): per-layer
+    outputs by PyTorch module name, for ``crisp_edge.export.parity.layers``."""
 
     name: str
     loader: str
     session: str
+    probe: str = ""
 
     def resolve(self, which: str) -> Any:
         module, _, attr = getattr(self, which).partition(":")
@@ -66,9 +69,11 @@ class Runtime:
 #: manifest ``format`` -> its runtime. A new runtime adds one entry (``register_runtime``).
 RUNTIMES: dict[str, Runtime] = {
     "crisp-edge/onnx-bundle": Runtime("onnxruntime", "crisp_edge.export.onnx.bundle:load_bundle",
-                                      "crisp_edge.export.onnx.session:OnnxCrispSession"),
+                                      "crisp_edge.export.onnx.session:OnnxCrispSession",
+                                      "crisp_edge.export.onnx.probe:intermediate_outputs"),
     "crisp-edge/executorch-bundle": Runtime("executorch", "crisp_edge.export.executorch.bundle:load_et_bundle",
-                                            "crisp_edge.export.executorch.session:EtCrispSession"),
+                                            "crisp_edge.export.executorch.session:EtCrispSession",
+                                            "crisp_edge.export.executorch.probe:intermediate_outputs"),
 }
 
 

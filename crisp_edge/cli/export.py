@@ -22,7 +22,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _export_executorch(model, args)
     bundle = export_onnx(model, args.out, mode=args.mode, tasks=args.task or (), opset=args.opset,
                          overwrite=args.overwrite, threads=args.threads, exporter=args.exporter,
-                         quantize=args.quantize)
+                         quantize=args.quantize, checkpoint=args.checkpoint)
     m = bundle.manifest
     p = m["params"]
     print(f"wrote {args.out}: {args.mode} ONNX bundle (opset {m['opset']}{_precision(m)}), weights "
@@ -40,7 +40,8 @@ def _export_executorch(model, args: argparse.Namespace) -> int:
 
     bundle = export_executorch(model, args.out, mode=args.mode, recipe=args.recipe, tasks=args.task or (),
                                example_input=example_inputs(model, batch=args.batch), max_classes=args.max_classes,
-                               overwrite=args.overwrite, threads=args.threads, quantize=args.quantize)
+                               overwrite=args.overwrite, threads=args.threads, quantize=args.quantize,
+                               checkpoint=args.checkpoint)
     m = bundle.manifest
     print(f"wrote {args.out}: {args.mode} ExecuTorch bundle ({args.recipe}{_precision(m)}, batch {m['batch']}), program "
           f"{m['params']['program_bytes']:,} bytes for {m['params']['stored']:,} stored parameters")

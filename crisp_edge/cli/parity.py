@@ -5,6 +5,8 @@
     crisp-edge parity bundle/ --save-outputs outs.npz           # also write what the runtime produced
     crisp-edge parity bundle/ --checkpoint ckpt/ --mixers mnist.safetensors --reference-dtype float64
                                                                 # a fresh reference (GPU when present)
+    crisp-edge parity bundle/ --checkpoint ckpt/ --inputs val_images/   # also on your data: top-1 agreement
+    crisp-edge parity bundle/ --allow-unchecked digits         # skip a task added without a reference, by name
 
 Writes ``parity.json`` (versioned schema: docs/parity-report.md), ``parity.junit.xml`` and
 ``parity.png`` into ``--report-dir`` (default ``parity-report/``), prints a short summary, and exits
@@ -30,24 +32,41 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from crisp_edge.files.io import atomic_write_bytes
 
     tasks = args.task or None
-    reference = None
+    reference = model = None
+    if args.inputs and not args.checkpoint:
+        raise ConfigError("--inputs needs --checkpoint CKPT: the PyTorch reference on your data is computed from the "
+                          "checkpoint the bundle was exported from.")
+    if args.tokenizer and not args.inputs:
+        raise ConfigError("--tokenizer tokenizes --inputs text; pass --inputs too.")
     if args.checkpoint:
         if args.outputs:
             raise ConfigError("--checkpoint recomputes the reference for a run here; it does not combine with --outputs.")
         from crisp_edge.export.parity.check import recompute_reference
         from crisp_edge.files.checkpoint import load_checkpoint
 
-        reference = recompute_reference(args.bundle, load_checkpoint(args.checkpoint), args.mixers or (),
-                                        device=args.reference_device, dtype=args.reference_dtype)
+        model = load_checkpoint(args.checkpoint)
+        reference = recompute_reference(args.bundle, model, args.mixers or (), device=args.reference_device,
+                                        dtype=args.reference_dtype)
     elif args.mixers or args.reference_device != "auto" or args.reference_dtype != "float32":
         raise ConfigError("--mixers, --reference-device and --reference-dtype recompute the reference from a "
                           "checkpoint: pass --checkpoint CKPT too.")
     if args.outputs:
         report = check_outputs(args.bundle, args.outputs, tasks=tasks, atol=args.atol, min_cosine=args.min_cosine,
-                               runtime=args.runtime)
+                               runtime=args.runtime, allow_unchecked=args.allow_unchecked or ())
     else:
         report = check_bundle(args.bundle, threads=args.threads, tasks=tasks, atol=args.atol,
-                              min_cosine=args.min_cosine, progress=not args.no_progress, reference=reference)
+                              min_cosine=args.min_cosine, progress=not args.no_progress, reference=reference,
+                              allow_unchecked=args.allow_unchecked or ())
+        if args.inputs:
+            from crisp_edge.export.parity.data import check_inputs
+
+            check_inputs(report, args.bundle, args.inputs, model, args.mixers or (), threads=args.threads,
+                         tokenizer=_tokenizer(args.tokenizer), device=args.reference_device,
+                         dtype=args.reference_dtype)
+    if (args.per_layer or not report.passed) and not args.outputs:
+        from crisp_edge.export.parity.layers import locate_divergence
+
+        locate_divergence(report, args.bundle, model, threads=args.threads)
     written = write_reports(report, args.report_dir, json_path=args.json, junit_path=args.junit,
                             plot_path=args.plot, plot=not args.no_plot)
     if args.save_outputs:
@@ -61,6 +80,14 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if args.verbose and report.comparisons:
         print(report.format())
     print(report.summary().split("\n")[0])
+    for task, d in (report.data.get("tasks") or {}).items():
+        acc = "" if d["pytorch_accuracy"] is None else (f"; accuracy on the labels: PyTorch {d['pytorch_accuracy']:.1%}, "
+                                                        f"runtime {d['runtime_accuracy']:.1%}")
+        agree = "n/a" if d["top1_agreement"] is None else f"{d['top1_agreement']:.1%}"
+        print(f"  your data ({report.data['examples']} examples), task {task!r}: top-1 agreement {agree}{acc}")
+    if report.layers.get("first_over"):
+        print(f"  diverged first at layer {report.layers['first_over']['layer']!r} "
+              f"(max abs {report.layers['first_over']['max_abs']:.3g})")
     problems = report.problems()
     for line in problems[:MAX_LISTED]:
         print(f"  FAIL {line}")
@@ -68,6 +95,20 @@ def cmd_parity(args: argparse.Namespace) -> int:
         print(f"  ... and {len(problems) - MAX_LISTED} more (see the JSON report)")
     print("reports: " + ", ".join(f"{k} {v}" for k, v in written.items()))
     return EXIT_PASS if report.passed else EXIT_FAIL
+
+
+def _tokenizer(path: str | None):
+    if path is None:
+        return None
+    import transformers
+
+    from crisp_edge.errors import DataError
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--tokenizer {path}: not a local Hugging Face tokenizer folder ({type(e).__name__}: "
+                        f"{str(e)[:200]}).") from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -95,6 +136,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --checkpoint: where PyTorch runs (auto: CUDA when present, else CPU)")
     p.add_argument("--reference-dtype", default="float32", choices=["float32", "float64"],
                    help="with --checkpoint: float64 for a tighter reference")
+    p.add_argument("--allow-unchecked", action="append", metavar="NAME",
+                   help="skip this task, added without a PyTorch reference, instead of failing on it (repeatable)")
+    p.add_argument("--inputs", default=None, help="with --checkpoint: your own inputs (an image folder, .npz / "
+                                                  ".safetensors with x [and y], JSONL / CSV text with --tokenizer), run "
+                                                  "through the bundle and PyTorch; the report adds top-1 agreement")
+    p.add_argument("--tokenizer", default=None, help="with --inputs text: a local Hugging Face tokenizer folder")
+    p.add_argument("--per-layer", action="store_true",
+                   help="compare intermediate outputs layer by layer with PyTorch's and name the first layer over "
+                        "tolerance (done on any FAIL; the model: --checkpoint, or the checkpoint the bundle records)")
     p.add_argument("--report-dir", default="parity-report", help="folder for parity.json, parity.junit.xml and "
                                                                  "parity.png (default ./parity-report)")
     p.add_argument("--json", default=None, help="JSON report path (default REPORT_DIR/parity.json)")

@@ -21,6 +21,8 @@ Modes (DESIGN.md sections 3-4):
   manifest describing it was not edited. Tasks are ``tasks/<name>.ptd``; the exported mixers are
   ``default.ptd``. The head has a fixed capacity (``max_classes``): smaller heads are zero-padded and
   outputs are cut to the task's class count by the loaders.
+  ``forward`` before any ``set_task`` fails in the runtime itself (the task guard, ``_SwapProgram``), so
+  a plain ``Runtime.load_program(pte, data_path=ptd)`` or C++ ``Module(pte, ptd)`` never returns zeros.
 
 Recipes: ``xnnpack`` (delegate to XNNPACK, fp32; tolerance 1e-3) and ``portable`` (ExecuTorch's portable
 kernels, no delegate; tolerance 1e-4). timm's fused attention (``F.scaled_dot_product_attention``)
@@ -88,6 +90,7 @@ from crisp_edge.export.parity.reference import (
     resolve_reference,
     write_reference,
 )
+from crisp_edge.export.parity.task_reference import source_record
 from crisp_edge.export.parity.validate import validate_bundle
 from torch import nn
 
@@ -140,10 +143,23 @@ class _BufLinear(nn.Module):
 
 class _SwapProgram(nn.Module):
     """The dense architecture with CRISP weights (and the head) as buffers, the bases as constants, and
-    ``set_task`` rebuilding the buffers from task inputs. ``forward`` runs the model."""
+    ``set_task`` rebuilding the buffers from task inputs. ``forward`` runs the model.
 
-    def __init__(self, model: nn.Module, names: list[str], max_classes: int | None) -> None:
+    The task guard: ``set_task`` writes the bundle's tag into the buffer ``task_tag`` (zero in the
+    program's initial state); ``forward`` multiplies its output by ``index_select(ones(1), 0,
+    task_tag != tag)``, i.e. by 1 once a task is set. Before any ``set_task`` the index is 1, out of
+    range, and ExecuTorch's bounds-checked portable kernel fails the whole ``forward`` (error 0x12,
+    InvalidArgument, logged as "index[0] = 1 is out of range") instead of returning all-zero logits:
+    the plain ``Runtime.load_program(pte, data_path=ptd)`` / C++ ``Module(pte, ptd)`` path, which never
+    calls ``set_task``, fails loudly. (ExecuTorch 1.5.1 removes ``torch._assert_async`` and
+    ``aten._assert_scalar`` from programs in ``RemoveGraphAssertsPass``, so an assert op cannot do it.)
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], max_classes: int | None, tag: int = 0) -> None:
         super().__init__()
+        self.tag = int(tag)
+        self.register_buffer("task_tag", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("task_guard", torch.ones(1))
         dense = materialize_(copy.deepcopy(model))
         _unfuse_attention(dense)
         self.bases = nn.ParameterDict()
@@ -170,7 +186,8 @@ class _SwapProgram(nn.Module):
         self.fwd = _Forward(dense, names)
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return self.fwd(*xs)
+        unset = (self.task_tag != self.tag).long()  # 0 once set_task ran: the index is in range
+        return self.fwd(*xs) * torch.index_select(self.task_guard, 0, unset)
 
     def set_task(self, *inputs: torch.Tensor) -> torch.Tensor:
         for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
@@ -182,6 +199,7 @@ class _SwapProgram(nn.Module):
             head = self.fwd.model.get_submodule(self.head_path)
             head.weight.copy_(inputs[len(self.groups)])
             head.bias.copy_(inputs[len(self.groups) + 1])
+        self.task_tag.fill_(self.tag)
         return torch.zeros(1)
 
 
@@ -208,7 +226,8 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
                       example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
                       max_classes: int | None = None, overwrite: bool = False, threads: int = 1,
                       validate: bool = True, reference_device: str = "auto",
-                      reference_dtype: str = "float32", quantize: str | None = None) -> EtBundle:
+                      reference_dtype: str = "float32", quantize: str | None = None,
+                      checkpoint: str | os.PathLike | None = None) -> EtBundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ExecuTorch bundle at ``out_dir``.
 
     Args:
@@ -226,6 +245,8 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         quantize: None (float32) or "int8" (``crisp_edge.export.quantize``: XNNPACK's int8 per-channel
             weights with dynamically quantized activations, through PT2E; dense mode, xnnpack recipe),
             recorded in the manifest; parity then uses the int8 tolerance.
+        checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
+            that tasks added later (``export-task``) get their PyTorch reference from it.
 
     Returns the ``EtBundle``; raises ``ParityError`` if ExecuTorch disagrees with PyTorch.
     """
@@ -249,7 +270,8 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
     example = _example_inputs(model, example_input)
     mixers = task_mixers(model, tasks)
     return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, recipe, example, mixers,
-                                                                 max_classes, reference, quantize),
+                                                                 max_classes, reference, quantize,
+                                                                 source_record(checkpoint, model)),
                            EtBundle, threads=threads, validate=validate_bundle if validate else None)
 
 
@@ -259,7 +281,7 @@ def _io(names: list[str], example: dict[str, torch.Tensor]) -> list[dict]:
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, example: dict,
                   mixers: list[MixerFile], max_classes: int | None, reference: dict,
-                  quantize: str | None = None) -> dict:
+                  quantize: str | None = None, source: dict | None = None) -> dict:
     names = list(example)
     args = tuple(example[n] for n in names)
     files: list[str] = [PROGRAM]
@@ -292,10 +314,10 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                 raise ConfigError(f"max_classes={cap} is smaller than a head to ship ({max(counts)} classes).")
             head = {"path": found[0], "in_features": found[1].in_features, "num_classes": found[1].out_features,
                     "max_classes": cap}
-        prog = _SwapProgram(model, names, head["max_classes"] if head else None).eval()
+        fp, layout = bases_fingerprint(model), model_layout(model)
+        prog = _SwapProgram(model, names, head["max_classes"] if head else None, bundle_tag(fp, layout)).eval()
         view = copy.copy(prog)
         view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
-        fp, layout = bases_fingerprint(model), model_layout(model)
         inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2],
                                                      crisp_bases(model)[key].s]}
                   for key, bkey, layers, *_ in prog.groups]
@@ -366,6 +388,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
     }
     if quantize is not None:
         manifest["quantize"] = quant
+    if source is not None:
+        manifest["source"] = source
     if swap is not None:
         manifest["swappable"] = swap
     (folder / RUNNER_SPEC).write_text(runner_spec(manifest))

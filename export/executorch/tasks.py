@@ -26,8 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from crisp_edge.export.bundle import (
-    MANIFEST,
-    TASKS_DIR,
     check_mixers_for_bundle,
     check_task_name,
 )
@@ -43,7 +41,7 @@ from crisp_edge.export.flatbuffer import FlatReader as _Reader
 from crisp_edge.export.flatbuffer import Malformed as _Malformed
 
 from crisp_edge.errors import BasisMismatchError, LayoutMismatchError
-from crisp_edge.files.io import atomic_write_bytes, atomic_write_json, sha256_file
+from crisp_edge.files.io import atomic_write_bytes, sha256_file
 from crisp_edge.files.mixers import MixerFile, read_mixers
 
 #: No task file of mixers and a head comes near this; a larger file is refused before it is parsed.
@@ -289,22 +287,25 @@ def task_record(folder: Path, rel: str, mf: MixerFile, arrays: dict[str, np.ndar
     }
 
 
-def add_task(bundle_dir: str | os.PathLike, mixer_file: str | os.PathLike | MixerFile, name: str | None = None) -> Path:
+def add_task(bundle_dir: str | os.PathLike, mixer_file: str | os.PathLike | MixerFile, name: str | None = None, *,
+             checkpoint: str | os.PathLike | None = None) -> Path:
     """Turn a mixer file into ``tasks/<name>.ptd`` of an existing swappable ExecuTorch bundle (no re-export).
 
-    The file is checked against the bundle's recorded bases fingerprint and layout first; the manifest
-    gains a ``tasks`` entry (file, SHA-256, sizes, labels). Returns the ``.ptd`` path."""
+    The file is checked against the bundle's recorded bases fingerprint and layout first; the task's
+    PyTorch reference is computed from ``checkpoint`` or the bundle's recorded source checkpoint when
+    its bases match (else the task is recorded as unchecked: ``crisp_edge.export.parity.task_reference``);
+    the manifest, replaced last, gains a ``tasks`` entry (file, SHA-256, sizes, labels, reference).
+    Returns the ``.ptd`` path."""
+    from crisp_edge.export.parity.task_reference import add_task_files, task_reference
+
     bundle = load_et_bundle(bundle_dir)
     swap = _swap(bundle)
     mf = mixer_file if isinstance(mixer_file, MixerFile) else read_mixers(mixer_file)
     task = check_task_name(name or mf.task)
     arrays = task_arrays(mf, swap, str(mf.path) if mf.path else f"mixer file for task {mf.task!r}")
-    rel = f"{TASKS_DIR}/{task}{PTD_SUFFIX}"
-    path = write_task_ptd(arrays, bundle.path / rel, swap["tag"])
-    manifest = dict(bundle.manifest)
-    manifest["tasks"] = {**manifest.get("tasks", {}), task: task_record(bundle.path, rel, mf, arrays)}
-    atomic_write_json(bundle.path / MANIFEST, manifest)
-    return path
+    reference = task_reference(bundle, mf, task, checkpoint)
+    return add_task_files(bundle, task, PTD_SUFFIX, lambda p: write_task_ptd(arrays, p, swap["tag"]),
+                          lambda rel: task_record(bundle.path, rel, mf, arrays), reference)
 
 
 __all__ = ["add_executorch_task", "add_task", "check_task_ptd", "parse_ptd", "ptd_bytes", "read_ptd_bytes", "task_arrays", "write_task_ptd"]

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from crisp_edge.export.bundle import (
-    TASKS_DIR,
     Bundle,
     check_mixers_for_bundle,
     check_task_name,
@@ -33,7 +32,7 @@ from crisp_edge.errors import (
     BasisMismatchError,
     LayoutMismatchError,
 )
-from crisp_edge.files.io import atomic_write_json, sha256_file
+from crisp_edge.files.io import sha256_file
 from crisp_edge.files.mixers import MixerFile, read_mixers
 
 ADAPTER_VERSION = 1
@@ -152,26 +151,27 @@ def read_adapter(path: str | os.PathLike, swap: dict) -> dict[str, np.ndarray]:
 
 
 def mixers_to_onnx_adapter(mixer_file: str | os.PathLike | MixerFile, bundle_dir: str | os.PathLike,
-                           name: str | None = None) -> Path:
+                           name: str | None = None, *, checkpoint: str | os.PathLike | None = None) -> Path:
     """Turn a crisp-edge mixer file into ``tasks/<name>.onnx_adapter`` of an existing swappable bundle.
 
     The file is checked against the bundle's recorded bases fingerprint and layout (mismatches raise
     ``BasisMismatchError`` / ``LayoutMismatchError`` / ``GateMismatchError``); nothing is re-exported.
-    The manifest gains a ``tasks`` entry (file, SHA-256, sizes, labels). Returns the adapter's path.
+    The task's PyTorch reference is computed from ``checkpoint`` or the bundle's recorded source
+    checkpoint when its bases match (else the task is recorded as unchecked:
+    ``crisp_edge.export.parity.task_reference``). The manifest, replaced last, gains a ``tasks`` entry
+    (file, SHA-256, sizes, labels, reference). Returns the adapter's path.
     """
+    from crisp_edge.export.parity.task_reference import add_task_files, task_reference
+
     bundle = load_bundle(bundle_dir)
     swap = _swap(bundle)
     mf = mixer_file if isinstance(mixer_file, MixerFile) else read_mixers(mixer_file)
     task = check_task_name(name or mf.task)
     where = str(mf.path) if mf.path else f"mixer file for task {mf.task!r}"
     arrays = adapter_arrays(mf, swap, where)
-    rel = f"{TASKS_DIR}/{task}{ADAPTER_SUFFIX}"
-    path = write_adapter(arrays, bundle.path / rel, swap["adapter_model_version"])
-    record = task_record(bundle.path, rel, mf, arrays)
-    manifest = dict(bundle.manifest)
-    manifest["tasks"] = {**manifest.get("tasks", {}), task: record}
-    atomic_write_json(bundle.path / "manifest.json", manifest)
-    return path
+    reference = task_reference(bundle, mf, task, checkpoint)
+    return add_task_files(bundle, task, ADAPTER_SUFFIX, lambda p: write_adapter(arrays, p, swap["adapter_model_version"]),
+                          lambda rel: task_record(bundle.path, rel, mf, arrays), reference)
 
 
 def task_record(folder: Path, rel: str, mf: MixerFile, arrays: dict[str, np.ndarray]) -> dict:
@@ -186,13 +186,10 @@ def task_record(folder: Path, rel: str, mf: MixerFile, arrays: dict[str, np.ndar
 
 
 def remove_task(bundle_dir: str | os.PathLike, task: str) -> None:
-    """Drop a task's adapter and its manifest entry."""
-    bundle = load_bundle(bundle_dir, verify=False)
-    path = bundle.task_path(task)
-    manifest = dict(bundle.manifest)
-    manifest["tasks"] = {k: v for k, v in manifest["tasks"].items() if k != task}
-    atomic_write_json(bundle.path / "manifest.json", manifest)
-    path.unlink(missing_ok=True)
+    """Drop a task: its manifest entry first, then its adapter and reference files."""
+    from crisp_edge.export.parity.task_reference import remove_task_files
+
+    remove_task_files(load_bundle(bundle_dir, verify=False), task)
 
 
 __all__ = ["adapter_arrays", "check_adapter", "mixers_to_onnx_adapter", "read_adapter",

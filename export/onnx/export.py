@@ -98,6 +98,7 @@ from crisp_edge.export.parity.reference import (
     resolve_reference,
     write_reference,
 )
+from crisp_edge.export.parity.task_reference import source_record
 from crisp_edge.export.parity.validate import validate_bundle
 from crisp_edge.export.quantize import SCHEMES, check_scheme, quantize_record
 from crisp_edge.files.fingerprint import bases_fingerprint
@@ -204,7 +205,8 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
                 example_input: torch.Tensor | dict[str, torch.Tensor] | None = None,
                 tasks: Sequence[str | os.PathLike | MixerFile] = (), opset: int = DEFAULT_OPSET,
                 overwrite: bool = False, threads: int = 1, reference_device: str = "auto",
-                reference_dtype: str = "float32", exporter: str = "torch", quantize: str | None = None) -> OnnxBundle:
+                reference_dtype: str = "float32", exporter: str = "torch", quantize: str | None = None,
+                checkpoint: str | os.PathLike | None = None) -> OnnxBundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ONNX bundle at ``out_dir``.
 
     Args:
@@ -223,6 +225,8 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         quantize: None (float32) or "int8" (``crisp_edge.export.quantize``: int8 per-channel weights,
             dynamic int8 activations, by ONNX Runtime's ``quantize_dynamic``; dense mode), recorded in the
             manifest; parity then uses the int8 tolerance.
+        checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
+            that tasks added later (``export-task``) get their PyTorch reference from it.
 
     Returns the validated ``OnnxBundle``; raises ``ParityError`` if ORT disagrees with PyTorch.
     """
@@ -249,13 +253,14 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         names = list(example)
     mixers = task_mixers(model, tasks)
     return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, example, names, mixers, opset,
-                                                                 reference, optimum_export, quantize),
+                                                                 reference, optimum_export, quantize,
+                                                                 source_record(checkpoint, model)),
                            OnnxBundle, threads=threads, validate=validate_bundle)
 
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, names: list[str],
                   mixers: list[MixerFile], opset: int, reference: dict, optimum_export: OptimumExport | None = None,
-                  quantize: str | None = None) -> dict:
+                  quantize: str | None = None, source: dict | None = None) -> dict:
     args = tuple(example[n] for n in names) if optimum_export is None else ()
     axes = {n: {0: BATCH_AXIS} for n in names}
     axes[OUTPUT_NAME] = {0: BATCH_AXIS}
@@ -338,6 +343,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
                    "crisp_groups": len(crisp_bases(model))},
         "tasks": tasks,
     }
+    if source is not None:
+        manifest["source"] = source
     if swap is not None:
         manifest["swappable"] = swap
     if quant is not None:

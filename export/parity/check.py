@@ -46,7 +46,7 @@ from crisp_edge.export.parity.reference import (
     REFERENCE,
     Reference,
     load_arrays,
-    read_reference,
+    read_bundle_reference,
 )
 
 from crisp_edge.errors import ConfigError, CrispEdgeError
@@ -87,7 +87,7 @@ def _new_report(bundle: Any, runtime: str, *, source: str, atol: float | None, m
                           tolerance={**tol.to_dict(), "runtime": runtime, "mode": mode, "dtype": dtype,
                                      "recipe": m.get("recipe")},
                           reference={} if ref is None else {k: ref.record.get(k) for k in (
-                              "device", "dtype", "cases", "batch_sizes", "seed", "recomputed") if k in ref.record})
+                              "device", "dtype", "cases", "batch_sizes", "seed", "recomputed", "recomputed_tasks") if k in ref.record})
     return report, tol
 
 
@@ -111,14 +111,33 @@ def _compare_case(report: ParityReport, tol: Tolerance, ref: Reference, task: st
                                        f"reference ({ref.output_names})"))
 
 
-def _select_tasks(ref: Reference, tasks: Iterable[str] | None) -> list[str]:
-    if tasks is None:
-        return ref.tasks
-    tasks = list(tasks)
-    unknown = [t for t in tasks if t not in ref.outputs]
+def _select_tasks(ref: Reference, tasks: Iterable[str] | None, report: ParityReport | None = None,
+                  allow_unchecked: Iterable[str] = ()) -> list[str]:
+    """The tasks to compare (those with reference outputs). With ``report``, every selected task that has
+    no reference (``ref.unchecked``) is a failure, unless its name is in ``allow_unchecked`` (then it is
+    listed in ``report.unchecked`` as skipped)."""
+    allowed = list(allow_unchecked)
+    stale = [t for t in allowed if t not in ref.unchecked]
+    if stale:
+        raise ConfigError(f"--allow-unchecked {stale}: not unchecked tasks of this bundle (tasks without a PyTorch "
+                          f"reference: {sorted(ref.unchecked) or 'none'}).")
+    wanted = list(ref.tasks) + sorted(ref.unchecked) if tasks is None else list(tasks)
+    unknown = [t for t in wanted if t not in ref.outputs and t not in ref.unchecked]
     if unknown:
         raise ConfigError(f"no reference outputs for task(s) {unknown}; the bundle has {ref.tasks}.")
-    return tasks
+    if report is not None:
+        for t in wanted:
+            if t in ref.unchecked:
+                report.unchecked.append({"task": t, "reason": ref.unchecked[t], "allowed": t in allowed})
+                if t not in allowed:
+                    report.failures.append(Failure(t, "reference", "Unchecked", unchecked_message(t, ref.unchecked[t])))
+    return [t for t in wanted if t in ref.outputs]
+
+
+def unchecked_message(task: str, reason: str) -> str:
+    return (f"task {task!r} has no PyTorch reference ({reason}), so its outputs cannot be checked. Add it again "
+            f"with `crisp-edge export-task BUNDLE MIXERS --checkpoint CK` (CK: the checkpoint the bundle was exported "
+            f"from and the task trained on), or pass --allow-unchecked {task} to skip it knowingly")
 
 
 class _NoBar:
@@ -140,7 +159,7 @@ def _bar(total: int, enabled: bool):
 def check_bundle(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None = None, atol: float | None = None,
                  min_cosine: float | None = None, raise_on_failure: bool = False, raise_errors: bool = False,
                  progress: bool = False, session_kwargs: dict | None = None,
-                 reference: Reference | None = None) -> ParityReport:
+                 reference: Reference | None = None, allow_unchecked: Iterable[str] = ()) -> ParityReport:
     """Run ``bundle`` (a folder or a loaded bundle of any runtime in ``RUNTIMES``) on its stored
     inputs and compare every output of every case of every task (or of ``tasks``) with the reference.
 
@@ -149,6 +168,8 @@ def check_bundle(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None =
     instead). With ``raise_on_failure`` a failed check raises ``ParityError`` (carrying the report)
     instead of returning it. ``reference``: compare with this reference (``recompute_reference``:
     the model run again, e.g. in float64 or on the GPU) instead of the one stored in the bundle.
+    A task of the bundle without a PyTorch reference (added with no checkpoint to compute one) is a
+    failure unless named in ``allow_unchecked``.
     """
     path = str(getattr(bundle, "path", bundle))
     report = ParityReport(path, float("nan"), float("nan"), source="runtime", threads=threads)
@@ -167,14 +188,14 @@ def check_bundle(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None =
         failed("*", "load", e)
         return done()
     try:
-        ref = reference if reference is not None else read_reference(b.path, b.manifest.get("reference"))
+        ref = reference if reference is not None else read_bundle_reference(b.path, b.manifest)
     except CrispEdgeError as e:
         report, _ = _new_report(b, runtime, source="runtime", atol=atol, min_cosine=min_cosine, ref=None)
         failed("*", "load", e)
         return done()
     report, tol = _new_report(b, runtime, source="runtime", atol=atol, min_cosine=min_cosine, ref=ref)
     report.threads = threads
-    selected = _select_tasks(ref, tasks)
+    selected = _select_tasks(ref, tasks, report, allow_unchecked)
     report.tasks = list(selected)
     dtypes = _expected_dtypes(b.manifest)
     t0 = time.perf_counter()
@@ -247,17 +268,19 @@ def load_device_outputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def check_outputs(bundle: Any, outputs: str | os.PathLike | dict[str, np.ndarray], *,
                   tasks: Iterable[str] | None = None, atol: float | None = None, min_cosine: float | None = None,
-                  runtime: str | None = None, raise_on_failure: bool = False) -> ParityReport:
+                  runtime: str | None = None, raise_on_failure: bool = False,
+                  allow_unchecked: Iterable[str] = ()) -> ParityReport:
     """Compare outputs produced elsewhere (keyed ``output.{task}.{i}.{name}``) with the bundle's reference.
 
     Every task present in ``outputs`` (or every task of ``tasks``) must have every case and output;
-    a key the reference does not know is a failure (a misnamed output). ``runtime`` overrides which
-    runtime's tolerance applies (default: the bundle's).
+    a key the reference does not know is a failure (a misnamed output), and outputs of a task without a
+    PyTorch reference are a failure unless it is named in ``allow_unchecked``. ``runtime`` overrides
+    which runtime's tolerance applies (default: the bundle's).
     """
     path = str(getattr(bundle, "path", bundle))
     try:
         rt, b = open_bundle(bundle)
-        ref = read_reference(b.path, b.manifest.get("reference"))
+        ref = read_bundle_reference(b.path, b.manifest)
     except CrispEdgeError as e:
         report = ParityReport(path, float("nan"), float("nan"), source="outputs")
         report.failures.append(Failure("*", "load", type(e).__name__, str(e)))
@@ -271,7 +294,9 @@ def check_outputs(bundle: Any, outputs: str | os.PathLike | dict[str, np.ndarray
     report.outputs_path = "" if isinstance(outputs, dict) else str(outputs)
     keys = {f"output.{t}.{i}.{n}": (t, i, n) for t in ref.tasks for i in range(len(ref.inputs)) for n in ref.output_names}
     present = [t for t in ref.tasks if any(k in arrays for k, (tt, _, _) in keys.items() if tt == t)]
-    selected = _select_tasks(ref, tasks) if tasks is not None else present
+    present += [t for t in sorted(ref.unchecked) if any(k.startswith(f"output.{t}.") for k in arrays)]
+    selected = _select_tasks(ref, tasks if tasks is not None else present, report, allow_unchecked)
+    skipped = tuple(f"output.{t}." for t in ref.unchecked)
     report.tasks = list(selected)
     if not selected:
         report.failures.append(Failure("*", "outputs", "missing", f"no array is keyed output.{{task}}.{{i}}.{{name}} "
@@ -282,7 +307,7 @@ def check_outputs(bundle: Any, outputs: str | os.PathLike | dict[str, np.ndarray
         for i in range(len(ref.inputs)):
             got = {n: arrays[f"output.{task}.{i}.{n}"] for n in ref.output_names if f"output.{task}.{i}.{n}" in arrays}
             _compare_case(report, tol, ref, task, i, got, dtypes)
-    for k in sorted(set(arrays) - set(keys)):
+    for k in sorted(k for k in set(arrays) - set(keys) if not k.startswith(skipped)):
         report.failures.append(Failure("*", "outputs", "unexpected", f"array {k!r} is not in the reference (keys are "
                                        f"output.{{task}}.{{i}}.{{name}} for tasks {ref.tasks} and outputs "
                                        f"{ref.output_names})"))
@@ -294,7 +319,9 @@ def recompute_reference(bundle: Any, model: Any, mixers: Iterable[Any] = (), *, 
     """The bundle's reference made again from ``model`` (the CRISP model it was exported from) on the
     bundle's stored inputs: on ``device`` ("auto": CUDA when present) in ``dtype`` ("float64" for a
     tighter reference). Tasks: ``default`` (the model as given) and one per mixer file in ``mixers``
-    (applied to a copy; named by the file's task). Pass it to ``check_bundle(reference=...)``."""
+    (applied to a copy; named by the file's task). The bundle's other tasks keep their stored reference
+    (``record["recomputed_tasks"]`` names the recomputed ones), so none goes unchecked. Pass it to
+    ``check_bundle(reference=...)``."""
     import copy
 
     import torch
@@ -304,26 +331,33 @@ def recompute_reference(bundle: Any, model: Any, mixers: Iterable[Any] = (), *, 
 
     where = resolve_reference(device, dtype)
     _, b = open_bundle(bundle)
-    stored = read_reference(b.path, b.manifest.get("reference"))
+    stored = read_bundle_reference(b.path, b.manifest)
     cases = [{n: torch.from_numpy(np.array(v)) for n, v in c.items()} for c in stored.inputs]
     run = dict(output_names=stored.output_names, **where)
     outs = {DEFAULT_TASK: reference_outputs(model, cases, **run)}
+    unchecked = dict(stored.unchecked)
     for mf in mixers:
         mf = mf if isinstance(mf, MixerFile) else read_mixers(mf)
         task_model = copy.deepcopy(model)
         apply_mixers_(task_model, mf)
         outs[mf.task] = reference_outputs(task_model, cases, **run)
-    return Reference(stored.inputs, outs, {**stored.record, "tasks": list(outs), **where, "recomputed": True})
+        unchecked.pop(mf.task, None)
+    recomputed = list(outs)
+    # the bundle's other tasks keep their stored reference (still PyTorch's): none is silently left out
+    outs.update({t: v for t, v in stored.outputs.items() if t not in outs})
+    return Reference(stored.inputs, outs, {**stored.record, "tasks": list(outs), **where, "recomputed": True,
+                                           "recomputed_tasks": recomputed}, unchecked)
 
 
 def run_outputs(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Run ``bundle`` in its runtime on the stored inputs and return the outputs keyed
     ``output.{task}.{i}.{name}`` (what a device run must write for ``check_outputs``)."""
     _, b = open_bundle(bundle)
-    ref = read_reference(b.path, b.manifest.get("reference"))
+    ref = read_bundle_reference(b.path, b.manifest)
     sess = b.session(threads=threads)
     out = {}
-    for task in _select_tasks(ref, tasks):
+    wanted = list(ref.tasks) + sorted(ref.unchecked) if tasks is None else list(tasks)
+    for task in wanted:
         if sess.swappable:
             sess.set_task(task)
         elif task != DEFAULT_TASK:

@@ -113,6 +113,7 @@ class Comparison:
     dtype: str = ""
     ref_dtype: str = ""
     fault: str = ""  # a short tag of the diagnosed fault: dtype, shape, reordered, wrong-task, numeric, non-finite
+    inputs: str = "reference"  # "reference": a stored case (reference.npz); "data": a chunk of the user's inputs
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,12 @@ class ParityReport:
     timings: dict = field(default_factory=dict)
     threads: int | None = None
     bundle_format: str = ""
+    #: tasks of the bundle without a PyTorch reference: {"task", "reason", "allowed"} (allowed = skipped by name)
+    unchecked: list = field(default_factory=list)
+    #: the check on the user's own inputs (``check_inputs``): path, examples, top-1 agreement, label accuracy
+    data: dict = field(default_factory=dict)
+    #: where it diverged (``export.parity.layers``): per-layer errors and the first layer over tolerance
+    layers: dict = field(default_factory=dict)
     #: output name -> [(task, case, |got - ref| flattened)], for the error-distribution plot.
     diffs: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -235,7 +242,14 @@ class ParityReport:
     def problems(self) -> list[str]:
         """One line per failure and failed comparison, naming the fault."""
         out = [f"task {f.task!r}: {f.stage}: {f.error}: {f.message}" for f in self.failures]
-        out += [f"task {c.task!r}, case {c.case}, output {c.output!r}: {c.problem}" for c in self.comparisons if not c.passed]
+        out += [f"task {c.task!r}, {'chunk' if c.inputs == 'data' else 'case'} {c.case}"
+                + (" of your data" if c.inputs == "data" else "") + f", output {c.output!r}: {c.problem}"
+                for c in self.comparisons if not c.passed]
+        first = self.layers.get("first_over") if isinstance(self.layers, dict) else None
+        if first:
+            out.append(f"task {self.layers['task']!r}: diverged first at layer {first['layer']!r} ({first['kind']}): "
+                       + (first["problem"] or f"max abs {first['max_abs']:.3g} > {first['limit']:.3g}, cosine "
+                                              f"{first['cosine']:.7f}"))
         return out
 
     def summary(self) -> str:

@@ -36,6 +36,7 @@ from torch import nn
 
 from crisp_edge.errors import ConfigError
 from crisp_edge.files.io import atomic_write_bytes
+from crisp_edge.files.io import inside as io_inside
 
 REFERENCE = "reference.npz"
 #: Batch sizes of the stored reference cases: two sizes, so a dynamic batch axis is exercised.
@@ -208,6 +209,8 @@ class Reference:
     inputs: list[dict[str, np.ndarray]]
     outputs: dict[str, list[dict[str, np.ndarray]]]
     record: dict[str, Any] = field(default_factory=dict)
+    #: tasks of the bundle with no reference outputs -> why (``read_bundle_reference``)
+    unchecked: dict[str, str] = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -256,3 +259,37 @@ def read_reference(folder: str | os.PathLike, record: Any, error: type[Exception
     except KeyError as e:
         raise error(f"{path} lacks {e} that the manifest's 'reference' record lists.") from None
     return Reference(inputs, outputs, dict(record))
+
+
+#: Why a task without a reference record has none (tasks added by crisp-edge before 0.2 never had one).
+NO_REFERENCE = "the task was added to the bundle without a PyTorch reference"
+
+
+def read_bundle_reference(folder: str | os.PathLike, manifest: dict, error: type[Exception] = BundleError) -> Reference:
+    """A bundle's whole reference: ``reference.npz`` (the inputs, and the outputs of the tasks exported with
+    the bundle) plus the outputs of every task added later with a reference file (its task record's
+    ``reference.file``, keys ``output.{task}.{i}.{name}``). Tasks with neither are listed in
+    ``Reference.unchecked`` with the reason the task record gives."""
+    folder = Path(folder)
+    ref = read_reference(folder, manifest.get("reference"), error)
+    tasks = manifest.get("tasks")
+    for task, rec in (tasks if isinstance(tasks, dict) else {}).items():
+        if task in ref.outputs:
+            continue
+        r = rec.get("reference") if isinstance(rec, dict) else None
+        if not (isinstance(r, dict) and isinstance(r.get("file"), str) and r["file"].endswith(".npz")):
+            why = rec.get("unchecked") if isinstance(rec, dict) else None
+            ref.unchecked[task] = str(why)[:500] if isinstance(why, str) and why else NO_REFERENCE
+            continue
+        where = f"{folder / 'manifest.json'}: tasks[{task!r}].reference.file"
+        if r["file"] not in (manifest.get("files") or {}):
+            raise error(f"{where}: {r['file']!r:.80} is not listed (with its SHA-256) under 'files'; the manifest was "
+                        "edited. Add the task again (crisp-edge export-task).")
+        path = io_inside(folder, r["file"], where, error, "bundle")
+        data = load_arrays(path, error, f"reference file of task {task!r}")
+        try:
+            ref.outputs[task] = [{n: data[f"output.{task}.{i}.{n}"] for n in ref.output_names}
+                                 for i in range(len(ref.inputs))]
+        except KeyError as e:
+            raise error(f"{path} lacks {e}: it is not the reference of task {task!r} on this bundle's inputs.") from None
+    return ref

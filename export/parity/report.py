@@ -98,8 +98,12 @@ def report_json(report: ParityReport) -> dict[str, Any]:
         "comparisons": [
             {"task": c.task, "case": c.case, "output": c.output, "shape": c.shape, "dtype": c.dtype,
              "ref_dtype": c.ref_dtype, "max_abs": c.max_abs, "max_rel": c.max_rel, "cosine": c.cosine,
-             "top1": c.top1, "passed": c.passed, "fault": c.fault or None, "problem": c.problem or None}
+             "top1": c.top1, "passed": c.passed, "fault": c.fault or None, "problem": c.problem or None,
+             "inputs": c.inputs}
             for c in comps],
+        "unchecked": list(report.unchecked),
+        "data": report.data or None,
+        "layers": report.layers or None,
         "failures": [{"task": f.task, "stage": f.stage, "error": f.error, "message": f.message}
                      for f in report.failures],
         "timings": report.timings,
@@ -115,7 +119,8 @@ def junit_xml(report: ParityReport) -> bytes:
     total_time = sum(v for v in report.timings.values() if isinstance(v, (int, float)))
     cases = []
     for c in report.comparisons:
-        tc = ET.Element("testcase", classname=f"{base}.{c.task}", name=f"case{c.case}.{c.output}", time="0")
+        kind = "data" if c.inputs == "data" else "case"
+        tc = ET.Element("testcase", classname=f"{base}.{c.task}", name=f"{kind}{c.case}.{c.output}", time="0")
         detail = (f"shape {c.shape} dtype {c.dtype} (reference {c.ref_dtype}); max abs {c.max_abs:.3g}, max rel "
                   f"{c.max_rel:.3g}, cosine {c.cosine:.7f}, top-1 {c.top1}; atol {report.atol:g}, min cosine "
                   f"{report.min_cosine}")
@@ -128,6 +133,18 @@ def junit_xml(report: ParityReport) -> bytes:
     for f in report.failures:
         tc = ET.Element("testcase", classname=f"{base}.{f.task}", name=f"{f.stage}", time="0")
         ET.SubElement(tc, "error", message=f"{f.error}: {f.message[:500]}", type=f.error).text = f.message
+        cases.append(tc)
+    if report.layers.get("available"):
+        first = report.layers.get("first_over")
+        tc = ET.Element("testcase", classname=f"{base}.{report.layers['task']}", name="per-layer", time="0")
+        lines = "\n".join(f"{r['layer']}: max abs {r['max_abs']}, cosine {r['cosine']}, limit {r['limit']}"
+                           + (" OVER" if r["over"] else "") for r in report.layers["layers"])
+        if first:
+            msg = (f"diverged first at layer {first['layer']!r} ({first['kind']}): "
+                   + (first["problem"] or f"max abs {first['max_abs']:.3g} > {first['limit']:.3g}"))
+            ET.SubElement(tc, "failure", message=msg, type="layer").text = lines
+        else:
+            ET.SubElement(tc, "system-out").text = lines
         cases.append(tc)
     if not cases:
         tc = ET.Element("testcase", classname=base, name="parity", time="0")
@@ -160,8 +177,12 @@ def plot_errors(report: ParityReport) -> bytes:
     )
 
     outputs = list(report.diffs) or ["(no outputs compared)"]
-    fig = Figure(figsize=(7, 2.8 * len(outputs) + 0.6))
-    axes = fig.subplots(len(outputs), 1, squeeze=False)
+    layers = report.layers.get("layers") if report.layers.get("available") else None
+    rows = len(outputs) + (1 if layers else 0)
+    fig = Figure(figsize=(7, 2.8 * rows + 0.6))
+    axes = fig.subplots(rows, 1, squeeze=False)
+    if layers:
+        _plot_layers(axes[-1, 0], report.layers)
     verdict = "PASS" if report.passed else "FAIL"
     fig.suptitle(f"{verdict}: {Path(report.bundle).name} ({report.runtime} {report.mode}, {report.source})", fontsize=10)
     for ax, name in zip(axes[:, 0], outputs):
@@ -193,6 +214,25 @@ def plot_errors(report: ParityReport) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return buf.getvalue()
+
+
+def _plot_layers(ax: Any, layers: dict) -> None:
+    """Per-layer max abs error (log scale) in execution order, each layer's limit, the first over marked."""
+    rows = layers["layers"]
+    xs = range(len(rows))
+    err = [max(r["max_abs"], PLOT_FLOOR) if r["max_abs"] is not None and math.isfinite(r["max_abs"]) else 1e30
+           for r in rows]
+    ax.plot(xs, err, marker="o", markersize=3, linewidth=1, label="max |runtime - PyTorch|")
+    ax.plot(xs, [r["limit"] or float("nan") for r in rows], color="red", linestyle="--", linewidth=1, label="limit")
+    ax.set_yscale("log")
+    first = layers.get("first_over")
+    if first:
+        i = next(i for i, r in enumerate(rows) if r["layer"] == first["layer"])
+        ax.axvline(i, color="black", linewidth=1, label=f"first over: {first['layer']}")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["layer"] for r in rows], rotation=90, fontsize=5)
+    ax.set_title(f"per-layer error, task {layers['task']!r}, case {layers['case']}", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def write_reports(report: ParityReport, out_dir: str | os.PathLike | None = None, *, json_path: str | os.PathLike | None = None,

@@ -22,14 +22,14 @@ from crisp_edge.export.parity.compare import (
     ParityReport,
     compare,
 )
-from crisp_edge.export.parity.reference import read_reference
+from crisp_edge.export.parity.reference import read_bundle_reference
 
 __all__ = ["ATOL_FP32", "MIN_COSINE", "Comparison", "ParityReport", "compare", "reference_cases", "validate_bundle"]
 
 
 def reference_cases(bundle) -> tuple[list[dict[str, np.ndarray]], dict[str, list[dict[str, np.ndarray]]]]:
     """The stored inputs (one dict per case) and reference outputs per task."""
-    ref = read_reference(bundle.path, bundle.manifest.get("reference"))
+    ref = read_bundle_reference(bundle.path, bundle.manifest)
     return ref.inputs, ref.outputs
 
 
