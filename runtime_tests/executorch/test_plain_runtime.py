@@ -67,3 +67,15 @@ def test_plain_program_after_set_task_computes_the_task(bundle):
         want = ref.outputs["t1"][i]["logits"]
         assert np.abs(got - want).max() <= 1e-4
         assert np.abs(got - ref.outputs["default"][i]["logits"][:, :3]).max() > 1e-2  # the task really differs
+
+
+@pytest.mark.slow
+def test_xnnpack_program_fails_loudly_too(tmp_path):
+    """The guard's index_select stays outside the XNNPACK delegate (a portable, bounds-checked kernel)."""
+    from executorch.runtime import Runtime
+
+    b = export_executorch(crisp_toy(), tmp_path / "x", mode="swappable", recipe="xnnpack")
+    assert b.manifest["non_delegated_ops"]["forward"].get("aten.index_select.default") == 1
+    program = Runtime.get().load_program(str(b.path / PROGRAM), data_path=str(b.path / DEFAULT_PTD))
+    with pytest.raises(RuntimeError, match="0x12"):
+        program.load_method("forward").execute([torch.zeros(2, 1, 16, 16)])
