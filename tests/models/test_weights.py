@@ -147,3 +147,23 @@ def test_cli_retrofit_with_weights_and_without(tmp_path, capsys):
         warnings.simplefilter("error")
         assert main(["retrofit", f"timm:{NAME}", *args, "--random-init", "--group-size", "2", "--no-progress"]) == 0
     assert "RANDOM weights" in capsys.readouterr().err
+
+
+def test_an_hf_folders_image_processor_sets_the_input_spec_through_checkpoints(tmp_path):
+    """create_model on a Hugging Face folder with preprocessor_config.json preprocesses data as that
+    processor does, also after retrofit + save_checkpoint + load_checkpoint (the spec is in the origin)."""
+    import transformers
+
+    from crisp_edge.data.input_spec import input_spec_of
+
+    hf = toy_model("hf-vit")
+    hf.save_pretrained(tmp_path / "hf")
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.25], image_std=[0.125],
+                                   resample=3).save_pretrained(tmp_path / "hf")
+    model = create_model(str(tmp_path / "hf"))
+    spec = input_spec_of(model)
+    assert (spec.mean, spec.std, spec.interpolation) == ((0.25,), (0.125,), "bicubic")
+    retrofit_(model, CONFIG, progress=False)
+    save_checkpoint(model, tmp_path / "ck")
+    assert input_spec_of(load_checkpoint(tmp_path / "ck")) == spec
+    assert input_spec_of(toy_model("hf-vit")).mean == (0.5,)  # without a processor: ViTImageProcessor defaults
