@@ -167,3 +167,18 @@ def test_an_hf_folders_image_processor_sets_the_input_spec_through_checkpoints(t
     save_checkpoint(model, tmp_path / "ck")
     assert input_spec_of(load_checkpoint(tmp_path / "ck")) == spec
     assert input_spec_of(toy_model("hf-vit")).mean == (0.5,)  # without a processor: ViTImageProcessor defaults
+
+
+def test_hf_hub_names_without_a_cached_copy_get_the_same_clear_error():
+    with pytest.raises(ConfigError, match=r"(?s)no pretrained weights found for timm:hf-hub:timm/x.*--weights FILE"):
+        create_model("timm:hf-hub:timm/x")
+
+
+@pytest.mark.slow  # dequantises a 135M-parameter GGUF: about a minute on 2 cores
+def test_gguf_models_record_their_file():
+    from crisp_edge.models.causal_lm import find_smollm2_gguf
+
+    model = create_model("smollm2")
+    origin = origin_of(model)
+    assert origin["kind"] == "gguf" and origin["files"][0]["sha256"] == sha256_file(find_smollm2_gguf())
+    assert source_of(model)["library"] == "transformers" and type(model).__name__ == "LlamaForCausalLM"
