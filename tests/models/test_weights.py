@@ -182,3 +182,16 @@ def test_gguf_models_record_their_file():
     origin = origin_of(model)
     assert origin["kind"] == "gguf" and origin["files"][0]["sha256"] == sha256_file(find_smollm2_gguf())
     assert source_of(model)["library"] == "transformers" and type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_info_shows_where_the_weights_came_from(tmp_path, capsys):
+    from crisp_edge.cli.main import main
+
+    _, path = _trained_file(tmp_path, ".safetensors")
+    model = create_model(f"timm:{NAME}", weights=path, model_args=KWARGS)
+    retrofit_(model, CONFIG, progress=False)
+    save_checkpoint(model, tmp_path / "ck")
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    assert f"weights: file weights from {path.resolve()} (sha256 {sha256_file(path)[:12]}" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "ck"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["origin"]["files"][0]["sha256"] == sha256_file(path)
