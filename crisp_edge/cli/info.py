@@ -21,11 +21,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             errors[layer["group"]] = max(errors.get(layer["group"], 0.0), layer["rel_error"])
     if args.json:
         print(json.dumps({"arch": meta["arch"], "config": meta["config"], "budget": b.to_dict(),
-                          "retrofit": fit, "source": meta.get("source")}, indent=2))
+                          "retrofit": fit, "source": meta.get("source"), "origin": meta.get("origin")}, indent=2))
         return 0
     print(f"checkpoint {args.checkpoint}: architecture {meta['arch']}, crisp-edge format v{meta['version']}")
     if meta.get("extra", {}).get("model"):
         print(f"converted from: {meta['extra']['model']}")
+    if "origin" in meta:  # checkpoints written before origins were recorded have none
+        from crisp_edge.models.weights import describe_origin
+
+        print(f"weights: {describe_origin(meta['origin'])}")
     print(format_budget(b, errors))
     if isinstance(fit, dict):
         print(f"retrofit: method={fit.get('method')}, worst layer error {fit.get('max_rel_error', float('nan')):.2e}")

@@ -24,8 +24,10 @@ Where the numbers come from (``InputSpec.source`` says which, for error messages
   built with fewer channels than its pretrained mean/std has (``in_chans=1``) gets their average,
   the grey value for which timm's summed RGB stem weights see the same input;
 * Hugging Face image models: ``config.num_channels`` and ``config.image_size``, with resize, crop,
-  mean and std from the image processor in ``processor_dir`` when one is given, else the defaults of
-  ``ViTImageProcessor`` (mean = std = 0.5, bilinear squash to the model size);
+  mean and std from the image processor in ``processor_dir`` when one is given (``create_model`` on a
+  folder with ``preprocessor_config.json`` reads it and records the spec in the model's origin, which
+  checkpoints keep), else the defaults of ``ViTImageProcessor`` (mean = std = 0.5, bilinear squash to
+  the model size);
 * Hugging Face language models (LLaMA, BERT, ...): tokens, ``max_length`` =
   ``min(config.max_position_embeddings, DEFAULT_MAX_TEXT_LENGTH)`` unless given.
 """
@@ -40,6 +42,7 @@ from torch import nn
 from crisp_edge.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from crisp_edge.errors import ConfigError, DataError
 from crisp_edge.models.sources import EMBEDDED_VIT_NAME, EMBEDDED_VIT_SOURCE, source_of
+from crisp_edge.models.weights import origin_of
 
 INPUT_SPEC_VERSION = 1
 #: Token budget of a classification example when the model allows more: 512 is BERT's window, and
@@ -191,7 +194,8 @@ def _size(d: Any) -> tuple[int, int] | int | None:
     return None
 
 
-def _hf_image_spec(model: nn.Module, processor_dir: str | os.PathLike | None) -> InputSpec:
+def _hf_image_spec(model: nn.Module, processor_dir: str | os.PathLike | None,
+                   recorded: dict[str, Any] | None = None) -> InputSpec:
     config = model.config
     channels = int(config.num_channels)
     size = config.image_size
@@ -199,14 +203,22 @@ def _hf_image_spec(model: nn.Module, processor_dir: str | os.PathLike | None) ->
     mean = std = (_HF_DEFAULT_MEAN_STD,) * channels
     crop_pct, interpolation, crop_mode = 1.0, "bilinear", "squash"
     source = f"{type(model).__name__}.config (no image processor given: ViTImageProcessor defaults)"
-    if processor_dir is not None:
+    if processor_dir is not None or recorded is not None:
         import transformers
 
+        where = processor_dir if processor_dir is not None else "the preprocessor_config.json recorded with the model"
         try:
-            proc = transformers.AutoImageProcessor.from_pretrained(str(processor_dir), local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"cannot read an image processor from {processor_dir} ({e}); it needs a "
+            if processor_dir is not None:
+                proc = transformers.AutoImageProcessor.from_pretrained(str(processor_dir), local_files_only=True)
+            else:
+                cls = getattr(transformers, str(recorded.get("image_processor_type", "ViTImageProcessor")), None)
+                if not (isinstance(cls, type) and issubclass(cls, transformers.image_processing_utils.BaseImageProcessor)):
+                    raise ValueError(f"image_processor_type {recorded.get('image_processor_type')!r} is not one")
+                proc = cls.from_dict(recorded)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read an image processor from {where} ({e}); it needs a "
                             "preprocessor_config.json (written by image_processor.save_pretrained).") from None
+        processor_dir = where
         if getattr(proc, "do_normalize", True):
             mean = _per_channel(proc.image_mean, channels, f"{processor_dir} image_mean")
             std = _per_channel(proc.image_std, channels, f"{processor_dir} image_std")
@@ -246,7 +258,8 @@ def input_spec_of(model: nn.Module, *, processor_dir: str | os.PathLike | None =
         return _timm_spec(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_channels") and hasattr(config, "image_size"):
-        return _hf_image_spec(model, processor_dir)
+        recorded = (origin_of(model) or {}).get("preprocessor_config")
+        return _hf_image_spec(model, processor_dir, recorded if isinstance(recorded, dict) else None)
     if config is not None and hasattr(config, "vocab_size"):
         window = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_TEXT_LENGTH
         length = max_length if max_length is not None else min(int(window), DEFAULT_MAX_TEXT_LENGTH)

@@ -130,6 +130,13 @@ def create_model(name: str, *, weights: str | os.PathLike | None = None, model_a
         files = [] if random_init else [w.file_record(p) for p in sorted(path.glob("*.safetensors"))]
         origin = {"kind": "random-init" if random_init else "hf-folder", "name": str(path.resolve()), "kwargs": {},
                   "files": files}
+        processor = path / "preprocessor_config.json"
+        if processor.is_file() and processor.stat().st_size < 1 << 20:  # its preprocessing, kept in checkpoints
+            try:
+                origin["preprocessor_config"] = json.loads(processor.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{processor} is not valid JSON ({e}); write it with image_processor.save_pretrained."
+                                  ) from None
     elif name == "smollm2" or (path.suffix.lower() == ".gguf"):
         from crisp_edge.models.causal_lm import find_smollm2_gguf, load_causal_lm
 

@@ -280,6 +280,12 @@ def load_timm(name: str, kwargs: dict[str, Any] | None = None, *, weights: str |
                           "Pass the architecture's arguments the weights were trained with (--model-arg).")
     if prefix:
         arch = model.pretrained_cfg.get("architecture") or arch
+    if prefix == "hf-hub":  # the architecture arguments saved beside the weights (in the cache now)
+        from timm.models._hub import load_model_config_from_hf
+
+        with _timm_loading():
+            saved = load_model_config_from_hf(rest)[2] or {}
+        arch_args = {k: v for k, v in saved.items() if k != "pretrained_model_args"}
     source_kwargs = {**arch_args, **kwargs}
     if num_classes is not None:
         source_kwargs["num_classes"] = int(num_classes)

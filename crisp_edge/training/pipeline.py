@@ -290,7 +290,7 @@ def run_pipeline(model: nn.Module, out_dir: str | Path, config: PipelineConfig |
         result.resumed.append("compress")
     else:
         log(f"[2/3] compress: keep {100 * config.keep_fraction:.0f}% of the targeted weights, distil on "
-            f"{len(distill_data[0]):,} inputs ({100 * config.distill_fraction:.0f}% of them)")
+            f"{100 * config.distill_fraction:.0f}% of the base training set")
         student, rec = _compress(teacher, config, distill_data, eval_data, progress)
         save_checkpoint(student, ckpt, source=source_of(model), extra={"compress": rec})
         run.record("compress", rec)

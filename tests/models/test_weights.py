@@ -147,3 +147,51 @@ def test_cli_retrofit_with_weights_and_without(tmp_path, capsys):
         warnings.simplefilter("error")
         assert main(["retrofit", f"timm:{NAME}", *args, "--random-init", "--group-size", "2", "--no-progress"]) == 0
     assert "RANDOM weights" in capsys.readouterr().err
+
+
+def test_an_hf_folders_image_processor_sets_the_input_spec_through_checkpoints(tmp_path):
+    """create_model on a Hugging Face folder with preprocessor_config.json preprocesses data as that
+    processor does, also after retrofit + save_checkpoint + load_checkpoint (the spec is in the origin)."""
+    import transformers
+
+    from crisp_edge.data.input_spec import input_spec_of
+
+    hf = toy_model("hf-vit")
+    hf.save_pretrained(tmp_path / "hf")
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.25], image_std=[0.125],
+                                   resample=3).save_pretrained(tmp_path / "hf")
+    model = create_model(str(tmp_path / "hf"))
+    spec = input_spec_of(model)
+    assert (spec.mean, spec.std, spec.interpolation) == ((0.25,), (0.125,), "bicubic")
+    retrofit_(model, CONFIG, progress=False)
+    save_checkpoint(model, tmp_path / "ck")
+    assert input_spec_of(load_checkpoint(tmp_path / "ck")) == spec
+    assert input_spec_of(toy_model("hf-vit")).mean == (0.5,)  # without a processor: ViTImageProcessor defaults
+
+
+def test_hf_hub_names_without_a_cached_copy_get_the_same_clear_error():
+    with pytest.raises(ConfigError, match=r"(?s)no pretrained weights found for timm:hf-hub:timm/x.*--weights FILE"):
+        create_model("timm:hf-hub:timm/x")
+
+
+@pytest.mark.slow  # dequantises a 135M-parameter GGUF: about a minute on 2 cores
+def test_gguf_models_record_their_file():
+    from crisp_edge.models.causal_lm import find_smollm2_gguf
+
+    model = create_model("smollm2")
+    origin = origin_of(model)
+    assert origin["kind"] == "gguf" and origin["files"][0]["sha256"] == sha256_file(find_smollm2_gguf())
+    assert source_of(model)["library"] == "transformers" and type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_info_shows_where_the_weights_came_from(tmp_path, capsys):
+    from crisp_edge.cli.main import main
+
+    _, path = _trained_file(tmp_path, ".safetensors")
+    model = create_model(f"timm:{NAME}", weights=path, model_args=KWARGS)
+    retrofit_(model, CONFIG, progress=False)
+    save_checkpoint(model, tmp_path / "ck")
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    assert f"weights: file weights from {path.resolve()} (sha256 {sha256_file(path)[:12]}" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "ck"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["origin"]["files"][0]["sha256"] == sha256_file(path)
