@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from crisp_edge.cli.options import BATCH, COUNT
 from crisp_edge.training.adapt import AdaptConfig
 
 _ADAPT = AdaptConfig()  # the library's defaults are the command's defaults
@@ -12,10 +13,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     from crisp_edge.data.tasks import load_task
     from crisp_edge.files.checkpoint import load_checkpoint
-    from crisp_edge.files.mixers import read_mixers, save_mixers
+    from crisp_edge.files.mixers import check_mixer_target, read_mixers, save_mixers
     from crisp_edge.training.adapt import adapt_
     from crisp_edge.training.loop import TrainConfig
 
+    out = args.out or f"{args.task}.mixers.safetensors"
+    check_mixer_target(out, args.overwrite)  # before training: a refused path costs nothing
     data = load_task(args.task, seed=args.seed, train_limit=args.train_limit)
     model = load_checkpoint(args.checkpoint)
     config = AdaptConfig(train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
@@ -23,7 +26,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                          train_biases=args.train_biases)
     report = adapt_(model, data.x_train, data.y_train, num_classes=data.task.num_classes, config=config,
                     eval_data=(data.x_test, data.y_test), progress=not args.no_progress)
-    out = args.out or f"{args.task}.mixers.safetensors"
     save_mixers(model, out, task=args.task, head=not args.no_head, biases=args.train_biases,
                 storage_dtype=torch.float16 if args.fp16 else None, labels=list(data.task.class_names))
     mf = read_mixers(out)
@@ -40,8 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("checkpoint", help="a CRISP checkpoint folder (from `crisp-edge retrofit`)")
     a.add_argument("--task", required=True, help="mnist | digits | fmnist5")
     a.add_argument("--out", help="mixer file to write (default: TASK.mixers.safetensors)")
-    a.add_argument("--epochs", type=int, default=_ADAPT.train.epochs)
-    a.add_argument("--batch-size", type=int, default=_ADAPT.train.batch_size)
+    a.add_argument("--overwrite", action="store_true", help="replace the mixer file already at --out")
+    a.add_argument("--epochs", type=COUNT, default=_ADAPT.train.epochs)
+    a.add_argument("--batch-size", type=BATCH, default=_ADAPT.train.batch_size)
     a.add_argument("--lr", type=float, default=_ADAPT.mixer_lr, help="mixer learning rate")
     a.add_argument("--head-lr", type=float, default=_ADAPT.head_lr)
     a.add_argument("--no-head", action="store_true", help="keep the model's head (do not train a new one)")

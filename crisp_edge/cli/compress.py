@@ -96,8 +96,10 @@ def _compress(args: argparse.Namespace, rank: int) -> int:
     from crisp_edge.training.evaluate import accuracy, predict
 
     out = Path(args.out)
-    if rank == 0 and out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace the checkpoint in it.")
+    if rank == 0:
+        from crisp_edge.files.checkpoint import check_checkpoint_target
+
+        check_checkpoint_target(out, args.overwrite)
     teacher = load_teacher(args.source)
     x, _, _ = distillation_slice(args.fraction, args.seed)
     shape = tuple(x.shape[1:])
@@ -150,7 +152,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--no-distill", action="store_true", help="stop after the SVD init (data-free, 'mimicry only')")
     c.add_argument("--eval", action="store_true", help="report teacher and student accuracy on the test split")
     c.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
-    c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    c.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     c.add_argument("--json", action="store_true", help="also print the report as JSON")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
     c.set_defaults(func=cmd_compress)

@@ -46,6 +46,8 @@ PIPELINE_FORMAT = "crisp-edge/pipeline"
 PIPELINE_VERSION = 1
 STATE_FILE = "pipeline.json"
 STAGES = ("retrofit", "compress", "adapt")
+#: Where ``--restart`` keeps the earlier run until the new one completes.
+PREVIOUS_RUN = ".crisp-edge-previous-run"
 
 
 class PipelineError(CrispEdgeError, RuntimeError):
@@ -162,14 +164,46 @@ def _diff(old: Any, new: Any, path: str = "") -> str | None:
     return None if old == new else f"{path}: {old!r} then, {new!r} now"
 
 
+def _own_artifacts(folder: Path, state: dict) -> list[str]:
+    """What a run recorded in ``state`` wrote in ``folder`` (relative names; ``pipeline.json`` last)."""
+    names = [d for d in ("retrofit", "compressed") if (folder / d).exists()]
+    tasks = (state.get("stages", {}).get("adapt") or {}).get("tasks", {})
+    names += [r["file"] for r in tasks.values() if isinstance(r, dict) and isinstance(r.get("file"), str)
+              and r["file"].startswith("tasks/") and (folder / r["file"]).exists()]
+    return names + [STATE_FILE]
+
+
+def _move(names: list[str], src: Path, dst: Path) -> None:
+    for name in names:
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        if (dst / name).is_dir():
+            shutil.rmtree(dst / name)
+        (src / name).rename(dst / name)
+
+
 class _Run:
-    """The run folder's state file: read, check against the settings, record stages atomically."""
+    """The run folder's state file: read, check against the settings, record stages atomically.
+
+    ``restart`` never deletes the earlier run before a new one has completed: its own artifacts (the
+    stage folders, the mixer files it recorded, ``pipeline.json``; nothing else in the folder) move
+    into ``PREVIOUS_RUN``, come back if the new run fails (``restore``), and are deleted once it
+    completes (``commit``). A run killed after a restart keeps them until some later run completes."""
 
     def __init__(self, folder: Path, config: PipelineConfig, restart: bool) -> None:
         self.folder, self.path = folder, folder / STATE_FILE
+        self.previous = folder / PREVIOUS_RUN
         settings = config.to_dict()
-        if restart and self.path.exists():  # only ever delete a folder that holds a pipeline run
-            shutil.rmtree(folder)
+        if restart and self.path.exists():
+            current = read_json(self.path, PipelineError, "pipeline state")
+            if self.previous.exists():  # an unfinished restart: what is here is its own partial run
+                for name in _own_artifacts(folder, current):
+                    p = folder / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            else:
+                self.previous.mkdir()
+                _move(_own_artifacts(folder, current), folder, self.previous)
+        self.restarted = self.previous.exists()
+        self.restore_on_failure = restart and self.restarted
         folder.mkdir(parents=True, exist_ok=True)
         self.state = {"format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "config": settings, "stages": {}}
         if self.path.exists():
@@ -182,8 +216,27 @@ class _Run:
                 raise PipelineError(f"{folder} holds a pipeline run with other settings ({diff}); use another "
                                     "folder, or restart=True (--restart) to start this one over.")
             self.state["stages"] = old["stages"]
-        elif any(folder.iterdir()):
+        elif not self.restarted and any(folder.iterdir()):
             raise PipelineError(f"{folder} is not empty and holds no {STATE_FILE}; give the pipeline an empty or new folder.")
+
+    def commit(self) -> None:
+        """The new run completed: the previous run's artifacts (after a restart) go."""
+        if self.restarted:
+            shutil.rmtree(self.previous)
+
+    def restore(self) -> None:
+        """The new run failed: remove what it wrote and put the previous run back."""
+        if not self.restore_on_failure:
+            return
+        for name in _own_artifacts(self.folder, self.state):
+            p = self.folder / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        old = read_json(self.previous / STATE_FILE, PipelineError, "pipeline state")
+        _move(_own_artifacts(self.previous, old), self.previous, self.folder)
+        shutil.rmtree(self.previous)
 
     def done(self, stage: str) -> dict | None:
         return self.state["stages"].get(stage)
@@ -225,13 +278,25 @@ def run_pipeline(model: nn.Module, out_dir: str | Path, config: PipelineConfig |
             ``config.distill_fraction`` is used.
         eval_data: the base task's test set, to report the teacher's and the student's accuracy;
             default: the Fashion-MNIST test split.
-        restart: delete the folder's earlier run and start over.
+        restart: start over; the earlier run's own files are kept aside until the new run completes,
+            and put back if it fails (files the pipeline did not write are never touched).
     Returns a ``PipelineResult``; the deployable checkpoint is ``result.checkpoint`` and the tasks
     ``result.mixer_files``.
     """
     config = config or PipelineConfig()
     folder = Path(out_dir)
     run = _Run(folder, config, restart)
+    try:
+        result = _stages(run, model, folder, config, distill_data, eval_data, progress, log)
+    except BaseException:
+        run.restore()
+        raise
+    run.commit()
+    return result
+
+
+def _stages(run: _Run, model: nn.Module, folder: Path, config: PipelineConfig, distill_data, eval_data,
+            progress: bool, log: Callable[[str], None]) -> PipelineResult:
     result = PipelineResult(folder)
     if distill_data is None or eval_data is None:
         from crisp_edge.data.fashion_mnist import load_fashion_mnist

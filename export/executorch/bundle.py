@@ -15,6 +15,8 @@ a plain relative path inside the folder, and every file's SHA-256, with the shar
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,11 @@ from crisp_edge.export.bundle import (
     check_shape,
     check_tolerance_and_tasks,
     open_folder,
+    read_manifest_json,
 )
 from crisp_edge.export.errors import BundleError
 
-from crisp_edge.files.io import check_envelope, read_json
+from crisp_edge.files.io import check_envelope
 
 ET_BUNDLE_FORMAT = "crisp-edge/executorch-bundle"
 ET_BUNDLE_VERSION = 1
@@ -48,6 +51,15 @@ RUNNER_SPEC = "runner_spec.txt"
 RECIPES = ("xnnpack", "portable")
 #: The task tensor holding the bases-and-layout tag (int64, shape [1]) in every task ``.ptd``.
 TAG_KEY = "crisp.tag"
+#: The program's constant method returning ``inputs_tag(set_task_inputs)`` (bundles since 0.2).
+INPUTS_METHOD = "crisp_inputs"
+
+
+def inputs_tag(set_task_inputs: list) -> int:
+    """A 31-bit tag of the ``set_task`` inputs' names, shapes and order, compiled into the program as the
+    constant method ``crisp_inputs``: a manifest whose entries were reordered no longer matches it."""
+    blob = json.dumps([[i.get("name"), i.get("shape")] for i in set_task_inputs], separators=(",", ":"))
+    return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 def _check_swappable(swap: Any, where: str) -> None:
@@ -64,9 +76,8 @@ def _check_swappable(swap: Any, where: str) -> None:
     inputs = swap.get("set_task_inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BundleError(f"{where}.set_task_inputs must be a non-empty list of {{name, shape}}.")
+    _names(inputs, where, "set_task_inputs")
     for item in inputs:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise BundleError(f"{where}.set_task_inputs: {item!r:.80} is not {{name, shape}}.")
         check_shape(item.get("shape"), f"{where}.set_task_inputs[{item['name']!r}]")
     head = swap.get("head")
     if head is not None and not (isinstance(head, dict) and _is_int(head.get("max_classes"), 1)
@@ -106,7 +117,7 @@ def check_et_manifest(meta: dict, folder: Path) -> dict:
 
 def read_et_manifest(path: str | os.PathLike) -> dict[str, Any]:
     folder = Path(path)
-    meta = read_json(folder / MANIFEST, BundleError, "bundle manifest")
+    meta = read_manifest_json(folder)
     check_envelope(meta, fmt=ET_BUNDLE_FORMAT, max_version=ET_BUNDLE_VERSION, error=BundleError,
                    where=str(folder / MANIFEST), what="ExecuTorch bundle",
                    fields={"mode": str, "recipe": str, "files": dict, "inputs": list, "outputs": list,

@@ -48,20 +48,23 @@ from crisp_edge.export.bundle import (
     REFERENCE,
     TASKS_DIR,
     bundle_tag,
+    check_threads,
     file_record,
     task_mixers,
-    write_validated,
 )
 from crisp_edge.export.errors import ExportError
+from crisp_edge.export.writing import check_replaceable, write_validated
 from crisp_edge.export.executorch.bundle import (
     DEFAULT_PTD,
     ET_BUNDLE_FORMAT,
     ET_BUNDLE_VERSION,
+    INPUTS_METHOD,
     PROGRAM,
     PTD_SUFFIX,
     RECIPES,
     RUNNER_SPEC,
     EtBundle,
+    inputs_tag,
 )
 from crisp_edge.export.executorch.lowering import lower
 from crisp_edge.export.executorch.runner_spec import runner_spec
@@ -225,8 +228,8 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights).")
     reference = resolve_reference(reference_device, reference_dtype)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} exists; pass overwrite=True to replace it.")
+    check_replaceable(out_dir, ET_BUNDLE_FORMAT, overwrite)
+    check_threads(threads)
     model = model.eval()
     example = _example_inputs(model, example_input)
     mixers = task_mixers(model, tasks)
@@ -279,7 +282,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                 "task_semantics": "exported tensors, with the task file's tensors replacing theirs"}
         set_args = tuple(torch.zeros(i["shape"]) for i in inputs)
         pte, ops = lower({"forward": prog, "set_task": view}, {"forward": args, "set_task": set_args}, recipe, mode,
-                         constant_methods={"crisp_tag": swap["tag"]})
+                         constant_methods={"crisp_tag": swap["tag"], INPUTS_METHOD: inputs_tag(inputs)})
     (folder / PROGRAM).write_bytes(pte)
 
     batches = [int(args[0].shape[0])] * REFERENCE_CASES  # static shapes: every case has the program's batch
@@ -321,7 +324,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                      "executorch": getattr(getattr(executorch, "version", None), "__version__", "unknown"),
                      "fused_attention": False},
         "arch": getattr(model, "crisp_arch", None), "program": {"file": PROGRAM, "methods": sorted(ops)
-                                                                + (["crisp_tag"] if swap else [])},
+                                                                + (["crisp_tag", INPUTS_METHOD] if swap else [])},
         "files": {f: file_record(folder, f) for f in files},
         "inputs": _io(names, example),
         "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": out_shape}],
