@@ -4,7 +4,6 @@ the old one's place (``write_validated``; the swap itself is ``crisp_edge.files.
 """
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from crisp_edge.export.bundle import MANIFEST, MAX_MANIFEST_BYTES, RUNTIMES, ins
 from crisp_edge.export.errors import BundleError
 
 from crisp_edge.files.io import atomic_write_json, read_json
-from crisp_edge.files.transaction import clean_folder_leftovers, make_staging_folder, swap_folder
+from crisp_edge.files.transaction import clean_folder_leftovers, make_staging_folder, remove_marked, swap_folder
 
 
 def is_bundle_of(folder: Path, fmt: str | None = None) -> bool:
@@ -67,6 +66,9 @@ def write_validated(out_dir: Path, write: Any, make_bundle: Any, *, threads: int
             atomic_write_json(tmp / MANIFEST, manifest)
         swap_folder(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            remove_marked(tmp)
+        except OSError:  # e.g. a full disk: the marked leftover is cleaned up by the next export
+            pass
         raise
     return make_bundle(out_dir, manifest)

@@ -66,13 +66,31 @@ def _marker(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) and obj.get("format") == "crisp-edge/staging" else None
 
 
+def _mark(folder: Path) -> None:
+    info = {"format": "crisp-edge/staging", "host": socket.gethostname(), "pid": os.getpid(), "created": time.time()}
+    (folder / STAGING_MARKER).write_text(json.dumps(info))
+
+
 def make_staging_folder(target: Path) -> Path:
     """A new empty folder ``.NAME.XXXX.tmp`` beside ``target``, marked as crisp-edge's (host, pid, time)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    info = {"format": "crisp-edge/staging", "host": socket.gethostname(), "pid": os.getpid(), "created": time.time()}
-    (tmp / STAGING_MARKER).write_text(json.dumps(info))
+    _mark(tmp)
     return tmp
+
+
+def remove_marked(folder: Path) -> None:
+    """Delete a staging or replaced folder so that a kill at any moment leaves it provably crisp-edge's:
+    the marker is written first and removed last (after every other entry), then the empty folder."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    if not (folder / STAGING_MARKER).exists():
+        _mark(folder)
+    for child in folder.iterdir():
+        if child.name != STAGING_MARKER:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    (folder / STAGING_MARKER).unlink(missing_ok=True)
+    folder.rmdir()
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -98,12 +116,12 @@ def swap_folder(staging: Path, target: Path) -> None:
     if not target.exists():
         staging.rename(target)
     elif _exchange(staging, target):
-        shutil.rmtree(staging)  # now the old folder; a kill here leaves a leftover that cleaning removes
+        remove_marked(staging)  # now the old folder; a kill here leaves a leftover that cleaning removes
     else:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
         staging.rename(target)
-        shutil.rmtree(old)
+        remove_marked(old)
     _fsync_dir(target.parent)
 
 
@@ -126,7 +144,12 @@ def clean_folder_leftovers(target: Path, is_ours: Callable[[Path], bool], min_ag
         marker = _marker(p / STAGING_MARKER)
         try:
             age = time.time() - p.stat().st_ctime
+            empty = not any(p.iterdir())
         except OSError:
+            continue
+        if empty:  # the last step of remove_marked was cut short: nothing to lose
+            p.rmdir()
+            done.append(f"removed the empty {p.name}")
             continue
         if marker is not None:
             ours = not _alive(marker) or time.time() - float(marker.get("created", 0)) > STALE_AFTER_S
@@ -138,7 +161,7 @@ def clean_folder_leftovers(target: Path, is_ours: Callable[[Path], bool], min_ag
             p.rename(target)
             done.append(f"restored {target} from {p.name} (left by an interrupted replace)")
         else:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_marked(p)
             done.append(f"removed {p.name} (left by an interrupted write)")
     if kept:
         warnings.warn(f"{target.parent}: {', '.join(kept)} may belong to a write in progress (or are not "
