@@ -1,9 +1,9 @@
 """Mixer files: round trip, swapping, size, and each mismatch refused with its own error."""
 from __future__ import annotations
 
-import os
 import copy
 import json
+import os
 
 import pytest
 import torch
