@@ -100,13 +100,12 @@ def record_path(path: str | os.PathLike) -> Path:
 
 
 def write_adapter_record(path: str | os.PathLike) -> Path:
-    """Write the record (SHA-256, size, bases tag) of the adapter at ``path`` beside it. An adapter
-    given to a session by path is run only when it matches its record: make one only for a file you
-    trust (``write_adapter`` makes it for every adapter it writes)."""
+    """Write the record (SHA-256 and size) of the adapter at ``path`` beside it. An adapter given to a
+    session by path is run only when it matches its record: make one only for a file you trust
+    (``write_adapter`` makes it for every adapter it writes). The bases tag and tensors are checked
+    from the adapter itself when it is loaded."""
     data = read_adapter_bytes(path)
-    contents = parse_adapter(data, str(path))
-    rec = {"format": RECORD_FORMAT, "version": 1, "sha256": sha256_bytes(data), "bytes": len(data),
-           "model_version": contents.model_version}
+    rec = {"format": RECORD_FORMAT, "version": 1, "sha256": sha256_bytes(data), "bytes": len(data)}
     atomic_write_json(record_path(path), rec)
     return record_path(path)
 

@@ -35,7 +35,7 @@ from crisp_edge.export.errors import AdapterError, BundleError, ExportError, NoT
 from crisp_edge.export.onnx.adapter import check_adapter, check_adapter_record, read_adapter_bytes
 from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, load_bundle
 
-from crisp_edge.files.io import sha256_bytes
+from crisp_edge.files.io import check_regular, sha256_bytes
 
 #: The exported model's own mixers, biases and head (the fold with no adapter active).
 DEFAULT_TASK = "default"
@@ -96,7 +96,10 @@ class OnnxCrispSession:
         self._check_model(weight_names)
 
     def _open(self, role: str, threads: int) -> ort.InferenceSession:
-        path = self.bundle.file(self.bundle.manifest["models"][role]["file"])
+        rel = self.bundle.manifest["models"][role]["file"]
+        path = self.bundle.file(rel)
+        # the manifest lists every model file with its size; ORT itself would block on a FIFO
+        check_regular(path, BundleError, f"the bundle's {role} graph", self.bundle.manifest["files"][rel]["bytes"])
         try:
             return ort.InferenceSession(str(path), session_options(threads), providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT's own (untyped) errors, e.g. a file that is no ONNX graph

@@ -22,15 +22,19 @@ from crisp_edge.testing import toy_model
 from crisp_edge.training.retrofit import retrofit_
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    """A toy CRISP checkpoint and one of its mixer files (read-only: rows copy what they change)."""
-    d = tmp_path_factory.mktemp("made")
+def make_artifacts(d: Path) -> Path:
+    """A toy CRISP checkpoint ``d/ckpt`` and one of its mixer files ``d/t.mixers.safetensors``."""
     model = toy_model("timm-vit", seed=0)
     retrofit_(model, CrispConfig(default=RoleConfig(s=4, group_size=2)), progress=False)
     save_checkpoint(model, d / "ckpt")
     save_mixers(model, d / "t.mixers.safetensors", task="t")
     return d
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """``make_artifacts`` once per module (read-only: rows copy what they change)."""
+    return make_artifacts(tmp_path_factory.mktemp("made"))
 
 
 def run(argv) -> int:
