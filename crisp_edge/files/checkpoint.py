@@ -25,6 +25,7 @@ from crisp_edge.files.io import (
     atomic_write_bytes,
     atomic_write_json,
     check_envelope,
+    check_writable,
     inside,
     read_json,
     read_regular,
@@ -73,7 +74,7 @@ def check_checkpoint_target(path: str | os.PathLike, overwrite: bool) -> Path:
     holds a crisp-edge checkpoint, whose ``crisp.json`` and ``model.safetensors`` are then replaced
     (other files in it are left alone). Anything else is a ``CheckpointError`` that says what to do:
     a checkpoint save never replaces files it did not write."""
-    folder = Path(path)
+    folder = check_writable(path, CheckpointError, "checkpoint")
     if not (folder.exists() or folder.is_symlink()):
         return folder
     if not folder.is_dir():

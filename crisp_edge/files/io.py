@@ -150,6 +150,21 @@ def read_regular(path: str | os.PathLike, error: type[CrispEdgeError], what: str
     return data
 
 
+def check_writable(path: str | os.PathLike, error: type[CrispEdgeError], what: str) -> Path:
+    """``path`` if it can be created or replaced: its nearest existing ancestor is a writable folder.
+    For writers that work for minutes before they write: a read-only or wrong target is refused first."""
+    path = Path(path)
+    parent = (path if path.is_dir() else path.parent) if path.exists() else path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"cannot write {what} {path}: {parent} is not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):  # also false on a read-only file system (EROFS)
+        raise error(f"cannot write {what} {path}: {parent} is not writable (a read-only file system, or no "
+                    "permission); choose another path.")
+    return path
+
+
 def check_regular(path: str | os.PathLike, error: type[CrispEdgeError], what: str, max_bytes: int) -> Path:
     """``path`` if it is a regular file of at most ``max_bytes``, else ``error``: for files handed by
     name to a library that opens them itself (ONNX, ONNX Runtime, NumPy), so that it never blocks on

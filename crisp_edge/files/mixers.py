@@ -35,6 +35,7 @@ from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import (
     atomic_write_bytes,
     check_envelope,
+    check_writable,
     parse_json,
     read_regular,
     sha256_bytes,
@@ -141,10 +142,8 @@ def check_mixer_target(path: str | os.PathLike, overwrite: bool) -> Path:
     """Where a mixer file may be written: a new name, or (with ``overwrite``) an existing crisp-edge
     mixer file. Anything else (a folder, a FIFO, another file) is a ``MixerFileError``: saving never
     replaces a file it did not write. Call it before training, so a refused path costs nothing."""
-    path = Path(path)
+    path = check_writable(path, MixerFileError, "mixer file")
     if not (path.exists() or path.is_symlink()):
-        if path.parent.exists() and not path.parent.is_dir():
-            raise MixerFileError(f"cannot write {path}: {path.parent} is not a folder.")
         return path
     if path.is_symlink() or not path.is_file():
         raise MixerFileError(f"{path} exists and is not a regular file; choose another --out.")

@@ -30,7 +30,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from crisp_edge.errors import CrispEdgeError
-from crisp_edge.files.io import _fsync_dir, atomic_write_bytes, check_relpath, inside, parse_json, read_regular, sha256_bytes, sha256_file
+from crisp_edge.files.io import (
+    _fsync_dir,
+    atomic_write_bytes,
+    check_relpath,
+    inside,
+    parse_json,
+    read_regular,
+    sha256_bytes,
+    sha256_file,
+)
 
 #: The marker file a staging folder holds while crisp-edge writes it: who made it (host, pid) and when.
 STAGING_MARKER = ".crisp-edge-staging.json"

@@ -192,3 +192,17 @@ def test_r_above_full_capacity_is_accepted_with_a_note(capsys):
     assert run(["retrofit", "fmnist-vit", "--r", "32", "--targets", "fc1", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "note: r=32 for role 'fc1' is above its full capacity 16" in err
+
+
+def test_adapt_refuses_an_unwritable_out_before_training(made, tmp_path, capsys, monkeypatch):
+    """Was: adapt trained to the end and then lost the result when the write failed."""
+    import crisp_edge.data.tasks as tasks
+    import crisp_edge.files.io as io
+
+    def never(*a, **k):
+        raise AssertionError("the task was loaded for training before the output path was checked")
+
+    monkeypatch.setattr(tasks, "load_task", never)
+    monkeypatch.setattr(io.os, "access", lambda *a, **k: False)  # what a read-only file system answers
+    assert run(["adapt", made / "ckpt", "--task", "digits", "--out", tmp_path / "m.safetensors"]) == 2
+    assert "not writable" in capsys.readouterr().err
