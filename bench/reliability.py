@@ -110,6 +110,28 @@ ESCAPES_FIXED = [
      "fix": "a symbolic link inside the bundle pointing outside it is refused (paths are resolved before use)"},
     {"loader": "validate_bundle", "found_by": "review", "was": "BadZipFile, KeyError",
      "fix": "a damaged reference.npz or one missing a listed case: BundleError"},
+    {"loader": "every loader", "found_by": "tamper run (issue 16)", "was": "hang forever / read until out of memory",
+     "fix": "a FIFO as crisp.json, model.safetensors, manifest.json or a mixer file; /dev/zero or a link to it: one "
+            "bounded reader (io.read_regular: stat, O_NONBLOCK open, fstat, size cap) used by every loader"},
+    {"loader": "export / retrofit / apply / adapt / compress --out", "found_by": "tamper run (issue 16)",
+     "was": "a user's folder deleted; checkpoints and files replaced silently",
+     "fix": "--overwrite replaces only an artifact of the same kind (bundle manifest of the runtime, crisp.json, mixer "
+            "metadata); without it every existing target is refused, before any long work"},
+    {"loader": "pipeline --restart", "found_by": "tamper run (issue 16)", "was": "files it never wrote deleted; old run lost "
+     "when the new one failed", "fix": "the old run's own artifacts are kept aside until the new run completes"},
+    {"loader": "write_validated (bundle swap)", "found_by": "kill test (issue 16)",
+     "was": "no bundle at the path between two renames; .tmp/.old folders never cleaned",
+     "fix": "renameat2(RENAME_EXCHANGE) swap; marked staging folders; the next export restores or removes leftovers"},
+    {"loader": "load_checkpoint", "found_by": "tamper run (issue 16)", "was": "silent wrong answer (off by 0.26-0.99)",
+     "fix": "consistent num_heads / gate / placement edits of crisp.json: the weights carry a digest of the architecture "
+            "fields"},
+    {"loader": "OnnxCrispSession.set_task(path)", "found_by": "tamper run (issue 16)", "was": "logits around 1e36",
+     "fix": "an adapter outside the bundle must match its record (<file>.json, SHA-256); the bundle's own file its manifest"},
+    {"loader": "EtCrispSession", "found_by": "tamper run (issue 16)", "was": "silent wrong answer / KeyError",
+     "fix": "swapped or extra set_task_inputs entries: checked against the program's set_task signature and crisp_inputs tag"},
+    {"loader": "crisp-edge parity / export / retrofit", "found_by": "tamper run (issue 16)",
+     "was": "PASS with --atol nan; 0-sized bundles; tracebacks for opsets, threads, r, paths, full disks",
+     "fix": "argparse types for numbers, library checks (opset range, empty batch, tolerance, r <= u), OSError -> exit 2"},
 ]
 
 

@@ -195,12 +195,12 @@ class _Run:
         settings = config.to_dict()
         if restart and self.path.exists():
             current = read_json(self.path, PipelineError, "pipeline state")
-            if self.previous.exists():  # an unfinished restart: what is here is its own partial run
+            if (self.previous / STATE_FILE).exists():  # an unfinished restart: what is here is its own partial run
                 for name in _own_artifacts(folder, current):
                     p = folder / name
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-            else:
-                self.previous.mkdir()
+            else:  # (a move cut short by a kill goes on: pipeline.json moves last)
+                self.previous.mkdir(exist_ok=True)
                 _move(_own_artifacts(folder, current), folder, self.previous)
         self.restarted = self.previous.exists()
         self.restore_on_failure = restart and self.restarted
