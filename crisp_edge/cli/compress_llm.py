@@ -28,10 +28,9 @@ def cmd_compress_llm(args) -> int:
         windows,
     )
 
-    check_checkpoint_target(args.out, args.overwrite)  # before minutes of work, not after
-
     if not 0 < args.keep < 1:
         raise ConfigError(f"--keep must lie in (0, 1) (the kept fraction of the targeted weights), got {args.keep}.")
+    check_checkpoint_target(args.out, args.overwrite)  # before minutes of work, not after
     model, tok = load_causal_lm(args.model)
     if tok is None:
         raise ConfigError(f"{args.model} has no tokenizer; use a .gguf file or a folder with tokenizer files.")
