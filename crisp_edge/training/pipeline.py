@@ -350,6 +350,8 @@ def _stages(run: _Run, model: nn.Module, folder: Path, config: PipelineConfig, d
         rep = adapt_(task_model, data.x_train, data.y_train, num_classes=data.task.num_classes, config=config.adapt,
                      eval_data=(data.x_test, data.y_test), progress=progress)
         rel = f"tasks/{name}.mixers.safetensors"
+        if rec["tasks"].get(name, {}).get("file") == rel:  # this run's own file, damaged: it may go
+            (folder / rel).unlink(missing_ok=True)
         save_mixers(task_model, folder / rel, task=name, labels=list(data.task.class_names))
         done[name] = {"file": rel, "accuracy": rep.accuracy, "trainable": rep.trainable_total,
                       "bytes": (folder / rel).stat().st_size, "bases_unchanged": rep.bases_unchanged,
