@@ -269,6 +269,9 @@ def recover_files(folder: str | os.PathLike, min_age_s: float = 60.0) -> list[st
         except OSError:
             continue
         if p.is_file() and old:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:  # e.g. a read-only copy: a pending file is never read, so it can stay
+                continue
             done.append(f"removed {p.relative_to(folder)} (an update that never committed)")
     return done
