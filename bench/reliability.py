@@ -26,7 +26,7 @@ from _common import REPO_ROOT, RESULTS_DIR, machine_info, pin_threads, write_jso
 THREADS = pin_threads(1)  # before torch (and crisp_edge, which imports it) is loaded
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests import fuzzing, fuzzing_bundles, killing  # noqa: E402
+from tests import fuzzing, fuzzing_bundles, killing, killing_bundles  # noqa: E402
 
 SCHEMA = 1
 BUNDLE_MANIFESTS, BUNDLE_ADAPTERS = 3000, 6000
@@ -110,7 +110,106 @@ ESCAPES_FIXED = [
      "fix": "a symbolic link inside the bundle pointing outside it is refused (paths are resolved before use)"},
     {"loader": "validate_bundle", "found_by": "review", "was": "BadZipFile, KeyError",
      "fix": "a damaged reference.npz or one missing a listed case: BundleError"},
+    {"loader": "every loader", "found_by": "tamper run (issue 16)", "was": "hang forever / read until out of memory",
+     "fix": "a FIFO as crisp.json, model.safetensors, manifest.json or a mixer file; /dev/zero or a link to it: one "
+            "bounded reader (io.read_regular: stat, O_NONBLOCK open, fstat, size cap) used by every loader"},
+    {"loader": "export / retrofit / apply / adapt / compress --out", "found_by": "tamper run (issue 16)",
+     "was": "a user's folder deleted; checkpoints and files replaced silently",
+     "fix": "--overwrite replaces only an artifact of the same kind (bundle manifest of the runtime, crisp.json, mixer "
+            "metadata); without it every existing target is refused, before any long work"},
+    {"loader": "pipeline --restart", "found_by": "tamper run (issue 16)", "was": "files it never wrote deleted; old run lost "
+     "when the new one failed", "fix": "the old run's own artifacts are kept aside until the new run completes"},
+    {"loader": "write_validated (bundle swap)", "found_by": "kill test (issue 16)",
+     "was": "no bundle at the path between two renames; .tmp/.old folders never cleaned",
+     "fix": "renameat2(RENAME_EXCHANGE) swap; marked staging folders; the next export restores or removes leftovers"},
+    {"loader": "load_checkpoint", "found_by": "tamper run (issue 16)", "was": "silent wrong answer (off by 0.26-0.99)",
+     "fix": "consistent num_heads / gate / placement edits of crisp.json: the weights carry a digest of the architecture "
+            "fields"},
+    {"loader": "OnnxCrispSession.set_task(path)", "found_by": "tamper run (issue 16)", "was": "logits around 1e36",
+     "fix": "an adapter outside the bundle must match its record (<file>.json, SHA-256); the bundle's own file its manifest"},
+    {"loader": "EtCrispSession", "found_by": "tamper run (issue 16)", "was": "silent wrong answer / KeyError",
+     "fix": "swapped or extra set_task_inputs entries: checked against the program's set_task signature and crisp_io tag"},
+    {"loader": "crisp-edge parity / export / retrofit", "found_by": "tamper run (issue 16)",
+     "was": "PASS with --atol nan; 0-sized bundles; tracebacks for opsets, threads, r, paths, full disks",
+     "fix": "argparse types for numbers, library checks (opset range, empty batch, tolerance, r <= u), OSError -> exit 2"},
 ]
+
+
+def bad_inputs(seconds_per_case: int = 120) -> dict:
+    """The command lines, paths and files of ``tests/cli/test_bad_input.py`` (and consistent edits of a
+    checkpoint's architecture), each classified: a typed error (exit 2 naming the fault), a traceback,
+    another outcome (wrong status or message, a changed user file), or a hang (over the time limit)."""
+    import contextlib
+    import io
+    import signal
+
+    from tests.cli import test_bad_input as table
+
+    class Hang(Exception):
+        pass
+
+    def alarm(*_):
+        raise Hang
+
+    counts = {"cases": 0, "typed_error": 0, "traceback": 0, "other": 0, "hang": 0}
+    problems = []
+    old = signal.signal(signal.SIGALRM, alarm)
+    with tempfile.TemporaryDirectory() as tmp:
+        made = table.make_artifacts(Path(tmp) / "made")
+        for i, (name, build, status, needle, after) in enumerate(table.CASES):
+            work = Path(tmp) / f"case{i}"
+            work.mkdir()
+            err = io.StringIO()
+            counts["cases"] += 1
+            signal.alarm(seconds_per_case)
+            try:
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    code = table.run(build(work, made))
+                ok = code == status and needle in err.getvalue() and (after is None or after(work))
+                kind = "typed_error" if ok else "other"
+            except Hang:
+                kind = "hang"
+            except Exception as e:  # noqa: BLE001 - an escape: what the table exists to find
+                kind, err = "traceback", io.StringIO(f"{type(e).__name__}: {e}")
+            finally:
+                signal.alarm(0)
+            counts[kind] += 1
+            if kind != "typed_error":
+                problems.append(f"{name}: {kind}: {err.getvalue()[-300:]}")
+        counts.update(architecture_edits(made))
+    signal.signal(signal.SIGALRM, old)
+    return {**counts, "problems": problems}
+
+
+def architecture_edits(made: Path) -> dict:
+    """Consistent edits of crisp.json (num_heads, gate, placement): each must be refused."""
+    import json
+    import shutil
+
+    from crisp_edge.errors import CheckpointError
+    from crisp_edge.files.checkpoint import load_checkpoint
+
+    def both(field, value):
+        def change(m):
+            m["config"]["default"][field] = value
+            for g in m["groups"].values():
+                g[field] = value
+        return change
+
+    edits = {"num_heads": lambda m: m["source"]["kwargs"].update(num_heads=4), "gate": both("gate", "gelu"),
+             "placement": both("placement", "post")}
+    refused = 0
+    for name, change in edits.items():
+        folder = made / f"edit-{name}"
+        shutil.copytree(made / "ckpt", folder)
+        meta = json.loads((folder / "crisp.json").read_text())
+        change(meta)
+        (folder / "crisp.json").write_text(json.dumps(meta))
+        try:
+            load_checkpoint(folder)
+        except CheckpointError:
+            refused += 1
+    return {"architecture_edits": len(edits), "architecture_edits_refused": refused}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +242,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:55s} {t.cases:6d} cases  {t.accepted:5d} accepted  {t.refused:6d} refused  "
               f"{len(t.escapes)} escapes  ({t.seconds:.1f} s, slowest {t.slowest_s:.2f} s)")
 
+    start = time.perf_counter()
+    bad = bad_inputs()
+    bad["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"bad inputs: {bad['cases']} cases, {bad['typed_error']} typed errors, {bad['traceback']} tracebacks, "
+          f"{bad['other']} other, {bad['hang']} hangs; architecture edits refused "
+          f"{bad['architecture_edits_refused']}/{bad['architecture_edits']}")
+
     kills = {}
+    if args.kills:
+        with tempfile.TemporaryDirectory() as tmp:
+            swap = killing_bundles.run_swap_kills(Path(tmp), args.kills, seed=args.seed)
+        kills["bundle swap (forked)"] = swap.to_dict()
+        print(f"kill test (bundle swap): {swap.kills} kills, {len(swap.problems)} problems, states {swap.states}, "
+              f"{swap.leftovers_cleaned} leftovers cleaned")
     for kind, spawn in (("forked", False), ("fresh interpreter", True)):
         if args.kills:
             with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             kills[kind] = report.to_dict()
             print(f"kill test ({kind}): {report.kills} kills, {len(report.problems)} problems, states {report.states}")
 
-    escapes = sum(len(t.escapes) for t in tallies.values())
+    escapes = sum(len(t.escapes) for t in tallies.values()) + len(bad["problems"]) + (
+        bad["architecture_edits"] - bad["architecture_edits_refused"])
     problems = sum(len(k["problems"]) for k in kills.values())
     write_json(args.out, {
         "schema": SCHEMA,
@@ -160,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "fuzz": {name: t.to_dict() for name, t in tallies.items()},
         "fuzz_cases_total": sum(t.cases for t in tallies.values()),
         "fuzz_escapes_open": escapes,
+        "bad_inputs": bad,
+        "scale_note": (f"--scale {args.scale:g} (fuzz cases) and --kills {args.kills}"
+                       if args.scale != 1.0 or args.kills != 50 else None),
         "kill": kills,
         "kill_problems_open": problems,
         "failures_found_and_fixed": len(ESCAPES_FIXED),

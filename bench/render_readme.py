@@ -99,12 +99,19 @@ def render_onnx(d: dict) -> str:
 def render_reliability(d: dict) -> str:
     rows = [[name, f"{r['cases']:,}", f"{r['refused']:,}", f"{r['accepted']:,}", str(r["escapes"])]
             for name, r in d["fuzz"].items()]
-    rows += [[f"SIGKILL during save ({name})", f"{k['kills']} kills", "-", "-", str(len(k["problems"]))]
-             for name, k in d["kill"].items()]
+    b = d.get("bad_inputs")
+    if b:
+        rows.append(["bad command lines, paths, special files (CLI)", f"{b['cases']:,}", f"{b['typed_error']:,}", "-",
+                     f"{b['traceback']} tracebacks, {b['hang']} hangs, {b['other']} other"])
+        rows.append(["consistent crisp.json architecture edits", str(b["architecture_edits"]),
+                     str(b["architecture_edits_refused"]), "-", str(b["architecture_edits"] - b["architecture_edits_refused"])])
+    rows += [[f"SIGKILL during {'replace' if 'swap' in name else 'save'} ({name})", f"{k['kills']} kills", "-", "-",
+              str(len(k["problems"]))] for name, k in d["kill"].items()]
+    scale = f" Reduced run: {d['scale_note']}." if d.get("scale_note") else ""
     return (_table(["loader / scenario", "cases", "refused (typed error)", "accepted", "escapes / bad files"], rows)
             + f"\n\n{d['failures_found_and_fixed']} escapes found and fixed on the way (listed in "
               "`bench/results/reliability.json`); open now: "
-              f"{d['fuzz_escapes_open']} fuzz escapes, {d['kill_problems_open']} kill problems.")
+              f"{d['fuzz_escapes_open']} fuzz escapes, {d['kill_problems_open']} kill problems." + scale)
 
 
 def render_executorch(d: dict) -> str:

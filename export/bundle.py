@@ -42,6 +42,7 @@ LAYOUT_INTS = ("n", "d_out", "d_in", "r", "s")
 LAYOUT_STRS = ("role", "gate", "placement")
 #: Sizes in a manifest are counts of elements or bytes: anything beyond this is not a real bundle.
 _MAX_SIZE = 1 << 48
+MAX_MANIFEST_BYTES = 64 << 20
 _MAX_RANK = 8
 
 
@@ -90,12 +91,33 @@ def runtime_of(fmt: Any, where: str) -> Runtime:
 
 def bundle_runtime(path: str | os.PathLike) -> tuple[str, Callable[..., Any]]:
     """(runtime name, loader) for the bundle folder at ``path``, from its manifest's ``format``."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise BundleError(f"{folder} is not a bundle folder (no such directory).")
-    meta = read_json(folder / MANIFEST, BundleError, "bundle manifest")
+    folder = _bundle_folder(path)
+    meta = read_manifest_json(folder)
     runtime = runtime_of(meta.get("format"), str(folder / MANIFEST))
     return runtime.name, runtime.resolve("loader")
+
+
+def _bundle_folder(path: str | os.PathLike) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        left = sorted(p.name for p in folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
+        hint = (f"; an interrupted export left the previous bundle as {folder.parent / left[0]}: export again (it "
+                "is restored first) or rename it back") if left else ""
+        raise BundleError(f"{folder} is not a bundle folder (no such directory){hint}.")
+    return folder
+
+
+def read_manifest_json(folder: Path) -> dict:
+    """The bundle's ``manifest.json`` as a JSON object: a regular file of bounded size that lies inside
+    the bundle (a manifest that is a link to elsewhere, a FIFO or a device is refused). An interrupted
+    multi-file update of the bundle (``crisp_edge.files.transaction``) is finished first."""
+    from crisp_edge.files.transaction import UpdateError, recover_files
+
+    try:
+        recover_files(folder)
+    except UpdateError as e:
+        raise BundleError(str(e)) from None
+    return read_json(inside(folder, MANIFEST, str(folder)), BundleError, "bundle manifest", MAX_MANIFEST_BYTES)
 
 
 def open_bundle(bundle: Any) -> tuple[str, Any]:
@@ -301,9 +323,7 @@ def verify_files(folder: Path, meta: dict) -> None:
 def open_folder(path: str | os.PathLike, read: Any, make: Any, verify: bool) -> Any:
     """``make(folder, read(folder))`` for a bundle folder, after (with ``verify``) checking every recorded
     file's size and SHA-256: the one loading path of every bundle kind."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise BundleError(f"{folder} is not a bundle folder (no such directory).")
+    folder = _bundle_folder(path)
     meta = read(folder)
     if verify:
         verify_files(folder, meta)
@@ -341,37 +361,14 @@ def check_mixers_for_bundle(mf: Any, swap: dict, where: str) -> None:
             "checkpoint this bundle was exported from, or adapt the task again on it.")
 
 
-def write_validated(out_dir: Path, write: Any, make_bundle: Any, *, threads: int = 1,
-                    validate: Callable[..., Any] | None = None) -> Any:
-    """Write a bundle with ``write(folder) -> manifest`` into a temporary sibling of ``out_dir``, check
-    its parity there with ``validate(bundle, threads=...)`` (the runtime against the stored PyTorch
-    reference; ``ParityError`` on a mismatch; skipped when ``None``), record the result in the manifest,
-    and only then move it into place (replacing an old bundle).
-    Any failure removes the temporary folder: ``out_dir`` holds the old bundle or the new, never half."""
-    import shutil
+def check_threads(threads: Any) -> int:
+    """A runtime thread count: an integer 1..1024 (``ConfigError`` otherwise, e.g. 0, which runtimes
+    read as "all cores" or refuse with their own untyped errors)."""
+    from crisp_edge.errors import ConfigError
 
-    from crisp_edge.files.io import atomic_write_json, make_temp_dir
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
-    try:
-        manifest = write(tmp)
-        if validate is not None:
-            report = validate(make_bundle(tmp, manifest), threads=threads)
-            manifest["parity"] = {"passed": report.passed, "max_abs": report.max_abs,
-                                  "checked_cases": len(report.comparisons)}
-            atomic_write_json(tmp / MANIFEST, manifest)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return make_bundle(out_dir, manifest)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024:
+        raise ConfigError(f"threads must be an integer from 1 to 1024, got {threads!r:.40}.")
+    return threads
 
 
 def feeds_by_name(feeds: Any, input_names: list[str]) -> dict[str, Any]:

@@ -41,6 +41,9 @@ def _example_inputs(model: nn.Module, example_input: Any) -> dict[str, torch.Ten
         if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32):
             raise ExportError(f"input {name!r} must be a float32 tensor (integer inputs such as token ids are not "
                               "supported by this exporter yet).")
+        if t.numel() == 0:
+            raise ConfigError(f"input {name!r} has shape {list(t.shape)}, with no elements; a bundle exported (and "
+                              "checked) on empty inputs checks nothing. Give a batch of at least 1.")
     return example_input
 
 

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # the shared harness lives in tests/ (bare `pytes
     sys.path.insert(0, str(ROOT))
 
 from crisp_edge.export import AdapterError, BundleError, NoTaskError, load_bundle
-from crisp_edge.export.onnx.adapter import write_adapter
+from crisp_edge.export.onnx.adapter import write_adapter, write_adapter_record
 from crisp_edge.export.onnx.adapter_format import parse_adapter
 
 from crisp_edge.errors import BasisMismatchError, CrispEdgeError
@@ -198,6 +198,7 @@ def test_refused_switch_leaves_no_task(bundle, tmp_path):
     sess.set_task("t2")
     bad = tmp_path / "bad.onnx_adapter"
     bad.write_bytes(b"\x00" * 64)
+    write_adapter_record(bad)  # a record that matches: the parser itself must refuse the bytes
     with pytest.raises(AdapterError, match="not an .onnx_adapter file"):
         sess.set_task(bad)
     assert sess.task is None
@@ -239,6 +240,7 @@ def test_malformed_adapter_files_are_refused_before_onnx_runtime(bundle, tmp_pat
         parse_adapter(data, "case")
     path = tmp_path / "case.onnx_adapter"
     path.write_bytes(data)
+    write_adapter_record(path)  # the hash matches: the checks behind it must refuse the file
     sess = bundle.session()
     with pytest.raises(AdapterError, match=message):
         sess.set_task(path)
@@ -269,6 +271,7 @@ def test_adapter_reader_matches_onnx_runtime_on_valid_files(bundle, tmp_path):
 def test_wrong_tag_is_a_basis_mismatch(bundle, tmp_path):
     path = tmp_path / "tag.onnx_adapter"
     path.write_bytes(_fb(bundle, model_version=bundle.manifest["swappable"]["adapter_model_version"] ^ 1))
+    write_adapter_record(path)
     with pytest.raises(BasisMismatchError, match="other bases"):
         bundle.session().set_task(path)
 

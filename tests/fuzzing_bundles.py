@@ -490,6 +490,12 @@ class Worker:
         # a file named like a bundle task now and then: it must not replace that task
         path = self.adapter_dir / rng.choice(["case.onnx_adapter", "case.onnx_adapter", "t1.onnx_adapter", "case.bin"])
         path.write_bytes(data)
+        from crisp_edge.export.onnx.adapter import record_path, write_adapter_record
+
+        if rng.random() < 0.9:  # a record recomputed for the mutated bytes: the parser and checks must hold
+            write_adapter_record(path)
+        else:  # no record (or a stale one): refused before the bytes are parsed
+            record_path(path).unlink(missing_ok=True)
         what = f"adapter/{kind}/seed{seed}/case{i}"
         refused = tally.refused
         sess = self.session

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from crisp_edge.cli.data_args import add_data_arguments
+from crisp_edge.cli.options import BATCH, COUNT
 from crisp_edge.training.adapt import AdaptConfig
 
 _ADAPT = AdaptConfig()  # the library's defaults are the command's defaults
@@ -20,8 +21,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from crisp_edge.data.input_spec import input_spec_of
     from crisp_edge.errors import ConfigError
     from crisp_edge.files.checkpoint import load_checkpoint
-    from crisp_edge.files.io import check_writable
-    from crisp_edge.files.mixers import read_mixers, save_mixers
+    from crisp_edge.files.mixers import check_mixer_target, read_mixers, save_mixers
     from crisp_edge.training.adapt import adapt_
     from crisp_edge.training.loop import TrainConfig
 
@@ -31,7 +31,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise ConfigError("--val and --val-fraction go with --data; a built-in task has its own test split.")
     name = args.name or args.task or task_name(args.data)
     out = args.out or f"{name}.mixers.safetensors"
-    check_writable(out, ConfigError, what="--out")  # before training: a failed write would lose the result
+    check_mixer_target(out, args.overwrite)  # before training: a refused path costs nothing
     config = AdaptConfig(train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
                          mixer_lr=args.lr, head_lr=args.head_lr, train_head=not args.no_head,
                          train_biases=args.train_biases)
@@ -71,8 +71,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--task", help="a built-in task instead of --data: mnist | digits | fmnist5")
     a.add_argument("--name", help="the task's name in the mixer file (default: --task, or the data's folder/file name)")
     a.add_argument("--out", help="mixer file to write (default: NAME.mixers.safetensors)")
-    a.add_argument("--epochs", type=int, default=_ADAPT.train.epochs)
-    a.add_argument("--batch-size", type=int, default=_ADAPT.train.batch_size)
+    a.add_argument("--overwrite", action="store_true", help="replace the mixer file already at --out")
+    a.add_argument("--epochs", type=COUNT, default=_ADAPT.train.epochs)
+    a.add_argument("--batch-size", type=BATCH, default=_ADAPT.train.batch_size)
     a.add_argument("--lr", type=float, default=_ADAPT.mixer_lr, help="mixer learning rate")
     a.add_argument("--head-lr", type=float, default=_ADAPT.head_lr)
     a.add_argument("--no-head", action="store_true", help="keep the model's head (do not train a new one)")

@@ -13,6 +13,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from crisp_edge.report import format_table
     from crisp_edge.training.evaluate import accuracy, predict
 
+    if args.out:  # refused before any work, not after
+        from crisp_edge.files.checkpoint import check_checkpoint_target
+
+        check_checkpoint_target(args.out, args.overwrite)
     model = load_checkpoint(args.checkpoint)
     switcher = TaskSwitcher(model)
     names = [switcher.add(path) for path in args.mixers]
@@ -41,5 +45,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("mixers", nargs="+", help="mixer files, applied in order")
     ap.add_argument("--no-eval", action="store_true", help="do not evaluate on the tasks' test data")
     ap.add_argument("--out", help="save a checkpoint with the last task applied")
+    ap.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     ap.set_defaults(func=cmd_apply)
     return ap

@@ -99,13 +99,13 @@ def _compress(args: argparse.Namespace, rank: int) -> int:
     from crisp_edge.data.formats import load_dataset
     from crisp_edge.data.input_spec import KNOWN_SPECS, input_spec_of
     from crisp_edge.errors import DataError
-    from crisp_edge.files.io import check_writable
     from crisp_edge.models.sources import EMBEDDED_VIT_NAME
 
     out = Path(args.out)
-    if rank == 0 and out.exists() and out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace the checkpoint in it.")
-    check_writable(out, ConfigError, folder=True, what="--out")
+    if rank == 0:
+        from crisp_edge.files.checkpoint import check_checkpoint_target
+
+        check_checkpoint_target(out, args.overwrite)
     teacher = load_teacher(args.source)
     spec = input_spec_of(teacher)
     # models that take the embedded ViT's 28x28 grey images get Fashion-MNIST as before
@@ -181,7 +181,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="stop after the SVD init (data-free, 'mimicry only'; with --data, ranks still use it)")
     c.add_argument("--eval", action="store_true", help="report teacher and student accuracy on the test split")
     c.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
-    c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    c.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     c.add_argument("--json", action="store_true", help="also print the report as JSON")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
     c.set_defaults(func=cmd_compress)

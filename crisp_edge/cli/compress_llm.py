@@ -19,7 +19,7 @@ def cmd_compress_llm(args) -> int:
     optional held-out perplexity, then a CRISP checkpoint."""
     from pathlib import Path
 
-    from crisp_edge.files.checkpoint import save_checkpoint
+    from crisp_edge.files.checkpoint import check_checkpoint_target, save_checkpoint
     from crisp_edge.models.causal_lm import (
         load_causal_lm,
         load_kjv,
@@ -30,6 +30,7 @@ def cmd_compress_llm(args) -> int:
 
     if not 0 < args.keep < 1:
         raise ConfigError(f"--keep must lie in (0, 1) (the kept fraction of the targeted weights), got {args.keep}.")
+    check_checkpoint_target(args.out, args.overwrite)  # before minutes of work, not after
     model, tok = load_causal_lm(args.model)
     if tok is None:
         raise ConfigError(f"{args.model} has no tokenizer; use a .gguf file or a folder with tokenizer files.")
@@ -79,5 +80,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--eval-tokens", type=int, default=0, help="held-out KJV perplexity over this many tokens (0 = skip)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     p.set_defaults(func=cmd_compress_llm)
     return p

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from crisp_edge.cli.options import BATCH, COUNT, THREADS, int_in
+
 TARGETS = ("onnx", "executorch")
 
 
@@ -74,13 +76,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--task", action="append", help="a mixer file to ship as a task adapter (repeatable; swappable)")
     e.add_argument("--recipe", default="xnnpack", choices=["xnnpack", "portable"],
                    help="executorch: XNNPACK delegate (default) or portable kernels only")
-    e.add_argument("--batch", type=int, default=1, help="executorch: the program's (static) batch size")
-    e.add_argument("--max-classes", type=int, default=None,
+    e.add_argument("--batch", type=BATCH, default=1, help="executorch: the program's (static) batch size")
+    e.add_argument("--max-classes", type=COUNT, default=None,
                    help="executorch swappable: head capacity for tasks added later (default: the largest head shipped)")
-    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--opset", type=int_in(1, 99), default=18,
+                   help="onnx: ONNX opset (default 18; the exporter and ONNX Runtime here take 14..23 for dense "
+                        "bundles, 18..23 for factored and swappable)")
     e.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights (per channel) with dynamically quantized activations (dense mode; default: float32)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    e.add_argument("--threads", type=int, default=1, help="runtime threads for validation")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing bundle of the same runtime (any other folder is refused, never deleted)")
+    e.add_argument("--threads", type=THREADS, default=1, help="runtime threads for validation")
     e.set_defaults(func=cmd_export)
     return e

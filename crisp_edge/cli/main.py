@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -30,3 +31,25 @@ def main(argv: list[str] | None = None) -> int:
     except CrispEdgeError as e:
         print(f"crisp-edge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        hint = _OS_HINTS.get(e.errno)
+        if hint is None:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"crisp-edge {args.command}: error: cannot use{where}: {e.strerror}; {hint}", file=sys.stderr)
+        return 2
+
+
+#: File system errors that come from where the user pointed a command (not from a bug), with how to fix them.
+_OS_HINTS = {
+    errno.EROFS: "the file system is read-only: choose an --out (or report path) on a writable one.",
+    errno.ENOSPC: "the disk is full: free space or choose another --out; nothing half-written was left in place.",
+    errno.EDQUOT: "the disk quota is exceeded: free space or choose another --out.",
+    errno.EACCES: "permission denied: choose a path you can read and write.",
+    errno.EPERM: "operation not permitted: choose a path you can read and write.",
+    errno.EISDIR: "a folder is there where a file is needed: give a file path.",
+    errno.ENOTDIR: "a file is there where a folder is needed: give a folder path (or a new name).",
+    errno.EEXIST: "something is already there: choose another path.",
+    errno.ENOENT: "no such file or folder: check the path.",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter one.",
+}

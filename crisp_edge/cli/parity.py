@@ -19,6 +19,8 @@ import argparse
 import io
 import sys
 
+from crisp_edge.cli.options import THREADS, float_in
+
 EXIT_PASS, EXIT_FAIL = 0, 1
 MAX_LISTED = 10
 
@@ -123,9 +125,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                      "output.{task}.{i}.{name}; nothing is run here")
     p.add_argument("--task", action="append", help="check only this task (repeatable; default: every task with "
                                                    "reference outputs, or every task present in --outputs)")
-    p.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
-    p.add_argument("--atol", type=float, default=None, help="override the tolerance table's absolute tolerance")
-    p.add_argument("--min-cosine", type=float, default=None, help="override the tolerance table's minimum cosine")
+    p.add_argument("--threads", type=THREADS, default=1, help="runtime threads (default 1)")
+    p.add_argument("--atol", type=float_in(0.0), default=None, help="override the tolerance table's absolute "
+                                                                   "tolerance (a finite number >= 0)")
+    p.add_argument("--min-cosine", type=float_in(-1.0, 1.0), default=None,
+                   help="override the tolerance table's minimum cosine (-1..1)")
     p.add_argument("--runtime", default=None, help="with --outputs: whose tolerance applies (onnxruntime, executorch; "
                                                    "default: the bundle's runtime)")
     p.add_argument("--checkpoint", default=None, help="recompute the reference from this CRISP checkpoint (the "

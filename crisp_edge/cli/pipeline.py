@@ -67,7 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adapt-epochs", type=int, default=8)
     p.add_argument("--train-limit", type=int, default=None, help="at most N training images per task")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--restart", action="store_true", help="delete the folder's earlier run and start over")
+    p.add_argument("--restart", action="store_true", help="start over; the earlier run's own files are kept until the new run "
+                                                       "completes, and put back if it fails")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pipeline)
     return p

@@ -36,8 +36,9 @@ def _parse_role_override(text: str) -> tuple[str, dict]:
 
 def _config_from_args(args: argparse.Namespace) -> CrispConfig:
     if args.config:
-        with open(args.config) as f:
-            return CrispConfig.from_json(f.read())
+        from crisp_edge.files.io import read_regular
+
+        return CrispConfig.from_json(read_regular(args.config, ConfigError, "--config file", 1 << 20).decode("utf-8", "replace"))
     default = RoleConfig(s=args.s, r=args.r, group_size=args.group_size, gate=args.gate, placement=args.placement)
     roles = {}
     for text in args.role or []:
@@ -72,14 +73,18 @@ def model_from_args(args: argparse.Namespace):
 
 def cmd_retrofit(args: argparse.Namespace) -> int:
     from crisp_edge.files.checkpoint import save_checkpoint
+    from crisp_edge.method.convert import check_capacity, plan_groups
     from crisp_edge.training.retrofit import retrofit_
 
-    from crisp_edge.files.io import check_writable
 
     config = _config_from_args(args)
-    if args.out:
-        check_writable(args.out, ConfigError, folder=True, what="--out")
+    if args.out:  # refused before minutes of work, not after
+        from crisp_edge.files.checkpoint import check_checkpoint_target
+
+        check_checkpoint_target(args.out, args.overwrite)
     model = model_from_args(args)
+    for note in check_capacity(plan_groups(model, config)[1]):  # accepted, with a word: see check_capacity
+        print(note, file=sys.stderr)
     report = retrofit_(model, config, method=args.method, refine_steps=args.refine_steps, steps=args.steps,
                        progress=not args.no_progress)
     print(report.format())
@@ -93,6 +98,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r = subparsers.add_parser("retrofit", help="convert a model to CRISP form and fit it to its weights")
     add_model_arguments(r)
     r.add_argument("--out", help="checkpoint folder to write")
+    r.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     r.add_argument("--config", help="a CRISP config JSON file (overrides the flags below)")
     r.add_argument("--s", type=int, default=4, help="mixer width s (must divide d_in*d_out; default 4)")
     r.add_argument("--r", type=int, default=None, help="basis rank (default: full capacity n*s, exact)")

@@ -8,6 +8,7 @@ SHA-256 of the weights file (which catches truncated or modified files).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -25,8 +26,10 @@ from crisp_edge.files.io import (
     atomic_write_bytes,
     atomic_write_json,
     check_envelope,
+    check_writable,
     inside,
     read_json,
+    read_regular,
     sha256_bytes,
 )
 from crisp_edge.method.config import CrispConfig
@@ -46,10 +49,56 @@ CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "crisp.json"
 _STAGED_SUFFIX = ".staged"
+_DIGEST_KEY = "crisp_edge_architecture_sha256"
+#: The crisp.json fields that decide what model the weights are loaded into.
+ARCHITECTURE_FIELDS = ("arch", "config", "source", "groups")
+
+
+def architecture_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the crisp.json fields that rebuild the model (``ARCHITECTURE_FIELDS``), canonical JSON."""
+    blob = json.dumps({k: meta.get(k) for k in ARCHITECTURE_FIELDS}, sort_keys=True, separators=(",", ":"))
+    return sha256_bytes(blob.encode())
+
+
+def _check_architecture_digest(recorded: str | None, meta: dict[str, Any], folder: Path) -> None:
+    """Refuse weights whose recorded architecture digest differs from crisp.json's fields (checkpoints
+    written before the digest existed carry none and are checked by tensor names and shapes only).
+    Run after the structural checks, which name a difference they can see more precisely."""
+    if recorded is not None and recorded != architecture_digest(meta):
+        raise CheckpointError(
+            f"{folder / META_FILE} does not describe the model these weights were saved from: one of "
+            f"{list(ARCHITECTURE_FIELDS)} (e.g. num_heads, the gate or its placement) was changed after the save. "
+            "Loading would compute wrong outputs; restore crisp.json from the original checkpoint.")
+
+
+def check_checkpoint_target(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Where a checkpoint may be written: a new or empty folder, or (with ``overwrite``) a folder that
+    holds a crisp-edge checkpoint, whose ``crisp.json`` and ``model.safetensors`` are then replaced
+    (other files in it are left alone). Anything else is a ``CheckpointError`` that says what to do:
+    a checkpoint save never replaces files it did not write."""
+    folder = check_writable(path, CheckpointError, "checkpoint", folder=True)
+    if not (folder.exists() or folder.is_symlink()):
+        return folder
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder; a checkpoint is a folder. Choose another --out.")
+    ours = (f".{WEIGHTS_FILE}.", f".{META_FILE}.")  # temporary and staged files of a killed save
+    entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith(ours))
+    if not entries:
+        return folder
+    try:
+        read_checkpoint_meta(folder)
+    except CheckpointError:
+        raise CheckpointError(f"{folder} is not a crisp-edge checkpoint (it holds {entries[:5]!r:.200} and no valid "
+                              f"{META_FILE}); a checkpoint is never written over other files. Choose another --out or "
+                              "an empty folder.") from None
+    if not overwrite:
+        raise CheckpointError(f"{folder} already holds a checkpoint; pass --overwrite (overwrite=True) to replace it, "
+                              "or choose another --out.")
+    return folder
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict | None = None,
-                    extra: dict | None = None, origin: dict | None = None) -> Path:
+                    extra: dict | None = None, origin: dict | None = None, overwrite: bool = True) -> Path:
     """Write ``model`` (a CRISP model) to the folder ``path``; returns the folder.
 
     Args:
@@ -59,9 +108,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict |
         extra: JSON-serialisable notes to keep (e.g. a retrofit report).
         origin: where the pretrained weights came from (kind, name, arguments, files with SHA-256);
             defaults to what ``model`` records (``crisp_edge.models.weights.origin_of``).
+        overwrite: replace a checkpoint already in ``path``; a folder holding anything else is always
+            refused (``check_checkpoint_target``).
     """
     if not is_crisp(model):
         raise CheckpointError("model has no CRISP layers; run retrofit_ or convert_ before save_checkpoint.")
+    check_checkpoint_target(path, overwrite)
     state, storages = {}, set()
     for k, v in model.state_dict().items():  # tied weights (e.g. lm_head = embed_tokens) share storage,
         v = v.detach().contiguous().cpu()     # which safetensors refuses: save each name its own copy
@@ -71,7 +123,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict |
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"refusing to save non-finite values (NaN/Inf) in {bad[:5]}.")
-    data = st_save(state, metadata={"format": "pt", "crisp_edge": CHECKPOINT_FORMAT})
     meta = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -81,10 +132,13 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, source: dict |
         "source": source if source is not None else source_of(model),
         "origin": origin if origin is not None else (origin_of(model) or _python_origin(model)),
         "groups": group_layout(model),
-        "weights": {"file": WEIGHTS_FILE, "bytes": len(data), "sha256": sha256_bytes(data)},
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()},
         "extra": extra or {},
     }
+    # the weights carry a digest of the fields that rebuild the model: an edit of crisp.json alone (e.g.
+    # num_heads, which changes no tensor shape) no longer matches the weights it describes
+    data = st_save(state, metadata={"format": "pt", "crisp_edge": CHECKPOINT_FORMAT, _DIGEST_KEY: architecture_digest(meta)})
+    meta["weights"] = {"file": WEIGHTS_FILE, "bytes": len(data), "sha256": sha256_bytes(data)}
     folder = Path(path)
     _write_folder(folder, data, meta)
     return folder
@@ -131,7 +185,8 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder (expected a folder with {META_FILE} and {WEIGHTS_FILE}).")
-    meta = read_json(folder / META_FILE, CheckpointError, "checkpoint metadata")
+    meta = read_json(inside(folder, META_FILE, str(folder), CheckpointError, "checkpoint"), CheckpointError,
+                     "checkpoint metadata")
     return check_envelope(meta, fmt=CHECKPOINT_FORMAT, max_version=CHECKPOINT_VERSION, error=CheckpointError,
                           where=str(folder / META_FILE), what="checkpoint",
                           fields={"arch": str, "config": dict, "groups": dict, "weights": dict, "tensors": dict})
@@ -155,14 +210,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> 
         config = CrispConfig.from_dict(meta["config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{folder / META_FILE}: invalid CRISP config: {e}") from None
-    tensors = _read_weights(folder, meta)
+    tensors, digest = _read_weights(folder, meta)
 
     if model is None:
         source = _check_source(meta, tensors, folder)
         with torch.device("meta"):
             skeleton = _build(source, folder)
-        _convert_checked_(skeleton, config, meta, tensors, folder)
+        _convert_checked_(skeleton, config, meta, tensors, folder)  # names a difference it can see first
+        _check_architecture_digest(digest, meta, folder)
         model = _build(source, folder)
+    else:
+        _check_architecture_digest(digest, meta, folder)
     if is_crisp(model):
         raise CheckpointError("load_checkpoint needs the plain architecture; the model given is already CRISP.")
     _convert_checked_(model, config, meta, tensors, folder)
@@ -282,18 +340,19 @@ def _build(source: dict[str, Any], folder: Path) -> nn.Module:
                               f"({type(e).__name__}: {str(e)[:200]}).") from None
 
 
-def _read_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_weights(folder: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The checked tensors, and the architecture digest the file records (None in older files)."""
     weights = meta["weights"]
     name = weights.get("file", WEIGHTS_FILE)
     if not isinstance(name, str):
         raise CheckpointError(f"{folder / META_FILE}: weights file name must be a string, found {name!r:.80}.")
     file = inside(folder, name, str(folder / META_FILE), CheckpointError, "checkpoint")
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete.") from None
-    except (OSError, ValueError) as e:  # a folder, no permission, a NUL byte in the name
-        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {e}).") from None
+    size = weights.get("bytes")
+    if not file.exists() and not file.is_symlink():
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete.")
+    # at most the recorded size + 1: a longer file is refused without reading it all
+    limit = size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size < 1 << 40 else 0
+    data = read_regular(file, CheckpointError, "checkpoint weights", limit + 1)
     if len(data) != weights.get("bytes"):
         raise CheckpointError(
             f"{file} is {len(data)} bytes but crisp.json records {weights.get('bytes')!r:.40}: the file is truncated or "
@@ -305,6 +364,8 @@ def _read_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError, TypeError) as e:
         raise CheckpointError(f"{file} is not a valid safetensors file: {e}") from None
+    n = int.from_bytes(data[:8], "little")
+    digest = (json.loads(data[8:8 + n]).get("__metadata__") or {}).get(_DIGEST_KEY)
     found = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
     if found != meta["tensors"]:
         diff = sorted(k for k in set(found) | set(meta["tensors"]) if found.get(k) != meta["tensors"].get(k))
@@ -312,4 +373,4 @@ def _read_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]
     bad = [k for k, v in sorted(tensors.items()) if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{file} holds NaN or Inf values in {bad[:5]}; the checkpoint is damaged.")
-    return tensors
+    return tensors, digest

@@ -5,9 +5,11 @@ target, so a process killed mid-write leaves the previous file intact and never 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +38,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def check_writable(path: str | os.PathLike, error: type[CrispEdgeError], *, folder: bool = False,
-                   what: str = "output") -> Path:
+def check_writable(path: str | os.PathLike, error: type[CrispEdgeError], what: str = "output", *,
+                   folder: bool = False) -> Path:
     """Refuse an output path that cannot be written, before any work is done (training that ends in a
     failed write loses its result): a folder where a file goes (or the reverse), or a nearest existing
     folder in which no file can be created (tried with a temporary file, removed at once: permission
@@ -53,8 +55,8 @@ def check_writable(path: str | os.PathLike, error: type[CrispEdgeError], *, fold
         with tempfile.TemporaryFile(dir=ancestor, prefix=".crisp-edge-write-check."):
             pass
     except OSError as e:
-        raise error(f"{what} {path}: nothing can be written in {ancestor} ({e.strerror or e}); choose another path.") \
-            from None
+        raise error(f"{what} {path}: {ancestor} is not writable ({e.strerror or e}: a read-only file system, or no "
+                    "permission); choose another path.") from None
     return path
 
 
@@ -125,11 +127,90 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a regular file (a FIFO or device raises ``OSError`` at once instead of blocking or
+    reading without end)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = _open_regular(Path(path))
+    with os.fdopen(fd, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _open_regular(path: Path, follow_symlinks: bool = True) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file: checked by ``stat`` before the
+    open (a device is never opened) and by ``fstat`` after it (the name cannot be swapped in between);
+    opened ``O_NONBLOCK`` so that a FIFO put in its place cannot block. ``OSError`` otherwise."""
+    st = os.stat(path, follow_symlinks=follow_symlinks)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL,
+                      f"not a regular file but a {_kind(st.st_mode)}", str(path))
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file but a {_kind(st.st_mode)}", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | os.PathLike, error: type[CrispEdgeError], what: str, max_bytes: int,
+                 follow_symlinks: bool = True) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``max_bytes``), or ``error`` saying why not.
+
+    The one bounded reader every loader uses: a FIFO, device, socket or folder is refused at once (no
+    hang, no endless read of ``/dev/zero``), a file over ``max_bytes`` before it is read, and one that
+    grows while being read after ``max_bytes + 1`` bytes. ``follow_symlinks=False`` also refuses a
+    symbolic link (``O_NOFOLLOW``).
+    """
+    path = Path(path)
+    try:
+        fd = _open_regular(path, follow_symlinks)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist.") from None
+    except (OSError, ValueError) as e:  # not regular, no permission, a NUL byte in the name, a symlink
+        detail = f"{type(e).__name__}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+        raise error(f"{what} {path} cannot be read ({detail}); give a regular file.") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise error(f"{what} {path} is {size:,} bytes, larger than any valid one ({max_bytes:,}).")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise error(f"{what} {path} grew past {max_bytes:,} bytes while being read; it is not a valid one.")
+    return data
+
+
+def check_regular(path: str | os.PathLike, error: type[CrispEdgeError], what: str, max_bytes: int) -> Path:
+    """``path`` if it is a regular file of at most ``max_bytes``, else ``error``: for files handed by
+    name to a library that opens them itself (ONNX, ONNX Runtime, NumPy), so that it never blocks on
+    a FIFO or reads a device."""
+    path = Path(path)
+    try:
+        os.close(_open_regular(path))
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist.") from None
+    except (OSError, ValueError) as e:
+        detail = f"{type(e).__name__}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+        raise error(f"{what} {path} cannot be read ({detail}); give a regular file.") from None
+    if size > max_bytes:
+        raise error(f"{what} {path} is {size:,} bytes, larger than any valid one ({max_bytes:,}).")
+    return path
 
 
 def parse_json(data: bytes | str, error: type[CrispEdgeError], where: str, what: str) -> Any:
@@ -147,15 +228,7 @@ def parse_json(data: bytes | str, error: type[CrispEdgeError], where: str, what:
 def read_json(path: str | os.PathLike, error: type[CrispEdgeError], what: str, max_bytes: int = 64 << 20) -> dict:
     """Read a JSON object, raising ``error`` (never a bare exception) on anything malformed."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        data = path.read_bytes() if size <= max_bytes else None
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist.") from None
-    except (OSError, ValueError) as e:  # a folder, no permission, a name with a NUL byte
-        raise error(f"{what} {path} cannot be read ({type(e).__name__}: {e}).") from None
-    if data is None:
-        raise error(f"{what} {path} is {size} bytes, larger than any valid one ({max_bytes}).")
+    data = read_regular(path, error, what, max_bytes)
     obj = parse_json(data, error, f"{what} {path}", what)
     if not isinstance(obj, dict):
         raise error(f"{what} {path} must hold a JSON object, found {type(obj).__name__}.")

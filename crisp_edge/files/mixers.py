@@ -35,7 +35,9 @@ from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import (
     atomic_write_bytes,
     check_envelope,
+    check_writable,
     parse_json,
+    read_regular,
     sha256_bytes,
 )
 from crisp_edge.method.convert import crisp_bases, group_layout, is_crisp
@@ -136,9 +138,29 @@ def task_tensors(model: nn.Module, *, head: bool = True, biases: bool = False) -
     return out
 
 
+def check_mixer_target(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Where a mixer file may be written: a new name, or (with ``overwrite``) an existing crisp-edge
+    mixer file. Anything else (a folder, a FIFO, another file) is a ``MixerFileError``: saving never
+    replaces a file it did not write. Call it before training, so a refused path costs nothing."""
+    path = check_writable(path, MixerFileError, "mixer file")
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if path.is_symlink() or not path.is_file():
+        raise MixerFileError(f"{path} exists and is not a regular file; choose another --out.")
+    try:
+        read_mixers(path)
+    except MixerFileError:
+        raise MixerFileError(f"{path} exists and is not a crisp-edge mixer file; it is never replaced. Choose another "
+                             "--out.") from None
+    if not overwrite:
+        raise MixerFileError(f"{path} already holds a mixer file; pass --overwrite (overwrite=True) to replace it, or "
+                             "choose another --out.")
+    return path
+
+
 def save_mixers(model: nn.Module, path: str | os.PathLike, task: str, *, head: bool = True, biases: bool = False,
                 storage_dtype: torch.dtype | None = None, labels: list[str] | None = None,
-                extra: dict[str, Any] | None = None) -> Path:
+                extra: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write ``model``'s task tensors to the mixer file ``path`` (atomically); returns the path.
 
     Args:
@@ -147,9 +169,12 @@ def save_mixers(model: nn.Module, path: str | os.PathLike, task: str, *, head: b
         biases: include every CRISP layer's bias (when adaptation trained them).
         storage_dtype: e.g. ``torch.float16`` to halve the file; values are upcast when applied.
         labels: class names, for apps that show predictions.
+        overwrite: replace a mixer file already at ``path``; any other file is always refused
+            (``check_mixer_target``).
     """
     if not isinstance(task, str) or not task:
         raise MixerFileError("task must be a non-empty name.")
+    check_mixer_target(path, overwrite)
     tensors = task_tensors(model, head=head, biases=biases)
     compute_dtype = next(iter(tensors.values())).dtype
     stored = storage_dtype or compute_dtype
@@ -186,18 +211,11 @@ def read_mixers(path: str | os.PathLike) -> MixerFile:
     path = Path(path)
     try:
         size = path.stat().st_size
-        if size > MAX_MIXER_FILE_BYTES:
-            raise CorruptMixerFileError(f"{path} is {size} bytes; a mixer file is kilobytes to megabytes.")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MixerFileError(f"mixer file {path} does not exist.") from None
-    except IsADirectoryError:
-        raise MixerFileError(f"{path} is a folder, not a mixer file.") from None
-    except MixerFileError:
-        raise
-    except (OSError, ValueError) as e:  # no permission, a name with a NUL byte, ...
-        raise MixerFileError(f"mixer file {path} cannot be read ({type(e).__name__}: {e}).") from None
-    return parse_mixers(data, path)
+    except (OSError, ValueError):
+        size = 0  # read_regular says why below
+    if size > MAX_MIXER_FILE_BYTES:
+        raise CorruptMixerFileError(f"{path} is {size} bytes; a mixer file is kilobytes to megabytes.")
+    return parse_mixers(read_regular(path, MixerFileError, "mixer file", MAX_MIXER_FILE_BYTES), path)
 
 
 def parse_mixers(data: bytes, path: Path | None = None) -> MixerFile:

@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 
 from crisp_edge._version import __version__
 from crisp_edge.errors import CheckpointError, ConfigError
-from crisp_edge.files.io import atomic_write_bytes, check_envelope, parse_json
+from crisp_edge.files.io import atomic_write_bytes, check_envelope, parse_json, read_regular
 
 RUN_STATE_FILE = "run_state.safetensors"
 RUN_STATE_FORMAT = "crisp-edge/run-state"
@@ -62,15 +62,9 @@ def load_run_state(folder: str | os.PathLike, kind: str,
     Raises CheckpointError for a damaged file or one written by another run (its fingerprint differs).
     """
     path = Path(folder) / RUN_STATE_FILE
-    try:
-        size = path.stat().st_size
-        data = path.read_bytes() if size <= MAX_RUN_STATE_BYTES else None
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         return None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"run state {path} cannot be read ({type(e).__name__}: {e}).") from None
-    if data is None:
-        raise CheckpointError(f"{path} is {size} bytes, larger than any run state crisp-edge writes.")
+    data = read_regular(path, CheckpointError, "run state", MAX_RUN_STATE_BYTES)
     try:
         tensors = st_load(data)
         n = int.from_bytes(data[:8], "little")

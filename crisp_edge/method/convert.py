@@ -59,12 +59,32 @@ def _arch_of(model: nn.Module, arch: str | ArchSpec | None) -> ArchSpec:
     return get_architecture(recorded) if recorded else detect_architecture(model)
 
 
+def check_capacity(plans: list[GroupPlan]) -> list[str]:
+    """Check each role's rank against the basis height ``u``: a basis of rank r > u is impossible to use
+    (its u x r matrix has rank <= u) and r = 10^9 would try to allocate it, so that is a ConfigError.
+    Returns a note for each role whose r is above full capacity ``n*s`` of its largest group: allowed
+    (the paper's gradient descent may use it), but the basis is exact at ``n*s`` already, so a larger
+    one stores more numbers for no better fit."""
+    notes, seen = [], set()
+    for p in plans:
+        u, full = p.d_in * p.d_out // p.s, len(p.layer_names) * p.s
+        if p.r > u:
+            raise ConfigError(f"r={p.r} for role {p.role!r} is above the basis height u={u} (d_in*d_out/s), so no "
+                              f"basis of that rank exists; use r <= {min(u, full)} (full capacity), or leave r unset.")
+        biggest = max(len(q.layer_names) for q in plans if q.role == p.role) * p.s
+        if p.r > biggest and p.role not in seen:
+            seen.add(p.role)
+            notes.append(f"note: r={p.r} for role {p.role!r} is above its full capacity {min(u, biggest)} (n*s), where "
+                         "the basis is already exact; the extra rank stores more numbers for no better fit.")
+    return notes
+
+
 def plan_groups(model: nn.Module, config: CrispConfig, arch: str | ArchSpec | None = None) -> tuple[ArchSpec, list[GroupPlan]]:
     """Decide the groups for ``model`` under ``config`` and check every layer fits; changes nothing."""
     spec = _arch_of(model, arch)
     blocks = resolve_blocks(model, spec)
     targets = config.targets if config.targets is not None else tuple(spec.roles)
-    unknown = [t for t in targets if t not in spec.roles]
+    unknown = [t for t in targets if t not in spec.roles] + sorted(set(config.roles) - set(spec.roles) - set(targets))
     if unknown:
         raise ConfigError(f"roles {unknown} are not roles of {spec.name}; its roles are {list(spec.roles)}.")
     plans = []

@@ -17,7 +17,6 @@ Starting again with other settings in the same folder is refused with the settin
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,28 +27,24 @@ import torch
 from torch import nn
 
 from crisp_edge.data.tasks import TASKS, load_task
-from crisp_edge.errors import ConfigError, CrispEdgeError
+from crisp_edge.errors import ConfigError
 from crisp_edge.files.checkpoint import (
     load_checkpoint,
-    read_checkpoint_meta,
     save_checkpoint,
 )
-from crisp_edge.files.io import atomic_write_json, check_envelope, read_json
-from crisp_edge.files.mixers import read_mixers, save_mixers
+from crisp_edge.files.mixers import save_mixers
 from crisp_edge.method.config import CrispConfig
 from crisp_edge.models.sources import EMBEDDED_CRISP_CONFIG, source_of
 from crisp_edge.training.adapt import AdaptConfig, adapt_
 from crisp_edge.training.loop import TrainConfig
+from crisp_edge.training.pipeline_run import (  # noqa: F401  (STATE_FILE, PipelineError: public names)
+    STATE_FILE,
+    PipelineError,
+    _checkpoint_ok,
+    _mixer_ok,
+    _Run,
+)
 from crisp_edge.training.retrofit import retrofit_
-
-PIPELINE_FORMAT = "crisp-edge/pipeline"
-PIPELINE_VERSION = 1
-STATE_FILE = "pipeline.json"
-STAGES = ("retrofit", "compress", "adapt")
-
-
-class PipelineError(CrispEdgeError, RuntimeError):
-    """A pipeline run folder that cannot be resumed as asked."""
 
 
 @dataclass(frozen=True)
@@ -174,64 +169,6 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-def _diff(old: Any, new: Any, path: str = "") -> str | None:
-    """The first setting (dotted path) where two config dicts differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            d = _diff(old.get(k), new.get(k), f"{path}.{k}" if path else k)
-            if d:
-                return d
-        return None
-    return None if old == new else f"{path}: {old!r} then, {new!r} now"
-
-
-class _Run:
-    """The run folder's state file: read, check against the settings, record stages atomically."""
-
-    def __init__(self, folder: Path, config: PipelineConfig, restart: bool) -> None:
-        self.folder, self.path = folder, folder / STATE_FILE
-        settings = config.to_dict()
-        if restart and self.path.exists():  # only ever delete a folder that holds a pipeline run
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.state = {"format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "config": settings, "stages": {}}
-        if self.path.exists():
-            old = read_json(self.path, PipelineError, "pipeline state")
-            check_envelope(old, fmt=PIPELINE_FORMAT, max_version=PIPELINE_VERSION,
-                           fields={"config": dict, "stages": dict}, error=PipelineError, where=str(self.path),
-                           what="pipeline state")
-            diff = _diff(old["config"], settings)
-            if diff:
-                raise PipelineError(f"{folder} holds a pipeline run with other settings ({diff}); use another "
-                                    "folder, or restart=True (--restart) to start this one over.")
-            self.state["stages"] = old["stages"]
-        elif any(folder.iterdir()):
-            raise PipelineError(f"{folder} is not empty and holds no {STATE_FILE}; give the pipeline an empty or new folder.")
-
-    def done(self, stage: str) -> dict | None:
-        return self.state["stages"].get(stage)
-
-    def record(self, stage: str, report: dict) -> None:
-        self.state["stages"][stage] = report
-        atomic_write_json(self.path, self.state)
-
-
-def _checkpoint_ok(path: Path) -> bool:
-    try:
-        read_checkpoint_meta(path)
-        return True
-    except CrispEdgeError:
-        return False
-
-
-def _mixer_ok(path: Path) -> bool:
-    try:
-        read_mixers(path)
-        return True
-    except CrispEdgeError:
-        return False
-
-
 def run_pipeline(model: nn.Module, out_dir: str | Path, config: PipelineConfig | None = None, *,
                  distill_data: tuple[torch.Tensor, torch.Tensor] | None = None,
                  eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -249,10 +186,11 @@ def run_pipeline(model: nn.Module, out_dir: str | Path, config: PipelineConfig |
             inputs of ``config.data``'s tasks.
         eval_data: the base task's labelled test set, to report the teacher's and the student's
             accuracy; default: the Fashion-MNIST test split with Fashion-MNIST distillation, else none.
+        restart: start over; the earlier run's own files are kept aside until the new run completes,
+            and put back if it fails (files the pipeline did not write are never touched).
 
     Every task's data and the distillation inputs are read and checked against the model's own
     ``InputSpec`` first: bad data is a DataError before any stage runs or any file is written.
-        restart: delete the folder's earlier run and start over.
     Returns a ``PipelineResult``; the deployable checkpoint is ``result.checkpoint`` and the tasks
     ``result.mixer_files``.
     """
@@ -261,6 +199,17 @@ def run_pipeline(model: nn.Module, out_dir: str | Path, config: PipelineConfig |
     # all data is read and checked against the model's input spec before the run folder is touched
     tasks, distill_data, eval_data = _load_data(model, config, distill_data, eval_data, progress)
     run = _Run(folder, config, restart)
+    try:
+        result = _stages(run, model, folder, config, tasks, distill_data, eval_data, progress, log)
+    except BaseException:
+        run.restore()
+        raise
+    run.commit()
+    return result
+
+
+def _stages(run: _Run, model: nn.Module, folder: Path, config: PipelineConfig, tasks: dict, distill_data, eval_data,
+            progress: bool, log: Callable[[str], None]) -> PipelineResult:
     result = PipelineResult(folder)
 
     # 1. retrofit at full capacity: the teacher
@@ -308,6 +257,8 @@ def run_pipeline(model: nn.Module, out_dir: str | Path, config: PipelineConfig |
         rep = adapt_(task_model, train, num_classes=train.num_classes, config=config.adapt, eval_data=val,
                      progress=progress)
         rel = f"tasks/{name}.mixers.safetensors"
+        if rec["tasks"].get(name, {}).get("file") == rel:  # this run's own file, damaged: it may go
+            (folder / rel).unlink(missing_ok=True)
         save_mixers(task_model, folder / rel, task=name,
                     labels=list(train.class_names) if train.class_names else None)
         done[name] = {"file": rel, "accuracy": rep.accuracy, "trainable": rep.trainable_total,

@@ -36,7 +36,7 @@ from crisp_edge.files.run_state import (
 )
 from crisp_edge.method.budget import Budget, budget
 from crisp_edge.method.config import CrispConfig
-from crisp_edge.method.convert import GroupPlan, convert_, crisp_bases, plan_groups
+from crisp_edge.method.convert import GroupPlan, check_capacity, convert_, crisp_bases, plan_groups
 from crisp_edge.method.gates import crisp_weight_matrix, get_gate
 from crisp_edge.method.layer import CrispBasis
 from crisp_edge.method.specs import ArchSpec
@@ -128,6 +128,7 @@ def retrofit_(model: nn.Module, config: CrispConfig | None = None, *, arch: str 
     check_checkpointing(checkpoint_dir, checkpoint_every, resume)
     config = config or CrispConfig()
     _, plans = plan_groups(model, config, arch)  # validates before anything changes
+    check_capacity(plans)
     if method == "svd":
         for plan in plans:
             _check_closed_form(plan, config.gate_init_max)

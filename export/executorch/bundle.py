@@ -33,10 +33,11 @@ from crisp_edge.export.bundle import (
     check_shape,
     check_tolerance_and_tasks,
     open_folder,
+    read_manifest_json,
 )
 from crisp_edge.export.errors import BundleError
 from crisp_edge.export.quantize import check_quantize_record
-from crisp_edge.files.io import check_envelope, read_json
+from crisp_edge.files.io import check_envelope
 
 ET_BUNDLE_FORMAT = "crisp-edge/executorch-bundle"
 ET_BUNDLE_VERSION = 1
@@ -49,8 +50,6 @@ RUNNER_SPEC = "runner_spec.txt"
 RECIPES = ("xnnpack", "portable")
 #: The task tensor holding the bases-and-layout tag (int64, shape [1]) in every task ``.ptd``.
 TAG_KEY = "crisp.tag"
-
-
 def _check_swappable(swap: Any, where: str) -> None:
     if not isinstance(swap, dict):
         raise BundleError(f"{where}: a swappable bundle needs the object 'swappable' (bases, layout, set_task inputs).")
@@ -65,9 +64,8 @@ def _check_swappable(swap: Any, where: str) -> None:
     inputs = swap.get("set_task_inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BundleError(f"{where}.set_task_inputs must be a non-empty list of {{name, shape}}.")
+    _names(inputs, where, "set_task_inputs")
     for item in inputs:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise BundleError(f"{where}.set_task_inputs: {item!r:.80} is not {{name, shape}}.")
         check_shape(item.get("shape"), f"{where}.set_task_inputs[{item['name']!r}]")
     head = swap.get("head")
     if head is not None and not (isinstance(head, dict) and _is_int(head.get("max_classes"), 1)
@@ -108,7 +106,7 @@ def check_et_manifest(meta: dict, folder: Path) -> dict:
 
 def read_et_manifest(path: str | os.PathLike) -> dict[str, Any]:
     folder = Path(path)
-    meta = read_json(folder / MANIFEST, BundleError, "bundle manifest")
+    meta = read_manifest_json(folder)
     check_envelope(meta, fmt=ET_BUNDLE_FORMAT, max_version=ET_BUNDLE_VERSION, error=BundleError,
                    where=str(folder / MANIFEST), what="ExecuTorch bundle",
                    fields={"mode": str, "recipe": str, "files": dict, "inputs": list, "outputs": list,

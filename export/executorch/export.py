@@ -52,11 +52,12 @@ from crisp_edge.export.bundle import (
     REFERENCE,
     TASKS_DIR,
     bundle_tag,
+    check_threads,
     file_record,
     task_mixers,
-    write_validated,
 )
 from crisp_edge.export.errors import ExportError
+from crisp_edge.export.writing import check_replaceable, write_validated
 from crisp_edge.export.executorch.bundle import (
     DEFAULT_PTD,
     ET_BUNDLE_FORMAT,
@@ -264,8 +265,8 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
                           f"no quantized linear); got recipe={recipe!r}.")
     reference = resolve_reference(reference_device, reference_dtype)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} exists; pass overwrite=True to replace it.")
+    check_replaceable(out_dir, ET_BUNDLE_FORMAT, overwrite)
+    check_threads(threads)
     model = model.eval()
     example = _example_inputs(model, example_input)
     mixers = task_mixers(model, tasks)

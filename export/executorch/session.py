@@ -37,7 +37,7 @@ from crisp_edge.export.executorch.bundle import (
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.tasks import check_task_ptd, read_ptd_bytes
 
-from crisp_edge.files.io import sha256_bytes
+from crisp_edge.files.io import read_regular, sha256_bytes
 
 DEFAULT_TASK = "default"
 
@@ -93,7 +93,7 @@ class EtCrispSession:
         m = self.bundle.manifest
         set_threads(threads)
         path = self.bundle.file(PROGRAM)
-        data = path.read_bytes()
+        data = read_regular(path, BundleError, "program", m["files"][PROGRAM]["bytes"])
         if sha256_bytes(data) != m["files"][PROGRAM]["sha256"]:
             raise BundleError(f"{path} does not match its recorded SHA-256; export the bundle again.")
         self._data = data  # the runtime may keep pointers into the program's bytes
@@ -123,9 +123,26 @@ class EtCrispSession:
             if list(tag) != [self.swap["tag"]]:
                 raise BundleError(f"{path}: the program's crisp_tag is {list(tag)}, the manifest's {self.swap['tag']}: "
                                   "the program and manifest come from different exports.")
+            self._check_set_task_signature(path)
             self.set_task_method = self._method("set_task")
             self._default, _ = self._read_task(self.bundle.file(DEFAULT_PTD), m["files"][DEFAULT_PTD], "default")
             self._cache: dict[str, tuple[dict, int | None]] = {}
+
+    def _check_set_task_signature(self, path: Path) -> None:
+        """The manifest's ``set_task_inputs`` are the program's own: as many, with the same shapes, in the
+        same order (names and order are covered by the program's ``crisp_io`` tag, checked on load). The
+        manifest's hash covers every file but itself, so a reordered entry would otherwise feed one
+        layer's mixers to another, silently."""
+        want = self.swap["set_task_inputs"]
+        try:
+            meta = self.program.metadata("set_task")
+            have = [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
+        except Exception as e:  # noqa: BLE001 - the runtime's own errors
+            raise BundleError(f"{path}: cannot read the set_task method's signature ({type(e).__name__}: {e}).") from None
+        if have != [list(i["shape"]) for i in want]:
+            raise BundleError(f"{path}: set_task takes {len(have)} inputs of shapes {have!r:.300}; the manifest's "
+                              f"set_task_inputs list {len(want)} of shapes {[i['shape'] for i in want]!r:.300}. The "
+                              "manifest was edited or belongs to another export; export the bundle again.")
 
     def _method(self, name: str):
         try:

@@ -42,6 +42,7 @@ from crisp_edge.export.flatbuffer import Malformed as _Malformed
 
 from crisp_edge.errors import BasisMismatchError, LayoutMismatchError
 from crisp_edge.files.io import atomic_write_bytes, sha256_file
+from crisp_edge.files.io import read_regular
 from crisp_edge.files.mixers import MixerFile, read_mixers
 
 #: No task file of mixers and a head comes near this; a larger file is refused before it is parsed.
@@ -230,17 +231,7 @@ def _parse_ptd(r: _Reader) -> dict[str, np.ndarray]:
 
 
 def read_ptd_bytes(path: str | os.PathLike) -> bytes:
-    path = Path(path)
-    try:
-        if not path.is_file():
-            raise AdapterError(f"task file {path} does not exist (or is not a file).")
-        with open(path, "rb") as f:
-            data = f.read(MAX_PTD_BYTES + 1)
-    except OSError as e:
-        raise AdapterError(f"task file {path} cannot be read ({type(e).__name__}: {e}).") from None
-    if len(data) > MAX_PTD_BYTES:
-        raise AdapterError(f"task file {path} is larger than any task crisp-edge reads ({MAX_PTD_BYTES:,} bytes).")
-    return data
+    return read_regular(path, AdapterError, "task file", MAX_PTD_BYTES)
 
 
 def check_task_ptd(data: bytes, swap: dict, where: str, hashed: bool = False) -> tuple[dict[str, np.ndarray], int | None]:

@@ -33,9 +33,12 @@ from crisp_edge.errors import (
     LayoutMismatchError,
 )
 from crisp_edge.files.io import sha256_file
+from crisp_edge.files.io import atomic_write_json, read_json, read_regular, sha256_bytes
 from crisp_edge.files.mixers import MixerFile, read_mixers
 
 ADAPTER_VERSION = 1
+RECORD_SUFFIX = ".json"
+RECORD_FORMAT = "crisp-edge/onnx-adapter-record"
 
 
 def _swap(bundle: Bundle) -> dict:
@@ -90,8 +93,42 @@ def check_arrays(arrays: dict[str, np.ndarray], overridable: dict[str, list], wh
                            f"it leaves the exported {kept}, of {num_classes} classes, in place.")
 
 
+def record_path(path: str | os.PathLike) -> Path:
+    """The record beside an adapter file that is used outside its bundle: ``<name>.onnx_adapter.json``."""
+    path = Path(path)
+    return path.with_name(path.name + RECORD_SUFFIX)
+
+
+def write_adapter_record(path: str | os.PathLike) -> Path:
+    """Write the record (SHA-256 and size) of the adapter at ``path`` beside it. An adapter given to a
+    session by path is run only when it matches its record: make one only for a file you trust
+    (``write_adapter`` makes it for every adapter it writes). The bases tag and tensors are checked
+    from the adapter itself when it is loaded."""
+    data = read_adapter_bytes(path)
+    rec = {"format": RECORD_FORMAT, "version": 1, "sha256": sha256_bytes(data), "bytes": len(data)}
+    atomic_write_json(record_path(path), rec)
+    return record_path(path)
+
+
+def check_adapter_record(data: bytes, path: Path) -> None:
+    """Refuse an adapter given by path (not a task of the bundle) unless its record beside it
+    (``record_path``) holds its SHA-256: one flipped bit must not run as a task."""
+    rpath = record_path(path)
+    if not (rpath.exists() or rpath.is_symlink()):
+        raise AdapterError(f"{path} has no record {rpath.name} beside it, so its bytes cannot be verified. Add the task "
+                           "to the bundle (crisp-edge export-task), or keep the record written with the adapter "
+                           "(write_adapter / write_adapter_record) next to it.")
+    rec = read_json(rpath, AdapterError, "adapter record", 1 << 16)
+    if rec.get("format") != RECORD_FORMAT or not isinstance(rec.get("sha256"), str):
+        raise AdapterError(f"{rpath} is not a crisp-edge adapter record (format {rec.get('format')!r:.60}).")
+    if rec["sha256"] != sha256_bytes(data):
+        raise AdapterError(f"{path} does not match the SHA-256 in {rpath.name}: the file was changed or damaged after "
+                           "it was written. Convert the task's mixer file again.")
+
+
 def write_adapter(arrays: dict[str, np.ndarray], path: Path, model_version: int) -> Path:
-    """Write an ``.onnx_adapter`` atomically (temp file in the same folder, then rename)."""
+    """Write an ``.onnx_adapter`` atomically (temp file in the same folder, then rename), and its record
+    (``write_adapter_record``) beside it, so that the file can also be run by path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(ADAPTER_VERSION)
@@ -106,6 +143,7 @@ def write_adapter(arrays: dict[str, np.ndarray], path: Path, model_version: int)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    write_adapter_record(path)
     return path
 
 
@@ -116,19 +154,7 @@ def _num_classes(swap: dict) -> int | None:
 
 def read_adapter_bytes(path: str | os.PathLike) -> bytes:
     """An adapter file's bytes (at most ``MAX_ADAPTER_BYTES``), or an ``AdapterError``."""
-    path = Path(path)
-    try:
-        is_file = path.is_file()  # False (not an error) for a name with a NUL byte
-        if is_file:
-            with open(path, "rb") as f:
-                data = f.read(MAX_ADAPTER_BYTES + 1)
-    except OSError as e:  # no permission
-        raise AdapterError(f"adapter {path} cannot be read ({type(e).__name__}: {e}).") from None
-    if not is_file:
-        raise AdapterError(f"adapter {path} does not exist (or is not a file).")
-    if len(data) > MAX_ADAPTER_BYTES:
-        raise AdapterError(f"adapter {path} is larger than any adapter crisp-edge reads ({MAX_ADAPTER_BYTES:,} bytes).")
-    return data
+    return read_regular(path, AdapterError, "adapter", MAX_ADAPTER_BYTES)
 
 
 def check_adapter(data: bytes, swap: dict, where: str) -> dict[str, np.ndarray]:
@@ -192,5 +218,5 @@ def remove_task(bundle_dir: str | os.PathLike, task: str) -> None:
     remove_task_files(load_bundle(bundle_dir, verify=False), task)
 
 
-__all__ = ["adapter_arrays", "check_adapter", "mixers_to_onnx_adapter", "read_adapter",
+__all__ = ["adapter_arrays", "check_adapter", "check_adapter_record", "record_path", "write_adapter_record", "mixers_to_onnx_adapter", "read_adapter",
            "read_adapter_bytes", "remove_task", "write_adapter"]

@@ -36,10 +36,11 @@ from crisp_edge.export.bundle import (
     check_shape,
     check_tolerance_and_tasks,
     open_folder,
+    read_manifest_json,
 )
 from crisp_edge.export.errors import BundleError
 from crisp_edge.export.quantize import check_quantize_record
-from crisp_edge.files.io import check_envelope, read_json
+from crisp_edge.files.io import check_envelope
 
 BUNDLE_FORMAT = "crisp-edge/onnx-bundle"
 BUNDLE_VERSION = 1
@@ -153,7 +154,7 @@ class OnnxBundle(Bundle):
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     folder = Path(path)
-    meta = read_json(folder / MANIFEST, BundleError, "bundle manifest")
+    meta = read_manifest_json(folder)
     check_envelope(meta, fmt=BUNDLE_FORMAT, max_version=BUNDLE_VERSION, error=BundleError,
                    where=str(folder / MANIFEST), what="ONNX bundle",
                    fields={"mode": str, "models": dict, "files": dict, "inputs": list, "outputs": list,

@@ -58,11 +58,11 @@ from crisp_edge.export.bundle import (
     REFERENCE,
     TASKS_DIR,
     bundle_tag,
+    check_threads,
     file_record,
     task_mixers,
-    write_validated,
 )
-from crisp_edge.export.errors import ExportError
+from crisp_edge.export.writing import check_replaceable, write_validated
 from crisp_edge.export.model_io import (
     OUTPUT_NAME,
     _example_inputs,
@@ -113,6 +113,9 @@ from crisp_edge.method.convert import (
 
 EXPORTER = "torch.onnx.export(dynamo=False)"
 DEFAULT_OPSET = 18
+#: Opsets the TorchScript exporter writes and ONNX Runtime 1.32 runs: the model graph needs 14 (attention),
+#: the fold graph 18 (``Split`` with ``num_outputs``); above 23 torch.onnx refuses.
+OPSETS = {"dense": (14, 23), "factored": (18, 23), "swappable": (18, 23)}
 BATCH_AXIS = "batch"
 
 
@@ -240,8 +243,12 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     quantize = check_scheme(quantize, mode, "ONNX Runtime", QUANT_MODES)
     reference = resolve_reference(reference_device, reference_dtype)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} exists; pass overwrite=True to replace it.")
+    lo, hi = OPSETS[mode]
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        raise ConfigError(f"opset {opset!r:.20} is not supported for a {mode!r} bundle; use {lo}..{hi} "
+                          f"(default {DEFAULT_OPSET}).")
+    check_replaceable(out_dir, BUNDLE_FORMAT, overwrite)
+    check_threads(threads)
     model = model.eval()
     kind = resolve_exporter(model, mode, exporter)
     if kind == "optimum":

@@ -32,10 +32,10 @@ import numpy as np
 import onnxruntime as ort
 from crisp_edge.export.bundle import Bundle, feeds_by_name
 from crisp_edge.export.errors import AdapterError, BundleError, ExportError, NoTaskError
-from crisp_edge.export.onnx.adapter import check_adapter, read_adapter_bytes
+from crisp_edge.export.onnx.adapter import check_adapter, check_adapter_record, read_adapter_bytes
 from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, load_bundle
 
-from crisp_edge.files.io import sha256_bytes
+from crisp_edge.files.io import check_regular, sha256_bytes
 
 #: The exported model's own mixers, biases and head (the fold with no adapter active).
 DEFAULT_TASK = "default"
@@ -96,7 +96,10 @@ class OnnxCrispSession:
         self._check_model(weight_names)
 
     def _open(self, role: str, threads: int) -> ort.InferenceSession:
-        path = self.bundle.file(self.bundle.manifest["models"][role]["file"])
+        rel = self.bundle.manifest["models"][role]["file"]
+        path = self.bundle.file(rel)
+        # the manifest lists every model file with its size; ORT itself would block on a FIFO
+        check_regular(path, BundleError, f"the bundle's {role} graph", self.bundle.manifest["files"][rel]["bytes"])
         try:
             return ort.InferenceSession(str(path), session_options(threads), providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT's own (untyped) errors, e.g. a file that is no ONNX graph
@@ -153,6 +156,12 @@ class OnnxCrispSession:
         except OSError:  # e.g. no permission to look: read_adapter_bytes says so below
             exists = True
         if path.suffix == ADAPTER_SUFFIX or exists:
+            for task_name in self.bundle.tasks:  # the bundle's own file, given by path: its manifest record
+                try:
+                    if os.path.samefile(path, self.bundle.task_path(task_name)):
+                        return task_name, path, self.bundle.tasks[task_name]
+                except (OSError, ValueError):
+                    pass
             return path.stem, path, None
         raise AdapterError(f"{task!r:.200} is neither a task of this bundle ({sorted(self.bundle.tasks)} or "
                            f"{DEFAULT_TASK!r}) nor an .onnx_adapter file.")
@@ -163,6 +172,8 @@ class OnnxCrispSession:
         if record is not None and sha256_bytes(data) != record["sha256"]:
             raise BundleError(f"task {name!r}: {path} does not match its recorded SHA-256; it was changed after "
                               "export. Convert the task's mixer file again (mixers_to_onnx_adapter).")
+        if record is None:
+            check_adapter_record(data, path)
         check_adapter(data, self.swap, str(path))  # our checks first: ORT trusts the file's structure
         return name, self._ort_adapter(data, path)
 

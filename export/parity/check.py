@@ -43,6 +43,7 @@ from crisp_edge.export.parity.compare import (
 from crisp_edge.export.quantize import SCHEMES
 from crisp_edge.export.parity.reference import (
     DEFAULT_TASK,
+    MAX_REFERENCE_BYTES,
     REFERENCE,
     Reference,
     load_arrays,
@@ -50,6 +51,7 @@ from crisp_edge.export.parity.reference import (
 )
 
 from crisp_edge.errors import ConfigError, CrispEdgeError
+from crisp_edge.files.io import check_regular
 
 MANIFEST = "manifest.json"
 #: At most this many device output arrays are read (a sanity bound against a folder of junk).
@@ -62,6 +64,20 @@ def _expected_dtypes(manifest: dict) -> dict[str, str]:
         return {}
     return {o["name"]: o["dtype"] for o in outs if isinstance(o, dict) and isinstance(o.get("dtype"), str)
             and isinstance(o.get("name"), str)}
+
+
+def _check_override(atol: Any, min_cosine: Any) -> None:
+    """A caller's tolerance: ``atol`` finite and >= 0, ``min_cosine`` finite in [-1, 1]. ``nan`` must never
+    pass: every comparison with it is False, so a failing bundle would be reported as passing."""
+    import math
+
+    def bad(v: Any, lo: float, hi: float) -> bool:
+        return v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or not lo <= v <= hi)
+
+    if bad(atol, 0.0, math.inf) or bad(min_cosine, -1.0, 1.0):
+        raise ConfigError(f"tolerance override atol={atol!r} min_cosine={min_cosine!r}: atol must be a finite number "
+                          ">= 0 and min_cosine a finite number in [-1, 1].")
 
 
 def _new_report(bundle: Any, runtime: str, *, source: str, atol: float | None, min_cosine: float | None,
@@ -80,6 +96,7 @@ def _new_report(bundle: Any, runtime: str, *, source: str, atol: float | None, m
         tol = Tolerance(float(t.get("atol", ATOL_FP32)), float(t.get("min_cosine", MIN_COSINE)),
                         "the bundle manifest's own tolerance (no table entry for this runtime/mode/dtype)")
     if atol is not None or min_cosine is not None:
+        _check_override(atol, min_cosine)
         tol = Tolerance(tol.atol if atol is None else float(atol), tol.min_cosine if min_cosine is None else float(min_cosine),
                         "set by the caller", tol.min_top1)
     report = ParityReport(str(bundle.path), tol.atol, tol.min_cosine, runtime=runtime, mode=mode, source=source,
@@ -255,6 +272,7 @@ def load_device_outputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise BundleError(f"{path} holds {len(files)} .npy files, more than any reference ({MAX_OUTPUT_FILES}).")
         out = {}
         for p in files:
+            check_regular(p, BundleError, "device output", MAX_REFERENCE_BYTES)
             try:
                 out[p.stem] = np.load(p, allow_pickle=False)
             except (OSError, ValueError, EOFError) as e:

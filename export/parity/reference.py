@@ -37,6 +37,7 @@ from torch import nn
 from crisp_edge.errors import ConfigError
 from crisp_edge.files.io import atomic_write_bytes
 from crisp_edge.files.io import inside as io_inside
+from crisp_edge.files.io import check_regular
 
 REFERENCE = "reference.npz"
 #: Batch sizes of the stored reference cases: two sizes, so a dynamic batch axis is exercised.
@@ -190,9 +191,8 @@ def _numpy(v: Any) -> np.ndarray:
 def load_arrays(path: str | os.PathLike, error: type[Exception] = BundleError, what: str = "reference file") -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` (``allow_pickle=False``: an object array is refused, never unpickled)."""
     path = Path(path)
+    check_regular(path, error, what, MAX_REFERENCE_BYTES)
     try:
-        if path.stat().st_size > MAX_REFERENCE_BYTES:
-            raise error(f"{path} is larger than any {what} ({MAX_REFERENCE_BYTES} bytes).")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:

@@ -301,3 +301,36 @@ def test_transposed_groups_export_and_switch(tmp_path):
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     sess.set_task("t")
     assert np.abs(sess.run({"x": x.numpy()})["logits"] - torch_logits(model, task, x)).max() <= 1e-4
+
+
+def _edit_inputs(bundle_copy, change) -> Path:
+    path = bundle_copy.path / "manifest.json"
+    m = json.loads(path.read_text())
+    change(m["swappable"]["set_task_inputs"])
+    path.write_text(json.dumps(m))
+    return bundle_copy.path
+
+
+def test_reordered_set_task_inputs_are_caught_by_the_session(bundle_copy):
+    """Was: swapping two entries of the same shape fed one layer's mixers to another, silently (only
+    parity noticed). The program's own crisp_io tag covers their names and order."""
+    inputs = bundle_copy.manifest["swappable"]["set_task_inputs"]
+    assert inputs[0]["shape"] == inputs[1]["shape"]  # a swap no shape check can see
+    folder = _edit_inputs(bundle_copy, lambda items: items.__setitem__(slice(0, 2), [items[1], items[0]]))
+    with pytest.raises(BundleError, match="set_task_inputs are not the program's"):
+        load_et_bundle(folder).session()
+
+
+def test_an_extra_set_task_input_is_a_bundle_error(bundle_copy):
+    """Was: a KeyError traceback at set_task."""
+    folder = _edit_inputs(bundle_copy, lambda items: items.append({"name": "mixer.extra", "shape": [1, 2]}))
+    with pytest.raises(BundleError, match="set_task takes .* inputs"):
+        load_et_bundle(folder).session()
+
+
+def test_overwrite_replaces_only_an_executorch_bundle(model, tmp_path):
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "manifest.json").write_text(json.dumps({"format": "crisp-edge/onnx-bundle", "version": 1}))
+    with pytest.raises(BundleError, match="a bundle of another runtime"):
+        export_executorch(model, tmp_path / "onnx", mode="dense", recipe="portable", overwrite=True)
+    assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["format"] == "crisp-edge/onnx-bundle"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import numpy as np
 import onnx
@@ -255,3 +256,119 @@ def test_transposed_groups_export_and_switch(tmp_path, mode):
     plain = crisp_toy()  # same shapes for qkv/proj, fc1 untransposed
     with pytest.raises(LayoutMismatchError, match="transpose"):
         mixers_to_onnx_adapter(make_task_file(plain, tmp_path / "p.safetensors", "p", 1, 4), bundle.path)
+
+
+def test_an_adapter_given_by_path_runs_only_when_it_matches_a_record(swappable, model, tmp_path):
+    """Was: one flipped bit in an adapter loaded by path gave logits around 1e36. The bundle's own file
+    is checked against the manifest; a file elsewhere against the record written beside it."""
+    import shutil
+
+    from crisp_edge.export.onnx.adapter import record_path, write_adapter_record
+
+    sess = swappable.session()
+    x = x_input()
+    sess.set_task("t1")
+    want = sess(x)
+    own = swappable.task_path("t1")
+    assert sess.set_task(own) == "t1" and np.array_equal(sess(x), want)  # by path: its manifest record
+
+    copied = tmp_path / "t1.onnx_adapter"
+    shutil.copyfile(own, copied)
+    with pytest.raises(AdapterError, match="no record"):
+        sess.set_task(copied)
+    assert sess.task is None
+    write_adapter_record(copied)
+    sess.set_task(copied)
+    assert np.array_equal(sess(x), want)
+    data = bytearray(copied.read_bytes())
+    data[-9] ^= 0x10  # one bit of a tensor value
+    copied.write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match="does not match the SHA-256"):
+        sess.set_task(copied)
+    record_path(copied).write_text("[]")
+    with pytest.raises(AdapterError, match="adapter record"):
+        sess.set_task(copied)
+
+
+def test_overwrite_replaces_only_a_bundle_of_the_same_kind(model, tmp_path):
+    out = tmp_path / "b"
+    first = export_onnx(model, out, mode="dense")
+    again = export_onnx(model, out, mode="dense", overwrite=True)  # its own kind: replaced
+    assert again.manifest["parity"]["passed"] and first.path == again.path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging or old folder left beside it
+    with pytest.raises(BundleError, match="exists; pass overwrite=True"):
+        export_onnx(model, out, mode="dense")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(BundleError, match="not a crisp-edge onnxruntime bundle"):
+        export_onnx(model, mine, mode="dense", overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("opset, mode", [(7, "dense"), (17, "swappable"), (24, "dense"), ("18", "dense")])
+def test_unsupported_opsets_are_config_errors(model, tmp_path, opset, mode):
+    with pytest.raises(ce.ConfigError, match="is not supported"):
+        export_onnx(model, tmp_path / "b", mode=mode, opset=opset)
+    assert not (tmp_path / "b").exists()
+
+
+def test_an_empty_batch_is_refused(model, tmp_path):
+    """Was: a bundle with 0-sized inputs was written and 'passed' parity (nothing compared)."""
+    with pytest.raises(ce.ConfigError, match="no elements"):
+        export_onnx(model, tmp_path / "b", mode="dense", example_input=torch.zeros(0, 1, 16, 16))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["fifo", "link-outside", "link-to-dev-zero"])
+def test_a_manifest_that_is_no_regular_file_inside_the_bundle_is_refused(swappable, tmp_path, how):
+    import shutil
+
+    folder = tmp_path / "b"
+    shutil.copytree(swappable.path, folder)
+    manifest = folder / "manifest.json"
+    outside = tmp_path / "elsewhere.json"
+    shutil.copyfile(manifest, outside)
+    manifest.unlink()
+    if how == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to(outside if how == "link-outside" else "/dev/zero")
+    with pytest.raises(BundleError, match="FIFO" if how == "fifo" else "outside the bundle folder"):
+        load_bundle(folder)
+
+
+def test_parity_refuses_a_nan_tolerance(swappable):
+    from crisp_edge.export.parity.check import check_bundle
+
+    for atol in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ce.ConfigError, match="finite number"):
+            check_bundle(swappable, atol=atol, progress=False)
+
+
+def test_an_interrupted_multi_file_update_is_finished_when_the_bundle_is_opened(swappable, tmp_path, monkeypatch):
+    """``commit_files`` (the primitive export-task uses to add a task, its reference and the manifest
+    together): killed after its commit point, the next ``load_bundle`` completes it and the hashes verify."""
+    import shutil
+
+    from crisp_edge.files import transaction as tx
+
+    folder = tmp_path / "b"
+    shutil.copytree(swappable.path, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / "tasks" / "t1.onnx_adapter").read_bytes()
+    manifest["tasks"]["t3"] = {**manifest["tasks"]["t1"], "file": "tasks/t3.onnx_adapter"}
+    real = os.replace
+
+    def killed(src, dst):
+        if str(dst).endswith("manifest.json"):
+            raise KeyboardInterrupt  # stands in for SIGKILL after the task file was renamed
+        return real(src, dst)
+
+    monkeypatch.setattr(tx.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tx.commit_files(folder, {"tasks/t3.onnx_adapter": data,
+                                 "manifest.json": json.dumps(manifest).encode()})
+    monkeypatch.setattr(tx.os, "replace", real)
+    assert "t3" in load_bundle(folder).tasks
+    assert not (folder / tx.JOURNAL).exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 
@@ -266,3 +267,71 @@ def test_loaded_model_is_crisp_and_trainable(saved):
     assert is_crisp(loaded)
     forward(loaded, saved[1]).sum().backward()
     assert all(b.weight.grad is not None for b in crisp_bases(loaded).values())
+
+
+def _consistent(field, value):
+    def change(meta):
+        meta["config"]["default"][field] = value
+        for group in meta["groups"].values():
+            group[field] = value
+    return change
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m["source"]["kwargs"].update(num_heads=4),  # no tensor shape changes: only the digest sees it
+    _consistent("gate", "gelu"),
+    _consistent("placement", "post"),
+], ids=["num_heads", "gate", "placement"])
+def test_consistent_edits_of_the_architecture_are_refused(saved, tmp_path, change):
+    """Each edit loaded before, with every check passing, and gave outputs off by 0.26-0.99: the weights
+    carry a digest of the fields that rebuild the model, so crisp.json cannot be changed on its own."""
+    folder = copy_checkpoint(saved[0], tmp_path / "c")
+    edit_meta(folder, change)
+    with pytest.raises(CheckpointError, match="does not describe the model these weights were saved from"):
+        load_checkpoint(folder)
+
+
+def test_the_architecture_digest_is_in_the_weights_file(saved):
+    from crisp_edge.files.checkpoint import architecture_digest
+
+    folder = saved[0]
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    recorded = json.loads(data[8:8 + n])["__metadata__"]["crisp_edge_architecture_sha256"]
+    assert recorded == architecture_digest(read_checkpoint_meta(folder))
+
+
+def test_notes_may_change_without_touching_the_architecture(saved, tmp_path):
+    folder = copy_checkpoint(saved[0], tmp_path / "c")
+    edit_meta(folder, lambda m: m.update(extra={"note": "kept"}))
+    load_checkpoint(folder)
+
+
+def test_a_save_never_replaces_what_it_did_not_write(saved, tmp_path):
+    from crisp_edge.files.checkpoint import check_checkpoint_target
+
+    model = load_checkpoint(saved[0])
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "model.safetensors").write_bytes(b"the user's own weights")
+    with pytest.raises(CheckpointError, match="not a crisp-edge checkpoint"):
+        save_checkpoint(model, user)
+    assert (user / "model.safetensors").read_bytes() == b"the user's own weights"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        save_checkpoint(model, tmp_path / "file")
+    ours = save_checkpoint(model, tmp_path / "ours")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        check_checkpoint_target(ours, overwrite=False)
+    assert check_checkpoint_target(ours, overwrite=True) == ours
+    save_checkpoint(model, ours, overwrite=True)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", [META_FILE, WEIGHTS_FILE])
+def test_a_fifo_in_a_checkpoint_is_refused_not_waited_on(saved, tmp_path, name):
+    folder = copy_checkpoint(saved[0], tmp_path / "c")
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    with pytest.raises(CheckpointError, match="FIFO"):
+        load_checkpoint(folder)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -95,7 +96,7 @@ def test_bundle_folders_get_the_umask_permissions(tmp_path, umask):
     0o777 less the umask, not mkdtemp's 0o700; the files inside keep theirs."""
     import os
 
-    from crisp_edge.export.bundle import write_validated
+    from crisp_edge.export.writing import write_validated
     from crisp_edge.files.io import atomic_write_json, make_temp_dir
 
     old = os.umask(umask)
@@ -111,3 +112,47 @@ def test_bundle_folders_get_the_umask_permissions(tmp_path, umask):
         os.umask(old)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
     assert (out / "manifest.json").exists()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "link-to-dev-zero", "folder", "oversized"])
+def test_read_regular_refuses_what_is_not_a_bounded_regular_file_at_once(tmp_path, kind):
+    """A FIFO used to block forever and /dev/zero to read until memory ran out: both are refused
+    before a byte is read, as is a file over the cap."""
+    from crisp_edge.files.io import check_regular, read_regular
+
+    path = tmp_path / "x.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path = Path("/dev/zero")
+    elif kind == "link-to-dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"x" * 101)
+    needle = "larger than" if kind == "oversized" else "cannot be read"
+    with pytest.raises(DataError, match=needle):
+        read_regular(path, DataError, "thing", max_bytes=100)
+    with pytest.raises(DataError, match=needle):
+        check_regular(path, DataError, "thing", max_bytes=100)
+    with pytest.raises(DataError, match=needle):
+        read_json(path, DataError, "thing", max_bytes=100)
+
+
+def test_read_regular_reads_a_regular_file_and_can_refuse_links(tmp_path):
+    from crisp_edge.files.io import read_regular
+
+    (tmp_path / "a").write_bytes(b"data")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert read_regular(tmp_path / "b", DataError, "thing", 4) == b"data"
+    with pytest.raises(DataError, match="cannot be read"):
+        read_regular(tmp_path / "b", DataError, "thing", 4, follow_symlinks=False)
+
+
+@pytest.mark.timeout(30)
+def test_sha256_file_refuses_a_fifo_instead_of_blocking(tmp_path):
+    os.mkfifo(tmp_path / "f")
+    with pytest.raises(OSError):
+        sha256_file(tmp_path / "f")

@@ -114,3 +114,17 @@ def test_loaders_ignore_leftover_temporary_files(tmp_path):
     assert len(remove_stale_temp_files(tmp_path, min_age_s=0)) == 1
     save_checkpoint(model, folder)  # removes the staged leftover
     assert sorted(p.name for p in folder.iterdir()) == [META_FILE, WEIGHTS_FILE]
+
+
+@pytest.mark.timeout(600)
+def test_thirty_kills_of_a_bundle_replacement(tmp_path):
+    """A process killed at random moments while it replaces a bundle folder again and again leaves a
+    complete bundle (the old one or the new) at the path after the first completed write, never no
+    bundle or a mix; the next export's cleanup leaves no hidden leftover beside it."""
+    from tests import killing_bundles
+
+    report = killing_bundles.run_swap_kills(tmp_path, n=30, seed=0)
+    assert not report.problems, report.to_dict()
+    assert report.kills == 30
+    assert report.states.get("A", 0) + report.states.get("B", 0) >= 25, report.states
+    assert report.leftovers_cleaned > 0, report.to_dict()  # kills landed mid-write, and their leftovers went

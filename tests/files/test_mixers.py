@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -227,3 +228,29 @@ def test_switching_restores_what_a_file_does_not_hold(tmp_path, x):
     switcher.switch("bias")
     switcher.reset()
     assert torch.equal(live(x), base_out) and switcher.active is None
+
+
+def test_a_save_never_replaces_a_file_it_did_not_write(tmp_path):
+    from crisp_edge.files.mixers import check_mixer_target
+
+    model = crisp_toy()
+    foreign = tmp_path / "notes.safetensors"
+    foreign.write_text("the user's own file")
+    with pytest.raises(MixerFileError, match="not a crisp-edge mixer file"):
+        save_mixers(model, foreign, task="t")
+    assert foreign.read_text() == "the user's own file"
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(MixerFileError, match="not a regular file"):
+        save_mixers(model, tmp_path / "dir", task="t")
+    ours = save_mixers(model, tmp_path / "t.safetensors", task="t")
+    with pytest.raises(MixerFileError, match="--overwrite"):
+        check_mixer_target(ours, overwrite=False)
+    save_mixers(model, ours, task="t2")  # the library's default replaces its own kind
+    assert read_mixers(ours).task == "t2"
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_given_as_a_mixer_file_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "m.safetensors")
+    with pytest.raises(MixerFileError, match="FIFO"):
+        read_mixers(tmp_path / "m.safetensors")

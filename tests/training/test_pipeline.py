@@ -14,6 +14,7 @@ from crisp_edge.files.mixers import apply_mixers_, read_mixers
 from crisp_edge.models.sources import load_embedded_vit
 from crisp_edge.training.adapt import AdaptConfig
 from crisp_edge.training.loop import TrainConfig
+from crisp_edge.training.pipeline_run import PREVIOUS_RUN
 from crisp_edge.training.pipeline import (
     STATE_FILE,
     PipelineConfig,
@@ -102,3 +103,29 @@ def test_a_non_empty_folder_without_a_run_is_refused(tmp_path, data):
 def test_bad_settings_are_clear_errors(kw, message):
     with pytest.raises(ConfigError, match=message):
         replace(PipelineConfig(), **kw)
+
+
+def test_restart_keeps_the_old_run_until_the_new_one_completes(tmp_path, data, monkeypatch):
+    """--restart on a run folder: files the pipeline did not write stay; when the new run fails the old
+    run is put back whole; when it completes the old run's files are gone."""
+    import crisp_edge.training.pipeline as pipeline
+
+    folder = tmp_path / "run"
+    _run(folder, data, keep_fraction=None)
+    (folder / "notes.txt").write_text("mine")
+    old = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    def broken(*a, **k):
+        raise RuntimeError("the new run fails in its first stage")
+
+    monkeypatch.setattr(pipeline, "retrofit_", broken)
+    with pytest.raises(RuntimeError, match="first stage"):
+        run_pipeline(load_embedded_vit(), folder, PipelineConfig(**{**FAST, "keep_fraction": None, "train_limit": 32}),
+                     distill_data=data[0], eval_data=data[1], restart=True, progress=False, log=lambda _: None)
+    assert {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == old
+    monkeypatch.undo()
+    res = run_pipeline(load_embedded_vit(), folder, PipelineConfig(**{**FAST, "keep_fraction": None, "train_limit": 32}),
+                       distill_data=data[0], eval_data=data[1], restart=True, progress=False, log=lambda _: None)
+    assert res.resumed == [] and (folder / "notes.txt").read_text() == "mine"
+    assert not (folder / PREVIOUS_RUN).exists()
+    assert json.loads((folder / STATE_FILE).read_text())["config"]["train_limit"] == 32

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from crisp_edge.errors import ConfigError
+from crisp_edge.errors import CheckpointError, ConfigError
 from crisp_edge.files.checkpoint import load_checkpoint, save_checkpoint
 from crisp_edge.method.budget import budget
 from crisp_edge.method.config import CrispConfig, RoleConfig
@@ -267,7 +267,7 @@ def test_cli_compress_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert info["data"]["images"] == 120 and info["plan"]["method"] == "greedy"
     assert budget(model).stored == info["stored"] <= int(0.5 * info["original"])
     assert 0 <= info["eval"]["student_accuracy"] <= 1
-    with pytest.raises(ConfigError, match="not empty"):  # never overwrites silently
+    with pytest.raises(CheckpointError, match="already holds a checkpoint; pass --overwrite"):  # never silently
         cmd_compress(args)
     bad = parser.parse_args(["compress", str(tmp_path / "nope"), "--keep", "0.5", "--out", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="neither a CRISP checkpoint"):
