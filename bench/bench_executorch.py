@@ -48,7 +48,8 @@ THREADS = pin_threads(1)
 
 import numpy as np
 import torch
-from crisp_edge.export.executorch.export import _unfuse_attention, export_executorch, lower
+from crisp_edge.export.executorch.export import export_executorch, lower
+from crisp_edge.export.executorch.programs import _unfuse_attention
 from crisp_edge.export.executorch.session import load_program, set_threads
 from crisp_edge.export.model_io import _Forward
 

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from crisp_edge.export.bundle import (
     MANIFEST,
     MODES,
@@ -70,6 +69,7 @@ from crisp_edge.export.executorch.bundle import (
 )
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
+from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, _unfuse_attention
 from crisp_edge.export.executorch.quantize import MODES as QUANT_MODES
 from crisp_edge.export.executorch.quantize import RECIPES as QUANT_RECIPES
 from crisp_edge.export.executorch.quantize import quantize_module
@@ -106,8 +106,6 @@ from crisp_edge.files.mixers import (
     model_layout,
 )
 from crisp_edge.method.convert import crisp_bases, is_crisp, materialize_
-from crisp_edge.method.gates import crisp_weight_matrix, get_gate
-from crisp_edge.method.layer import unfold_weight
 
 #: Reference cases stored (each of the program's static batch size).
 REFERENCE_CASES = 2
@@ -115,105 +113,6 @@ REFERENCE_CASES = 2
 # deprecation warning meant for torchao's developers on every import; keep it out of users' terminals.
 logging.getLogger("torch.utils._pytree").addFilter(
     lambda record: "register_constant() on Enum subclasses" not in record.getMessage())
-
-
-def _unfuse_attention(model: nn.Module) -> int:
-    """Turn timm's fused attention off (its SDPA decomposes into ops XNNPACK does not take)."""
-    n = 0
-    for m in model.modules():
-        if isinstance(getattr(m, "fused_attn", None), bool):
-            m.fused_attn = False
-            n += 1
-    return n
-
-
-class _BufLinear(nn.Module):
-    """A linear layer whose weight and bias are buffers (written by ``set_task``, read by ``forward``)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bias_buffer: bool = False) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight.detach().clone().contiguous())
-        if bias_buffer:
-            self.register_buffer("bias", bias.detach().clone().contiguous())
-        else:
-            self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class _SwapProgram(nn.Module):
-    """The dense architecture with CRISP weights (and the head) as buffers, the bases as constants, and
-    ``set_task`` rebuilding the buffers from task inputs. ``forward`` runs the model.
-
-    The task guard: ``set_task`` writes the bundle's tag into the buffer ``task_tag`` (zero in the
-    program's initial state); ``forward`` multiplies its output by ``index_select(ones(1), 0,
-    task_tag != tag)``, i.e. by 1 once a task is set. Before any ``set_task`` the index is 1, out of
-    range, and ExecuTorch's bounds-checked portable kernel fails the whole ``forward`` (error 0x12,
-    InvalidArgument, logged as "index[0] = 1 is out of range") instead of returning all-zero logits:
-    the plain ``Runtime.load_program(pte, data_path=ptd)`` / C++ ``Module(pte, ptd)`` path, which never
-    calls ``set_task``, fails loudly. (ExecuTorch 1.5.1 removes ``torch._assert_async`` and
-    ``aten._assert_scalar`` from programs in ``RemoveGraphAssertsPass``, so an assert op cannot do it.)
-    """
-
-    def __init__(self, model: nn.Module, names: list[str], max_classes: int | None, tag: int = 0) -> None:
-        super().__init__()
-        self.tag = int(tag)
-        self.register_buffer("task_tag", torch.zeros(1, dtype=torch.int64))
-        self.register_buffer("task_guard", torch.ones(1))
-        dense = materialize_(copy.deepcopy(model))
-        _unfuse_attention(dense)
-        self.bases = nn.ParameterDict()
-        self.groups: list[tuple] = []
-        for key, b in crisp_bases(model).items():
-            bkey = key.replace(".", "_")
-            self.bases[bkey] = nn.Parameter(b.weight.detach().clone(), requires_grad=False)
-            self.groups.append((key, bkey, list(b.layer_names), b.gate_name, b.placement, b.d_out, b.d_in, b.transpose))
-            for n in b.layer_names:
-                lin = dense.get_submodule(n)
-                _replace(dense, n, _BufLinear(lin.weight, lin.bias))
-        self.head_path = None
-        found = head_module(model)
-        if found is not None and max_classes is not None:
-            self.head_path, head = found
-            w = torch.zeros(max_classes, head.in_features)
-            b = torch.zeros(max_classes)
-            w[:head.out_features] = head.weight.detach()
-            if head.bias is not None:
-                b[:head.out_features] = head.bias.detach()
-            _replace(dense, self.head_path, _BufLinear(w, b, bias_buffer=True))
-        for p in dense.parameters():
-            p.requires_grad_(False)
-        self.fwd = _Forward(dense, names)
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        unset = (self.task_tag != self.tag).long()  # 0 once set_task ran: the index is in range
-        return self.fwd(*xs) * torch.index_select(self.task_guard, 0, unset)
-
-    def set_task(self, *inputs: torch.Tensor) -> torch.Tensor:
-        for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
-            g = get_gate(gate)
-            for j, n in enumerate(layers):
-                w = unfold_weight(crisp_weight_matrix(self.bases[bkey], mixers[j], g, placement), d_out, d_in, transpose)
-                self.fwd.model.get_submodule(n).weight.copy_(w)
-        if self.head_path is not None:
-            head = self.fwd.model.get_submodule(self.head_path)
-            head.weight.copy_(inputs[len(self.groups)])
-            head.bias.copy_(inputs[len(self.groups) + 1])
-        self.task_tag.fill_(self.tag)
-        return torch.zeros(1)
-
-
-class _SetTaskView(_SwapProgram):
-    """The same module (same buffers, same names) with ``set_task`` as its ``forward``, for export."""
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.set_task(*inputs)
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _tolerance_record(mode: str, recipe: str, quantize: str | None) -> dict[str, Any]:

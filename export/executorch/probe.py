@@ -48,7 +48,7 @@ class _Probe(nn.Module):
 def debug_model(model: nn.Module) -> nn.Module:
     """The model the debug program is lowered from: the task's CRISP model with its weights folded, as a
     swappable program's ``set_task`` would write them (tests patch this to inject a fault)."""
-    from crisp_edge.export.executorch.export import _unfuse_attention
+    from crisp_edge.export.executorch.programs import _unfuse_attention
     from crisp_edge.method.convert import is_crisp, materialize_
 
     m = copy.deepcopy(model).eval()
