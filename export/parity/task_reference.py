@@ -136,8 +136,12 @@ def add_task_files(bundle: Any, task: str, task_suffix: str, write: Callable[[Pa
     try:
         write(staged)
         os.replace(staged, folder / rel)
+        for side in staged.parent.glob(staged.name + ".*"):  # a record the writer keeps beside its file (ONNX: .json)
+            os.replace(side, folder / (rel + side.name[len(staged.name):]))
     finally:
         staged.unlink(missing_ok=True)
+        for side in staged.parent.glob(staged.name + ".*"):
+            side.unlink(missing_ok=True)
     manifest = copy.deepcopy(old)
     prev = manifest.get("tasks", {}).get(task)
     files = manifest["files"]
@@ -163,8 +167,11 @@ def commit_manifest(folder: Path, old: dict, new: dict) -> None:
     named = set(new.get("files", {})) | {t["file"] for t in new.get("tasks", {}).values()}
     stale = (set(old.get("files", {})) | {t["file"] for t in old.get("tasks", {}).values()}) - named
     for rel in stale:
+        path = folder / rel
         try:
-            (folder / rel).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            for side in path.parent.glob(path.name + ".*"):  # its record beside it (ONNX adapters: .json)
+                side.unlink(missing_ok=True)
         except OSError:  # an old file left behind is harmless: nothing names it
             pass
 
