@@ -39,7 +39,7 @@ $(STAMP): requirements.txt pyproject.toml
 # english.py: WordNet glosses, fortunes, dasher's sentences, the Debian Reference, the Jargon File, the
 # Devil's Dictionary). apt-get runs only when one is missing, without recommends (dasher-data would
 # pull in a GUI).
-$(DEB_STAMP):
+$(DEB_STAMP): Makefile  # re-checked when the package list changes
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
