@@ -30,9 +30,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
     from crisp_edge.errors import ConfigError
     from crisp_edge.export.parity.check import check_bundle, check_outputs, run_outputs
-    from crisp_edge.export.parity.report import write_reports
+    from crisp_edge.export.parity.report import check_outputs_target, write_reports
     from crisp_edge.files.io import atomic_write_bytes
 
+    if args.save_outputs and not args.outputs:
+        check_outputs_target(args.save_outputs)  # before any run: never replaces a file it did not write
     tasks = args.task or None
     reference = model = None
     if args.inputs and not args.checkpoint:

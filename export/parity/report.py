@@ -36,6 +36,10 @@ REPORT_FORMAT = "crisp-edge/parity-report"
 #: keeps the version. Documented in docs/parity-report.md.
 REPORT_VERSION = 1
 JSON_NAME, JUNIT_NAME, PLOT_NAME = "parity.json", "parity.junit.xml", "parity.png"
+#: The PNG's "Software" text: with the JSON's format and the JUnit suite's name, what marks a file as a
+#: report this tool wrote, so a rerun replaces its own reports and never a file it did not write.
+PNG_SOFTWARE = "crisp-edge parity"
+_MARKS = {"json": REPORT_FORMAT.encode(), "junit": b'name="crisp-edge parity"', "plot": PNG_SOFTWARE.encode()}
 #: Errors below this are drawn at this value (exact zeros have no logarithm).
 PLOT_FLOOR = 1e-12
 
@@ -212,7 +216,7 @@ def plot_errors(report: ParityReport) -> bytes:
         ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": PNG_SOFTWARE})  # marks the file as ours
     return buf.getvalue()
 
 
@@ -235,6 +239,51 @@ def _plot_layers(ax: Any, layers: dict) -> None:
     ax.legend(fontsize=7)
 
 
+def check_report_target(path: str | os.PathLike, kind: str) -> Path:
+    """``path`` if a report of ``kind`` ("json", "junit", "plot") may be written there: a new name, or a
+    report this tool wrote before (recognised by its format, suite name or PNG text). Anything else is a
+    ``ConfigError``: a report never replaces a file it did not write."""
+    from crisp_edge.errors import ConfigError
+
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        raise ConfigError(f"report path {p} is a folder; give a file path (or --report-dir for the folder).")
+    if not (p.exists() or p.is_symlink()):
+        return p
+    if p.is_symlink() or not p.is_file():
+        raise ConfigError(f"{p} exists and is not a regular file; choose another report path.")
+    with open(p, "rb") as f:
+        head = f.read(1 << 16)
+    if _MARKS[kind] not in head:
+        raise ConfigError(f"{p} exists and is not a crisp-edge parity report; it is never replaced. Choose another "
+                          "path (or --report-dir), or move the file.")
+    return p
+
+
+def check_outputs_target(path: str | os.PathLike) -> Path:
+    """``path`` if ``--save-outputs`` may write there: a new name, or an outputs ``.npz`` this tool wrote
+    (every entry ``output.*.npy``). Anything else is a ``ConfigError``, before anything runs."""
+    import zipfile
+
+    from crisp_edge.errors import ConfigError
+
+    p = Path(path)
+    if not (p.exists() or p.is_symlink()):
+        return p
+    ours = False
+    if p.is_file() and not p.is_symlink():
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+            ours = bool(names) and all(n.startswith("output.") and n.endswith(".npy") for n in names)
+        except (OSError, zipfile.BadZipFile):
+            ours = False
+    if not ours:
+        raise ConfigError(f"--save-outputs {p} exists and is not an outputs file crisp-edge wrote; it is never "
+                          "replaced. Choose another path, or move the file.")
+    return p
+
+
 def write_reports(report: ParityReport, out_dir: str | os.PathLike | None = None, *, json_path: str | os.PathLike | None = None,
                   junit_path: str | os.PathLike | None = None, plot_path: str | os.PathLike | None = None,
                   plot: bool = True) -> dict[str, Path]:
@@ -249,6 +298,9 @@ def write_reports(report: ParityReport, out_dir: str | os.PathLike | None = None
     paths = {"json": json_path or (folder / JSON_NAME if folder else None),
              "junit": junit_path or (folder / JUNIT_NAME if folder else None),
              "plot": (plot_path or (folder / PLOT_NAME if folder else None)) if plot else None}
+    for kind, path in paths.items():  # every target first: a refused one leaves nothing half-written
+        if path is not None:
+            check_report_target(path, kind)
     written = {}
     for kind, path in paths.items():
         if path is None:
