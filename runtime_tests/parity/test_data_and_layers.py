@@ -21,25 +21,11 @@ from onnx import numpy_helper
 
 import crisp_edge as ce
 from crisp_edge.cli import main as crisp_edge_main
-from crisp_edge.files.checkpoint import load_checkpoint
 from crisp_edge.testing import make_task_file, toy_model
 
+from runtime_tests.parity.conftest import CONFIG  # noqa: E402
+
 pytestmark = pytest.mark.runtime
-CONFIG = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck")
-    m = toy_model("timm-vit", seed=0, depth=2)
-    ce.retrofit_(m, CONFIG, progress=False)
-    ce.save_checkpoint(m, d / "ckpt")
-    return d / "ckpt"
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return load_checkpoint(ckpt)
 
 
 @pytest.fixture(scope="module")
