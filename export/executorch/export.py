@@ -257,7 +257,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
             rel = f"{TASKS_DIR}/{mf.task}{PTD_SUFFIX}"
             arrays = task_arrays(mf, swap, str(mf.path or mf.task))
             write_task_ptd(arrays, folder / rel, swap["tag"])
-            tasks[mf.task] = task_record(folder, rel, mf, arrays)
+            tasks[mf.task] = task_record(rel, (folder / rel).read_bytes(), mf, arrays)
     write_reference(folder, cases, ref)
     files.append(REFERENCE)
     if list(ref["default"][0][OUTPUT_NAME].shape) != out_shape:

@@ -41,7 +41,7 @@ from crisp_edge.export.flatbuffer import FlatReader as _Reader
 from crisp_edge.export.flatbuffer import Malformed as _Malformed
 
 from crisp_edge.errors import BasisMismatchError, LayoutMismatchError
-from crisp_edge.files.io import atomic_write_bytes, sha256_file
+from crisp_edge.files.io import atomic_write_bytes, sha256_bytes
 from crisp_edge.files.io import read_regular
 from crisp_edge.files.mixers import MixerFile, read_mixers
 
@@ -269,10 +269,11 @@ def write_task_ptd(arrays: dict[str, np.ndarray], path: Path, tag: int) -> Path:
     return path
 
 
-def task_record(folder: Path, rel: str, mf: MixerFile, arrays: dict[str, np.ndarray]) -> dict:
+def task_record(rel: str, data: bytes, mf: MixerFile, arrays: dict[str, np.ndarray]) -> dict:
+    """The manifest's record of the task file ``rel`` (bytes ``data``) made from mixer file ``mf``."""
     head = arrays.get("head.weight")
     return {
-        "file": rel, "sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size,
+        "file": rel, "sha256": sha256_bytes(data), "bytes": len(data),
         "tensor_bytes": int(sum(a.nbytes for a in arrays.values())), "mixer_file_raw_bytes": mf.raw_bytes,
         "num_classes": None if head is None else int(head.shape[0]), "labels": mf.labels, "source_task": mf.task,
     }
@@ -296,7 +297,7 @@ def add_task(bundle_dir: str | os.PathLike, mixer_file: str | os.PathLike | Mixe
     arrays = task_arrays(mf, swap, str(mf.path) if mf.path else f"mixer file for task {mf.task!r}")
     reference = task_reference(bundle, mf, task, checkpoint)
     return add_task_files(bundle, task, PTD_SUFFIX, lambda p: write_task_ptd(arrays, p, swap["tag"]),
-                          lambda rel: task_record(bundle.path, rel, mf, arrays), reference)
+                          lambda rel, data: task_record(rel, data, mf, arrays), reference)
 
 
 __all__ = ["add_executorch_task", "add_task", "check_task_ptd", "parse_ptd", "ptd_bytes", "read_ptd_bytes", "task_arrays", "write_task_ptd"]

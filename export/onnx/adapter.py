@@ -32,7 +32,6 @@ from crisp_edge.errors import (
     BasisMismatchError,
     LayoutMismatchError,
 )
-from crisp_edge.files.io import sha256_file
 from crisp_edge.files.io import atomic_write_json, read_json, read_regular, sha256_bytes
 from crisp_edge.files.mixers import MixerFile, read_mixers
 
@@ -197,13 +196,14 @@ def mixers_to_onnx_adapter(mixer_file: str | os.PathLike | MixerFile, bundle_dir
     arrays = adapter_arrays(mf, swap, where)
     reference = task_reference(bundle, mf, task, checkpoint)
     return add_task_files(bundle, task, ADAPTER_SUFFIX, lambda p: write_adapter(arrays, p, swap["adapter_model_version"]),
-                          lambda rel: task_record(bundle.path, rel, mf, arrays), reference)
+                          lambda rel, data: task_record(rel, data, mf, arrays), reference)
 
 
-def task_record(folder: Path, rel: str, mf: MixerFile, arrays: dict[str, np.ndarray]) -> dict:
+def task_record(rel: str, data: bytes, mf: MixerFile, arrays: dict[str, np.ndarray]) -> dict:
+    """The manifest's record of the task file ``rel`` (bytes ``data``) made from mixer file ``mf``."""
     head = arrays.get("head.weight")
     return {
-        "file": rel, "sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size,
+        "file": rel, "sha256": sha256_bytes(data), "bytes": len(data),
         "tensor_bytes": int(sum(a.nbytes for a in arrays.values())), "mixer_file_raw_bytes": mf.raw_bytes,
         "tensors": {k: list(a.shape) for k, a in sorted(arrays.items())},
         "num_classes": None if head is None else int(head.shape[0]), "labels": mf.labels,

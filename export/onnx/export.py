@@ -330,7 +330,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
             rel = f"{TASKS_DIR}/{mf.task}{ADAPTER_SUFFIX}"
             arrays = adapter_arrays(mf, swap, str(mf.path or mf.task))
             write_adapter(arrays, folder / rel, swap["adapter_model_version"])
-            tasks[mf.task] = task_record(folder, rel, mf, arrays)
+            tasks[mf.task] = task_record(rel, (folder / rel).read_bytes(), mf, arrays)
     write_reference(folder, cases, ref)
     files[REFERENCE] = None
     files = {f: file_record(folder, f) for f in files}

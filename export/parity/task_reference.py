@@ -24,18 +24,19 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from crisp_edge.export.bundle import MANIFEST, TASKS_DIR, file_record
+from crisp_edge.export.bundle import MANIFEST, TASKS_DIR
 from crisp_edge.export.errors import BundleError
 from crisp_edge.export.parity.reference import read_reference, reference_outputs, resolve_device
 
 from crisp_edge.errors import BasisMismatchError, CrispEdgeError
-from crisp_edge.files.io import atomic_write_bytes, atomic_write_json, sha256_bytes
+from crisp_edge.files.io import atomic_write_json, sha256_bytes
 
 REFERENCE_SUFFIX = ".reference.npz"
 
@@ -123,21 +124,25 @@ def fresh_name(folder: Path, rel: str, data: bytes, in_use: set[str]) -> str:
     return f"{head}/{stem}.{sha256_bytes(data)[:12]}{dot}{ext}" if head else f"{stem}.{sha256_bytes(data)[:12]}{dot}{ext}"
 
 
-def add_task_files(bundle: Any, task: str, task_suffix: str, write: Callable[[Path], Any], record: Callable[[str], dict],
-                   reference: tuple[dict[str, np.ndarray] | None, dict]) -> Path:
-    """Add (or replace) ``task`` in ``bundle``: its task file (``write(path)`` writes it atomically) and its
-    reference, new files under new names first, the manifest last (atomically); returns the task file's path.
+def add_task_files(bundle: Any, task: str, task_suffix: str, write: Callable[[Path], Any],
+                   record: Callable[[str, bytes], dict], reference: tuple[dict[str, np.ndarray] | None, dict]) -> Path:
+    """Add (or replace) ``task`` in ``bundle``: its task file (``write(path)`` writes it, with any record
+    it keeps beside it) and its reference, in one all-or-nothing update (``files.transaction.commit_files``:
+    the new files, then the manifest, renamed into place after a journal; a kill or a full disk leaves the
+    old bundle or the new one, finished on the next open). Returns the task file's path.
 
-    ``record(rel)`` makes the task record of the written task file ``rel``."""
+    ``record(rel, data)`` makes the task record of the task file ``rel`` whose bytes are ``data``."""
+    from crisp_edge.files.transaction import commit_files
+
     folder, old = bundle.path, bundle.manifest
     in_use = set(old.get("files", {})) | {t["file"] for t in old.get("tasks", {}).values()}
     rel = f"{TASKS_DIR}/{task}{task_suffix}"  # fixed: loaders (the C++ runner) accept no other name
     staged = folder / TASKS_DIR / f".{task}{task_suffix}.{os.getpid()}.staged"
     try:
         write(staged)
-        os.replace(staged, folder / rel)
-        for side in staged.parent.glob(staged.name + ".*"):  # a record the writer keeps beside its file (ONNX: .json)
-            os.replace(side, folder / (rel + side.name[len(staged.name):]))
+        payload = {rel: staged.read_bytes()}
+        for side in sorted(staged.parent.glob(staged.name + ".*")):  # a record beside it (ONNX adapters: .json)
+            payload[rel + side.name[len(staged.name):]] = side.read_bytes()
     finally:
         staged.unlink(missing_ok=True)
         for side in staged.parent.glob(staged.name + ".*"):
@@ -148,16 +153,28 @@ def add_task_files(bundle: Any, task: str, task_suffix: str, write: Callable[[Pa
     if isinstance(prev, dict) and isinstance(prev.get("reference"), dict):
         files.pop(prev["reference"].get("file"), None)
     arrays, fields = reference
-    rec = {**record(rel), **fields}
+    rec = {**record(rel, payload[rel]), **fields}
     if arrays is not None:
         data = npz_bytes(arrays)
         ref_rel = fresh_name(folder, f"{TASKS_DIR}/{task}{REFERENCE_SUFFIX}", data, in_use | {rel})
-        atomic_write_bytes(folder / ref_rel, data)
-        files[ref_rel] = file_record(folder, ref_rel)
+        payload[ref_rel] = data
+        files[ref_rel] = {"sha256": sha256_bytes(data), "bytes": len(data)}
         rec["reference"] = {**fields["reference"], "file": ref_rel}
     manifest["tasks"] = {**manifest.get("tasks", {}), task: rec}
-    commit_manifest(folder, old, manifest)
+    payload[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()  # last: it names the rest
+    commit_files(folder, payload, remove=tuple(_stale(folder, old, manifest)), error=BundleError)
     return folder / rel
+
+
+def _stale(folder: Path, old: dict, new: dict) -> list[str]:
+    """The files (and the records beside them) ``old`` named and ``new`` does not: crisp-edge's own."""
+    named = set(new.get("files", {})) | {t["file"] for t in new.get("tasks", {}).values()}
+    out = []
+    for rel in (set(old.get("files", {})) | {t["file"] for t in old.get("tasks", {}).values()}) - named:
+        out.append(rel)
+        path = folder / rel
+        out += [str(Path(rel).parent / side.name) for side in path.parent.glob(path.name + ".*")]
+    return sorted(out)
 
 
 def commit_manifest(folder: Path, old: dict, new: dict) -> None:

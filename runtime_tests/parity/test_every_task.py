@@ -174,3 +174,31 @@ def test_cpp_runner_outputs_for_an_added_task_are_checked(et_src, task3, tmp_pat
     bad = tmp_path / "out" / "output.t3.0.logits.npy"
     np.save(bad, np.load(bad) + 0.1)
     assert not check_outputs(b, tmp_path / "out").passed
+
+
+@pytest.mark.parametrize("failing_write", [1, 2, 3])
+def test_readding_a_task_on_a_full_disk_keeps_the_old_task(onnx_src, task3, model, tmp_path, monkeypatch, failing_write):
+    """export-task is one all-or-nothing update: when the disk fills at any of its writes (the task file,
+    its reference, the manifest), the bundle keeps the old task, its reference and a manifest that matches."""
+    import errno
+
+    import crisp_edge.files.transaction as transaction
+
+    b = copy_of(onnx_src, tmp_path)
+    mixers_to_onnx_adapter(task3, b)
+    before = {p.name: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    real, calls = transaction.atomic_write_bytes, []
+
+    def full_disk(path, data):
+        calls.append(path)
+        if len(calls) == failing_write:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(transaction, "atomic_write_bytes", full_disk)
+    changed = make_task_file(model, tmp_path / "t3b.safetensors", "t3", 4, 5)
+    with pytest.raises(OSError):
+        mixers_to_onnx_adapter(changed, b)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+    assert check_bundle(b).passed
