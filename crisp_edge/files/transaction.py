@@ -153,10 +153,12 @@ def clean_folder_leftovers(target: Path, is_ours: Callable[[Path], bool], min_ag
         marker = _marker(p / STAGING_MARKER)
         try:
             age = time.time() - p.stat().st_ctime
-            empty = not any(p.iterdir())
+            entries = [e.name for e in p.iterdir()]
         except OSError:
             continue
-        if empty:  # the last step of remove_marked was cut short: nothing to lose
+        if not entries or (entries == [STAGING_MARKER] and marker is None):
+            # the last step of remove_marked, or the marker's own write, was cut short: nothing to lose
+            (p / STAGING_MARKER).unlink(missing_ok=True)
             p.rmdir()
             done.append(f"removed the empty {p.name}")
             continue
