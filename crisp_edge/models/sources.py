@@ -56,7 +56,7 @@ def build_model(source: dict[str, Any]) -> nn.Module:
             raise CheckpointError("the recorded Hugging Face config has no 'model_type'.")
         config = transformers.AutoConfig.for_model(model_type, **cfg_dict)
         class_name = source.get("class") or (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, str(class_name), None)
+        cls = _hf_class(class_name)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise CheckpointError(f"the recorded Hugging Face model class {class_name!r} is not a transformers model class.")
         model = cls(config)
@@ -67,6 +67,15 @@ def build_model(source: dict[str, Any]) -> nn.Module:
         )
     setattr(model, SOURCE_ATTR, source)
     return model
+
+
+def _hf_class(class_name: object) -> type | None:
+    """A transformers model class by name, or one crisp-edge adds (``bert_pooling.HF_EXTRA_CLASSES``)."""
+    import transformers
+
+    from crisp_edge.models.bert_pooling import HF_EXTRA_CLASSES
+
+    return HF_EXTRA_CLASSES.get(str(class_name)) or getattr(transformers, str(class_name), None)
 
 
 def source_of(model: nn.Module) -> dict[str, Any] | None:
@@ -107,7 +116,7 @@ def load_hf_pretrained(folder: str | Path) -> nn.Module:
 
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     class_name = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, str(class_name), None)
+    cls = _hf_class(class_name)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ConfigError(f"{folder}/config.json names no transformers model class (architectures={class_name!r}).")
     try:
