@@ -7,6 +7,8 @@
 #   make bench       the benchmarks (about 90 minutes on 2 cores); JSON lands in bench/results/ and the
 #                    README's results tables are re-rendered from it
 #   make bench-llm   the LLaMA compression benchmark on SmolLM2-135M (about 35 minutes)
+#   make bench-minilm  mixers vs LoRA / head / full fine-tuning on all-MiniLM-L6-v2, 3 tasks x 3 seeds with
+#                    a learning-rate sweep (many hours on 2 CPU cores: run it on a GPU machine)
 
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +19,7 @@ DEB_PACKAGES := dataset-fashion-mnist bible-kjv g++ wordnet-base fortunes fortun
 DEB_STAMP := $(VENV)/.debian
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow parity bench bench-llm clean
+.PHONY: setup demo test test-slow parity bench bench-llm bench-minilm clean
 
 setup: $(DEB_STAMP) $(STAMP)
 
@@ -77,6 +79,11 @@ bench: setup
 # The LLaMA compression benchmark (SmolLM2-135M, KJV perplexity): about 35 minutes on 2 cores
 bench-llm: setup
 	$(PY) bench/bench_compress_llm.py
+	$(PY) bench/render_readme.py
+
+# all-MiniLM-L6-v2 adaptation (bench/bench_minilm.py, its full configuration)
+bench-minilm: setup
+	$(PY) bench/bench_minilm.py
 	$(PY) bench/render_readme.py
 
 clean:

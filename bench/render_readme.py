@@ -259,9 +259,35 @@ def render_parity_suite(d: dict) -> str:
             + f"\n\nThe whole parity suite, slow cases included ({m['date'][:10]}, load average "
               f"{m['load_average_1_5_15'][0]}; `bench/results/parity_suite.json`).")
 
+MINILM_NAMES = {"head": "head only", "crisp_s2": "CRISP mixers s=2 + head", "crisp_s3": "CRISP mixers s=3 + head",
+                "crisp_s6": "CRISP mixers s=6 + head", "lora_r8": "LoRA r=8 + head", "full": "full fine-tuning"}
+
+
+def render_minilm_adapt(d: dict) -> str:
+    rows = []
+    for task, t in d["tasks"].items():
+        for method, r in t["methods"].items():
+            acc = f"{100 * r['test_mean']:.2f}" + (f" ± {100 * r['test_std']:.2f}" if len(r["runs"]) > 1 else "")
+            rows.append([task, MINILM_NAMES.get(method, method), acc, f"{100 * r['val_mean']:.2f}",
+                         f"{r['trainable_encoder']:,}", f"{100 * r['encoder_fraction']:.4f}%", f"{r['lr']:g}",
+                         f"{r['seconds_per_epoch']:.0f}"])
+    c, m = d["config"], d["machine"]
+    sizes = "; ".join(f"{k}: {v['sizes']['train']:,} train / {v['sizes']['val']:,} val / {v['sizes']['test']:,} test, "
+                      f"{v['classes']} classes, max {v['max_length']} tokens" for k, v in d["tasks"].items())
+    cut = ("**Reduced run** (not the full configuration): " + "; ".join(d["cut"]) + ".") if d["cut"] else \
+        "Full configuration."
+    return (_table(["task", "method", "test acc. %", "val acc. %", "trainable (encoder)", "of model", "lr",
+                    "s/epoch"], rows)
+            + f"\n\n{c['epochs']} epochs, batch {c['batch_size']} (length-grouped), seeds {c['seeds']}, "
+              f"{'lr chosen on validation' if c['sweep'] else 'default lr, no sweep'}; {sizes}. {cut} "
+              f"{d['threads']} thread, {m['cpu_model']}, {m['date'][:10]}, load average {m['load_average_1_5_15'][0]} "
+              "(`bench/results/minilm_adapt.json`, plot `bench/results/minilm_adapt.png`).")
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
-             "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite}
+             "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
+             "minilm_adapt": render_minilm_adapt}
 
 
 def render(text: str) -> str:
