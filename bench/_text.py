@@ -34,6 +34,14 @@ class TokenizedSplit:
         return len(self.ids)
 
 
+def fresh_head(model: nn.Module, num_classes: int, seed: int) -> None:
+    """A new seeded ``classifier`` (nn.Linear's own init), identical for every method at a seed."""
+    old = model.classifier
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.classifier = nn.Linear(old.in_features, num_classes).to(old.weight.device)
+
+
 def tokenize_split(tokenizer, pairs: list[tuple[str, int]], max_length: int) -> TokenizedSplit:
     enc = tokenizer([t for t, _ in pairs], max_length=max_length, truncation=True, padding=False)
     return TokenizedSplit(list(enc["input_ids"]), torch.tensor([y for _, y in pairs], dtype=torch.long))

@@ -263,6 +263,13 @@ MINILM_NAMES = {"head": "head only", "crisp_s2": "CRISP mixers s=2 + head", "cri
                 "crisp_s6": "CRISP mixers s=6 + head", "lora_r8": "LoRA r=8 + head", "full": "full fine-tuning"}
 
 
+def _minilm_sweep(c: dict) -> str:
+    if not c["sweep"]:
+        return "each method's default learning rate (no sweep)"
+    kinds = ", ".join(c.get("sweep_kinds", ["every method"]))
+    return f"learning rate chosen on the validation split at seed 0 ({kinds}: {c.get('grid', 3)} rates; others at their default)"
+
+
 def render_minilm_adapt(d: dict) -> str:
     rows = []
     for task, t in d["tasks"].items():
@@ -279,7 +286,7 @@ def render_minilm_adapt(d: dict) -> str:
     return (_table(["task", "method", "test acc. %", "val acc. %", "trainable (encoder)", "of model", "lr",
                     "s/epoch"], rows)
             + f"\n\n{c['epochs']} epochs, batch {c['batch_size']} (length-grouped), seeds {c['seeds']}, "
-              f"{'lr chosen on validation' if c['sweep'] else 'default lr, no sweep'}; {sizes}. {cut} "
+              f"{_minilm_sweep(c)}; {sizes}. {cut} "
               f"{d['threads']} thread, {m['cpu_model']}, {m['date'][:10]}, load average {m['load_average_1_5_15'][0]} "
               "(`bench/results/minilm_adapt.json`, plot `bench/results/minilm_adapt.png`).")
 

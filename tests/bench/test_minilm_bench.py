@@ -67,3 +67,19 @@ def test_quick_run_writes_every_method_with_its_budget(tmp_path):
     assert all(m[k]["crisp"]["retrofit_max_rel_error"] < 1e-4 for k in m if k.startswith("crisp"))
     assert all(0 <= r["test"] <= 1 and 0 <= r["val"] <= 1 for k in m for r in m[k]["runs"])
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_compress_quick_run_holds_every_method_to_the_budget(tmp_path):
+    out = tmp_path / "compress.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_compress_minilm.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800, cwd=BENCH)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["cut"] and d["original"]["cosine"] > 0.9999  # the original agrees with itself
+    runs = {r["method"]: r for r in d["runs"]}
+    assert set(runs) == {"crisp", "crisp-mimicry", "svd", "basis-sharing", "fips"}
+    for r in runs.values():
+        assert r["stored"] <= r["budget"] and 0.4 < r["kept_fraction"] <= 0.5
+        assert -1 <= r["before"]["cosine"] < 1 and set(r["before"]["head_acc"]) == {"wordnet-verbs"}
+        assert ("after" in r) == (r["method"] != "crisp-mimicry")
