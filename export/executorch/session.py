@@ -233,9 +233,11 @@ def write_runner_inputs(bundle: EtBundle | str | os.PathLike, folder: str | os.P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     inputs, _ = reference_cases(b)
+    dtypes = {i["name"]: input_dtype(i.get("dtype", "float32"), f"{b.path}: inputs[{i['name']!r}]")
+              for i in b.manifest["inputs"]}
     for i, case in enumerate(inputs):
-        for name, a in case.items():
-            np.save(folder / f"input.{i}.{name}.npy", np.ascontiguousarray(a))  # the program's own dtype
+        for name, a in case.items():  # in the program's own input dtype (a float64 reference's inputs too)
+            np.save(folder / f"input.{i}.{name}.npy", np.ascontiguousarray(a, dtype=dtypes.get(name, np.float32)))
     return len(inputs)
 
 
