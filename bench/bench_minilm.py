@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -182,6 +183,8 @@ def main() -> int:
     ap.add_argument("--grid", type=int, default=3, help="the first N rates of each kind's grid (SWEEP)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "minilm_adapt.json")
     ap.add_argument("--plot", type=Path, default=None, help="default: the JSON path with .png")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the tasks of an existing --out run made with the same settings (add tasks one run at a time)")
     a = ap.parse_args()
     if a.quick:
         cfg = dict(QUICK)
@@ -194,15 +197,25 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown methods or tasks {unknown}; methods: {METHODS}, tasks: {sorted(MAX_LENGTH)}")
     start = time.perf_counter()
+    kept = {}
+    if a.merge and a.out.exists():
+        prev = json.loads(a.out.read_text())
+        same = {k: v for k, v in prev["config"].items() if k != "tasks"} == {k: v for k, v in cfg.items() if k != "tasks"}
+        if not same:
+            ap.error(f"--merge: {a.out} was made with other settings ({prev['config']}); use another --out")
+        kept = {t: r for t, r in prev["tasks"].items() if t not in cfg["tasks"]}
+        cfg = {**cfg, "tasks": list(kept) + cfg["tasks"]}
     result = {"schema": SCHEMA, "benchmark": "minilm_adapt", "config": cfg, "full_config": FULL, "cut": cuts(cfg),
               "protocol": {"head_lr": HEAD_LR, "sweep_grid": SWEEP, "optimizer": "AdamW, weight decay 0, 6% linear "
                            "warm-up then linear decay", "selection": "best validation accuracy at seed 0",
                            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": LORA_TARGETS},
                            "pooling": "attention-masked mean of the last hidden states", "dropout": 0.1,
                            "batches": "length-grouped (bench/_text.py)"},
-              "machine": machine_info(), "threads": THREADS, "device": DEVICE, "tasks": {}}
-    for task in cfg["tasks"]:
+              "machine": machine_info(), "threads": THREADS, "device": DEVICE, "tasks": dict(kept)}
+    for task in [t for t in cfg["tasks"] if t not in kept]:
+        t0 = time.perf_counter()
         result["tasks"][task] = bench_task(task, cfg, lambda s: print(s, flush=True))
+        result["tasks"][task]["wall_seconds"] = round(time.perf_counter() - t0, 1)
         result["wall_seconds"] = round(time.perf_counter() - start, 1)
         result["completed_tasks"] = list(result["tasks"])  # a run stopped early keeps what it finished
         write_json(a.out, result)  # after every task: a long run keeps what it finished
