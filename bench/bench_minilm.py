@@ -183,9 +183,13 @@ def main() -> int:
     ap.add_argument("--grid", type=int, default=3, help="the first N rates of each kind's grid (SWEEP)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "minilm_adapt.json")
     ap.add_argument("--plot", type=Path, default=None, help="default: the JSON path with .png")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     ap.add_argument("--merge", action="store_true",
                     help="keep the tasks of an existing --out run made with the same settings (add tasks one run at a time)")
     a = ap.parse_args()
+    if a.replot:
+        print(plot(json.loads(a.out.read_text()), a.plot or a.out.with_suffix(".png")))
+        return 0
     if a.quick:
         cfg = dict(QUICK)
     else:
@@ -243,7 +247,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_title(f"{task} ({t['sizes']['train']} train, {t['sizes']['test']} test)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("all-MiniLM-L6-v2: accuracy against trainable parameters" + (" (reduced run)" if result["cut"] else ""))
+    fig.suptitle("all-MiniLM-L6-v2" + (" (reduced run)" if result["cut"] else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

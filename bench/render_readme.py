@@ -273,7 +273,8 @@ def _minilm_sweep(c: dict) -> str:
 def render_minilm_adapt(d: dict) -> str:
     rows = []
     for task, t in d["tasks"].items():
-        for method, r in t["methods"].items():
+        order = [m for m in MINILM_NAMES if m in t["methods"]] + [m for m in t["methods"] if m not in MINILM_NAMES]
+        for method, r in ((m, t["methods"][m]) for m in order):
             acc = f"{100 * r['test_mean']:.2f}" + (f" ± {100 * r['test_std']:.2f}" if len(r["runs"]) > 1 else "")
             rows.append([task, MINILM_NAMES.get(method, method), acc, f"{100 * r['val_mean']:.2f}",
                          f"{r['trainable_encoder']:,}", f"{100 * r['encoder_fraction']:.4f}%", f"{r['lr']:g}",
@@ -287,7 +288,8 @@ def render_minilm_adapt(d: dict) -> str:
                     "s/epoch"], rows)
             + f"\n\n{c['epochs']} epochs, batch {c['batch_size']} (length-grouped), seeds {c['seeds']}, "
               f"{_minilm_sweep(c)}; {sizes}. {cut} "
-              f"{d['threads']} thread, {m['cpu_model']}, {m['date'][:10]}, load average {m['load_average_1_5_15'][0]} "
+              f"{d['threads']} thread, {m['cpu_model']}, {m['date'][:10]}, load average {m['load_average_1_5_15'][0]}: "
+              "s/epoch is the shared machine's, not a speed comparison "
               "(`bench/results/minilm_adapt.json`, plot `bench/results/minilm_adapt.png`).")
 
 
