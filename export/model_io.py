@@ -34,10 +34,11 @@ class _Forward(nn.Module):
 def _check_traceable(model: nn.Module) -> None:
     """Refuse an architecture the table marks as not exportable by a torch trace (``ArchSpec.trace_export``)."""
     from crisp_edge.errors import UnknownArchitectureError
-    from crisp_edge.method.specs import detect_architecture
+    from crisp_edge.method.specs import detect_architecture, get_architecture
 
+    arch = getattr(model, "crisp_arch", None)  # recorded by retrofit_ (its arch= may name a registered spec)
     try:
-        spec = detect_architecture(model)
+        spec = get_architecture(arch) if isinstance(arch, str) else detect_architecture(model)
     except UnknownArchitectureError:  # a model outside the table: the trace and the parity check decide
         return
     if spec.trace_export:
