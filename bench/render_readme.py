@@ -293,10 +293,33 @@ def render_minilm_adapt(d: dict) -> str:
               "(`bench/results/minilm_adapt.json`, plot `bench/results/minilm_adapt.png`).")
 
 
+def render_minilm_compress(d: dict) -> str:
+    o, c, m = d["original"], d["config"], d["machine"]
+    tasks = list(o["head_acc"])
+
+    def judged(j: dict | None) -> list[str]:
+        if j is None:
+            return ["", *["" for _ in tasks]]
+        return [f"{j['cosine']:.3f}", *[f"{100 * j['head_acc'][t]:.1f}" for t in tasks]]
+
+    rows = [["100%", "original", f"{o['stored_targeted']:,}", *judged(o), *judged(None)]]
+    for r in d["runs"]:
+        rows.append([f"{100 * r['kept_fraction']:.1f}%", r["method"], f"{r['stored']:,}", *judged(r["before"]),
+                     *judged(r.get("after"))])
+    acc = [f"head acc. {t} %" for t in tasks]
+    cut = ("**Reduced run**: " + "; ".join(d["cut"]) + ".") if d["cut"] else "Full configuration."
+    return (_table(["kept", "method", "stored", "cosine", *acc, "cosine after distill", *[a + " after" for a in acc]],
+                   rows)
+            + f"\n\nDistillation: {d['distill']['data']}, {c['distill_epochs']} epoch(s), batch {c['distill_batch']}, "
+              f"lr {c['distill_lr']:g}, {d['distill']['loss']}; cosine: mean over {c['embed_texts']} held-out WordNet "
+              f"glosses; head accuracy: a new head trained {c['head_epochs']} epoch(s) on {c['max_train']:,} examples, "
+              f"{c['max_test']:,} test. {cut} {m['date'][:10]} (`bench/results/minilm_compress.json`).")
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
-             "minilm_adapt": render_minilm_adapt}
+             "minilm_adapt": render_minilm_adapt, "minilm_compress": render_minilm_compress}
 
 
 def render(text: str) -> str:
