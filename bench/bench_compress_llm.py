@@ -23,7 +23,9 @@ Fairness: every compressed model is evaluated before and after the same Stage-2 
 
     .venv/bin/python bench/bench_compress_llm.py            # the full run (~30 min on 1 busy core)
     .venv/bin/python bench/bench_compress_llm.py --quick    # smoke run: tiny eval, 2 steps
-Writes bench/results/compress_llm.json (``--out``).
+    .venv/bin/python bench/bench_compress_llm.py --calib english --out bench/results/compress_llm_english.json
+Writes bench/results/compress_llm.json (``--out``). ``--calib english`` calibrates on general English and
+reports perplexity on three held-out texts of other styles (``CALIB_TEXTS``).
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from crisp_edge.training.compress.baselines import basis_sharing_, svd_
     from crisp_edge.training.compress.linear_stats import capture_linear_inputs, stored_params
     from crisp_edge.training.compress.llama import CalibrationConfig, calibrate_, compress_llama_
-    from crisp_edge.models.causal_lm import load_causal_lm, load_kjv, perplexity, tokenize, windows
+    from crisp_edge.models.causal_lm import load_causal_lm, perplexity, tokenize, windows
 
     torch.manual_seed(0)
     out: dict = {"method": args.method}
@@ -65,9 +67,9 @@ def run_one(args: argparse.Namespace) -> dict:
     model.float()
     out["load_seconds"] = round(time.perf_counter() - t, 2)
     out["rss_after_load_mb"] = round(_rss_mb(), 1)
-    text = load_kjv()
-    heldout = tokenize(tok, text.heldout, max_tokens=args.eval_tokens + args.window)
-    calib_ids = tokenize(tok, text.calibration, max_tokens=args.calib_windows * args.calib_len)
+    calib_text, heldout_texts = calibration_and_heldout(args.calib)
+    heldouts = {name: tokenize(tok, t, max_tokens=args.eval_tokens + args.window) for name, t in heldout_texts.items()}
+    calib_ids = tokenize(tok, calib_text, max_tokens=args.calib_windows * args.calib_len)
     calib = windows(calib_ids, args.calib_len)
     batches = [calib[i:i + args.batch] for i in range(0, calib.shape[0], args.batch)]
     teacher = {n: model.get_submodule(n).weight.detach().clone() for n in _targets(model)}
@@ -77,8 +79,13 @@ def run_one(args: argparse.Namespace) -> dict:
     show = not args.no_progress
 
     def evaluate() -> dict:
-        r = perplexity(model, heldout, window=args.window, max_tokens=args.eval_tokens, progress=show)
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+        """The first held-out text's result, with every held-out text's under ``by_text``."""
+        by_text = {}
+        for name, ids in heldouts.items():
+            r = perplexity(model, ids, window=args.window, max_tokens=args.eval_tokens, progress=show)
+            by_text[name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+        first = next(iter(by_text.values()))
+        return {**first, "by_text": by_text} if len(by_text) > 1 else first
 
     if args.method == "original":
         out["eval"] = evaluate()
@@ -116,6 +123,30 @@ def run_one(args: argparse.Namespace) -> dict:
     return out
 
 
+#: Calibration and held-out texts (``--calib``). ``kjv``: the Old Testament, held-out the New Testament from
+#: Matthew 1:1 (the earlier results). ``english``: general English that Debian installs
+#: (``crisp_edge.data.english.calibration_mix``: dasher's mixed sentences, the Debian Reference, the Jargon
+#: File), judged on texts of other styles (``heldout_texts``: the Devil's Dictionary, fortunes, the KJV New
+#: Testament, each sampled over its whole length), so calibration cannot simply learn the test's style.
+CALIB_TEXTS = {
+    "kjv": "KJV (Debian bible-kjv): calibration = Old Testament, held-out = New Testament from Matthew 1:1",
+    "english": "calibration = crisp_edge.data.english.calibration_mix() (dasher, debian-reference, jargon); "
+               "held-out = heldout_texts() (devil, fortunes, kjv-nt; chunks in hash order)",
+}
+
+
+def calibration_and_heldout(calib: str) -> tuple[str, dict[str, str]]:
+    """(calibration text, held-out texts by name) for ``--calib``."""
+    if calib == "kjv":
+        from crisp_edge.models.causal_lm import load_kjv
+
+        text = load_kjv()
+        return text.calibration, {"kjv-nt": text.heldout}
+    from crisp_edge.data.english import calibration_mix, heldout_texts
+
+    return calibration_mix().text, {name: t.text for name, t in heldout_texts().items()}
+
+
 def _targets(model) -> list[str]:
     from crisp_edge.training.compress.baselines import targeted_linears
 
@@ -136,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16, help="Stage-2 calibration steps, the same for every method")
     ap.add_argument("--allocation", default="uniform", help="CRISP's ranks from the budget: uniform or greedy")
     ap.add_argument("--lr", type=float, default=2e-3, help="relative Adam step (x RMS of each tensor)")
+    ap.add_argument("--calib", choices=sorted(CALIB_TEXTS), default="kjv",
+                    help="calibration / held-out texts: kjv (Old / New Testament) or english (a general English mix, "
+                         "judged on three texts of other styles)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1k eval tokens, 4 calibration windows, 2 steps")
     ap.add_argument("--out", default=str(RESULTS_DIR / "compress_llm.json"))
     ap.add_argument("--no-progress", action="store_true")
@@ -176,15 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     summary = {m: {"perplexity": r["eval"]["perplexity"],
                    "perplexity_before_calibration": r.get("eval_before_calibration", {}).get("perplexity"),
                    "stored": r["stored"], "kept_fraction": round(r["stored"] / r["original"], 4),
-                   "compress_seconds": r.get("total_compress_seconds"), "peak_rss_mb": r["peak_rss_mb"]}
+                   "compress_seconds": r.get("total_compress_seconds"), "peak_rss_mb": r["peak_rss_mb"],
+                   **({"perplexity_by_text": {k: v["perplexity"] for k, v in r["eval"]["by_text"].items()}}
+                      if "by_text" in r["eval"] else {})}
                for m, r in results.items()}
     compressed = {m: s["perplexity"] for m, s in summary.items() if m != "original"}
     data = {
         "schema": SCHEMA, "benchmark": "compress_llm", "quick": args.quick, "machine": machine_info(),
         "settings": {k: getattr(args, k) for k in ("model", "keep", "group_size", "eval_tokens", "window",
                                                    "calib_windows", "calib_len", "batch", "steps", "lr",
-                                                   "allocation")},
-        "text": "KJV (Debian bible-kjv): calibration = Old Testament, held-out = New Testament from Matthew 1:1",
+                                                   "allocation", "calib")},
+        "text": CALIB_TEXTS[args.calib],
         "summary": summary, "best_compressed": min(compressed, key=compressed.get) if compressed else None,
         "runs": results, "failures": failures,
     }

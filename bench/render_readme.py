@@ -288,10 +288,68 @@ def render_quantize(d: dict) -> str:
               "measures size and speed only.")
 
 
+MINILM_NAMES = {"head": "head only", "crisp_s2": "CRISP mixers s=2 + head", "crisp_s3": "CRISP mixers s=3 + head",
+                "crisp_s6": "CRISP mixers s=6 + head", "lora_r8": "LoRA r=8 + head", "full": "full fine-tuning"}
+
+
+def _minilm_sweep(c: dict) -> str:
+    if not c["sweep"]:
+        return "each method's default learning rate (no sweep)"
+    kinds = ", ".join(c.get("sweep_kinds", ["every method"]))
+    return f"learning rate chosen on the validation split at seed 0 ({kinds}: {c.get('grid', 3)} rates; others at their default)"
+
+
+def render_minilm_adapt(d: dict) -> str:
+    rows = []
+    for task, t in d["tasks"].items():
+        order = [m for m in MINILM_NAMES if m in t["methods"]] + [m for m in t["methods"] if m not in MINILM_NAMES]
+        for method, r in ((m, t["methods"][m]) for m in order):
+            acc = f"{100 * r['test_mean']:.2f}" + (f" ± {100 * r['test_std']:.2f}" if len(r["runs"]) > 1 else "")
+            rows.append([task, MINILM_NAMES.get(method, method), acc, f"{100 * r['val_mean']:.2f}",
+                         f"{r['trainable_encoder']:,}", f"{100 * r['encoder_fraction']:.4f}%", f"{r['lr']:g}",
+                         f"{r['seconds_per_epoch']:.0f}"])
+    c, m = d["config"], d["machine"]
+    sizes = "; ".join(f"{k}: {v['sizes']['train']:,} train / {v['sizes']['val']:,} val / {v['sizes']['test']:,} test, "
+                      f"{v['classes']} classes, max {v['max_length']} tokens" for k, v in d["tasks"].items())
+    cut = ("**Reduced run** (not the full configuration): " + "; ".join(d["cut"]) + ".") if d["cut"] else \
+        "Full configuration."
+    return (_table(["task", "method", "test acc. %", "val acc. %", "trainable (encoder)", "of model", "lr",
+                    "s/epoch"], rows)
+            + f"\n\n{c['epochs']} epochs, batch {c['batch_size']} (length-grouped), seeds {c['seeds']}, "
+              f"{_minilm_sweep(c)}; {sizes}. {cut} "
+              f"{d['threads']} thread, {m['cpu_model']}, {m['date'][:10]}, load average {m['load_average_1_5_15'][0]}: "
+              "s/epoch is the shared machine's, not a speed comparison "
+              "(`bench/results/minilm_adapt.json`, plot `bench/results/minilm_adapt.png`).")
+
+
+def render_minilm_compress(d: dict) -> str:
+    o, c, m = d["original"], d["config"], d["machine"]
+    tasks = list(o["head_acc"])
+
+    def judged(j: dict | None) -> list[str]:
+        if j is None:
+            return ["", *["" for _ in tasks]]
+        return [f"{j['cosine']:.3f}", *[f"{100 * j['head_acc'][t]:.1f}" for t in tasks]]
+
+    rows = [["100%", "original", f"{o['stored_targeted']:,}", *judged(o), *judged(None)]]
+    for r in d["runs"]:
+        rows.append([f"{100 * r['kept_fraction']:.1f}%", r["method"], f"{r['stored']:,}", *judged(r["before"]),
+                     *judged(r.get("after"))])
+    acc = [f"head acc. {t} %" for t in tasks]
+    cut = ("**Reduced run**: " + "; ".join(d["cut"]) + ".") if d["cut"] else "Full configuration."
+    return (_table(["kept", "method", "stored", "cosine", *acc, "cosine after distill", *[a + " after" for a in acc]],
+                   rows)
+            + f"\n\nDistillation: {d['distill']['data']}, {c['distill_epochs']} epoch(s), batch {c['distill_batch']}, "
+              f"lr {c['distill_lr']:g}, {d['distill']['loss']}; cosine: mean over {c['embed_texts']} held-out WordNet "
+              f"glosses; head accuracy: a new head trained {c['head_epochs']} epoch(s) on {c['max_train']:,} examples, "
+              f"{c['max_test']:,} test. {cut} {m['date'][:10]} (`bench/results/minilm_compress.json`).")
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
-             "quantize": render_quantize}
+             "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
+             "minilm_compress": render_minilm_compress}
 
 
 def render(text: str) -> str:

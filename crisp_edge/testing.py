@@ -60,14 +60,26 @@ def toy_hf_llama(seed: int = 0, depth: int = 2) -> nn.Module:
     return _seeded(seed, lambda: transformers.LlamaForCausalLM(config))
 
 
+def toy_hf_bert(seed: int = 0, depth: int = 2) -> nn.Module:
+    """A Hugging Face ``BertForSequenceClassification`` (hidden 32, 2 heads, vocabulary 64, 3 labels);
+    inputs are token ids and an attention mask (``example_inputs``)."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=depth, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=3,
+    )
+    return _seeded(seed, lambda: transformers.BertForSequenceClassification(config))
+
+
 #: Architecture name (as in ``crisp_edge.method.specs``) -> toy factory.
 TOYS: dict[str, Callable[..., nn.Module]] = {
-    "timm-vit": toy_timm_vit, "hf-vit": toy_hf_vit, "hf-llama": toy_hf_llama,
+    "timm-vit": toy_timm_vit, "hf-vit": toy_hf_vit, "hf-llama": toy_hf_llama, "hf-bert": toy_hf_bert,
 }
 
 
 def toy_model(arch: str, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """The toy of architecture ``arch`` ("timm-vit", "hf-vit" or "hf-llama")."""
+    """The toy of architecture ``arch`` ("timm-vit", "hf-vit", "hf-llama" or "hf-bert")."""
     return TOYS[arch](seed=seed, **kwargs)
 
 
@@ -77,6 +89,10 @@ def example_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str,
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "model_type", None) == "llama":
         return {"input_ids": torch.randint(0, config.vocab_size, (batch, 8), generator=g)}
+    if config is not None and getattr(config, "model_type", None) == "bert":
+        # Token ids and a padding mask: every row keeps at least its first 4 tokens; later rows are padded more.
+        mask = (torch.arange(8) < 8 - torch.arange(batch).unsqueeze(1) % 5).long()
+        return {"input_ids": torch.randint(0, config.vocab_size, (batch, 8), generator=g), "attention_mask": mask}
     if config is not None:  # Hugging Face ViT
         shape = (batch, config.num_channels, config.image_size, config.image_size)
         return {"pixel_values": torch.randn(shape, generator=g)}

@@ -15,6 +15,9 @@ from crisp_edge.models.outputs import logits_of
 
 #: The name of the single output of every exported graph / program.
 OUTPUT_NAME = "logits"
+#: Input dtypes both exporters take (``crisp_edge.export.inputs.INPUT_DTYPES``): float32 (images, features)
+#: and integers (token ids, attention masks), which keep their dtype in the graph / program.
+INPUT_DTYPES = (torch.float32, torch.int64, torch.int32)
 
 
 class _Forward(nn.Module):
@@ -28,7 +31,22 @@ class _Forward(nn.Module):
         return logits_of(self.model(**dict(zip(self.input_names, xs))))
 
 
+def _check_traceable(model: nn.Module) -> None:
+    """Refuse an architecture the table marks as not exportable by a torch trace (``ArchSpec.trace_export``)."""
+    from crisp_edge.errors import UnknownArchitectureError
+    from crisp_edge.method.specs import detect_architecture, get_architecture
+
+    arch = getattr(model, "crisp_arch", None)  # recorded by retrofit_ (its arch= may name a registered spec)
+    try:
+        spec = get_architecture(arch) if isinstance(arch, str) else detect_architecture(model)
+    except UnknownArchitectureError:  # a model outside the table: the trace and the parity check decide
+        return
+    if spec.trace_export:
+        raise ExportError(f"{spec.name} ({type(model).__name__}) cannot be exported this way yet: {spec.trace_export}.")
+
+
 def _example_inputs(model: nn.Module, example_input: Any) -> dict[str, torch.Tensor]:
+    _check_traceable(model)
     if example_input is None:
         from crisp_edge.testing import example_inputs
 
@@ -38,9 +56,10 @@ def _example_inputs(model: nn.Module, example_input: Any) -> dict[str, torch.Ten
     if not isinstance(example_input, dict) or not example_input:
         raise ConfigError("example_input must be a tensor or a dict of named tensors.")
     for name, t in example_input.items():
-        if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32):
-            raise ExportError(f"input {name!r} must be a float32 tensor (integer inputs such as token ids are not "
-                              "supported by this exporter yet).")
+        if not (isinstance(t, torch.Tensor) and t.dtype in INPUT_DTYPES):
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ExportError(f"input {name!r} must be a float32 tensor (images, features) or an int64 / int32 "
+                              f"tensor (token ids, attention masks), got {got}.")
         if t.numel() == 0:
             raise ConfigError(f"input {name!r} has shape {list(t.shape)}, with no elements; a bundle exported (and "
                               "checked) on empty inputs checks nothing. Give a batch of at least 1.")

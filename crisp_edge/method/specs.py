@@ -24,6 +24,8 @@ class ArchSpec:
         roles: role name -> dotted path of an ``nn.Linear`` inside each block. Layers of one role
             can share a basis; the order here is the order groups are created in.
         head: dotted path of the task head (trained per task during adaptation), if any.
+        trace_export: why crisp-edge's own exporters (a torch trace of the model) cannot export this
+            architecture yet, or None when they can; the exporters refuse it with this reason.
     """
 
     name: str
@@ -32,6 +34,7 @@ class ArchSpec:
     roles: Mapping[str, str]
     head: str | None = None
     description: str = ""
+    trace_export: str | None = None
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {}
@@ -62,6 +65,25 @@ register_architecture(ArchSpec(
     head="classifier",
     description="Hugging Face ViTForImageClassification",
 ))
+_BERT_ROLES = {
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attn_out": "attention.output.dense", "fc1": "intermediate.dense", "fc2": "output.dense",
+}
+register_architecture(ArchSpec(
+    name="hf-bert",
+    class_names=("BertForSequenceClassification",),
+    blocks="bert.encoder.layer",
+    roles=_BERT_ROLES,
+    head="classifier",
+    description="Hugging Face BertForSequenceClassification (BERT, MiniLM, all-MiniLM-L6-v2 with a head, ...)",
+))
+register_architecture(ArchSpec(
+    name="hf-bert-encoder",
+    class_names=("BertModel",),
+    blocks="encoder.layer",
+    roles=_BERT_ROLES,
+    description="Hugging Face BertModel (the encoder alone: sentence embeddings, no task head)",
+))
 register_architecture(ArchSpec(
     name="hf-llama",
     class_names=("LlamaForCausalLM",),
@@ -73,6 +95,8 @@ register_architecture(ArchSpec(
     },
     head="lm_head",
     description="Hugging Face LlamaForCausalLM (LLaMA, SmolLM2, TinyLlama, ...)",
+    trace_export="the traced graph fixes the example's batch size inside LLaMA's causal attention mask, so "
+                 "it fails at any other batch; a plain LLaMA exports dense with export_onnx(..., exporter='optimum')",
 ))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from crisp_edge.errors import CheckpointError, ConfigError
+from crisp_edge.models.weights import hf_class
 
 #: The embedded default model: a small timm VisionTransformer that this project trained itself on
 #: Fashion-MNIST (examples/train_fmnist_vit.py). 28x28 grey images, 7x7 patches -> 16 tokens + CLS.
@@ -58,7 +59,7 @@ def build_model(source: dict[str, Any]) -> nn.Module:
             raise CheckpointError("the recorded Hugging Face config has no 'model_type'.")
         config = transformers.AutoConfig.for_model(model_type, **cfg_dict)
         class_name = source.get("class") or (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, str(class_name), None)
+        cls = hf_class(class_name)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise CheckpointError(f"the recorded Hugging Face model class {class_name!r} is not a transformers model class.")
         model = cls(config)

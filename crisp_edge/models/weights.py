@@ -306,7 +306,7 @@ def load_hf_pretrained(folder: str | Path, *, random_init: bool = False) -> nn.M
 
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     class_name = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, str(class_name), None)
+    cls = hf_class(class_name)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ConfigError(f"{folder}/config.json names no transformers model class (architectures={class_name!r}).")
     if random_init:
@@ -317,3 +317,12 @@ def load_hf_pretrained(folder: str | Path, *, random_init: bool = False) -> nn.M
         except OSError as e:
             raise ConfigError(f"cannot load {folder} (safetensors weights are required, pickle is refused): {e}") from None
     return model.eval()  # its source is its config (sources.source_of)
+
+
+def hf_class(class_name: object) -> type | None:
+    """A transformers model class by name, or one crisp-edge adds (``bert_pooling.HF_EXTRA_CLASSES``)."""
+    import transformers
+
+    from crisp_edge.models.bert_pooling import HF_EXTRA_CLASSES
+
+    return HF_EXTRA_CLASSES.get(str(class_name)) or getattr(transformers, str(class_name), None)

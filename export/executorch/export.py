@@ -176,7 +176,8 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
 
 
 def _io(names: list[str], example: dict[str, torch.Tensor]) -> list[dict]:
-    return [{"name": n, "dtype": "float32", "shape": list(example[n].shape)} for n in names]
+    return [{"name": n, "dtype": str(example[n].dtype).removeprefix("torch."), "shape": list(example[n].shape)}
+            for n in names]
 
 
 def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, example: dict,

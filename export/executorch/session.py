@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from crisp_edge.export.bundle import feeds_by_name
 from crisp_edge.export.errors import AdapterError, BundleError, ExportError, NoTaskError
+from crisp_edge.export.inputs import as_input_array, input_dtype
 from crisp_edge.export.executorch.bundle import (
     DEFAULT_PTD,
     PROGRAM,
@@ -101,6 +102,8 @@ class EtCrispSession:
         self.input_names = [i["name"] for i in m["inputs"]]
         self.output_names = [o["name"] for o in m["outputs"]]
         self._input_shapes = {i["name"]: list(i["shape"]) for i in m["inputs"]}
+        self._input_dtypes = {i["name"]: input_dtype(i.get("dtype", "float32"), f"{path}: inputs[{i['name']!r}]")
+                              for i in m["inputs"]}
         want = {"forward", "set_task", "crisp_tag"} if self.swappable else {"forward"}
         if not want <= self.program.method_names:
             raise BundleError(f"{path} has the methods {sorted(self.program.method_names)}; a {self.bundle.mode!r} "
@@ -206,10 +209,7 @@ class EtCrispSession:
         feeds = feeds_by_name(feeds, self.input_names)
         xs = []
         for k in self.input_names:
-            try:
-                a = torch.as_tensor(np.ascontiguousarray(feeds[k], dtype=np.float32))
-            except (TypeError, ValueError) as e:
-                raise ExportError(f"input {k!r} must be a float array or tensor ({type(e).__name__}: {e}).") from None
+            a = torch.as_tensor(as_input_array(feeds[k], self._input_dtypes[k], k))
             if list(a.shape) != self._input_shapes[k]:
                 raise ExportError(f"input {k!r} has shape {list(a.shape)}; this program takes exactly "
                                   f"{self._input_shapes[k]} (ExecuTorch programs have static shapes; pad or split "
@@ -239,13 +239,14 @@ class EtCrispSession:
         program's static batch size (the last one zero-padded) and the padding rows are dropped."""
         if len(self.input_names) != 1:
             raise ExportError(f"predict takes the single input of a one-input program; this one takes {self.input_names}.")
-        x = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
-        batch = self._input_shapes[self.input_names[0]][0]
+        name = self.input_names[0]
+        x = as_input_array(x, self._input_dtypes[name], name)
+        batch = self._input_shapes[name][0]
         outs = []
         for i in range(0, len(x), batch):
             b = x[i:i + batch]
             if len(b) < batch:
-                b = np.concatenate([b, np.zeros((batch - len(b), *b.shape[1:]), np.float32)])
+                b = np.concatenate([b, np.zeros((batch - len(b), *b.shape[1:]), b.dtype)])
             outs.append(self(b)[: min(batch, len(x) - i)])
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
@@ -259,9 +260,11 @@ def write_runner_inputs(bundle: EtBundle | str | os.PathLike, folder: str | os.P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     inputs, _ = reference_cases(b)
+    dtypes = {i["name"]: input_dtype(i.get("dtype", "float32"), f"{b.path}: inputs[{i['name']!r}]")
+              for i in b.manifest["inputs"]}
     for i, case in enumerate(inputs):
-        for name, a in case.items():
-            np.save(folder / f"input.{i}.{name}.npy", np.ascontiguousarray(a, dtype=np.float32))
+        for name, a in case.items():  # in the program's own input dtype (a float64 reference's inputs too)
+            np.save(folder / f"input.{i}.{name}.npy", np.ascontiguousarray(a, dtype=dtypes.get(name, np.float32)))
     return len(inputs)
 
 

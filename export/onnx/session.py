@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from crisp_edge.export.bundle import Bundle, feeds_by_name
 from crisp_edge.export.errors import AdapterError, BundleError, ExportError, NoTaskError
+from crisp_edge.export.inputs import as_input_array
 from crisp_edge.export.onnx.adapter import check_adapter, check_adapter_record, read_adapter_bytes
 from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, load_bundle
 
@@ -53,20 +54,6 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
 #: ONNX Runtime input types the sessions feed, as numpy dtypes (float inputs are cast to float32
 #: as before; integer inputs such as token ids must be given as integers).
 _ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-def _as_numpy(x: Any, dtype: type = np.float32, name: str = "x") -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    if dtype is not np.float32:  # an integer input (token ids, masks, positions): never truncate floats
-        a = np.asarray(x)
-        if a.dtype.kind not in "iu":
-            raise ExportError(f"input {name!r} takes integers ({np.dtype(dtype).name}, e.g. token ids); got "
-                              f"{a.dtype.name} values. Pass an integer array or tensor.")
-        if a.size and (a.min() < np.iinfo(dtype).min or a.max() > np.iinfo(dtype).max):
-            raise ExportError(f"input {name!r} holds values outside the {np.dtype(dtype).name} range.")
-        return np.ascontiguousarray(a, dtype=dtype)
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 class OnnxCrispSession:
@@ -252,7 +239,7 @@ class OnnxCrispSession:
         """All outputs by name, for inputs given by name (or the single input as an array)."""
         feeds = feeds_by_name(feeds, self.input_names)
         try:
-            arrays = {k: _as_numpy(feeds[k], self._input_dtypes.get(k, np.float32), k) for k in self.input_names}
+            arrays = {k: as_input_array(feeds[k], self._input_dtypes.get(k, np.float32), k) for k in self.input_names}
         except (TypeError, ValueError) as e:
             raise ExportError(f"inputs must be numeric arrays or tensors ({type(e).__name__}: {e}).") from None
         for k, a in arrays.items():
