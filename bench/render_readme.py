@@ -277,8 +277,9 @@ def render_quantize(d: dict) -> str:
                          f"{r['parity_max_abs_int8']:.1e}"])
     m = d["machine"]
     t = d["targets"]
+    n = max((r.get("eval_images", 0) for x in d["models"] for r in x["runtimes"].values()), default=0)
     return (_table(["model", "runtime", "weights float32 -> int8", "bytes", "latency int8 / float32", "top-1 % "
-                    "float32 -> int8 (Fashion-MNIST test)", "parity max abs (int8 tol. 0.5)"], rows)
+                    f"float32 -> int8 ({n:,} Fashion-MNIST test images)", "parity max abs (int8 tol. 0.5)"], rows)
             + f"\n\nDense bundles, `quantize=\"int8\"` (int8 per-channel weights, dynamically quantized int8 "
               f"activations) against float32 of the same CRISP model, same run, batch 1, {d['threads']} thread, "
               f"median of interleaved rounds ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}). "
