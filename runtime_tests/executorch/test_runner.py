@@ -547,13 +547,14 @@ def test_arm64_runner_under_qemu_meets_parity(bundles, tmp_path):
         r = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
         assert r.returncode == 0, r.stderr[-2000:]
         assert check_outputs(bundle, out).passed
-        r = subprocess.run([str(cli), "parity", str(bundle), "--outputs", str(out)], capture_output=True, text=True,
-                           timeout=600, check=False)
+        reports = ["--report-dir", str(out.parent / "parity-report")]  # not the working directory
+        r = subprocess.run([str(cli), "parity", str(bundle), "--outputs", str(out), *reports], capture_output=True,
+                           text=True, timeout=600, check=False)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         f = min(out.glob("output.*.npy"))
         a = np.load(f)
         a.flat[0] += 0.05
         np.save(f, a)
-        r = subprocess.run([str(cli), "parity", str(bundle), "--outputs", str(out)], capture_output=True, text=True,
-                           timeout=600, check=False)
+        r = subprocess.run([str(cli), "parity", str(bundle), "--outputs", str(out), *reports], capture_output=True,
+                           text=True, timeout=600, check=False)
         assert r.returncode != 0 and "max abs" in r.stdout + r.stderr
