@@ -184,15 +184,16 @@ def _wait_ready(fd: int, timeout: float) -> list[str]:
     return data.decode().splitlines()
 
 
-def kill_once_forked(folder: Path, models: dict[str, torch.nn.Module], delay: float, start: int) -> list[str]:
-    """Fork a child running ``save_loop``, SIGKILL it ``delay`` seconds after it is ready; returns its reports."""
+def kill_forked(loop, delay: float) -> list[str]:
+    """Fork a child running ``loop(report)`` (``report(line)`` sends a line to the parent; the loop says
+    "ready" first), SIGKILL it ``delay`` seconds after it is ready; returns every line it sent."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into the test runner
         try:
             os.close(r)
             signal.setitimer(signal.ITIMER_REAL, 0)
-            save_loop(folder, models, start, lambda line: os.write(w, (line + "\n").encode()))
+            loop(lambda line: os.write(w, (line + "\n").encode()))
         finally:
             os._exit(1)
     os.close(w)
@@ -204,6 +205,11 @@ def kill_once_forked(folder: Path, models: dict[str, torch.nn.Module], delay: fl
         return lines + _read_lines(r, 1.0)
     finally:
         os.close(r)
+
+
+def kill_once_forked(folder: Path, models: dict[str, torch.nn.Module], delay: float, start: int) -> list[str]:
+    """A forked child running ``save_loop``, SIGKILLed ``delay`` seconds after it is ready; returns its reports."""
+    return kill_forked(lambda report: save_loop(folder, models, start, report), delay)
 
 
 def kill_once_spawned(folder: Path, refs: Path, delay: float, start: int) -> list[str]:

@@ -11,9 +11,7 @@ none and never a mix. Then the next run's cleanup (``clean_folder_leftovers``) m
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 from crisp_edge.export.bundle import MANIFEST
 from crisp_edge.export.writing import is_bundle_of, write_validated
 from crisp_edge.files.transaction import clean_folder_leftovers
-from tests.killing import _read_lines, _wait_ready
+from tests.killing import kill_forked
 
 BUNDLE = "bundle"
 NAMES = ("A", "B")
@@ -70,24 +68,8 @@ def swap_loop(parent: Path, start: int, report) -> None:
 
 
 def kill_once(parent: Path, delay: float, start: int) -> list[str]:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            swap_loop(parent, start, lambda line: os.write(w, (line + "\n").encode()))
-        finally:
-            os._exit(1)
-    os.close(w)
-    try:
-        lines = _wait_ready(r, 60)
-        time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        return lines + _read_lines(r, 1.0)
-    finally:
-        os.close(r)
+    """A forked child running ``swap_loop``, SIGKILLed ``delay`` seconds after it is ready; returns its reports."""
+    return kill_forked(lambda report: swap_loop(parent, start, report), delay)
 
 
 @dataclass
