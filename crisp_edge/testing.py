@@ -72,27 +72,45 @@ def toy_hf_bert(seed: int = 0, depth: int = 2) -> nn.Module:
     return _seeded(seed, lambda: transformers.BertForSequenceClassification(config))
 
 
+def toy_hf_llama_cls(seed: int = 0, depth: int = 2, num_labels: int = 3) -> nn.Module:
+    """The LLaMA toy as a text classifier (``LlamaForTextClassification``, ``num_labels`` classes, pad id 0);
+    inputs are token ids and an attention mask (``example_inputs``)."""
+    from crisp_edge.models.llama_classifier import as_text_classifier
+
+    return as_text_classifier(toy_hf_llama(seed, depth), num_labels, pad_token_id=0, seed=seed)
+
+
 #: Architecture name (as in ``crisp_edge.method.specs``) -> toy factory.
 TOYS: dict[str, Callable[..., nn.Module]] = {
     "timm-vit": toy_timm_vit, "hf-vit": toy_hf_vit, "hf-llama": toy_hf_llama, "hf-bert": toy_hf_bert,
+    "hf-llama-cls": toy_hf_llama_cls,
 }
 
 
 def toy_model(arch: str, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """The toy of architecture ``arch`` ("timm-vit", "hf-vit", "hf-llama" or "hf-bert")."""
+    """The toy of architecture ``arch`` ("timm-vit", "hf-vit", "hf-llama", "hf-llama-cls" or "hf-bert")."""
     return TOYS[arch](seed=seed, **kwargs)
 
 
 def example_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Keyword inputs that fit ``model`` (a toy or any model of the same kind): ``model(**inputs)``."""
+    """Keyword inputs that fit ``model`` (a toy or any model of the same kind): ``model(**inputs)``.
+
+    Text classifiers (BERT, ``LlamaForTextClassification``) get token ids and an attention mask as long
+    as their ``InputSpec``'s ``max_length``: the length their text data is padded to, so a bundle
+    exported on these inputs takes that data (``crisp-edge parity --inputs texts.jsonl``).
+    """
     g = torch.Generator().manual_seed(seed)
     config = getattr(model, "config", None)
-    if config is not None and getattr(config, "model_type", None) == "llama":
+    model_type = getattr(config, "model_type", None)
+    if model_type == "llama" and not hasattr(model, "score"):  # a causal LM
         return {"input_ids": torch.randint(0, config.vocab_size, (batch, 8), generator=g)}
-    if config is not None and getattr(config, "model_type", None) == "bert":
-        # Token ids and a padding mask: every row keeps at least its first 4 tokens; later rows are padded more.
-        mask = (torch.arange(8) < 8 - torch.arange(batch).unsqueeze(1) % 5).long()
-        return {"input_ids": torch.randint(0, config.vocab_size, (batch, 8), generator=g), "attention_mask": mask}
+    if model_type in ("bert", "llama"):
+        from crisp_edge.data.input_spec import input_spec_of
+
+        length = input_spec_of(model).max_length
+        # Token ids and a padding mask: every row keeps at least its first half; later rows are padded more.
+        mask = (torch.arange(length) < length - (torch.arange(batch).unsqueeze(1) % 5) * (length // 8)).long()
+        return {"input_ids": torch.randint(0, config.vocab_size, (batch, length), generator=g), "attention_mask": mask}
     if config is not None:  # Hugging Face ViT
         shape = (batch, config.num_channels, config.image_size, config.image_size)
         return {"pixel_values": torch.randn(shape, generator=g)}

@@ -54,7 +54,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                                  "Hugging Face model folder | a .gguf file")
     p.add_argument("--weights", help="timm:<name>: a weights file (.safetensors, or .pth/.pt read with weights_only)")
     p.add_argument("--model-arg", action="append", metavar="NAME=VALUE",
-                   help="timm:<name>: a keyword argument of timm.create_model, e.g. num_classes=7 (repeatable)")
+                   help="timm:<name>: a keyword argument of timm.create_model, e.g. num_classes=7 (repeatable); "
+                        "a LLaMA model (.gguf, smollm2, HF folder): num_labels=K makes it a K-class text classifier")
     p.add_argument("--random-init", action="store_true",
                    help="build the architecture with random weights, on purpose (tests, benchmarks)")
 

@@ -320,9 +320,12 @@ def load_hf_pretrained(folder: str | Path, *, random_init: bool = False) -> nn.M
 
 
 def hf_class(class_name: object) -> type | None:
-    """A transformers model class by name, or one crisp-edge adds (``bert_pooling.HF_EXTRA_CLASSES``)."""
+    """A transformers model class by name, or one crisp-edge adds (``bert_pooling.HF_EXTRA_CLASSES``,
+    ``llama_classifier.LLAMA_EXTRA_CLASSES``)."""
     import transformers
 
     from crisp_edge.models.bert_pooling import HF_EXTRA_CLASSES
+    from crisp_edge.models.llama_classifier import LLAMA_EXTRA_CLASSES
 
-    return HF_EXTRA_CLASSES.get(str(class_name)) or getattr(transformers, str(class_name), None)
+    extra = HF_EXTRA_CLASSES.get(str(class_name)) or LLAMA_EXTRA_CLASSES.get(str(class_name))
+    return extra or getattr(transformers, str(class_name), None)
