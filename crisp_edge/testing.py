@@ -141,3 +141,59 @@ def make_task_file(model: nn.Module, path: str | Path, task: str = "task1", seed
     new_head_(m, num_classes, seed=seed)
     save_mixers(m, path, task=task, biases=biases)
     return Path(path)
+
+
+#: The toy text tasks' words: the label is whether the text holds a word of the first or the second group.
+TOY_WORDS = (("good", "great", "fine", "nice"), ("bad", "awful", "poor", "dull"),
+             ("the", "a", "movie", "film", "plot", "was", "is", "very", "and", "cast"))
+
+
+def toy_text_folder(path: str | Path, arch: str = "hf-llama", seed: int = 0) -> Path:
+    """A Hugging Face folder as users hold one: ``config.json``, ``model.safetensors`` and a word-level
+    ``tokenizer.json`` over ``TOY_WORDS`` (built with the ``tokenizers`` library). ``arch`` "hf-llama": a
+    tiny ``LlamaForCausalLM`` whose tokenizer has no padding token (as LLaMA's have none); "hf-bert": a
+    tiny ``BertForSequenceClassification`` (2 labels) whose tokenizer pads with ``[PAD]``."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [w for group in TOY_WORDS for w in group]
+    special = ["<unk>", "<s>", "</s>"] if arch == "hf-llama" else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(special + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=special[0] if arch == "hf-llama" else "[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if arch == "hf-llama":
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                    eos_token="</s>")
+        config = transformers.LlamaConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=False, bos_token_id=1,
+            eos_token_id=2, pad_token_id=None)
+        make = lambda: transformers.LlamaForCausalLM(config)  # noqa: E731
+    else:
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                    cls_token="[CLS]", sep_token="[SEP]")
+        config = transformers.BertConfig(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=16, num_labels=2, pad_token_id=0)
+        make = lambda: transformers.BertForSequenceClassification(config)  # noqa: E731
+    path = Path(path)
+    _seeded(seed, make).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def toy_text_table(path: str | Path, n: int = 40, seed: int = 0) -> Path:
+    """A JSONL text-classification table of ``n`` distinct texts, labels "pos" / "neg" by ``TOY_WORDS``."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    pos, neg, filler = TOY_WORDS
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = [rng.choice(filler) for _ in range(4)] + [rng.choice(pos if i % 2 else neg)]
+        rng.shuffle(words)
+        rows.append(json.dumps({"text": " ".join(words) + f" {filler[i % len(filler)]}", "label": label}))
+    Path(path).write_text("\n".join(rows) + "\n")
+    return Path(path)

@@ -51,11 +51,12 @@ def _config_from_args(args: argparse.Namespace) -> CrispConfig:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model and where its weights come from (shared by retrofit and pipeline)."""
     p.add_argument("model", help="fmnist-vit | timm:<name> (also timm:local-dir:DIR, timm:hf-hub:ID) | a local "
-                                 "Hugging Face model folder | a .gguf file")
+                                 "Hugging Face model folder | hf-hub:ORG/NAME (Hugging Face cache) | a .gguf file")
     p.add_argument("--weights", help="timm:<name>: a weights file (.safetensors, or .pth/.pt read with weights_only)")
     p.add_argument("--model-arg", action="append", metavar="NAME=VALUE",
                    help="timm:<name>: a keyword argument of timm.create_model, e.g. num_classes=7 (repeatable); "
-                        "a LLaMA model (.gguf, smollm2, HF folder): num_labels=K makes it a K-class text classifier")
+                        "a LLaMA model (.gguf, smollm2, HF folder): num_labels=K makes it a K-class text classifier "
+                        "(max_length=L: tokens per example, default the model's window up to 512)")
     p.add_argument("--random-init", action="store_true",
                    help="build the architecture with random weights, on purpose (tests, benchmarks)")
 

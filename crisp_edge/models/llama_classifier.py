@@ -82,15 +82,22 @@ class LlamaForTextClassification(transformers.LlamaForSequenceClassification):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def as_text_classifier(lm: nn.Module, num_labels: int, *, pad_token_id: int | None = None,
-                       seed: int = 0) -> LlamaForTextClassification:
+def as_text_classifier(lm: nn.Module, num_labels: int, *, max_length: int | None = None,
+                       pad_token_id: int | None = None, seed: int = 0) -> LlamaForTextClassification:
     """A ``LlamaForTextClassification`` with ``lm``'s decoder weights (a copy) and a new seeded head of
     ``num_labels`` classes, in eval mode. ``lm`` is a plain ``LlamaForCausalLM`` (its LM head is dropped).
 
-    ``pad_token_id`` is recorded in the config (default: the config's, else its eos token).
+    ``max_length``: tokens per example (texts are padded / truncated to it, and bundles take it),
+    recorded in the config as ``max_text_length`` (``data.input_spec.input_spec_of`` reads it); default:
+    the model's window, at most ``input_spec.DEFAULT_MAX_TEXT_LENGTH``. Short texts train and run much
+    faster with a small one. ``pad_token_id`` is recorded in the config (default: the config's, else eos).
     """
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise ConfigError(f"num_labels must be an integer >= 2 (the classes of your task), got {num_labels!r}.")
+    window = lm.config.max_position_embeddings
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or not 1 <= max_length <= window):
+        raise ConfigError(f"max_length must be an integer in [1, {window}] (the model's window), got {max_length!r}.")
     if not isinstance(lm, transformers.LlamaForCausalLM):
         raise ConfigError(f"a text classifier is built from a plain LLaMA causal LM (LlamaForCausalLM: a .gguf, "
                           f"'smollm2' or a Hugging Face LLaMA folder), not a {type(lm).__name__}.")
@@ -98,6 +105,8 @@ def as_text_classifier(lm: nn.Module, num_labels: int, *, pad_token_id: int | No
         raise ConfigError("the model is already in CRISP form; build the classifier before retrofit_.")
     config = transformers.LlamaConfig.from_dict(lm.config.to_dict())
     config.num_labels = num_labels
+    if max_length is not None:
+        config.max_text_length = max_length
     config.architectures = [LlamaForTextClassification.__name__]
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     config.pad_token_id = pad_token_id if pad_token_id is not None else (

@@ -98,6 +98,7 @@ def missing_weights_error(name: str, why: str = "") -> ConfigError:
         f"  timm:local-dir:DIR              a folder saved by timm (config.json + model.safetensors)\n"
         f"  timm:hf-hub:ORG/NAME            from the Hugging Face hub cache (download it once with a network)\n"
         f"  a Hugging Face model folder     config.json + *.safetensors (save_pretrained)\n"
+        f"  hf-hub:ORG/NAME                 a Hugging Face model in the hub cache (HF_HUB_CACHE / HF_HOME)\n"
         f"  --random-init                   random weights, on purpose (tests, benchmarks)\n"
         f"In Python: create_model(name, weights=FILE) / create_model(name, random_init=True).")
 
@@ -296,6 +297,20 @@ def load_timm(name: str, kwargs: dict[str, Any] | None = None, *, weights: str |
                       f"{asked_classes} was asked for: the head is re-initialised (random); train it (crisp-edge adapt "
                       "trains a task head).", stacklevel=2)
     return model.eval(), {"library": "timm", "name": arch, "kwargs": source_kwargs}, origin
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The folder of ``repo_id``'s snapshot in the Hugging Face hub cache (``HF_HUB_CACHE``, else
+    ``HF_HOME``/hub; ``refs/main`` names the revision), found offline: nothing is downloaded."""
+    import huggingface_hub.constants as hf_constants
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - a bad id, no cached copy, a broken cache: all mean "not here"
+        raise missing_weights_error(f"hf-hub:{repo_id}", f"not in the Hugging Face cache {hf_constants.HF_HUB_CACHE}: "
+                                    f"{type(e).__name__}; download it once with `hf download {repo_id}` on a machine "
+                                    "with a network, then copy the cache") from None
 
 
 def load_hf_pretrained(folder: str | Path, *, random_init: bool = False) -> nn.Module:
