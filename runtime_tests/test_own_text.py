@@ -57,3 +57,28 @@ def test_bert_checkpoint_without_a_recorded_tokenizer_takes_tokenizer(tmp_path, 
     assert read_mixers(out).labels == ["neg", "pos"]
     assert _cli("adapt", str(tmp_path / "ck"), "--task", "mnist", "--tokenizer", str(folder)) == 2
     assert "--tokenizer go with --data" in capsys.readouterr().err
+
+
+def test_dense_llama_classifier_bundle_loads_in_optimum_with_its_tokenizer(tmp_path):
+    """The dense bundle carries config.json and the tokenizer recorded with the weights: optimum's
+    ORTModelForSequenceClassification and AutoTokenizer load the folder as it is and agree with PyTorch."""
+    import torch
+    import transformers
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    from crisp_edge.export.onnx.export import export_onnx
+    from crisp_edge.models.sources import create_model
+
+    model = create_model(str(toy_text_folder(tmp_path / "llama")), model_args={"num_labels": 3, "max_length": 8})
+    retrofit_(model, CONFIG, progress=False)
+    bundle = export_onnx(model, tmp_path / "dense", mode="dense")
+    assert {"config.json", "tokenizer.json"} <= set(bundle.manifest["files"])
+    tok = transformers.AutoTokenizer.from_pretrained(bundle.path)
+    batch = tok(["good movie", "the plot was very dull and poor"], padding="max_length", max_length=8,
+                return_tensors="pt")
+    ort = ORTModelForSequenceClassification.from_pretrained(bundle.path, file_name="model.onnx")
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    got = ort(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(torch.as_tensor(got), want, atol=1e-4, rtol=1e-4)
+    assert tok.pad_token == "</s>" and bool((batch["attention_mask"] == 0).any())

@@ -143,3 +143,17 @@ def test_max_length_sets_the_input_spec_through_the_checkpoint(tmp_path):
         create_model(str(folder), model_args={"num_labels": 2, "max_length": 17})
     with pytest.raises(ConfigError, match="max_length goes with num_labels"):
         create_model(str(folder), model_args={"max_length": 6})
+
+
+def test_pipeline_adapts_a_text_task_with_the_models_tokenizer(tmp_path):
+    from crisp_edge.files.mixers import read_mixers
+    from crisp_edge.training.pipeline import PipelineConfig, run_pipeline
+
+    model = create_model(str(toy_text_folder(tmp_path / "llama")), model_args={"num_labels": 2})
+    texts = toy_text_table(tmp_path / "reviews.jsonl", n=30)
+    config = PipelineConfig(crisp=CONFIG, keep_fraction=None, tasks=(), data=(("reviews", str(texts)),),
+                            adapt=AdaptConfig(train=TrainConfig(epochs=1, batch_size=8)))
+    result = run_pipeline(model, tmp_path / "run", config, progress=False, log=lambda _: None)
+    mf = read_mixers(result.mixer_files["reviews"])
+    assert mf.labels == ["neg", "pos"] and mf.task == "reviews"
+    assert tokenizer_of(load_checkpoint(result.checkpoint)) is not None  # the run's checkpoint keeps the record
