@@ -59,6 +59,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "(max_length=L: tokens per example, default the model's window up to 512)")
     p.add_argument("--random-init", action="store_true",
                    help="build the architecture with random weights, on purpose (tests, benchmarks)")
+    p.add_argument("--tokenizer", help="a text model's tokenizer (a Hugging Face folder or a .gguf file), recorded "
+                                       "with the weights; default: the one in the model's own folder or GGUF file")
 
 
 def model_from_args(args: argparse.Namespace):
@@ -69,6 +71,10 @@ def model_from_args(args: argparse.Namespace):
     print(f"loading {args.model} ...", file=sys.stderr)
     model = create_model(args.model, weights=args.weights, model_args=parse_model_args(args.model_arg),
                          random_init=args.random_init)
+    if args.tokenizer is not None:
+        from crisp_edge.models.tokenizers import attach_tokenizer
+
+        attach_tokenizer(model, args.tokenizer)
     print(f"  {describe_origin(origin_of(model))}", file=sys.stderr)
     return model
 

@@ -104,3 +104,13 @@ def tokenizer_of(model: nn.Module | None, path: str | os.PathLike | None = None)
     if origin.get("kind") == "hf-folder" and has_tokenizer(str(origin.get("name", ""))):
         return load_tokenizer(str(origin["name"]))  # a checkpoint written before tokenizers were recorded
     return None
+
+
+def attach_tokenizer(model: nn.Module, path: str | os.PathLike) -> Any:
+    """Record the tokenizer at ``path`` as ``model``'s own (``origin["tokenizer"]``, kept by checkpoints),
+    after checking that it loads; returns it. For a model whose source has none (``--tokenizer PATH``)."""
+    from crisp_edge.models.weights import ORIGIN_ATTR
+
+    tokenizer = load_tokenizer(path)
+    setattr(model, ORIGIN_ATTR, {**(origin_of(model) or {}), "tokenizer": tokenizer_record(path)})
+    return tokenizer

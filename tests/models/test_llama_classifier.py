@@ -157,3 +157,21 @@ def test_pipeline_adapts_a_text_task_with_the_models_tokenizer(tmp_path):
     mf = read_mixers(result.mixer_files["reviews"])
     assert mf.labels == ["neg", "pos"] and mf.task == "reviews"
     assert tokenizer_of(load_checkpoint(result.checkpoint)) is not None  # the run's checkpoint keeps the record
+
+
+def test_retrofit_records_a_tokenizer_given_on_the_command_line(tmp_path):
+    import shutil
+
+    from crisp_edge.cli.main import main
+
+    folder = toy_text_folder(tmp_path / "bert", arch="hf-bert")
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, weights_only / name)
+    assert tokenizer_of(create_model(str(weights_only))) is None
+    assert main(["retrofit", str(weights_only), "--tokenizer", str(folder), "--out", str(tmp_path / "ck"),
+                 "--no-progress", "--group-size", "2"]) == 0
+    tok = tokenizer_of(load_checkpoint(tmp_path / "ck"))
+    assert tok is not None and tok.pad_token == "[PAD]" and "good" in tok.get_vocab()
+    assert main(["retrofit", str(weights_only), "--tokenizer", str(tmp_path / "nothing"), "--no-progress"]) == 2
