@@ -319,11 +319,17 @@ def load_hf_pretrained(folder: str | Path, *, random_init: bool = False) -> nn.M
     config alone."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # e.g. timm's config.json, which names no model_type
+        raise ConfigError(f"{folder}/config.json is not a Hugging Face transformers config ({type(e).__name__}: "
+                          f"{str(e)[:160]}); a timm model folder loads as timm:local-dir:DIR (timm:hf-hub:ORG/NAME "
+                          "from the hub cache).") from None
     class_name = (getattr(config, "architectures", None) or [None])[0]
     cls = hf_class(class_name)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ConfigError(f"{folder}/config.json names no transformers model class (architectures={class_name!r}).")
+        raise ConfigError(f"{folder}/config.json names no transformers model class (architectures={class_name!r}); "
+                          "a timm model folder loads as timm:local-dir:DIR (timm:hf-hub:ORG/NAME from the hub cache).")
     if random_init:
         model = cls(config)
     else:

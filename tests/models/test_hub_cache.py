@@ -65,6 +65,8 @@ def test_timm_hf_hub_form_loads_bit_exactly_from_the_cache(hub_cache, tmp_path):
         assert torch.equal(model(x), trained(x))
     assert source_of(model)["name"] == TIMM_VIT_SOURCE["name"] and source_of(model)["kwargs"]["depth"] == 4
     assert origin_of(model)["kind"] == "timm-hf-hub"
+    with pytest.raises(ConfigError, match="names no transformers model class .*timm:hf-hub:ORG/NAME"):
+        create_model("hf-hub:acme/tiny-vit")  # timm's format, named without timm: in front
 
 
 def test_hf_model_id_loads_from_the_cache_with_its_tokenizer(hub_cache, tmp_path):
