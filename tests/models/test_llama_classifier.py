@@ -175,3 +175,13 @@ def test_retrofit_records_a_tokenizer_given_on_the_command_line(tmp_path):
     tok = tokenizer_of(load_checkpoint(tmp_path / "ck"))
     assert tok is not None and tok.pad_token == "[PAD]" and "good" in tok.get_vocab()
     assert main(["retrofit", str(weights_only), "--tokenizer", str(tmp_path / "nothing"), "--no-progress"]) == 2
+
+
+def test_adaptation_learns_a_toy_text_task(tmp_path):
+    """Mixers + head on the last real token learn which word group a text holds (chance: 50%)."""
+    model = create_model(str(toy_text_folder(tmp_path / "llama")), model_args={"num_labels": 2})
+    ce.retrofit_(model, CONFIG, progress=False)
+    report = ce.adapt_(model, str(toy_text_table(tmp_path / "train.jsonl", n=80)),
+                       eval_data=str(toy_text_table(tmp_path / "val.jsonl", n=40, seed=1)),
+                       config=AdaptConfig(train=TrainConfig(epochs=3, batch_size=16)), progress=False)
+    assert report.accuracy >= 0.9 and report.bases_unchanged
