@@ -72,27 +72,45 @@ def toy_hf_bert(seed: int = 0, depth: int = 2) -> nn.Module:
     return _seeded(seed, lambda: transformers.BertForSequenceClassification(config))
 
 
+def toy_hf_llama_cls(seed: int = 0, depth: int = 2, num_labels: int = 3) -> nn.Module:
+    """The LLaMA toy as a text classifier (``LlamaForTextClassification``, ``num_labels`` classes, pad id 0);
+    inputs are token ids and an attention mask (``example_inputs``)."""
+    from crisp_edge.models.llama_classifier import as_text_classifier
+
+    return as_text_classifier(toy_hf_llama(seed, depth), num_labels, pad_token_id=0, seed=seed)
+
+
 #: Architecture name (as in ``crisp_edge.method.specs``) -> toy factory.
 TOYS: dict[str, Callable[..., nn.Module]] = {
     "timm-vit": toy_timm_vit, "hf-vit": toy_hf_vit, "hf-llama": toy_hf_llama, "hf-bert": toy_hf_bert,
+    "hf-llama-cls": toy_hf_llama_cls,
 }
 
 
 def toy_model(arch: str, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """The toy of architecture ``arch`` ("timm-vit", "hf-vit", "hf-llama" or "hf-bert")."""
+    """The toy of architecture ``arch`` ("timm-vit", "hf-vit", "hf-llama", "hf-llama-cls" or "hf-bert")."""
     return TOYS[arch](seed=seed, **kwargs)
 
 
 def example_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Keyword inputs that fit ``model`` (a toy or any model of the same kind): ``model(**inputs)``."""
+    """Keyword inputs that fit ``model`` (a toy or any model of the same kind): ``model(**inputs)``.
+
+    Text classifiers (BERT, ``LlamaForTextClassification``) get token ids and an attention mask as long
+    as their ``InputSpec``'s ``max_length``: the length their text data is padded to, so a bundle
+    exported on these inputs takes that data (``crisp-edge parity --inputs texts.jsonl``).
+    """
     g = torch.Generator().manual_seed(seed)
     config = getattr(model, "config", None)
-    if config is not None and getattr(config, "model_type", None) == "llama":
+    model_type = getattr(config, "model_type", None)
+    if model_type == "llama" and not hasattr(model, "score"):  # a causal LM
         return {"input_ids": torch.randint(0, config.vocab_size, (batch, 8), generator=g)}
-    if config is not None and getattr(config, "model_type", None) == "bert":
-        # Token ids and a padding mask: every row keeps at least its first 4 tokens; later rows are padded more.
-        mask = (torch.arange(8) < 8 - torch.arange(batch).unsqueeze(1) % 5).long()
-        return {"input_ids": torch.randint(0, config.vocab_size, (batch, 8), generator=g), "attention_mask": mask}
+    if model_type in ("bert", "llama"):
+        from crisp_edge.data.input_spec import input_spec_of
+
+        length = input_spec_of(model).max_length
+        # Token ids and a padding mask: every row keeps at least its first half; later rows are padded more.
+        mask = (torch.arange(length) < length - (torch.arange(batch).unsqueeze(1) % 5) * (length // 8)).long()
+        return {"input_ids": torch.randint(0, config.vocab_size, (batch, length), generator=g), "attention_mask": mask}
     if config is not None:  # Hugging Face ViT
         shape = (batch, config.num_channels, config.image_size, config.image_size)
         return {"pixel_values": torch.randn(shape, generator=g)}
@@ -122,4 +140,60 @@ def make_task_file(model: nn.Module, path: str | Path, task: str = "task1", seed
             layer.crisp_mixer.add_(scale * torch.randn(layer.crisp_mixer.shape, generator=g))
     new_head_(m, num_classes, seed=seed)
     save_mixers(m, path, task=task, biases=biases)
+    return Path(path)
+
+
+#: The toy text tasks' words: the label is whether the text holds a word of the first or the second group.
+TOY_WORDS = (("good", "great", "fine", "nice"), ("bad", "awful", "poor", "dull"),
+             ("the", "a", "movie", "film", "plot", "was", "is", "very", "and", "cast"))
+
+
+def toy_text_folder(path: str | Path, arch: str = "hf-llama", seed: int = 0) -> Path:
+    """A Hugging Face folder as users hold one: ``config.json``, ``model.safetensors`` and a word-level
+    ``tokenizer.json`` over ``TOY_WORDS`` (built with the ``tokenizers`` library). ``arch`` "hf-llama": a
+    tiny ``LlamaForCausalLM`` whose tokenizer has no padding token (as LLaMA's have none); "hf-bert": a
+    tiny ``BertForSequenceClassification`` (2 labels) whose tokenizer pads with ``[PAD]``."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [w for group in TOY_WORDS for w in group]
+    special = ["<unk>", "<s>", "</s>"] if arch == "hf-llama" else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(special + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=special[0] if arch == "hf-llama" else "[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if arch == "hf-llama":
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                    eos_token="</s>")
+        config = transformers.LlamaConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=False, bos_token_id=1,
+            eos_token_id=2, pad_token_id=None)
+        make = lambda: transformers.LlamaForCausalLM(config)  # noqa: E731
+    else:
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                    cls_token="[CLS]", sep_token="[SEP]")
+        config = transformers.BertConfig(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=16, num_labels=2, pad_token_id=0)
+        make = lambda: transformers.BertForSequenceClassification(config)  # noqa: E731
+    path = Path(path)
+    _seeded(seed, make).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def toy_text_table(path: str | Path, n: int = 40, seed: int = 0) -> Path:
+    """A JSONL text-classification table of ``n`` distinct texts, labels "pos" / "neg" by ``TOY_WORDS``."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    pos, neg, filler = TOY_WORDS
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = [rng.choice(filler) for _ in range(4)] + [rng.choice(pos if i % 2 else neg)]
+        rng.shuffle(words)
+        rows.append(json.dumps({"text": " ".join(words) + f" {filler[i % len(filler)]}", "label": label}))
+    Path(path).write_text("\n".join(rows) + "\n")
     return Path(path)

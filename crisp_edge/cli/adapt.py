@@ -2,12 +2,13 @@
 
     crisp-edge adapt ckpt/ --data my-images/ --val-fraction 0.1 --out mine.mixers.safetensors
     crisp-edge adapt ckpt/ --task mnist                      # a built-in task
+    crisp-edge adapt ckpt/ --data reviews.jsonl              # text + label; the model's own tokenizer
 """
 from __future__ import annotations
 
 import argparse
 
-from crisp_edge.cli.data_args import add_data_arguments
+from crisp_edge.cli.data_args import add_data_arguments, add_tokenizer_argument
 from crisp_edge.cli.options import BATCH, COUNT
 from crisp_edge.training.adapt import AdaptConfig
 
@@ -17,7 +18,7 @@ _ADAPT = AdaptConfig()  # the library's defaults are the command's defaults
 def cmd_adapt(args: argparse.Namespace) -> int:
     import torch
 
-    from crisp_edge.cli.data_args import load_train_val, task_name
+    from crisp_edge.cli.data_args import data_tokenizer, load_train_val, task_name
     from crisp_edge.data.input_spec import input_spec_of
     from crisp_edge.errors import ConfigError
     from crisp_edge.files.checkpoint import load_checkpoint
@@ -27,8 +28,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     if (args.task is None) == (args.data is None):
         raise ConfigError("pass --data PATH (your data) or --task NAME (a built-in task: mnist | digits | fmnist5).")
-    if args.task is not None and (args.val is not None or args.val_fraction is not None):
-        raise ConfigError("--val and --val-fraction go with --data; a built-in task has its own test split.")
+    if args.task is not None and (args.val is not None or args.val_fraction is not None or args.tokenizer):
+        raise ConfigError("--val, --val-fraction and --tokenizer go with --data; a built-in task has its own test split.")
     name = args.name or args.task or task_name(args.data)
     out = args.out or f"{name}.mixers.safetensors"
     check_mixer_target(out, args.overwrite)  # before training: a refused path costs nothing
@@ -46,7 +47,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         val = LabeledData(data.x_test, data.y_test, class_names=names, source=f"task {args.task} (test)")
     else:
         spec = input_spec_of(model)
-        train, val = load_train_val(args, spec, max_items=args.train_limit, progress=not args.no_progress)
+        tokenizer = data_tokenizer(args, model, spec, (args.data, args.val))
+        train, val = load_train_val(args, spec, max_items=args.train_limit, progress=not args.no_progress,
+                                    tokenizer=tokenizer)
         print(f"data: {train.describe()}; validation: {len(val):,} examples ({spec.describe()})")
     num_classes = None if args.no_head else train.num_classes  # --no-head: labels must fit the model's head
     report = adapt_(model, train, num_classes=num_classes, config=config, eval_data=val,
@@ -68,6 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a = subparsers.add_parser("adapt", help="train a task's mixers (bases frozen) and write its mixer file")
     a.add_argument("checkpoint", help="a CRISP checkpoint folder (from `crisp-edge retrofit`)")
     add_data_arguments(a, what="your task's training data")
+    add_tokenizer_argument(a)
     a.add_argument("--task", help="a built-in task instead of --data: mnist | digits | fmnist5")
     a.add_argument("--name", help="the task's name in the mixer file (default: --task, or the data's folder/file name)")
     a.add_argument("--out", help="mixer file to write (default: NAME.mixers.safetensors)")

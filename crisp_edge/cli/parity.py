@@ -63,10 +63,12 @@ def cmd_parity(args: argparse.Namespace) -> int:
                               allow_unchecked=args.allow_unchecked or ())
         if args.inputs:
             from crisp_edge.export.parity.data import check_inputs
+            from crisp_edge.models.tokenizers import tokenizer_of
 
+            text = args.tokenizer or str(args.inputs).lower().endswith((".jsonl", ".csv"))
             check_inputs(report, args.bundle, args.inputs, model, args.mixers or (), threads=args.threads,
-                         tokenizer=_tokenizer(args.tokenizer), device=args.reference_device,
-                         dtype=args.reference_dtype)
+                         tokenizer=tokenizer_of(model, args.tokenizer) if text else None,
+                         device=args.reference_device, dtype=args.reference_dtype)
     if (args.per_layer or not report.passed) and not args.outputs:
         from crisp_edge.export.parity.layers import locate_divergence
 
@@ -101,20 +103,6 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return EXIT_PASS if report.passed else EXIT_FAIL
 
 
-def _tokenizer(path: str | None):
-    if path is None:
-        return None
-    import transformers
-
-    from crisp_edge.errors import DataError
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DataError(f"--tokenizer {path}: not a local Hugging Face tokenizer folder ({type(e).__name__}: "
-                        f"{str(e)[:200]}).") from None
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``parity`` command to ``crisp-edge``'s subparsers; returns its parser."""
     p = subparsers.add_parser(
@@ -147,7 +135,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inputs", default=None, help="with --checkpoint: your own inputs (an image folder, .npz / "
                                                   ".safetensors with x [and y], JSONL / CSV text with --tokenizer), run "
                                                   "through the bundle and PyTorch; the report adds top-1 agreement")
-    p.add_argument("--tokenizer", default=None, help="with --inputs text: a local Hugging Face tokenizer folder")
+    p.add_argument("--tokenizer", default=None, help="with --inputs text: a local Hugging Face tokenizer folder or a .gguf file "
+                        "(default: the one recorded with the checkpoint's weights)")
     p.add_argument("--per-layer", action="store_true",
                    help="compare intermediate outputs layer by layer with PyTorch's and name the first layer over "
                         "tolerance (done on any FAIL; the model: --checkpoint, or the checkpoint the bundle records)")

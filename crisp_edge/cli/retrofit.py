@@ -51,12 +51,16 @@ def _config_from_args(args: argparse.Namespace) -> CrispConfig:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model and where its weights come from (shared by retrofit and pipeline)."""
     p.add_argument("model", help="fmnist-vit | timm:<name> (also timm:local-dir:DIR, timm:hf-hub:ID) | a local "
-                                 "Hugging Face model folder | a .gguf file")
+                                 "Hugging Face model folder | hf-hub:ORG/NAME (Hugging Face cache) | a .gguf file")
     p.add_argument("--weights", help="timm:<name>: a weights file (.safetensors, or .pth/.pt read with weights_only)")
     p.add_argument("--model-arg", action="append", metavar="NAME=VALUE",
-                   help="timm:<name>: a keyword argument of timm.create_model, e.g. num_classes=7 (repeatable)")
+                   help="timm:<name>: a keyword argument of timm.create_model, e.g. num_classes=7 (repeatable); "
+                        "a LLaMA model (.gguf, smollm2, HF folder): num_labels=K makes it a K-class text classifier "
+                        "(max_length=L: tokens per example, default the model's window up to 512)")
     p.add_argument("--random-init", action="store_true",
                    help="build the architecture with random weights, on purpose (tests, benchmarks)")
+    p.add_argument("--tokenizer", help="a text model's tokenizer (a Hugging Face folder or a .gguf file), recorded "
+                                       "with the weights; default: the one in the model's own folder or GGUF file")
 
 
 def model_from_args(args: argparse.Namespace):
@@ -67,6 +71,10 @@ def model_from_args(args: argparse.Namespace):
     print(f"loading {args.model} ...", file=sys.stderr)
     model = create_model(args.model, weights=args.weights, model_args=parse_model_args(args.model_arg),
                          random_init=args.random_init)
+    if args.tokenizer is not None:
+        from crisp_edge.models.tokenizers import attach_tokenizer
+
+        attach_tokenizer(model, args.tokenizer)
     print(f"  {describe_origin(origin_of(model))}", file=sys.stderr)
     return model
 

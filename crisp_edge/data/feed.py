@@ -6,7 +6,8 @@ Adaptation, distillation, rank calibration, evaluation and the pipeline all call
 * an ``(x, y)`` pair of tensors;
 * a ``LabeledData`` (from ``crisp_edge.data.formats.load_dataset`` or a built-in task);
 * a torch ``Dataset`` or ``DataLoader`` (through ``formats.as_tensors``, with the model's ``InputSpec``);
-* a path: an image folder, ``.safetensors`` / ``.npz``, ``.jsonl`` / ``.csv`` (``formats.load_dataset``).
+* a path: an image folder, ``.safetensors`` / ``.npz``, ``.jsonl`` / ``.csv`` (``formats.load_dataset``;
+  text is tokenised with ``tokenizer``, else the model's own: ``models.tokenizers.tokenizer_of``).
 
 and returns a ``LabeledData``. Files and datasets are read with the model's ``InputSpec`` and checked
 against it as they are read; tensors are checked by the step itself against the live model
@@ -55,7 +56,16 @@ def feed(data: Any, y: torch.Tensor | None = None, *, model: nn.Module | None = 
         if spec is None:
             raise DataError(f"{what}: cannot read {data} for a model whose input crisp-edge cannot tell; pass tensors "
                             "or an InputSpec.")
-        return load_dataset(data, spec, labels=labels, class_names=class_names, tokenizer=tokenizer, progress=progress)
+        if tokenizer is None and str(data).lower().endswith((".jsonl", ".csv")) and spec.kind == "tokens":
+            from crisp_edge.models.tokenizers import tokenizer_of
+
+            tokenizer = tokenizer_of(model)
+        out = load_dataset(data, spec, labels=labels, class_names=class_names, tokenizer=tokenizer, progress=progress)
+        if out.x is None and labels == "required":
+            raise DataError(f"{what}: {out.source} is text, and the model records no tokenizer to turn it into token "
+                            "ids; pass one (tokenizer=load_tokenizer(DIR), --tokenizer DIR: a Hugging Face folder or "
+                            "a .gguf file).")
+        return out
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         data, y = data
     if isinstance(data, torch.Tensor):  # the step checks tensors itself (training.loop.check_dataset)

@@ -28,8 +28,9 @@ Where the numbers come from (``InputSpec.source`` says which, for error messages
   folder with ``preprocessor_config.json`` reads it and records the spec in the model's origin, which
   checkpoints keep), else the defaults of ``ViTImageProcessor`` (mean = std = 0.5, bilinear squash to
   the model size);
-* Hugging Face language models (LLaMA, BERT, ...): tokens, ``max_length`` =
-  ``min(config.max_position_embeddings, DEFAULT_MAX_TEXT_LENGTH)`` unless given.
+* Hugging Face language models (LLaMA, BERT, ...): tokens, ``max_length`` = the config's
+  ``max_text_length`` when it has one (a LLaMA text classifier built with ``max_length``), else
+  ``min(config.max_position_embeddings, DEFAULT_MAX_TEXT_LENGTH)``, unless given.
 """
 from __future__ import annotations
 
@@ -262,7 +263,9 @@ def input_spec_of(model: nn.Module, *, processor_dir: str | os.PathLike | None =
         return _hf_image_spec(model, processor_dir, recorded if isinstance(recorded, dict) else None)
     if config is not None and hasattr(config, "vocab_size"):
         window = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_TEXT_LENGTH
-        length = max_length if max_length is not None else min(int(window), DEFAULT_MAX_TEXT_LENGTH)
+        chosen = getattr(config, "max_text_length", None)  # a text classifier's own (llama_classifier)
+        length = max_length if max_length is not None else int(chosen) if chosen is not None else min(
+            int(window), DEFAULT_MAX_TEXT_LENGTH)
         if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= window:
             raise ConfigError(f"max_length must be an integer in [1, {window}] (the model's window), got {max_length!r}.")
         return InputSpec("tokens", max_length=length, vocab_size=int(config.vocab_size),

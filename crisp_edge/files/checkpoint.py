@@ -55,8 +55,13 @@ ARCHITECTURE_FIELDS = ("arch", "config", "source", "groups")
 
 
 def architecture_digest(meta: dict[str, Any]) -> str:
-    """SHA-256 of the crisp.json fields that rebuild the model (``ARCHITECTURE_FIELDS``), canonical JSON."""
-    blob = json.dumps({k: meta.get(k) for k in ARCHITECTURE_FIELDS}, sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the crisp.json fields that rebuild the model (``ARCHITECTURE_FIELDS``), canonical JSON.
+
+    The fields go through JSON once first, so the digest of the in-memory record (at save) equals that of
+    crisp.json read back (at load): a Hugging Face config's ``id2label`` has int keys, which JSON turns into
+    strings that sort differently from 10 labels on ("10" < "2")."""
+    fields = json.loads(json.dumps({k: meta.get(k) for k in ARCHITECTURE_FIELDS}))
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return sha256_bytes(blob.encode())
 
 

@@ -98,6 +98,15 @@ register_architecture(ArchSpec(
     trace_export="the traced graph fixes the example's batch size inside LLaMA's causal attention mask, so "
                  "it fails at any other batch; a plain LLaMA exports dense with export_onnx(..., exporter='optimum')",
 ))
+register_architecture(ArchSpec(
+    name="hf-llama-cls",
+    class_names=("LlamaForTextClassification",),
+    blocks="model.layers",
+    roles=dict(ARCHITECTURES["hf-llama"].roles),
+    head="score",
+    description="a LLaMA text classifier: crisp_edge.models.llama_classifier.LlamaForTextClassification (a head "
+                "on the last real token; its own causal mask keeps the batch axis dynamic, so it exports)",
+))
 
 
 def get_architecture(name: str) -> ArchSpec:

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from crisp_edge.errors import CheckpointError, ConfigError
+from crisp_edge.models.tokenizers import has_tokenizer, tokenizer_record
 from crisp_edge.models.weights import hf_class
 
 #: The embedded default model: a small timm VisionTransformer that this project trained itself on
@@ -92,8 +93,14 @@ def create_model(name: str, *, weights: str | os.PathLike | None = None, model_a
       its caches (offline), or from ``weights`` (a .safetensors / .pth file); ``model_args`` are timm's
       keyword arguments (``{"num_classes": 7, "img_size": 224}``); see ``crisp_edge.models.weights``;
     * a local Hugging Face model folder (``config.json`` + ``*.safetensors``): loaded with its
-      pretrained weights, offline, safetensors only;
+      pretrained weights, offline, safetensors only; ``"hf-hub:ORG/NAME"``: the same, from the
+      model's snapshot in the Hugging Face hub cache (``weights.hub_snapshot``; never downloaded);
     * a ``.gguf`` file (or ``"smollm2"``): a LLaMA-architecture causal LM (``causal_lm.load_causal_lm``).
+
+    ``model_args={"num_labels": K}`` (and optionally ``"max_length": L``, tokens per example) on a LLaMA
+    causal LM (GGUF or folder) makes it a text classifier with a new K-class head
+    (``llama_classifier.as_text_classifier``). A text model's tokenizer (in its
+    folder, or the GGUF file) is recorded in the origin (``tokenizers.tokenizer_of`` reads it back).
 
     ``random_init=True`` builds the architecture with random weights, on purpose (tests, benchmarks).
     When no weights can be found a ConfigError lists the ways to give them. The model records how to
@@ -116,10 +123,15 @@ def create_model(name: str, *, weights: str | os.PathLike | None = None, model_a
             setattr(model, SOURCE_ATTR, source)
         setattr(model, w.ORIGIN_ATTR, origin)
         return model
+    num_labels, max_length = model_args.pop("num_labels", None), model_args.pop("max_length", None)
+    if max_length is not None and num_labels is None:
+        raise ConfigError("--model-arg max_length goes with num_labels (the tokens per example of a LLaMA text "
+                          "classifier).")
     if weights is not None or model_args:
-        raise ConfigError(f"--weights and --model-arg apply to timm:<name> models; {name!r} carries its own weights "
-                          "and configuration (edit its config.json to change the architecture).")
-    path = Path(name)
+        raise ConfigError(f"--weights and --model-arg apply to timm:<name> models (and num_labels to LLaMA models); "
+                          f"{name!r} carries its own weights and configuration (edit its config.json to change the "
+                          "architecture).")
+    path = w.hub_snapshot(name[len("hf-hub:"):]) if name.startswith("hf-hub:") else Path(name)
     if name == EMBEDDED_VIT_NAME:
         model = load_embedded_vit() if not random_init else build_model(EMBEDDED_VIT_SOURCE)
         with resources.as_file(embedded_vit_files() / "model.safetensors") as file:
@@ -129,8 +141,10 @@ def create_model(name: str, *, weights: str | os.PathLike | None = None, model_a
         model = w.load_hf_pretrained(path, random_init=random_init)
         setattr(model, SOURCE_ATTR, source_of(model))
         files = [] if random_init else [w.file_record(p) for p in sorted(path.glob("*.safetensors"))]
-        origin = {"kind": "random-init" if random_init else "hf-folder", "name": str(path.resolve()), "kwargs": {},
-                  "files": files}
+        kind = "random-init" if random_init else ("hf-hub" if name.startswith("hf-hub:") else "hf-folder")
+        origin = {"kind": kind, "name": name if kind == "hf-hub" else str(path.resolve()), "kwargs": {}, "files": files}
+        if has_tokenizer(path):
+            origin["tokenizer"] = tokenizer_record(path)
         processor = path / "preprocessor_config.json"
         if processor.is_file() and processor.stat().st_size < 1 << 20:  # its preprocessing, kept in checkpoints
             try:
@@ -146,7 +160,8 @@ def create_model(name: str, *, weights: str | os.PathLike | None = None, model_a
         file = find_smollm2_gguf() if name == "smollm2" else path
         model = load_causal_lm(file)[0]
         setattr(model, SOURCE_ATTR, source_of(model))
-        origin = {"kind": "gguf", "name": name, "kwargs": {}, "files": [w.file_record(file)]}
+        origin = {"kind": "gguf", "name": name, "kwargs": {}, "files": [w.file_record(file)],
+                  "tokenizer": tokenizer_record(file)}
     else:
         hint = ""
         if path.is_file() and path.suffix.lower() in w.WEIGHT_SUFFIXES:
@@ -156,7 +171,15 @@ def create_model(name: str, *, weights: str | os.PathLike | None = None, model_a
         raise ConfigError(
             f"unknown model {name!r}: use {EMBEDDED_VIT_NAME!r}, 'timm:<name>' (e.g. timm:vit_small_patch16_224 "
             "--weights FILE), 'timm:local-dir:DIR', a local Hugging Face model folder with config.json and "
-            f"safetensors weights, or a .gguf file.{hint}")
+            f"safetensors weights, 'hf-hub:ORG/NAME' (from the Hugging Face cache), or a .gguf file.{hint}")
+    if num_labels is not None:  # a LLaMA causal LM becomes a text classifier (llama_classifier's docstring)
+        from crisp_edge.models.llama_classifier import as_text_classifier
+
+        model = as_text_classifier(model, num_labels, max_length=max_length)
+        setattr(model, SOURCE_ATTR, source_of(model))
+        kwargs = {"num_labels": num_labels} | ({"max_length": max_length} if max_length is not None else {})
+        origin = {**origin, "kwargs": kwargs, "head_reinitialized": True, "num_classes": num_labels,
+                  "weights_num_classes": f"a language-model head of {model.config.vocab_size} tokens"}
     setattr(model, w.ORIGIN_ATTR, origin)
     return model
 

@@ -98,6 +98,7 @@ def missing_weights_error(name: str, why: str = "") -> ConfigError:
         f"  timm:local-dir:DIR              a folder saved by timm (config.json + model.safetensors)\n"
         f"  timm:hf-hub:ORG/NAME            from the Hugging Face hub cache (download it once with a network)\n"
         f"  a Hugging Face model folder     config.json + *.safetensors (save_pretrained)\n"
+        f"  hf-hub:ORG/NAME                 a Hugging Face model in the hub cache (HF_HUB_CACHE / HF_HOME)\n"
         f"  --random-init                   random weights, on purpose (tests, benchmarks)\n"
         f"In Python: create_model(name, weights=FILE) / create_model(name, random_init=True).")
 
@@ -298,17 +299,37 @@ def load_timm(name: str, kwargs: dict[str, Any] | None = None, *, weights: str |
     return model.eval(), {"library": "timm", "name": arch, "kwargs": source_kwargs}, origin
 
 
+def hub_snapshot(repo_id: str) -> Path:
+    """The folder of ``repo_id``'s snapshot in the Hugging Face hub cache (``HF_HUB_CACHE``, else
+    ``HF_HOME``/hub; ``refs/main`` names the revision), found offline: nothing is downloaded."""
+    import huggingface_hub.constants as hf_constants
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - a bad id, no cached copy, a broken cache: all mean "not here"
+        raise missing_weights_error(f"hf-hub:{repo_id}", f"not in the Hugging Face cache {hf_constants.HF_HUB_CACHE}: "
+                                    f"{type(e).__name__}; download it once with `hf download {repo_id}` on a machine "
+                                    "with a network, then copy the cache") from None
+
+
 def load_hf_pretrained(folder: str | Path, *, random_init: bool = False) -> nn.Module:
     """A Hugging Face model saved locally (``save_pretrained``), offline and from safetensors only
     (``use_safetensors=True`` refuses pickled ``.bin`` weights); ``random_init`` builds it from its
     config alone."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # e.g. timm's config.json, which names no model_type
+        raise ConfigError(f"{folder}/config.json is not a Hugging Face transformers config ({type(e).__name__}: "
+                          f"{str(e)[:160]}); a timm model folder loads as timm:local-dir:DIR (timm:hf-hub:ORG/NAME "
+                          "from the hub cache).") from None
     class_name = (getattr(config, "architectures", None) or [None])[0]
     cls = hf_class(class_name)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ConfigError(f"{folder}/config.json names no transformers model class (architectures={class_name!r}).")
+        raise ConfigError(f"{folder}/config.json names no transformers model class (architectures={class_name!r}); "
+                          "a timm model folder loads as timm:local-dir:DIR (timm:hf-hub:ORG/NAME from the hub cache).")
     if random_init:
         model = cls(config)
     else:
@@ -320,9 +341,12 @@ def load_hf_pretrained(folder: str | Path, *, random_init: bool = False) -> nn.M
 
 
 def hf_class(class_name: object) -> type | None:
-    """A transformers model class by name, or one crisp-edge adds (``bert_pooling.HF_EXTRA_CLASSES``)."""
+    """A transformers model class by name, or one crisp-edge adds (``bert_pooling.HF_EXTRA_CLASSES``,
+    ``llama_classifier.LLAMA_EXTRA_CLASSES``)."""
     import transformers
 
     from crisp_edge.models.bert_pooling import HF_EXTRA_CLASSES
+    from crisp_edge.models.llama_classifier import LLAMA_EXTRA_CLASSES
 
-    return HF_EXTRA_CLASSES.get(str(class_name)) or getattr(transformers, str(class_name), None)
+    extra = HF_EXTRA_CLASSES.get(str(class_name)) or LLAMA_EXTRA_CLASSES.get(str(class_name))
+    return extra or getattr(transformers, str(class_name), None)

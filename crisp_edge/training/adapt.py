@@ -129,6 +129,7 @@ def adapt_(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, num_class
         adapt_(model, x, y)                                # tensors
         adapt_(model, load_dataset("images/", input_spec_of(model)), eval_data=val)
         adapt_(model, my_dataloader)                       # a torch Dataset / DataLoader of (input, label)
+        adapt_(model, "texts.jsonl", eval_data="val.jsonl")  # text: the model's own tokenizer, with masks
 
     Args:
         x, y: the training data: inputs and integer labels as tensors, or (``y`` omitted) anything
@@ -152,8 +153,8 @@ def adapt_(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, num_class
     x, y = train.x, train.y
     if eval_data is not None:
         val = feed(eval_data, model=model, what="evaluation data", class_names=train.class_names)
-        eval_data = (val.x, val.y)
-        check_dataset(*eval_data, what="evaluation data")
+        eval_data = (val.x, val.y, val.attention_mask)
+        check_dataset(*eval_data[:2], what="evaluation data")
         check_inputs(model, eval_data[0], what="evaluation data")
     check_dataset(x, y)
     check_inputs(model, x)
@@ -172,6 +173,7 @@ def adapt_(model: nn.Module, x: Any, y: torch.Tensor | None = None, *, num_class
     lrs = {"mixers": config.mixer_lr, "head": config.head_lr, "biases": config.bias_lr}
     param_groups = [{"params": ps, "lr": lrs[kind]} for kind, ps in groups.items()]
     history = train_classifier(model, param_groups, x, y, config.train, eval_data, progress, desc="adapt",
-                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+                               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                               attention_mask=train.attention_mask)
     trainable = {kind: sum(p.numel() for p in ps) for kind, ps in groups.items()}
     return AdaptReport(trainable, history, bases_unchanged=bases_fingerprint(model) == before)

@@ -26,8 +26,7 @@ from crisp_edge.files.run_state import (
     restore_optimizer_,
     save_run_state,
 )
-from crisp_edge.models.outputs import logits_of
-from crisp_edge.training.evaluate import accuracy, predict
+from crisp_edge.training.evaluate import accuracy, model_logits, predict
 
 SCHEDULES = ("cosine", "constant")
 
@@ -105,6 +104,18 @@ def check_dataset(x: torch.Tensor, y: torch.Tensor, what: str = "training data")
                         f"of shape {tuple(y.shape)}.")
 
 
+def check_mask(x: torch.Tensor, attention_mask: torch.Tensor | None, what: str = "training data") -> None:
+    """An attention mask must be an integer or bool tensor of ``x``'s shape (1 = real token, 0 = padding)."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_floating_point() \
+            or tuple(attention_mask.shape) != tuple(x.shape):
+        got = f"{attention_mask.dtype} of shape {tuple(attention_mask.shape)}" if isinstance(
+            attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise DataError(f"{what}: the attention mask must be an integer tensor of the token ids' shape "
+                        f"{tuple(x.shape)} (1 = token, 0 = padding), got {got}.")
+
+
 def expected_inputs(model: nn.Module) -> tuple[str, tuple[int | None, ...], torch.dtype] | None:
     """What ``model`` takes, read from the model itself: ``("image", (C, H, W), dtype)`` for timm and
     Hugging Face vision transformers (H, W None when the model accepts any size), ``("tokens", (), int64)``
@@ -155,13 +166,16 @@ def check_weights(model: nn.Module) -> None:
 
 
 def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor, y: torch.Tensor,
-                     config: TrainConfig, eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     config: TrainConfig, eval_data: tuple[torch.Tensor, ...] | None = None,
                      progress: bool = True, desc: str = "train", *, checkpoint_dir: str | os.PathLike | None = None,
-                     checkpoint_every: int | None = None, resume: bool = False) -> TrainHistory:
+                     checkpoint_every: int | None = None, resume: bool = False,
+                     attention_mask: torch.Tensor | None = None) -> TrainHistory:
     """Train ``model`` on ``(x, y)`` with AdamW over ``param_groups`` (dicts with "params" and
     optionally "lr"/"weight_decay"); evaluates on ``eval_data`` after every epoch.
 
     Args:
+        eval_data: ``(x, y)``, or ``(x, y, attention_mask)`` for padded token ids.
+        attention_mask: beside token ids ``x`` (1 = token, 0 = padding); every batch takes its rows.
         checkpoint_dir: keep the run's state (trainable parameters, optimizer, scheduler, RNG, position,
             history) in ``checkpoint_dir/run_state.safetensors``, written atomically at the end of every
             epoch and every ``checkpoint_every`` steps.
@@ -172,9 +186,13 @@ def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor
     check_checkpointing(checkpoint_dir, checkpoint_every, resume)
     check_dataset(x, y)
     check_inputs(model, x)
+    check_mask(x, attention_mask)
+    eval_mask = None
     if eval_data is not None:
+        eval_data, eval_mask = tuple(eval_data[:2]), (eval_data[2] if len(eval_data) > 2 else None)
         check_dataset(*eval_data, what="evaluation data")
         check_inputs(model, eval_data[0], what="evaluation data")
+        check_mask(eval_data[0], eval_mask, what="evaluation data")
     check_weights(model)
     groups = [dict(g) for g in param_groups if any(p.requires_grad for p in g["params"])]
     if not groups:
@@ -195,7 +213,8 @@ def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor
     gen = torch.Generator().manual_seed(config.seed)
     params = [p for g in opt.param_groups for p in g["params"]]
     history = TrainHistory()
-    fingerprint = None if checkpoint_dir is None else _run_fingerprint(model, params, opt, x, y, config)
+    fingerprint = None if checkpoint_dir is None else _run_fingerprint(model, params, opt, x, y, config,
+                                                                        attention_mask)
     first_epoch, first_step, perm, total_loss = 0, 0, None, 0.0
     if resume:
         loaded = load_run_state(checkpoint_dir, "train", fingerprint)
@@ -234,7 +253,8 @@ def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor
                    initial=first_step if epoch == first_epoch else 0)
         for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
             idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
-            loss = F.cross_entropy(logits_of(model(x[idx])), y[idx], label_smoothing=config.label_smoothing)
+            logits = model_logits(model, x[idx], None if attention_mask is None else attention_mask[idx])
+            loss = F.cross_entropy(logits, y[idx], label_smoothing=config.label_smoothing)
             value = loss.item()
             if not math.isfinite(value):  # refused before the step, so the model keeps its last finite weights
                 raise ConfigError(f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {value}); "
@@ -257,7 +277,7 @@ def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor
         history.seconds += time.perf_counter() - start  # training time only, evaluation excluded
         record = {"epoch": epoch + 1, "train_loss": total_loss / steps_per_epoch}
         if eval_data is not None:
-            record["eval_accuracy"] = accuracy(predict(model, eval_data[0]), eval_data[1])
+            record["eval_accuracy"] = accuracy(predict(model, eval_data[0], attention_mask=eval_mask), eval_data[1])
         history.epochs.append(record)
         if checkpoint_dir is not None:
             save(epoch + 1, 0)
@@ -266,13 +286,14 @@ def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor
 
 
 def _run_fingerprint(model: nn.Module, params: list[nn.Parameter], opt, x: torch.Tensor, y: torch.Tensor,
-                     config: TrainConfig) -> dict:
+                     config: TrainConfig, attention_mask: torch.Tensor | None = None) -> dict:
     """What a resumed run must share with the one that saved its state: the settings, the data, the
     trainable parameters' shapes and every other (frozen) tensor of the model, by SHA-256."""
     trainable = {id(p) for p in params}
     names = {n for n, p in model.named_parameters() if id(p) in trainable}
     frozen = {k: v for k, v in model.state_dict().items() if k not in names}
-    return {"config": asdict(config), "data": [list(x.shape), str(x.dtype), _digest({"x": x, "y": y})],
+    data = {"x": x, "y": y} if attention_mask is None else {"x": x, "y": y, "attention_mask": attention_mask}
+    return {"config": asdict(config), "data": [list(x.shape), str(x.dtype), _digest(data)],
             "params": [list(p.shape) for p in params], "groups": [len(g["params"]) for g in opt.param_groups],
             "frozen": _digest(frozen)}
 

@@ -8,6 +8,8 @@ writes
     user-data/fmnist-images/val/<k>_<class>/<n>.png     Fashion-MNIST test images, for --val
     user-data/digits-train.npz, digits-test.npz         the built-in digits task: x float32 (N, 1, 28, 28)
                                                         model-ready, y int64, class_names
+    user-data/wordnet-verbs/{train,val,test}.jsonl      with --text-per-class K: WordNet verb glosses, one
+                                                        {"text": ..., "label": "verb.motion"} per line
 
 Class folders are named ``<label>_<name>`` so that their sorted order (the class index an image folder
 gets) is Fashion-MNIST's label order, the order of the embedded ViT's head. Then, for example:
@@ -74,13 +76,33 @@ def write_digits_npz(out: Path) -> dict[str, int]:
     return {"digits-train": len(data.y_train), "digits-test": len(data.y_test)}
 
 
+def write_text_jsonl(out: Path, per_class: int) -> dict[str, int]:
+    """WordNet verb glosses -> 15 verb supersenses (Debian ``wordnet-base``) as JSONL, ``per_class`` texts per
+    class for training and a third of that for validation and test."""
+    from crisp_edge.data.corpora import load_text_task, write_jsonl
+
+    verbs = 15
+    task = load_text_task("wordnet-verbs", max_train=verbs * per_class, max_val=verbs * max(2, per_class // 3),
+                          max_test=verbs * max(2, per_class // 3), balanced=True)
+    paths = write_jsonl(task, out / "wordnet-verbs")
+    return {f"wordnet-verbs/{s}": len(task.split(s)) for s in paths}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("user-data"))
     p.add_argument("--per-class", type=int, default=100, help="training images per Fashion-MNIST class")
     p.add_argument("--val-per-class", type=int, default=20, help="validation images per class (from the test split)")
+    p.add_argument("--text-per-class", type=int, default=0, help="also write WordNet verb glosses as JSONL, this many "
+                                                                  "training texts per class (default 0: none)")
+    p.add_argument("--text-only", action="store_true", help="write only the text (with --text-per-class)")
     args = p.parse_args(argv)
-    counts = {**write_fmnist_images(args.out, args.per_class, args.val_per_class), **write_digits_npz(args.out)}
+    if args.text_only and not args.text_per_class:
+        p.error("--text-only needs --text-per-class K")
+    counts = {} if args.text_only else {**write_fmnist_images(args.out, args.per_class, args.val_per_class),
+                                        **write_digits_npz(args.out)}
+    if args.text_per_class:
+        counts.update(write_text_jsonl(args.out, args.text_per_class))
     for name, n in counts.items():
         print(f"{name}: {n:,} examples")
     print(f"written under {args.out}/")

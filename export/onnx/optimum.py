@@ -249,7 +249,9 @@ def write_hf_configs(model: nn.Module, folder: Path) -> list[str]:
     class named in ``architectures``) and, for image models whose preprocessing a ``ViTImageProcessor``
     expresses exactly (resize straight to the model size, no crop), ``preprocessor_config.json``, so
     optimum's ``ORTModelFor...from_pretrained(bundle)`` and ``AutoImageProcessor`` load the bundle as
-    it is. Returns the names written (none for models without a Hugging Face config)."""
+    it is; for text models, the tokenizer recorded with the weights (``models.tokenizers.tokenizer_of``;
+    skipped with a warning when it cannot be read), so ``AutoTokenizer.from_pretrained(bundle)`` works too.
+    Returns the names written (none for models without a Hugging Face config)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_file") or not getattr(config, "model_type", None):
         return []
@@ -264,6 +266,17 @@ def write_hf_configs(model: nn.Module, folder: Path) -> list[str]:
         spec = input_spec_of(model)
     except CrispEdgeError:
         return written
+    if spec.kind == "tokens":
+        from crisp_edge.models.tokenizers import tokenizer_of
+
+        try:
+            tokenizer = tokenizer_of(model)
+        except CrispEdgeError as e:  # the weights export as they are; only the convenience file is missing
+            warnings.warn(f"the bundle carries no tokenizer: {e}", stacklevel=3)
+            tokenizer = None
+        if tokenizer is not None:
+            saved = tokenizer.save_pretrained(str(folder))
+            written += sorted({Path(f).name for f in saved if (folder / Path(f).name).is_file()})
     if spec.kind == "image" and spec.crop_mode == "squash" and spec.crop_pct == 1.0:
         import transformers
 

@@ -5,9 +5,9 @@ file with its own mixers and head: shipped as a task of a swappable bundle, or a
 dense / factored export), exports it, and checks the bundle in its runtime against the PyTorch
 reference with ``check_bundle``: every output of every stored case of every task.
 
-* architectures: ``timm-vit``, ``hf-vit`` (float images) and ``hf-bert`` (integer token ids and an
-  attention mask, kept int64 in the graph / program); ``hf-llama`` is not exported by these paths yet
-  (see ``test_llama_is_refused_with_a_typed_error``).
+* architectures: ``timm-vit``, ``hf-vit`` (float images), ``hf-bert`` and ``hf-llama-cls`` (the LLaMA
+  text classifier; integer token ids and an attention mask, kept int64 in the graph / program); the
+  causal LM ``hf-llama`` is not exported by these paths yet (see ``test_llama_is_refused_with_a_typed_error``).
 * runtimes: ``onnxruntime`` (fast, in the default run) and ``executorch`` (XNNPACK recipe; 10-40 s
   per export on 2 cores, so marked ``slow``).
 """
@@ -29,7 +29,7 @@ from crisp_edge.testing import example_inputs, forward, make_task_file, toy_mode
 pytestmark = pytest.mark.runtime
 torch.set_num_threads(1)
 CONFIG = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2))
-ARCHS = ("timm-vit", "hf-vit", "hf-bert")
+ARCHS = ("timm-vit", "hf-vit", "hf-bert", "hf-llama-cls")
 MODES = ("dense", "factored", "swappable")
 RUNTIMES = ("onnxruntime", pytest.param("executorch", marks=pytest.mark.slow))
 TASKS = ("no-task", "task")

@@ -101,6 +101,17 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(forward(loaded, inputs), forward(model, inputs))
 
 
+def test_a_head_of_more_than_ten_labels_round_trips(tmp_path):
+    """A Hugging Face config's id2label has int keys; JSON makes them strings, which sort differently from
+    10 on: the architecture digest must be the same before and after crisp.json is written."""
+    model = toy_model("hf-llama-cls", num_labels=12)
+    retrofit_(model, CONFIG, progress=False)
+    inputs = example_inputs(model)
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.score.out_features == 12 and torch.equal(forward(loaded, inputs), forward(model, inputs))
+
+
 def test_meta_records_everything(saved):
     folder, _, _ = saved
     meta = read_checkpoint_meta(folder)

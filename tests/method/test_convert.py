@@ -25,8 +25,8 @@ from crisp_edge.testing import example_inputs, forward, toy_timm_vit
 from tests.conftest import fresh_toy
 
 CONFIG = CrispConfig(default=RoleConfig(s=4, group_size=2))
-ROLES = {"timm-vit": 4, "hf-vit": 6, "hf-llama": 7, "hf-bert": 6}
-DEPTH = {"timm-vit": 4, "hf-vit": 2, "hf-llama": 2, "hf-bert": 2}
+ROLES = {"timm-vit": 4, "hf-vit": 6, "hf-llama": 7, "hf-bert": 6, "hf-llama-cls": 7}
+DEPTH = {"timm-vit": 4, "hf-vit": 2, "hf-llama": 2, "hf-bert": 2, "hf-llama-cls": 2}
 
 
 def test_plan_groups_changes_nothing_and_splits_blocks():
