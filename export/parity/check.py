@@ -40,6 +40,7 @@ from crisp_edge.export.parity.compare import (
     compare,
     tolerance_for,
 )
+from crisp_edge.export.parity.lm_check import check_lm_generation
 from crisp_edge.export.quantize import SCHEMES
 from crisp_edge.export.parity.reference import (
     DEFAULT_TASK,
@@ -256,6 +257,8 @@ def check_bundle(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None =
             _compare_case(report, tol, ref, task, i, got, dtypes)
     bar.close()
     report.timings.update(run_s=run_s, set_task_s=switch_s)
+    if "lm" in b.manifest:  # a language model: generation parity too, for every task
+        check_lm_generation(report, sess, tol, tasks, failed, overridden=atol is not None or min_cosine is not None)
     return done()
 
 

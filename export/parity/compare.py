@@ -222,6 +222,8 @@ class ParityReport:
     data: dict = field(default_factory=dict)
     #: where it diverged (``export.parity.layers``): per-layer errors and the first layer over tolerance
     layers: dict = field(default_factory=dict)
+    #: language-model bundles: each task's generation parity (``GenerationParity.to_dict``; ``parity.lm_check``)
+    generation: list = field(default_factory=list)
     #: output name -> [(task, case, |got - ref| flattened)], for the error-distribution plot.
     diffs: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -259,6 +261,11 @@ class ParityReport:
         where = f"{self.runtime or '?'} {self.mode or ''}".strip()
         line = (f"{head} {self.bundle} ({where}, {self.source}): {n} outputs compared over {len(self.tasks)} task(s), "
                 f"{bad} problem(s); max abs {self.max_abs:.2e} (atol {self.atol:g}, min cosine {self.min_cosine})")
+        if self.generation:
+            same = sum(g["tokens_match"] for g in self.generation)
+            worst = max(c["max_abs_diff"] for g in self.generation for c in g["cases"])
+            line += (f"; generation: {same}/{len(self.generation)} task(s) with the reference's greedy tokens, max "
+                     f"|logit diff| {worst:.2e}")
         if not self.comparisons and not self.failures:
             line += "; nothing was compared"
         probs = self.problems()

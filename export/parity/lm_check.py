@@ -1,0 +1,56 @@
+"""Generation parity inside ``check_bundle`` (and so ``crisp-edge parity BUNDLE``) for language-model
+bundles of any runtime: a manifest with an ``lm`` section is checked, beyond its stored tensor cases, by
+greedy decoding of the recorded prompts for every task against the PyTorch tokens and logits
+(``export.parity.generation``), under the runtime's named LM tolerance (``lm_tolerance``).
+
+A task that fails (tokens differ, or a step's logits beyond the tolerance) is a ``Failure`` of stage
+``generation`` naming the prompt and step, so the report's pass/fail, problems, JSON and exit status
+cover it with no other change; ``report.generation`` holds every task's details for the JSON report.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from crisp_edge.errors import CrispEdgeError
+from crisp_edge.export.parity.compare import TOLERANCES, Failure, ParityReport, Tolerance
+
+
+def lm_tolerance(runtime: str, mode: str, tensor_tolerance: Tolerance, dtype: str = "float32") -> Tolerance:
+    """The logit tolerance of generation parity: the table's ``<runtime>-lm`` entry for (mode, dtype) when
+    it has one (long decodes through deep models drift more than one forward), else the bundle's tensor
+    tolerance."""
+    for key in ((f"{runtime}-lm", mode, dtype), (f"{runtime}-lm", "*", dtype)):
+        if key in TOLERANCES:
+            return TOLERANCES[key]
+    return tensor_tolerance
+
+
+def check_lm_generation(report: ParityReport, sess: Any, tol: Tolerance, tasks: Iterable[str] | None,
+                        failed: Callable[[str, str, Exception], None], overridden: bool = False) -> None:
+    """Generation parity of every task of the bundle's ``lm`` section (or of ``tasks`` that have a
+    generation reference) into ``report``; ``tol`` is used as it is when the caller set it (``overridden``)."""
+    refs = sess.lm["generation"]
+    names = [t for t in (refs if tasks is None else tasks) if t in refs]
+    gen_tol = tol if overridden else lm_tolerance(report.runtime, report.mode, tol)
+    t0 = time.perf_counter()
+    for task in names:
+        try:
+            [result] = sess.check_generation(gen_tol, tasks=[task])
+        except CrispEdgeError as e:
+            failed(task, "generation", e)
+            continue
+        report.generation.append(result.to_dict())
+        if not result.passed:
+            report.failures.append(Failure(task, "generation", "GenerationMismatch", _problem(result)))
+    report.timings["generation_s"] = time.perf_counter() - t0
+
+
+def _problem(result: Any) -> str:
+    bad = [(i, c) for i, c in enumerate(result.cases)
+           if c.first_divergence is not None or c.max_abs_diff > result.tolerance["atol"]]
+    i, c = bad[0]
+    tokens = "tokens equal" if c.first_divergence is None else f"greedy tokens differ from step {c.first_divergence}"
+    return (f"prompt {i}: {tokens}; max |logit diff| {c.max_abs_diff:.3g} at step {c.worst_step} (atol "
+            f"{result.tolerance['atol']:g})" + (f"; and {len(bad) - 1} more prompt(s)" if len(bad) > 1 else ""))
