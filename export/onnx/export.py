@@ -248,8 +248,9 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     check_threads(threads)
     model = model.eval()
     if is_causal_lm(model):
-        if quantize is not None:
-            raise ConfigError("a language model bundle is float32 only for now; drop quantize.")
+        if quantize is not None or example_input is not None:
+            raise ConfigError("a language model bundle is float32 and makes its own reference cases (prefill with "
+                              "and without a cache): drop quantize and example_input.")
         return export_lm_onnx(model, out_dir, mode=mode, mixers=task_mixers(model, tasks), opset=opset,
                               reference=reference, threads=threads, tokenizer=tokenizer, max_seq_len=max_seq_len,
                               source=source_record(checkpoint, model))

@@ -49,6 +49,7 @@ from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, BUNDLE_FORMAT, BUNDLE_
 from crisp_edge.export.onnx.fold import build_fold_graph, take_folded_weights
 from crisp_edge.export.onnx.optimum import _quiet, _versions, optimum_available, write_hf_configs
 from crisp_edge.export.parity.compare import tolerance_for
+from crisp_edge.export.parity.lm_check import WithPast, cache_names
 from crisp_edge.export.parity.reference import reference_outputs, reference_record, write_reference
 from crisp_edge.export.parity.validate import validate_bundle
 from crisp_edge.export.writing import write_validated
@@ -117,11 +118,6 @@ def lm_graph(model: nn.Module, opset: int, fold_constants: bool) -> onnx.ModelPr
     return proto
 
 
-def cache_names(prefix: str, layers: int) -> list[str]:
-    """``{prefix}.{i}.key``, ``{prefix}.{i}.value`` for every layer (optimum's names)."""
-    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-
-
 def weights_as_inputs(proto: onnx.ModelProto, outputs: dict[str, str]) -> onnx.ModelProto:
     """Replace the initializer of each parameter in ``outputs`` (fold output -> parameter name) by a graph
     input named as the fold output, (d_out, d_in) float32, feeding the same nodes."""
@@ -144,41 +140,13 @@ def weights_as_inputs(proto: onnx.ModelProto, outputs: dict[str, str]) -> onnx.M
     return proto
 
 
-class _WithPast(nn.Module):
-    """The PyTorch model called with the ONNX graph's named inputs and outputs (the reference's view)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.layers = model, int(model.config.num_hidden_layers)
-
-    def forward(self, input_ids, attention_mask, position_ids, **past) -> dict[str, torch.Tensor]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        if past["past_key_values.0.key"].shape[2]:
-            for i in range(self.layers):
-                cache.update(past[f"past_key_values.{i}.key"], past[f"past_key_values.{i}.value"], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        named = {"logits": out.logits}
-        for i, layer in enumerate(_cache_layers(out.past_key_values)):
-            named[f"present.{i}.key"], named[f"present.{i}.value"] = layer
-        return named
-
-
-def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):
-        return [(l.keys, l.values) for l in cache.layers]
-    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
-
-
 def lm_cases(model: nn.Module, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """The seeded tensor reference cases (``LM_CASES``); a case's cache is the PyTorch model's own."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     kv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    wrapper = _WithPast(model).eval()
+    wrapper = WithPast(model).eval()
     cases = []
     for batch, cached, new in LM_CASES:
         past = {n: torch.zeros(batch, kv, 0, head_dim) for n in cache_names("past_key_values", wrapper.layers)}
@@ -194,11 +162,6 @@ def lm_cases(model: nn.Module, seed: int = 0) -> list[dict[str, torch.Tensor]]:
                       "attention_mask": mask,
                       "position_ids": torch.arange(cached, cached + new).expand(batch, new).contiguous(), **past})
     return cases
-
-
-def lm_reference_outputs(model: nn.Module, cases: Sequence[dict], output_names: Sequence[str], run: Any) -> list[dict]:
-    """``export.parity.reference.reference_outputs`` of the model on the graph's named inputs."""
-    return run(_WithPast(model), cases, output_names=list(output_names), outputs=lambda out, names: dict(out))
 
 
 def task_models(model: nn.Module, mixers: Sequence[MixerFile]) -> dict[str, nn.Module]:
@@ -268,7 +231,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
         tasks[mf.task] = task_record(rel, (folder / rel).read_bytes(), mf, arrays)
     cases = lm_cases(model)
     run = partial(reference_outputs, device=reference["device"], dtype=reference["dtype"])
-    write_reference(folder, cases, {t: lm_reference_outputs(m, cases, outs, run) for t, m in by_task.items()})
+    write_reference(folder, cases, {t: run(WithPast(m), cases, output_names=outs) for t, m in by_task.items()})
     files.append(REFERENCE)
     vocab = int(model.config.vocab_size)
     tok_record = None

@@ -109,6 +109,16 @@ class OnnxLMSession(LMSessionMixin, OnnxCrispSession):
     def lm_stepper(self) -> OrtStepper:
         return self._stepper
 
+    def run(self, feeds) -> dict[str, np.ndarray]:
+        """``OnnxCrispSession.run``; inputs given without ``past_key_values.*`` run with an empty cache
+        (a whole sequence at once: scoring, perplexity), so ``{input_ids, attention_mask, position_ids}``
+        is enough."""
+        if isinstance(feeds, dict) and "input_ids" in feeds and not any(n in feeds for n in self._stepper.past_names):
+            batch = int(np.shape(feeds["input_ids"])[0]) if np.ndim(feeds["input_ids"]) == 2 else 1
+            empty = np.zeros((batch, *self._stepper._empty.shape[1:]), np.float32)
+            feeds = {**feeds, **{n: empty for n in self._stepper.past_names}}
+        return super().run(feeds)
+
     def set_task(self, task) -> str:
         """Switch task (``OnnxCrispSession.set_task``: one fold run) and start a new sequence."""
         self._stepper.reset()

@@ -40,7 +40,7 @@ from crisp_edge.export.parity.compare import (
     compare,
     tolerance_for,
 )
-from crisp_edge.export.parity.lm_check import check_lm_generation
+from crisp_edge.export.parity.lm_check import check_lm_generation, reference_model
 from crisp_edge.export.quantize import SCHEMES
 from crisp_edge.export.parity.reference import (
     DEFAULT_TASK,
@@ -355,13 +355,13 @@ def recompute_reference(bundle: Any, model: Any, mixers: Iterable[Any] = (), *, 
     stored = read_bundle_reference(b.path, b.manifest)
     cases = [{n: torch.from_numpy(np.array(v)) for n, v in c.items()} for c in stored.inputs]
     run = dict(output_names=stored.output_names, **where)
-    outs = {DEFAULT_TASK: reference_outputs(model, cases, **run)}
+    outs = {DEFAULT_TASK: reference_outputs(reference_model(model, b.manifest), cases, **run)}
     unchecked = dict(stored.unchecked)
     for mf in mixers:
         mf = mf if isinstance(mf, MixerFile) else read_mixers(mf)
         task_model = copy.deepcopy(model)
         apply_mixers_(task_model, mf)
-        outs[mf.task] = reference_outputs(task_model, cases, **run)
+        outs[mf.task] = reference_outputs(reference_model(task_model, b.manifest), cases, **run)
         unchecked.pop(mf.task, None)
     recomputed = list(outs)
     # the bundle's other tasks keep their stored reference (still PyTorch's): none is silently left out

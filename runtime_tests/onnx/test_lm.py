@@ -220,3 +220,14 @@ def test_cli_exports_an_lm_checkpoint(lm, tmp_path, capsys):
     assert "key/value cache of 24 tokens" in capsys.readouterr().out
     sess = load_bundle(out).session()
     assert sess.generate(PROMPT, 6, task="a", stop_at_eos=False)["token_ids"] == torch_tokens(lm["model"], lm["tasks"][0], 6)
+
+
+def test_optimum_generates_the_same_tokens_from_the_dense_bundle(lm):
+    """The dense bundle is a plain optimum causal-LM folder too (model.onnx + config.json)."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    ort_model = ORTModelForCausalLM.from_pretrained(lm["dense"].path)
+    ids = torch.tensor([PROMPT])
+    out = ort_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+    assert out[0, len(PROMPT):].tolist() == torch_tokens(lm["model"])
