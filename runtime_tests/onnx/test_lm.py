@@ -231,3 +231,26 @@ def test_optimum_generates_the_same_tokens_from_the_dense_bundle(lm):
     out = ort_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                              pad_token_id=0, eos_token_id=None)
     assert out[0, len(PROMPT):].tolist() == torch_tokens(lm["model"])
+
+
+def test_a_task_added_later_gets_its_generation_reference(lm, tmp_path):
+    from crisp_edge.export.onnx.adapter import remove_task
+
+    folder = tmp_path / "b2"
+    shutil.copytree(lm["swap"].path, folder)
+    ce.save_checkpoint(lm["model"], tmp_path / "ckpt")
+    c = make_lm_task_file(lm["model"], tmp_path / "c.mixers.safetensors", "c", seed=7)
+    mixers_to_onnx_adapter(c, folder, checkpoint=tmp_path / "ckpt")
+    gen = load_bundle(folder).manifest["lm"]["generation"]
+    report = check_bundle(folder)
+    assert report.passed and sorted(g["task"] for g in report.generation) == ["a", "b", "c", "default"]
+    want = generate(TorchStepper(_applied(lm["model"], c), SEQ), gen["default"]["cases"][0]["prompt"], 5).new_ids
+    assert gen["c"]["cases"][0]["tokens"][:5] == want
+    remove_task(folder, "c")
+    assert "c" not in load_bundle(folder).manifest["lm"]["generation"]
+
+
+def _applied(model, mixer_file):
+    m = copy.deepcopy(model)
+    apply_mixers_(m, read_mixers(mixer_file))
+    return m
