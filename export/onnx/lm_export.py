@@ -10,9 +10,10 @@ copy): inputs ``input_ids``, ``attention_mask`` [batch, past + new], ``position_
 ``present.{i}.key/.value`` (past and new together). ``onnxruntime``'s and optimum's own
 ``ORTModelForCausalLM`` run a dense bundle as it is (its ``config.json`` is written beside it).
 
-``swappable`` reuses the ViT bundles' switch-then-dense machinery (``fold.py``, ``adapter.py``,
-``session.py``): the same optimum graph exported *without* constant folding (so every weight is an
-initializer named by its parameter, feeding a ``Transpose`` then ``MatMul``), and every CRISP layer's
+Both modes export *without* constant folding (``lm_graph``): every weight is one initializer named by its
+parameter, feeding a ``Transpose`` then ``MatMul`` (SmolLM2's tied embedding / ``lm_head`` is stored once:
+folded, the file held its transpose too, 21% more bytes). ``swappable`` reuses the ViT bundles'
+switch-then-dense machinery (``fold.py``, ``adapter.py``, ``session.py``): that graph with every CRISP layer's
 weight initializer replaced by a graph input that takes the fold graph's output for it
 (``weights_as_inputs``, then ``take_folded_weights``: a free reshape in the graph). The LM head is not
 a task tensor (``build_fold_graph(head=False)``): it is the vocabulary projection, tied to the
@@ -86,9 +87,11 @@ def resolve_max_seq_len(model: nn.Module, max_seq_len: int | None) -> int:
     return max_seq_len
 
 
-def lm_graph(model: nn.Module, opset: int, fold_constants: bool) -> onnx.ModelProto:
-    """optimum's with-past graph of a materialized copy of ``model``. ``fold_constants=False`` keeps every
-    weight an initializer named by its parameter (what ``weights_as_inputs`` needs)."""
+def lm_graph(model: nn.Module, opset: int) -> onnx.ModelProto:
+    """optimum's with-past graph of a materialized copy of ``model``, exported without constant folding:
+    every weight stays one initializer named by its parameter (what ``weights_as_inputs`` needs, and a
+    tied ``lm_head`` is stored once; folding would store its transpose too). ONNX Runtime folds the
+    transposes at session creation."""
     if not optimum_available():
         raise ExportError("exporting a language model needs optimum 2.1 + optimum-onnx 0.1 with transformers < 4.58 "
                           "(`import optimum.exporters.onnx` fails here); install the export requirements.")
@@ -100,7 +103,7 @@ def lm_graph(model: nn.Module, opset: int, fold_constants: bool) -> onnx.ModelPr
     with tempfile.TemporaryDirectory(prefix="crisp-lm-") as tmp, _quiet(), torch.no_grad():
         try:
             onnx_export_from_model(dense, tmp, opset=opset, task=LM_TASK, do_validation=False, no_post_process=True,
-                                   device="cpu", do_constant_folding=fold_constants)
+                                   device="cpu", do_constant_folding=False)
         except Exception as e:  # noqa: BLE001 - optimum's and the tracer's own (untyped) errors
             raise ExportError(f"optimum could not export this {type(model).__name__} with past key/values (opset "
                               f"{opset}): {type(e).__name__}: {str(e)[:400]}.") from None
@@ -178,15 +181,15 @@ def steppers(models: dict[str, nn.Module], max_seq_len: int) -> dict[str, TorchS
     return {task: TorchStepper(m, max_seq_len) for task, m in models.items()}
 
 
-def exporter_record(fold_constants: bool) -> dict[str, Any]:
+def exporter_record() -> dict[str, Any]:
     return {"name": EXPORTER_NAME, "kind": "optimum", "task": LM_TASK, "with_past": True, **_versions(),
-            "torch": torch.__version__, "onnx": onnx.__version__, "do_constant_folding": fold_constants}
+            "torch": torch.__version__, "onnx": onnx.__version__, "do_constant_folding": False}
 
 
 def swappable_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto, Any]:
     """(fold graph, inference graph taking the fold's outputs, fold spec) of a CRISP causal LM."""
     fold, spec = build_fold_graph(model, opset, head=False)
-    proto = weights_as_inputs(lm_graph(model, opset, fold_constants=False), spec.outputs)
+    proto = weights_as_inputs(lm_graph(model, opset), spec.outputs)
     return fold, take_folded_weights(proto, spec), spec
 
 
@@ -206,7 +209,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
                      reference: dict, max_seq_len: int, tokenizer: Any, source: dict | None) -> dict:
     models, files, swap = {}, [], None
     if mode == "dense":
-        proto = lm_graph(model, opset, fold_constants=True)
+        proto = lm_graph(model, opset)
     else:
         fold, proto, spec = swappable_graph(model, opset)
         files += save_onnx(fold, folder / "fold.onnx")
@@ -244,7 +247,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
     stored = _stored_params(model)
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "crisp_edge_version": __version__, "mode": mode,
-        "opset": opset, "exporter": exporter_record(mode == "dense"), "arch": getattr(model, "crisp_arch", None),
+        "opset": opset, "exporter": exporter_record(), "arch": getattr(model, "crisp_arch", None),
         "models": models, "files": {f: file_record(folder, f) for f in files},
         "inputs": io_record(graph, names), "outputs": io_record(graph, outs, outputs=True),
         "dynamic_axes": {v.name: {str(i): d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param}
