@@ -50,7 +50,7 @@ from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, BUNDLE_FORMAT, BUNDLE_
 from crisp_edge.export.onnx.fold import build_fold_graph, take_folded_weights
 from crisp_edge.export.onnx.optimum import _quiet, _versions, optimum_available, write_hf_configs
 from crisp_edge.export.parity.compare import tolerance_for
-from crisp_edge.export.parity.lm_check import WithPast, cache_names
+from crisp_edge.export.parity.lm_check import WithPast, cache_names, lm_tolerance
 from crisp_edge.export.parity.reference import reference_outputs, reference_record, write_reference
 from crisp_edge.export.parity.validate import validate_bundle
 from crisp_edge.export.writing import write_validated
@@ -243,7 +243,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
         files.append(tok_record["file"])
     prompts = reference_prompts(BundleTokenizer.load(folder, tok_record, vocab) if tok_record else None, vocab)
     generation = record_references(steppers(by_task, max_seq_len), prompts)
-    tol = tolerance_for("onnxruntime", mode)
+    tol = lm_tolerance("onnxruntime", mode, tolerance_for("onnxruntime", mode))
     stored = _stored_params(model)
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "crisp_edge_version": __version__, "mode": mode,

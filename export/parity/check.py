@@ -40,7 +40,7 @@ from crisp_edge.export.parity.compare import (
     compare,
     tolerance_for,
 )
-from crisp_edge.export.parity.lm_check import check_lm_generation, reference_model
+from crisp_edge.export.parity.lm_check import check_lm_generation, lm_tolerance, reference_model
 from crisp_edge.export.quantize import SCHEMES
 from crisp_edge.export.parity.reference import (
     DEFAULT_TASK,
@@ -96,6 +96,8 @@ def _new_report(bundle: Any, runtime: str, *, source: str, atol: float | None, m
         t = m.get("tolerance", {})
         tol = Tolerance(float(t.get("atol", ATOL_FP32)), float(t.get("min_cosine", MIN_COSINE)),
                         "the bundle manifest's own tolerance (no table entry for this runtime/mode/dtype)")
+    if "lm" in m:  # a language model: the runtime's LM entry, when the table has one
+        tol = lm_tolerance(runtime, mode, tol, dtype)
     if atol is not None or min_cosine is not None:
         _check_override(atol, min_cosine)
         tol = Tolerance(tol.atol if atol is None else float(atol), tol.min_cosine if min_cosine is None else float(min_cosine),
@@ -258,7 +260,7 @@ def check_bundle(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None =
     bar.close()
     report.timings.update(run_s=run_s, set_task_s=switch_s)
     if "lm" in b.manifest:  # a language model: generation parity too, for every task
-        check_lm_generation(report, sess, tol, tasks, failed, overridden=atol is not None or min_cosine is not None)
+        check_lm_generation(report, sess, tol, tasks, failed)
     return done()
 
 

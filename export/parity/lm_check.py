@@ -21,9 +21,9 @@ from crisp_edge.export.parity.compare import TOLERANCES, Failure, ParityReport, 
 
 
 def lm_tolerance(runtime: str, mode: str, tensor_tolerance: Tolerance, dtype: str = "float32") -> Tolerance:
-    """The logit tolerance of generation parity: the table's ``<runtime>-lm`` entry for (mode, dtype) when
-    it has one (long decodes through deep models drift more than one forward), else the bundle's tensor
-    tolerance."""
+    """The tolerance of a language-model bundle (its tensor cases and its generation): the table's
+    ``<runtime>-lm`` entry for (mode, dtype) when it has one (deep models drift more than a ViT), else the
+    runtime's own ``tensor_tolerance``."""
     for key in ((f"{runtime}-lm", mode, dtype), (f"{runtime}-lm", "*", dtype)):
         if key in TOLERANCES:
             return TOLERANCES[key]
@@ -31,16 +31,15 @@ def lm_tolerance(runtime: str, mode: str, tensor_tolerance: Tolerance, dtype: st
 
 
 def check_lm_generation(report: ParityReport, sess: Any, tol: Tolerance, tasks: Iterable[str] | None,
-                        failed: Callable[[str, str, Exception], None], overridden: bool = False) -> None:
+                        failed: Callable[[str, str, Exception], None]) -> None:
     """Generation parity of every task of the bundle's ``lm`` section (or of ``tasks`` that have a
-    generation reference) into ``report``; ``tol`` is used as it is when the caller set it (``overridden``)."""
+    generation reference) into ``report``, under ``tol`` (the report's: ``lm_tolerance`` or the caller's)."""
     refs = sess.lm["generation"]
     names = [t for t in (refs if tasks is None else tasks) if t in refs]
-    gen_tol = tol if overridden else lm_tolerance(report.runtime, report.mode, tol)
     t0 = time.perf_counter()
     for task in names:
         try:
-            [result] = sess.check_generation(gen_tol, tasks=[task])
+            [result] = sess.check_generation(tol, tasks=[task])
         except CrispEdgeError as e:
             failed(task, "generation", e)
             continue

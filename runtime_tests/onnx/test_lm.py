@@ -14,7 +14,7 @@ from crisp_edge.export import export_onnx, load_bundle
 from crisp_edge.export.errors import AdapterError, BundleError, NoTaskError
 from crisp_edge.export.onnx.adapter import mixers_to_onnx_adapter
 from crisp_edge.export.parity.check import check_bundle
-from crisp_edge.export.parity.compare import tolerance_for
+from crisp_edge.export.parity.compare import ATOL_LM_FP32, tolerance_for
 from crisp_edge.export.parity.generation import check_generation
 from crisp_edge.export.parity.report import report_json
 
@@ -106,6 +106,7 @@ def test_parity_checks_generation_of_every_task(lm, which, tmp_path):
     assert sorted(g["task"] for g in report.generation) == sorted(tasks)
     assert all(g["tokens_match"] and g["logits_match"] for g in report.generation)
     assert all(c["max_abs_diff"] < 1e-5 for g in report.generation for c in g["cases"])
+    assert report.tolerance["atol"] == ATOL_LM_FP32 and "language model" in report.tolerance["reason"]
     doc = report_json(report)
     assert doc["passed"] and len(doc["generation"]) == len(tasks)
     out = tmp_path / "parity.json"
@@ -134,8 +135,8 @@ def test_parity_fails_on_a_wrong_task_and_on_drifted_logits(lm, tmp_path):
     assert crisp_edge_main(["parity", _edited(lm, tmp_path / "x", wrong_task), "--no-plot",
                             "--report-dir", str(tmp_path / "r")]) == 1
 
-    def drift(gen):  # one stored logit off by 1e-3: tokens still equal, logits caught
-        gen["b"]["cases"][1]["top_logits"][4][3] += 1e-3
+    def drift(gen):  # one stored logit off by 0.05 (10x the LM tolerance): tokens still equal, logits caught
+        gen["b"]["cases"][1]["top_logits"][4][3] += 0.05
 
     report = check_bundle(_edited(lm, tmp_path / "y", drift))
     [f] = [f for f in report.failures if f.stage == "generation"]
