@@ -200,10 +200,12 @@ def genai_anchor(root: Path, prompt_len: int, decode: int, repeats: int, builder
     env = {**os.environ, "PYTHONPATH": builder_path or os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
            "-p", "fp32", "-e", "cpu", "-c", str(root / "genai-cache")]
-    secs, res = timed(lambda: subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600))
-    if res.returncode != 0:
-        return {"ran": False, "why": f"the genai model builder failed: {res.stderr[-800:]}"}
     cfg_path = out_dir / "genai_config.json"
+    secs = None
+    if not cfg_path.exists():  # built once per workdir
+        secs, res = timed(lambda: subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600))
+        if res.returncode != 0:
+            return {"ran": False, "why": f"the genai model builder failed: {res.stderr[-800:]}"}
     cfg = json.loads(cfg_path.read_text())
     opts = cfg["model"]["decoder"].setdefault("session_options", {})
     opts.update(intra_op_num_threads=THREADS, inter_op_num_threads=1)
@@ -246,7 +248,7 @@ def genai_anchor(root: Path, prompt_len: int, decode: int, repeats: int, builder
                     "bundle_decode": bundle_decode}, repeats)
     med = {k: float(np.median(v)) for k, v in t.items()}
     return {"ran": True, "runtime": og.__version__, "builder": "onnxruntime-genai 0.11.4 model builder (fp32, cpu)",
-            "builder_s": round(secs, 1),
+            "builder_s": None if secs is None else round(secs, 1),
             "prefill_tok_s": {"genai": round(prompt_len / med["genai_prefill"], 1),
                               "dense_bundle": round(prompt_len / med["bundle_prefill"], 1)},
             "decode_tok_s": {"genai": round(1 / med["genai_decode"], 1), "dense_bundle": round(1 / med["bundle_decode"], 1)},

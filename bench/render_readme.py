@@ -368,6 +368,12 @@ def render_lm_onnx(d: dict) -> str:
              f"({tf['tensor_bytes']:,} of mixers). {d['model']}; {s['prompt_tokens']}-token prompt, "
              f"{s['decode_steps']} decode steps, median of {s['repeats']} rounds, 1 thread ({d['machine']['date'][:10]}, "
              f"load average {d['machine']['load_average_1_5_15'][0]}) (`bench/results/lm_onnx.json`)."]
+    lines.append("Why swappable misses its targets here: the weights are graph inputs, so ONNX Runtime runs each linear "
+                 "as a `FusedMatMul` with a transposed, non-constant B, where the dense graph's `MatMul` has a "
+                 "constant, pre-packed weight (the optimized graphs, inspected); and at full capacity (r = n*s) the "
+                 "bases held by the fold graph are as large as the dense weights they make, so memory is the dense "
+                 "weights plus the bases: the memory target needs compressed bases. Export time includes the "
+                 "validation (tensor cases and every task's generation parity) on a loaded 2-core machine.")
     a = d.get("anchor_genai")
     if a and a.get("ran"):
         r = a["dense_bundle_over_genai"]
