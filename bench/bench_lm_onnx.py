@@ -15,11 +15,15 @@ seeded) with a key/value cache, then side by side in one interleaved run:
 - parity: ``check_bundle`` of each bundle (tensor cases + every task's 64-token greedy generation):
   max logit difference and whether every token equals PyTorch's; export time of each mode.
 
-Anchor: onnxruntime-genai (if importable, e.g. from ``--genai-path``): its model builder's fp32 CPU
-graph of the same dense weights, prefill / decode tokens/s at 1 thread, as a ratio to the dense bundle.
+Anchor: onnxruntime-genai, kept out of the project's venv (``pip install --no-deps --target DIR``; it does
+not change onnxruntime): its model builder's fp32 CPU graph of SmolLM2 (GroupQueryAttention over a
+preallocated cache) interleaved with the dense bundle, prefill / decode tokens/s at 1 thread. The 0.18
+runtime runs with onnxruntime 1.32, but its builder needs transformers 5, so the graph is built by the
+0.11.4 builder (``--genai-builder-path``), which imports with transformers 4.57.
 
-    .venv/bin/python bench/bench_lm_onnx.py --quick      # toy, seconds (runtime_tests run it)
-    .venv/bin/python bench/bench_lm_onnx.py              # SmolLM2-135M (writes bench/results/lm_onnx.json)
+    .venv/bin/python bench/bench_lm_onnx.py --quick      # toy, under a minute (runtime_tests run it)
+    .venv/bin/python bench/bench_lm_onnx.py --no-anchor --workdir W     # SmolLM2-135M: bench/results/lm_onnx.json
+    .venv/bin/python bench/bench_lm_onnx.py --anchor-only --workdir W --genai-path G18 --genai-builder-path G11
 """
 from __future__ import annotations
 
