@@ -346,11 +346,51 @@ def render_minilm_compress(d: dict) -> str:
               f"{c['max_test']:,} test. {cut} {m['date'][:10]} (`bench/results/minilm_compress.json`).")
 
 
+def render_lm_onnx(d: dict) -> str:
+    s, e, p, mem, t = d["speed"], d["export"], d["parity"], d["memory"], d["targets"]
+    rows = []
+    for mode in ("dense", "swappable"):
+        x = e[mode]
+        rows.append([mode, f"{s['prefill_tok_s'][mode]:,.0f}", f"{s['decode_tok_s'][mode]:,.1f}",
+                     f"{x['bundle_bytes'] / 1e6:,.1f} MB", f"{100 * (x['weights_bytes'] / x['stored_bytes_fp32'] - 1):+.2f}%",
+                     f"{p[mode]['generation_max_logit_diff']:.1e}", "yes" if p[mode]["tokens_equal"] else "NO",
+                     f"{x['export_s']:.0f} s"])
+    tasks = e["swappable"]["task_files"]
+    tf = max(tasks.values(), key=lambda r: r["bytes"])
+    lines = [_table(["mode", "prefill tok/s", "decode tok/s", "bundle (without tasks)", "weights vs stored x 4 B",
+                     "max logit diff (64 greedy tokens x 3 prompts, every task)", "tokens = PyTorch", "export"], rows),
+             "",
+             f"Swappable / dense in one interleaved run: prefill {s['prefill_ratio']:.3f}x, decode {s['decode_ratio']:.3f}x "
+             f"(target >= {t['decode_ratio']}x); task switch (read and verify the adapter, one fold run) "
+             f"{s['switch_decode_steps']:.1f} decode steps (target <= {t['switch_decode_steps']:g}) vs recreating a dense "
+             f"session {s['recreate_decode_steps']:.1f}; resident memory above imports {mem['ratio_added']}x, whole "
+             f"process {mem['ratio_total']}x (target <= {t['memory_ratio']}x); a task file {tf['bytes']:,} bytes "
+             f"({tf['tensor_bytes']:,} of mixers). {d['model']}; {s['prompt_tokens']}-token prompt, "
+             f"{s['decode_steps']} decode steps, median of {s['repeats']} rounds, 1 thread ({d['machine']['date'][:10]}, "
+             f"load average {d['machine']['load_average_1_5_15'][0]}) (`bench/results/lm_onnx.json`)."]
+    lines.append("Why swappable misses its targets here: the weights are graph inputs, so ONNX Runtime runs each linear "
+                 "as a `FusedMatMul` with a transposed, non-constant B, where the dense graph's `MatMul` has a "
+                 "constant, pre-packed weight (the optimized graphs, inspected); and at full capacity (r = n*s) the "
+                 "bases held by the fold graph are as large as the dense weights they make, so memory is the dense "
+                 "weights plus the bases: the memory target needs compressed bases. Export time includes the "
+                 "validation (tensor cases and every task's generation parity) on a loaded 2-core machine.")
+    a = d.get("anchor_genai")
+    if a and a.get("ran"):
+        r = a["dense_bundle_over_genai"]
+        lines.append(f"Anchor, onnxruntime-genai {a['runtime']} (its builder's fp32 CPU graph of the same model, interleaved "
+                     f"with the dense bundle): prefill {a['prefill_tok_s']['genai']:,.0f} tok/s, decode "
+                     f"{a['decode_tok_s']['genai']:,.1f} tok/s; the dense bundle runs at {r['prefill']:.2f}x its prefill and "
+                     f"{r['decode']:.2f}x its decode speed.")
+    elif a:
+        lines.append(f"Anchor onnxruntime-genai not run: {a.get('why', '')[:200]}")
+    return "\n".join(lines)
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
-             "minilm_compress": render_minilm_compress}
+             "minilm_compress": render_minilm_compress, "lm_onnx": render_lm_onnx}
 
 
 def render(text: str) -> str:

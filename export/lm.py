@@ -148,7 +148,7 @@ class LMSessionMixin:
         for task in names:
             if task not in refs:
                 raise ConfigError(f"{self.bundle.path} has no generation reference for task {task!r}; it has {sorted(refs)}.")
-            if task != DEFAULT_TASK:
+            if task != DEFAULT_TASK or self.bundle.mode == "swappable":  # "default" is a task to switch to there
                 self._switch(task)
             results.append(check_generation(self.lm_stepper(), refs[task], tolerance, task=task))
         return results

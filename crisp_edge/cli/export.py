@@ -22,15 +22,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint)
     if args.target == "executorch":
         return _export_executorch(model, args)
+    lm = {}
+    if args.tokenizer is not None or args.max_seq_len is not None:
+        from crisp_edge.export.onnx.lm_export import load_tokenizer
+
+        lm = {"max_seq_len": args.max_seq_len,
+              "tokenizer": None if args.tokenizer is None else load_tokenizer(args.tokenizer)}
     bundle = export_onnx(model, args.out, mode=args.mode, tasks=args.task or (), opset=args.opset,
                          overwrite=args.overwrite, threads=args.threads, exporter=args.exporter,
-                         quantize=args.quantize, checkpoint=args.checkpoint)
+                         quantize=args.quantize, checkpoint=args.checkpoint, **lm)
     m = bundle.manifest
     p = m["params"]
     print(f"wrote {args.out}: {args.mode} ONNX bundle (opset {m['opset']}{_precision(m)}), weights "
           f"{p['weights_bytes']:,} bytes for {p['stored']:,} stored parameters")
     for name, t in m["tasks"].items():
         print(f"  task {name}: {t['file']} ({t['bytes']:,} bytes)")
+    if "lm" in m:
+        tok = m["lm"]["tokenizer"]
+        print(f"  language model: key/value cache of {m['lm']['max_seq_len']} tokens, "
+              + (f"tokenizer {tok['file']} ({tok['vocab_size']:,} tokens)" if tok else "no tokenizer (prompts are token ids)")
+              + f", generation references for {sorted(m['lm']['generation'])}")
     print(f"parity vs PyTorch: max abs {m['parity']['max_abs']:.2e} over {m['parity']['checked_cases']} outputs "
           f"(tolerance {m['tolerance']['atol']:g})")
     return 0
@@ -52,6 +63,11 @@ def _export_executorch(model, args: argparse.Namespace) -> int:
             print(f"  {method}: not delegated: " + ", ".join(f"{k} x{v}" for k, v in ops.items()))
     for name, t in m["tasks"].items():
         print(f"  task {name}: {t['file']} ({t['bytes']:,} bytes)")
+    if "lm" in m:
+        tok = m["lm"]["tokenizer"]
+        print(f"  language model: key/value cache of {m['lm']['max_seq_len']} tokens, "
+              + (f"tokenizer {tok['file']} ({tok['vocab_size']:,} tokens)" if tok else "no tokenizer (prompts are token ids)")
+              + f", generation references for {sorted(m['lm']['generation'])}")
     print(f"parity vs PyTorch: max abs {m['parity']['max_abs']:.2e} over {m['parity']['checked_cases']} outputs "
           f"(tolerance {m['tolerance']['atol']:g})")
     return 0
@@ -84,6 +100,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "bundles, 18..23 for factored and swappable)")
     e.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights (per channel) with dynamically quantized activations (dense mode; default: float32)")
+    e.add_argument("--max-seq-len", type=int_in(8, 1 << 20), default=None,
+                   help="language models: the longest prompt + generation a session accepts (default 256, at most "
+                        "the model's max_position_embeddings)")
+    e.add_argument("--tokenizer", default=None,
+                   help="language models: the tokenizer to store in the bundle (tokenizer.json, a Hugging Face "
+                        "folder, a .gguf file or 'smollm2')")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing bundle of the same runtime (any other folder is refused, never deleted)")
     e.add_argument("--threads", type=THREADS, default=1, help="runtime threads for validation")

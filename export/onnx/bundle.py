@@ -39,6 +39,7 @@ from crisp_edge.export.bundle import (
     read_manifest_json,
 )
 from crisp_edge.export.errors import BundleError
+from crisp_edge.export.lm import check_lm_section
 from crisp_edge.export.quantize import check_quantize_record
 from crisp_edge.files.io import check_envelope
 
@@ -115,6 +116,10 @@ def check_manifest(meta: dict, folder: Path) -> dict:
         raise BundleError(f"{where}: a {mode!r} bundle has no 'swappable' record; the manifest was edited.")
     check_reference_record(meta, where, files)
     check_quantize_record(meta, where)
+    if "lm" in meta:
+        tok = check_lm_section(meta["lm"], f"{where}: lm").get("tokenizer")
+        if tok is not None and tok["file"] not in files:
+            raise BundleError(f"{where}: the tokenizer {tok['file']!r:.80} is not listed (with its SHA-256) under 'files'.")
     return meta
 
 
@@ -130,6 +135,17 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> list[str]:
         return [path.name, data_name]
     onnx.save_model(proto, str(path))
     return [path.name]
+
+
+def io_record(graph: onnx.GraphProto, names: list[str], outputs: bool = False) -> list[dict]:
+    """The manifest's record (name, dtype, shape with symbolic axes) of the graph's inputs (or outputs) ``names``."""
+    values = {v.name: v for v in (graph.output if outputs else graph.input)}
+    out = []
+    for n in names:
+        t = values[n].type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append({"name": n, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+    return out
 
 
 def initializer_bytes(path: Path) -> int:

@@ -75,6 +75,7 @@ from crisp_edge.export.onnx.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     OnnxBundle,
+    io_record,
     save_onnx,
 )
 from crisp_edge.export.onnx.fold import (
@@ -82,6 +83,7 @@ from crisp_edge.export.onnx.fold import (
     build_fold_graph,
     take_folded_weights,
 )
+from crisp_edge.export.onnx.lm_export import export_lm_onnx, is_causal_lm
 from crisp_edge.export.onnx.optimum import (
     OptimumExport,
     export_with_optimum,
@@ -188,16 +190,6 @@ def _strip_wrapper_prefix(proto: onnx.ModelProto) -> None:
                 node.input[i] = rename[name]
 
 
-def _io_record(graph: onnx.GraphProto, names: list[str], outputs: bool = False) -> list[dict]:
-    values = {v.name: v for v in (graph.output if outputs else graph.input)}
-    out = []
-    for n in names:
-        t = values[n].type.tensor_type
-        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-        out.append({"name": n, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
-    return out
-
-
 def _tolerance_record(mode: str, quantize: str | None) -> dict[str, Any]:
     dtype = "float32" if quantize is None else SCHEMES[quantize]["dtype"]
     tol = tolerance_for("onnxruntime", mode, dtype)
@@ -209,7 +201,8 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
                 tasks: Sequence[str | os.PathLike | MixerFile] = (), opset: int = DEFAULT_OPSET,
                 overwrite: bool = False, threads: int = 1, reference_device: str = "auto",
                 reference_dtype: str = "float32", exporter: str = "torch", quantize: str | None = None,
-                checkpoint: str | os.PathLike | None = None) -> OnnxBundle:
+                checkpoint: str | os.PathLike | None = None, tokenizer: Any = None,
+                max_seq_len: int | None = None) -> OnnxBundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ONNX bundle at ``out_dir``.
 
     Args:
@@ -230,6 +223,10 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
             manifest; parity then uses the int8 tolerance.
         checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
             that tasks added later (``export-task``) get their PyTorch reference from it.
+        tokenizer, max_seq_len: a causal language model (``LlamaForCausalLM``) exports with a key/value cache
+            through ``crisp_edge.export.onnx.lm_export`` (optimum's with-past graph whatever ``exporter``
+            says; dense or swappable): its Hugging Face fast tokenizer is stored in the bundle, and
+            ``max_seq_len`` (default 256) is the longest sequence a session accepts.
 
     Returns the validated ``OnnxBundle``; raises ``ParityError`` if ORT disagrees with PyTorch.
     """
@@ -250,6 +247,15 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     check_replaceable(out_dir, BUNDLE_FORMAT, overwrite)
     check_threads(threads)
     model = model.eval()
+    if is_causal_lm(model):
+        if quantize is not None or example_input is not None:
+            raise ConfigError("a language model bundle is float32 and makes its own reference cases (prefill with "
+                              "and without a cache): drop quantize and example_input.")
+        return export_lm_onnx(model, out_dir, mode=mode, mixers=task_mixers(model, tasks), opset=opset,
+                              reference=reference, threads=threads, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                              source=source_record(checkpoint, model))
+    if tokenizer is not None or max_seq_len is not None:
+        raise ConfigError("tokenizer and max_seq_len apply to causal language models only.")
     kind = resolve_exporter(model, mode, exporter)
     if kind == "optimum":
         optimum_export = export_with_optimum(model, example_input, opset)
@@ -342,7 +348,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
             "name": EXPORTER, "kind": "torch", "torch": torch.__version__, "onnx": onnx.__version__,
             "do_constant_folding": mode != "factored"},
         "arch": getattr(model, "crisp_arch", None), "models": models, "files": files,
-        "inputs": _io_record(graph, names), "outputs": _io_record(graph, [OUTPUT_NAME], outputs=True),
+        "inputs": io_record(graph, names), "outputs": io_record(graph, [OUTPUT_NAME], outputs=True),
         "dynamic_axes": {k: {str(a): v for a, v in d.items()} for k, d in axes.items()},
         "tolerance": _tolerance_record(mode, quantize),
         "reference": reference_record(names, [OUTPUT_NAME], len(cases), list(ref), **reference),

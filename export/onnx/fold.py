@@ -74,8 +74,11 @@ def _gate(nodes: list, x: str, gate: str, tag: str) -> str:
     return out
 
 
-def build_fold_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, FoldSpec]:
-    """The fold graph of a CRISP ``model`` (its current mixers, biases and head are the defaults)."""
+def build_fold_graph(model: nn.Module, opset: int, head: bool = True) -> tuple[onnx.ModelProto, FoldSpec]:
+    """The fold graph of a CRISP ``model`` (its current mixers, biases and head are the defaults).
+
+    ``head=False`` leaves the architecture's head out (a language model's ``lm_head`` is the vocabulary
+    projection, often tied to the embedding: not a task tensor)."""
     nodes: list = []
     inits = [numpy_helper.from_array(np.array(v, np.float32), name) for name, v in
              (("const.one", 1.0), ("const.half", 0.5), ("const.inv_sqrt2", 1 / math.sqrt(2)))]
@@ -150,7 +153,7 @@ def build_fold_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, Fol
                 nodes.append(helper.make_node("Reshape", [bparts[i], bshape], [out]))
                 add_output(out, f"{name}.bias", [basis.d_out])
     head_path = None
-    found = head_module(model)
+    found = head_module(model) if head else None
     if found is not None:
         head_path, head = found
         add_overridable("head.weight", _np(head.weight), [CLASS_AXIS, head.in_features])

@@ -9,9 +9,10 @@ height, width]; ``input_ids`` / ``attention_mask`` / ``position_ids`` int64 [bat
 sequence_length]), the task's outputs (``logits``) and the patches a clean trace needs (LLaMA's
 causal mask and rotary cache), which a hand-written ``torch.onnx.export`` call would have to
 re-derive per architecture. Tasks: ``image-classification`` for ``ViTForImageClassification``,
-``text-generation`` *without* past key/values for ``LlamaForCausalLM``: the bundle contract is one
-graph with one ``logits`` output checked over whole sequences; a with-past graph adds 2 x layers
-cache inputs and outputs and a generation loop that the bundle runtime does not have.
+``text-generation`` (without past key/values) for ``LlamaForCausalLM`` when this function is called
+directly; ``export_onnx`` exports a causal LM as a language-model bundle instead (optimum's
+``text-generation-with-past`` graph, ``crisp_edge.export.onnx.lm_export``), which scores whole
+sequences too.
 
 Only ``dense``: optimum exports the architecture's own modules, so a CRISP model is first
 ``materialize_``-d on a copy (W folded into plain ``nn.Linear``). ``factored`` and ``swappable``

@@ -40,6 +40,7 @@ from crisp_edge.export.parity.compare import (
     compare,
     tolerance_for,
 )
+from crisp_edge.export.parity.lm_check import check_lm_generation, lm_tolerance, reference_model
 from crisp_edge.export.quantize import SCHEMES
 from crisp_edge.export.parity.reference import (
     DEFAULT_TASK,
@@ -95,6 +96,8 @@ def _new_report(bundle: Any, runtime: str, *, source: str, atol: float | None, m
         t = m.get("tolerance", {})
         tol = Tolerance(float(t.get("atol", ATOL_FP32)), float(t.get("min_cosine", MIN_COSINE)),
                         "the bundle manifest's own tolerance (no table entry for this runtime/mode/dtype)")
+    if "lm" in m:  # a language model: the runtime's LM entry, when the table has one
+        tol = lm_tolerance(runtime, mode, tol, dtype)
     if atol is not None or min_cosine is not None:
         _check_override(atol, min_cosine)
         tol = Tolerance(tol.atol if atol is None else float(atol), tol.min_cosine if min_cosine is None else float(min_cosine),
@@ -256,6 +259,8 @@ def check_bundle(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None =
             _compare_case(report, tol, ref, task, i, got, dtypes)
     bar.close()
     report.timings.update(run_s=run_s, set_task_s=switch_s)
+    if "lm" in b.manifest:  # a language model: generation parity too, for every task
+        check_lm_generation(report, sess, tol, tasks, failed)
     return done()
 
 
@@ -352,13 +357,13 @@ def recompute_reference(bundle: Any, model: Any, mixers: Iterable[Any] = (), *, 
     stored = read_bundle_reference(b.path, b.manifest)
     cases = [{n: torch.from_numpy(np.array(v)) for n, v in c.items()} for c in stored.inputs]
     run = dict(output_names=stored.output_names, **where)
-    outs = {DEFAULT_TASK: reference_outputs(model, cases, **run)}
+    outs = {DEFAULT_TASK: reference_outputs(reference_model(model, b.manifest), cases, **run)}
     unchecked = dict(stored.unchecked)
     for mf in mixers:
         mf = mf if isinstance(mf, MixerFile) else read_mixers(mf)
         task_model = copy.deepcopy(model)
         apply_mixers_(task_model, mf)
-        outs[mf.task] = reference_outputs(task_model, cases, **run)
+        outs[mf.task] = reference_outputs(reference_model(task_model, b.manifest), cases, **run)
         unchecked.pop(mf.task, None)
     recomputed = list(outs)
     # the bundle's other tasks keep their stored reference (still PyTorch's): none is silently left out

@@ -108,6 +108,7 @@ def report_json(report: ParityReport) -> dict[str, Any]:
         "unchecked": list(report.unchecked),
         "data": report.data or None,
         "layers": report.layers or None,
+        "generation": report.generation or None,
         "failures": [{"task": f.task, "stage": f.stage, "error": f.error, "message": f.message}
                      for f in report.failures],
         "timings": report.timings,

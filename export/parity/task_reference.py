@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from crisp_edge.export.bundle import MANIFEST, TASKS_DIR
 from crisp_edge.export.errors import BundleError
+from crisp_edge.export.parity.lm_check import reference_model
 from crisp_edge.export.parity.reference import read_reference, reference_outputs, resolve_device
 
 from crisp_edge.errors import BasisMismatchError, CrispEdgeError
@@ -104,9 +105,19 @@ def task_reference(bundle: Any, mf: Any, task: str, checkpoint: str | os.PathLik
     run = {"output_names": stored.output_names, "device": resolve_device(device), "dtype": stored.dtype}
     task_model = copy.deepcopy(model)
     apply_mixers_(task_model, mf)
-    outs = reference_outputs(task_model, cases, **run)
+    outs = reference_outputs(reference_model(task_model, bundle.manifest), cases, **run)
     arrays = {f"output.{task}.{i}.{n}": v for i, case in enumerate(outs) for n, v in case.items()}
-    return arrays, {"reference": {"checkpoint": where, "device": run["device"], "dtype": run["dtype"]}}
+    fields = {"reference": {"checkpoint": where, "device": run["device"], "dtype": run["dtype"]}}
+    lm = bundle.manifest.get("lm")
+    if isinstance(lm, dict):  # a language model: the task's greedy-generation reference on the recorded prompts too
+        from crisp_edge.export.lm import record_references
+        from crisp_edge.generation import TorchStepper
+
+        default = lm["generation"]["default"]
+        prompts = [c["prompt"] for c in default["cases"]]
+        fields["generation"] = record_references({task: TorchStepper(task_model, lm["max_seq_len"])}, prompts,
+                                                 default["max_new_tokens"])[task]
+    return arrays, fields
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -153,6 +164,12 @@ def add_task_files(bundle: Any, task: str, task_suffix: str, write: Callable[[Pa
     if isinstance(prev, dict) and isinstance(prev.get("reference"), dict):
         files.pop(prev["reference"].get("file"), None)
     arrays, fields = reference
+    fields = dict(fields)
+    generation = fields.pop("generation", None)
+    if isinstance(manifest.get("lm"), dict):  # a language model's generation reference lives in its lm section
+        manifest["lm"]["generation"].pop(task, None)
+        if generation is not None:
+            manifest["lm"]["generation"][task] = generation
     rec = {**record(rel, payload[rel]), **fields}
     if arrays is not None:
         data = npz_bytes(arrays)
@@ -200,6 +217,8 @@ def remove_task_files(bundle: Any, task: str) -> None:
         raise BundleError(f"bundle {bundle.path} has no task {task!r:.80}; it has {sorted(old.get('tasks', {}))}.")
     new = copy.deepcopy(old)
     rec = new["tasks"].pop(task)
+    if isinstance(new.get("lm"), dict):
+        new["lm"]["generation"].pop(task, None)
     if isinstance(rec.get("reference"), dict):
         new["files"].pop(rec["reference"].get("file"), None)
     commit_manifest(bundle.path, old, new)

@@ -18,6 +18,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from crisp_edge.errors import ConfigError
 from crisp_edge.export.errors import ExportError
 from crisp_edge.export.parity.check import check_bundle
 from crisp_edge.export.parity.reference import read_reference
@@ -92,9 +93,19 @@ def model_classes(model) -> int:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_llama_is_refused_with_a_typed_error(runtime, mode, tmp_path):
-    """hf-llama: a torch trace fixes the batch inside its causal mask; both exporters refuse it up front,
-    with the reason from the architecture table, and write nothing."""
+    """hf-llama: a torch trace fixes the batch inside its causal mask, so the generic trace is refused up front
+    with the reason from the architecture table, and nothing is written. ONNX Runtime exports it as a language
+    model instead (dense or swappable, with a key/value cache: runtime_tests/onnx/test_lm.py); its factored
+    mode is refused."""
     model = crisp_toy("hf-llama")
+    if runtime == "onnxruntime":
+        if mode == "factored":
+            with pytest.raises(ConfigError, match="'dense' or 'swappable'"):
+                export(runtime, model, tmp_path / "bundle", mode)
+        else:
+            bundle = export(runtime, model, tmp_path / "bundle", mode)
+            assert "lm" in bundle.manifest and check_bundle(bundle.path).passed
+        return
     with pytest.raises(ExportError, match="hf-llama .* cannot be exported this way yet: the traced graph fixes"):
         export(runtime, model, tmp_path / "bundle", mode)
     assert not (tmp_path / "bundle").exists()
