@@ -18,6 +18,15 @@ from torch import nn
 #: scheme -> the (mode, recipe) pairs ExecuTorch can run it in (see crisp_edge.export.quantize).
 MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",)}
 RECIPES: dict[str, tuple[str, ...]] = {"int8": ("xnnpack",)}
+#: Why the other modes are refused (measured: bench/results/quantize.json, ``swappable_int8``).
+REFUSALS: dict[str, str] = {
+    "swappable": "XNNPACK's quantized linear takes static int8 weights only (its partitioner leaves a linear whose "
+                 "int8 weight is a mutable buffer outside the delegate: 'Expected weight to be a static param'), so "
+                 "a set_task writing int8 weights could not reach the int8 kernels; reloading a dense int8 program "
+                 "per task costs several int8 forwards (bench/results/quantize.json, swappable_int8).",
+    "factored": "A factored program computes its weights on every forward, and XNNPACK's quantized linear takes "
+                "static int8 weights only.",
+}
 
 
 def quantize_module(module: nn.Module, args: tuple, scheme: str) -> tuple[nn.Module, dict[str, Any]]:
