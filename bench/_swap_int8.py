@@ -18,9 +18,10 @@ ONNX Runtime
 
 ExecuTorch
   * ``reload_int8``: ``load_program`` + ``load_method("forward")`` of the int8 dense program (XNNPACK packs
-    its int8 weights at load). XNNPACK's quantized linear takes static weights only
-    (``executorch/backends/xnnpack/partition/config/gemm_configs.py``: "Expected weight to be a static
-    param"), so a mutable int8 buffer written by ``set_task`` would leave every linear outside XNNPACK.
+    its int8 weights at load). XNNPACK's partitioner counts a buffer as a static weight
+    (``backends/xnnpack/utils/utils.py``: ``is_param_node``) and packs it once, at load; its only option for
+    changing weights, ``force_non_static_weights_for_f32_linear``, is for float32 linears. An int8 weight
+    buffer written by ``set_task`` would be ignored by the int8 kernels.
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def summarize(med: dict, targets: dict) -> dict:
     out["executorch"] = {
         "reload_int8_program_in_int8_forwards": round(med["executorch/reload_int8"]["median"] / e8, 4),
         "float32_dense_forward_in_int8_forwards": round(med["executorch/float32"]["median"] / e8, 4),
-        "mutable_int8_weights": "not delegated: XNNPACK's quantized linear needs static weights "
-                                "(gemm_configs.py: 'Expected weight to be a static param')",
+        "mutable_int8_weights": "not runnable: XNNPACK packs a quantized linear's int8 weights (a buffer "
+                                "included) once at load; force_non_static_weights_for_f32_linear is float32 only",
     }
     return out

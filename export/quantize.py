@@ -14,9 +14,9 @@ Which modes take which scheme is each runtime's own table (``MODES`` in ``export
 from the bases and mixers at run time (every forward, or every task switch); each runtime module says in
 ``REFUSALS`` why it cannot run those weights through its integer kernels, measured in
 ``bench/results/quantize.json`` (``swappable_int8``): ONNX Runtime's MatMulInteger cannot pre-pack a
-weight fed as an input, and an int8 switch is a float32 fold plus a per-channel requantization; XNNPACK's
-quantized linear takes static int8 weights only, so a program whose ``set_task`` writes them would run
-its linears outside XNNPACK. A request a runtime cannot honour is refused with that reason and what to
+weight fed as an input, and an int8 switch is a float32 fold plus a per-channel requantization; XNNPACK
+packs a quantized linear's int8 weights once, at load (a buffer included), so a ``set_task`` writing them
+would be ignored by its kernels. A request a runtime cannot honour is refused with that reason and what to
 use instead, never exported in float silently.
 """
 from __future__ import annotations
