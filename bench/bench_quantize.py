@@ -10,8 +10,11 @@ in one run, 1 thread, batch 1, interleaved rounds (forwards in steady state):
 * accuracy (embedded ViT, real Fashion-MNIST test images): top-1 of each bundle, the drop, and top-1
   agreement of int8 with float32; ViT-S: the parity max |diff| on the stored reference inputs only.
 
-Swappable int8 is not measured: neither runtime takes integer weights that change without a reload
-(``crisp_edge.export.quantize``). Writes ``bench/results/quantize.json``.
+Swappable int8 is refused by both exporters (``crisp_edge.export.quantize`` says why); what it would
+cost is measured here, in the same interleaved run (``_swap_int8.py``): ONNX Runtime's int8 graph with
+its weights as inputs (what a switchable int8 forward runs), the least an int8 switch costs (a float32
+fold + per-channel requantization), and reloading a dense int8 model per task in both runtimes; goals:
+swappable int8 <= 1.10x int8 dense, switch <= 0.5 int8 forwards. Writes ``bench/results/quantize.json``.
 
     .venv/bin/python bench/bench_quantize.py [--models embedded vit_small] [--repeats 30] [--eval-limit 2000]
 """
@@ -26,12 +29,15 @@ from _common import RESULTS_DIR, interleave, load_bench_model, machine_info, pin
 
 THREADS = pin_threads(1)
 
+import _swap_int8  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from crisp_edge.export import export_executorch, export_onnx  # noqa: E402
+from crisp_edge.export.onnx.session import session_options  # noqa: E402
 
 SCHEMA = 1
-TARGETS = {"bytes_ratio": 0.27, "top1_drop_points": 0.5, "top1_agreement": 0.99, "latency_ratio": 0.6}
+TARGETS = {"bytes_ratio": 0.27, "top1_drop_points": 0.5, "top1_agreement": 0.99, "latency_ratio": 0.6,
+           "swappable_ratio": 1.10, "switch_forwards": 0.5}
 
 
 def exports(model, x, work: Path, name: str) -> dict:
@@ -41,7 +47,7 @@ def exports(model, x, work: Path, name: str) -> dict:
                                                       example_input=x, quantize=q)
         out[("executorch", precision)] = export_executorch(model, work / f"{name}_et_{precision}", mode="dense",
                                                            example_input=x, quantize=q)
-    return out
+    return out, export_onnx(model, work / f"{name}_onnx_swap", mode="swappable", example_input=x)
 
 
 def bundle_bytes(bundle) -> int:
@@ -68,15 +74,21 @@ def session_is_onnx(session) -> bool:
 def bench_model(name: str, repeats: int, work: Path, eval_limit: int) -> dict:
     _, model, config, x = load_bench_model(name)
     print(f"{name}: exporting float32 and int8 bundles for both runtimes", flush=True)
-    bundles = exports(model, x, work, name)
+    bundles, float_swap = exports(model, x, work, name)
     sessions = {k: b.session(threads=1) for k, b in bundles.items()}
     xn = {rt: x.numpy() if rt == "onnxruntime" else x for rt in ("onnxruntime", "executorch")}
     cases = {f"{rt}/{p}": steady(lambda s=s, rt=rt: s(xn[rt])) for (rt, p), s in sessions.items()}
+    alternatives = {**_swap_int8.onnx_cases(bundles[("onnxruntime", "int8")], float_swap, xn["onnxruntime"], work,
+                                            lambda: session_options(1)),
+                    **_swap_int8.executorch_cases(bundles[("executorch", "int8")])}
+    keep = alternatives.pop("_keep")  # noqa: F841 - the sessions the cases use stay alive meanwhile
+    cases.update(alternatives)
     print(f"{name}: timing {repeats} rounds", flush=True)
     interleave(cases, 2)
     med = {k: summarize(v) for k, v in interleave(cases, repeats).items()}
     result = {"model": name, "crisp_config": config.to_dict(), "input_shape": list(x.shape), "seconds": med,
-              "runtimes": {}}
+              "runtimes": {}, "swappable_int8": _swap_int8.summarize(med, TARGETS)}
+    print(f"{name} swappable int8 alternatives: {result['swappable_int8']}", flush=True)
     accuracy_data = None
     if name == "embedded":
         from crisp_edge.data.fashion_mnist import load_fashion_mnist
@@ -119,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [bench_model(m, args.repeats, Path(tmp), args.eval_limit) for m in args.models]
     data = {"schema": SCHEMA, "benchmark": "quantize", "machine": machine_info(), "threads": THREADS,
             "targets": TARGETS, "protocol": {"batch": 1, "mode": "dense", "scheme": "int8",
-                                             "forwards": "steady state, interleaved rounds, median"},
+                                             "forwards": "steady state, interleaved rounds, median",
+                                             "swappable_int8": _swap_int8.__doc__.split("\n\n", 1)[1].strip()},
             "models": results}
     write_json(args.out, data)
     ok = all(all(r["checks"].values()) for m in results for r in m["runtimes"].values())

@@ -80,12 +80,14 @@ def render_onnx(d: dict) -> str:
         q = r["ratios_to_plain"]
         adapters = max((a["ratio"] for a in r["adapters"].values()), default=float("nan"))
         rows.append([r["model"], f"{q['dense']:.2f}x", f"{q['factored']:.2f}x", f"{q['swappable']:.2f}x",
-                     f"{q['switch_in_forwards']:.2f}", f"{q['recreate_session_in_forwards']:.1f}",
+                     f"{q['switch_in_forwards']:.2f}", _num(q.get("switch_from_file_in_forwards"), ".2f"),
+                     _num(q.get("verify_task_file_in_forwards"), ".3f"), f"{q['recreate_session_in_forwards']:.1f}",
                      _num(q.get("copy_floor_in_forwards"), ".2f"),
                      f"{100 * r['sizes']['swappable']['rel_diff']:+.2f}%", f"{adapters:.3f}x",
                      f"{max(r['parity_max_abs'].values()):.1e}"])
     m = d["machine"]
     return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
+                    "switch incl. reading the .onnx_adapter", "of which the file (read, verify, load)",
                     "recreate session (forwards)", "floor: copying the dense weights (forwards)",
                     "swappable weights vs stored x 4 B", "adapter / raw mixers",
                     "parity max abs"], rows)
@@ -93,7 +95,8 @@ def render_onnx(d: dict) -> str:
               f"{d['protocol']['repeats']} interleaved rounds ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}); "
               f"forwards in steady state (consecutive calls), a switch as one call after other work. "
               f"Targets: dense <= {t['dense_ratio']}x, swappable <= {t['swappable_ratio']}x, switch <= "
-              f"{t['switch_forwards']} forward, parity <= {t['parity_atol']:g} (`bench/results/onnx.json`). " + FLOOR_NOTE)
+              f"{t['switch_forwards']} forward, switch from the file <= {t.get('switch_from_file_forwards', '-')} forward "
+              f"(issue 19), parity <= {t['parity_atol']:g} (`bench/results/onnx.json`). " + SWITCH_NOTE + FLOOR_NOTE)
 
 
 def render_reliability(d: dict) -> str:
@@ -123,22 +126,28 @@ def render_executorch(d: dict) -> str:
         sizes = r["sizes"]
         rows.append([r["model"], _ratio(q, "dense"), _ratio(q, "factored"), _ratio(q, "swappable"),
                      _num(q.get("switch_in_forwards"), ".2f"), _num(q.get("switch_from_file_in_forwards"), ".2f"),
+                     _num(q.get("verify_task_file_in_forwards"), ".3f"),
                      _num(q.get("reload_program_in_forwards"), ".2f"), _num(q.get("copy_floor_in_forwards"), ".2f"),
                      f"{100 * sizes['swappable']['rel_diff']:+.2f}%" if "swappable" in sizes else "-",
                      f"{ptd:.3f}x", f"{max(r['parity_max_abs'].values()):.1e}",
                      f"{100 * min(r['top1_agreement_fmnist'].values()):.1f}%" if r.get("top1_agreement_fmnist") else "-"])
     m = d["machine"]
     return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
-                    "switch incl. reading the .ptd", "reload whole program (forwards)",
+                    "switch incl. reading the .ptd", "of which the file (read, verify)", "reload whole program (forwards)",
                     "floor: copying the dense weights (forwards)", ".pte vs stored x 4 B",
                     "task .ptd / raw mixers", "parity max abs", "top-1 agreement (Fashion-MNIST)"], rows)
             + f"\n\nXNNPACK fp32. Latency as a ratio to the original dense model lowered the plain way with XNNPACK, same "
               f"run, batch 1 (B for model@B), 1 thread, median of {d['protocol']['repeats']} interleaved rounds ({m['date'][:10]}, load "
               f"average {m['load_average_1_5_15'][0]}); forwards in steady state (consecutive calls), a switch as one "
               f"call after other work. Targets: dense <= {t['dense_ratio']}x, swappable <= "
-              f"{t['swappable_ratio']}x, switch <= {t['switch_forwards']} forward (`bench/results/executorch.json`). "
-              + FLOOR_NOTE)
+              f"{t['swappable_ratio']}x, switch <= {t['switch_forwards']} forward, switch from the file <= "
+              f"{t.get('switch_from_file_forwards', '-')} forward (issue 19; `bench/results/executorch.json`). "
+              + SWITCH_NOTE + FLOOR_NOTE)
 
+
+SWITCH_NOTE = ("A switch from the file is `set_task(path)` as a user pays it: the file read, its SHA-256 checked "
+               "against the manifest, parsed and checked, then the weights rebuilt; by name, a task verified once is "
+               "kept while its file is unchanged (inode, size, mtime, ctime) and read and verified again otherwise. ")
 
 FLOOR_NOTE = ("The floor column is one memory copy of as many bytes as a switch writes (every CRISP layer's "
               "dense weight): no switch that materialises the weights costs less, whatever computes them. Weights "
@@ -286,7 +295,37 @@ def render_quantize(d: dict) -> str:
               f"Targets: bytes <= {t['bytes_ratio']}x, latency <= {t['latency_ratio']}x, top-1 drop <= "
               f"{t['top1_drop_points']} points, agreement >= {t['top1_agreement'] * 100:.0f}% "
               "(`bench/results/quantize.json`). ViT-S has random weights (no pretrained ViT-S offline): its row "
-              "measures size and speed only.")
+              "measures size and speed only." + _swappable_int8(d))
+
+
+def _swappable_int8(d: dict) -> str:
+    """The measured alternatives to a swappable int8 bundle (refused by both exporters), if the run has them."""
+    rows = []
+    for m in d["models"]:
+        s = m.get("swappable_int8")
+        if not s:
+            continue
+        o, e = s["onnxruntime"], s["executorch"]
+        rows.append([m["model"], "ONNX Runtime", f"{o['forward_int8_weights_as_inputs_vs_int8_dense']:.2f}x",
+                     f"{o['switch_estimate_in_int8_forwards']:.2f} (fold {o['switch_parts_in_int8_forwards']['float32_fold']:.2f}"
+                     f" + requantize {o['switch_parts_in_int8_forwards']['requantize']:.2f})",
+                     f"{o['reload_int8_model_in_int8_forwards']:.2f}", f"{o['float32_dense_forward_in_int8_forwards']:.2f}x"])
+        rows.append([m["model"], "ExecuTorch", "- (weights packed once, at load)", "-",
+                     f"{e['reload_int8_program_in_int8_forwards']:.2f}", f"{e['float32_dense_forward_in_int8_forwards']:.2f}x"])
+    if not rows:
+        return ""
+    t = d["targets"]
+    return ("\n\nSwappable int8 is refused by both exporters, with the reason; what it would cost, in int8 dense "
+            "forwards, same run:\n\n"
+            + _table(["model", "runtime", "forward with changeable int8 weights", "int8 switch, at least",
+                      "reload a dense int8 model per task", "float32 forward (a float32 swappable bundle)"], rows)
+            + f"\n\nGoals: swappable int8 <= {t.get('swappable_ratio', '-')}x int8 dense, switch <= "
+              f"{t.get('switch_forwards', '-')} int8 forwards. ONNX Runtime: the int8 graph with its MatMulInteger "
+              "weights and scales as inputs (ORT pre-packs only constant weights); the switch is a float32 fold plus a "
+              "per-channel requantization, the least an int8 fold does. ExecuTorch: XNNPACK packs a quantized linear's "
+              "int8 weights once, at load (a buffer too), and its option for changing weights is float32 only, so a "
+              "`set_task` writing int8 weights would be ignored; the alternative is a dense int8 program per task, "
+              "reloaded.")
 
 
 MINILM_NAMES = {"head": "head only", "crisp_s2": "CRISP mixers s=2 + head", "crisp_s3": "CRISP mixers s=3 + head",

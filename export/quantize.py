@@ -11,10 +11,13 @@ says what a bundle's weights and activations are.
 
 Which modes take which scheme is each runtime's own table (``MODES`` in ``export/onnx/quantize.py`` and
 ``export/executorch/quantize.py``): ``dense`` today. A factored or swappable bundle computes its weights
-from the bases and mixers at run time (every forward, or every task switch) in float32; quantizing them
-there (an int8 fold output with its scales for ONNX Runtime's MatMulInteger; XNNPACK packs its int8
-weights once at load, so a switch would need a reload) is not built yet. A request a runtime cannot
-honour is refused with the reason, never exported in float silently.
+from the bases and mixers at run time (every forward, or every task switch); each runtime module says in
+``REFUSALS`` why it cannot run those weights through its integer kernels, measured in
+``bench/results/quantize.json`` (``swappable_int8``): ONNX Runtime's MatMulInteger cannot pre-pack a
+weight fed as an input, and an int8 switch is a float32 fold plus a per-channel requantization; XNNPACK
+packs a quantized linear's int8 weights once, at load (a buffer included), so a ``set_task`` writing them
+would be ignored by its kernels. A request a runtime cannot honour is refused with that reason and what to
+use instead, never exported in float silently.
 """
 from __future__ import annotations
 
@@ -31,18 +34,24 @@ SCHEMES: dict[str, dict[str, str]] = {
 }
 
 
-def check_scheme(quantize: str | None, mode: str, runtime: str, modes: dict[str, tuple[str, ...]]) -> str | None:
-    """``quantize`` if ``runtime`` can export it in ``mode`` (``modes``: scheme -> modes it supports)."""
+#: What to use instead of a quantized bundle whose weights change at run time.
+INSTEAD = ("For one task, apply its mixer file and export mode='dense' with quantize='int8' (one int8 bundle per "
+           "task); to switch tasks on device, export a float32 swappable bundle.")
+
+
+def check_scheme(quantize: str | None, mode: str, runtime: str, modes: dict[str, tuple[str, ...]],
+                 reasons: dict[str, str] | None = None) -> str | None:
+    """``quantize`` if ``runtime`` can export it in ``mode`` (``modes``: scheme -> modes it supports);
+    otherwise a ``ConfigError`` with the runtime's reason for that mode (``reasons``) and what to use."""
     if quantize is None:
         return None
     if quantize not in SCHEMES:
         raise ConfigError(f"quantize must be one of {sorted(SCHEMES)} (or None for float32), got {quantize!r}.")
     if mode not in modes.get(quantize, ()):
-        raise ConfigError(
-            f"{runtime}: quantize={quantize!r} is available for mode(s) {modes.get(quantize, ())} only. A {mode!r} "
-            "bundle computes its weights from the bases and mixers at run time (factored: every forward; "
-            "swappable: every task switch) in float32, and quantizing them there is not built yet. For one task, "
-            "apply its mixer file and export mode='dense'; to switch tasks, export a float32 swappable bundle.")
+        why = (reasons or {}).get(mode) or (
+            f"A {mode!r} bundle computes its weights from the bases and mixers at run time, in float32.")
+        raise ConfigError(f"{runtime}: quantize={quantize!r} is available for mode(s) {modes.get(quantize, ())} only. "
+                          f"{why} {INSTEAD}")
     return quantize
 
 

@@ -285,3 +285,38 @@ def inside(folder: Path, name: str, where: str, error: type[CrispEdgeError], fol
         raise error(f"{where}: {name!r} resolves to {real}, outside the {folder_kind} folder {base} (a symbolic "
                     f"link?); a {folder_kind}'s files must lie inside it.")
     return path
+
+
+def file_state(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """What changes whenever the file at ``path`` may have new contents: its device and inode (a file
+    renamed into its place), size, mtime and ctime (the kernel sets ctime on every write, rename or
+    ``utime``, and no process can set it back). ``None`` when it cannot be looked at."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class VerifiedFiles:
+    """What a verifying reader made of files, kept per key while each file is unchanged (``file_state``).
+
+    ``get(key, path, load)`` returns the value ``load()`` made the last time when the file's state is
+    still the one taken *before* that read; otherwise it calls ``load()`` again, which reads and
+    verifies the file anew, so a file replaced, edited or truncated since is read (and refused) rather
+    than answered from memory. The state is taken before the read: a file changed while it was read
+    differs from it at the next call and is read again. Nothing unverified is ever kept."""
+
+    def __init__(self) -> None:
+        self._items: dict[Any, tuple[tuple[int, ...], Any]] = {}
+
+    def get(self, key: Any, path: str | os.PathLike, load: Any) -> Any:
+        state = file_state(path)
+        hit = self._items.pop(key, None)
+        if hit is not None and state is not None and hit[0] == state:
+            self._items[key] = hit
+            return hit[1]
+        value = load()  # raises on a file that fails verification: nothing is kept then
+        if state is not None:
+            self._items[key] = (state, value)
+        return value

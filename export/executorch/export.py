@@ -71,6 +71,7 @@ from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
 from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, _unfuse_attention
 from crisp_edge.export.executorch.quantize import MODES as QUANT_MODES
+from crisp_edge.export.executorch.quantize import REFUSALS as QUANT_REFUSALS
 from crisp_edge.export.executorch.quantize import RECIPES as QUANT_RECIPES
 from crisp_edge.export.executorch.quantize import quantize_module
 from crisp_edge.export.parity.compare import tolerance_for
@@ -158,7 +159,7 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         raise ConfigError(f"mode {mode!r} needs a CRISP model (retrofit_ it first); a plain model exports as 'dense'.")
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights).")
-    quantize = check_scheme(quantize, mode, "ExecuTorch", QUANT_MODES)
+    quantize = check_scheme(quantize, mode, "ExecuTorch", QUANT_MODES, QUANT_REFUSALS)
     if quantize is not None and recipe not in QUANT_RECIPES[quantize]:
         raise ConfigError(f"quantize={quantize!r} needs recipe in {QUANT_RECIPES[quantize]} (the portable kernels have "
                           f"no quantized linear); got recipe={recipe!r}.")

@@ -18,6 +18,16 @@ from torch import nn
 #: scheme -> the (mode, recipe) pairs ExecuTorch can run it in (see crisp_edge.export.quantize).
 MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",)}
 RECIPES: dict[str, tuple[str, ...]] = {"int8": ("xnnpack",)}
+#: Why the other modes are refused (measured: bench/results/quantize.json, ``swappable_int8``).
+REFUSALS: dict[str, str] = {
+    "swappable": "XNNPACK packs a quantized linear's int8 weights once, at load, and its partitioner counts a "
+                 "buffer as a static weight (backends/xnnpack/utils/utils.py is_param_node), with no option to take "
+                 "a changing int8 weight (force_non_static_weights_for_f32_linear is float32 only): a set_task writing "
+                 "int8 weights would be ignored by the int8 kernels, a silent wrong answer. Reloading a dense int8 "
+                 "program per task costs several int8 forwards (bench/results/quantize.json, swappable_int8).",
+    "factored": "A factored program computes its weights on every forward, and XNNPACK's quantized linear takes "
+                "only weights it packs once, at load.",
+}
 
 
 def quantize_module(module: nn.Module, args: tuple, scheme: str) -> tuple[nn.Module, dict[str, Any]]:

@@ -38,7 +38,7 @@ from crisp_edge.export.executorch.bundle import (
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.tasks import check_task_ptd, read_ptd_bytes
 
-from crisp_edge.files.io import read_regular, sha256_bytes
+from crisp_edge.files.io import VerifiedFiles, read_regular, sha256_bytes
 
 DEFAULT_TASK = "default"
 
@@ -128,8 +128,9 @@ class EtCrispSession:
                                   "the program and manifest come from different exports.")
             self._check_set_task_signature(path)
             self.set_task_method = self._method("set_task")
-            self._default, _ = self._read_task(self.bundle.file(DEFAULT_PTD), m["files"][DEFAULT_PTD], "default")
-            self._cache: dict[str, tuple[dict, int | None]] = {}
+            # the bundle's task files by name, kept while each file is unchanged (read and verified again otherwise)
+            self._tasks = VerifiedFiles()
+            self._default_arrays()
 
     def _check_set_task_signature(self, path: Path) -> None:
         """The manifest's ``set_task_inputs`` are the program's own: as many, with the same shapes, in the
@@ -165,13 +166,18 @@ class EtCrispSession:
                               "export. Convert the task's mixer file again (add_task).")
         return check_task_ptd(data, self.swap, str(path), hashed=record is not None)
 
+    def _default_arrays(self) -> dict:
+        """The exported mixers and head (``default.ptd``), verified by the manifest's SHA-256."""
+        path = self.bundle.file(DEFAULT_PTD)
+        return self._tasks.get((DEFAULT_PTD,), path, lambda: self._read_task(
+            path, self.bundle.manifest["files"][DEFAULT_PTD], DEFAULT_TASK))[0]
+
     def _resolve(self, task: str | os.PathLike) -> tuple[str, dict, int | None]:
         if isinstance(task, str) and task == DEFAULT_TASK:
-            return DEFAULT_TASK, self._default, None
+            return DEFAULT_TASK, self._default_arrays(), None
         if isinstance(task, str) and task in self.bundle.tasks:
-            if task not in self._cache:
-                self._cache[task] = self._read_task(self.bundle.task_path(task), self.bundle.tasks[task], task)
-            return (task, *self._cache[task])
+            path = self.bundle.task_path(task)
+            return (task, *self._tasks.get(task, path, lambda: self._read_task(path, self.bundle.tasks[task], task)))
         if not isinstance(task, (str, os.PathLike)):
             raise AdapterError(f"a task is a name or a {PTD_SUFFIX} path, not {type(task).__name__}.")
         path = Path(task)
@@ -188,7 +194,7 @@ class EtCrispSession:
             raise ExportError(f"this bundle is {self.bundle.mode!r}; only 'swappable' bundles switch tasks.")
         self.task = None
         name, arrays, classes = self._resolve(task)
-        full = {**self._default, **arrays}
+        full = {**self._default_arrays(), **arrays}
         feeds = []
         for item in self.swap["set_task_inputs"]:
             a = full[item["name"]]

@@ -238,11 +238,13 @@ def check_task_ptd(data: bytes, swap: dict, where: str, hashed: bool = False) ->
     """Parse a task ``.ptd`` and check it against a bundle's ``swap`` record: its ``crisp.digest``, the
     bases tag, then names, dtypes and shapes. Returns (float32 task arrays, head class count or None).
 
-    ``hashed``: the caller checked ``data`` against a SHA-256 recorded in the bundle's manifest; only then
-    may a file lack ``crisp.digest`` (task files written before digests, inside their bundle). A file
-    with a digest must match it in any case."""
+    ``hashed``: the caller checked ``data`` against a SHA-256 recorded in the bundle's manifest. That pins
+    every byte of the file, its ``crisp.digest`` included, so the digest (which vouches for a file handed
+    over by path, outside any manifest) is not recomputed: it could only agree. Only then may a file lack
+    ``crisp.digest`` (task files written before digests, inside their bundle). A file given by path
+    (``hashed=False``) must carry a digest, and match it."""
     arrays = parse_ptd(data, where)
-    ok = check_digest(arrays)
+    ok = None if hashed else check_digest(arrays)
     if ok is False:
         raise AdapterError(f"{where}: its contents do not match its {DIGEST_KEY!r} (damaged or edited after export). "
                            "Re-export the task with `crisp-edge export-task BUNDLE MIXERS.safetensors`.")

@@ -91,6 +91,7 @@ from crisp_edge.export.onnx.optimum import (
     write_hf_configs,
 )
 from crisp_edge.export.onnx.quantize import MODES as QUANT_MODES
+from crisp_edge.export.onnx.quantize import REFUSALS as QUANT_REFUSALS
 from crisp_edge.export.onnx.quantize import quantize_graph
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.reference import (
@@ -237,7 +238,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights; "
                           "apply_mixers_ and export that model instead).")
-    quantize = check_scheme(quantize, mode, "ONNX Runtime", QUANT_MODES)
+    quantize = check_scheme(quantize, mode, "ONNX Runtime", QUANT_MODES, QUANT_REFUSALS)
     reference = resolve_reference(reference_device, reference_dtype)
     out_dir = Path(out_dir)
     lo, hi = OPSETS[mode]

@@ -15,6 +15,15 @@ from typing import Any
 
 #: scheme -> the bundle modes ONNX Runtime can run it in (see crisp_edge.export.quantize).
 MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",)}
+#: Why the other modes are refused (measured: bench/results/quantize.json, ``swappable_int8``).
+REFUSALS: dict[str, str] = {
+    "swappable": "A swappable int8 bundle would feed MatMulInteger its int8 weights and scales as inputs, which "
+                 "ONNX Runtime cannot pre-pack (slower than int8 dense on every forward), and each task switch "
+                 "would be the float32 fold plus a per-channel requantization, more than the int8 forwards a "
+                 "switch may cost (bench/results/quantize.json, swappable_int8).",
+    "factored": "A factored bundle builds its weights in float32 on every forward; quantizing them there would "
+                "add a requantization to every forward.",
+}
 
 
 def quantize_graph(path: Path, scheme: str) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from crisp_edge.export.inputs import as_input_array
 from crisp_edge.export.onnx.adapter import check_adapter, check_adapter_record, read_adapter_bytes
 from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, load_bundle
 
-from crisp_edge.files.io import check_regular, sha256_bytes
+from crisp_edge.files.io import VerifiedFiles, check_regular, sha256_bytes
 
 #: The exported model's own mixers, biases and head (the fold with no adapter active).
 DEFAULT_TASK = "default"
@@ -70,7 +70,8 @@ class OnnxCrispSession:
         self.fold = None
         self.task: str | None = None
         self._weights: dict[str, ort.OrtValue] | None = None
-        self._adapters: dict[str, ort.LoraAdapter] = {}  # the bundle's own tasks, by name, once loaded
+        # the bundle's own tasks by name, kept while their files are unchanged (read and verified again otherwise)
+        self._adapters = VerifiedFiles()
         self._generation = 0  # bumped by every switch: a thread's binding of older weights is stale
         self._local = threading.local()
         self._tmp: str | None = None
@@ -185,16 +186,21 @@ class OnnxCrispSession:
                 pass
         return adapter
 
+    def _bundle_adapter(self, name: str) -> ort.LoraAdapter:
+        """The bundle's task ``name``, read and verified on first use and again whenever its file changed
+        (``VerifiedFiles``: a file replaced or edited since is read anew and refused by its SHA-256)."""
+        return self._adapters.get(name, self.bundle.task_path(name), lambda: self._read(name)[1])
+
     def load_adapter(self, task: str | os.PathLike) -> str:
         """Read, check and keep a task of the bundle (names, shapes, bases tag and SHA-256), so that
-        switching to it later is one fold run; returns its name. An adapter *file* is checked but not
-        kept: ``set_task(path)`` reads it again, so an edited file never runs from a stale copy."""
+        switching to it later is one fold run while its file is unchanged; returns its name. An adapter
+        *file* is checked but not kept: ``set_task(path)`` reads and verifies it on every call."""
         if not self.swappable:
             raise ExportError(f"this bundle is {self.bundle.mode!r}; only 'swappable' bundles load adapters.")
-        name, adapter = self._read(task)
         if isinstance(task, str) and task in self.bundle.tasks:
-            self._adapters[name] = adapter
-        return name
+            self._bundle_adapter(task)
+            return task
+        return self._read(task)[0]
 
     def set_task(self, task: str | os.PathLike) -> str:
         """Switch to ``task``: fold its mixers into dense weights once. Returns the task's name.
@@ -210,13 +216,11 @@ class OnnxCrispSession:
         opts = ort.RunOptions()
         if isinstance(task, str) and task == DEFAULT_TASK:
             name = DEFAULT_TASK
-        elif isinstance(task, str) and task in self._adapters:
+        elif isinstance(task, str) and task in self.bundle.tasks:
             name = task
-            opts.add_active_adapter(self._adapters[name])
+            opts.add_active_adapter(self._bundle_adapter(task))
         else:
-            name, adapter = self._read(task)
-            if isinstance(task, str) and task in self.bundle.tasks:
-                self._adapters[name] = adapter
+            name, adapter = self._read(task)  # a file by path: read and verified on every call
             opts.add_active_adapter(adapter)
         try:
             values = self.fold.run_with_ort_values(self.weight_names, {}, opts)

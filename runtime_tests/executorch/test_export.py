@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -334,3 +335,37 @@ def test_overwrite_replaces_only_an_executorch_bundle(model, tmp_path):
     with pytest.raises(BundleError, match="a bundle of another runtime"):
         export_executorch(model, tmp_path / "onnx", mode="dense", recipe="portable", overwrite=True)
     assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["format"] == "crisp-edge/onnx-bundle"
+
+
+def test_a_task_file_changed_after_its_first_use_is_caught(bundle_copy):
+    """As for ONNX bundles: a task kept by name is answered from memory only while its file is
+    unchanged; a file swapped underneath, or edited in place with size and mtime put back, is read
+    again and refused by the manifest's SHA-256, by name and by path."""
+    sess = bundle_copy.session()
+    x = torch.randn(2, 1, 16, 16)
+    t1 = bundle_copy.path / "tasks" / "t1.ptd"
+    good = t1.read_bytes()
+    sess.set_task("t1")
+    want = sess(x)
+    tmp = bundle_copy.path / "tasks" / "swapped.tmp"
+    tmp.write_bytes((bundle_copy.path / "tasks" / "t2.ptd").read_bytes())
+    os.replace(tmp, t1)  # another task's valid file, renamed into t1's place
+    with pytest.raises(BundleError, match="recorded SHA-256"):
+        sess.set_task("t1")
+    with pytest.raises(NoTaskError):
+        sess(x)
+    t1.write_bytes(good)
+    sess.set_task("t1")
+    assert np.array_equal(sess(x), want)
+    st = t1.stat()
+    damaged = bytearray(good)
+    at = good.find(check_task_ptd(good, bundle_copy.manifest["swappable"], "t1", hashed=True)[0]["head.weight"].tobytes())
+    assert at > 0
+    damaged[at] ^= 0x40  # the lowest mantissa byte of the head's first weight
+    with open(t1, "r+b") as f:
+        f.write(damaged)
+    os.utime(t1, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(BundleError, match="recorded SHA-256"):
+        sess.set_task("t1")
+    with pytest.raises(AdapterError):  # by path: no manifest record, so its own crisp.digest refuses it
+        sess.set_task(t1)

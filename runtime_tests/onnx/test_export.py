@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -372,3 +373,36 @@ def test_an_interrupted_multi_file_update_is_finished_when_the_bundle_is_opened(
     monkeypatch.setattr(tx.os, "replace", real)
     assert "t3" in load_bundle(folder).tasks
     assert not (folder / tx.JOURNAL).exists()
+
+
+def test_a_task_file_changed_after_its_first_use_is_caught(swappable, tmp_path):
+    """set_task(name) keeps a verified task only while its file is unchanged: a file swapped underneath,
+    or edited in place with its size and mtime put back, is read again and refused by its SHA-256;
+    set_task(path) reads and verifies the file on every call."""
+    folder = tmp_path / "b"
+    shutil.copytree(swappable.path, folder)
+    sess = load_bundle(folder).session()
+    x = x_input().numpy()
+    t1 = folder / "tasks" / "t1.onnx_adapter"
+    good = t1.read_bytes()
+    sess.set_task("t1")
+    want = sess(x)
+    tmp = folder / "tasks" / "swapped.tmp"
+    tmp.write_bytes((folder / "tasks" / "t2.onnx_adapter").read_bytes())
+    os.replace(tmp, t1)  # another task's (valid) adapter renamed into t1's place
+    for task in ("t1", t1):
+        with pytest.raises(BundleError, match="recorded SHA-256"):
+            sess.set_task(task)
+    with pytest.raises(NoTaskError):
+        sess(x)  # a failed switch leaves no task
+    t1.write_bytes(good)
+    sess.set_task("t1")
+    assert np.array_equal(sess(x), want)
+    st = t1.stat()
+    damaged = bytearray(good)
+    damaged[-5] ^= 0x40  # a bit of the head's last value
+    with open(t1, "r+b") as f:
+        f.write(damaged)
+    os.utime(t1, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(BundleError, match="recorded SHA-256"):
+        sess.set_task("t1")

@@ -63,10 +63,13 @@ def test_int8_tolerance_still_catches_a_wrong_model(int8_bundle):
     assert not report.passed
 
 
-@pytest.mark.parametrize("mode", ["factored", "swappable"])
-def test_int8_is_refused_where_weights_change_at_run_time(mode, tmp_path):
-    with pytest.raises(ConfigError, match="dense"):
+@pytest.mark.parametrize("mode, why", [("factored", "every forward"),
+                                       ("swappable", "MatMulInteger .* cannot pre-pack .* requantization")])
+def test_int8_is_refused_where_weights_change_at_run_time(mode, why, tmp_path):
+    """The refusal says why for this runtime and mode, and what to use instead; nothing is written."""
+    with pytest.raises(ConfigError, match=why) as e:
         export_onnx(crisp_toy(), tmp_path / "b", mode=mode, quantize="int8")
+    assert "mode='dense' with quantize='int8'" in str(e.value) and "float32 swappable" in str(e.value)
     assert not (tmp_path / "b").exists()
 
 

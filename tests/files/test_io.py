@@ -8,6 +8,7 @@ import pytest
 
 from crisp_edge.errors import CheckpointError, DataError
 from crisp_edge.files.io import (
+    VerifiedFiles,
     atomic_write_bytes,
     atomic_write_json,
     read_json,
@@ -156,3 +157,36 @@ def test_sha256_file_refuses_a_fifo_instead_of_blocking(tmp_path):
     os.mkfifo(tmp_path / "f")
     with pytest.raises(OSError):
         sha256_file(tmp_path / "f")
+
+
+def test_verified_files_reads_again_whenever_the_file_changed(tmp_path):
+    """A kept value is answered only while the file is the one it was made from: a file renamed into
+    its place, or edited in place with its size and mtime put back, is read (and verified) again."""
+    path = tmp_path / "task.bin"
+    path.write_bytes(b"A" * 64)
+    reads = []
+
+    def load():
+        data = path.read_bytes()
+        reads.append(data)
+        if b"X" in data:
+            raise DataError("damaged")  # the verifying reader refuses it
+        return data
+
+    cache = VerifiedFiles()
+    assert cache.get("t", path, load) == b"A" * 64
+    assert cache.get("t", path, load) == b"A" * 64
+    assert len(reads) == 1  # unchanged: kept
+    tmp = tmp_path / "new.bin"
+    tmp.write_bytes(b"B" * 64)
+    os.replace(tmp, path)  # swapped underneath
+    assert cache.get("t", path, load) == b"B" * 64
+    assert len(reads) == 2
+    st = path.stat()
+    with open(path, "r+b") as f:  # one byte flipped in place; size and mtime restored
+        f.write(b"X")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for _ in range(2):  # refused each time, never answered from memory
+        with pytest.raises(DataError, match="damaged"):
+            cache.get("t", path, load)
+    assert len(reads) == 4
