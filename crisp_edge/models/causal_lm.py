@@ -59,7 +59,7 @@ def load_causal_lm(source: str | Path = SMOLLM2, dtype: torch.dtype = torch.floa
         kw = {"gguf_file": path.name, "local_files_only": True}
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kw)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kw)
+            tokenizer = _auto_tokenizer(path)
         except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as e:
             raise ConfigError(f"cannot load GGUF {path}: {type(e).__name__}: {str(e)[:300]}. It must be a "
                               "GGUF of an architecture transformers reads (llama, mistral, qwen2, ...).") from None
@@ -68,7 +68,7 @@ def load_causal_lm(source: str | Path = SMOLLM2, dtype: torch.dtype = torch.floa
 
         model = load_hf_pretrained(path).to(dtype)
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = _auto_tokenizer(path)
         except (OSError, ValueError):
             tokenizer = None
     else:
@@ -76,6 +76,27 @@ def load_causal_lm(source: str | Path = SMOLLM2, dtype: torch.dtype = torch.floa
     if not hasattr(model, "lm_head"):
         raise ConfigError(f"{source} is a {type(model).__name__}, not a causal LM with an lm_head.")
     return model.eval(), tokenizer
+
+
+def _auto_tokenizer(path: Path):
+    import transformers
+
+    if path.is_file():  # a GGUF file carries its tokenizer
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_tokenizer(source: str | Path):
+    """The tokenizer of a causal LM, offline: ``"smollm2"``, a ``.gguf`` file (read from the file) or a local
+    Hugging Face folder with tokenizer files. A ConfigError says what is missing."""
+    path = find_smollm2_gguf() if str(source) == SMOLLM2 else Path(source)
+    if not ((path.is_file() and path.suffix == ".gguf") or (path.is_dir() and (path / "config.json").exists())):
+        raise ConfigError(f"{source}: a tokenizer comes from 'smollm2', a .gguf file or a Hugging Face model folder.")
+    try:
+        return _auto_tokenizer(path)
+    except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {str(e)[:300]}. A Hugging Face "
+                          "folder needs tokenizer.json (tokenizer.save_pretrained(folder)).") from None
 
 
 @dataclass(frozen=True)
