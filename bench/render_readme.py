@@ -346,11 +346,31 @@ def render_minilm_compress(d: dict) -> str:
               f"{c['max_test']:,} test. {cut} {m['date'][:10]} (`bench/results/minilm_compress.json`).")
 
 
+def render_adapt_lm(d: dict) -> str:
+    p, c, m = d["perplexity"], d["config"], d["machine"]
+    domains = list(p["original"])
+    rows = [["original (no task)", *[f"{p['original'][e]:.2f}" for e in domains], "0", "-"]]
+    for key, label, tasks, size in (("crisp", "CRISP mixers", d.get("crisp_tasks", {}), "file_bytes"),
+                                    ("lora_r8", "LoRA r=8", d.get("lora_tasks", {}), "adapter_bytes_fp32")):
+        for task, row in p.get(key, {}).items():
+            best = min(row.values())
+            cells = [(f"**{row[e]:.2f}**" if row[e] == best else f"{row[e]:.2f}") for e in domains]
+            nbytes = tasks[task][size]
+            rows.append([f"{label}: task {task}", *cells, f"{tasks[task]['trainable']:,}",
+                         f"{nbytes / 1024:.1f} KiB" + (" (fp32 tensors)" if key == "lora_r8" else "")])
+    held = "; ".join(f"{k}: train {v['train']}, held-out {v['heldout']}" for k, v in d["domains"].items())
+    return (_table(["model / task", *[f"perplexity on {e}" for e in domains], "trainable", "task file"], rows)
+            + f"\n\nHeld-out perplexity, windows of {c['window']} tokens ({held}); bold: the task's best domain. "
+              f"Mixer lr {c['mixer_lr']:g}, LoRA lr {c['lora_lr']:g} (alpha 16, q/k/v/o/gate/up/down). "
+              f"**Reduced run**: {'; '.join(d['cut'])}. Retrofit worst layer error {d['retrofit']['max_rel_error']:.1e}. "
+              f"1 thread, {m['date'][:10]} (`bench/results/adapt_lm.json`).")
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
-             "minilm_compress": render_minilm_compress}
+             "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm}
 
 
 def render(text: str) -> str:
