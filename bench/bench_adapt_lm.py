@@ -123,8 +123,8 @@ def main() -> int:
     cfg = dict(QUICK if args.quick else FULL)
     cfg |= {k: v for k, v in vars(args).items() if k in cfg and v is not None}
     result = {"schema": SCHEMA, "config": cfg, "cut": cuts(cfg, args.quick), "domains": {
-        d: {"train": f"{src} (first windows in hash order of chunks)" if held is None else src,
-            "heldout": held or f"{src} (other windows of the same order)"} for d, (src, held) in DOMAINS.items()},
+        d: {"train": f"{src} (the windows after the held-out ones, chunks in hash order)" if held is None else src,
+            "heldout": held or f"{src} (its first windows, chunks in hash order)"} for d, (src, held) in DOMAINS.items()},
         "completed": [], "machine": machine_info()}
 
     def log(stage: str) -> None:

@@ -20,11 +20,8 @@ import copy
 import sys
 import time
 
-from _common import RESULTS_DIR, machine_info, pin_threads, write_json
-
-THREADS = pin_threads(1)
-
-import bench_compress_minilm as bcm  # noqa: E402
+import bench_compress_minilm as bcm  # pins one thread (its --threads) before torch loads
+from _common import RESULTS_DIR, machine_info, write_json
 
 import crisp_edge as ce  # noqa: E402
 from crisp_edge.errors import CrispEdgeError  # noqa: E402

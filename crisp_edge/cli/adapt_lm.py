@@ -1,7 +1,7 @@
 """crisp-edge adapt on a language model: a plain UTF-8 text trains a CRISP LLaMA's mixers (next-token
 prediction, bases frozen) and becomes a task's mixer file.
 
-    crisp-edge adapt smollm2-crisp/ --data kjv.txt --task-name kjv        # a CRISP LlamaForCausalLM checkpoint
+    crisp-edge adapt smollm2-crisp/ --data kjv.txt --name kjv             # a CRISP LlamaForCausalLM checkpoint
     crisp-edge adapt smollm2-crisp/ --data notes.txt --val held.txt --window 128 --epochs 1
 
 ``cmd_adapt`` (``cli/adapt.py``) hands over here when the checkpoint is a causal LM and ``--data`` is a
