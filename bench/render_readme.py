@@ -358,7 +358,8 @@ def render_adapt_lm(d: dict) -> str:
             cells = [(f"**{row[e]:.2f}**" if row[e] == best[e] else f"{row[e]:.2f}") for e in domains]
             nbytes = tasks[task][size]
             rows.append([f"{label}: task {task}", *cells, f"{tasks[task]['trainable']:,}",
-                         f"{nbytes / 1024:.1f} KiB" + (" (fp32 tensors)" if key == "lora_r8" else "")])
+                         (f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} KiB")
+                         + (" (fp32 tensors)" if key == "lora_r8" else "")])
     held = "; ".join(f"{k}: train {v['train']}, held-out {v['heldout']}" for k, v in d["domains"].items())
     return (_table(["model / task", *[f"perplexity on {e}" for e in domains], "trainable", "task file"], rows)
             + f"\n\nHeld-out perplexity, windows of {c['window']} tokens ({held}); bold: the best of each method's tasks on that domain (each task should win its own). "
@@ -387,12 +388,29 @@ def render_minilm_alg6(d: dict) -> str:
               f"{c['distill_batch']}). {cut} {d['machine']['date'][:10]} (`bench/results/minilm_alg6.json`).")
 
 
+def render_minilm_layout(d: dict) -> str:
+    rows = []
+    for r in d["runs"]:
+        name = f"CRISP s={r['s']}" if r["method"] == "crisp" else r["method"]
+        if "error" in r:
+            rows.append([name, r.get("allocation", "-"), "-", "-", "-", f"not built: {r['error'][:80]}"])
+            continue
+        ranks = ", ".join(f"{k} {v}" for k, v in r["ranks"].items()) if "ranks" in r else "-"
+        rows.append([name, r.get("allocation", "-"), f"{100 * r['kept_fraction']:.1f}%",
+                     f"{r['mixers_per_task']:,}" if "mixers_per_task" in r else "-", f"{r['cosine']:.3f}", ranks])
+    return (_table(["method", "allocation", "kept", "mixers per task", "cosine", "basis rank per role"], rows)
+            + f"\n\nData-free (SVD init, no distillation), one group of 6 blocks per role; s=in: s = d_in (an "
+              f"output-side basis), s=out: s = d_out transposed (input side). Cosine of the sentence embedding with "
+              f"the original's over {d['embed_texts']} held-out WordNet glosses; baselines at CRISP s=4 greedy's "
+              f"budget (the other CRISP layouts store up to 1.4 points more: a rank step is coarser there). {'; '.join(d['cut'])}. {d['machine']['date'][:10]} (`bench/results/minilm_layout.json`).")
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
              "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
-             "minilm_alg6": render_minilm_alg6}
+             "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout}
 
 
 def render(text: str) -> str:
