@@ -18,6 +18,12 @@ projections).
 
     .venv/bin/python bench/bench_compress_minilm.py            # the full configuration (FULL; a GPU's job)
     .venv/bin/python bench/bench_compress_minilm.py --quick    # a smoke run (the test's)
+    .venv/bin/python bench/bench_compress_minilm.py --methods crisp --keeps 0.5 --alg6   # + Alg. 6 (below)
+
+``--alg6`` (issue 17 deliverable 3, Alg. 6: compress, then adapt): after CRISP's distillation at each kept
+fraction, each task trains a new head + the student's mixers (bases frozen; ``ALG6_MIXER_LR``, the same head,
+epochs and data as the head-only judge), and the uncompressed CRISP teacher's mixers are trained the same
+way: the JSON's ``alg6`` compares them (and head-only on each).
 
 Writes ``bench/results/minilm_compress.json`` with ``cut``: every way the run differs from ``FULL``.
 """
@@ -57,6 +63,8 @@ QUICK = {"keeps": [0.5], "methods": list(METHODS), "tasks": ["wordnet-verbs"], "
          "distill_epochs": 1, "distill_batch": 8, "distill_lr": 2e-4, "head_epochs": 1, "max_train": 64,
          "max_test": 32, "embed_texts": 16}
 HEAD_LR = 1e-2
+#: Alg. 6's mixer rate: bench_minilm.py's CRISP rate, chosen there on the validation split (SWEEP).
+ALG6_MIXER_LR = 3e-3
 #: distill_lr: not tuned at full size. The ViT benchmark's 2e-3 (every parameter training) wrecked MiniLM in the
 #: quick run: after 2 steps the embedding cosine of svd / basis sharing / fips fell from 0.41 / 0.57 / 0.69 to
 #: 0.12 / 0.07 / 0.22; a pretrained BERT's usual fine-tuning rates are 1e-5 to 1e-4.
@@ -91,6 +99,21 @@ def judge(model, original_emb, embed_batch, tasks: dict, cfg: dict) -> dict:
     return out
 
 
+def adapt_mixers(model, tasks: dict, cfg: dict) -> dict:
+    """Alg. 3 on a CRISP encoder, per task: a fresh head (as ``judge``'s) + the mixers train, bases frozen."""
+    out = {}
+    for name, (classes, splits) in tasks.items():
+        m = copy.deepcopy(model)
+        fresh_head(m, classes, seed=0)
+        mixers = [layer.crisp_mixer for layer in ce.crisp_layers(m).values()]
+        sec, _ = train(m, [{"params": list(m.classifier.parameters()), "lr": HEAD_LR},
+                           {"params": mixers, "lr": ALG6_MIXER_LR}], splits["train"], epochs=cfg["head_epochs"],
+                       batch_size=32, seed=0)
+        out[name] = {"test_acc": accuracy(m, splits["test"]), "mixers": sum(p.numel() for p in mixers),
+                     "seconds_per_epoch": round(sec, 1)}
+    return out
+
+
 def build(method: str, plan, original, teacher, x, budget: int):
     if method.startswith("crisp"):
         return init_student(teacher, plan, init="svd")
@@ -116,6 +139,8 @@ def main() -> int:
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=FULL[k])
     ap.add_argument("--distill-lr", type=float, default=FULL["distill_lr"],
                     help="AdamW peak rate of the distillation (every parameter trains)")
+    ap.add_argument("--alg6", action="store_true", help="after CRISP's distillation, train mixers per task (Alg. 6) "
+                                                         "and compare with the uncompressed CRISP mixers")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "minilm_compress.json")
     a = ap.parse_args()
     cfg = dict(QUICK) if a.quick else {
@@ -145,6 +170,10 @@ def main() -> int:
               "original": {"stored_targeted": original_params, **judge(original, original_emb, embed_batch, tasks, cfg)},
               "machine": machine_info(), "threads": THREADS, "runs": []}
     print("original", result["original"], flush=True)
+    if a.alg6:
+        result["alg6"] = {"mixer_lr": ALG6_MIXER_LR, "head_lr": HEAD_LR, "epochs": cfg["head_epochs"],
+                          "uncompressed_crisp": adapt_mixers(teacher, tasks, cfg), "compressed": {}}
+        print("alg6 uncompressed", result["alg6"]["uncompressed_crisp"], flush=True)
     dcfg = DistillConfig(epochs=cfg["distill_epochs"], batch_size=cfg["distill_batch"], lr=cfg["distill_lr"],
                          lambda_kl=0.0, lambda_feat=1.0)
     for keep in cfg["keeps"]:
@@ -162,6 +191,10 @@ def main() -> int:
                 rec["distill_seconds"] = round(rep.to_dict().get("seconds", 0.0), 1)
                 student.eval()
                 rec["after"] = judge(student, original_emb, embed_batch, tasks, cfg)
+                if a.alg6 and method == "crisp":
+                    rec["alg6"] = adapt_mixers(student, tasks, cfg)
+                    result["alg6"]["compressed"][str(keep)] = {
+                        "kept_fraction": rec["kept_fraction"], "head_only": rec["after"]["head_acc"], **rec["alg6"]}
             rec["seconds"] = round(time.perf_counter() - t, 1)
             result["runs"].append(rec)
             print(method, keep, {k: rec[k] for k in ("stored", "before")}, rec.get("after"), flush=True)

@@ -425,11 +425,72 @@ def render_lm_onnx(d: dict) -> str:
     return "\n".join(lines)
 
 
+def render_adapt_lm(d: dict) -> str:
+    p, c, m = d["perplexity"], d["config"], d["machine"]
+    domains = list(p["original"])
+    rows = [["original (no task)", *[f"{p['original'][e]:.2f}" for e in domains], "0", "-"]]
+    for key, label, tasks, size in (("crisp", "CRISP mixers", d.get("crisp_tasks", {}), "file_bytes"),
+                                    ("lora_r8", "LoRA r=8", d.get("lora_tasks", {}), "adapter_bytes_fp32")):
+        table = p.get(key, {})
+        best = {e: min(row[e] for row in table.values()) for e in domains}  # per domain, among this method's tasks
+        for task, row in table.items():
+            cells = [(f"**{row[e]:.2f}**" if row[e] == best[e] else f"{row[e]:.2f}") for e in domains]
+            nbytes = tasks[task][size]
+            rows.append([f"{label}: task {task}", *cells, f"{tasks[task]['trainable']:,}",
+                         (f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} KiB")
+                         + (" (fp32 tensors)" if key == "lora_r8" else "")])
+    held = "; ".join(f"{k}: train {v['train']}, held-out {v['heldout']}" for k, v in d["domains"].items())
+    return (_table(["model / task", *[f"perplexity on {e}" for e in domains], "trainable", "task file"], rows)
+            + f"\n\nHeld-out perplexity, windows of {c['window']} tokens ({held}); bold: the best of each method's tasks on that domain (each task should win its own). "
+              f"Mixer lr {c['mixer_lr']:g}, LoRA lr {c['lora_lr']:g} (alpha 16, q/k/v/o/gate/up/down). "
+              f"**Reduced run**: {'; '.join(d['cut'])}. Retrofit worst layer error {d['retrofit']['max_rel_error']:.1e}. "
+              f"1 thread, {m['date'][:10]} (`bench/results/adapt_lm.json`).")
+
+
+def render_minilm_alg6(d: dict) -> str:
+    g, o, c = d["alg6"], d["original"], d["config"]
+    tasks = list(g["uncompressed_crisp"])
+    rows = [["100%", "original, head only", *[f"{100 * o['head_acc'][t]:.1f}" for t in tasks], "0"],
+            ["100%", "CRISP mixers + head (uncompressed, s=4)",
+             *[f"{100 * g['uncompressed_crisp'][t]['test_acc']:.1f}" for t in tasks],
+             f"{g['uncompressed_crisp'][tasks[0]]['mixers']:,}"]]
+    for keep, r in g["compressed"].items():
+        kept = f"{100 * r['kept_fraction']:.1f}%"
+        rows.append([kept, "compressed CRISP, head only", *[f"{100 * r['head_only'][t]:.1f}" for t in tasks], "0"])
+        rows.append([kept, "compressed CRISP, mixers + head (Alg. 6)", *[f"{100 * r[t]['test_acc']:.1f}" for t in tasks],
+                     f"{r[tasks[0]]['mixers']:,}"])
+    cut = ("**Reduced run**: " + "; ".join(d["cut"]) + ".") if d["cut"] else "Full configuration."
+    return (_table(["kept", "model", *[f"test acc. {t} %" for t in tasks], "mixers"], rows)
+            + f"\n\nEvery row trains the same new head ({g['epochs']} epoch(s), lr {g['head_lr']:g}, {c['max_train']:,} "
+              f"examples, {c['max_test']:,} test); mixers at lr {g['mixer_lr']:g}, bases frozen. Compression: CRISP "
+              f"greedy ranks, distilled on {d['distill']['data']} ({c['distill_epochs']} epoch(s), batch "
+              f"{c['distill_batch']}). {cut} {d['machine']['date'][:10]} (`bench/results/minilm_alg6.json`).")
+
+
+def render_minilm_layout(d: dict) -> str:
+    rows = []
+    for r in d["runs"]:
+        name = f"CRISP s={r['s']}" if r["method"] == "crisp" else r["method"]
+        if "error" in r:
+            rows.append([name, r.get("allocation", "-"), "-", "-", "-", f"not built: {r['error'][:80]}"])
+            continue
+        ranks = ", ".join(f"{k} {v}" for k, v in r["ranks"].items()) if "ranks" in r else "-"
+        rows.append([name, r.get("allocation", "-"), f"{100 * r['kept_fraction']:.1f}%",
+                     f"{r['mixers_per_task']:,}" if "mixers_per_task" in r else "-", f"{r['cosine']:.3f}", ranks])
+    return (_table(["method", "allocation", "kept", "mixers per task", "cosine", "basis rank per role"], rows)
+            + f"\n\nData-free (SVD init, no distillation), one group of 6 blocks per role; s=in: s = d_in (an "
+              f"output-side basis), s=out: s = d_out transposed (input side). Cosine of the sentence embedding with "
+              f"the original's over {d['embed_texts']} held-out WordNet glosses; baselines at CRISP s=4 greedy's "
+              f"budget (the other CRISP layouts store up to 1.4 points more: a rank step is coarser there). {'; '.join(d['cut'])}. {d['machine']['date'][:10]} (`bench/results/minilm_layout.json`).")
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
-             "minilm_compress": render_minilm_compress, "lm_onnx": render_lm_onnx}
+             "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
+             "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
+             "lm_onnx": render_lm_onnx}
 
 
 def render(text: str) -> str:

@@ -215,3 +215,30 @@ def make_lm_task_file(model: nn.Module, path: str | Path, task: str = "task1", s
             layer.crisp_mixer.add_(scale * torch.randn(layer.crisp_mixer.shape, generator=g))
     save_mixers(m, path, task=task, head=False)
     return Path(path)
+
+
+#: The toy tokenizer's characters (after lower-casing); id 0 is "[UNK]", so ids stay below the toy LLaMA's 64.
+TOY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:'!?-\n"
+
+
+def toy_char_tokenizer():
+    """A character-level Hugging Face fast tokenizer (lower-cased, ``TOY_CHARS``, unknown -> 0) whose ids
+    fit the toy LLaMA's vocabulary of 64: real tokenizer code paths (``save_pretrained`` /
+    ``AutoTokenizer``) without a download."""
+    import tokenizers
+    import transformers
+
+    vocab = {"[UNK]": 0} | {c: i + 1 for i, c in enumerate(TOY_CHARS)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.Lowercase()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("(?m:.)"), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def toy_llama_folder(path: str | Path, seed: int = 0, depth: int = 2) -> Path:
+    """A local Hugging Face model folder (``config.json``, safetensors weights, tokenizer files) holding the
+    toy LLaMA and ``toy_char_tokenizer``: what ``crisp-edge retrofit FOLDER`` and the text commands read."""
+    path = Path(path)
+    toy_hf_llama(seed=seed, depth=depth).save_pretrained(path, safe_serialization=True)
+    toy_char_tokenizer().save_pretrained(path)
+    return path

@@ -3,16 +3,20 @@
     crisp-edge adapt ckpt/ --data my-images/ --val-fraction 0.1 --out mine.mixers.safetensors
     crisp-edge adapt ckpt/ --task mnist                      # a built-in task
     crisp-edge adapt ckpt/ --data reviews.jsonl              # text + label; the model's own tokenizer
+    crisp-edge adapt llama-ckpt/ --data domain.txt           # a language model: see cli/adapt_lm.py
 """
 from __future__ import annotations
 
 import argparse
 
+from crisp_edge.cli.adapt_lm import add_lm_arguments, cmd_adapt_lm, is_lm_text
 from crisp_edge.cli.data_args import add_data_arguments, add_tokenizer_argument
 from crisp_edge.cli.options import BATCH, COUNT
 from crisp_edge.training.adapt import AdaptConfig
+from crisp_edge.training.adapt_lm import AdaptLMConfig
 
-_ADAPT = AdaptConfig()  # the library's defaults are the command's defaults
+_ADAPT = AdaptConfig()
+_LM = AdaptLMConfig()  # the library's defaults are the command's defaults
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -28,6 +32,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     if (args.task is None) == (args.data is None):
         raise ConfigError("pass --data PATH (your data) or --task NAME (a built-in task: mnist | digits | fmnist5).")
+    if is_lm_text(args):  # a causal LM and a .txt: language-model adaptation, its own defaults
+        return cmd_adapt_lm(args)
+    args.epochs = _ADAPT.train.epochs if args.epochs is None else args.epochs
+    args.batch_size = _ADAPT.train.batch_size if args.batch_size is None else args.batch_size
+    args.lr = _ADAPT.mixer_lr if args.lr is None else args.lr
     if args.task is not None and (args.val is not None or args.val_fraction is not None or args.tokenizer):
         raise ConfigError("--val, --val-fraction and --tokenizer go with --data; a built-in task has its own test split.")
     name = args.name or args.task or task_name(args.data)
@@ -76,15 +85,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--name", help="the task's name in the mixer file (default: --task, or the data's folder/file name)")
     a.add_argument("--out", help="mixer file to write (default: NAME.mixers.safetensors)")
     a.add_argument("--overwrite", action="store_true", help="replace the mixer file already at --out")
-    a.add_argument("--epochs", type=COUNT, default=_ADAPT.train.epochs)
-    a.add_argument("--batch-size", type=BATCH, default=_ADAPT.train.batch_size)
-    a.add_argument("--lr", type=float, default=_ADAPT.mixer_lr, help="mixer learning rate")
+    a.add_argument("--epochs", type=COUNT, default=None,
+                   help=f"default {_ADAPT.train.epochs} ({_LM.train.epochs} for a language model's text)")
+    a.add_argument("--batch-size", type=BATCH, default=None,
+                   help=f"default {_ADAPT.train.batch_size} ({_LM.train.batch_size} windows for a language model)")
+    a.add_argument("--lr", type=float, default=None,
+                   help=f"mixer learning rate (default {_ADAPT.mixer_lr}; {_LM.mixer_lr} for a language model)")
     a.add_argument("--head-lr", type=float, default=_ADAPT.head_lr)
     a.add_argument("--no-head", action="store_true", help="keep the model's head (do not train a new one)")
     a.add_argument("--train-biases", action="store_true", help="also train the CRISP layers' biases")
     a.add_argument("--fp16", action="store_true", help="store the mixer file in float16")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--train-limit", type=int, default=None, help="train on the first N training examples only")
+    a.add_argument("--train-limit", type=int, default=None, help="train on the first N training examples (windows) only")
     a.add_argument("--no-progress", action="store_true")
+    add_lm_arguments(a)
     a.set_defaults(func=cmd_adapt)
     return a

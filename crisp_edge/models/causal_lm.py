@@ -59,7 +59,7 @@ def load_causal_lm(source: str | Path = SMOLLM2, dtype: torch.dtype = torch.floa
         kw = {"gguf_file": path.name, "local_files_only": True}
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kw)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kw)
+            tokenizer = _auto_tokenizer(path)
         except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as e:
             raise ConfigError(f"cannot load GGUF {path}: {type(e).__name__}: {str(e)[:300]}. It must be a "
                               "GGUF of an architecture transformers reads (llama, mistral, qwen2, ...).") from None
@@ -68,7 +68,7 @@ def load_causal_lm(source: str | Path = SMOLLM2, dtype: torch.dtype = torch.floa
 
         model = load_hf_pretrained(path).to(dtype)
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = _auto_tokenizer(path)
         except (OSError, ValueError):
             tokenizer = None
     else:
@@ -76,6 +76,14 @@ def load_causal_lm(source: str | Path = SMOLLM2, dtype: torch.dtype = torch.floa
     if not hasattr(model, "lm_head"):
         raise ConfigError(f"{source} is a {type(model).__name__}, not a causal LM with an lm_head.")
     return model.eval(), tokenizer
+
+
+def _auto_tokenizer(path: Path):
+    import transformers
+
+    if path.is_file():  # a GGUF file carries its tokenizer
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 @dataclass(frozen=True)

