@@ -123,3 +123,21 @@ def make_task_file(model: nn.Module, path: str | Path, task: str = "task1", seed
     new_head_(m, num_classes, seed=seed)
     save_mixers(m, path, task=task, biases=biases)
     return Path(path)
+
+
+def make_lm_task_file(model: nn.Module, path: str | Path, task: str = "task1", seed: int = 1,
+                      scale: float = 0.5) -> Path:
+    """A stand-in language-model task: ``model``'s mixers perturbed (seeded, by ``scale``) and saved as a
+    mixer file at ``path`` without a head (an LM's head is its vocabulary projection, not a task tensor)."""
+    import copy
+
+    from crisp_edge.files.mixers import save_mixers
+    from crisp_edge.method.convert import crisp_layers
+
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in crisp_layers(m).values():
+            layer.crisp_mixer.add_(scale * torch.randn(layer.crisp_mixer.shape, generator=g))
+    save_mixers(m, path, task=task, head=False)
+    return Path(path)

@@ -56,6 +56,8 @@ class Runtime:
     loader: str
     session: str
     probe: str = ""
+    #: the session of a language-model bundle (a manifest with an ``lm`` section), when the runtime has one
+    lm_session: str = ""
 
     def resolve(self, which: str) -> Any:
         module, _, attr = getattr(self, which).partition(":")
@@ -71,10 +73,12 @@ class Runtime:
 RUNTIMES: dict[str, Runtime] = {
     "crisp-edge/onnx-bundle": Runtime("onnxruntime", "crisp_edge.export.onnx.bundle:load_bundle",
                                       "crisp_edge.export.onnx.session:OnnxCrispSession",
-                                      "crisp_edge.export.onnx.probe:intermediate_outputs"),
+                                      "crisp_edge.export.onnx.probe:intermediate_outputs",
+                                      "crisp_edge.export.onnx.lm_session:OnnxLMSession"),
     "crisp-edge/executorch-bundle": Runtime("executorch", "crisp_edge.export.executorch.bundle:load_et_bundle",
                                             "crisp_edge.export.executorch.session:EtCrispSession",
-                                            "crisp_edge.export.executorch.probe:intermediate_outputs"),
+                                            "crisp_edge.export.executorch.probe:intermediate_outputs",
+                                            "crisp_edge.export.executorch.lm_session:EtLMSession"),
 }
 
 
@@ -293,8 +297,12 @@ class Bundle:
 
     def session(self, threads: int = 1, **kwargs):
         """A session of this bundle's runtime (``threads`` = the runtime's intra-op threads)."""
-        cls = runtime_of(self.manifest.get("format"), str(self.path / MANIFEST)).resolve("session")
-        return cls(self, threads=threads, **kwargs)
+        runtime = runtime_of(self.manifest.get("format"), str(self.path / MANIFEST))
+        lm = "lm" in self.manifest
+        if lm and not runtime.lm_session:
+            raise BundleError(f"{self.path} is a language-model bundle, which crisp-edge's {runtime.name} runtime "
+                              "cannot run yet.")
+        return runtime.resolve("lm_session" if lm else "session")(self, threads=threads, **kwargs)
 
     def weights_bytes(self) -> int:
         """Bytes of every weight the bundle's model files hold (not task files)."""
