@@ -78,6 +78,43 @@ def load_causal_lm(source: str | Path = SMOLLM2, dtype: torch.dtype = torch.floa
     return model.eval(), tokenizer
 
 
+
+def load_tokenizer(source: str | Path):
+    """The tokenizer of a causal LM source, offline: a ``.gguf`` file (or ``"smollm2"``), a Hugging Face folder
+    (``None`` when it holds no tokenizer files) or a ``tokenizer.json`` (a ``tokenizers.Tokenizer``)."""
+    import transformers
+
+    path = find_smollm2_gguf() if str(source) == SMOLLM2 else Path(source)
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        if path.is_file() and path.suffix == ".json":
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(path))
+        if path.is_dir():
+            try:
+                return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError):
+                return None
+    except Exception as e:  # noqa: BLE001 - the tokenizer libraries' own parse errors
+        raise ConfigError(f"cannot read a tokenizer from {path}: {type(e).__name__}: {str(e)[:300]}.") from None
+    raise ConfigError(f"{source}: a tokenizer comes from a .gguf file, a Hugging Face folder or a tokenizer.json.")
+
+
+def origin_tokenizer(model: nn.Module):
+    """The tokenizer of the GGUF file or Hugging Face folder ``model``'s weights came from (its recorded
+    origin), when that file is still there; None otherwise."""
+    from crisp_edge.models.weights import origin_of
+
+    origin = origin_of(model) or {}
+    files = origin.get("files") or []
+    if origin.get("kind") == "gguf" and files and Path(files[0].get("path", "")).is_file():
+        return load_tokenizer(files[0]["path"])
+    if origin.get("kind") == "hf-folder" and Path(str(origin.get("name", ""))).is_dir():
+        return load_tokenizer(origin["name"])
+    return None
+
 @dataclass(frozen=True)
 class KJVText:
     """The King James Bible, verse references stripped: ``calibration`` = the Old Testament
