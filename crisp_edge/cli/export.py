@@ -9,6 +9,7 @@ Listed in ``crisp_edge.cli.main.VERBS``; ``export-task`` lives in ``crisp_edge.c
 from __future__ import annotations
 
 import argparse
+import sys
 
 from crisp_edge.cli.options import BATCH, COUNT, THREADS, int_in
 
@@ -36,22 +37,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_options(model, args: argparse.Namespace) -> dict:
+    """A causal LM's export options: the cache length and its tokenizer (``--tokenizer``, else the one of the
+    GGUF / Hugging Face folder the checkpoint's weights came from, when it is still there)."""
+    from crisp_edge.errors import ConfigError
+    from crisp_edge.export.lm import is_causal_lm
+    from crisp_edge.models.causal_lm import load_tokenizer, origin_tokenizer
+
+    if not is_causal_lm(model):
+        if args.max_seq_len is not None or args.tokenizer is not None:
+            raise ConfigError("--max-seq-len and --tokenizer apply to causal language models (LlamaForCausalLM).")
+        return {}
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer is not None else origin_tokenizer(model)
+    if tok is None:
+        print("note: no tokenizer found for this model (pass --tokenizer); the bundle takes token ids.", file=sys.stderr)
+    return {"tokenizer": tok, "max_seq_len": args.max_seq_len}
+
+
 def _export_executorch(model, args: argparse.Namespace) -> int:
     from crisp_edge.export.executorch.export import export_executorch
     from crisp_edge.testing import example_inputs
 
+    lm = _lm_options(model, args)
+    example = None if lm else example_inputs(model, batch=args.batch)
     bundle = export_executorch(model, args.out, mode=args.mode, recipe=args.recipe, tasks=args.task or (),
-                               example_input=example_inputs(model, batch=args.batch), max_classes=args.max_classes,
+                               example_input=example, max_classes=args.max_classes,
                                overwrite=args.overwrite, threads=args.threads, quantize=args.quantize,
-                               checkpoint=args.checkpoint)
+                               checkpoint=args.checkpoint, **lm)
     m = bundle.manifest
-    print(f"wrote {args.out}: {args.mode} ExecuTorch bundle ({args.recipe}{_precision(m)}, batch {m['batch']}), program "
+    shape = f"cache {m['lm']['max_seq_len']} tokens" if lm else f"batch {m['batch']}"
+    print(f"wrote {args.out}: {args.mode} ExecuTorch bundle ({args.recipe}{_precision(m)}, {shape}), program "
           f"{m['params']['program_bytes']:,} bytes for {m['params']['stored']:,} stored parameters")
     for method, ops in m["non_delegated_ops"].items():
         if ops and args.recipe != "portable":
             print(f"  {method}: not delegated: " + ", ".join(f"{k} x{v}" for k, v in ops.items()))
     for name, t in m["tasks"].items():
         print(f"  task {name}: {t['file']} ({t['bytes']:,} bytes)")
+    if "lm" in m:
+        tok = m["lm"]["tokenizer"]
+        print(f"  language model: key/value cache of {m['lm']['max_seq_len']} tokens, "
+              + (f"tokenizer {tok['file']} ({tok['vocab_size']:,} tokens)" if tok else "no tokenizer (prompts are token ids)")
+              + f", generation references for {sorted(m['lm']['generation'])}")
     print(f"parity vs PyTorch: max abs {m['parity']['max_abs']:.2e} over {m['parity']['checked_cases']} outputs "
           f"(tolerance {m['tolerance']['atol']:g})")
     return 0
@@ -84,6 +110,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "bundles, 18..23 for factored and swappable)")
     e.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights (per channel) with dynamically quantized activations (dense mode; default: float32)")
+    e.add_argument("--max-seq-len", type=int_in(8, 1 << 20), default=None,
+                   help="language models: the longest prompt + generation a session accepts (default 256, at most "
+                        "the model's max_position_embeddings)")
+    e.add_argument("--tokenizer", default=None,
+                   help="language models: the tokenizer to store in the bundle (tokenizer.json, a Hugging Face "
+                        "folder, a .gguf file or 'smollm2')")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing bundle of the same runtime (any other folder is refused, never deleted)")
     e.add_argument("--threads", type=THREADS, default=1, help="runtime threads for validation")
