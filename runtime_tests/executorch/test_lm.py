@@ -210,3 +210,34 @@ def test_export_refuses_what_an_lm_bundle_cannot_be(model, tmp_path):
     with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings"):
         export_executorch(model, tmp_path / "long", mode="dense", max_seq_len=64)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_cpp_runner_generates_the_sessions_tokens(swappable, tmp_path):
+    from runtime_tests.executorch.test_runner import RUNNER_DIR
+
+    exe = tmp_path / "crisp_et_runner"
+    r = subprocess.run(["bash", str(RUNNER_DIR / "build.sh"), sys.executable, str(exe)], capture_output=True,
+                       text=True, timeout=900, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sess = swappable.session(threads=1)
+    prompt = [5, 9, 3, 7]
+    swap = swappable.manifest["swappable"]
+    foreign = write_task_ptd(_alpha_mixers(swappable), tmp_path / "foreign.ptd", swap["tag"] ^ 1)
+    mine = write_task_ptd(_alpha_mixers(swappable), tmp_path / "mine.ptd", swap["tag"])  # alpha, given by path
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([str(exe), str(swappable.path), str(out), "--generate", ",".join(map(str, prompt)),
+                        "--max-new-tokens", "12", "--task", "alpha", "--task", "beta", "--task", "default",
+                        "--task", f"mine={mine}"], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for task in ("alpha", "beta", "default"):
+        want = sess.generate(prompt, 12, task=task, stop_at_eos=False)["token_ids"]
+        assert (out / f"tokens.{task}.txt").read_text().strip() == ",".join(map(str, want)), task
+    assert (out / "tokens.mine.txt").read_text() == (out / "tokens.alpha.txt").read_text()
+    bad = subprocess.run([str(exe), str(swappable.path), str(out), "--generate", "1,2", "--max-new-tokens", "3",
+                          "--task", f"x={foreign}"], capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 3 and "tag" in bad.stderr, bad.stderr[-2000:]  # a task file for other bases
+    long = subprocess.run([str(exe), str(swappable.path), str(out), "--generate", ",".join(["1"] * 32),
+                           "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300, check=False)
+    assert long.returncode == 2 and "key/value cache holds 32" in long.stderr
