@@ -510,6 +510,8 @@ std::vector<float> read_npy(const std::string& path, const std::vector<int64_t>&
   return out;
 }
 
+void write_output(const std::string& path, const std::string& bytes);
+
 void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
   std::string dims;
   for (auto d : shape) dims += std::to_string(d) + ",";
@@ -524,6 +526,11 @@ void write_npy(const std::string& path, const float* data, const std::vector<int
   bytes += char(header.size() >> 8);
   bytes += header;
   bytes.append(reinterpret_cast<const char*>(data), size_t(n) * 4);
+  write_output(path, bytes);
+}
+
+// An output file: written to a fresh PATH.tmp, then renamed into place (never through a link or FIFO).
+void write_output(const std::string& path, const std::string& bytes) {
   std::string tmp = path + ".tmp";
   ::unlink(tmp.c_str());  // a stale file, link or FIFO of that name: O_EXCL below creates a fresh file
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0644);
@@ -850,8 +857,7 @@ int run(int argc, char** argv) {
     std::string text;
     for (size_t i = 0; i < ids.size(); ++i) text += (i ? "," : "") + std::to_string(ids[i]);
     std::string path = out_dir + "/tokens." + name + ".txt";
-    FILE* fp = std::fopen(path.c_str(), "w");
-    if (!fp || std::fputs((text + "\n").c_str(), fp) < 0 || std::fclose(fp) != 0) throw Fail{kUsage, path + ": cannot write"};
+    write_output(path, text + "\n");
     std::cout << "task " << name << ": " << text << "\n";
   };
   if (m.mode != "swappable") {
