@@ -241,3 +241,20 @@ def test_cpp_runner_generates_the_sessions_tokens(swappable, tmp_path):
     long = subprocess.run([str(exe), str(swappable.path), str(out), "--generate", ",".join(["1"] * 32),
                            "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300, check=False)
     assert long.returncode == 2 and "key/value cache holds 32" in long.stderr
+
+
+@pytest.mark.slow
+def test_cli_exports_a_checkpoint_and_generates(model, tmp_path, capsys):
+    from crisp_edge.files.checkpoint import save_checkpoint
+
+    save_checkpoint(model, tmp_path / "ckpt")
+    toy_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    assert cli_main(["export", str(tmp_path / "ckpt"), "--target", "executorch", "--mode", "dense", "--out",
+                     str(tmp_path / "lm"), "--max-seq-len", "16", "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    out = capsys.readouterr().out
+    assert "cache 16 tokens" in out and "tokenizer tokenizer.json (64 tokens)" in out
+    assert cli_main(["generate", str(tmp_path / "lm"), "--prompt", "w1 w2", "--max-new-tokens", "4"]) == 0
+    want = load_et_bundle(tmp_path / "lm").session().generate("w1 w2", 4)["text"]
+    assert capsys.readouterr().out == want + "\n"
+    assert cli_main(["export", str(tmp_path / "ckpt"), "--target", "executorch", "--out", str(tmp_path / "x"),
+                     "--max-seq-len", "64"]) == 2  # beyond the model's 32 positions
