@@ -25,6 +25,8 @@ from crisp_edge.export.executorch.export import export_executorch
 from crisp_edge.export.executorch.lm_session import EtLMSession, validate_lm_bundle
 from crisp_edge.export.executorch.tasks import check_task_ptd, read_ptd_bytes, write_task_ptd
 from crisp_edge.export.lm import record_references, reference_prompts
+from crisp_edge.export.parity.compare import Tolerance
+from crisp_edge.export.parity.generation import check_generation
 from crisp_edge.generation import TorchStepper
 from crisp_edge.testing import make_lm_task_file, toy_hf_llama
 
@@ -82,6 +84,9 @@ def test_each_task_generates_its_own_pytorch_reference(swappable, model, tasks):
         ref = record_references({t: TorchStepper(_with_mixers(model, path), 32)}, [prompt], 12)[t]
         assert got[t] == ref["cases"][0]["tokens"]
     assert len({tuple(v) for v in got.values()}) == 3, got  # the task changes the text
+    sess.set_task("beta")  # the wrong task for alpha's reference: parity notices
+    wrong = check_generation(sess.lm_stepper(), m["lm"]["generation"]["alpha"], Tolerance(1e-4, 0.999, "test"), "alpha")
+    assert not wrong.tokens_match and not wrong.logits_match
 
 
 def _with_mixers(model, path):
