@@ -179,7 +179,7 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
             raise ConfigError("a causal language model exports in float32 with tokens as inputs: quantize and "
                               "example_input do not apply (set max_seq_len for the cache length).")
         return export_lm_executorch(model, out_dir, mode=mode, recipe=recipe, mixers=task_mixers(model, tasks),
-                                    threads=threads, validate=validate, tokenizer=tokenizer,
+                                    threads=threads, validate=validate, reference=reference, tokenizer=tokenizer,
                                     max_seq_len=max_seq_len, source=source_record(checkpoint, model))
     if tokenizer is not None or max_seq_len is not None:
         raise ConfigError("tokenizer and max_seq_len apply to causal language models (LlamaForCausalLM) only.")

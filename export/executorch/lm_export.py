@@ -24,7 +24,9 @@ mixers alone. Task files are ``tasks/<name>.ptd`` as for every swappable ExecuTo
 The manifest is the ExecuTorch bundle's plus ``dynamic_axes`` and the ``lm`` section
 (``crisp_edge.export.lm``): ``max_seq_len``, the tokenizer when the model came with one
 (``tokenizer.json``, hash-pinned) and a greedy generation reference per task from the PyTorch model with
-that task's mixers. The export is validated by generation parity of every task in ExecuTorch.
+that task's mixers. ``reference.npz`` holds tensor cases too (prefills of seeded prompts from an empty
+cache: the last position's logits), so ``crisp-edge parity`` compares tensors as for every bundle. The
+export is validated by generation parity of every task in ExecuTorch.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from torch import nn
 
 from crisp_edge._version import __version__
 from crisp_edge.errors import ConfigError
-from crisp_edge.export.bundle import MANIFEST, TASKS_DIR, bundle_tag, file_record
+from crisp_edge.export.bundle import MANIFEST, REFERENCE, TASKS_DIR, bundle_tag, file_record
 from crisp_edge.export.executorch.bundle import (
     DEFAULT_PTD,
     ET_BUNDLE_FORMAT,
@@ -56,6 +58,7 @@ from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_t
 from crisp_edge.export.lm import lm_section, record_references, reference_prompts, resolve_max_seq_len, task_models
 from crisp_edge.export.model_io import _stored_params
 from crisp_edge.export.parity.compare import tolerance_for
+from crisp_edge.export.parity.reference import REFERENCE_SEED, reference_outputs, reference_record, write_reference
 from crisp_edge.export.writing import write_validated
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import atomic_write_json
@@ -68,6 +71,20 @@ OUTPUT_NAME = "logits"
 #: Token count of the example the program is traced with (any count > 1 that fits the cache: the token
 #: dimension is dynamic; 1 would be specialised away by the tracer).
 _EXAMPLE_TOKENS = 4
+#: The tensor reference (``reference.npz``, what ``crisp-edge parity`` compares beside generation): seeded
+#: prompts of these lengths, each a prefill from an empty cache, and the last position's logits.
+REFERENCE_TOKENS = (6, 3)
+
+
+class _Prefill(nn.Module):
+    """The PyTorch reference of a tensor case: ``model``'s last-position logits for ``tokens`` at ``input_pos``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, position_ids=input_pos.unsqueeze(0)).logits[:, -1]
 
 
 class _StaticCacheLM(nn.Module):
@@ -124,8 +141,8 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int) -> tuple[dict, dict
 
 
 def export_lm_executorch(model: nn.Module, out_dir: Path, *, mode: str, recipe: str, mixers: Sequence[MixerFile],
-                         threads: int, validate: bool, tokenizer: Any = None, max_seq_len: int | None = None,
-                         source: dict | None = None) -> EtBundle:
+                         threads: int, validate: bool, reference: dict, tokenizer: Any = None,
+                         max_seq_len: int | None = None, source: dict | None = None) -> EtBundle:
     """Write and validate the LM bundle (``export_executorch`` checked the common arguments and routes here)."""
     from crisp_edge.export.executorch.lm_session import validate_lm_bundle
 
@@ -133,12 +150,12 @@ def export_lm_executorch(model: nn.Module, out_dir: Path, *, mode: str, recipe: 
         raise ConfigError(f"a language model exports as 'dense' or 'swappable' (with a key/value cache), not {mode!r}.")
     seq = resolve_max_seq_len(model, max_seq_len)
     return write_validated(out_dir, lambda folder: _write_lm_bundle(model, folder, mode, recipe, mixers, seq,
-                                                                    tokenizer, source),
+                                                                    tokenizer, source, reference),
                            EtBundle, threads=threads, validate=validate_lm_bundle if validate else None)
 
 
 def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mixers: Sequence[MixerFile],
-                     max_seq_len: int, tokenizer: Any, source: dict | None) -> dict:
+                     max_seq_len: int, tokenizer: Any, source: dict | None, reference: dict) -> dict:
     import executorch
 
     vocab = int(model.config.vocab_size)
@@ -170,8 +187,14 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
         tok_record = write_tokenizer(tokenizer, folder, model.config)
         files.append(tok_record["file"])
     prompts = reference_prompts(BundleTokenizer.load(folder, tok_record, vocab) if tok_record else None, vocab)
-    generation = record_references({t: TorchStepper(m, max_seq_len) for t, m in task_models(model, mixers).items()},
-                                   prompts)
+    by_task = task_models(model, mixers)
+    generation = record_references({t: TorchStepper(m, max_seq_len) for t, m in by_task.items()}, prompts)
+    g = torch.Generator().manual_seed(REFERENCE_SEED)
+    cases = [{"tokens": torch.randint(0, vocab, (1, n), generator=g), "input_pos": torch.arange(n)}
+             for n in REFERENCE_TOKENS]
+    write_reference(folder, cases, {t: reference_outputs(_Prefill(m), cases, output_names=[OUTPUT_NAME], **reference)
+                                    for t, m in by_task.items()})
+    files.append(REFERENCE)
     tol = tolerance_for("executorch", mode, "float32", recipe=recipe)
     stored = _stored_params(model)
     manifest: dict[str, Any] = {
@@ -186,6 +209,8 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
         "inputs": io["inputs"], "outputs": io["outputs"], "batch": 1,
         "dynamic_axes": {"tokens": {"1": "tokens"}, "input_pos": {"0": "tokens"}},
         "non_delegated_ops": ops,
+        "reference": reference_record(list(INPUT_NAMES), [OUTPUT_NAME], len(cases), list(by_task),
+                                      batches=[1] * len(cases), seed=REFERENCE_SEED, **reference),
         "tolerance": {"atol": tol.atol, "min_cosine": tol.min_cosine, "dtype": "float32", "reason": tol.reason},
         "params": {"stored": stored, "stored_bytes_fp32": 4 * stored, "crisp_groups": len(crisp_bases(model)),
                    "program_bytes": (folder / PROGRAM).stat().st_size},

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crisp_edge.export.bundle import feeds_by_name
 from crisp_edge.export.errors import BundleError, ExportError, NoTaskError, ParityError
 from crisp_edge.export.executorch.bundle import EtBundle
 from crisp_edge.export.executorch.session import EtCrispSession
@@ -73,8 +74,17 @@ class EtLMSession(LMSessionMixin, EtCrispSession):
         return super().set_task(task)
 
     def run(self, feeds: Any) -> dict[str, np.ndarray]:
-        raise ExportError(f"{self.bundle.path} is a language-model bundle: use generate(prompt, ...), or "
-                          "lm_stepper().step(token_ids, position) for raw logits.")
+        """A tensor case (``crisp-edge parity``'s): a prefill of ``tokens`` [1, T] at ``input_pos`` 0..T-1 from an
+        empty cache; returns ``{"logits": [1, vocab]}`` of the last position. Decoding: ``generate``."""
+        feeds = feeds_by_name(feeds, self.input_names)
+        tokens, pos = np.asarray(feeds["tokens"]), np.asarray(feeds["input_pos"])
+        if not (tokens.ndim == 2 and tokens.shape[0] == 1 and np.issubdtype(tokens.dtype, np.integer)
+                and pos.shape == (tokens.shape[1],) and (pos == np.arange(pos.size)).all()):
+            raise ExportError(f"{self.bundle.path} is a language-model bundle: run() takes one prefill from an empty "
+                              "cache (tokens [1, T], input_pos 0..T-1); decode with generate(prompt, ...) or "
+                              "lm_stepper().step(token_ids, position).")
+        self._stepper.reset()
+        return {self.output_names[0]: self._stepper.step(tokens[0], 0).reshape(1, -1)}
 
 
 @dataclass

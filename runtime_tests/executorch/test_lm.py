@@ -19,12 +19,13 @@ import pytest
 import crisp_edge as ce
 from crisp_edge.cli.main import main as cli_main
 from crisp_edge.errors import ConfigError, DataError
-from crisp_edge.export.errors import AdapterError, BundleError, NoTaskError
+from crisp_edge.export.errors import AdapterError, BundleError, ExportError, NoTaskError
 from crisp_edge.export.executorch.bundle import load_et_bundle
 from crisp_edge.export.executorch.export import export_executorch
 from crisp_edge.export.executorch.lm_session import EtLMSession, validate_lm_bundle
 from crisp_edge.export.executorch.tasks import check_task_ptd, read_ptd_bytes, write_task_ptd
 from crisp_edge.export.lm import record_references, reference_prompts
+from crisp_edge.export.parity.check import check_bundle
 from crisp_edge.export.parity.compare import Tolerance
 from crisp_edge.export.parity.generation import check_generation
 from crisp_edge.generation import TorchStepper
@@ -78,6 +79,8 @@ def test_each_task_generates_its_own_pytorch_reference(swappable, model, tasks):
     assert isinstance(sess, EtLMSession)
     report = validate_lm_bundle(swappable)
     assert report.passed and report.max_abs < 1e-4, report.summary()
+    tensors = check_bundle(swappable)  # crisp-edge parity: the stored prefill cases of every task
+    assert tensors.passed and len(tensors.comparisons) >= 2 * 3, tensors
     prompt = [5, 9, 3, 7]
     got = {t: sess.generate(prompt, 12, task=t)["token_ids"] for t in ("default", *TASKS)}
     for t, path in zip(TASKS, tasks):  # the reference computed here, not the one stored at export
@@ -122,8 +125,8 @@ def test_refusals(swappable, tmp_path):
         sess.generate(list(range(40)), 3, task="alpha")
     with pytest.raises(DataError, match="token ids must be in"):
         sess.generate([64], 3, task="alpha")
-    with pytest.raises(Exception, match="language-model bundle"):
-        sess.run({"tokens": np.zeros((1, 32), np.int64)})
+    with pytest.raises(ExportError, match="one prefill from an empty cache"):
+        sess.run({"tokens": np.zeros((1, 2), np.int64), "input_pos": np.array([3, 4])})
     swap = swappable.manifest["swappable"]
     arrays = _alpha_mixers(swappable)
     foreign = write_task_ptd(arrays, tmp_path / "foreign.ptd", swap["tag"] ^ 1)  # made for other bases
