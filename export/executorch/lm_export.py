@@ -187,7 +187,9 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
         tok_record = write_tokenizer(tokenizer, folder, model.config)
         files.append(tok_record["file"])
     prompts = reference_prompts(BundleTokenizer.load(folder, tok_record, vocab) if tok_record else None, vocab)
-    by_task = task_models(model, mixers)
+    # each task's model with its weights folded once (the same W = B G(A) a CRISP forward computes at every
+    # call): a 64-token reference then costs 64 dense steps, not 64 rebuilds of every weight
+    by_task = {t: materialize_(copy.deepcopy(m)) if is_crisp(m) else m for t, m in task_models(model, mixers).items()}
     generation = record_references({t: TorchStepper(m, max_seq_len) for t, m in by_task.items()}, prompts)
     g = torch.Generator().manual_seed(REFERENCE_SEED)
     cases = [{"tokens": torch.randint(0, vocab, (1, n), generator=g), "input_pos": torch.arange(n)}
