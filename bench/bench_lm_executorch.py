@@ -178,11 +178,24 @@ def main() -> None:
         "reload_in_decode_steps": round(med["reload_dense"] / med["decode_dense"], 2),
         "rss_swappable_vs_dense": round(rss["swappable"] / rss["dense"], 3),
     }
+    r, task_ok = result["ratios"], all(t["within_target"] for t in result["exports"]["swappable"]["tasks"].values())
+    result["meets_targets"] = {
+        "prefill_ratio": r["prefill_swappable_vs_dense"] >= TARGETS["prefill_ratio"],
+        "decode_ratio": r["decode_swappable_vs_dense"] >= TARGETS["decode_ratio"],
+        "switch_decode_steps": r["switch_in_decode_steps"] <= TARGETS["switch_decode_steps"],
+        "rss_ratio": r["rss_swappable_vs_dense"] <= TARGETS["rss_ratio"], "task_bytes": task_ok,
+        "parity": all(p["passed"] for v in result["parity"].values() for p in v)}
     write_json(out, result)
     print(json.dumps({"ratios": result["ratios"], "rates": result["rates"],
                       "parity": {m: [(r["task"], r["tokens_match"], max(c["max_abs_diff"] for c in r["cases"]))
                                      for r in v] for m, v in result["parity"].items()}}, indent=1))
     print(f"wrote {out}")
+    missed = sorted(k for k, ok in result["meets_targets"].items() if not ok)
+    if missed:
+        print(f"missed targets: {missed}" + (" (the toy's timings are overhead, not the model: informative only)"
+                                             if q else ""))
+    if missed and not q:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
