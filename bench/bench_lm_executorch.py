@@ -128,6 +128,7 @@ def main() -> None:
         tol = Tolerance(m["tolerance"]["atol"], m["tolerance"]["min_cosine"], m["tolerance"]["reason"])
         result["parity"][mode] = [r.to_dict() for r in s.check_generation(tol)]
         sessions[mode] = s
+        write_json(out, {**result, "complete": False})  # a long run keeps what it measured so far
     for mf_path in tasks:  # task file vs its mixers' raw bytes
         mf = read_mixers(mf_path)
         raw = sum(t.numel() * 4 for t in mf.tensors.values())
@@ -185,6 +186,7 @@ def main() -> None:
         "switch_decode_steps": r["switch_in_decode_steps"] <= TARGETS["switch_decode_steps"],
         "rss_ratio": r["rss_swappable_vs_dense"] <= TARGETS["rss_ratio"], "task_bytes": task_ok,
         "parity": all(p["passed"] for v in result["parity"].values() for p in v)}
+    result["complete"] = True
     write_json(out, result)
     print(json.dumps({"ratios": result["ratios"], "rates": result["rates"],
                       "parity": {m: [(r["task"], r["tokens_match"], max(c["max_abs_diff"] for c in r["cases"]))

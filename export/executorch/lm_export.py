@@ -170,6 +170,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
     pte, ops = lower(programs, examples, recipe, mode, constant_methods=constants,
                      dynamic_shapes={"forward": ({1: tokens}, {0: tokens})}, strict=True)
     (folder / PROGRAM).write_bytes(pte)
+    del programs, examples, pte  # the program copies of the weights: not needed for the references below
     files = [PROGRAM]
     tasks = {}
     if swap is not None:
