@@ -198,7 +198,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
     write_reference(folder, cases, {t: reference_outputs(_Prefill(m), cases, output_names=[OUTPUT_NAME], **reference)
                                     for t, m in by_task.items()})
     files.append(REFERENCE)
-    tol = tolerance_for("executorch", mode, "float32", recipe=recipe)
+    tol = tolerance_for("executorch-lm", mode, "float32")  # long decodes through deep models drift more
     stored = _stored_params(model)
     manifest: dict[str, Any] = {
         "format": ET_BUNDLE_FORMAT, "version": ET_BUNDLE_VERSION, "crisp_edge_version": __version__, "mode": mode,

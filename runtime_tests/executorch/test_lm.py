@@ -26,7 +26,7 @@ from crisp_edge.export.executorch.lm_session import EtLMSession, validate_lm_bun
 from crisp_edge.export.executorch.tasks import check_task_ptd, read_ptd_bytes, write_task_ptd
 from crisp_edge.export.lm import record_references, reference_prompts
 from crisp_edge.export.parity.check import check_bundle
-from crisp_edge.export.parity.compare import Tolerance
+from crisp_edge.export.parity.compare import Tolerance, tolerance_for
 from crisp_edge.export.parity.generation import check_generation
 from crisp_edge.generation import TorchStepper
 from crisp_edge.testing import make_lm_task_file, toy_hf_llama
@@ -74,6 +74,7 @@ def swappable(model, tasks, tmp_path_factory):
 def test_each_task_generates_its_own_pytorch_reference(swappable, model, tasks):
     m = swappable.manifest
     assert m["parity"]["passed"] and m["lm"]["max_seq_len"] == 32  # the toy's position range caps the default 256
+    assert m["tolerance"]["atol"] == tolerance_for("executorch-lm", "swappable").atol  # the named LM tolerance
     assert m["lm"]["tokenizer"]["vocab_size"] == 64 and set(m["lm"]["generation"]) == {"default", *TASKS}
     sess = swappable.session(threads=1)
     assert isinstance(sess, EtLMSession)
