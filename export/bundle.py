@@ -77,7 +77,8 @@ RUNTIMES: dict[str, Runtime] = {
                                       "crisp_edge.export.onnx.lm_session:OnnxLMSession"),
     "crisp-edge/executorch-bundle": Runtime("executorch", "crisp_edge.export.executorch.bundle:load_et_bundle",
                                             "crisp_edge.export.executorch.session:EtCrispSession",
-                                            "crisp_edge.export.executorch.probe:intermediate_outputs"),
+                                            "crisp_edge.export.executorch.probe:intermediate_outputs",
+                                            "crisp_edge.export.executorch.lm_session:EtLMSession"),
 }
 
 

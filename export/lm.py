@@ -27,11 +27,48 @@ from crisp_edge.export.parity.generation import GENERATION_TOKENS, GenerationPar
 from crisp_edge.generation import BundleTokenizer, LMStepper, Sampling, generate
 
 LM_KIND = "causal-lm"
+#: The cache length a bundle gets when none is asked for (at most the model's position range).
+DEFAULT_MAX_SEQ_LEN = 256
+#: Hugging Face causal-LM classes the exporters handle with a key/value cache.
+LM_CLASSES = ("LlamaForCausalLM",)
 #: Reference prompts (text; tokenized with the bundle's tokenizer) of three styles: fact, scripture, code.
 REFERENCE_TEXTS = ("The capital of France is", "In the beginning God created", "def fibonacci(n):")
 #: Token counts of the reference prompts when the model has no tokenizer (seeded random ids).
 REFERENCE_LENGTHS = (5, 9, 3)
 DEFAULT_TASK = "default"
+
+
+def is_causal_lm(model: Any) -> bool:
+    """A Hugging Face causal LM the exporters handle (CRISP or plain)."""
+    return type(model).__name__ in LM_CLASSES and hasattr(model, "config") and hasattr(model, "lm_head")
+
+
+def resolve_max_seq_len(model: Any, max_seq_len: int | None) -> int:
+    """The bundle's cache length: ``max_seq_len`` (default 256), within the model's position range."""
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if max_seq_len is None:
+        return min(DEFAULT_MAX_SEQ_LEN, limit) if limit else DEFAULT_MAX_SEQ_LEN
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 8:
+        raise ConfigError(f"max_seq_len must be an integer >= 8, got {max_seq_len!r:.40}.")
+    if limit and max_seq_len > limit:
+        raise ConfigError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings ({limit}); "
+                          f"use at most {limit}.")
+    return max_seq_len
+
+
+def task_models(model: Any, mixers: Sequence[Any]) -> dict[str, Any]:
+    """"default" (the model as exported) and one copy per mixer file with its mixers applied: the PyTorch
+    models whose generation each task of a bundle must reproduce."""
+    import copy
+
+    from crisp_edge.files.mixers import apply_mixers_
+
+    out = {DEFAULT_TASK: model}
+    for mf in mixers:
+        m = copy.deepcopy(model)
+        apply_mixers_(m, mf)
+        out[mf.task] = m
+    return out
 
 
 def reference_prompts(tokenizer: BundleTokenizer | None, vocab_size: int, seed: int = 0) -> list[list[int]]:

@@ -9,6 +9,7 @@ Listed in ``crisp_edge.cli.main.VERBS``; ``export-task`` lives in ``crisp_edge.c
 from __future__ import annotations
 
 import argparse
+import sys
 
 from crisp_edge.cli.options import BATCH, COUNT, THREADS, int_in
 
@@ -22,12 +23,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint)
     if args.target == "executorch":
         return _export_executorch(model, args)
-    lm = {}
-    if args.tokenizer is not None or args.max_seq_len is not None:
-        from crisp_edge.export.onnx.lm_export import load_tokenizer
-
-        lm = {"max_seq_len": args.max_seq_len,
-              "tokenizer": None if args.tokenizer is None else load_tokenizer(args.tokenizer)}
+    lm = _lm_options(model, args)
     bundle = export_onnx(model, args.out, mode=args.mode, tasks=args.task or (), opset=args.opset,
                          overwrite=args.overwrite, threads=args.threads, exporter=args.exporter,
                          quantize=args.quantize, checkpoint=args.checkpoint, **lm)
@@ -47,16 +43,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_options(model, args: argparse.Namespace) -> dict:
+    """A causal LM's export options: the cache length and its tokenizer (``--tokenizer``, else the one of the
+    GGUF / Hugging Face folder the checkpoint's weights came from, when it is still there)."""
+    from crisp_edge.errors import ConfigError
+    from crisp_edge.export.lm import is_causal_lm
+    from crisp_edge.models.tokenizers import tokenizer_of
+
+    if not is_causal_lm(model):
+        if args.max_seq_len is not None or args.tokenizer is not None:
+            raise ConfigError("--max-seq-len and --tokenizer apply to causal language models (LlamaForCausalLM).")
+        return {}
+    tok = tokenizer_of(model, args.tokenizer)
+    if tok is None:
+        print("note: no tokenizer found for this model (pass --tokenizer); the bundle takes token ids.", file=sys.stderr)
+    return {"tokenizer": tok, "max_seq_len": args.max_seq_len}
+
+
 def _export_executorch(model, args: argparse.Namespace) -> int:
     from crisp_edge.export.executorch.export import export_executorch
     from crisp_edge.testing import example_inputs
 
+    lm = _lm_options(model, args)
+    example = None if lm else example_inputs(model, batch=args.batch)
     bundle = export_executorch(model, args.out, mode=args.mode, recipe=args.recipe, tasks=args.task or (),
-                               example_input=example_inputs(model, batch=args.batch), max_classes=args.max_classes,
+                               example_input=example, max_classes=args.max_classes,
                                overwrite=args.overwrite, threads=args.threads, quantize=args.quantize,
-                               checkpoint=args.checkpoint)
+                               checkpoint=args.checkpoint, **lm)
     m = bundle.manifest
-    print(f"wrote {args.out}: {args.mode} ExecuTorch bundle ({args.recipe}{_precision(m)}, batch {m['batch']}), program "
+    shape = f"cache {m['lm']['max_seq_len']} tokens" if lm else f"batch {m['batch']}"
+    print(f"wrote {args.out}: {args.mode} ExecuTorch bundle ({args.recipe}{_precision(m)}, {shape}), program "
           f"{m['params']['program_bytes']:,} bytes for {m['params']['stored']:,} stored parameters")
     for method, ops in m["non_delegated_ops"].items():
         if ops and args.recipe != "portable":

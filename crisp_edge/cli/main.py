@@ -12,7 +12,7 @@ from crisp_edge.errors import CrispEdgeError
 
 #: Subcommand modules under crisp_edge.cli, in the order ``crisp-edge --help`` lists them.
 VERBS = ("demo", "retrofit", "adapt", "apply", "compress", "compress_llm", "export", "export_task", "parity",
-         "pipeline", "info")
+         "generate", "pipeline", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,6 +77,7 @@ from crisp_edge.export.executorch.quantize import quantize_module
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.quantize import SCHEMES, check_scheme, quantize_record
 from crisp_edge.export.executorch.runner_spec import runner_spec
+from crisp_edge.export.lm import is_causal_lm
 from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
 from crisp_edge.export.model_io import (
     OUTPUT_NAME,
@@ -128,7 +129,8 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
                       max_classes: int | None = None, overwrite: bool = False, threads: int = 1,
                       validate: bool = True, reference_device: str = "auto",
                       reference_dtype: str = "float32", quantize: str | None = None,
-                      checkpoint: str | os.PathLike | None = None) -> EtBundle:
+                      checkpoint: str | os.PathLike | None = None, tokenizer: Any = None,
+                      max_seq_len: int | None = None) -> EtBundle:
     """Export ``model`` (a CRISP model; a plain one for ``dense``) to an ExecuTorch bundle at ``out_dir``.
 
     Args:
@@ -148,6 +150,9 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
             recorded in the manifest; parity then uses the int8 tolerance.
         checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
             that tasks added later (``export-task``) get their PyTorch reference from it.
+        tokenizer, max_seq_len: a causal language model (``LlamaForCausalLM``) exports with a static
+            key/value cache of ``max_seq_len`` positions (default 256) and its tokenizer stored in the bundle
+            (``crisp_edge.export.executorch.lm_export``); other arguments as above (no ``example_input``).
 
     Returns the ``EtBundle``; raises ``ParityError`` if ExecuTorch disagrees with PyTorch.
     """
@@ -168,6 +173,17 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
     check_replaceable(out_dir, ET_BUNDLE_FORMAT, overwrite)
     check_threads(threads)
     model = model.eval()
+    if is_causal_lm(model):
+        from crisp_edge.export.executorch.lm_export import export_lm_executorch
+
+        if quantize is not None or example_input is not None:
+            raise ConfigError("a causal language model exports in float32 with tokens as inputs: quantize and "
+                              "example_input do not apply (set max_seq_len for the cache length).")
+        return export_lm_executorch(model, out_dir, mode=mode, recipe=recipe, mixers=task_mixers(model, tasks),
+                                    threads=threads, validate=validate, reference=reference, tokenizer=tokenizer,
+                                    max_seq_len=max_seq_len, source=source_record(checkpoint, model))
+    if tokenizer is not None or max_seq_len is not None:
+        raise ConfigError("tokenizer and max_seq_len apply to causal language models (LlamaForCausalLM) only.")
     example = _example_inputs(model, example_input)
     mixers = task_mixers(model, tasks)
     return write_validated(out_dir, lambda folder: _write_bundle(model, folder, mode, recipe, example, mixers,

@@ -45,8 +45,12 @@ def non_delegated_ops(edge) -> dict[str, dict[str, int]]:
 
 
 def lower(programs: dict[str, nn.Module], example: dict[str, tuple], recipe: str, mode: str,
-          constant_methods: dict | None = None):
-    """``torch.export`` each method, lower with the recipe's partitioners; returns (pte bytes, non-delegated ops)."""
+          constant_methods: dict | None = None, dynamic_shapes: dict | None = None, strict: bool = False):
+    """``torch.export`` each method, lower with the recipe's partitioners; returns (pte bytes, non-delegated ops).
+
+    ``dynamic_shapes``: method -> ``torch.export`` dynamic shapes of its inputs (a language model's token
+    count); ``strict``: trace with TorchDynamo (what Hugging Face's static key/value cache needs: the
+    non-strict trace of its in-place cache updates fails in ``run_decompositions``)."""
     from executorch.exir import (
         EdgeCompileConfig,
         ExecutorchBackendConfig,
@@ -56,7 +60,8 @@ def lower(programs: dict[str, nn.Module], example: dict[str, tuple], recipe: str
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        exported = {k: torch.export.export(m, example[k], strict=False) for k, m in programs.items()}
+        exported = {k: torch.export.export(m, example[k], dynamic_shapes=(dynamic_shapes or {}).get(k), strict=strict)
+                    for k, m in programs.items()}
         edge = to_edge_transform_and_lower(exported, partitioner=_partitioners(recipe, mode),
                                            constant_methods=constant_methods,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))

@@ -83,7 +83,8 @@ from crisp_edge.export.onnx.fold import (
     build_fold_graph,
     take_folded_weights,
 )
-from crisp_edge.export.onnx.lm_export import export_lm_onnx, is_causal_lm
+from crisp_edge.export.lm import is_causal_lm
+from crisp_edge.export.onnx.lm_export import export_lm_onnx
 from crisp_edge.export.onnx.optimum import (
     OptimumExport,
     export_with_optimum,

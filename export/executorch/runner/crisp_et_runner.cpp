@@ -3,6 +3,8 @@
 //
 //   crisp_et_runner BUNDLE_DIR OUT_DIR --inputs IN_DIR --cases N [--task NAME[=PATH.ptd] ...]
 //                   [--manifest-sha256 HEX]
+//   crisp_et_runner LM_BUNDLE_DIR OUT_DIR --generate ID,ID,... --max-new-tokens N [--task ...] [--manifest-sha256 HEX]
+//                   (a language-model bundle: greedy token ids per task, to stdout and OUT_DIR/tokens.TASK.txt)
 //   crisp_et_runner --sha256 FILE            (tools for tests and integrators; see README.md)
 //   crisp_et_runner --ptd-digest FILE.ptd
 //   crisp_et_runner --io-spec BUNDLE_DIR
@@ -174,6 +176,8 @@ struct Manifest {
   std::vector<TensorSpec> inputs, outputs, set_task;
   bool has_head = false;
   int64_t num_classes = 0, max_classes = 0, in_features = 0, tag = 0;
+  bool lm = false;  // a language-model bundle: forward(tokens [1, T], input_pos [T]) -> logits [1, vocab]
+  int64_t max_seq_len = 0, vocab = 0;
 };
 
 // --- manifest.json --------------------------------------------------------------------------------
@@ -217,7 +221,8 @@ struct M {  // typed access with messages naming the field
     r.bytes = integer(need(v, "bytes", crisp::Json::Number, field + ".bytes"), field + ".bytes", 0, int64_t(kMaxProgram));
     return r;
   }
-  std::vector<TensorSpec> specs(const crisp::Json& list, const std::string& field, bool with_dtype) const {
+  std::vector<TensorSpec> specs(const crisp::Json& list, const std::string& field, bool with_dtype,
+                                bool int64_ok = false) const {
     if (list.a.empty() || list.a.size() > 1024) bad(field, "must hold 1 to 1024 entries");
     std::vector<TensorSpec> out;
     std::set<std::string> seen;
@@ -226,8 +231,11 @@ struct M {  // typed access with messages naming the field
       TensorSpec t;
       t.name = name(need(list.a[i], "name", crisp::Json::String, f + ".name"), f + ".name");
       if (!seen.insert(t.name).second) bad(f + ".name", "repeats the name " + t.name);
-      if (with_dtype && need(list.a[i], "dtype", crisp::Json::String, f + ".dtype").s != "float32")
-        bad(f + ".dtype", "must be float32 (the only dtype crisp-edge programs take and give)");
+      if (with_dtype) {
+        t.dtype = need(list.a[i], "dtype", crisp::Json::String, f + ".dtype").s;
+        if (t.dtype != "float32" && !(int64_ok && t.dtype == "int64"))
+          bad(f + ".dtype", "must be float32 (int64 only for a language model's token inputs)");
+      }
       t.shape = shape(need(list.a[i], "shape", crisp::Json::Array, f + ".shape"), f + ".shape");
       out.push_back(std::move(t));
     }
@@ -262,8 +270,21 @@ Manifest read_manifest(const std::string& bundle, const std::string& pin) {
     m.files[name] = f.record(rec, "files[\"" + name + "\"]");
   }
   if (!m.files.count("model.pte")) f.bad("files", "must list model.pte with its SHA-256");
-  m.inputs = f.specs(f.need(j, "inputs", crisp::Json::Array, "inputs"), "inputs", true);
+  const crisp::Json* lm = j.get("lm");
+  m.lm = lm && lm->type != crisp::Json::Null;
+  m.inputs = f.specs(f.need(j, "inputs", crisp::Json::Array, "inputs"), "inputs", true, m.lm);
   m.outputs = f.specs(f.need(j, "outputs", crisp::Json::Array, "outputs"), "outputs", true);
+  if (m.lm) {
+    if (f.need(*lm, "kind", crisp::Json::String, "lm.kind").s != "causal-lm") f.bad("lm.kind", "must be \"causal-lm\"");
+    m.max_seq_len = f.integer(f.need(*lm, "max_seq_len", crisp::Json::Number, "lm.max_seq_len"), "lm.max_seq_len", 2, 1 << 24);
+    m.vocab = f.integer(f.need(*lm, "vocab_size", crisp::Json::Number, "lm.vocab_size"), "lm.vocab_size", 2, 1 << 24);
+    if (m.inputs.size() != 2 || m.inputs[0].name != "tokens" || m.inputs[0].dtype != "int64" ||
+        m.inputs[0].shape != std::vector<int64_t>{1, m.max_seq_len} || m.inputs[1].name != "input_pos" ||
+        m.inputs[1].dtype != "int64" || m.inputs[1].shape != std::vector<int64_t>{m.max_seq_len})
+      f.bad("inputs", "of a language-model bundle must be tokens int64 [1, max_seq_len] and input_pos int64 [max_seq_len]");
+    if (m.outputs.size() != 1 || m.outputs[0].shape != std::vector<int64_t>{1, m.vocab})
+      f.bad("outputs", "of a language-model bundle must be one logits tensor [1, vocab_size]");
+  }
   const crisp::Json* tasks = j.get("tasks");
   if (tasks && tasks->type != crisp::Json::Object) f.bad("tasks", "must be an object");
   if (m.mode == "swappable") {
@@ -337,9 +358,10 @@ int64_t constant(Module& module, const std::string& method) {
 }
 
 void check_tensor_meta(const executorch::runtime::Result<executorch::runtime::TensorInfo>& info,
-                       const std::vector<int64_t>& want, const std::string& what) {
+                       const std::vector<int64_t>& want, const std::string& what, const std::string& dtype = "float32") {
   if (!info.ok()) throw Fail{kBundle, what + " is not a tensor in the program"};
-  if (info->scalar_type() != ScalarType::Float) throw Fail{kBundle, what + " is not float32 in the program"};
+  if (info->scalar_type() != (dtype == "int64" ? ScalarType::Long : ScalarType::Float))
+    throw Fail{kBundle, what + " is not " + dtype + " in the program"};
   std::vector<int64_t> got(info->sizes().begin(), info->sizes().end());
   if (got != want)
     throw Fail{kBundle, what + " has shape " + shape_str(got) + " in the program, " + shape_str(want) +
@@ -354,7 +376,8 @@ void check_method(Module& module, const std::string& method, const std::vector<T
     throw Fail{kBundle, method + " takes " + std::to_string(meta->num_inputs()) + " inputs in the program, " +
                             std::to_string(ins.size()) + " in manifest.json: the manifest does not describe this program"};
   for (size_t i = 0; i < ins.size(); ++i)
-    check_tensor_meta(meta->input_tensor_meta(i), ins[i].shape, method + " input " + std::to_string(i) + " (" + ins[i].name + ")");
+    check_tensor_meta(meta->input_tensor_meta(i), ins[i].shape, method + " input " + std::to_string(i) + " (" + ins[i].name + ")",
+                      ins[i].dtype);
   if (outs) {
     if (meta->num_outputs() != outs->size())
       throw Fail{kBundle, method + " gives " + std::to_string(meta->num_outputs()) + " outputs in the program, " +
@@ -487,6 +510,8 @@ std::vector<float> read_npy(const std::string& path, const std::vector<int64_t>&
   return out;
 }
 
+void write_output(const std::string& path, const std::string& bytes);
+
 void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
   std::string dims;
   for (auto d : shape) dims += std::to_string(d) + ",";
@@ -501,6 +526,11 @@ void write_npy(const std::string& path, const float* data, const std::vector<int
   bytes += char(header.size() >> 8);
   bytes += header;
   bytes.append(reinterpret_cast<const char*>(data), size_t(n) * 4);
+  write_output(path, bytes);
+}
+
+// An output file: written to a fresh PATH.tmp, then renamed into place (never through a link or FIFO).
+void write_output(const std::string& path, const std::string& bytes) {
   std::string tmp = path + ".tmp";
   ::unlink(tmp.c_str());  // a stale file, link or FIFO of that name: O_EXCL below creates a fresh file
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0644);
@@ -656,6 +686,51 @@ void run_cases(Module& module, const Manifest& m, const std::string& in_dir, con
   }
 }
 
+// Greedy decoding (argmax, ties to the lowest id, as crisp_edge.generation.sampling): the prompt in one
+// forward (prefill), then one token per forward; stops after n tokens or when the cache is full.
+std::vector<int64_t> generate(Module& module, const Manifest& m, const std::vector<int64_t>& prompt, int n,
+                              const std::string& task) {
+  std::vector<int64_t> out, feed = prompt;
+  int64_t pos = 0;
+  while (int(out.size()) < n && pos + int64_t(feed.size()) <= m.max_seq_len) {
+    std::vector<int64_t> positions(feed.size());
+    for (size_t i = 0; i < feed.size(); ++i) positions[i] = pos + int64_t(i);
+    auto tokens = make_tensor_ptr({1, executorch::aten::SizesType(feed.size())}, std::vector<int64_t>(feed));
+    auto where = make_tensor_ptr({executorch::aten::SizesType(feed.size())}, std::move(positions));
+    auto r = module.execute("forward", std::vector<EValue>{EValue(tokens), EValue(where)});
+    if (!r.ok()) throw Fail{kProgram, "forward failed at position " + std::to_string(pos) + " of task " + task + " (error " + std::to_string(int(r.error())) + ")"};
+    if (r->size() != 1 || !(*r)[0].isTensor()) throw Fail{kProgram, "forward did not give one logits tensor"};
+    const auto& t = (*r)[0].toTensor();
+    if (t.scalar_type() != ScalarType::Float || t.numel() != m.vocab)
+      throw Fail{kProgram, "forward gave " + std::to_string(t.numel()) + " logits, the vocabulary has " + std::to_string(m.vocab)};
+    const float* v = t.const_data_ptr<float>();
+    int64_t best = 0;
+    for (int64_t i = 0; i < m.vocab; ++i) {
+      if (!std::isfinite(v[i])) throw Fail{kProgram, "forward gave NaN or infinite logits in task " + task};
+      if (v[i] > v[best]) best = i;
+    }
+    out.push_back(best);
+    pos += int64_t(feed.size());
+    feed.assign(1, best);
+  }
+  return out;
+}
+
+std::vector<int64_t> parse_ids(const std::string& v) {
+  std::vector<int64_t> ids;
+  size_t i = 0;
+  while (i <= v.size()) {
+    size_t j = v.find(',', i);
+    std::string t = v.substr(i, j == std::string::npos ? std::string::npos : j - i);
+    if (t.empty() || t.size() > 9 || t.find_first_not_of("0123456789") != std::string::npos)
+      throw Fail{kUsage, "--generate takes comma-separated token ids (1,2,3), got " + v.substr(0, 80)};
+    ids.push_back(std::atoll(t.c_str()));
+    if (j == std::string::npos) break;
+    i = j + 1;
+  }
+  return ids;
+}
+
 int parse_cases(const std::string& v) {
   if (v.empty() || v.size() > 6) throw Fail{kUsage, "--cases takes a whole number 1.." + std::to_string(kMaxCases) + ", got " + v.substr(0, 32)};
   for (char c : v)
@@ -704,13 +779,14 @@ int tool(const std::string& cmd, const std::string& arg) {
 int run(int argc, char** argv) {
   const std::string usage =
       "usage: crisp_et_runner BUNDLE_DIR OUT_DIR --inputs IN_DIR --cases N [--task NAME[=PATH.ptd] ...] "
-      "[--manifest-sha256 HEX]\n       crisp_et_runner --sha256 FILE | --ptd-digest FILE.ptd | --io-spec BUNDLE_DIR";
+      "[--manifest-sha256 HEX]\n       crisp_et_runner LM_BUNDLE_DIR OUT_DIR --generate ID,ID,... --max-new-tokens N "
+      "[--task NAME[=PATH.ptd] ...] [--manifest-sha256 HEX]\n       crisp_et_runner --sha256 FILE | --ptd-digest FILE.ptd | --io-spec BUNDLE_DIR";
   if (argc == 3 && (std::string(argv[1]) == "--sha256" || std::string(argv[1]) == "--ptd-digest" ||
                     std::string(argv[1]) == "--io-spec"))
     return tool(argv[1], argv[2]);
   if (argc < 3 || argv[1][0] == '-' || argv[2][0] == '-') throw Fail{kUsage, usage};
-  std::string bundle = argv[1], out_dir = argv[2], in_dir, pin;
-  int cases = -1;
+  std::string bundle = argv[1], out_dir = argv[2], in_dir, pin, gen;
+  int cases = -1, new_tokens = -1;
   std::vector<std::pair<std::string, std::string>> tasks;  // name, path ("" = the bundle's task NAME)
   std::set<std::string> task_names;
   for (int i = 3; i < argc; ++i) {
@@ -719,6 +795,8 @@ int run(int argc, char** argv) {
     std::string v = argv[++i];
     if (a == "--inputs" && in_dir.empty()) in_dir = v;
     else if (a == "--cases" && cases < 0) cases = parse_cases(v);
+    else if (a == "--generate" && gen.empty()) gen = v;
+    else if (a == "--max-new-tokens" && new_tokens < 0) new_tokens = parse_cases(v);
     else if (a == "--manifest-sha256" && pin.empty()) {
       bool hex = v.size() == 64;
       for (char c : v) hex = hex && ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'));
@@ -735,12 +813,27 @@ int run(int argc, char** argv) {
       throw Fail{kUsage, "unknown or repeated argument " + a.substr(0, 64) + "\n" + usage};
     }
   }
-  if (in_dir.empty() || cases < 0) throw Fail{kUsage, "--inputs IN_DIR and --cases N are required\n" + usage};
-  if (!is_dir(in_dir)) throw Fail{kUsage, in_dir + ": --inputs must be a folder"};
+  std::vector<int64_t> prompt;
+  if (!gen.empty()) {
+    if (!in_dir.empty() || cases >= 0 || new_tokens < 0)
+      throw Fail{kUsage, "--generate IDS takes --max-new-tokens N (and no --inputs / --cases)\n" + usage};
+    prompt = parse_ids(gen);
+  } else {
+    if (in_dir.empty() || cases < 0) throw Fail{kUsage, "--inputs IN_DIR and --cases N are required\n" + usage};
+    if (!is_dir(in_dir)) throw Fail{kUsage, in_dir + ": --inputs must be a folder"};
+  }
   if (!is_dir(out_dir)) throw Fail{kUsage, out_dir + ": the output folder must exist"};
   if (!is_dir(bundle)) throw Fail{kBundle, bundle + ": not a bundle folder"};
 
   Manifest m = read_manifest(bundle, pin);
+  if (m.lm != !gen.empty())
+    throw Fail{kUsage, m.lm ? "a language-model bundle runs with --generate IDS --max-new-tokens N"
+                            : "--generate needs a language-model bundle (its manifest has no lm section)"};
+  for (auto id : prompt)
+    if (id >= m.vocab) throw Fail{kUsage, "--generate: token id " + std::to_string(id) + " is outside the vocabulary (" + std::to_string(m.vocab) + ")"};
+  if (m.lm && int64_t(prompt.size()) >= m.max_seq_len)
+    throw Fail{kUsage, "--generate: the prompt has " + std::to_string(prompt.size()) + " tokens but the key/value cache holds " +
+                           std::to_string(m.max_seq_len) + ", leaving no room to generate"};
   if (m.mode != "swappable" && !tasks.empty()) throw Fail{kUsage, "a " + m.mode + " bundle has no tasks to switch"};
   const FileRec& prec = m.files.at("model.pte");
   std::string pte_path = bundle + "/model.pte";
@@ -758,9 +851,18 @@ int run(int argc, char** argv) {
   Error err = module.load(Program::Verification::InternalConsistency);
   if (err != Error::Ok) throw Fail{kProgram, pte_path + ": cannot load the program (error " + std::to_string(int(err)) + ")"};
   check_program(module, m);
+  auto work = [&](const std::string& name, int64_t classes) {
+    if (!m.lm) return run_cases(module, m, in_dir, out_dir, name, cases, classes);
+    auto ids = generate(module, m, prompt, new_tokens, name);
+    std::string text;
+    for (size_t i = 0; i < ids.size(); ++i) text += (i ? "," : "") + std::to_string(ids[i]);
+    std::string path = out_dir + "/tokens." + name + ".txt";
+    write_output(path, text + "\n");
+    std::cout << "task " << name << ": " << text << "\n";
+  };
   if (m.mode != "swappable") {
-    run_cases(module, m, in_dir, out_dir, "default", cases, 0);
-    std::cout << "ran " << cases << " cases of a " << m.mode << " bundle\n";
+    work("default", 0);
+    if (!m.lm) std::cout << "ran " << cases << " cases of a " << m.mode << " bundle\n";
     return kOk;
   }
   const FileRec& drec = m.files.at("default.ptd");
@@ -795,8 +897,8 @@ int run(int argc, char** argv) {
     }
     Task task = read_task(path, rec, m);
     int64_t classes = apply_task(module, m, task, fallback, path);
-    run_cases(module, m, in_dir, out_dir, name, cases, classes);
-    std::cout << "task " << name << ": ran " << cases << " cases\n";
+    work(name, classes);
+    if (!m.lm) std::cout << "task " << name << ": ran " << cases << " cases\n";
   }
   return kOk;
 }
