@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from crisp_edge.errors import ConfigError
-from crisp_edge.export.errors import ExportError
 from crisp_edge.export.parity.check import check_bundle
 from crisp_edge.export.parity.reference import read_reference
 
@@ -92,20 +91,15 @@ def model_classes(model) -> int:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_llama_is_refused_with_a_typed_error(runtime, mode, tmp_path):
-    """hf-llama: a torch trace fixes the batch inside its causal mask, so the generic trace is refused up front
-    with the reason from the architecture table, and nothing is written. ONNX Runtime exports it as a language
-    model instead (dense or swappable, with a key/value cache: runtime_tests/onnx/test_lm.py); its factored
-    mode is refused."""
+def test_llama_exports_as_a_language_model(runtime, mode, tmp_path):
+    """hf-llama: the generic trace would fix the batch inside its causal mask, so both runtimes export it as a
+    language model instead (dense or swappable, with a key/value cache and generation parity:
+    runtime_tests/{onnx,executorch}/test_lm.py); the factored mode is refused with a typed error, nothing written."""
     model = crisp_toy("hf-llama")
-    if runtime == "onnxruntime":
-        if mode == "factored":
-            with pytest.raises(ConfigError, match="'dense' or 'swappable'"):
-                export(runtime, model, tmp_path / "bundle", mode)
-        else:
-            bundle = export(runtime, model, tmp_path / "bundle", mode)
-            assert "lm" in bundle.manifest and check_bundle(bundle.path).passed
+    if mode == "factored":
+        with pytest.raises(ConfigError, match="'dense' or 'swappable'"):
+            export(runtime, model, tmp_path / "bundle", mode)
+        assert not (tmp_path / "bundle").exists()
         return
-    with pytest.raises(ExportError, match="hf-llama .* cannot be exported this way yet: the traced graph fixes"):
-        export(runtime, model, tmp_path / "bundle", mode)
-    assert not (tmp_path / "bundle").exists()
+    bundle = export(runtime, model, tmp_path / "bundle", mode)
+    assert "lm" in bundle.manifest and check_bundle(bundle.path).passed
