@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from crisp_edge.errors import ConfigError, DataError
+from crisp_edge.files.io import read_regular
 
 TOKENIZER_FILE = "tokenizer.json"
 #: Largest tokenizer.json read (SmolLM2's is 2 MB; Llama 3's 9 MB).
@@ -66,13 +67,7 @@ class BundleTokenizer:
         if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
             raise DataError(f"{folder}: tokenizer file name {name!r} is not a plain file name; re-export the bundle.")
         path = Path(folder) / name
-        try:
-            size = path.stat().st_size
-            if size > MAX_TOKENIZER_BYTES:
-                raise DataError(f"{path}: {size} bytes is too large for a tokenizer.json (limit {MAX_TOKENIZER_BYTES}).")
-            data = path.read_bytes()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read the bundle's tokenizer ({e.strerror}); re-export the bundle.") from None
+        data = read_regular(path, DataError, "the bundle's tokenizer", MAX_TOKENIZER_BYTES)
         if _sha256(data) != record["sha256"]:
             raise DataError(f"{path} does not match the tokenizer this bundle was exported with (SHA-256 differs); "
                             "restore the bundle's own tokenizer.json or re-export.")
@@ -84,10 +79,7 @@ class BundleTokenizer:
         """A user's ``tokenizer.json`` (e.g. ``generate --tokenizer``); with ``record`` it must be the same
         tokenizer the bundle was exported with (same vocabulary size and special ids; content may differ in
         formatting)."""
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read the tokenizer ({e.strerror}).") from None
+        data = read_regular(path, DataError, "tokenizer", MAX_TOKENIZER_BYTES)
         tok = cls.from_bytes(data, record or {}, str(path), model_vocab)
         if record:
             vocab = tok.backend.get_vocab_size()
