@@ -2,14 +2,8 @@
 from __future__ import annotations
 
 import copy
-import os
 
-# No model hub, here or in CI: every test loads weights from files it wrote. Offline mode turns any
-# accidental hub lookup (timm pretrained=True, from_pretrained of a name) into an immediate error instead
-# of a network wait. Set before timm / transformers / huggingface_hub are imported.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
+# The hub is switched off (offline) for every test by the repository root conftest.py.
 import pytest
 import torch
 
