@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from crisp_edge.data.labeled import LabeledData
 from crisp_edge.data.tasks import TASKS, load_task
 from crisp_edge.errors import ConfigError
 from crisp_edge.files.checkpoint import (
@@ -274,8 +275,7 @@ def _load_data(model: nn.Module, config: PipelineConfig, distill_data, eval_data
     compression stage's inputs, read with the model's own ``InputSpec`` and checked against it, so bad
     data or a task the model cannot take is an error before any stage runs or any file is written."""
     from crisp_edge.data.feed import feed, model_spec
-    from crisp_edge.data.formats import load_dataset
-    from crisp_edge.data.labeled import LabeledData, split_validation
+    from crisp_edge.data.labeled import split_validation
     from crisp_edge.errors import DataError
 
     spec = model_spec(model)
@@ -297,27 +297,44 @@ def _load_data(model: nn.Module, config: PipelineConfig, distill_data, eval_data
     if config.keep_fraction is None:
         return tasks, distill_data, eval_data
     if distill_data is None and config.distill_data is not None:
-        d = load_dataset(config.distill_data, spec, labels="optional", progress=progress) if spec else None
-        distill_data = (d.x, d.y) if d is not None else None
+        distill_data = feed(config.distill_data, model=model, labels="optional", what="distillation data",
+                            progress=progress)
     elif distill_data is None and (grey28 or spec is None) and not config.data:
         from crisp_edge.data.fashion_mnist import load_fashion_mnist
 
         distill_data = load_fashion_mnist("train")
         eval_data = eval_data or load_fashion_mnist("test")
     elif distill_data is None and config.data:
-        distill_data = (torch.cat([tasks[n][0].x for n, _ in config.data]), None)
+        distill_data = _joined([tasks[n][0] for n, _ in config.data])
     if distill_data is None:
         raise DataError(f"compression distils on inputs the model takes ({spec.describe() if spec else 'unknown'}); "
                         "give distill_data (--distill-data PATH) or your own task data (--data PATH), or "
                         "keep_fraction=None (--keep 1) to skip compression.")
-    x = feed(distill_data[0] if isinstance(distill_data, tuple) else distill_data, model=model, labels="optional",
-             what="distillation data").x
+    d = distill_data if isinstance(distill_data, LabeledData) else feed(
+        distill_data[0] if isinstance(distill_data, tuple) else distill_data, model=model, labels="optional",
+        what="distillation data")
+    if d.x is None:
+        raise DataError(f"distillation data {d.source} is text, and the model records no tokenizer to turn it into "
+                        "token ids; retrofit with --tokenizer DIR (a Hugging Face folder or a .gguf file).")
     from crisp_edge.training.loop import check_inputs
 
-    check_inputs(model, x, what="distillation data")
+    check_inputs(model, d.x, what="distillation data")
     if eval_data is not None:
         check_inputs(model, eval_data[0], what="evaluation data")
-    return tasks, (x, None), eval_data
+    return tasks, (d.x, d.attention_mask), eval_data
+
+
+def _joined(parts: list[LabeledData]) -> LabeledData:
+    """The inputs of several ``LabeledData`` as one (labels dropped): token ids of different widths are
+    right-padded, and the attention masks (ones where a part has none) say where the padding is."""
+    xs = [p.x for p in parts]
+    if len({tuple(x.shape[1:]) for x in xs}) == 1 and all(p.attention_mask is None for p in parts):
+        return LabeledData(torch.cat(xs), None, source="the tasks' training inputs")
+    width = max(x.shape[1] for x in xs)
+    masks = [p.attention_mask if p.attention_mask is not None else torch.ones_like(p.x) for p in parts]
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731 - zeros: masked out
+    return LabeledData(torch.cat([pad(x) for x in xs]), None, attention_mask=torch.cat([pad(m) for m in masks]),
+                       source="the tasks' training inputs")
 
 
 def _compress(teacher: nn.Module, config: PipelineConfig, distill_data, eval_data, progress: bool) -> tuple[nn.Module, dict]:
@@ -325,14 +342,14 @@ def _compress(teacher: nn.Module, config: PipelineConfig, distill_data, eval_dat
     from crisp_edge.training.compress.vit import compress_vit
     from crisp_edge.training.evaluate import accuracy, predict
 
-    x, _ = distill_data
+    x, mask = distill_data
     g = torch.Generator().manual_seed(config.seed)
     idx = torch.randperm(len(x), generator=g)[: max(1, round(config.distill_fraction * len(x)))]
     t0 = time.perf_counter()
     student, report = compress_vit(teacher, config.keep_fraction, x[idx], method=config.allocator,
                                    config=DistillConfig(epochs=config.distill_epochs, seed=config.seed,
                                                         batch_size=min(DistillConfig().batch_size, len(idx))),
-                                   progress=progress)
+                                   attention_mask=None if mask is None else mask[idx], progress=progress)
     seconds = time.perf_counter() - t0
     acc = {"accuracy": None, "teacher_accuracy": None}
     if eval_data is not None:

@@ -49,7 +49,8 @@ from crisp_edge.method.specs import (
     get_architecture,
     resolve_blocks,
 )
-from crisp_edge.models.outputs import logits_of
+from crisp_edge.training.evaluate import model_logits
+from crisp_edge.training.loop import check_mask
 from crisp_edge.training.retrofit import _closed_form_
 
 INITS = ("svd", "random")
@@ -211,19 +212,34 @@ class _Features:
             h.remove()
 
 
+def _feature_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared difference of two block outputs; with a token ``mask`` (batch, tokens) and outputs
+    (batch, tokens, width), over real tokens only: padding is not part of what the student must copy."""
+    if mask is None or a.dim() != 3 or tuple(a.shape[:2]) != tuple(mask.shape):
+        return F.mse_loss(a, b)
+    w = mask.to(a.dtype).unsqueeze(-1)
+    return ((a - b).square() * w).sum() / (w.sum() * a.shape[-1]).clamp_min(1)
+
+
 def distill_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, s_feats: list[torch.Tensor],
-                 t_feats: list[torch.Tensor], config: DistillConfig) -> tuple[torch.Tensor, float, float]:
-    """``(loss, kl, feat)``: lambda_kl * T^2 * KL(teacher || student) + lambda_feat * sum_l MSE(f_l)."""
+                 t_feats: list[torch.Tensor], config: DistillConfig,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
+    """``(loss, kl, feat)``: lambda_kl * T^2 * KL(teacher || student) + lambda_feat * sum_l MSE(f_l)
+    (with a token ``mask``, the feature MSE counts real tokens only)."""
     t = config.temperature
     kl = F.kl_div(F.log_softmax(s_logits / t, -1), F.log_softmax(t_logits / t, -1), log_target=True,
                   reduction="batchmean") * t * t
-    feat = sum((F.mse_loss(a, b) for a, b in zip(s_feats, t_feats)), s_logits.new_zeros(()))
+    feat = sum((_feature_mse(a, b, mask) for a, b in zip(s_feats, t_feats)), s_logits.new_zeros(()))
     return config.lambda_kl * kl + config.lambda_feat * feat, float(kl.detach()), float(feat.detach())
 
 
 def distill_(student: nn.Module, teacher: nn.Module, x: torch.Tensor, config: DistillConfig | None = None, *,
-             progress: bool = True, eval_fn: Callable[[nn.Module], dict] | None = None) -> DistillReport:
+             attention_mask: torch.Tensor | None = None, progress: bool = True,
+             eval_fn: Callable[[nn.Module], dict] | None = None) -> DistillReport:
     """Train ``student`` (in place) to mimic ``teacher`` on inputs ``x``; returns a ``DistillReport``.
+
+    For padded token ids pass their ``attention_mask`` (1 = token, 0 = padding): both models see each
+    batch's rows of it, and the feature loss counts real tokens only.
 
     Under ``torch.distributed`` (e.g. launched by ``torchrun``) every process passes the same ``x``;
     each takes its shard of every global batch, and DDP averages the gradients. ``eval_fn(student)``,
@@ -232,6 +248,7 @@ def distill_(student: nn.Module, teacher: nn.Module, x: torch.Tensor, config: Di
     config = config or DistillConfig()
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or len(x) == 0:
         raise ConfigError("x must be a non-empty tensor of model inputs (a batch dimension first).")
+    check_mask(x, attention_mask, "distillation inputs")
     s_blocks, t_blocks = _blocks(student), _blocks(teacher)
     if len(s_blocks) != len(t_blocks):
         raise ConfigError(f"the student has {len(s_blocks)} blocks and the teacher {len(t_blocks)}; "
@@ -282,11 +299,12 @@ def distill_(student: nn.Module, teacher: nn.Module, x: torch.Tensor, config: Di
             for step in range(steps_per_epoch):
                 idx = torch.tensor(order[step * local_bs:(step + 1) * local_bs])
                 xb = x[idx].to(device)
+                mb = None if attention_mask is None else attention_mask[idx].to(device)
                 with torch.no_grad():
-                    t_logits = logits_of(teacher(xb))
+                    t_logits = model_logits(teacher, xb, mb)
                 t_out = t_feats.take()
-                s_logits = logits_of(model(xb))
-                loss, _, _ = distill_loss(s_logits, t_logits, s_feats.take(), t_out, config)
+                s_logits = model_logits(model, xb, mb)
+                loss, _, _ = distill_loss(s_logits, t_logits, s_feats.take(), t_out, config, mb)
                 if not torch.isfinite(loss):
                     raise ConfigError(f"the distillation loss became {float(loss.detach())} at step {report.steps}; "
                                       "lower the learning rate (lr) or the loss weights.")
@@ -323,10 +341,12 @@ def distill_(student: nn.Module, teacher: nn.Module, x: torch.Tensor, config: Di
 
 @torch.no_grad()
 def heldout_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, config: DistillConfig | None = None,
-                 batch_size: int = 256) -> float:
-    """The distillation loss (the one ``distill_`` minimises) of ``student`` on inputs ``x``, averaged
-    over batches: how far the student is from its teacher on data it was not trained on."""
+                 batch_size: int = 256, attention_mask: torch.Tensor | None = None) -> float:
+    """The distillation loss (the one ``distill_`` minimises) of ``student`` on inputs ``x`` (and their
+    ``attention_mask``, for padded token ids), averaged over batches: how far the student is from its
+    teacher on data it was not trained on."""
     config = config or DistillConfig()
+    check_mask(x, attention_mask, "held-out inputs")
     s_feats, t_feats = _Features(student), _Features(teacher)
     s_feats.active = t_feats.active = True
     modes = student.training, teacher.training
@@ -336,9 +356,10 @@ def heldout_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, config
     try:
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
-            t_logits = logits_of(teacher(xb))
-            s_logits = logits_of(student(xb))
-            loss, _, _ = distill_loss(s_logits, t_logits, s_feats.take(), t_feats.take(), config)
+            mb = None if attention_mask is None else attention_mask[i:i + batch_size]
+            t_logits = model_logits(teacher, xb, mb)
+            s_logits = model_logits(student, xb, mb)
+            loss, _, _ = distill_loss(s_logits, t_logits, s_feats.take(), t_feats.take(), config, mb)
             total, count = total + float(loss) * len(xb), count + len(xb)
     finally:
         s_feats.remove()

@@ -28,6 +28,7 @@ from crisp_edge.errors import ConfigError
 from crisp_edge.method.config import CrispConfig
 from crisp_edge.method.convert import crisp_bases, crisp_layers, is_crisp, plan_groups
 from crisp_edge.method.layer import fold_weight, unfold_weight
+from crisp_edge.training.evaluate import model_logits
 from crisp_edge.training.retrofit import best_rank_factors
 
 METHODS = ("uniform", "greedy")
@@ -99,7 +100,8 @@ def group_infos(model: nn.Module, config: CrispConfig | None = None) -> list[Gro
 
 
 def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "uniform", *,
-                   calib: torch.Tensor | None = None, config: CrispConfig | None = None) -> RankPlan:
+                   calib: torch.Tensor | None = None, calib_mask: torch.Tensor | None = None,
+                   config: CrispConfig | None = None) -> RankPlan:
     """Turn ``keep_fraction`` of the targeted dense weights into per-role ranks.
 
     Args:
@@ -108,6 +110,8 @@ def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "unifor
         method: "uniform" or "greedy" (see the module docstring).
         calib: model inputs (e.g. a few dozen images) for the greedy allocator's output-error measure;
             without them it measures the error on the weights.
+        calib_mask: beside token-id ``calib``, its attention mask (1 = token, 0 = padding): the model
+            sees it, and padded positions are left out of the measure.
 
     Raises:
         ConfigError: unknown method, a fraction outside (0, 1], or a budget below rank 1 everywhere.
@@ -149,7 +153,7 @@ def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "unifor
             left -= cost[r]
     else:
         grids = {r: _rank_grid(full[r]) for r in roles}
-        errors = _role_errors(model, roles, grids, calib)
+        errors = _role_errors(model, roles, grids, calib, calib_mask)
         ranks = {r: 1 for r in roles}
         left = target - minimum
         while True:  # move one role to its next rank on the grid: the best error drop per stored number
@@ -180,10 +184,10 @@ def _rank_grid(full: int) -> list[int]:
 
 @torch.no_grad()
 def _role_errors(model: nn.Module, roles: dict[str, list[GroupInfo]], grids: dict[str, list[int]],
-                 calib: torch.Tensor | None) -> dict[str, dict[int, float]]:
+                 calib: torch.Tensor | None, calib_mask: torch.Tensor | None = None) -> dict[str, dict[int, float]]:
     """``errors[role][r]`` for r on the role's grid: summed relative error of the role's layers at rank r."""
     weights = _layer_weights(model, roles)
-    inputs = _layer_inputs(model, weights, calib) if calib is not None else {}
+    inputs = _layer_inputs(model, weights, calib, calib_mask) if calib is not None else {}
     out: dict[str, list[float]] = {}
     for role, gs in roles.items():
         errs = dict.fromkeys(grids[role], 0.0)
@@ -210,19 +214,24 @@ def _layer_weights(model: nn.Module, roles: dict[str, list[GroupInfo]]) -> dict[
             for gs in roles.values() for g in gs for n in g.layer_names}
 
 
-def _layer_inputs(model: nn.Module, weights: dict[str, torch.Tensor], calib: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The Gram matrix ``X^T X`` (float64) of the inputs every targeted layer sees on ``calib``."""
+def _layer_inputs(model: nn.Module, weights: dict[str, torch.Tensor], calib: torch.Tensor,
+                  calib_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The Gram matrix ``X^T X`` (float64) of the inputs every targeted layer sees on ``calib`` (with
+    ``calib_mask``: over real tokens only, the padded positions' rows dropped)."""
     seen: dict[str, torch.Tensor] = {}
     hooks = []
+    keep = None if calib_mask is None else calib_mask.reshape(-1).bool()
     for name in weights:
         def hook(_m, args, _out, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            if keep is not None and len(x) == len(keep):  # one row per token: drop the padding's
+                x = x[keep]
             seen[name] = x.T @ x
         hooks.append(model.get_submodule(name).register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
-        model(calib)
+        model_logits(model, calib, calib_mask)
     finally:
         model.train(was_training)
         for h in hooks:

@@ -28,7 +28,7 @@ from crisp_edge.training.compress.distill import (
     peak_rss_mb,
 )
 from crisp_edge.training.compress.ranks import RankPlan, allocate_ranks
-from crisp_edge.training.loop import check_inputs
+from crisp_edge.training.loop import check_inputs, check_mask
 from crisp_edge.training.retrofit import retrofit_
 
 
@@ -67,7 +67,7 @@ class CompressReport:
 def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | None, *, method: str = "greedy",
                  init: str = "svd", config: DistillConfig | None = None, crisp_config: CrispConfig | None = None,
                  calib: torch.Tensor | None = None, distill: bool = True, progress: bool = True,
-                 eval_fn=None) -> tuple[nn.Module, CompressReport]:
+                 eval_fn=None, attention_mask: torch.Tensor | None = None) -> tuple[nn.Module, CompressReport]:
     """Compress a ViT to ``keep_fraction`` of its targeted linear weights (Alg. 4).
 
     Args:
@@ -81,6 +81,8 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | Non
         config: the distillation settings.
         calib: inputs for the greedy allocator's output-error measure (default: the first 64 of ``x``).
         distill: False stops after the init (with init="svd": the data-free "mimicry only" student).
+        attention_mask: beside padded token ids ``x`` (text models), 1 = token, 0 = padding: the
+            allocator's measure and the distillation see it and leave the padding out.
 
     Returns:
         ``(student, CompressReport)``; the student is in eval mode.
@@ -95,13 +97,16 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | Non
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or len(x) == 0:
             raise DataError("x must be a non-empty tensor of distillation inputs (distill=False needs none).")
         check_inputs(teacher, x, what="distillation inputs")  # the model's own input spec, before any work
+        check_mask(x, attention_mask, "distillation inputs")
     if calib is not None:
         check_inputs(teacher, calib, what="calibration inputs")
+    calib_mask = None
     if method == "greedy" and calib is None and x is not None:
-        calib = x[:64]
-    plan = allocate_ranks(teacher, keep_fraction, method, calib=calib)
+        calib, calib_mask = x[:64], None if attention_mask is None else attention_mask[:64]
+    plan = allocate_ranks(teacher, keep_fraction, method, calib=calib, calib_mask=calib_mask)
     student = init_student(teacher, plan, init=init, seed=(config or DistillConfig()).seed)
-    report = distill_(student, teacher, x, config, progress=progress, eval_fn=eval_fn) if distill else None
+    report = distill_(student, teacher, x, config, attention_mask=attention_mask, progress=progress,
+                      eval_fn=eval_fn) if distill else None
     b = budget(student)
     if b.stored != plan.stored:  # the plan's accounting is the model's, or something is badly wrong
         raise AssertionError(f"rank plan promised {plan.stored} stored numbers, the student has {b.stored}")
