@@ -157,8 +157,10 @@ class LMSessionMixin:
                  stop_at_eos: bool = True) -> dict[str, Any]:
         """Generate after ``prompt`` (text, tokenized with the bundle's tokenizer, or token ids).
 
-        Returns ``{"text", "token_ids", "prompt_ids", "stop_reason"}``; ``on_text(piece)`` streams the
-        decoded text as tokens come (``text`` is None without a tokenizer).
+        Returns ``{"text", "token_ids", "prompt_ids", "stop_reason", "prefill_tokens_per_s",
+        "decode_tokens_per_s"}`` (the rates of the runtime's own steps; a rate is None when there was no
+        such step); ``on_text(piece)`` streams the decoded text as tokens come (``text`` is None without a
+        tokenizer).
         """
         self._switch(task)
         tok = self.tokenizer(tokenizer) if (isinstance(prompt, str) or tokenizer is not None
@@ -175,7 +177,7 @@ class LMSessionMixin:
                        stop_ids=tok.eos_ids if (tok is not None and stop_at_eos) else (),
                        on_token=(lambda t: on_text(push(t))) if push else None)
         return {"text": tok.decode(out.new_ids) if tok is not None else None, "token_ids": out.new_ids,
-                "prompt_ids": out.prompt_ids, "stop_reason": out.stop_reason}
+                "prompt_ids": out.prompt_ids, "stop_reason": out.stop_reason, **out.rates()}
 
     def check_generation(self, tolerance: Any, tasks: Iterable[str] | None = None) -> list[GenerationParity]:
         """Generation parity of every task (or ``tasks``) against the bundle's recorded references."""

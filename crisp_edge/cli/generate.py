@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from crisp_edge.cli.options import THREADS, int_in
 from crisp_edge.errors import ConfigError, DataError
@@ -28,27 +27,6 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
-class _Timed:
-    """Wraps a session's stepper to time the prefill (the first step) and the decode steps."""
-
-    def __init__(self, stepper) -> None:
-        self.inner, self.prefill, self.decode, self.steps = stepper, 0.0, 0.0, 0
-        self.max_seq_len = stepper.max_seq_len
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def step(self, ids, start_pos):
-        t = time.perf_counter()
-        out = self.inner.step(ids, start_pos)
-        if start_pos == 0:
-            self.prefill += time.perf_counter() - t
-        else:
-            self.decode += time.perf_counter() - t
-            self.steps += 1
-        return out
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from crisp_edge.export.bundle import open_bundle
     from crisp_edge.export.lm import DEFAULT_TASK, print_stream
@@ -61,8 +39,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         "causal LM (LlamaForCausalLM) checkpoint to generate text.")
     sess = bundle.session(threads=args.threads)
     task = args.task if args.task is not None else (DEFAULT_TASK if bundle.mode == "swappable" else None)
-    timed = _Timed(sess.lm_stepper())
-    sess.lm_stepper = lambda: timed  # the session's own stepper, timed
     out = sess.generate(args.prompt if args.prompt is not None else args.prompt_ids, args.max_new_tokens, task=task,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, tokenizer=args.tokenizer,
                         on_text=print_stream)
@@ -70,8 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(",".join(map(str, out["token_ids"])), end="")
     print(flush=True)
     n_prompt, n_new = len(out["prompt_ids"]), len(out["token_ids"])
-    pre = f"{n_prompt / timed.prefill:.1f}" if timed.prefill > 0 else "n/a"
-    dec = f"{timed.steps / timed.decode:.1f}" if timed.decode > 0 else "n/a"
+    pre, dec = (f"{out[k]:.1f}" if out[k] is not None else "n/a" for k in ("prefill_tokens_per_s", "decode_tokens_per_s"))
     print(f"[{bundle.runtime} {bundle.mode}{f', task {task}' if task else ''}] prompt {n_prompt} tokens, generated "
           f"{n_new} (stop: {out['stop_reason']}); prefill {pre} tokens/s, decode {dec} tokens/s", file=sys.stderr)
     return 0

@@ -7,6 +7,7 @@ checks that catch a stale cache) so a runtime only writes ``_run``.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
@@ -70,12 +71,21 @@ class CachedStepper:
 @dataclass
 class Generation:
     """What ``generate`` produced: the prompt's ids, the new ids, why it stopped ("eos", "length" or
-    "cache": the cache filled up first), and with ``keep_logits`` each step's logits (one per new token)."""
+    "cache": the cache filled up first), with ``keep_logits`` each step's logits (one per new token), and
+    the seconds spent in the runtime's steps: the prefill (the prompt's step) and the decode steps."""
 
     prompt_ids: list[int]
     new_ids: list[int]
     stop_reason: str
     logits: list[np.ndarray] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+
+    def rates(self) -> dict[str, float | None]:
+        """``{"prefill_tokens_per_s", "decode_tokens_per_s"}`` of the runtime's steps (None if not timed)."""
+        return {"prefill_tokens_per_s": len(self.prompt_ids) / self.prefill_seconds if self.prefill_seconds > 0 else None,
+                "decode_tokens_per_s": self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else None}
 
 
 def _check_prompt(stepper: LMStepper, prompt_ids: Sequence[int]) -> list[int]:
@@ -103,9 +113,10 @@ def generate(stepper: LMStepper, prompt_ids: Sequence[int], max_new_tokens: int 
     ids = _check_prompt(stepper, prompt_ids)
     stops = {int(t) for t in stop_ids}
     stepper.reset()
+    t = time.perf_counter()
     logits = stepper.step(ids, 0)
+    out = Generation(prompt_ids=ids, new_ids=[], stop_reason="length", prefill_seconds=time.perf_counter() - t)
     pos = len(ids)
-    out = Generation(prompt_ids=ids, new_ids=[], stop_reason="length")
     while True:
         if keep_logits:
             out.logits.append(np.array(logits, dtype=np.float32))
@@ -121,7 +132,10 @@ def generate(stepper: LMStepper, prompt_ids: Sequence[int], max_new_tokens: int 
         if pos >= stepper.max_seq_len:
             out.stop_reason = "cache"
             break
+        t = time.perf_counter()
         logits = stepper.step([token], pos)
+        out.decode_seconds += time.perf_counter() - t
+        out.decode_steps += 1
         pos += 1
     return out
 

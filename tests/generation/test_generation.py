@@ -30,6 +30,10 @@ def test_greedy_matches_transformers_generate(model):
                              pad_token_id=0)
     assert out.new_ids == ref[0, len(prompt):].tolist()
     assert out.stop_reason == "length"
+    # the runtime's steps are timed: one prefill of the prompt, one decode step per token after the first
+    assert out.decode_steps == 11 and out.prefill_seconds > 0 and out.decode_seconds > 0
+    assert set(out.rates()) == {"prefill_tokens_per_s", "decode_tokens_per_s"} and all(v > 0 for v in out.rates().values())
+    assert generate(TorchStepper(model), prompt, 1).rates()["decode_tokens_per_s"] is None  # no decode step
 
 
 def test_forced_logits_match_one_full_forward(model):
