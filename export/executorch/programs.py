@@ -8,17 +8,14 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from crisp_edge.export.model_io import (
-    _Forward,
-)
 from torch import nn
 
-from crisp_edge.files.mixers import (
-    head_module,
-)
+from crisp_edge.export.model_io import _Forward
+from crisp_edge.files.mixers import head_module
 from crisp_edge.method.convert import crisp_bases, materialize_
 from crisp_edge.method.gates import crisp_weight_matrix, get_gate
 from crisp_edge.method.layer import unfold_weight
+
 
 def _unfuse_attention(model: nn.Module) -> int:
     """Turn timm's fused attention off (its SDPA decomposes into ops XNNPACK does not take)."""
