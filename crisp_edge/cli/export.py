@@ -31,15 +31,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     p = m["params"]
     print(f"wrote {args.out}: {args.mode} ONNX bundle (opset {m['opset']}{_precision(m)}), weights "
           f"{p['weights_bytes']:,} bytes for {p['stored']:,} stored parameters")
-    for name, t in m["tasks"].items():
-        print(f"  task {name}: {t['file']} ({t['bytes']:,} bytes)")
-    if "lm" in m:
-        tok = m["lm"]["tokenizer"]
-        print(f"  language model: key/value cache of {m['lm']['max_seq_len']} tokens, "
-              + (f"tokenizer {tok['file']} ({tok['vocab_size']:,} tokens)" if tok else "no tokenizer (prompts are token ids)")
-              + f", generation references for {sorted(m['lm']['generation'])}")
-    print(f"parity vs PyTorch: max abs {m['parity']['max_abs']:.2e} over {m['parity']['checked_cases']} outputs "
-          f"(tolerance {m['tolerance']['atol']:g})")
+    _print_contents(m)
     return 0
 
 
@@ -77,6 +69,12 @@ def _export_executorch(model, args: argparse.Namespace) -> int:
     for method, ops in m["non_delegated_ops"].items():
         if ops and args.recipe != "portable":
             print(f"  {method}: not delegated: " + ", ".join(f"{k} x{v}" for k, v in ops.items()))
+    _print_contents(m)
+    return 0
+
+
+def _print_contents(m: dict) -> None:
+    """What every bundle reports after its header line: its tasks, the language-model section, parity."""
     for name, t in m["tasks"].items():
         print(f"  task {name}: {t['file']} ({t['bytes']:,} bytes)")
     if "lm" in m:
@@ -86,7 +84,6 @@ def _export_executorch(model, args: argparse.Namespace) -> int:
               + f", generation references for {sorted(m['lm']['generation'])}")
     print(f"parity vs PyTorch: max abs {m['parity']['max_abs']:.2e} over {m['parity']['checked_cases']} outputs "
           f"(tolerance {m['tolerance']['atol']:g})")
-    return 0
 
 
 def _precision(manifest: dict) -> str:
