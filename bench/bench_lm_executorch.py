@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -65,10 +64,11 @@ def build_model(quick: bool):
 def rss_child(bundle: str, task: str | None, tokens: int) -> None:
     """Run in a fresh process: load ``bundle``, generate, print peak RSS (KiB)."""
     from crisp_edge.export.executorch.bundle import load_et_bundle
+    from crisp_edge.training.compress.distill import peak_rss_mb
 
     sess = load_et_bundle(bundle).session(threads=1)
     sess.generate(list(range(1, 9)), tokens, task=task)
-    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"maxrss_kib": round(peak_rss_mb() * 1024)}))  # VmHWM: this process's own peak
 
 
 def peak_rss(bundle: Path, task: str | None, tokens: int) -> int:

@@ -129,7 +129,19 @@ class DistillReport:
 
 
 def peak_rss_mb() -> float:
-    """The peak resident set size of this process, in MiB (Linux reports KiB, macOS bytes)."""
+    """The peak resident set size of this process, in MiB.
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` is not the process's own there, a
+    child started by a large parent (``subprocess`` forks, then execs) reports the parent's peak until it
+    outgrows it. Elsewhere ``ru_maxrss`` (macOS reports bytes).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

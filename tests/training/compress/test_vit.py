@@ -304,3 +304,21 @@ def test_greedy_on_large_full_ranks_moves_on_a_bounded_grid():
     plan = allocate_ranks(teacher, 0.4, "greedy", calib=_images(16))
     assert plan.stored <= plan.target and budget(init_student(teacher, plan)).stored == plan.stored
     assert all(plan.role_ranks[r] in _rank_grid(plan.full_ranks[r]) for r in plan.role_ranks)
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents():
+    """``ru_maxrss`` survives fork + exec on Linux (a child of a large parent reports the parent's peak);
+    ``peak_rss_mb`` must not, or every benchmark that measures memory in a fresh process is wrong."""
+    import subprocess
+    import sys
+
+    from crisp_edge.training.compress.distill import peak_rss_mb
+
+    ballast = bytearray(400 * 2**20)
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # touch every page: resident
+    parent = peak_rss_mb()
+    code = "import sys; sys.path[:0] = {!r}; from crisp_edge.training.compress.distill import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code.format(sys.path)], capture_output=True, text=True,
+                                 check=True).stdout.split()[-1])
+    assert parent > 400 and child < parent - 300, (parent, child)
+    del ballast
