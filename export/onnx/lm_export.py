@@ -17,7 +17,10 @@ switch-then-dense machinery (``fold.py``, ``adapter.py``, ``session.py``): that 
 weight initializer replaced by a graph input that takes the fold graph's output for it
 (``weights_as_inputs``, then ``take_folded_weights``: a free reshape in the graph). The LM head is not
 a task tensor (``build_fold_graph(head=False)``): it is the vocabulary projection, tied to the
-embedding in SmolLM2, and a task is its mixers alone (``save_mixers(..., head=False)``).
+embedding in SmolLM2, and a task is its mixers alone (``save_mixers(..., head=False)``). The swappable graph then gets two paths in one
+``If`` on the number of new tokens (``lm_paths``): prefill multiplies by each non-constant weight in the
+form ONNX Runtime runs fastest for many tokens, decode in the one it runs fastest for one; the manifest's
+``swappable.prefill_flipped`` lists the weights whose prefill product is flipped.
 
 The manifest is the ONNX bundle's plus an ``lm`` section (``crisp_edge.export.lm``): ``max_seq_len``
 (recorded and enforced by the session; default 256, at most the model's ``max_position_embeddings``),

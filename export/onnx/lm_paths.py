@@ -3,27 +3,33 @@ fastest way ONNX Runtime's CPU kernels have to multiply by a weight that is a gr
 
 A dense bundle's weights are constant initializers: ONNX Runtime pre-packs each once, at session creation,
 into MLAS's panel layout. A swappable bundle's weights are the fold's outputs, fed as inputs, so nothing
-is pre-packed, and which kernel runs depends on how the product is written (SmolLM2-shaped weights,
-576 x 1536, 120 distinct so the working set leaves the cache as SmolLM2's does; CPU time per product
-against the pre-packed constant, 1 thread; ``bench/bench_lm_matmul.py``):
+is pre-packed, and which kernel runs depends on how the product is written. CPU time against the pre-packed
+constant, every projection of SmolLM2-135M's 30 blocks (424 MB, streamed from memory as in the model),
+1 thread (``bench/bench_lm_matmul.py``, ``bench/results/lm_matmul.json``):
 
-===========================  ===================  ==========================
-product                      decode (1 token)     prefill (64 tokens)
-===========================  ===================  ==========================
-``x @ W^T`` (transB)         0.75-0.86            0.81-0.88 (B packed per call)
-``x @ Wt``, Wt (d_in, d_out)  0.88-0.92            0.70-0.80
-``(W @ x^T)^T``              0.50 (N = 1)         0.92-0.98 (only x packed)
-===========================  ===================  ==========================
+================================  ===============  ===============================
+product (W: the weight input)     decode, 1 token  prefill, 64 tokens
+================================  ===============  ===============================
+``x @ Transpose(W)`` (exported)   0.875            0.838 (W packed on every call)
+``x @ Wt``, Wt = W^T stored       0.899            0.694
+``Transpose(W @ Transpose(x))``   0.556            0.950 (W read in place)
+================================  ===============  ===============================
 
-So prefill wants the flipped product, where the weight is MLAS's ``A`` operand (read in place; only the
-small activation is packed), and decode wants the exported ``x @ W^T``. ``two_path_graph`` wraps the
-whole graph but the vocabulary projection in ``If(new tokens == 1)``: the *decode* branch is the graph as
-exported, the *prefill* branch the same nodes with every weight product flipped. One ``If`` per run (one
+So prefill wants the flipped product, where the weight is MLAS's ``A`` operand (only the small activation
+is packed), and decode the exported one (MLAS's one-row kernel; ``Wt`` would gain 2 points there and cost a
+transpose of every weight at each switch, or a transposed group, and lose 14 points of prefill). No form
+reaches the pre-packed speed for one token: that gap (SmolLM2 decode 0.90x) is the cost of weights that
+are inputs.
+
+``two_path_graph`` wraps the whole graph but the vocabulary projection in ``If(new tokens == 1)``: the
+*decode* branch is the graph as exported, the *prefill* branch the same nodes with every weight product
+flipped. One ``If`` per run (one
 per product cost 2 points of decode on the SmolLM2-shaped model); the ``lm_head`` product and its
 transposed constant stay outside, so that constant is folded and pre-packed once, not once per branch.
 
 A transposed group's weight (``RoleConfig(transpose=True)``: ``W^T`` is the fold's own layout) keeps
-``x @ Wt`` in both branches: flipping it would make ONNX Runtime transpose ``A`` on every call (0.73).
+``x @ Wt`` in both branches: flipping it would make ONNX Runtime transpose ``A`` on every call (0.73x of
+the pre-packed prefill in a probe of 120 SmolLM2-sized weights; not one of the benchmark's kinds).
 """
 from __future__ import annotations
 
