@@ -137,9 +137,14 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
     def with_cpu(name: str, fn) -> float:
         """Wall seconds of ``fn()``; its CPU seconds (this thread: ORT at 1 thread runs in the caller's) go to
         ``cpu``: other processes on a shared machine stretch the wall time, not the CPU time."""
-        c0 = time.thread_time()
-        secs = timed(fn)[0]
-        cpu.setdefault(name, []).append(time.thread_time() - c0)
+        spent = []
+
+        def run():
+            c0 = time.thread_time()  # inside timed: its garbage collection beforehand is not the step's
+            fn()
+            spent.append(time.thread_time() - c0)
+        secs = timed(run)[0]
+        cpu.setdefault(name, []).append(spent[0])
         return secs
 
     def prefill(sess, name):
