@@ -21,14 +21,16 @@ transpose of every weight at each switch, or a transposed group, and lose 14 poi
 reaches the pre-packed speed for one token: that gap (SmolLM2 decode 0.90x) is the cost of weights that
 are inputs.
 
-``two_path_graph`` wraps the whole graph but the vocabulary projection in ``If(new tokens == 1)``: the
-*decode* branch is the graph as exported, the *prefill* branch the same nodes with every weight product
-flipped. One ``If`` per run (one
-per product cost 2 points of decode on the SmolLM2-shaped model); the ``lm_head`` product and its
-transposed constant stay outside, so that constant is folded and pre-packed once, not once per branch.
+``two_path_graph`` writes each such product as ``If(new tokens == 1)``: the *decode* branch the product as
+exported, the *prefill* branch flipped (the flag is computed once a run, from ``input_ids``' shape). Only
+products of at least ``FLIP_MIN_WEIGHTS`` weights get the ``If``: each costs time on every run, worth
+it on SmolLM2's MLP (576 x 1536) and not on its attention projections (SmolLM2-shaped, 8 blocks, CPU time
+against dense: as exported 0.869x prefill / 0.899x decode; MLP flipped 0.956x / 0.897x; every product
+flipped 0.964x / 0.878x; the whole graph in one ``If`` with two branches 0.974x / 0.864x: a large
+subgraph costs decode more than many small ones, why not measured). The ``lm_head`` product reads a constant (pre-packed) and is left as it is.
 
-A transposed group's weight (``RoleConfig(transpose=True)``: ``W^T`` is the fold's own layout) keeps
-``x @ Wt`` in both branches: flipping it would make ONNX Runtime transpose ``A`` on every call (0.73x of
+A transposed group's weight (``RoleConfig(transpose=True)``: ``W^T`` is the fold's own layout) keeps its
+one product ``x @ Wt``: flipping it would make ONNX Runtime transpose ``A`` on every call (0.73x of
 the pre-packed prefill in a probe of 120 SmolLM2-sized weights; not one of the benchmark's kinds).
 """
 from __future__ import annotations
@@ -39,10 +41,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from crisp_edge.export.errors import ExportError
 
 #: The branch (and value-name prefix) of each path.
 DECODE, PREFILL = "crisp.decode", "crisp.prefill"
+#: Products by a weight of fewer numbers keep the one path (an ``If`` costs more than flipping them gains).
+FLIP_MIN_WEIGHTS = 1 << 19
 
 
 def _consumers(nodes) -> dict[str, list]:
@@ -53,79 +56,68 @@ def _consumers(nodes) -> dict[str, list]:
     return out
 
 
-def flip_weight_products(nodes: list, weights: list[str]) -> tuple[list, list[str]]:
-    """``nodes`` (copied) with each ``MatMul(x, Transpose(w))`` on a weight value ``w`` in ``weights`` written
-    as ``Transpose(MatMul(w, Transpose(x)))``; returns (nodes, the weights flipped). ``x`` is rank 3
-    (batch, tokens, d_in), as every projection of a causal LM's with-past graph."""
-    nodes = [copy.deepcopy(n) for n in nodes]
+def weight_products(nodes, weights: list[str]) -> dict[str, list[tuple]]:
+    """For each of ``weights`` that feeds only the exporter's ``x @ W^T`` (``Transpose(perm=[1, 0])`` nodes, each
+    feeding ``MatMul`` as its second operand), those (Transpose, MatMul) pairs; other weights are left out
+    (left as they are: correct, only not given a prefill path)."""
     cons = _consumers(nodes)
-    replace: dict[int, list] = {}
-    flipped = []
+    out = {}
     for w in weights:
         transposes = cons.get(w, [])
-        matmuls = [m for t in transposes for m in cons.get(t.output[0], [])]
-        if not transposes or any(t.op_type != "Transpose" or list(t.attribute[0].ints) != [1, 0] for t in transposes) \
-                or any(m.op_type != "MatMul" or m.input[0] in {t.output[0] for t in transposes} for m in matmuls):
-            continue  # not the exporter's x @ W^T: left as it is (correct, only not flipped)
-        for t in transposes:
-            replace[id(t)] = []
-        for m in matmuls:
-            x, y = m.input[0], m.output[0]
-            replace[id(m)] = [helper.make_node("Transpose", [x], [f"{y}.xt"], perm=[0, 2, 1], name=f"{m.name}.xt"),
-                              helper.make_node("MatMul", [w, f"{y}.xt"], [f"{y}.yt"], name=f"{m.name}.flipped"),
-                              helper.make_node("Transpose", [f"{y}.yt"], [y], perm=[0, 2, 1], name=f"{m.name}.yt")]
-        flipped.append(w)
-    out = []
-    for n in nodes:
-        out += replace.get(id(n), [n])
-    return out, flipped
+        if not transposes or any(t.op_type != "Transpose" or [list(a.ints) for a in t.attribute] != [[1, 0]]
+                                 for t in transposes):
+            continue
+        pairs = [(t, m) for t in transposes for m in cons.get(t.output[0], [])]
+        if pairs and all(m.op_type == "MatMul" and m.input[1] == t.output[0] != m.input[0] for t, m in pairs):
+            out[w] = pairs
+    return out
 
 
-def _branch(nodes: list, outputs: list[str], tag: str) -> onnx.GraphProto:
-    """A subgraph of ``nodes`` returning ``outputs``; every value it makes is renamed ``tag/name`` (a
-    subgraph may not redefine an outer value, and the two branches make the same values)."""
-    made = {o for n in nodes for o in n.output}
+def _two_paths(w: str, m) -> onnx.NodeProto:
+    """``If(crisp.is_decode)`` making ``m``'s output, ``x @ W^T``: decode ``MatMul(x, Transpose(w))`` as exported,
+    prefill ``Transpose(MatMul(w, Transpose(x)))`` (``x`` rank 3: batch, tokens, d_in)."""
+    x, y = m.input[0], m.output[0]
+    out = {tag: helper.make_tensor_value_info(f"{tag}/{y}", TensorProto.FLOAT, None) for tag in (DECODE, PREFILL)}
+    decode = helper.make_graph([helper.make_node("Transpose", [w], [f"{DECODE}/{y}.wt"], perm=[1, 0]),
+                                helper.make_node("MatMul", [x, f"{DECODE}/{y}.wt"], [f"{DECODE}/{y}"])],
+                               f"{DECODE}/{m.name}", [], [out[DECODE]])
+    prefill = helper.make_graph([helper.make_node("Transpose", [x], [f"{PREFILL}/{y}.xt"], perm=[0, 2, 1]),
+                                 helper.make_node("MatMul", [w, f"{PREFILL}/{y}.xt"], [f"{PREFILL}/{y}.yt"]),
+                                 helper.make_node("Transpose", [f"{PREFILL}/{y}.yt"], [f"{PREFILL}/{y}"], perm=[0, 2, 1])],
+                                f"{PREFILL}/{m.name}", [], [out[PREFILL]])
+    return helper.make_node("If", ["crisp.is_decode"], [y], name=f"{m.name}.paths", then_branch=decode,
+                            else_branch=prefill)
 
-    def ren(name: str) -> str:
-        return f"{tag}/{name}" if name in made else name
 
-    for n in nodes:
-        n.input[:] = [ren(i) for i in n.input]
-        n.output[:] = [ren(o) for o in n.output]
-        n.name = f"{tag}/{n.name}" if n.name else ""
-    return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(ren(o), TensorProto.FLOAT, None)
-                                              for o in outputs])
+def flip_candidates(folded: dict[str, tuple[list[int], list[int], bool]]) -> list[str]:
+    """The values (``<fold output>.dense``, as ``take_folded_weights`` names them) whose products get a prefill
+    path: untransposed weights of at least ``FLIP_MIN_WEIGHTS`` numbers (``FoldSpec.folded``)."""
+    return [f"{name}.dense" for name, (_, (d_out, d_in), transposed) in folded.items()
+            if not transposed and d_out * d_in >= FLIP_MIN_WEIGHTS]
 
 
 def two_path_graph(proto: onnx.ModelProto, weights: list[str]) -> tuple[onnx.ModelProto, list[str]]:
-    """``proto`` (an LM graph taking ``weights`` as (d_out, d_in) values fed to ``MatMul(x, Transpose(w))``)
-    as ``If(input_ids has one token)``: decode branch as exported, prefill branch with those products
-    flipped; the node making ``logits`` and its constant operand stay outside. Returns (graph, flipped)."""
+    """``proto`` (an LM graph feeding each of ``weights``, (d_out, d_in), to ``MatMul(x, Transpose(w))``) with each
+    such product as ``If(input_ids has one token)``: decode branch as exported, prefill branch flipped.
+    Returns (graph, the weights whose products were rewritten)."""
     graph = proto.graph
-    made_by = {o: n for n in graph.node for o in n.output}
-    head = made_by.get("logits")
-    if head is None:
-        raise ExportError("the language-model graph has no node making 'logits'; cannot split its two paths.")
-    inits = {t.name for t in graph.initializer}
-    outer = [made_by[i] for i in head.input  # lm_head's transposed weight, then lm_head
-             if i in made_by and all(j in inits for j in made_by[i].input)] + [head]
-    outer_made = {o for n in outer for o in n.output}
-    body = [n for n in graph.node if not outer_made.intersection(n.output)]
-    outputs = [i for i in head.input if i in made_by and i not in outer_made]
-    outputs += [o.name for o in graph.output if o.name != "logits"]
-    prefill, flipped = flip_weight_products(body, weights)
-    if not flipped:
+    nodes = list(graph.node)
+    products = weight_products(nodes, weights)
+    if not products:
         return proto, []
-    outer = [copy.deepcopy(n) for n in outer]
-    decode = _branch([copy.deepcopy(n) for n in body], outputs, DECODE)
+    drop = {t.output[0] for pairs in products.values() for t, _ in pairs}
+    replace = {m.output[0]: _two_paths(w, m) for w, pairs in products.items() for _, m in pairs}
     graph.initializer.extend([numpy_helper.from_array(np.array(1, np.int64), "crisp.axis_tokens"),
                               numpy_helper.from_array(np.array(1, np.int64), "crisp.one_token")])
-    nodes = [helper.make_node("Shape", ["input_ids"], ["crisp.ids_shape"], name="crisp.ids_shape"),
-             helper.make_node("Gather", ["crisp.ids_shape", "crisp.axis_tokens"], ["crisp.tokens"], axis=0,
-                              name="crisp.tokens"),
-             helper.make_node("Equal", ["crisp.tokens", "crisp.one_token"], ["crisp.is_decode"], name="crisp.is_decode"),
-             helper.make_node("If", ["crisp.is_decode"], outputs, name="crisp.paths",
-                              then_branch=decode, else_branch=_branch(prefill, outputs, PREFILL))]
+    out = [helper.make_node("Shape", ["input_ids"], ["crisp.ids_shape"], name="crisp.ids_shape"),
+           helper.make_node("Gather", ["crisp.ids_shape", "crisp.axis_tokens"], ["crisp.tokens"], axis=0,
+                            name="crisp.tokens"),
+           helper.make_node("Equal", ["crisp.tokens", "crisp.one_token"], ["crisp.is_decode"], name="crisp.is_decode")]
+    for n in nodes:
+        if n.output[0] in replace:
+            out.append(replace[n.output[0]])
+        elif n.output[0] not in drop:
+            out.append(copy.deepcopy(n))
     del graph.node[:]
-    graph.node.extend(nodes + outer)
-    return proto, flipped
+    graph.node.extend(out)
+    return proto, list(products)

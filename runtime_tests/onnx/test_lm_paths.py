@@ -14,7 +14,7 @@ import torch
 from crisp_edge.export import export_onnx, load_bundle
 from crisp_edge.export.errors import BundleError
 from crisp_edge.export.onnx import bundle as onnx_bundle
-from crisp_edge.export.onnx.lm_paths import DECODE, PREFILL
+from crisp_edge.export.onnx import lm_paths
 from crisp_edge.export.parity.compare import ATOL_LM_FP32
 
 import crisp_edge as ce
@@ -42,8 +42,9 @@ def lm(tmp_path_factory):
     model = crisp_llama()
     tasks = [make_lm_task_file(model, root / f"{t}.mixers.safetensors", t, seed=i + 1) for i, t in enumerate("ab")]
     dense = export_onnx(model, root / "dense", mode="dense", max_seq_len=SEQ)
-    with pytest.MonkeyPatch.context() as mp:  # every graph's weights in a .data file, memory-mapped as SmolLM2's are
-        mp.setattr(onnx_bundle, "EXTERNAL_DATA_BYTES", 0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_bundle, "EXTERNAL_DATA_BYTES", 0)  # every graph's weights in a .data file, mapped as SmolLM2's are
+        mp.setattr(lm_paths, "FLIP_MIN_WEIGHTS", 0)  # the toy's 32 x 64 weights get both paths, as SmolLM2's MLP does
         swap = export_onnx(model, root / "swap", mode="swappable", tasks=tasks, max_seq_len=SEQ)
     return {"root": root, "model": model, "tasks": tasks, "dense": dense, "swap": swap}
 
@@ -55,32 +56,37 @@ def torch_tokens(model, mixer_file=None, n: int = 10) -> list[int]:
     return generate(TorchStepper(m, SEQ), PROMPT, n).new_ids
 
 
-def test_the_graph_has_a_prefill_and_a_decode_path(lm):
+def test_each_weight_product_has_a_prefill_and_a_decode_path(lm):
     swap = lm["swap"].manifest["swappable"]
     weights = sorted(swap["weights"])
     assert swap["prefill_flipped"] == weights and len(weights) == 14  # 2 blocks x 7 projections, none transposed
     graph = onnx.load(str(lm["swap"].path / "model.onnx")).graph
-    assert [n.op_type for n in graph.node] == ["Shape", "Gather", "Equal", "If", "Transpose", "MatMul"]
-    head_t, head = graph.node[4], graph.node[5]  # lm_head and its transposed (constant) weight: once, outside
-    (head_w,) = head_t.input
-    assert head_w in {t.name for t in graph.initializer} and head.output[0] == "logits"
-    branches = {a.name: a.g for a in graph.node[3].attribute}
-    assert branches["then_branch"].name == DECODE and branches["else_branch"].name == PREFILL
-    for branch, flipped in ((branches["then_branch"], False), (branches["else_branch"], True)):
-        uses: dict[str, list] = {}
-        for n in branch.node:
-            for k, i in enumerate(n.input):
-                uses.setdefault(i, []).append((n, k))
-        assert not any(head_w in n.input for n in branch.node if n.op_type in ("MatMul", "Transpose"))
-        for w in weights:
-            (use,) = uses[f"{branch.name}/{w}.dense"]  # the weight, reshaped from the fold's layout
-            node, k = use
-            if flipped:  # the weight is MatMul's first operand, never transposed
-                assert (node.op_type, k) == ("MatMul", 0)
-            else:  # as exported: x @ Transpose(W)
-                assert node.op_type == "Transpose"
-                ((mm, j),) = uses[node.output[0]]
-                assert (mm.op_type, j) == ("MatMul", 1)
+    assert [n.op_type for n in graph.node[:3]] == ["Shape", "Gather", "Equal"]  # one token? once a run
+    top = {i for n in graph.node for i in n.input}
+    paths = {}
+    for node in graph.node:
+        if node.op_type == "If":
+            assert list(node.input) == ["crisp.is_decode"]
+            b = {a.name: a.g for a in node.attribute}
+            paths[node.output[0]] = ([(n.op_type, list(n.input)) for n in b["then_branch"].node],
+                                     [(n.op_type, list(n.input)) for n in b["else_branch"].node])
+    assert len(paths) == len(weights)  # one If per weight product, nothing else branches
+    for w in weights:
+        assert f"{w}.dense" not in top  # used inside the If branches only
+        (decode, prefill), = [p for p in paths.values() if any(f"{w}.dense" in i for _, i in p[0])]
+        assert [op for op, _ in decode] == ["Transpose", "MatMul"] and decode[0][1] == [f"{w}.dense"]
+        assert [op for op, _ in prefill] == ["Transpose", "MatMul", "Transpose"]
+        assert prefill[1][1][0] == f"{w}.dense"  # the weight is MatMul's first operand: never packed per call
+    # the LM head's product reads a constant: one path, outside any If
+    (head,) = [n for n in graph.node if n.output[0] == "logits"]
+    assert head.op_type == "MatMul"
+
+
+def test_small_weights_keep_the_one_path(tmp_path):
+    model = crisp_llama()  # the toy's largest weight has 2048 numbers, under FLIP_MIN_WEIGHTS
+    bundle = export_onnx(model, tmp_path / "swap", mode="swappable", max_seq_len=SEQ)
+    assert bundle.manifest["swappable"]["prefill_flipped"] == []
+    assert "If" not in [n.op_type for n in onnx.load(str(bundle.path / "model.onnx")).graph.node]
 
 
 def feeds(bundle, batch: int, past: int, new: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -105,8 +111,9 @@ def test_both_paths_compute_what_the_dense_bundle_computes(lm, new):
             np.testing.assert_allclose(got[name], want[name], rtol=0, atol=ATOL_LM_FP32, err_msg=name)
 
 
-def test_transposed_groups_keep_the_one_path_and_generate_as_pytorch(tmp_path):
+def test_transposed_groups_keep_the_one_path_and_generate_as_pytorch(tmp_path, monkeypatch):
     model = crisp_llama(transpose=True)
+    monkeypatch.setattr(lm_paths, "FLIP_MIN_WEIGHTS", 0)  # large enough, but W^T is the fold's own layout
     bundle = export_onnx(model, tmp_path / "swap", mode="swappable", max_seq_len=SEQ)
     assert bundle.manifest["swappable"]["prefill_flipped"] == []  # W^T is the fold's own layout: x @ W^T as it is
     assert "If" not in [n.op_type for n in onnx.load(str(bundle.path / "model.onnx")).graph.node]
