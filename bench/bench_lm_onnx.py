@@ -11,8 +11,10 @@ seeded) with a key/value cache, then side by side in one interleaved run:
 - task switch (``set_task`` by the adapter's path: reading the file, verifying its SHA-256 and tensors,
   one fold run) in decode steps (goal <= 5), against recreating a dense session (``load_bundle`` with
   its hash check + the ORT session) and creating the bare ORT session alone;
-- resident memory: peak RSS of a child process that loads a bundle and generates, above the same
-  process's RSS after imports, swappable / dense (goal <= 1.1x);
+- resident memory: RSS of a child process that loads a bundle and generates, above the same process's
+  RSS after imports, swappable / dense (goal <= 1.1x); swappable as it runs by default (the bases' pages
+  handed back after a switch) and with ``release_bases = False`` (``_keep_bases``: the switch is measured
+  both ways too);
 - bundle bytes (graphs and weights; task files apart) against stored parameters x 4 bytes;
 - parity: ``check_bundle`` of each bundle (tensor cases + every task's 64-token greedy generation):
   max logit difference and whether every token equals PyTorch's; export time of each mode.
@@ -173,6 +175,10 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
                     for n in ("dense_prefill", "swappable_prefill", "dense_decode", "swappable_decode")}, repeats)
     paths = [swap.bundle.task_path(n) for n in ("a", "b")]
     switch = [timed(lambda p=p: swap.set_task(p))[0] for _ in range(repeats) for p in paths]
+    swap.release_bases = False  # the bases' pages kept resident between switches: faster switch, more memory
+    swap.set_task(paths[0])
+    switch_keep = [timed(lambda p=p: swap.set_task(p))[0] for _ in range(repeats) for p in paths]
+    swap.release_bases = True
     model_file = str(root / "dense" / "model.onnx")
     recreate = [timed(lambda: load_bundle(root / "dense").session(threads=THREADS))[0] for _ in range(max(2, repeats // 2))]
     bare = [timed(lambda: ort.InferenceSession(model_file, session_options(THREADS)))[0]
@@ -188,6 +194,8 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
         "cpu_ratios": {k: round(float(np.median(cpu[f"dense_{k}"]) / np.median(cpu[f"swappable_{k}"])), 3)
                        for k in ("prefill", "decode")},
         "switch_s": summarize(switch), "switch_decode_steps": round(float(np.median(switch)) / step, 2),
+        "switch_keep_bases_s": summarize(switch_keep),
+        "switch_keep_bases_decode_steps": round(float(np.median(switch_keep)) / step, 2),
         "recreate_session_s": summarize(recreate), "recreate_decode_steps": round(float(np.median(recreate)) / step, 2),
         "bare_ort_session_s": summarize(bare), "bare_session_decode_steps": round(float(np.median(bare)) / step, 2),
         "timings": {k: summarize(v) for k, v in t.items()},
@@ -200,13 +208,14 @@ def _rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def memory_child(path: str, task: str | None, steps: int) -> None:
+def memory_child(path: str, task: str | None, steps: int, keep_bases: bool = False) -> None:
     """(In a child process) resident memory after imports, then after loading ``path`` and generating."""
     import gc
 
     gc.collect()
     base = _rss_kib()
     sess = load_bundle(path).session(threads=1)
+    sess.release_bases = not keep_bases
     out = sess.generate([5, 9, 14, 3], steps, task=task, stop_at_eos=False)
     gc.collect()
     print(json.dumps({"base_kib": base, "rss_kib": _rss_kib(), "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -215,16 +224,21 @@ def memory_child(path: str, task: str | None, steps: int) -> None:
 
 def memory(root: Path, steps: int) -> dict:
     out = {}
-    for mode, task in (("dense", None), ("swappable", "a")):
+    for key, mode, task in (("dense", "dense", None), ("swappable", "swappable", "a"),
+                            ("swappable_keep_bases", "swappable", "a")):
         cmd = [sys.executable, __file__, "--memory-child", str(root / mode), "--decode", str(steps)]
         if task:
             cmd += ["--task", task]
+        if key.endswith("keep_bases"):
+            cmd.append("--keep-bases")
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
-        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
-        out[mode]["added_kib"] = out[mode]["rss_kib"] - out[mode]["base_kib"]
+        out[key] = json.loads(res.stdout.strip().splitlines()[-1])
+        out[key]["added_kib"] = out[key]["rss_kib"] - out[key]["base_kib"]
     added = out["dense"]["added_kib"]
     out["ratio_added"] = round(out["swappable"]["added_kib"] / added, 3) if added > 1024 else None  # toy: noise
     out["ratio_total"] = round(out["swappable"]["rss_kib"] / out["dense"]["rss_kib"], 3)
+    keep = out["swappable_keep_bases"]["added_kib"]
+    out["ratio_added_keep_bases"] = round(keep / added, 3) if added > 1024 else None
     return out
 
 
@@ -322,11 +336,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the onnxruntime-genai anchor, on --workdir's dense bundle; merged into --out")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--task", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--keep-bases", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     prompt_len = args.prompt or (16 if args.quick else 64)
     decode = args.decode or (8 if args.quick else 32)
     if args.memory_child:
-        memory_child(args.memory_child, args.task, decode)
+        memory_child(args.memory_child, args.task, decode, args.keep_bases)
         return 0
     repeats = args.repeats or (3 if args.quick else 5)
     if args.genai_path:

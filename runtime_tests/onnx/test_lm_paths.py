@@ -131,6 +131,9 @@ def test_a_switch_hands_back_the_fold_data_pages_and_reads_them_again(lm):
         sess.set_task(task)
         assert resident_bytes(data) == 0 and file_mappings(data)  # still mapped, nothing resident
         assert sess.generate(PROMPT, 10, stop_at_eos=False)["token_ids"] == torch_tokens(lm["model"], mixer_file)
+    sess.release_bases = False  # the faster-switch choice: the bases stay resident
+    sess.set_task("a")
+    assert resident_bytes(data) > 0
 
 
 def test_a_fold_data_file_changed_after_opening_is_refused(lm, tmp_path):
