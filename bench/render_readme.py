@@ -390,6 +390,13 @@ def _lm_cpu_ratios(s: dict) -> str:
     return f" (from CPU time: prefill {c['prefill']:.3f}x, decode {c['decode']:.3f}x)" if c else ""
 
 
+def _lm_keep_bases(s: dict, mem: dict) -> str:
+    if "switch_keep_bases_decode_steps" not in s:
+        return ""
+    return (f"; with the bases kept resident between switches (`release_bases = False`): switch "
+            f"{s['switch_keep_bases_decode_steps']:.1f} decode steps, memory {mem['ratio_added_keep_bases']}x")
+
+
 def render_lm_onnx(d: dict) -> str:
     s, e, p, mem, t = d["speed"], d["export"], d["parity"], d["memory"], d["targets"]
     rows = []
@@ -408,7 +415,7 @@ def render_lm_onnx(d: dict) -> str:
              f"(target >= {t['decode_ratio']}x){_lm_cpu_ratios(s)}; task switch (read and verify the adapter, one fold run) "
              f"{s['switch_decode_steps']:.1f} decode steps (target <= {t['switch_decode_steps']:g}) vs recreating a dense "
              f"session {s['recreate_decode_steps']:.1f}; resident memory above imports {mem['ratio_added']}x, whole "
-             f"process {mem['ratio_total']}x (target <= {t['memory_ratio']}x); a task file {tf['bytes']:,} bytes "
+             f"process {mem['ratio_total']}x (target <= {t['memory_ratio']}x){_lm_keep_bases(s, mem)}; a task file {tf['bytes']:,} bytes "
              f"({tf['tensor_bytes']:,} of mixers). {d['model']}; {s['prompt_tokens']}-token prompt, "
              f"{s['decode_steps']} decode steps, median of {s['repeats']} rounds, 1 thread ({d['machine']['date'][:10]}, "
              f"load average {d['machine']['load_average_1_5_15'][0]}) (`bench/results/lm_onnx.json`)."]
