@@ -18,8 +18,8 @@ product (W: the weight input)     decode, 1 token  prefill, 64 tokens
 So prefill wants the flipped product, where the weight is MLAS's ``A`` operand (only the small activation
 is packed), and decode the exported one (MLAS's one-row kernel; ``Wt`` would gain 2 points there and cost a
 transpose of every weight at each switch, or a transposed group, and lose 14 points of prefill). No form
-reaches the pre-packed speed for one token: that gap (SmolLM2 decode 0.90x) is the cost of weights that
-are inputs.
+reaches the pre-packed speed for one token: that gap (SmolLM2-135M decode 0.94x the dense bundle's,
+``bench/results/lm_onnx.json``) is the cost of weights that are inputs.
 
 ``two_path_graph`` writes each such product as ``If(new tokens == 1)``: the *decode* branch the product as
 exported, the *prefill* branch flipped (the flag is computed once a run, from ``input_ids``' shape). Only
