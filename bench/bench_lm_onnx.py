@@ -5,12 +5,16 @@ One CRISP LLaMA (SmolLM2-135M-Instruct retrofitted at full capacity: s=4, groups
 seeded) with a key/value cache, then side by side in one interleaved run:
 
 - prefill tokens/s (a ``--prompt``-token prompt into an empty cache) and decode tokens/s (``--decode``
-  greedy steps after it), swappable / dense (goal >= 0.95x);
+  greedy steps after it), swappable / dense (goal >= 0.95x), from wall time and, as ``cpu_ratios``, from the
+  thread's CPU time (ORT at 1 thread runs in the caller's thread; on a shared machine other processes
+  stretch the wall time of both sides unevenly, not the CPU time);
 - task switch (``set_task`` by the adapter's path: reading the file, verifying its SHA-256 and tensors,
   one fold run) in decode steps (goal <= 5), against recreating a dense session (``load_bundle`` with
   its hash check + the ORT session) and creating the bare ORT session alone;
-- resident memory: peak RSS of a child process that loads a bundle and generates, above the same
-  process's RSS after imports, swappable / dense (goal <= 1.1x);
+- resident memory: RSS of a child process that loads a bundle and generates, above the same process's
+  RSS after imports, swappable / dense (goal <= 1.1x); swappable as it runs by default (the bases' pages
+  handed back after a switch) and with ``release_bases = False`` (``_keep_bases``: the switch is measured
+  both ways too);
 - bundle bytes (graphs and weights; task files apart) against stored parameters x 4 bytes;
 - parity: ``check_bundle`` of each bundle (tensor cases + every task's 64-token greedy generation):
   max logit difference and whether every token equals PyTorch's; export time of each mode.
@@ -22,6 +26,7 @@ runtime runs with onnxruntime 1.32, but its builder needs transformers 5, so the
 0.11.4 builder (``--genai-builder-path``), which imports with transformers 4.57.
 
     .venv/bin/python bench/bench_lm_onnx.py --quick      # toy, under a minute (runtime_tests run it)
+    .venv/bin/python bench/bench_lm_onnx.py --shaped     # SmolLM2's layer shapes, 8 layers: bench/results/lm_onnx_shaped.json
     .venv/bin/python bench/bench_lm_onnx.py --no-anchor --workdir W     # SmolLM2-135M: bench/results/lm_onnx.json
     .venv/bin/python bench/bench_lm_onnx.py --anchor-only --workdir W --genai-path G18 --genai-builder-path G11
 """
@@ -55,8 +60,26 @@ SCHEMA = 1
 TARGETS = {"prefill_ratio": 0.95, "decode_ratio": 0.95, "switch_decode_steps": 5.0, "memory_ratio": 1.1}
 
 
-def build_model(quick: bool):
+#: ``--shaped``: SmolLM2-135M's layer shapes with fewer layers, the vocabulary cut in proportion (the LM head
+#: keeps its share of the work), so a run is minutes and under 2 GB; its fold data (the bases, 113 MB) is
+#: large enough to be saved as external data and memory-mapped, as SmolLM2's is.
+SHAPED = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+          "num_hidden_layers": 8, "vocab_size": 12288, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
+          "rope_theta": 100000.0, "max_position_embeddings": 2048}
+
+
+def build_model(quick: bool, shaped: bool = False):
     """(CRISP model, tokenizer or None, description)."""
+    if shaped:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SHAPED)).eval()
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        ce.retrofit_(model, ce.CrispConfig(), progress=False)
+        return model, None, (f"SmolLM2-shaped LLaMA (random weights; {SHAPED['num_hidden_layers']} layers, vocabulary "
+                             f"{SHAPED['vocab_size']}), CRISP s=4, groups of 4 blocks, full rank (r=16)")
     if quick:
         model = toy_model("hf-llama", seed=0, depth=4)
         ce.retrofit_(model, ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2)), progress=False)
@@ -111,14 +134,29 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(3, dense.lm["vocab_size"], prompt_len)]
 
-    def prefill(sess):
+    cpu: dict[str, list[float]] = {}
+
+    def with_cpu(name: str, fn) -> float:
+        """Wall seconds of ``fn()``; its CPU seconds (this thread: ORT at 1 thread runs in the caller's) go to
+        ``cpu``: other processes on a shared machine stretch the wall time, not the CPU time."""
+        spent = []
+
+        def run():
+            c0 = time.thread_time()  # inside timed: its garbage collection beforehand is not the step's
+            fn()
+            spent.append(time.thread_time() - c0)
+        secs = timed(run)[0]
+        cpu.setdefault(name, []).append(spent[0])
+        return secs
+
+    def prefill(sess, name):
         def case() -> float:
             st = sess.lm_stepper()
             st.reset()
-            return timed(lambda: st.step(prompt, 0))[0]
+            return with_cpu(name, lambda: st.step(prompt, 0))
         return case
 
-    def decoding(sess):
+    def decoding(sess, name):
         def case() -> float:
             st = sess.lm_stepper()
             st.reset()
@@ -128,13 +166,19 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
                 nonlocal logits
                 for i in range(decode):
                     logits = st.step([int(np.argmax(logits))], prompt_len + i)
-            return timed(steps)[0] / decode
+            secs = with_cpu(name, steps) / decode
+            cpu[name][-1] /= decode
+            return secs
         return case
 
-    t = interleave({"dense_prefill": prefill(dense), "swappable_prefill": prefill(swap),
-                    "dense_decode": decoding(dense), "swappable_decode": decoding(swap)}, repeats)
+    t = interleave({n: (prefill if n.endswith("prefill") else decoding)(dense if n.startswith("dense") else swap, n)
+                    for n in ("dense_prefill", "swappable_prefill", "dense_decode", "swappable_decode")}, repeats)
     paths = [swap.bundle.task_path(n) for n in ("a", "b")]
     switch = [timed(lambda p=p: swap.set_task(p))[0] for _ in range(repeats) for p in paths]
+    swap.release_bases = False  # the bases' pages kept resident between switches: faster switch, more memory
+    swap.set_task(paths[0])
+    switch_keep = [timed(lambda p=p: swap.set_task(p))[0] for _ in range(repeats) for p in paths]
+    swap.release_bases = True
     model_file = str(root / "dense" / "model.onnx")
     recreate = [timed(lambda: load_bundle(root / "dense").session(threads=THREADS))[0] for _ in range(max(2, repeats // 2))]
     bare = [timed(lambda: ort.InferenceSession(model_file, session_options(THREADS)))[0]
@@ -147,10 +191,15 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
         "decode_tok_s": {m: round(1 / med[f"{m}_decode"], 1) for m in ("dense", "swappable")},
         "prefill_ratio": round(med["dense_prefill"] / med["swappable_prefill"], 3),
         "decode_ratio": round(med["dense_decode"] / med["swappable_decode"], 3),
+        "cpu_ratios": {k: round(float(np.median(cpu[f"dense_{k}"]) / np.median(cpu[f"swappable_{k}"])), 3)
+                       for k in ("prefill", "decode")},
         "switch_s": summarize(switch), "switch_decode_steps": round(float(np.median(switch)) / step, 2),
+        "switch_keep_bases_s": summarize(switch_keep),
+        "switch_keep_bases_decode_steps": round(float(np.median(switch_keep)) / step, 2),
         "recreate_session_s": summarize(recreate), "recreate_decode_steps": round(float(np.median(recreate)) / step, 2),
         "bare_ort_session_s": summarize(bare), "bare_session_decode_steps": round(float(np.median(bare)) / step, 2),
         "timings": {k: summarize(v) for k, v in t.items()},
+        "cpu_timings": {k: summarize(v) for k, v in cpu.items()},
     }
 
 
@@ -159,13 +208,14 @@ def _rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def memory_child(path: str, task: str | None, steps: int) -> None:
+def memory_child(path: str, task: str | None, steps: int, keep_bases: bool = False) -> None:
     """(In a child process) resident memory after imports, then after loading ``path`` and generating."""
     import gc
 
     gc.collect()
     base = _rss_kib()
     sess = load_bundle(path).session(threads=1)
+    sess.release_bases = not keep_bases
     out = sess.generate([5, 9, 14, 3], steps, task=task, stop_at_eos=False)
     gc.collect()
     print(json.dumps({"base_kib": base, "rss_kib": _rss_kib(), "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -174,16 +224,21 @@ def memory_child(path: str, task: str | None, steps: int) -> None:
 
 def memory(root: Path, steps: int) -> dict:
     out = {}
-    for mode, task in (("dense", None), ("swappable", "a")):
+    for key, mode, task in (("dense", "dense", None), ("swappable", "swappable", "a"),
+                            ("swappable_keep_bases", "swappable", "a")):
         cmd = [sys.executable, __file__, "--memory-child", str(root / mode), "--decode", str(steps)]
         if task:
             cmd += ["--task", task]
+        if key.endswith("keep_bases"):
+            cmd.append("--keep-bases")
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
-        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
-        out[mode]["added_kib"] = out[mode]["rss_kib"] - out[mode]["base_kib"]
+        out[key] = json.loads(res.stdout.strip().splitlines()[-1])
+        out[key]["added_kib"] = out[key]["rss_kib"] - out[key]["base_kib"]
     added = out["dense"]["added_kib"]
     out["ratio_added"] = round(out["swappable"]["added_kib"] / added, 3) if added > 1024 else None  # toy: noise
     out["ratio_total"] = round(out["swappable"]["rss_kib"] / out["dense"]["rss_kib"], 3)
+    keep = out["swappable_keep_bases"]["added_kib"]
+    out["ratio_added_keep_bases"] = round(keep / added, 3) if added > 1024 else None
     return out
 
 
@@ -266,6 +321,8 @@ def genai_anchor(root: Path, prompt_len: int, decode: int, repeats: int, builder
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the toy LLaMA: seconds, for the test suite")
+    ap.add_argument("--shaped", action="store_true",
+                    help="a LLaMA with SmolLM2's layer shapes, 8 layers (SHAPED): minutes, bench/results/lm_onnx_shaped.json")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/lm_onnx[_quick].json)")
     ap.add_argument("--prompt", type=int, default=None, help="prefill tokens (default 64; quick 16)")
     ap.add_argument("--decode", type=int, default=None, help="decode steps timed (default 32; quick 8)")
@@ -279,18 +336,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the onnxruntime-genai anchor, on --workdir's dense bundle; merged into --out")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--task", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--keep-bases", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     prompt_len = args.prompt or (16 if args.quick else 64)
     decode = args.decode or (8 if args.quick else 32)
     if args.memory_child:
-        memory_child(args.memory_child, args.task, decode)
+        memory_child(args.memory_child, args.task, decode, args.keep_bases)
         return 0
     repeats = args.repeats or (3 if args.quick else 5)
     if args.genai_path:
         sys.path.append(args.genai_path)  # appended: the venv's onnxruntime stays the one imported
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-lm-onnx-"))
     root.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS_DIR / ("lm_onnx_quick.json" if args.quick else "lm_onnx.json")
+    name = "lm_onnx_quick.json" if args.quick else "lm_onnx_shaped.json" if args.shaped else "lm_onnx.json"
+    out = Path(args.out) if args.out else RESULTS_DIR / name
     if args.anchor_only:
         result = json.loads(out.read_text())
         result["anchor_genai"] = genai_anchor(root, prompt_len, decode, repeats, args.genai_builder_path)
@@ -298,9 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in result["anchor_genai"].items() if k != "timings"}))
         return 0
     t0 = time.perf_counter()
-    model, tok, what = build_model(args.quick)
+    model, tok, what = build_model(args.quick, args.shaped)
     max_seq_len = 32 if args.quick else 256
-    result = {"schema": SCHEMA, "benchmark": "lm_onnx", "quick": args.quick, "model": what, "threads": THREADS,
+    result = {"schema": SCHEMA, "benchmark": "lm_onnx", "quick": args.quick, "shaped": args.shaped, "model": what,
+              "threads": THREADS,
               "max_seq_len": max_seq_len, "machine": machine_info(), "targets": TARGETS}
     result["export"] = export_both(model, tok, root, max_seq_len, scale=0.5 if args.quick else 0.05)
     result["parity"] = parity(root)
@@ -312,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                      "switch_decode_steps": s["switch_decode_steps"] <= TARGETS["switch_decode_steps"],
                      "memory_ratio": (mem["ratio_added"] or mem["ratio_total"]) <= TARGETS["memory_ratio"],
                      "parity": all(p["passed"] and p["tokens_equal"] for p in result["parity"].values())}
-    if not (args.no_anchor or args.quick):
+    if not (args.no_anchor or args.quick or args.shaped):
         result["anchor_genai"] = genai_anchor(root, prompt_len, decode, repeats, args.genai_builder_path)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     write_json(out, result)

@@ -385,6 +385,18 @@ def render_minilm_compress(d: dict) -> str:
               f"{c['max_test']:,} test. {cut} {m['date'][:10]} (`bench/results/minilm_compress.json`).")
 
 
+def _lm_cpu_ratios(s: dict) -> str:
+    c = s.get("cpu_ratios")
+    return f" (from CPU time: prefill {c['prefill']:.3f}x, decode {c['decode']:.3f}x)" if c else ""
+
+
+def _lm_keep_bases(s: dict, mem: dict) -> str:
+    if "switch_keep_bases_decode_steps" not in s:
+        return ""
+    return (f"; with the bases kept resident between switches (`release_bases = False`): switch "
+            f"{s['switch_keep_bases_decode_steps']:.1f} decode steps, memory {mem['ratio_added_keep_bases']}x")
+
+
 def render_lm_onnx(d: dict) -> str:
     s, e, p, mem, t = d["speed"], d["export"], d["parity"], d["memory"], d["targets"]
     rows = []
@@ -400,19 +412,22 @@ def render_lm_onnx(d: dict) -> str:
                      "max logit diff (64 greedy tokens x 3 prompts, every task)", "tokens = PyTorch", "export"], rows),
              "",
              f"Swappable / dense in one interleaved run: prefill {s['prefill_ratio']:.3f}x, decode {s['decode_ratio']:.3f}x "
-             f"(target >= {t['decode_ratio']}x); task switch (read and verify the adapter, one fold run) "
+             f"(target >= {t['decode_ratio']}x){_lm_cpu_ratios(s)}; task switch (read and verify the adapter, one fold run) "
              f"{s['switch_decode_steps']:.1f} decode steps (target <= {t['switch_decode_steps']:g}) vs recreating a dense "
              f"session {s['recreate_decode_steps']:.1f}; resident memory above imports {mem['ratio_added']}x, whole "
-             f"process {mem['ratio_total']}x (target <= {t['memory_ratio']}x); a task file {tf['bytes']:,} bytes "
+             f"process {mem['ratio_total']}x (target <= {t['memory_ratio']}x){_lm_keep_bases(s, mem)}; a task file {tf['bytes']:,} bytes "
              f"({tf['tensor_bytes']:,} of mixers). {d['model']}; {s['prompt_tokens']}-token prompt, "
              f"{s['decode_steps']} decode steps, median of {s['repeats']} rounds, 1 thread ({d['machine']['date'][:10]}, "
              f"load average {d['machine']['load_average_1_5_15'][0]}) (`bench/results/lm_onnx.json`)."]
-    lines.append("Why swappable misses its targets here: the weights are graph inputs, so ONNX Runtime runs each linear "
-                 "as a `FusedMatMul` with a transposed, non-constant B, where the dense graph's `MatMul` has a "
-                 "constant, pre-packed weight (the optimized graphs, inspected); and at full capacity (r = n*s) the "
-                 "bases held by the fold graph are as large as the dense weights they make, so memory is the dense "
-                 "weights plus the bases: the memory target needs compressed bases. Export time includes the "
-                 "validation (tensor cases and every task's generation parity) on a loaded 2-core machine.")
+    lines.append("Why: the swappable bundle's weights are graph inputs (the fold's outputs), which ONNX Runtime cannot "
+                 "pre-pack as it does the dense graph's constants. Prefill runs each product flipped, (W @ x^T)^T, so "
+                 "the weight is read in place and only the activation is packed; decode runs x @ W^T through MLAS's "
+                 "one-row kernels, slower than the pre-packed kernel on the same weights (0.875x on SmolLM2's "
+                 "projections; no way of writing the product reaches it: `bench/results/lm_matmul.json`); one `If` "
+                 "on the new-token count picks the path (`export/onnx/lm_paths.py`). After a switch the session hands "
+                 "back the memory-mapped bases' pages (read again at the next switch): at full capacity (r = n*s) they "
+                 "are as large as the dense weights. Export time includes the validation (tensor cases and every "
+                 "task's generation parity) on a loaded 2-core machine.")
     a = d.get("anchor_genai")
     if a and a.get("ran"):
         r = a["dense_bundle_over_genai"]

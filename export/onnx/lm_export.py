@@ -17,7 +17,10 @@ switch-then-dense machinery (``fold.py``, ``adapter.py``, ``session.py``): that 
 weight initializer replaced by a graph input that takes the fold graph's output for it
 (``weights_as_inputs``, then ``take_folded_weights``: a free reshape in the graph). The LM head is not
 a task tensor (``build_fold_graph(head=False)``): it is the vocabulary projection, tied to the
-embedding in SmolLM2, and a task is its mixers alone (``save_mixers(..., head=False)``).
+embedding in SmolLM2, and a task is its mixers alone (``save_mixers(..., head=False)``). Each large weight's product then gets two
+paths, an ``If`` on the number of new tokens (``lm_paths``): prefill multiplies by the non-constant weight in
+the form ONNX Runtime runs fastest for many tokens, decode in the one it runs fastest for one; the
+manifest's ``swappable.prefill_flipped`` lists those weights (fold outputs).
 
 The manifest is the ONNX bundle's plus an ``lm`` section (``crisp_edge.export.lm``): ``max_seq_len``
 (recorded and enforced by the session; default 256, at most the model's ``max_position_embeddings``),
@@ -49,6 +52,7 @@ from crisp_edge.export.model_io import _stored_params
 from crisp_edge.export.onnx.adapter import adapter_arrays, task_record, write_adapter
 from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, BUNDLE_FORMAT, BUNDLE_VERSION, OnnxBundle, io_record, save_onnx
 from crisp_edge.export.onnx.fold import build_fold_graph, take_folded_weights
+from crisp_edge.export.onnx.lm_paths import flip_candidates, two_path_graph
 from crisp_edge.export.onnx.optimum import _quiet, _versions, optimum_available, write_hf_configs
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.lm_check import WithPast, cache_names, lm_tolerance
@@ -156,11 +160,13 @@ def exporter_record() -> dict[str, Any]:
             "torch": torch.__version__, "onnx": onnx.__version__, "do_constant_folding": False}
 
 
-def swappable_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto, Any]:
-    """(fold graph, inference graph taking the fold's outputs, fold spec) of a CRISP causal LM."""
+def swappable_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto, Any, list[str]]:
+    """(fold graph, inference graph taking the fold's outputs, fold spec, the fold outputs whose products the
+    prefill path flips) of a CRISP causal LM (``lm_paths``: a prefill and a decode path in one graph)."""
     fold, spec = build_fold_graph(model, opset, head=False)
-    proto = weights_as_inputs(lm_graph(model, opset), spec.outputs)
-    return fold, take_folded_weights(proto, spec), spec
+    proto = take_folded_weights(weights_as_inputs(lm_graph(model, opset), spec.outputs), spec)
+    proto, flipped = two_path_graph(proto, flip_candidates(spec.folded))
+    return fold, proto, spec, sorted(w[:-len(".dense")] for w in flipped)
 
 
 def export_lm_onnx(model: nn.Module, out_dir: Path, *, mode: str, mixers: Sequence[MixerFile], opset: int,
@@ -181,12 +187,13 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
     if mode == "dense":
         proto = lm_graph(model, opset)
     else:
-        fold, proto, spec = swappable_graph(model, opset)
+        fold, proto, spec, flipped = swappable_graph(model, opset)
         files += save_onnx(fold, folder / "fold.onnx")
         models["fold"] = {"file": "fold.onnx", "inputs": [], "outputs": list(spec.outputs), "overridable": spec.overridable}
         layout, fp = model_layout(model), bases_fingerprint(model)
         swap = {"bases_sha256": fp, "layout": layout, "adapter_model_version": bundle_tag(fp, layout),
                 "overridable": spec.overridable, "weights": spec.outputs, "head": None,
+                "prefill_flipped": flipped,
                 "task_semantics": "exported tensors, with the adapter's tensors replacing theirs"}
     graph = proto.graph
     names = [v.name for v in graph.input if not (swap and v.name in swap["weights"])]
