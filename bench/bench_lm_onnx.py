@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -212,13 +211,15 @@ def memory_child(path: str, task: str | None, steps: int, keep_bases: bool = Fal
     """(In a child process) resident memory after imports, then after loading ``path`` and generating."""
     import gc
 
+    from crisp_edge.training.compress.distill import peak_rss_mb  # VmHWM: ru_maxrss is the parent's here
+
     gc.collect()
     base = _rss_kib()
     sess = load_bundle(path).session(threads=1)
     sess.release_bases = not keep_bases
     out = sess.generate([5, 9, 14, 3], steps, task=task, stop_at_eos=False)
     gc.collect()
-    print(json.dumps({"base_kib": base, "rss_kib": _rss_kib(), "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    print(json.dumps({"base_kib": base, "rss_kib": _rss_kib(), "peak_kib": round(peak_rss_mb() * 1024),
                       "tokens": len(out["token_ids"])}))
 
 
