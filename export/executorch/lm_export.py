@@ -107,7 +107,12 @@ class _StaticCacheLM(nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return self.cache(input_ids=tokens, cache_position=input_pos)[:, -1, :]
+        # TorchExportableModuleWithStaticCache.forward's call, plus logits_to_keep=1: the vocabulary
+        # projection of the last position only (of all T, it was most of a prefill's time: 64 x 49152 x 576
+        # multiply-adds for SmolLM2), as ExecuTorch's own Llama export does
+        out = self.model(input_ids=tokens, cache_position=input_pos, attention_mask=None,
+                         past_key_values=self.cache.static_cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
 
 
 class _LMSwapProgram(_SwapProgram):
