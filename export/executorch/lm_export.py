@@ -10,10 +10,12 @@ last position's) serves both the prefill (T up to ``max_seq_len``: a dynamic dim
 (T = 1). The key/value cache is Hugging Face's ``StaticCache`` wrapped as ExecuTorch expects
 (``transformers.integrations.executorch.TorchExportableModuleWithStaticCache``, what optimum-executorch
 exports): one mutable buffer [1, kv_heads, max_seq_len, head_dim] per layer and per K / V, written at
-``input_pos`` by ``index_copy_``; attention sees the cache up to the last position written, so what a
-longer earlier sequence left behind is masked out and a new sequence just starts at ``input_pos`` 0.
-(ExecuTorch's own Llama export uses its custom ``llama::sdpa_with_kv_cache`` / ``update_cache`` ops
-instead, which need the LLM custom-ops library in every runner; the plain ops here run in any runner.)
+``input_pos`` by ``index_copy_`` (in place in the program: ExecuTorch's reinplace pass); attention sees
+the cache up to the last position written, so what a longer earlier sequence left behind is masked out
+and a new sequence just starts at ``input_pos`` 0. Only the last position is projected onto the
+vocabulary. (ExecuTorch's own Llama export uses its custom ``llama::custom_sdpa`` / ``update_cache`` ops
+instead, which need the LLM custom-ops library in every runner; the plain ops here run in any runner.
+``bench/bench_lm_et_anchor.py`` compares the two on the same weights.)
 
 ``swappable`` is the ViT bundles' switch-then-dense program (``programs._SwapProgram``): every CRISP
 layer's weight is a mutable buffer that ``set_task(mixers...)`` rebuilds from the bases, the cache
@@ -173,7 +175,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
     if swap:
         constants["crisp_tag"] = swap["tag"]
     pte, ops = lower(programs, examples, recipe, mode, constant_methods=constants,
-                     dynamic_shapes={"forward": ({1: tokens}, {0: tokens})}, strict=True)
+                     dynamic_shapes={"forward": ({1: tokens}, {0: tokens})}, strict=True, reinplace=True)
     (folder / PROGRAM).write_bytes(pte)
     del programs, examples, pte  # the program copies of the weights: not needed for the references below
     files = [PROGRAM]
