@@ -17,7 +17,9 @@ Then in one process, interleaved, 1 thread, through ExecuTorch's Python runtime:
 ratios ours / anchor; parity (PyTorch's greedy tokens of ``--new-tokens`` on a fixed prompt, fed
 teacher-forced to both programs: every argmax must equal PyTorch's, max |logit diff| of each against
 PyTorch and between the two); ``.pte`` bytes; and the instructions of each ``forward`` (operators run by
-ExecuTorch's kernels vs XNNPACK delegate calls), read from the ``.pte`` itself: the why of the ratio.
+ExecuTorch's kernels vs XNNPACK delegate calls), read from the ``.pte`` itself, and an ETDump profile of
+each (a warmed-up prefill and 8 decode steps: milliseconds in XNNPACK and in kernels, the costliest
+operators): the why of the ratio.
 
 Writes bench/results/lm_et_anchor.json (``--quick``: lm_et_anchor_quick.json, unless ``--out``).
 
@@ -219,8 +221,8 @@ def speed(steppers: dict, prompt: list[int], decode: int, repeats: int) -> dict:
 
 
 def profile(pte: Path, positions, prompt: list[int], decode: int, top: int = 8) -> dict:
-    """ETDump of one prefill of ``prompt`` and ``decode`` decode steps of a program (a fresh load; ``positions(start,
-    n)`` is its ``input_pos``): milliseconds in XNNPACK and in ExecuTorch's kernels, and the costliest operators
+    """ETDump of one prefill of ``prompt`` and ``decode`` decode steps of a program (a fresh load, warmed up by one
+    prefill and one decode step; ``positions(start, n)`` is its ``input_pos``): milliseconds in XNNPACK and in ExecuTorch's kernels, and the costliest operators
     (kernels by name, XNNPACK operators by kind), for the prefill and for the mean decode step. Profiling adds
     its own overhead: these are shares, the timings above are the speeds."""
     import re
@@ -231,16 +233,17 @@ def profile(pte: Path, positions, prompt: list[int], decode: int, top: int = 8) 
 
     data = pte.read_bytes()  # kept referenced: the runtime points into it
     m = portable_lib._load_for_executorch_from_buffer(data, enable_etdump=True, debug_buffer_size=0)
-    m.forward([torch.tensor([prompt]), positions(0, len(prompt))])
-    for i in range(decode):
-        m.forward([torch.tensor([[prompt[i % len(prompt)]]]), positions(len(prompt) + i, 1)])
+    for steps in (1, decode):  # a warm-up sequence (first calls set XNNPACK's workspaces up), then the profiled one
+        m.forward([torch.tensor([prompt]), positions(0, len(prompt))])
+        for i in range(steps):
+            m.forward([torch.tensor([[prompt[i % len(prompt)]]]), positions(len(prompt) + i, 1)])
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m.write_etdump_result_to_file(f"{d}/run.etdp")
         block = next(b for b in Inspector(etdump_path=f"{d}/run.etdp").event_blocks if b.name == "Execute")
     phases = {"prefill": collections.Counter(), "decode": collections.Counter()}
     for ev in block.events:
-        raw = ev.perf_data.raw if ev.perf_data is not None else []
+        raw = ev.perf_data.raw[2:] if ev.perf_data is not None else []  # after the warm-up's two calls
         if len(raw) != decode + 1:
             continue
         name = {"Method::execute": "total", "DELEGATE_CALL": "xnnpack", "OPERATOR_CALL": "kernels"}.get(ev.name)

@@ -501,7 +501,22 @@ def render_lm_et_anchor(d: dict) -> str:
               f"(`bench/results/lm_et_anchor.json`). The anchor is `export_llama` (use_kv_cache, "
               f"use_sdpa_with_kv_cache: `llama::update_cache` and `llama::custom_sdpa`, XNNPACK, fp32) on the weights "
               f"converted to Meta's layout; kernel calls are the `forward` instructions ExecuTorch's own kernels run "
-              f"(outside XNNPACK), read from each `.pte`.")
+              f"(outside XNNPACK), read from each `.pte`." + _et_profile(d.get("profile")))
+
+
+def _et_profile(prof: dict | None) -> str:
+    if not prof:
+        return ""
+    parts = []
+    for phase in ("prefill", "decode"):
+        side = []
+        for k, name in (("ours", "ours"), ("anchor", "anchor")):
+            ms, top = prof[k][phase]["ms"], prof[k][phase]["top_ops_ms"]
+            kern = ", ".join(f"`{op}` {t:.2f}" for op, t in [x for x in top if "(" not in x[0]][:3])
+            side.append(f"{name} {ms['total']:.1f} ms ({ms['xnnpack']:.1f} in XNNPACK, {ms['kernels']:.2f} in kernels: {kern})")
+        parts.append(f"{phase} {'; '.join(side)}")
+    return (f"\n\nETDump profile (a warmed-up prefill and the mean of {prof['decode_steps']} decode steps, ms): "
+            + ". ".join(parts) + ".")
 
 
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
