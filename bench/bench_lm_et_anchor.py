@@ -24,7 +24,7 @@ operators): the why of the ratio.
 Writes bench/results/lm_et_anchor.json (``--quick``: lm_et_anchor_quick.json, unless ``--out``).
 
     .venv/bin/python bench/bench_lm_et_anchor.py --quick      # under 3 minutes (runtime_tests run it)
-    .venv/bin/python bench/bench_lm_et_anchor.py              # SmolLM2-135M: ~8 GB peak, ~15 minutes
+    .venv/bin/python bench/bench_lm_et_anchor.py              # SmolLM2-135M: ~9.5 GB peak, ~35 minutes loaded
 """
 from __future__ import annotations
 
