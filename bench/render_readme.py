@@ -499,13 +499,48 @@ def render_minilm_layout(d: dict) -> str:
               f"budget (the other CRISP layouts store up to 1.4 points more: a rank step is coarser there). {'; '.join(d['cut'])}. {d['machine']['date'][:10]} (`bench/results/minilm_layout.json`).")
 
 
+def render_lm_et_anchor(d: dict) -> str:
+    s, e, p, m = d["speed"], d["exports"], d["parity"], d["machine"]
+    r = s["ratio_ours_over_anchor"]
+    rows = [[name, f"{s['prefill_tok_s'][k]:,.0f}", f"{s['decode_tok_s'][k]:,.1f}", f"{e[k]['pte_bytes'] / 1e6:,.1f} MB",
+             str(e[k]["instructions"]["kernel_calls"]), str(e[k]["instructions"]["delegate_calls"]),
+             f"{p[k]['max_abs_logit_diff_vs_torch']:.1e}", "yes" if p[k]["tokens_equal_torch"] else "NO"]
+            for k, name in (("ours", "crisp-edge dense bundle"), ("anchor", "ExecuTorch `export_llama`"))]
+    return (_table(["program", "prefill tok/s", "decode tok/s", ".pte", "kernel calls", "XNNPACK calls",
+                    f"max logit diff vs PyTorch ({p['new_tokens']} greedy tokens)", "tokens = PyTorch"], rows)
+            + f"\n\nOurs / ExecuTorch's own Llama export of the same weights, one interleaved run: prefill "
+              f"{r['prefill']:.2f}x, decode {r['decode']:.2f}x; the two programs' logits differ by at most "
+              f"{p['max_abs_logit_diff_ours_vs_anchor']:.1e}. {d['model']}; cache {d['max_seq_len']}, "
+              f"{s['prompt_tokens']}-token prompt, {s['decode_steps']} greedy decode steps, median of {d['repeats']} "
+              f"rounds, 1 thread ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}) "
+              f"(`bench/results/lm_et_anchor.json`). The anchor is `export_llama` (use_kv_cache, "
+              f"use_sdpa_with_kv_cache: `llama::update_cache` and `llama::custom_sdpa`, XNNPACK, fp32) on the weights "
+              f"converted to Meta's layout; kernel calls are the `forward` instructions ExecuTorch's own kernels run "
+              f"(outside XNNPACK), read from each `.pte`." + _et_profile(d.get("profile")))
+
+
+def _et_profile(prof: dict | None) -> str:
+    if not prof:
+        return ""
+    parts = []
+    for phase in ("prefill", "decode"):
+        side = []
+        for k, name in (("ours", "ours"), ("anchor", "anchor")):
+            ms, top = prof[k][phase]["ms"], prof[k][phase]["top_ops_ms"]
+            kern = ", ".join(f"`{op}` {t:.2f}" for op, t in [x for x in top if "(" not in x[0]][:3])
+            side.append(f"{name} {ms['total']:.1f} ms ({ms['xnnpack']:.1f} in XNNPACK, {ms['kernels']:.2f} in kernels: {kern})")
+        parts.append(f"{phase} {'; '.join(side)}")
+    return (f"\n\nETDump profile (a warmed-up prefill and the mean of {prof['decode_steps']} decode steps, ms): "
+            + ". ".join(parts) + ".")
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
              "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
-             "lm_onnx": render_lm_onnx}
+             "lm_onnx": render_lm_onnx, "lm_et_anchor": render_lm_et_anchor}
 
 
 def render(text: str) -> str:

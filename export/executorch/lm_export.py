@@ -10,10 +10,13 @@ last position's) serves both the prefill (T up to ``max_seq_len``: a dynamic dim
 (T = 1). The key/value cache is Hugging Face's ``StaticCache`` wrapped as ExecuTorch expects
 (``transformers.integrations.executorch.TorchExportableModuleWithStaticCache``, what optimum-executorch
 exports): one mutable buffer [1, kv_heads, max_seq_len, head_dim] per layer and per K / V, written at
-``input_pos`` by ``index_copy_``; attention sees the cache up to the last position written, so what a
-longer earlier sequence left behind is masked out and a new sequence just starts at ``input_pos`` 0.
-(ExecuTorch's own Llama export uses its custom ``llama::sdpa_with_kv_cache`` / ``update_cache`` ops
-instead, which need the LLM custom-ops library in every runner; the plain ops here run in any runner.)
+``input_pos`` by ``index_copy_`` (in place in the program: ExecuTorch's reinplace pass); attention sees
+the cache up to the last position written, so what a longer earlier sequence left behind is masked out
+and a new sequence just starts at ``input_pos`` 0. Only the last position is projected onto the
+vocabulary, and grouped query heads attend to the cache as it is (``_grouped_attention``: no copy of
+the cache per query head). (ExecuTorch's own Llama export uses its custom ``llama::custom_sdpa`` /
+``update_cache`` ops instead, which need the LLM custom-ops library in every runner; the plain ops here
+run in any runner. ``bench/bench_lm_et_anchor.py`` compares the two on the same weights.)
 
 ``swappable`` is the ViT bundles' switch-then-dense program (``programs._SwapProgram``): every CRISP
 layer's weight is a mutable buffer that ``set_task(mixers...)`` rebuilds from the bases, the cache
@@ -87,6 +90,39 @@ class _Prefill(nn.Module):
         return self.model(input_ids=tokens, position_ids=input_pos.unsqueeze(0)).logits[:, -1]
 
 
+#: The attention the exported programs use (registered with transformers when a program is built).
+_GROUPED_ATTENTION = "crisp_grouped_sdpa"
+
+
+def _grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Grouped-query attention over the static cache without repeating the cache per query head.
+
+    transformers' SDPA attention repeats each key / value head for its G query heads (``repeat_kv``): over
+    a static cache that is a copy of the whole cache per layer and step, outside XNNPACK (what ExecuTorch's
+    ``llama::custom_sdpa`` avoids). Here the G query heads of a key / value head are stacked along the
+    query positions instead (query [1, H, T, d] -> [1, KV, G*T, d], the mask repeated G times), so both
+    matrix products are batched over the cache as it is. Written out (scores, mask, softmax, product)
+    rather than through ``scaled_dot_product_attention``, whose decomposition the export's strides do not
+    survive. Without grouping or a 4-D mask it is transformers' SDPA attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, h, t, d = query.shape
+    kv, length = key.shape[1], key.shape[-2]
+    g = h // kv
+    if g == 1 or attention_mask is None or attention_mask.ndim != 4:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    mask = attention_mask[:, :, :, :length]
+    mask = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, t, length).reshape(mask.shape[0], mask.shape[1],
+                                                                                       g * t, length)
+    scores = torch.matmul(query.reshape(b, kv, g * t, d), key.transpose(-1, -2)) * (scaling or d ** -0.5)
+    scores = torch.where(mask, scores, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    out = torch.matmul(torch.softmax(scores, dim=-1), value)  # [b, kv, g * t, d]
+    return out.view(b, kv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d), None
+
+
 class _StaticCacheLM(nn.Module):
     """``forward(tokens [1, T], input_pos [T]) -> logits [1, vocab]`` of ``model`` (an HF causal LM, changed in
     place: static-cache generation config and the export-friendly SDPA mask) over a static cache of
@@ -105,9 +141,21 @@ class _StaticCacheLM(nn.Module):
                                                             device=torch.device("cpu"))
         self.cache = wrapped.model  # TorchExportableModuleWithStaticCache: the cache buffers
         self.model = model
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        # the wrapper's export-friendly mask, with grouped attention instead of SDPA's repeated cache
+        ALL_MASK_ATTENTION_FUNCTIONS.register(_GROUPED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa_without_vmap"])
+        ALL_ATTENTION_FUNCTIONS.register(_GROUPED_ATTENTION, _grouped_attention)
+        model.config._attn_implementation = _GROUPED_ATTENTION
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return self.cache(input_ids=tokens, cache_position=input_pos)[:, -1, :]
+        # TorchExportableModuleWithStaticCache.forward's call, plus logits_to_keep=1: the vocabulary
+        # projection of the last position only (of all T, it was most of a prefill's time: 64 x 49152 x 576
+        # multiply-adds for SmolLM2), as ExecuTorch's own Llama export does
+        out = self.model(input_ids=tokens, cache_position=input_pos, attention_mask=None,
+                         past_key_values=self.cache.static_cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
 
 
 class _LMSwapProgram(_SwapProgram):
@@ -168,7 +216,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
     if swap:
         constants["crisp_tag"] = swap["tag"]
     pte, ops = lower(programs, examples, recipe, mode, constant_methods=constants,
-                     dynamic_shapes={"forward": ({1: tokens}, {0: tokens})}, strict=True)
+                     dynamic_shapes={"forward": ({1: tokens}, {0: tokens})}, strict=True, reinplace=True)
     (folder / PROGRAM).write_bytes(pte)
     del programs, examples, pte  # the program copies of the weights: not needed for the references below
     files = [PROGRAM]

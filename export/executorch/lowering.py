@@ -45,12 +45,15 @@ def non_delegated_ops(edge) -> dict[str, dict[str, int]]:
 
 
 def lower(programs: dict[str, nn.Module], example: dict[str, tuple], recipe: str, mode: str,
-          constant_methods: dict | None = None, dynamic_shapes: dict | None = None, strict: bool = False):
+          constant_methods: dict | None = None, dynamic_shapes: dict | None = None, strict: bool = False,
+          reinplace: bool = False):
     """``torch.export`` each method, lower with the recipe's partitioners; returns (pte bytes, non-delegated ops).
 
     ``dynamic_shapes``: method -> ``torch.export`` dynamic shapes of its inputs (a language model's token
     count); ``strict``: trace with TorchDynamo (what Hugging Face's static key/value cache needs: the
-    non-strict trace of its in-place cache updates fails in ``run_decompositions``)."""
+    non-strict trace of its in-place cache updates fails in ``run_decompositions``); ``reinplace``: write
+    ``index_put`` on a mutable buffer in place (ExecuTorch's reinplace pass: a key/value cache update then
+    writes the new positions, not a copy of the whole cache plus a copy back)."""
     from executorch.exir import (
         EdgeCompileConfig,
         ExecutorchBackendConfig,
@@ -66,7 +69,9 @@ def lower(programs: dict[str, nn.Module], example: dict[str, tuple], recipe: str
                                            constant_methods=constant_methods,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
         ops = non_delegated_ops(edge)
-        config = ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-                                         emit_mutable_buffer_names=True) if mode == "swappable" else None
-        prog = edge.to_executorch(config) if config else edge.to_executorch()
+        options = {"run_reinplace_pass": True} if reinplace else {}
+        if mode == "swappable":
+            options.update(memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+                           emit_mutable_buffer_names=True)
+        prog = edge.to_executorch(ExecutorchBackendConfig(**options)) if options else edge.to_executorch()
     return prog.buffer, ops
