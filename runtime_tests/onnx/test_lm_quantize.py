@@ -131,4 +131,9 @@ def test_cli_exports_int4_and_parity_passes(lm, tmp_path, capsys):
                             "--out", str(out), "--max-seq-len", str(SEQ)]) == 0
     assert "int4" in capsys.readouterr().out
     assert load_bundle(out).manifest["quantize"]["scheme"] == "int4"
-    assert crisp_edge_main(["parity", str(out), "--no-plot"]) == 0
+    report = tmp_path / "report"
+    assert crisp_edge_main(["parity", str(out), "--no-plot", "--report-dir", str(report)]) == 0
+    import json
+
+    [gen] = json.loads((report / "parity.json").read_text())["generation"]
+    assert gen["passed"] and gen["tokens_required"] is False
