@@ -491,6 +491,9 @@ def render_lm_quantize(d: dict) -> str:
     for rt, v in d["runtimes"].items():
         for p in [p for p in ("float32", "int8", "int4") if p in v["bundles"]]:
             b, r = v["bundles"][p], v.get("ratios", {}).get(p)
+            if "export_failed" in b:  # the export's own parity check refused it
+                rows.append([names.get(rt, rt), p, "export refused by parity", *["-"] * (len(texts) + 3)])
+                continue
             ppl = [f"{b['perplexity'][n]['perplexity']:.2f}"
                    + (f" ({100 * (r['perplexity'][n] - 1):+.1f}%)" if r else "") for n in texts]
             g = b["generation"][0]
