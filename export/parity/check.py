@@ -310,7 +310,7 @@ def check_outputs(bundle: Any, outputs: str | os.PathLike | dict[str, np.ndarray
         report.failures.append(Failure("*", "load", type(e).__name__, str(e)))
         return report.raise_if_failed() if raise_on_failure else report
     report, tol = _new_report(b, runtime or rt, source="outputs", atol=atol, min_cosine=min_cosine, ref=ref)
-    tol = case_tolerance(tol, b.manifest)
+    case_tol = case_tolerance(tol, b.manifest)
     try:
         arrays = outputs if isinstance(outputs, dict) else load_device_outputs(outputs)
     except CrispEdgeError as e:
