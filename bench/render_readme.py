@@ -484,6 +484,11 @@ def render_minilm_layout(d: dict) -> str:
               f"budget (the other CRISP layouts store up to 1.4 points more: a rank step is coarser there). {'; '.join(d['cut'])}. {d['machine']['date'][:10]} (`bench/results/minilm_layout.json`).")
 
 
+def _rate(v: dict, kind: str, p: str, fmt: str) -> str:
+    rate = v.get("rates", {}).get(f"{kind}_tokens_per_s", {}).get(p)
+    return "-" if rate is None else f"{rate:{fmt}} tok/s"  # "-": the run stopped before its speed rounds
+
+
 def render_lm_quantize(d: dict) -> str:
     names = {"onnxruntime": "ONNX Runtime", "executorch": "ExecuTorch"}
     texts = list(d["texts"])
@@ -494,18 +499,20 @@ def render_lm_quantize(d: dict) -> str:
             if "export_failed" in b:  # the export's own parity check refused it
                 rows.append([names.get(rt, rt), p, "export refused by parity", *["-"] * (len(texts) + 3)])
                 continue
-            ppl = [f"{b['perplexity'][n]['perplexity']:.2f}"
-                   + (f" ({100 * (r['perplexity'][n] - 1):+.1f}%)" if r else "") for n in texts]
+            ppl = [f"{b['perplexity'][n]['perplexity']:.2f}" + (f" ({100 * (r['perplexity'][n] - 1):+.1f}%)" if r else "")
+                   if n in b["perplexity"] else "-" for n in texts]
             g = b["generation"][0]
             rows.append([names.get(rt, rt), p, f"{b['model_bytes'] / 2**20:,.1f} MiB"
                          + (f" ({r['bytes']:.3f}x)" if r else ""), *ppl,
-                         f"{r['prefill_speed']:.2f}x" if r else f"{v['rates']['prefill_tokens_per_s'][p]:,.0f} tok/s",
-                         f"{r['decode_speed']:.2f}x" if r else f"{v['rates']['decode_tokens_per_s'][p]:,.1f} tok/s",
+                         f"{r['prefill_speed']:.2f}x" if r else _rate(v, "prefill", p, ",.0f"),
+                         f"{r['decode_speed']:.2f}x" if r else _rate(v, "decode", p, ",.1f"),
                          f"{100 * g['top1_agreement']:.1f}%, {'pass' if g['passed'] else 'FAIL'}"])
     t, m = d["targets"], d["machine"]
     sizes = ", ".join(f"{n} ({d['texts'][n]['tokens']:,} tokens)" for n in texts)
     anchor = ", ".join(f"{n} {d['pytorch_float32_perplexity'][n]:.2f}" for n in texts)
     cut = f" Cut from this run: {'; '.join(d['cut'])}." if d.get("cut") else ""
+    if not d.get("complete", True):
+        cut += " The run stopped before it finished (`complete: false`): a '-' was not measured."
     return (_table(["runtime", "weights", "model bytes", *[f"perplexity {n}" for n in texts], "prefill vs float32",
                     "decode vs float32", "top-1 agreement, parity"], rows)
             + f"\n\nDense bundles of one model ({d['model']}), same run, 1 thread, median of {d['repeats']} interleaved "
