@@ -8,7 +8,9 @@ says what a bundle's weights and activations are.
            ``onnxruntime.quantization.quantize_dynamic(per_channel=True)`` and ExecuTorch's
            ``XNNPACKQuantizer`` with ``get_symmetric_quantization_config(is_per_channel=True,
            is_dynamic=True)``. Dynamic activations need no calibration data. A language model takes the
-           same meaning through each runtime's LLM recipe: ORT ``quantize_dynamic`` on its MatMuls, and torchao's
+           same meaning through each runtime's LLM recipe: ORT ``MatMulNBits`` with 8-bit weights (per block of 32
+           input channels, finer than per channel; activations int8 per block of each row: ``quantize_dynamic``'s
+           one scale per activation tensor ruins a LLaMA, see ``onnx/quantize.py``), and torchao's
            ``Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))`` (ExecuTorch's Llama export's "8da8w").
     int4   language models only: 4-bit weights, symmetric, one scale per group of ``INT4_GROUP`` (32) input
            channels, and int8 activations quantized dynamically: ONNX Runtime's ``MatMulNBits``
@@ -84,9 +86,10 @@ def check_scheme(quantize: str | None, mode: str, runtime: str, modes: dict[str,
     return quantize
 
 
-def quantize_record(scheme: str, tool: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's ``quantize`` record: the scheme, what it means, and the tool that applied it."""
-    return {"scheme": scheme, **SCHEMES[scheme], "tool": tool}
+def quantize_record(scheme: str, tool: dict[str, Any], weights: str | None = None) -> dict[str, Any]:
+    """The manifest's ``quantize`` record: the scheme, what it means (``weights``: where a runtime's recipe
+    stores them more finely than the scheme's minimum, e.g. per block instead of per channel), and the tool."""
+    return {"scheme": scheme, **SCHEMES[scheme], **({"weights": weights} if weights else {}), "tool": tool}
 
 
 def check_quantize_record(meta: dict, where: str) -> str | None:

@@ -191,7 +191,8 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
         proto = lm_graph(model, opset)
         if quantize is not None:
             proto, tool = quantize_lm_graph(proto, quantize)
-            quant = quantize_record(quantize, tool)
+            quant = quantize_record(quantize, tool, weights=f"{quantize}, symmetric, one scale per block of "
+                                    f"{tool['block_size']} input channels (lm_head included; token embedding float32)")
     else:
         fold, proto, spec = swappable_graph(model, opset)
         files += save_onnx(fold, folder / "fold.onnx")

@@ -88,7 +88,7 @@ MIN_TOP1_LM_INT8 = 0.85
 ATOL_LM_INT4 = 6.0
 MIN_COSINE_LM_INT4 = 0.97
 MIN_TOP1_LM_INT4 = 0.7
-_LM_INT8 = ("int8 per-channel weights (lm_head too) and dynamic int8 activations in a deep language model vs float32 "
+_LM_INT8 = ("int8 weights (per channel / per block of 32; lm_head too) and dynamic int8 activations in a deep language model vs float32 "
             "PyTorch: ~1% relative error per matmul compounding over the layers, on logits up to ~35")
 _LM_INT4 = ("int4 weights (groups of 32) and dynamic int8 activations in a deep language model vs float32 PyTorch: "
             "~7% relative weight error per matmul compounding over the layers, on logits up to ~35")
@@ -112,7 +112,7 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     ("executorch-portable", "*", "float32"): Tolerance(ATOL_FP32, MIN_COSINE, _ET_PORTABLE),
     ("executorch", "*", "float16"): Tolerance(ATOL_FP16, MIN_COSINE_FP16, _FP16, min_top1=0.99),
     ("executorch-lm", "*", "float32"): Tolerance(ATOL_LM_FP32, MIN_COSINE_XNNPACK, _LM_ET),
-    ("onnxruntime-lm", "dense", "int8"): Tolerance(ATOL_LM_INT8, MIN_COSINE_LM_INT8, _LM_INT8 + "; ORT quantize_dynamic",
+    ("onnxruntime-lm", "dense", "int8"): Tolerance(ATOL_LM_INT8, MIN_COSINE_LM_INT8, _LM_INT8 + "; ORT MatMulNBits 8-bit",
                                                    min_top1=MIN_TOP1_LM_INT8),
     ("onnxruntime-lm", "dense", "int4"): Tolerance(ATOL_LM_INT4, MIN_COSINE_LM_INT4, _LM_INT4 + "; ORT MatMulNBits",
                                                    min_top1=MIN_TOP1_LM_INT4),
