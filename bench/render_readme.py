@@ -534,13 +534,54 @@ def _et_profile(prof: dict | None) -> str:
             + ". ".join(parts) + ".")
 
 
+def _rate(v: dict, kind: str, p: str, fmt: str) -> str:
+    rate = v.get("rates", {}).get(f"{kind}_tokens_per_s", {}).get(p)
+    return "-" if rate is None else f"{rate:{fmt}} tok/s"  # "-": the run stopped before its speed rounds
+
+
+def render_lm_quantize(d: dict) -> str:
+    names = {"onnxruntime": "ONNX Runtime", "executorch": "ExecuTorch"}
+    texts = list(d["texts"])
+    rows = []
+    for rt, v in d["runtimes"].items():
+        for p in [p for p in ("float32", "int8", "int4") if p in v["bundles"]]:
+            b, r = v["bundles"][p], v.get("ratios", {}).get(p)
+            if "export_failed" in b:  # the export's own parity check refused it
+                rows.append([names.get(rt, rt), p, "export refused by parity", *["-"] * (len(texts) + 3)])
+                continue
+            ppl = [f"{b['perplexity'][n]['perplexity']:.2f}" + (f" ({100 * (r['perplexity'][n] - 1):+.1f}%)" if r else "")
+                   if n in b["perplexity"] else "-" for n in texts]
+            g = b["generation"][0]
+            rows.append([names.get(rt, rt), p, f"{b['model_bytes'] / 2**20:,.1f} MiB"
+                         + (f" ({r['bytes']:.3f}x)" if r else ""), *ppl,
+                         f"{r['prefill_speed']:.2f}x" if r else _rate(v, "prefill", p, ",.0f"),
+                         f"{r['decode_speed']:.2f}x" if r else _rate(v, "decode", p, ",.1f"),
+                         f"{100 * g['top1_agreement']:.1f}%, {'pass' if g['passed'] else 'FAIL'}"])
+    t, m = d["targets"], d["machine"]
+    sizes = ", ".join(f"{n} ({d['texts'][n]['tokens']:,} tokens)" for n in texts)
+    anchor = ", ".join(f"{n} {d['pytorch_float32_perplexity'][n]:.2f}" for n in texts)
+    cut = f" Cut from this run: {'; '.join(d['cut'])}." if d.get("cut") else ""
+    if not d.get("complete", True):
+        cut += " The run stopped before it finished (`complete: false`): a '-' was not measured."
+    return (_table(["runtime", "weights", "model bytes", *[f"perplexity {n}" for n in texts], "prefill vs float32",
+                    "decode vs float32", "top-1 agreement, parity"], rows)
+            + f"\n\nDense bundles of one model ({d['model']}), same run, 1 thread, median of {d['repeats']} interleaved "
+              f"rounds ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}). Perplexity computed by each exported "
+              f"bundle's session on {sizes} in windows of "
+              f"{d['window']} (PyTorch float32 on the same windows: {anchor}); float32 rows give tokens/s, quantized rows "
+              f"the ratio to float32 (> 1: faster); {d['prompt_tokens']}-token prefill. Goals: int8 perplexity within "
+              f"{100 * t['int8_perplexity_rel']:g}% of float32, int4 within {100 * t['int4_perplexity_rel']:g}%. Parity of a "
+              "quantized bundle: teacher-forced logits within its named tolerance and top-1 agreement with the float "
+              f"model along the reference (`bench/results/lm_quantize.json`).{cut}")
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
              "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
-             "lm_onnx": render_lm_onnx, "lm_et_anchor": render_lm_et_anchor}
+             "lm_onnx": render_lm_onnx, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize}
 
 
 def render(text: str) -> str:

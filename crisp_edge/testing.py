@@ -49,15 +49,27 @@ def toy_hf_vit(seed: int = 0, depth: int = 2) -> nn.Module:
     return _seeded(seed, lambda: transformers.ViTForImageClassification(config))
 
 
-def toy_hf_llama(seed: int = 0, depth: int = 2) -> nn.Module:
-    """A Hugging Face ``LlamaForCausalLM`` (hidden 32, 2 query heads, 1 key/value head, vocabulary 64)."""
+def toy_hf_llama(seed: int = 0, depth: int = 2, width: int = 32) -> nn.Module:
+    """A Hugging Face ``LlamaForCausalLM`` (hidden ``width`` = 32, MLP 2x that, 2 query heads, 1 key/value head,
+    vocabulary 64). A wider toy (``width=256``) has weights that outweigh the graph's own bytes, for size checks."""
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=depth, num_attention_heads=2,
+        vocab_size=64, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
     )
     return _seeded(seed, lambda: transformers.LlamaForCausalLM(config))
+
+
+def toy_confident_llama(seed: int = 0, width: int = 256, scale: float = 15.0) -> nn.Module:
+    """``toy_hf_llama`` whose predictions are confident, as a trained model's are: its ``lm_head`` is its
+    embedding times ``scale``, so it predicts its current token with a clear margin (logits up to ~20). A
+    random-init toy's logits are near-ties that any rounding reorders, which says nothing about a quantized
+    export; quantized language-model tests use this one."""
+    model = toy_hf_llama(seed=seed, width=width)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight * scale)
+    return model
 
 
 def toy_hf_bert(seed: int = 0, depth: int = 2) -> nn.Module:

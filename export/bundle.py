@@ -235,6 +235,8 @@ def check_tolerance_and_tasks(meta: dict, where: str, mode: str, files: dict, su
     if not (_is_number(tol.get("atol")) and tol["atol"] >= 0 and _is_number(tol.get("min_cosine"))
             and -1 <= tol["min_cosine"] <= 1):
         raise BundleError(f"{where}: tolerance needs 'atol' (a number >= 0) and 'min_cosine' (-1..1); found {tol!r:.200}.")
+    if tol.get("min_top1") is not None and not (_is_number(tol["min_top1"]) and 0 <= tol["min_top1"] <= 1):
+        raise BundleError(f"{where}: tolerance 'min_top1' must be null or a number in 0..1; found {tol['min_top1']!r:.40}.")
     tasks = _dict(meta, "tasks", where, required=False)
     if tasks and mode != "swappable":
         raise BundleError(f"{where}: a {mode!r} bundle cannot hold tasks; found {sorted(tasks)!r:.200}.")

@@ -7,7 +7,23 @@ says what a bundle's weights and activations are.
            XNNPACK's dynamically quantized linear). The standard mobile recipe of both runtimes:
            ``onnxruntime.quantization.quantize_dynamic(per_channel=True)`` and ExecuTorch's
            ``XNNPACKQuantizer`` with ``get_symmetric_quantization_config(is_per_channel=True,
-           is_dynamic=True)``. Dynamic activations need no calibration data.
+           is_dynamic=True)``. Dynamic activations need no calibration data. A language model takes the
+           same meaning through each runtime's LLM recipe: ORT ``MatMulNBits`` with 8-bit weights (per block of 32
+           input channels, finer than per channel; activations int8 per block of each row: ``quantize_dynamic``'s
+           one scale per activation tensor ruins a LLaMA, see ``onnx/quantize.py``), and torchao's
+           ``Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))`` (ExecuTorch's Llama export's "8da8w").
+    int4   language models only: 4-bit weights, symmetric, one scale per group of ``INT4_GROUP`` (32) input
+           channels, and int8 activations quantized dynamically: ONNX Runtime's ``MatMulNBits``
+           (``MatMulNBitsQuantizer``, ``accuracy_level=4``: int8 activations in its kernel) and ExecuTorch's
+           "8da4w" (torchao ``Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32))``, XNNPACK's qd8-qb4w
+           linear). Decoding reads every weight once per token, so a language model's speed follows its
+           weight bytes and 4 bits pay; a vision or encoder model runs large batches of tokens through small
+           matrices (compute-bound), and crisp-edge has no measured accuracy for it at 4 bits: use int8 there.
+
+In a language model every linear layer is quantized, the ``lm_head`` included (the largest matmul: about a
+fifth of SmolLM2-135M's per-token work); the token embedding stays float32 (a row lookup, no arithmetic to
+save, and ExecuTorch's quantized embedding is a kernel outside XNNPACK that every runner would have to link).
+A tied ``lm_head`` (SmolLM2) is therefore stored twice: float32 as the embedding, quantized as the head.
 
 Which modes take which scheme is each runtime's own table (``MODES`` in ``export/onnx/quantize.py`` and
 ``export/executorch/quantize.py``): ``dense`` today. A factored or swappable bundle computes its weights
@@ -31,33 +47,49 @@ SCHEMES: dict[str, dict[str, str]] = {
     "int8": {"weights": "int8, symmetric, per output channel",
              "activations": "int8, quantized dynamically at run time (no calibration data)",
              "dtype": "int8"},
+    "int4": {"weights": "int4, symmetric, one scale per group of 32 input channels (lm_head included; "
+                        "token embedding float32)",
+             "activations": "int8, quantized dynamically at run time (no calibration data)",
+             "dtype": "int4", "models": "causal language models only"},
 }
+#: Input channels per int4 weight scale (both runtimes; the Llama export's 8da4w default is 32 or 128:
+#: 32 keeps more accuracy on a small model for one more float scale per 32 weights).
+INT4_GROUP = 32
+#: Schemes only a causal language model can take, and why (what a ViT or encoder asking gets told).
+LM_ONLY: dict[str, str] = {
+    "int4": "int4 (4-bit group-wise weights) is the language-model recipe: decoding reads every weight per token, "
+            "so its speed follows weight bytes. A vision or encoder model is compute-bound on small matrices, and "
+            "crisp-edge has no measured accuracy for it at 4 bits. Use quantize='int8' for this model."}
 
 
 #: What to use instead of a quantized bundle whose weights change at run time.
-INSTEAD = ("For one task, apply its mixer file and export mode='dense' with quantize='int8' (one int8 bundle per "
+INSTEAD = ("For one task, apply its mixer file and export mode='dense' with quantize={q!r} (one {q} bundle per "
            "task); to switch tasks on device, export a float32 swappable bundle.")
 
 
 def check_scheme(quantize: str | None, mode: str, runtime: str, modes: dict[str, tuple[str, ...]],
-                 reasons: dict[str, str] | None = None) -> str | None:
-    """``quantize`` if ``runtime`` can export it in ``mode`` (``modes``: scheme -> modes it supports);
-    otherwise a ``ConfigError`` with the runtime's reason for that mode (``reasons``) and what to use."""
+                 reasons: dict[str, str] | None = None, lm: bool = False) -> str | None:
+    """``quantize`` if ``runtime`` can export it in ``mode`` (``modes``: scheme -> modes it supports) for this
+    kind of model (``lm``: a causal language model); otherwise a ``ConfigError`` with the reason (``LM_ONLY``,
+    or the runtime's for that mode, ``reasons``) and what to use."""
     if quantize is None:
         return None
     if quantize not in SCHEMES:
         raise ConfigError(f"quantize must be one of {sorted(SCHEMES)} (or None for float32), got {quantize!r}.")
+    if quantize in LM_ONLY and not lm:
+        raise ConfigError(f"{runtime}: quantize={quantize!r} is for causal language models only. {LM_ONLY[quantize]}")
     if mode not in modes.get(quantize, ()):
         why = (reasons or {}).get(mode) or (
             f"A {mode!r} bundle computes its weights from the bases and mixers at run time, in float32.")
         raise ConfigError(f"{runtime}: quantize={quantize!r} is available for mode(s) {modes.get(quantize, ())} only. "
-                          f"{why} {INSTEAD}")
+                          f"{why} {INSTEAD.format(q=quantize)}")
     return quantize
 
 
-def quantize_record(scheme: str, tool: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's ``quantize`` record: the scheme, what it means, and the tool that applied it."""
-    return {"scheme": scheme, **SCHEMES[scheme], "tool": tool}
+def quantize_record(scheme: str, tool: dict[str, Any], weights: str | None = None) -> dict[str, Any]:
+    """The manifest's ``quantize`` record: the scheme, what it means (``weights``: where a runtime's recipe
+    stores them more finely than the scheme's minimum, e.g. per block instead of per channel), and the tool."""
+    return {"scheme": scheme, **SCHEMES[scheme], **({"weights": weights} if weights else {}), "tool": tool}
 
 
 def check_quantize_record(meta: dict, where: str) -> str | None:

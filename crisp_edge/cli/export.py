@@ -111,8 +111,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int_in(1, 99), default=18,
                    help="onnx: ONNX opset (default 18; the exporter and ONNX Runtime here take 14..23 for dense "
                         "bundles, 18..23 for factored and swappable)")
-    e.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weights (per channel) with dynamically quantized activations (dense mode; default: float32)")
+    e.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="dense mode (default: float32): int8 weights (per channel) with dynamically quantized int8 "
+                        "activations; int4 (language models only): 4-bit weights in groups of 32, int8 activations")
     e.add_argument("--max-seq-len", type=int_in(8, 1 << 20), default=None,
                    help="language models: the longest prompt + generation a session accepts (default 256, at most "
                         "the model's max_position_embeddings)")

@@ -146,8 +146,9 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         reference_device, reference_dtype: where and in which dtype the PyTorch reference runs ("auto" =
             CUDA when present; "float64" for a tighter reference), as in ``crisp_edge.export.parity.reference``.
         quantize: None (float32) or "int8" (``crisp_edge.export.quantize``: XNNPACK's int8 per-channel
-            weights with dynamically quantized activations, through PT2E; dense mode, xnnpack recipe),
-            recorded in the manifest; parity then uses the int8 tolerance.
+            weights with dynamically quantized activations, through PT2E; dense mode, xnnpack recipe), or for a
+            causal language model also "int4" (torchao 8da4w, groups of 32); recorded in the manifest; parity
+            then uses the scheme's tolerance.
         checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
             that tasks added later (``export-task``) get their PyTorch reference from it.
         tokenizer, max_seq_len: a causal language model (``LlamaForCausalLM``) exports with a static
@@ -164,7 +165,7 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         raise ConfigError(f"mode {mode!r} needs a CRISP model (retrofit_ it first); a plain model exports as 'dense'.")
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights).")
-    quantize = check_scheme(quantize, mode, "ExecuTorch", QUANT_MODES, QUANT_REFUSALS)
+    quantize = check_scheme(quantize, mode, "ExecuTorch", QUANT_MODES, QUANT_REFUSALS, lm=is_causal_lm(model))
     if quantize is not None and recipe not in QUANT_RECIPES[quantize]:
         raise ConfigError(f"quantize={quantize!r} needs recipe in {QUANT_RECIPES[quantize]} (the portable kernels have "
                           f"no quantized linear); got recipe={recipe!r}.")
@@ -176,12 +177,13 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
     if is_causal_lm(model):
         from crisp_edge.export.executorch.lm_export import export_lm_executorch
 
-        if quantize is not None or example_input is not None:
-            raise ConfigError("a causal language model exports in float32 with tokens as inputs: quantize and "
-                              "example_input do not apply (set max_seq_len for the cache length).")
+        if example_input is not None:
+            raise ConfigError("a causal language model exports with tokens as inputs: example_input does not apply "
+                              "(set max_seq_len for the cache length).")
         return export_lm_executorch(model, out_dir, mode=mode, recipe=recipe, mixers=task_mixers(model, tasks),
                                     threads=threads, validate=validate, reference=reference, tokenizer=tokenizer,
-                                    max_seq_len=max_seq_len, source=source_record(checkpoint, model))
+                                    max_seq_len=max_seq_len, source=source_record(checkpoint, model),
+                                    quantize=quantize)
     if tokenizer is not None or max_seq_len is not None:
         raise ConfigError("tokenizer and max_seq_len apply to causal language models (LlamaForCausalLM) only.")
     example = _example_inputs(model, example_input)

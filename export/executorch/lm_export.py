@@ -30,6 +30,12 @@ The manifest is the ExecuTorch bundle's plus ``dynamic_axes`` and the ``lm`` sec
 that task's mixers. ``reference.npz`` holds tensor cases too (prefills of seeded prompts from an empty
 cache: the last position's logits), so ``crisp-edge parity`` compares tensors as for every bundle. The
 export is validated by generation parity of every task in ExecuTorch.
+
+``quantize`` ("int8" / "int4", dense only: ``export.quantize``) quantizes the dense model's linears with
+ExecuTorch's own LLM recipe (``executorch.quantize.quantize_lm_``: torchao 8da8w / 8da4w) before export; the
+references stay the float32 PyTorch model's, checked under the scheme's named LM tolerance
+(``parity.compare``: teacher-forced logits and top-1 agreement, greedy tokens reported), and the manifest
+records the scheme (``quantize``).
 """
 from __future__ import annotations
 
@@ -56,12 +62,14 @@ from crisp_edge.export.executorch.bundle import (
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
 from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram
+from crisp_edge.export.executorch.quantize import quantize_lm_
 from crisp_edge.export.executorch.runner_spec import runner_spec
 from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
 from crisp_edge.export.lm import lm_section, record_references, reference_prompts, resolve_max_seq_len, task_models
 from crisp_edge.export.model_io import _stored_params
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.reference import REFERENCE_SEED, reference_outputs, reference_record, write_reference
+from crisp_edge.export.quantize import SCHEMES, quantize_record
 from crisp_edge.export.writing import write_validated
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import atomic_write_json
@@ -165,8 +173,9 @@ class _LMSwapProgram(_SwapProgram):
         return super().forward(tokens, input_pos)
 
 
-def _programs(model: nn.Module, mode: str, max_seq_len: int) -> tuple[dict, dict, dict | None]:
-    """(methods to lower, their example inputs, the swappable record or None)."""
+def _programs(model: nn.Module, mode: str, max_seq_len: int,
+              quantize: str | None = None) -> tuple[dict, dict, dict | None, dict | None]:
+    """(methods to lower, their example inputs, the swappable record or None, the quantize record or None)."""
     example = (torch.zeros(1, _EXAMPLE_TOKENS, dtype=torch.long), torch.arange(_EXAMPLE_TOKENS))
     if mode == "dense":
         m = copy.deepcopy(model)
@@ -174,7 +183,8 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int) -> tuple[dict, dict
             materialize_(m)
         for p in m.parameters():
             p.requires_grad_(False)
-        return {"forward": _StaticCacheLM(m, max_seq_len).eval()}, {"forward": example}, None
+        quant = None if quantize is None else quantize_record(quantize, quantize_lm_(m, quantize))
+        return {"forward": _StaticCacheLM(m, max_seq_len).eval()}, {"forward": example}, None, quant
     fp, layout = bases_fingerprint(model), model_layout(model)
     prog = _LMSwapProgram(model, list(INPUT_NAMES), None, bundle_tag(fp, layout)).eval()
     prog.fwd = _StaticCacheLM(prog.fwd.model, max_seq_len)
@@ -185,32 +195,35 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int) -> tuple[dict, dict
     swap = {"bases_sha256": fp, "layout": layout, "tag": bundle_tag(fp, layout), "set_task_inputs": inputs,
             "head": None, "task_semantics": "exported tensors, with the task file's tensors replacing theirs"}
     set_args = tuple(torch.zeros(i["shape"]) for i in inputs)
-    return {"forward": prog, "set_task": view}, {"forward": example, "set_task": set_args}, swap
+    return {"forward": prog, "set_task": view}, {"forward": example, "set_task": set_args}, swap, None
 
 
 def export_lm_executorch(model: nn.Module, out_dir: Path, *, mode: str, recipe: str, mixers: Sequence[MixerFile],
                          threads: int, validate: bool, reference: dict, tokenizer: Any = None,
-                         max_seq_len: int | None = None, source: dict | None = None) -> EtBundle:
-    """Write and validate the LM bundle (``export_executorch`` checked the common arguments and routes here)."""
+                         max_seq_len: int | None = None, source: dict | None = None,
+                         quantize: str | None = None) -> EtBundle:
+    """Write and validate the LM bundle (``export_executorch`` checked the common arguments, ``quantize``
+    included, and routes here)."""
     from crisp_edge.export.executorch.lm_session import validate_lm_bundle
 
     if mode not in ("dense", "swappable"):
         raise ConfigError(f"a language model exports as 'dense' or 'swappable' (with a key/value cache), not {mode!r}.")
     seq = resolve_max_seq_len(model, max_seq_len)
     return write_validated(out_dir, lambda folder: _write_lm_bundle(model, folder, mode, recipe, mixers, seq,
-                                                                    tokenizer, source, reference),
+                                                                    tokenizer, source, reference, quantize),
                            EtBundle, threads=threads, validate=validate_lm_bundle if validate else None)
 
 
 def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mixers: Sequence[MixerFile],
-                     max_seq_len: int, tokenizer: Any, source: dict | None, reference: dict) -> dict:
+                     max_seq_len: int, tokenizer: Any, source: dict | None, reference: dict,
+                     quantize: str | None = None) -> dict:
     import executorch
 
     vocab = int(model.config.vocab_size)
     io = {"mode": mode, "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, max_seq_len]},
                                    {"name": "input_pos", "dtype": "int64", "shape": [max_seq_len]}],
           "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [1, vocab]}]}
-    programs, examples, swap = _programs(model, mode, max_seq_len)
+    programs, examples, swap, quant = _programs(model, mode, max_seq_len, quantize)
     tokens = torch.export.Dim("tokens", min=1, max=max_seq_len)
     constants = {IO_METHOD: io_tag({**io, "swappable": swap} if swap else io)}
     if swap:
@@ -246,7 +259,8 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
     write_reference(folder, cases, {t: reference_outputs(_Prefill(m), cases, output_names=[OUTPUT_NAME], **reference)
                                     for t, m in by_task.items()})
     files.append(REFERENCE)
-    tol = tolerance_for("executorch-lm", mode, "float32")  # long decodes through deep models drift more
+    dtype = "float32" if quant is None else SCHEMES[quantize]["dtype"]
+    tol = tolerance_for("executorch-lm", mode, dtype)  # long decodes through deep models drift more
     stored = _stored_params(model)
     manifest: dict[str, Any] = {
         "format": ET_BUNDLE_FORMAT, "version": ET_BUNDLE_VERSION, "crisp_edge_version": __version__, "mode": mode,
@@ -262,12 +276,14 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
         "non_delegated_ops": ops,
         "reference": reference_record(list(INPUT_NAMES), [OUTPUT_NAME], len(cases), list(by_task),
                                       batches=[1] * len(cases), seed=REFERENCE_SEED, **reference),
-        "tolerance": {"atol": tol.atol, "min_cosine": tol.min_cosine, "dtype": "float32", "reason": tol.reason},
+        "tolerance": {**tol.to_dict(), "dtype": dtype},
         "params": {"stored": stored, "stored_bytes_fp32": 4 * stored, "crisp_groups": len(crisp_bases(model)),
                    "program_bytes": (folder / PROGRAM).stat().st_size},
         "tasks": tasks,
         "lm": lm_section(max_seq_len=max_seq_len, vocab_size=vocab, tokenizer_record=tok_record, references=generation),
     }
+    if quant is not None:
+        manifest["quantize"] = quant
     if source is not None:
         manifest["source"] = source
     if swap is not None:

@@ -114,7 +114,9 @@ def validate_lm_bundle(bundle: EtBundle, *, threads: int = 1, raise_on_failure: 
     PyTorch references); ``ParityError`` on a mismatch."""
     sess = EtLMSession(bundle, threads=threads)
     tol = bundle.manifest["tolerance"]
-    tolerance = Tolerance(float(tol["atol"]), float(tol["min_cosine"]), str(tol.get("reason", "")))
+    top1 = tol.get("min_top1")  # set for a quantized bundle: top-1 agreement instead of equal greedy tokens
+    tolerance = Tolerance(float(tol["atol"]), float(tol["min_cosine"]), str(tol.get("reason", "")),
+                          None if top1 is None else float(top1))
     tasks = [t for t in sess.lm["generation"] if t == DEFAULT_TASK or t in bundle.tasks]
     report = LMParityReport(sess.check_generation(tolerance, tasks))
     if raise_on_failure and not report.passed:

@@ -6,6 +6,15 @@ activations (``get_symmetric_quantization_config(is_per_channel=True, is_dynamic
 on ``args`` (dynamic activations need no calibration statistics, but PT2E's observers want one pass)
 and converts it; the result lowers with the plain XNNPACK partitioner, which takes the quantized
 linears as XNNPACK's dynamically quantized fully-connected kernels.
+
+A causal language model takes ExecuTorch's own LLM recipe instead (``executorch/extension/llm/export/quantize.py``
+and the Llama export's ``source_transformation/quantize.py``): ``quantize_lm_(model, scheme)`` is torchao's
+``quantize_`` on every ``nn.Linear`` of the eager model (the ``lm_head`` included), before the one strict
+``torch.export`` its static key/value cache needs, with ``Int8DynamicActivationIntxWeightConfig``: int8
+per-channel weights for "int8" (the Llama export's "8da8w") and int4 weights in groups of ``INT4_GROUP`` for
+"int4" ("8da4w"); both with int8 activations quantized per token at run time, lowered by the plain XNNPACK
+partitioner to its dynamically quantized linear (qd8-qc8w / qd8-qb4w). The token embedding stays float32 (its
+quantized form, ``embedding_byte``, runs outside XNNPACK in a kernel library every runner would need).
 """
 from __future__ import annotations
 
@@ -16,8 +25,8 @@ import torch
 from torch import nn
 
 #: scheme -> the (mode, recipe) pairs ExecuTorch can run it in (see crisp_edge.export.quantize).
-MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",)}
-RECIPES: dict[str, tuple[str, ...]] = {"int8": ("xnnpack",)}
+MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",), "int4": ("dense",)}
+RECIPES: dict[str, tuple[str, ...]] = {"int8": ("xnnpack",), "int4": ("xnnpack",)}
 #: Why the other modes are refused (measured: bench/results/quantize.json, ``swappable_int8``).
 REFUSALS: dict[str, str] = {
     "swappable": "XNNPACK packs a quantized linear's int8 weights once, at load, and its partitioner counts a "
@@ -50,3 +59,28 @@ def quantize_module(module: nn.Module, args: tuple, scheme: str) -> tuple[nn.Mod
     return graph, {"name": "XNNPACKQuantizer (PT2E)",
                    "executorch": getattr(getattr(executorch, "version", None), "__version__", "unknown"),
                    "config": "get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)"}
+
+
+def quantize_lm_(model: nn.Module, scheme: str) -> dict[str, Any]:
+    """Quantize every ``nn.Linear`` of ``model`` (a dense causal LM, parameters frozen) in place, as ExecuTorch's
+    Llama export does; returns the tool record for the manifest. Call it on the Hugging Face model itself, before
+    wrapping it: torchao would visit a layer reachable by two paths twice."""
+    import executorch
+    import torchao
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    from crisp_edge.export.quantize import INT4_GROUP
+
+    assert scheme in ("int8", "int4"), scheme  # MODES; check_scheme refuses the rest
+    granularity = PerAxis(0) if scheme == "int8" else PerGroup(INT4_GROUP)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8 if scheme == "int8" else torch.int4,
+                                                   weight_granularity=granularity)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        quantize_(model, config, filter_fn=lambda m, _fqn: isinstance(m, nn.Linear))
+    return {"name": "torchao.quantization.quantize_", "recipe": "8da8w" if scheme == "int8" else "8da4w",
+            "config": f"Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.{'int8' if scheme == 'int8' else 'int4'}, "
+                      f"weight_granularity={'PerAxis(0)' if scheme == 'int8' else f'PerGroup({INT4_GROUP})'})",
+            "torchao": torchao.__version__,
+            "executorch": getattr(getattr(executorch, "version", None), "__version__", "unknown")}

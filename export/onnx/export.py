@@ -221,8 +221,9 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         exporter: "torch" (TorchScript, every model and mode), "optimum" (Hugging Face ViT / LLaMA,
             dense only; integer token inputs supported) or "auto" (see the module docstring).
         quantize: None (float32) or "int8" (``crisp_edge.export.quantize``: int8 per-channel weights,
-            dynamic int8 activations, by ONNX Runtime's ``quantize_dynamic``; dense mode), recorded in the
-            manifest; parity then uses the int8 tolerance.
+            dynamic int8 activations, by ONNX Runtime's ``quantize_dynamic``; dense mode), or for a causal
+            language model also "int4" (``MatMulNBits``, 4-bit blocks of 32); recorded in the manifest; parity
+            then uses the scheme's tolerance.
         checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
             that tasks added later (``export-task``) get their PyTorch reference from it.
         tokenizer, max_seq_len: a causal language model (``LlamaForCausalLM``) exports with a key/value cache
@@ -239,7 +240,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights; "
                           "apply_mixers_ and export that model instead).")
-    quantize = check_scheme(quantize, mode, "ONNX Runtime", QUANT_MODES, QUANT_REFUSALS)
+    quantize = check_scheme(quantize, mode, "ONNX Runtime", QUANT_MODES, QUANT_REFUSALS, lm=is_causal_lm(model))
     reference = resolve_reference(reference_device, reference_dtype)
     out_dir = Path(out_dir)
     lo, hi = OPSETS[mode]
@@ -250,12 +251,12 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     check_threads(threads)
     model = model.eval()
     if is_causal_lm(model):
-        if quantize is not None or example_input is not None:
-            raise ConfigError("a language model bundle is float32 and makes its own reference cases (prefill with "
-                              "and without a cache): drop quantize and example_input.")
+        if example_input is not None:
+            raise ConfigError("a language model bundle makes its own reference cases (prefill with and without a "
+                              "cache): drop example_input.")
         return export_lm_onnx(model, out_dir, mode=mode, mixers=task_mixers(model, tasks), opset=opset,
                               reference=reference, threads=threads, tokenizer=tokenizer, max_seq_len=max_seq_len,
-                              source=source_record(checkpoint, model))
+                              source=source_record(checkpoint, model), quantize=quantize)
     if tokenizer is not None or max_seq_len is not None:
         raise ConfigError("tokenizer and max_seq_len apply to causal language models only.")
     kind = resolve_exporter(model, mode, exporter)

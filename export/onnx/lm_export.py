@@ -28,6 +28,11 @@ the tokenizer when the model came with one (``tokenizer.json``, hash-pinned), an
 reference per task from the PyTorch model with that task's mixers applied. The tensor reference
 (``reference.npz``) holds two prefill cases: an empty cache (batch 2), and three new tokens after a
 cache of four (batch 3, the last row's last token padded) so the past inputs are checked too.
+
+``quantize`` ("int8" / "int4", dense only: ``export.quantize``) rewrites the graph with ONNX Runtime's own
+quantizers (``onnx.quantize.quantize_lm_graph``) before it is saved; the references stay the float32 PyTorch
+model's, checked under the scheme's named LM tolerance (``parity.compare``: teacher-forced logits and top-1
+agreement, greedy tokens reported), and the manifest records the scheme (``quantize``).
 """
 from __future__ import annotations
 
@@ -54,10 +59,12 @@ from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, BUNDLE_FORMAT, BUNDLE_
 from crisp_edge.export.onnx.fold import build_fold_graph, take_folded_weights
 from crisp_edge.export.onnx.lm_paths import flip_candidates, two_path_graph
 from crisp_edge.export.onnx.optimum import _quiet, _versions, optimum_available, write_hf_configs
+from crisp_edge.export.onnx.quantize import quantize_lm_graph
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.lm_check import WithPast, cache_names, lm_tolerance
 from crisp_edge.export.parity.reference import reference_outputs, reference_record, write_reference
 from crisp_edge.export.parity.validate import validate_bundle
+from crisp_edge.export.quantize import SCHEMES, quantize_record
 from crisp_edge.export.writing import write_validated
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import atomic_write_json
@@ -171,21 +178,27 @@ def swappable_graph(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, onnx
 
 def export_lm_onnx(model: nn.Module, out_dir: Path, *, mode: str, mixers: Sequence[MixerFile], opset: int,
                    reference: dict, threads: int, tokenizer: Any = None, max_seq_len: int | None = None,
-                   source: dict | None = None) -> Any:
-    """Write and validate the LM bundle (``export_onnx`` checked the common arguments and routes here)."""
+                   source: dict | None = None, quantize: str | None = None) -> Any:
+    """Write and validate the LM bundle (``export_onnx`` checked the common arguments, ``quantize`` included,
+    and routes here)."""
     if mode not in ("dense", "swappable"):
         raise ConfigError(f"a language model exports as 'dense' or 'swappable' (with a key/value cache), not {mode!r}.")
     seq = resolve_max_seq_len(model, max_seq_len)
     return write_validated(out_dir, lambda folder: _write_lm_bundle(model, folder, mode, mixers, opset, reference, seq,
-                                                                    tokenizer, source),
+                                                                    tokenizer, source, quantize),
                            OnnxBundle, threads=threads, validate=validate_bundle)
 
 
 def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence[MixerFile], opset: int,
-                     reference: dict, max_seq_len: int, tokenizer: Any, source: dict | None) -> dict:
-    models, files, swap = {}, [], None
+                     reference: dict, max_seq_len: int, tokenizer: Any, source: dict | None,
+                     quantize: str | None = None) -> dict:
+    models, files, swap, quant = {}, [], None, None
     if mode == "dense":
         proto = lm_graph(model, opset)
+        if quantize is not None:
+            proto, tool = quantize_lm_graph(proto, quantize)
+            quant = quantize_record(quantize, tool, weights=f"{quantize}, symmetric, one scale per block of "
+                                    f"{tool['block_size']} input channels (lm_head included; token embedding float32)")
     else:
         fold, proto, spec, flipped = swappable_graph(model, opset)
         files += save_onnx(fold, folder / "fold.onnx")
@@ -220,7 +233,8 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
         files.append(tok_record["file"])
     prompts = reference_prompts(BundleTokenizer.load(folder, tok_record, vocab) if tok_record else None, vocab)
     generation = record_references(steppers(by_task, max_seq_len), prompts)
-    tol = lm_tolerance("onnxruntime", mode, tolerance_for("onnxruntime", mode))
+    dtype = "float32" if quant is None else SCHEMES[quantize]["dtype"]
+    tol = lm_tolerance("onnxruntime", mode, tolerance_for("onnxruntime", mode), dtype)
     stored = _stored_params(model)
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "crisp_edge_version": __version__, "mode": mode,
@@ -229,13 +243,15 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
         "inputs": io_record(graph, names), "outputs": io_record(graph, outs, outputs=True),
         "dynamic_axes": {v.name: {str(i): d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param}
                          for v in list(graph.input) + list(graph.output) if v.name in names or v.name in outs},
-        "tolerance": {"atol": tol.atol, "min_cosine": tol.min_cosine, "dtype": "float32", "reason": tol.reason},
+        "tolerance": {**tol.to_dict(), "dtype": dtype},
         "reference": reference_record(names, outs, len(cases), list(by_task), batches=[c[0] for c in LM_CASES],
                                       **reference),
         "params": {"stored": stored, "stored_bytes_fp32": 4 * stored, "crisp_groups": len(crisp_bases(model))},
         "tasks": tasks,
         "lm": lm_section(max_seq_len=max_seq_len, vocab_size=vocab, tokenizer_record=tok_record, references=generation),
     }
+    if quant is not None:
+        manifest["quantize"] = quant
     if source is not None:
         manifest["source"] = source
     if swap is not None:

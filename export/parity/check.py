@@ -40,7 +40,7 @@ from crisp_edge.export.parity.compare import (
     compare,
     tolerance_for,
 )
-from crisp_edge.export.parity.lm_check import check_lm_generation, lm_tolerance, reference_model
+from crisp_edge.export.parity.lm_check import case_tolerance, check_lm_generation, lm_tolerance, reference_model
 from crisp_edge.export.quantize import SCHEMES
 from crisp_edge.export.parity.reference import (
     DEFAULT_TASK,
@@ -214,6 +214,7 @@ def check_bundle(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None =
         failed("*", "load", e)
         return done()
     report, tol = _new_report(b, runtime, source="runtime", atol=atol, min_cosine=min_cosine, ref=ref)
+    case_tol = case_tolerance(tol, b.manifest)
     report.threads = threads
     selected = _select_tasks(ref, tasks, report, allow_unchecked)
     report.tasks = list(selected)
@@ -256,7 +257,7 @@ def check_bundle(bundle: Any, *, threads: int = 1, tasks: Iterable[str] | None =
             finally:
                 bar.update(1)
             run_s += time.perf_counter() - t0
-            _compare_case(report, tol, ref, task, i, got, dtypes)
+            _compare_case(report, case_tol, ref, task, i, got, dtypes)
     bar.close()
     report.timings.update(run_s=run_s, set_task_s=switch_s)
     if "lm" in b.manifest:  # a language model: generation parity too, for every task
@@ -309,6 +310,7 @@ def check_outputs(bundle: Any, outputs: str | os.PathLike | dict[str, np.ndarray
         report.failures.append(Failure("*", "load", type(e).__name__, str(e)))
         return report.raise_if_failed() if raise_on_failure else report
     report, tol = _new_report(b, runtime or rt, source="outputs", atol=atol, min_cosine=min_cosine, ref=ref)
+    case_tol = case_tolerance(tol, b.manifest)
     try:
         arrays = outputs if isinstance(outputs, dict) else load_device_outputs(outputs)
     except CrispEdgeError as e:
@@ -329,7 +331,7 @@ def check_outputs(bundle: Any, outputs: str | os.PathLike | dict[str, np.ndarray
     for task in selected:
         for i in range(len(ref.inputs)):
             got = {n: arrays[f"output.{task}.{i}.{n}"] for n in ref.output_names if f"output.{task}.{i}.{n}" in arrays}
-            _compare_case(report, tol, ref, task, i, got, dtypes)
+            _compare_case(report, case_tol, ref, task, i, got, dtypes)
     for k in sorted(k for k in set(arrays) - set(keys) if not k.startswith(skipped)):
         report.failures.append(Failure("*", "outputs", "unexpected", f"array {k!r} is not in the reference (keys are "
                                        f"output.{{task}}.{{i}}.{{name}} for tasks {ref.tasks} and outputs "

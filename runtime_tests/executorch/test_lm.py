@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import crisp_edge as ce
 from crisp_edge.cli.main import main as cli_main
@@ -216,8 +217,8 @@ def test_bench_quick(tmp_path):
 def test_export_refuses_what_an_lm_bundle_cannot_be(model, tmp_path):
     with pytest.raises(ConfigError, match="'dense' or 'swappable'"):
         export_executorch(model, tmp_path / "f", mode="factored")
-    with pytest.raises(ConfigError, match="quantize and example_input do not apply"):
-        export_executorch(model, tmp_path / "q", mode="dense", quantize="int8")
+    with pytest.raises(ConfigError, match="example_input does not apply"):
+        export_executorch(model, tmp_path / "q", mode="dense", example_input=torch.zeros(1, 4))
     with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings"):
         export_executorch(model, tmp_path / "long", mode="dense", max_seq_len=64)
     assert not any(tmp_path.iterdir())  # nothing written

@@ -12,7 +12,7 @@ from crisp_edge.errors import ConfigError, DataError
 from crisp_edge.export.parity.compare import Tolerance
 from crisp_edge.export.parity.generation import check_generation, record_generation
 from crisp_edge.generation import BundleTokenizer, Sampling, TorchStepper, choose_token, forced_logits, generate, write_tokenizer
-from crisp_edge.testing import toy_hf_llama
+from crisp_edge.testing import toy_confident_llama, toy_hf_llama
 
 TOL = Tolerance(1e-4, 0.99999, "test")
 
@@ -124,3 +124,31 @@ def test_bundle_tokenizer_round_trip_and_verification(tmp_path):
     (tmp_path / "other.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(DataError, match="not a valid tokenizer"):
         BundleTokenizer.from_file(tmp_path / "other.json", record)
+
+
+def test_quantized_generation_parity_asks_for_top1_agreement_not_equal_tokens():
+    """A tolerance with ``min_top1`` (a quantized bundle's) passes a runtime whose greedy tokens leave the
+    reference's path if its teacher-forced top-1 agrees often enough and its logits stay within atol; it fails
+    when agreement drops below ``min_top1``, and a float tolerance still requires equal tokens."""
+    ref = toy_confident_llama(seed=0, width=32).eval()
+    record = record_generation(TorchStepper(ref), [[1, 2, 3], [5, 8], [9, 4, 7]], max_new_tokens=12)
+    near = toy_confident_llama(seed=0, width=32).eval()
+    w = near.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():  # a large perturbation of one layer: some steps' top-1 flips (0.83 agree, measured)
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    float_result = check_generation(TorchStepper(near), record, Tolerance(5.0, 0.9, "float"))
+    loose = check_generation(TorchStepper(near), record, Tolerance(5.0, 0.9, "quantized", min_top1=0.75))
+    strict = check_generation(TorchStepper(near), record, Tolerance(5.0, 0.9, "quantized", min_top1=0.9))
+    assert not float_result.tokens_match and not float_result.passed
+    assert 0.75 <= loose.top1_agreement < 0.9 and loose.passed and loose.to_dict()["tokens_required"] is False
+    assert not strict.passed and "top-1 agreement" in strict.summary()
+    assert loose.top1_agreement == strict.top1_agreement == float_result.top1_agreement
+
+
+def test_int4_is_for_language_models_only():
+    from crisp_edge.export.quantize import SCHEMES, check_scheme
+
+    assert check_scheme("int4", "dense", "R", {"int4": ("dense",)}, lm=True) == "int4"
+    with pytest.raises(ConfigError, match="causal language models only.*quantize='int8'"):
+        check_scheme("int4", "dense", "R", {"int4": ("dense",)}, lm=False)
+    assert SCHEMES["int4"]["dtype"] == "int4" and "32" in SCHEMES["int4"]["weights"]

@@ -1,0 +1,42 @@
+"""bench/bench_lm_quantize.py --quick (ONNX Runtime; the ExecuTorch half lowers three programs, minutes on a
+shared machine, and is the same code path per runtime): the toy run completes, writes bytes, perplexity
+computed by each bundle, speed ratios and parity per precision, and its README table renders (speed claims
+are the benchmark's to report, not this test's to assert)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.runtime, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_writes_bytes_perplexity_speed_and_parity(tmp_path):
+    out = tmp_path / "lmq.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_lm_quantize.py"), "--quick", "--runtimes",
+                           "onnxruntime", "--out", str(out), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=1200, cwd=REPO / "bench", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["complete"] and d["quick"] and d["threads"] == 1
+    assert any("executorch" in c for c in d["cut"]) and any(c.startswith("quick:") for c in d["cut"])
+    v = d["runtimes"]["onnxruntime"]
+    assert v["ratios"]["int4"]["bytes"] < v["ratios"]["int8"]["bytes"] < 0.4
+    for p, b in v["bundles"].items():
+        assert all(g["passed"] for g in b["generation"]), (p, b["generation"])
+        assert set(b["perplexity"]) == {"kjv-nt", "devil"} and all(x["tokens"] > 0 for x in b["perplexity"].values())
+    for name, ppl in d["pytorch_float32_perplexity"].items():  # the float32 bundle scores as PyTorch does
+        assert abs(v["bundles"]["float32"]["perplexity"][name]["perplexity"] / ppl - 1) < 1e-4
+    assert v["ratios"]["int8"]["decode_speed"] > 0 and v["ratios"]["int4"]["prefill_speed"] > 0
+    sys.path.insert(0, str(REPO / "bench"))
+    from render_readme import render_lm_quantize
+
+    table = render_lm_quantize(d)
+    assert "| ONNX Runtime | int4 |" in table and "within 10%" in table
