@@ -36,10 +36,11 @@ from crisp_edge.export.quantize import INT4_GROUP
 MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",), "int4": ("dense",)}
 #: Why the other modes are refused (measured: bench/results/quantize.json, ``swappable_int8``).
 REFUSALS: dict[str, str] = {
-    "swappable": "A swappable int8 bundle would feed MatMulInteger its int8 weights and scales as inputs, which "
-                 "ONNX Runtime cannot pre-pack (slower than int8 dense on every forward), and each task switch "
-                 "would be the float32 fold plus a per-channel requantization, more than the int8 forwards a "
-                 "switch may cost (bench/results/quantize.json, swappable_int8).",
+    "swappable": "A swappable quantized bundle would feed the integer kernels (MatMulInteger, MatMulNBits) its "
+                 "quantized weights and scales as inputs, which ONNX Runtime cannot pre-pack (slower than the "
+                 "quantized dense bundle on every forward), and each task switch would be the float32 fold plus a "
+                 "requantization, more than the forwards a switch may cost (measured for int8: "
+                 "bench/results/quantize.json, swappable_int8).",
     "factored": "A factored bundle builds its weights in float32 on every forward; quantizing them there would "
                 "add a requantization to every forward.",
 }

@@ -109,9 +109,3 @@ def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if hasattr(cache, "layers"):
         return [(l.keys, l.values) for l in cache.layers]
     return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
-
-
-def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):
-        return [(l.keys, l.values) for l in cache.layers]
-    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
