@@ -24,6 +24,8 @@ Fairness: every compressed model is evaluated before and after the same Stage-2 
     .venv/bin/python bench/bench_compress_llm.py            # the full run (~30 min on 1 busy core)
     .venv/bin/python bench/bench_compress_llm.py --quick    # smoke run: tiny eval, 2 steps
     .venv/bin/python bench/bench_compress_llm.py --calib english --out bench/results/compress_llm_english.json
+    .venv/bin/python bench/bench_compress_llm.py --calib english --keep 0.5 --methods svd --merge \
+        --out bench/results/compress_llm_english_50.json    # one method added to the 50%-off file
 Writes bench/results/compress_llm.json (``--out``; ``--merge`` adds methods run in separate launches to it,
 each run keeping its own ``machine`` record). ``--calib english`` calibrates on general English and
 reports perplexity on three held-out texts of other styles (``CALIB_TEXTS``).

@@ -236,7 +236,7 @@ def render_compress_llm(d: dict) -> str:
             + _llm_sides(runs))
 
 
-def _llm_sides(runs: dict) -> str:
+def _llm_sides(runs: dict, label: str = "") -> str:
     """Which side CRISP put each role's basis on (``choose_sides``), with the scores it compared."""
     rep = next((runs[m]["report"] for m in ("crisp_truncate", "crisp") if m in runs and runs[m]["report"].get("sides")), None)
     if rep is None:
@@ -245,7 +245,7 @@ def _llm_sides(runs: dict) -> str:
     by = {side: [r.removesuffix("_proj") for r, sd in sides.items() if sd == side] for side in ("in", "out")}
     scores = ", ".join(f"{r.removesuffix('_proj')} {100 * e['in']:.2f} vs {100 * e['out']:.2f}"
                        for r, e in rep.get("side_errors", {}).items())
-    return (f"\n\nCRISP's bases (`sides=\"auto\"`): input side for {', '.join(by['in']) or 'none'}; output side for "
+    return (f"\n\n{label}CRISP's bases (`sides=\"auto\"`): input side for {', '.join(by['in']) or 'none'}; output side for "
             f"{', '.join(by['out']) or 'none'}. Relative calibration-weighted error of keeping the leading components "
             f"at this budget, input vs output side (%): {scores}.")
 
@@ -315,7 +315,7 @@ def render_compress_llm_english(d: dict) -> str:
               f"(`bench/results/compress_llm_english*.json`)."
             + (f"\n\nLowest perplexity after calibration: {'; '.join(verdicts)}." if verdicts else "")
             + (f"\n\nCuts: {'; '.join(notes)}." if notes else "")
-            + _llm_sides(d["runs"]))
+            + "".join(_llm_sides(x["runs"], f"{100 * (1 - keep):.0f}% off: ") for keep, x in by_keep.items()))
 
 
 def render_pipeline(d: dict) -> str:
