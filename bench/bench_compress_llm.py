@@ -17,6 +17,8 @@ granularity allows (``stored`` and ``shortfall`` are recorded).
 * ``crisp_truncate`` (optional): the same with Stage 1 = keep the most important components.
 * ``crisp_truncate_out`` (optional, the ablation of the side choice): ``crisp_truncate`` with every
   basis on the output side (s = d_in), as before ``choose_sides`` existed.
+* ``crisp_truncate_in`` (optional, the other ablation): every basis on the input side, Basis Sharing's
+  structure, with CRISP's per-layer input-weighted re-solve and gated mixers.
 
 Fairness: every compressed model is evaluated before and after the same Stage-2 calibration
 (``calibrate_``: weight reconstruction + LM loss, ``--steps`` Adam steps on the same batches).
@@ -45,7 +47,7 @@ from pathlib import Path
 from _common import RESULTS_DIR, machine_info, pin_threads, write_json
 
 SCHEMA = 1
-METHODS = ("original", "svd", "basis_sharing", "crisp", "crisp_truncate", "crisp_truncate_out")
+METHODS = ("original", "svd", "basis_sharing", "crisp", "crisp_truncate", "crisp_truncate_out", "crisp_truncate_in")
 DEFAULT_METHODS = ("original", "svd", "basis_sharing", "crisp")
 
 
@@ -104,7 +106,7 @@ def run_one(args: argparse.Namespace) -> dict:
             rep = compress_llama_(model, budget, group_size=args.group_size, calib_batches=batches,
                                   calibration=CalibrationConfig(steps=0),
                                   reduction="truncate" if args.method.startswith("crisp_truncate") else "cluster",
-                                  sides="out" if args.method == "crisp_truncate_out" else "auto",
+                                  sides={"crisp_truncate_out": "out", "crisp_truncate_in": "in"}.get(args.method, "auto"),
                                   allocation=args.allocation, progress=show).to_dict()
         out["compress_seconds"] = round(time.perf_counter() - t, 2)
         out["rss_after_compress_mb"] = round(_rss_mb(), 1)

@@ -204,7 +204,8 @@ def render_compress_vit(d: dict) -> str:
 LLM_NAMES = {"original": "original SmolLM2-135M", "svd": "per-layer truncated SVD",
              "basis_sharing": "Basis Sharing (whitened)", "crisp": "CRISP, Alg. 5 (k-means merge)",
              "crisp_truncate": "CRISP, Alg. 5 with top-component reduction",
-             "crisp_truncate_out": "ablation: the same, every basis on the output side"}
+             "crisp_truncate_out": "ablation: the same, every basis on the output side",
+             "crisp_truncate_in": "ablation: the same, every basis on the input side"}
 
 
 def render_compress_llm(d: dict) -> str:
@@ -268,7 +269,7 @@ def render_compress_llm_english(d: dict) -> str:
     orig = next((x["runs"]["original"] for x in by_keep.values() if "original" in x["runs"]), None)
     if orig is not None:
         rows.append([LLM_NAMES["original"], "0%", f"{orig['stored']:,}"]
-                    + [f"{orig['eval']['by_text'][t]['perplexity']:.2f}" for t in texts] + ["-", "-"])
+                    + [f"{orig['eval']['by_text'][t]['perplexity']:.2f}" for t in texts] + ["-", "-", "-"])
     for keep, x in by_keep.items():
         runs, s = x["runs"], x["settings"]
         bs = runs.get("basis_sharing")
@@ -285,8 +286,9 @@ def render_compress_llm_english(d: dict) -> str:
             if bs is not None and key != "basis_sharing":
                 ratios = [r["eval"]["by_text"][t]["perplexity"] / bs["eval"]["by_text"][t]["perplexity"] for t in texts]
                 vs = " / ".join(f"{100 * (q - 1):+.1f}%" for q in ratios)
+            lm = (r.get("calibration") or {}).get("history", {}).get("lm")
             rows.append([name, f"{100 * (1 - keep):.0f}%", f"{r['stored']:,}"] + cells
-                        + [vs, f"{r.get('total_compress_seconds', 0):.0f} s"])
+                        + [vs, f"{sum(lm) / len(lm):.3f}" if lm else "-", f"{r.get('total_compress_seconds', 0):.0f} s"])
         crisp = {k: runs[k] for k in ("crisp_truncate", "crisp") if k in runs}
         if crisp and len(runs) > 1:
             for t in texts:
@@ -303,7 +305,8 @@ def render_compress_llm_english(d: dict) -> str:
                                                    for r in x["runs"].values()) else "after calibration")
     headers = (["method", "removed", "stored (targeted weights)"]
                + [f"{t} perplexity ({stages})" for t in texts]
-               + [f"vs Basis Sharing ({' / '.join(texts)})", "compress + calibrate"])
+               + [f"vs Basis Sharing ({' / '.join(texts)})", "calibration LM loss (Stage-2 mean)",
+                  "compress + calibrate"])
     return (_table(headers, rows)
             + f"\n\nSmolLM2-135M-Instruct, every q/k/v/o/gate/up/down projection. Calibration on general English "
               f"(`crisp_edge.data.english.calibration_mix`: dasher's sentences, the Debian Reference, the Jargon File): "
@@ -313,6 +316,8 @@ def render_compress_llm_english(d: dict) -> str:
               f"Testament (`bible-kjv`), each its first {s['eval_tokens']:,} tokens in hash order of 2,000-character "
               f"chunks, windows of {s['window']}. 1 thread, each method in its own process on a shared, busy machine "
               f"(`bench/results/compress_llm_english*.json`)."
+            + " The calibration LM loss is the mean over the Stage-2 steps, each on a calibration batch before the "
+              "step's update: the calibration-side number that choices were made on (never the held-out texts)."
             + (f"\n\nLowest perplexity after calibration: {'; '.join(verdicts)}." if verdicts else "")
             + (f"\n\nCuts: {'; '.join(notes)}." if notes else "")
             + "".join(_llm_sides(x["runs"], f"{100 * (1 - keep):.0f}% off: ") for keep, x in by_keep.items()))

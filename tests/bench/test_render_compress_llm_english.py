@@ -20,7 +20,7 @@ def _renderer():
 def _run(stored: int, before: float, after: tuple[float, ...]) -> dict:
     ev = lambda ps: {"perplexity": ps[0], "by_text": {t: {"perplexity": p} for t, p in zip(TEXTS, ps)}}  # noqa: E731
     return {"stored": stored, "eval_before_calibration": ev((before,) * 3), "eval": ev(after),
-            "total_compress_seconds": 10.0, "report": {}}
+            "total_compress_seconds": 10.0, "report": {}, "calibration": {"history": {"lm": [before / 10, 3.0]}}}
 
 
 def _file(keep: float, runs: dict, notes: list[str]) -> dict:
@@ -44,7 +44,7 @@ def test_english_table_shows_both_rates_every_text_and_the_lowest(tmp_path, monk
     assert all(t in header for t in TEXTS)
     rows = [line for line in text.splitlines() if line.startswith("| CRISP")]
     assert [r.split(" | ")[1] for r in rows] == ["30%", "50%"]
-    assert "-10.0% / +10.0% / +0.0%" in rows[0]  # against Basis Sharing at the same rate, per text
+    assert "-10.0% / +10.0% / +0.0% | 5.500 |" in rows[0]  # against Basis Sharing per text; calibration loss
     assert "| original SmolLM2-135M | 0% | 100 | 20.00 | 21.00 | 22.00 |" in text
     assert "30% off, devil: lowest CRISP" in text and "30% off, fortunes: lowest Basis Sharing" in text
     assert "50% off, kjv-nt: lowest CRISP" in text
