@@ -317,7 +317,7 @@ def render_compress_llm_english(d: dict) -> str:
               f"chunks, windows of {s['window']}. 1 thread, each method in its own process on a shared, busy machine "
               f"(`bench/results/compress_llm_english*.json`)."
             + " The calibration LM loss is the mean over the Stage-2 steps, each on a calibration batch before the "
-              "step's update: the calibration-side number that choices were made on (never the held-out texts)."
+              "step's update: the calibration-side number to choose variants on (never the held-out texts)."
             + (f"\n\nLowest perplexity after calibration: {'; '.join(verdicts)}." if verdicts else "")
             + (f"\n\nCuts: {'; '.join(notes)}." if notes else "")
             + "".join(_llm_sides(x["runs"], f"{100 * (1 - keep):.0f}% off: ") for keep, x in by_keep.items()))
