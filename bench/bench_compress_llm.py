@@ -17,6 +17,8 @@ granularity allows (``stored`` and ``shortfall`` are recorded).
 * ``crisp_truncate`` (optional): the same with Stage 1 = keep the most important components.
 * ``crisp_truncate_out`` (optional, the ablation of the side choice): ``crisp_truncate`` with every
   basis on the output side (s = d_in), as before ``choose_sides`` existed.
+* ``crisp_truncate_in`` (optional, the other ablation): every basis on the input side, Basis Sharing's
+  structure, with CRISP's per-layer input-weighted re-solve and gated mixers.
 
 Fairness: every compressed model is evaluated before and after the same Stage-2 calibration
 (``calibrate_``: weight reconstruction + LM loss, ``--steps`` Adam steps on the same batches).
@@ -24,7 +26,10 @@ Fairness: every compressed model is evaluated before and after the same Stage-2 
     .venv/bin/python bench/bench_compress_llm.py            # the full run (~30 min on 1 busy core)
     .venv/bin/python bench/bench_compress_llm.py --quick    # smoke run: tiny eval, 2 steps
     .venv/bin/python bench/bench_compress_llm.py --calib english --out bench/results/compress_llm_english.json
-Writes bench/results/compress_llm.json (``--out``). ``--calib english`` calibrates on general English and
+    .venv/bin/python bench/bench_compress_llm.py --calib english --keep 0.5 --methods svd --merge \
+        --out bench/results/compress_llm_english_50.json    # one method added to the 50%-off file
+Writes bench/results/compress_llm.json (``--out``; ``--merge`` adds methods run in separate launches to it,
+each run keeping its own ``machine`` record). ``--calib english`` calibrates on general English and
 reports perplexity on three held-out texts of other styles (``CALIB_TEXTS``).
 """
 from __future__ import annotations
@@ -42,7 +47,7 @@ from pathlib import Path
 from _common import RESULTS_DIR, machine_info, pin_threads, write_json
 
 SCHEMA = 1
-METHODS = ("original", "svd", "basis_sharing", "crisp", "crisp_truncate", "crisp_truncate_out")
+METHODS = ("original", "svd", "basis_sharing", "crisp", "crisp_truncate", "crisp_truncate_out", "crisp_truncate_in")
 DEFAULT_METHODS = ("original", "svd", "basis_sharing", "crisp")
 
 
@@ -101,7 +106,7 @@ def run_one(args: argparse.Namespace) -> dict:
             rep = compress_llama_(model, budget, group_size=args.group_size, calib_batches=batches,
                                   calibration=CalibrationConfig(steps=0),
                                   reduction="truncate" if args.method.startswith("crisp_truncate") else "cluster",
-                                  sides="out" if args.method == "crisp_truncate_out" else "auto",
+                                  sides={"crisp_truncate_out": "out", "crisp_truncate_in": "in"}.get(args.method, "auto"),
                                   allocation=args.allocation, progress=show).to_dict()
         out["compress_seconds"] = round(time.perf_counter() - t, 2)
         out["rss_after_compress_mb"] = round(_rss_mb(), 1)
@@ -109,14 +114,15 @@ def run_one(args: argparse.Namespace) -> dict:
         out["report"] = rep
         out["stored"] = stored_params(model)
         out["shortfall"] = budget - out["stored"]
-        out["eval_before_calibration"] = evaluate()
+        if not args.skip_before_eval:
+            out["eval_before_calibration"] = evaluate()
         if args.steps:
             cal = calibrate_(model, teacher, batches, CalibrationConfig(steps=args.steps, lr=args.lr), progress=show)
             out["calibration"] = cal
             out["stored_after_calibration"] = stored_params(model)
             out["eval"] = evaluate()
         else:
-            out["eval"] = out["eval_before_calibration"]
+            out["eval"] = out.get("eval_before_calibration") or evaluate()
         out["total_compress_seconds"] = round(out["compress_seconds"] + (out.get("calibration") or {}).get(
             "seconds", 0.0), 2)
     out["peak_rss_mb"] = round(_rss_mb(), 1)
@@ -147,6 +153,19 @@ def calibration_and_heldout(calib: str) -> tuple[str, dict[str, str]]:
     return calibration_mix().text, {name: t.text for name, t in heldout_texts().items()}
 
 
+def earlier_runs(old: dict, settings: dict, quick: bool, methods: list[str], notes: list[str]
+                 ) -> tuple[dict, dict, list[str]]:
+    """``(runs, failures, notes)`` to keep from an earlier result ``old`` (``--merge``): its runs and failures
+    of methods not run again now, and its notes followed by the new ones. ``ValueError`` when ``old`` was run
+    with other settings (or quick-ness): methods measured differently never share a table."""
+    if old.get("settings") != settings or bool(old.get("quick")) != quick:
+        raise ValueError(f"it was run with other settings ({old.get('settings')}, quick={old.get('quick')}); "
+                         "use another --out or the same settings")
+    runs = {m: r for m, r in old.get("runs", {}).items() if m not in methods}
+    failures = {m: f for m, f in old.get("failures", {}).items() if m not in methods}
+    return runs, failures, [n for n in old.get("notes", []) if n not in notes] + list(notes)
+
+
 def _targets(model) -> list[str]:
     from crisp_edge.training.compress.baselines import targeted_linears
 
@@ -172,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                          "judged on three texts of other styles)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1k eval tokens, 4 calibration windows, 2 steps")
     ap.add_argument("--out", default=str(RESULTS_DIR / "compress_llm.json"))
+    ap.add_argument("--merge", action="store_true",
+                    help="add these methods' runs to an existing --out of the same settings (replacing a method "
+                         "run again) instead of starting it afresh: one method per launch, one file")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--skip-before-eval", action="store_true",
+                    help="evaluate the compressed models only after Stage-2 calibration (halves their evaluation time)")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a line recorded under 'notes' in the JSON (e.g. a cut made for time); repeatable")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one method, write JSON here
     ap.add_argument("--method", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -187,7 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown methods {bad}; choose from {METHODS}")
     pin_threads(1)
+    settings = {k: getattr(args, k) for k in ("model", "keep", "group_size", "eval_tokens", "window", "calib_windows",
+                                              "calib_len", "batch", "steps", "lr", "allocation", "calib")}
     results, failures = {}, {}
+    if args.merge and Path(args.out).exists():
+        try:
+            results, failures, args.note = earlier_runs(json.loads(Path(args.out).read_text()), settings, args.quick,
+                                                        methods, args.note)
+        except ValueError as e:
+            ap.error(f"--merge: {args.out}: {e}")
     passthrough = list(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
@@ -201,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 failures[method] = f"exit status {proc.returncode}"
                 print(f"   FAILED ({failures[method]})", flush=True)
                 continue
-            results[method] = json.loads(path.read_text()) | {"process_wall_seconds": round(wall, 1)}
+            results[method] = json.loads(path.read_text()) | {"process_wall_seconds": round(wall, 1),
+                                                               "machine": machine_info()}
             r = results[method]
             before = r.get("eval_before_calibration", {}).get("perplexity")
             print(f"   stored {r['stored']:,} / budget {r['budget']:,}; perplexity "
@@ -217,12 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     compressed = {m: s["perplexity"] for m, s in summary.items() if m != "original"}
     data = {
         "schema": SCHEMA, "benchmark": "compress_llm", "quick": args.quick, "machine": machine_info(),
-        "settings": {k: getattr(args, k) for k in ("model", "keep", "group_size", "eval_tokens", "window",
-                                                   "calib_windows", "calib_len", "batch", "steps", "lr",
-                                                   "allocation", "calib")},
+        "settings": settings,
         "text": CALIB_TEXTS[args.calib],
         "summary": summary, "best_compressed": min(compressed, key=compressed.get) if compressed else None,
-        "runs": results, "failures": failures,
+        "runs": results, "failures": failures, "notes": args.note,
     }
     write_json(args.out, data)
     print(json.dumps(summary, indent=1))

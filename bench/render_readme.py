@@ -204,13 +204,16 @@ def render_compress_vit(d: dict) -> str:
 LLM_NAMES = {"original": "original SmolLM2-135M", "svd": "per-layer truncated SVD",
              "basis_sharing": "Basis Sharing (whitened)", "crisp": "CRISP, Alg. 5 (k-means merge)",
              "crisp_truncate": "CRISP, Alg. 5 with top-component reduction",
-             "crisp_truncate_out": "ablation: the same, every basis on the output side"}
+             "crisp_truncate_out": "ablation: the same, every basis on the output side",
+             "crisp_truncate_in": "ablation: the same, every basis on the input side"}
 
 
 def render_compress_llm(d: dict) -> str:
     summary, runs = dict(d["summary"]), dict(d["runs"])
     for extra in sorted(RESULTS.glob("compress_llm_*.json")):  # methods run separately (same settings)
         more = json.loads(extra.read_text())
+        if more["settings"].get("calib", "kjv") != d["settings"].get("calib", "kjv"):
+            continue  # the English-calibrated runs have their own table (render_compress_llm_english)
         summary.update(more["summary"])
         runs.update(more["runs"])
     rows = []
@@ -234,7 +237,7 @@ def render_compress_llm(d: dict) -> str:
             + _llm_sides(runs))
 
 
-def _llm_sides(runs: dict) -> str:
+def _llm_sides(runs: dict, label: str = "") -> str:
     """Which side CRISP put each role's basis on (``choose_sides``), with the scores it compared."""
     rep = next((runs[m]["report"] for m in ("crisp_truncate", "crisp") if m in runs and runs[m]["report"].get("sides")), None)
     if rep is None:
@@ -243,13 +246,81 @@ def _llm_sides(runs: dict) -> str:
     by = {side: [r.removesuffix("_proj") for r, sd in sides.items() if sd == side] for side in ("in", "out")}
     scores = ", ".join(f"{r.removesuffix('_proj')} {100 * e['in']:.2f} vs {100 * e['out']:.2f}"
                        for r, e in rep.get("side_errors", {}).items())
-    return (f"\n\nCRISP's bases (`sides=\"auto\"`): input side for {', '.join(by['in']) or 'none'}; output side for "
+    return (f"\n\n{label}CRISP's bases (`sides=\"auto\"`): input side for {', '.join(by['in']) or 'none'}; output side for "
             f"{', '.join(by['out']) or 'none'}. Relative calibration-weighted error of keeping the leading components "
             f"at this budget, input vs output side (%): {scores}.")
 
 
 def _ppl(v: float) -> str:
     return f"{v:.1e}" if v >= 1e5 else f"{v:,.1f}"
+
+
+#: The English-calibrated SmolLM2 runs: one file per kept fraction (``bench_compress_llm.py --calib english``).
+LLM_ENGLISH_FILES = {0.7: "compress_llm_english.json", 0.5: "compress_llm_english_50.json"}
+
+
+def render_compress_llm_english(d: dict) -> str:
+    """Both rates x every held-out text in one table; ``d`` is the 30%-off file, the others are read here."""
+    by_keep = {keep: json.loads((RESULTS / name).read_text()) for keep, name in LLM_ENGLISH_FILES.items()
+               if d["settings"]["keep"] != keep and (RESULTS / name).exists()} | {d["settings"]["keep"]: d}
+    by_keep = dict(sorted(by_keep.items(), reverse=True))  # 30% off first
+    texts = list(next(r for r in d["runs"].values())["eval"]["by_text"])
+    rows, verdicts, notes = [], [], []
+    orig = next((x["runs"]["original"] for x in by_keep.values() if "original" in x["runs"]), None)
+    if orig is not None:
+        rows.append([LLM_NAMES["original"], "0%", f"{orig['stored']:,}"]
+                    + [f"{orig['eval']['by_text'][t]['perplexity']:.2f}" for t in texts] + ["-", "-", "-"])
+    for keep, x in by_keep.items():
+        runs, s = x["runs"], x["settings"]
+        bs = runs.get("basis_sharing")
+        for key, name in LLM_NAMES.items():
+            r = runs.get(key)
+            if key == "original" or r is None:
+                continue
+            cells = []
+            for t in texts:
+                after = f"**{_ppl(r['eval']['by_text'][t]['perplexity'])}**"
+                before = r.get("eval_before_calibration")  # absent: run with --skip-before-eval
+                cells.append(after if before is None else f"{_ppl(before['by_text'][t]['perplexity'])} -> {after}")
+            vs = "-"
+            if bs is not None and key != "basis_sharing":
+                ratios = [r["eval"]["by_text"][t]["perplexity"] / bs["eval"]["by_text"][t]["perplexity"] for t in texts]
+                vs = " / ".join(f"{100 * (q - 1):+.1f}%" for q in ratios)
+            lm = (r.get("calibration") or {}).get("history", {}).get("lm")
+            rows.append([name, f"{100 * (1 - keep):.0f}%", f"{r['stored']:,}"] + cells
+                        + [vs, f"{sum(lm) / len(lm):.3f}" if lm else "-", f"{r.get('total_compress_seconds', 0):.0f} s"])
+        crisp = {k: runs[k] for k in ("crisp_truncate", "crisp") if k in runs}
+        if crisp and len(runs) > 1:
+            for t in texts:
+                best = min((m for m in runs if m != "original"), key=lambda m: runs[m]["eval"]["by_text"][t]["perplexity"])
+                verdicts.append(f"{100 * (1 - keep):.0f}% off, {t}: lowest {LLM_NAMES[best]}")
+        missing = [m for m in ("svd", "basis_sharing", "crisp_truncate") if m not in runs]
+        if missing:
+            notes.append(f"{100 * (1 - keep):.0f}% off: not run ({', '.join(missing)})")
+        notes += [f"{100 * (1 - keep):.0f}% off: {n}" for n in x.get("notes", [])]
+        notes += [f"{100 * (1 - keep):.0f}% off, {m}: failed ({f})" for m, f in x.get("failures", {}).items()]
+    notes += [f"{100 * (1 - keep):.0f}% off: not run" for keep in LLM_ENGLISH_FILES if keep not in by_keep]
+    s = d["settings"]
+    stages = ("before -> after calibration" if any("eval_before_calibration" in r for x in by_keep.values()
+                                                   for r in x["runs"].values()) else "after calibration")
+    headers = (["method", "removed", "stored (targeted weights)"]
+               + [f"{t} perplexity ({stages})" for t in texts]
+               + [f"vs Basis Sharing ({' / '.join(texts)})", "calibration LM loss (Stage-2 mean)",
+                  "compress + calibrate"])
+    return (_table(headers, rows)
+            + f"\n\nSmolLM2-135M-Instruct, every q/k/v/o/gate/up/down projection. Calibration on general English "
+              f"(`crisp_edge.data.english.calibration_mix`: dasher's sentences, the Debian Reference, the Jargon File): "
+              f"{s['calib_windows']} windows of {s['calib_len']} tokens for the input statistics and {s['steps']} steps of "
+              f"weight reconstruction + LM loss, the same for every method. Held-out texts of other styles, none in "
+              f"the mix (`heldout_texts`): the Devil's Dictionary (`dict-devil`), fortunes (`fortunes`), the KJV New "
+              f"Testament (`bible-kjv`), each its first {s['eval_tokens']:,} tokens in hash order of 2,000-character "
+              f"chunks, windows of {s['window']}. 1 thread, each method in its own process on a shared, busy machine "
+              f"(`bench/results/compress_llm_english*.json`)."
+            + " The calibration LM loss is the mean over the Stage-2 steps, each on a calibration batch before the "
+              "step's update: the calibration-side number to choose variants on (never the held-out texts)."
+            + (f"\n\nLowest perplexity after calibration: {'; '.join(verdicts)}." if verdicts else "")
+            + (f"\n\nCuts: {'; '.join(notes)}." if notes else "")
+            + "".join(_llm_sides(x["runs"], f"{100 * (1 - keep):.0f}% off: ") for keep, x in by_keep.items()))
 
 
 def render_pipeline(d: dict) -> str:
@@ -581,7 +652,8 @@ RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
              "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
-             "lm_onnx": render_lm_onnx, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize}
+             "lm_onnx": render_lm_onnx, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
+             "compress_llm_english": render_compress_llm_english}
 
 
 def render(text: str) -> str:

@@ -79,20 +79,19 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, *, iters: int = 25
     return labels
 
 
-def principal_basis(basis: torch.Tensor, coeffs: list[torch.Tensor], second_moments: list[torch.Tensor],
+def principal_basis(folded: list[torch.Tensor], second_moments: list[torch.Tensor], rank: int,
                     transpose: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Re-express a group's factors in the directions that carry the most output variance. A change
-    of basis, so exact when the new ``B`` spans the same space as before (always at full capacity);
-    afterwards truncation keeps the output-variance-optimal subspace.
+    """A group's rank-``rank`` factors ``(B, [C_i])`` of its folded weights ``M_i`` (``folded``, ``u x s``)
+    in the directions that carry the most output variance: exact at full capacity (``rank`` = the
+    group's full rank), and truncating them keeps the output-variance-optimal subspace.
 
     Output-side basis (``s = d_in``, ``M_i = B C_i = W_i``): ``B`` = top-r eigenvectors of the output
     covariance ``K = sum_i M_i Sigma_i M_i^T``, ``C_i = B^T M_i``. Input-side basis (transposed,
     ``s = d_out``, ``M_i = W_i^T``): Basis Sharing's whitening, ``S S^T = mean_i Sigma_i``; ``V`` = top-r
     eigenvectors of ``S^T (sum_i M_i M_i^T) S``, ``B = S^-T V``, ``C_i = V^T S^T M_i``."""
-    b = basis.double()
-    ms = [b @ c.double() for c in coeffs]
+    ms = [m.double() for m in folded]
     mat, sf = _side_gram(ms, [sm.double() for sm in second_moments], transpose)
-    v = torch.linalg.eigh(mat)[1].flip(-1)[:, :b.shape[1]]
+    v = torch.linalg.eigh(mat)[1].flip(-1)[:, :rank]
     if sf is None:
         return v, [v.T @ m for m in ms]
     new_b = torch.linalg.solve_triangular(sf.T, v, upper=True)  # S^-T V

@@ -5,15 +5,16 @@
 Pipeline (per role p and group g; ``u x r`` basis ``B``, per-layer ``r x s`` mixers ``A_i``,
 gated coefficients ``C_i = G(A_i)``, so ``W_i.reshape(u, s) = B @ C_i = sum_j b_j c_ij^T``):
 
-0. **Retrofit** at full capacity with ``crisp_edge.retrofit_`` (closed form, exact) under
-   ``llama_crisp_config``, each role's basis on one side (``choose_sides`` picks, per role, the side
+0. **Layout** at full capacity under ``llama_crisp_config`` (data-free: the closed-form, exact
+   ``crisp_edge.retrofit_``; with calibration inputs only ``convert_``'s layout, because Stage 1 then
+   derives every group's factors from the teacher's weights), each role's basis on one side (``choose_sides`` picks, per role, the side
    whose leading components keep more output variance at the rank the budget buys there):
    ``s = d_in`` (``u = d_out``: a shared *output* basis; DESIGN.md section 2 measured wide s as the
    best data-free fit, while small s fits poorly without training) or ``s = d_out`` transposed
    (``u = d_in``: a shared *input* basis, Basis Sharing's structure). Groups of ``group_size``
    consecutive blocks (default 2).
-   With calibration inputs, each group's full-capacity basis is then re-expressed in its principal
-   directions (``principal_basis``: a change of basis, still exact): of the output covariance
+   With calibration inputs, each group's full-capacity factors are its principal directions
+   (``principal_basis``: exact at full capacity, from the teacher's weights): of the output covariance
    ``sum_i W_i Sigma_i W_i^T`` for an output basis, of the whitened inputs for an input basis, so
    that the sigma^2-aware importance below ranks directions by the output variance they carry.
 1. **Basis reduction** (``reduction="truncate"``, the default, keeps the most important
@@ -56,7 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crisp_edge.errors import ConfigError
-from crisp_edge.method.convert import _set_submodule, crisp_bases
+from crisp_edge.method.convert import _set_submodule, convert_, crisp_bases
 from crisp_edge.method.gates import get_gate
 from crisp_edge.method.layer import CrispBasis, CrispLinear
 from crisp_edge.method.specs import get_architecture
@@ -274,25 +275,30 @@ def compress_llama_(model: nn.Module, budget: int | None = None, *, rates: Mappi
     else:
         ranks, full = plan_ranks(model, budget, rates, group_size, chosen)
     t = time.perf_counter()
-    retrofit_(model, llama_crisp_config(model, group_size, gate_init_max=gate_init_max, sides=chosen),
-              arch="hf-llama", progress=progress)
+    layout = llama_crisp_config(model, group_size, gate_init_max=gate_init_max, sides=chosen)
+    if moments_all is None:  # data-free: Stage 1 reduces the closed-form retrofit's factors
+        retrofit_(model, layout, arch="hf-llama", progress=progress)
+        errors = {"retrofit": _mean_rel_error(model, teacher)}
+    else:  # Stage 1 derives each group's factors from the teacher (principal_basis): a retrofit's would be discarded
+        convert_(model, layout, "hf-llama", generator=torch.Generator().manual_seed(seed))
+        errors = {}
     times["retrofit"] = time.perf_counter() - t
-    errors = {"retrofit": _mean_rel_error(model, teacher)}
     gen = torch.Generator().manual_seed(seed)
     t = time.perf_counter()
     solved, stage1 = {}, []
     for key, basis in tqdm(list(crisp_bases(model).items()), desc=f"alg5 stage 1 ({reduction})", unit="group",
                            disable=not progress, leave=False):
-        gate = get_gate(basis.gate_name)
-        layers = [model.get_submodule(n) for n in basis.layer_names]
-        coeffs = [gate.fn(l.crisp_mixer.detach().double()) for l in layers]
         moments = [moments_all[n] for n in basis.layer_names] if moments_all is not None else None
-        b, tr = basis.weight.detach(), basis.transpose
+        targets = [basis.to_folded(teacher[n]) for n in basis.layer_names]
+        tr = basis.transpose
         if moments is not None:
-            b, coeffs = principal_basis(b, coeffs, moments, transpose=tr)
+            b, coeffs = principal_basis(targets, moments, basis.r, transpose=tr)
+        else:
+            gate = get_gate(basis.gate_name)
+            b = basis.weight.detach()
+            coeffs = [gate.fn(model.get_submodule(n).crisp_mixer.detach().double()) for n in basis.layer_names]
         b, cs = reduce_basis(b, coeffs, ranks[basis.role], method=reduction, second_moments=moments, transpose=tr,
                              generator=gen)
-        targets = [basis.to_folded(teacher[n]) for n in basis.layer_names]
         stage1 += [float((b @ c - t.double()).norm() / t.double().norm()) for c, t in zip(cs, targets)]
         solved[key] = (basis, b, resolve_coefficients(b, targets, moments if tr else None))
     errors["stage1"] = sum(stage1) / len(stage1)
