@@ -64,7 +64,7 @@ def test_int8_tolerance_still_catches_a_wrong_model(int8_bundle):
 
 
 @pytest.mark.parametrize("mode, why", [("factored", "every forward"),
-                                       ("swappable", "MatMulInteger .* cannot pre-pack .* requantization")])
+                                       ("swappable", "integer kernels .* cannot pre-pack .* requantization")])
 def test_int8_is_refused_where_weights_change_at_run_time(mode, why, tmp_path):
     """The refusal says why for this runtime and mode, and what to use instead; nothing is written."""
     with pytest.raises(ConfigError, match=why) as e:
