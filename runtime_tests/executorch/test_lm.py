@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.bench.running import run_bench
 import torch
 
 import crisp_edge as ce
@@ -205,10 +207,7 @@ def test_xnnpack_dense_and_swappable_agree_with_pytorch(model, tasks, tmp_path):
 
 @pytest.mark.slow
 def test_bench_quick(tmp_path):
-    out = tmp_path / "lm.json"
-    subprocess.run([sys.executable, str(REPO / "bench" / "bench_lm_executorch.py"), "--quick", "--out", str(out),
-                    "--work", str(tmp_path / "work")], check=True, cwd=REPO, capture_output=True)
-    r = json.loads(out.read_text())
+    r = run_bench("bench_lm_executorch.py", "--quick", "--work", str(tmp_path / "work"), out=tmp_path / "lm.json")
     assert all(p["tokens_match"] for v in r["parity"].values() for p in v)
     assert set(r["ratios"]) >= {"prefill_swappable_vs_dense", "decode_swappable_vs_dense", "switch_in_decode_steps",
                                 "rss_swappable_vs_dense"}

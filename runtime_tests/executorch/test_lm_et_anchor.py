@@ -3,29 +3,17 @@ weights (converted to Meta's layout) run side by side and agree; the run writes 
 ratios are the benchmark's to report, not this test's to assert)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from crisp_edge.export.parity.compare import tolerance_for
+from tests.bench.running import run_bench
 
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_run_compares_the_same_model_and_writes_speed_sizes_and_profile(tmp_path):
-    out = tmp_path / "anchor.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_lm_et_anchor.py"), "--quick", "--out", str(out),
-                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=1200,
-                          cwd=REPO / "bench", env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    d = json.loads(out.read_text())
+    d = run_bench("bench_lm_et_anchor.py", "--quick", "--work", str(tmp_path / "work"), out=tmp_path / "anchor.json")
     assert d["complete"] and d["quick"] and d["threads"] == 1
     # the same model: both programs give PyTorch's greedy tokens (which vary: the check means something)
     p = d["parity"]

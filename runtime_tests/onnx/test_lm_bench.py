@@ -2,27 +2,17 @@
 (speed claims are the benchmark's to report, not this test's to assert)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.bench.running import run_bench
+
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_run_writes_speed_switch_memory_bytes_and_parity(tmp_path):
-    out = tmp_path / "lm.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_lm_onnx.py"), "--quick", "--no-anchor",
-                           "--out", str(out), "--workdir", str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=1200, cwd=REPO / "bench", env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    d = json.loads(out.read_text())
+    d = run_bench("bench_lm_onnx.py", "--quick", "--no-anchor", "--workdir", str(tmp_path / "work"),
+                  out=tmp_path / "lm.json")
     assert d["quick"] and d["threads"] == 1
     for mode in ("dense", "swappable"):
         p = d["parity"][mode]

@@ -4,27 +4,18 @@ computed by each bundle, speed ratios and parity per precision, and its README t
 are the benchmark's to report, not this test's to assert)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.bench.running import REPO, run_bench
+
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_run_writes_bytes_perplexity_speed_and_parity(tmp_path):
-    out = tmp_path / "lmq.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_lm_quantize.py"), "--quick", "--runtimes",
-                           "onnxruntime", "--out", str(out), "--work", str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=1200, cwd=REPO / "bench", env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    d = json.loads(out.read_text())
+    d = run_bench("bench_lm_quantize.py", "--quick", "--runtimes", "onnxruntime", "--work", str(tmp_path / "work"),
+                  out=tmp_path / "lmq.json")
     assert d["complete"] and d["quick"] and d["threads"] == 1
     assert any("executorch" in c for c in d["cut"]) and any(c.startswith("quick:") for c in d["cut"])
     v = d["runtimes"]["onnxruntime"]
