@@ -273,13 +273,15 @@ def render_compress_llm_english(d: dict) -> str:
     for keep, x in by_keep.items():
         runs, s = x["runs"], x["settings"]
         bs = runs.get("basis_sharing")
+        lowest = {t: min(runs[m]["eval"]["by_text"][t]["perplexity"] for m in runs if m != "original") for t in texts}
         for key, name in LLM_NAMES.items():
             r = runs.get(key)
             if key == "original" or r is None:
                 continue
             cells = []
             for t in texts:
-                after = f"**{_ppl(r['eval']['by_text'][t]['perplexity'])}**"
+                ppl = r["eval"]["by_text"][t]["perplexity"]
+                after = f"**{_ppl(ppl)}**" if ppl == lowest[t] else _ppl(ppl)  # bold: the lowest at this rate
                 before = r.get("eval_before_calibration")  # absent: run with --skip-before-eval
                 cells.append(after if before is None else f"{_ppl(before['by_text'][t]['perplexity'])} -> {after}")
             vs = "-"
