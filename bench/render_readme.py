@@ -572,6 +572,33 @@ def render_minilm_layout(d: dict) -> str:
               f"budget (the other CRISP layouts store up to 1.4 points more: a rank step is coarser there). {'; '.join(d['cut'])}. {d['machine']['date'][:10]} (`bench/results/minilm_layout.json`).")
 
 
+def render_lm_executorch(d: dict) -> str:
+    r, rates, t, e, m = d["ratios"], d["rates"], d["targets"], d["exports"], d["machine"]
+    rows = []
+    for mode in ("dense", "swappable"):
+        x = e[mode]
+        diff = max(c["max_abs_diff"] for res in d["parity"][mode] for c in res["cases"])
+        rows.append([mode, f"{rates['prefill_tokens_per_s'][mode]:,.1f}", f"{rates['decode_tokens_per_s'][mode]:,.1f}",
+                     f"{x['program_bytes'] / 1e6:,.1f} MB ({x['pte_vs_stored_fp32']:.2f}x stored x 4 B)",
+                     f"{d['memory']['peak_rss_bytes'][mode] / 2**20:,.0f} MiB", f"{diff:.1e}",
+                     "yes" if all(res["tokens_match"] for res in d["parity"][mode]) else "NO", f"{x['seconds']:.0f} s"])
+    task = max(e["swappable"]["tasks"].values(), key=lambda v: v["bytes"])
+    limit = task["mixer_bytes"] * (1 + t["task_rel"]) + t["task_slack_bytes"]
+    return (_table(["mode", "prefill tok/s", "decode tok/s", ".pte", "peak RSS (load + generate)",
+                    "max logit diff (greedy, every task)", "tokens = PyTorch", "export"], rows)
+            + f"\n\nSwappable / dense in one interleaved run: prefill {r['prefill_swappable_vs_dense']:.3f}x, decode "
+              f"{r['decode_swappable_vs_dense']:.3f}x (target >= {t['decode_ratio']}x); task switch from the `.ptd` "
+              f"(read, SHA-256, checks, `set_task`) {r['switch_in_decode_steps']:.2f} swappable decode steps (target <= "
+              f"{t['switch_decode_steps']:g}) vs reloading the dense program {r['reload_in_decode_steps']:.1f} dense decode "
+              f"steps; peak resident memory {r['rss_swappable_vs_dense']:.3f}x (target <= {t['rss_ratio']}x); a task file "
+              f"{task['bytes']:,} bytes for {task['mixer_bytes']:,} of mixers (target <= {limit:,.0f}). {d['model']}; "
+              f"cache {d['max_seq_len']}, {d['prompt_tokens']}-token prompt, median of {d['repeats']} interleaved rounds, "
+              f"1 thread ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}) (`bench/results/lm_executorch.json`). "
+              "Why decode misses: a swappable program's weights are mutable buffers that `set_task` rewrites, and "
+              "XNNPACK packs a linear's weights once, at load, only when they are constants; a buffer weight is "
+              "packed on every call, which at one token per step costs about twice the product itself. The task "
+              "file's overhead is the FlatTensor entry of each of its tensors (about 114 bytes for each of 58).")
+
 def render_lm_et_anchor(d: dict) -> str:
     s, e, p, m = d["speed"], d["exports"], d["parity"], d["machine"]
     r = s["ratio_ours_over_anchor"]
@@ -654,7 +681,7 @@ RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
              "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
-             "lm_onnx": render_lm_onnx, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
+             "lm_onnx": render_lm_onnx, "lm_executorch": render_lm_executorch, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
              "compress_llm_english": render_compress_llm_english}
 
 
