@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = materialize_(copy.deepcopy(model)).eval()  # the dense weights both programs hold
     result: dict = {"schema": SCHEMA, "quick": q, "machine": machine_info(), "threads": THREADS, "model": described,
                     "max_seq_len": seq, "repeats": repeats, "exports": {}}
-    secs, bundle = timed(lambda: export_executorch(model, work / "ours", mode="dense", tokenizer=tok,
+    secs, bundle = timed(lambda m=model: export_executorch(m, work / "ours", mode="dense", tokenizer=tok,
                                                    max_seq_len=seq, overwrite=True))
     ours_pte = bundle.file(PROGRAM)
     result["exports"]["ours"] = {"seconds": round(secs, 1), "pte_bytes": ours_pte.stat().st_size,

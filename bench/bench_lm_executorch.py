@@ -36,7 +36,6 @@ from _common import RESULTS_DIR, interleave, machine_info, pin_threads, steady, 
 THREADS = pin_threads(1)
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 SCHEMA = 1
 TARGETS = {"prefill_ratio": 0.95, "decode_ratio": 0.95, "switch_decode_steps": 5.0, "rss_ratio": 1.1,
