@@ -157,15 +157,7 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
 
     def decoding(sess, name):
         def case() -> float:
-            st = sess.lm_stepper()
-            st.reset()
-            logits = st.step(prompt, 0)
-
-            def steps():
-                nonlocal logits
-                for i in range(decode):
-                    logits = st.step([int(np.argmax(logits))], prompt_len + i)
-            secs = with_cpu(name, steps) / decode
+            secs = with_cpu(name, greedy_steps(sess.lm_stepper(), prompt, decode)) / decode
             cpu[name][-1] /= decode
             return secs
         return case
@@ -200,6 +192,17 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
         "timings": {k: summarize(v) for k, v in t.items()},
         "cpu_timings": {k: summarize(v) for k, v in cpu.items()},
     }
+
+
+def greedy_steps(st, prompt: list[int], n: int):
+    """Reset ``st``, run the prompt's prefill, and return the thing to time: ``n`` greedy decode steps."""
+    st.reset()
+    state = {"logits": st.step(prompt, 0)}
+
+    def steps() -> None:
+        for i in range(n):
+            state["logits"] = st.step([int(np.argmax(state["logits"]))], len(prompt) + i)
+    return steps
 
 
 def _rss_kib() -> int:
@@ -295,14 +298,7 @@ def genai_anchor(root: Path, prompt_len: int, decode: int, repeats: int, builder
         return timed(lambda: st.step(prompt, 0))[0]
 
     def bundle_decode() -> float:
-        st.reset()
-        logits = st.step(prompt, 0)
-
-        def steps():
-            nonlocal logits
-            for i in range(decode):
-                logits = st.step([int(np.argmax(logits))], prompt_len + i)
-        return timed(steps)[0] / decode
+        return timed(greedy_steps(st, prompt, decode))[0] / decode
 
     t = interleave({"genai_prefill": genai_prefill, "bundle_prefill": bundle_prefill, "genai_decode": genai_decode,
                     "bundle_decode": bundle_decode}, repeats)
