@@ -72,3 +72,17 @@ def write_validated(out_dir: Path, write: Any, make_bundle: Any, *, threads: int
             pass
         raise
     return make_bundle(out_dir, manifest)
+
+
+def params_record(model: Any, stored: int) -> dict[str, int]:
+    """The manifest's ``params`` that every runtime's bundle records: the stored parameter count, its
+    float32 bytes and the number of CRISP groups (a runtime adds its own sizes)."""
+    from crisp_edge.method.convert import crisp_bases
+
+    return {"stored": stored, "stored_bytes_fp32": 4 * stored, "crisp_groups": len(crisp_bases(model))}
+
+
+def add_sections(manifest: dict, **sections: Any) -> dict:
+    """Add the manifest's optional sections (``quantize``, ``source``, ``swappable``) that are not None."""
+    manifest.update({k: v for k, v in sections.items() if v is not None})
+    return manifest

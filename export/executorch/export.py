@@ -56,7 +56,7 @@ from crisp_edge.export.bundle import (
     task_mixers,
 )
 from crisp_edge.export.errors import ExportError
-from crisp_edge.export.writing import check_replaceable, write_validated
+from crisp_edge.export.writing import add_sections, check_replaceable, params_record, write_validated
 from crisp_edge.export.executorch.bundle import (
     DEFAULT_PTD,
     ET_BUNDLE_FORMAT,
@@ -205,7 +205,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
     names = list(example)
     args = tuple(example[n] for n in names)
     files: list[str] = [PROGRAM]
-    swap = None
+    swap = quant = None
     with torch.no_grad():  # the I/O contract the program carries as crisp_io (digest.io_spec_text)
         out_shape = list(_Forward(model, names).eval()(*args).shape)
     contract: dict[str, Any] = {"mode": mode, "inputs": _io(names, example),
@@ -217,7 +217,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
         for p in m.parameters():
             p.requires_grad_(False)
         _unfuse_attention(m)
-        program, quant = _Forward(m, names).eval(), None
+        program = _Forward(m, names).eval()
         if quantize is not None:
             program, tool = quantize_module(program, args, quantize)
             quant = quantize_record(quantize, tool)
@@ -302,16 +302,10 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
         "tolerance": _tolerance_record(mode, recipe, quantize),
         "reference": reference_record(names, [OUTPUT_NAME], len(cases), list(ref), batches=batches,
                                       seed=REFERENCE_SEED, **reference),
-        "params": {"stored": stored, "stored_bytes_fp32": 4 * stored, "crisp_groups": len(crisp_bases(model)),
-                   "program_bytes": (folder / PROGRAM).stat().st_size},
+        "params": {**params_record(model, stored), "program_bytes": (folder / PROGRAM).stat().st_size},
         "tasks": tasks,
     }
-    if quantize is not None:
-        manifest["quantize"] = quant
-    if source is not None:
-        manifest["source"] = source
-    if swap is not None:
-        manifest["swappable"] = swap
+    add_sections(manifest, quantize=quant, source=source, swappable=swap)
     (folder / RUNNER_SPEC).write_text(runner_spec(manifest))
     manifest["files"][RUNNER_SPEC] = file_record(folder, RUNNER_SPEC)
     atomic_write_json(folder / MANIFEST, manifest)

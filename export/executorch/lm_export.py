@@ -70,7 +70,7 @@ from crisp_edge.export.model_io import _stored_params
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.reference import REFERENCE_SEED, reference_outputs, reference_record, write_reference
 from crisp_edge.export.quantize import SCHEMES, quantize_record
-from crisp_edge.export.writing import write_validated
+from crisp_edge.export.writing import add_sections, params_record, write_validated
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import atomic_write_json
 from crisp_edge.files.mixers import MixerFile, model_layout
@@ -277,17 +277,11 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
         "reference": reference_record(list(INPUT_NAMES), [OUTPUT_NAME], len(cases), list(by_task),
                                       batches=[1] * len(cases), seed=REFERENCE_SEED, **reference),
         "tolerance": {**tol.to_dict(), "dtype": dtype},
-        "params": {"stored": stored, "stored_bytes_fp32": 4 * stored, "crisp_groups": len(crisp_bases(model)),
-                   "program_bytes": (folder / PROGRAM).stat().st_size},
+        "params": {**params_record(model, stored), "program_bytes": (folder / PROGRAM).stat().st_size},
         "tasks": tasks,
         "lm": lm_section(max_seq_len=max_seq_len, vocab_size=vocab, tokenizer_record=tok_record, references=generation),
     }
-    if quant is not None:
-        manifest["quantize"] = quant
-    if source is not None:
-        manifest["source"] = source
-    if swap is not None:
-        manifest["swappable"] = swap
+    add_sections(manifest, quantize=quant, source=source, swappable=swap)
     (folder / RUNNER_SPEC).write_text(runner_spec(manifest))
     manifest["files"][RUNNER_SPEC] = file_record(folder, RUNNER_SPEC)
     atomic_write_json(folder / MANIFEST, manifest)

@@ -62,7 +62,7 @@ from crisp_edge.export.bundle import (
     file_record,
     task_mixers,
 )
-from crisp_edge.export.writing import check_replaceable, write_validated
+from crisp_edge.export.writing import add_sections, check_replaceable, params_record, write_validated
 from crisp_edge.export.model_io import (
     OUTPUT_NAME,
     _example_inputs,
@@ -110,7 +110,6 @@ from crisp_edge.files.io import atomic_write_json
 from crisp_edge.files.mixers import MixerFile, apply_mixers_, model_layout
 from crisp_edge.method.convert import (
     _set_submodule,
-    crisp_bases,
     is_crisp,
     materialize_,
 )
@@ -355,16 +354,10 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
         "dynamic_axes": {k: {str(a): v for a, v in d.items()} for k, d in axes.items()},
         "tolerance": _tolerance_record(mode, quantize),
         "reference": reference_record(names, [OUTPUT_NAME], len(cases), list(ref), **reference),
-        "params": {"stored": stored, "stored_bytes_fp32": 4 * stored,
-                   "crisp_groups": len(crisp_bases(model))},
+        "params": params_record(model, stored),
         "tasks": tasks,
     }
-    if source is not None:
-        manifest["source"] = source
-    if swap is not None:
-        manifest["swappable"] = swap
-    if quant is not None:
-        manifest["quantize"] = quant
+    add_sections(manifest, quantize=quant, source=source, swappable=swap)
     bundle = OnnxBundle(folder, manifest)
     manifest["params"]["weights_bytes"] = bundle.weights_bytes()
     atomic_write_json(folder / MANIFEST, manifest)

@@ -65,12 +65,12 @@ from crisp_edge.export.parity.lm_check import WithPast, cache_names, lm_toleranc
 from crisp_edge.export.parity.reference import reference_outputs, reference_record, write_reference
 from crisp_edge.export.parity.validate import validate_bundle
 from crisp_edge.export.quantize import SCHEMES, quantize_record
-from crisp_edge.export.writing import write_validated
+from crisp_edge.export.writing import add_sections, params_record, write_validated
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import atomic_write_json
 from crisp_edge.files.mixers import MixerFile, model_layout
 from crisp_edge.generation import BundleTokenizer, TorchStepper, write_tokenizer
-from crisp_edge.method.convert import crisp_bases, is_crisp, materialize_
+from crisp_edge.method.convert import is_crisp, materialize_
 
 LM_TASK = "text-generation-with-past"
 EXPORTER_NAME = "optimum.exporters.onnx.onnx_export_from_model"
@@ -246,16 +246,11 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
         "tolerance": {**tol.to_dict(), "dtype": dtype},
         "reference": reference_record(names, outs, len(cases), list(by_task), batches=[c[0] for c in LM_CASES],
                                       **reference),
-        "params": {"stored": stored, "stored_bytes_fp32": 4 * stored, "crisp_groups": len(crisp_bases(model))},
+        "params": params_record(model, stored),
         "tasks": tasks,
         "lm": lm_section(max_seq_len=max_seq_len, vocab_size=vocab, tokenizer_record=tok_record, references=generation),
     }
-    if quant is not None:
-        manifest["quantize"] = quant
-    if source is not None:
-        manifest["source"] = source
-    if swap is not None:
-        manifest["swappable"] = swap
+    add_sections(manifest, quantize=quant, source=source, swappable=swap)
     manifest["params"]["weights_bytes"] = OnnxBundle(folder, manifest).weights_bytes()
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
