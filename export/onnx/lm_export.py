@@ -36,8 +36,6 @@ agreement, greedy tokens reported), and the manifest records the scheme (``quant
 """
 from __future__ import annotations
 
-import copy
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,7 +56,7 @@ from crisp_edge.export.onnx.adapter import adapter_arrays, task_record, write_ad
 from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, BUNDLE_FORMAT, BUNDLE_VERSION, OnnxBundle, io_record, save_onnx
 from crisp_edge.export.onnx.fold import build_fold_graph, take_folded_weights
 from crisp_edge.export.onnx.lm_paths import flip_candidates, two_path_graph
-from crisp_edge.export.onnx.optimum import _quiet, _versions, optimum_available, write_hf_configs
+from crisp_edge.export.onnx.optimum import _versions, optimum_available, optimum_graph, write_hf_configs
 from crisp_edge.export.onnx.quantize import quantize_lm_graph
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.lm_check import WithPast, cache_names, lm_tolerance
@@ -70,7 +68,6 @@ from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import atomic_write_json
 from crisp_edge.files.mixers import MixerFile, model_layout
 from crisp_edge.generation import BundleTokenizer, TorchStepper, write_tokenizer
-from crisp_edge.method.convert import is_crisp, materialize_
 
 LM_TASK = "text-generation-with-past"
 EXPORTER_NAME = "optimum.exporters.onnx.onnx_export_from_model"
@@ -86,22 +83,7 @@ def lm_graph(model: nn.Module, opset: int) -> onnx.ModelProto:
     if not optimum_available():
         raise ExportError("exporting a language model needs optimum 2.1 + optimum-onnx 0.1 with transformers < 4.58 "
                           "(`import optimum.exporters.onnx` fails here); install the export requirements.")
-    from optimum.exporters.onnx import onnx_export_from_model
-
-    dense = copy.deepcopy(model).eval()
-    if is_crisp(dense):
-        materialize_(dense)
-    with tempfile.TemporaryDirectory(prefix="crisp-lm-") as tmp, _quiet(), torch.no_grad():
-        try:
-            onnx_export_from_model(dense, tmp, opset=opset, task=LM_TASK, do_validation=False, no_post_process=True,
-                                   device="cpu", do_constant_folding=False)
-        except Exception as e:  # noqa: BLE001 - optimum's and the tracer's own (untyped) errors
-            raise ExportError(f"optimum could not export this {type(model).__name__} with past key/values (opset "
-                              f"{opset}): {type(e).__name__}: {str(e)[:400]}.") from None
-        path = Path(tmp) / "model.onnx"
-        if not path.is_file():
-            raise ExportError(f"optimum wrote no model.onnx for task {LM_TASK!r}.")
-        proto = onnx.load(str(path))
+    proto = optimum_graph(model, LM_TASK, opset, do_constant_folding=False)
     n = int(model.config.num_hidden_layers)
     want_in = ["input_ids", "attention_mask", "position_ids"] + cache_names("past_key_values", n)
     want_out = ["logits"] + cache_names("present", n)

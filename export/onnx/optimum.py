@@ -195,31 +195,38 @@ def _pin_image_size(proto: onnx.ModelProto, pixels: torch.Tensor) -> None:
                 d.dim_value = int(size)
 
 
-def export_with_optimum(model: nn.Module, example_input: Any = None, opset: int = 18) -> OptimumExport:
-    """The dense ONNX graph of the Hugging Face ``model`` (CRISP or plain) by optimum, with its
-    reference inputs. ``model`` is not changed (a copy is materialized and exported)."""
-    task = optimum_task(model)
-    if task is None:
-        raise ExportError(f"optimum export supports {sorted(OPTIMUM_TASKS)}, not {type(model).__name__}.")
+def optimum_graph(model: nn.Module, task: str, opset: int, *, hint: str = "", **options: Any) -> onnx.ModelProto:
+    """optimum's ONNX graph of ``model`` for ``task``: a materialized copy (``model`` is not changed) is
+    exported by ``onnx_export_from_model`` into a temporary folder and read back whole, optimum's own
+    validation and post-processing off (the bundle's parity check runs instead). ``options`` go to optimum
+    (e.g. ``do_constant_folding=False``); ``hint`` ends the error message when optimum fails."""
     from optimum.exporters.onnx import onnx_export_from_model
 
-    example = _check_example(model, task, example_input)
     dense = copy.deepcopy(model).eval()
     if is_crisp(dense):
         materialize_(dense)
     with tempfile.TemporaryDirectory(prefix="crisp-optimum-") as tmp, _quiet(), torch.no_grad():
         try:
             onnx_export_from_model(dense, tmp, opset=opset, task=task, do_validation=False, no_post_process=True,
-                                   device="cpu")
+                                   device="cpu", **options)
         except Exception as e:  # noqa: BLE001 - optimum's and the tracer's own (untyped) errors
             raise ExportError(f"optimum could not export this {type(model).__name__} (task {task!r}, opset {opset}): "
-                              f"{type(e).__name__}: {str(e)[:400]}. For a ViT, exporter='torch' is the "
-                              "fallback.") from None
+                              f"{type(e).__name__}: {str(e)[:400]}.{hint}") from None
         path = Path(tmp) / "model.onnx"
         if not path.is_file():
             wrote = sorted(p.name for p in Path(tmp).iterdir())
             raise ExportError(f"optimum wrote no model.onnx for task {task!r} (it wrote {wrote}).")
-        proto = onnx.load(str(path))  # external data, if any, is read in now: the folder goes away
+        return onnx.load(str(path))  # external data, if any, is read in now: the folder goes away
+
+
+def export_with_optimum(model: nn.Module, example_input: Any = None, opset: int = 18) -> OptimumExport:
+    """The dense ONNX graph of the Hugging Face ``model`` (CRISP or plain) by optimum, with its
+    reference inputs. ``model`` is not changed (a copy is materialized and exported)."""
+    task = optimum_task(model)
+    if task is None:
+        raise ExportError(f"optimum export supports {sorted(OPTIMUM_TASKS)}, not {type(model).__name__}.")
+    example = _check_example(model, task, example_input)
+    proto = optimum_graph(model, task, opset, hint=" For a ViT, exporter='torch' is the fallback.")
     if task == "image-classification":
         _pin_image_size(proto, example["pixel_values"])
     names = [v.name for v in proto.graph.input]
