@@ -98,8 +98,14 @@ class OnnxCrispSession:
         path = self.bundle.file(rel)
         # the manifest lists every model file with its size; ORT itself would block on a FIFO
         check_regular(path, BundleError, f"the bundle's {role} graph", self.bundle.manifest["files"][rel]["bytes"])
+        so = session_options(threads)
+        if role == "fold":
+            # The fold's product takes the bases as its right-hand operand, which ORT would pre-pack: a second,
+            # always resident copy of them. Unpacked, they stay where ORT mapped or loaded them (and a switch
+            # can hand their pages back: ``release_bases``); MLAS packs each block as it goes.
+            so.add_session_config_entry("session.disable_prepacking", "1")
         try:
-            return ort.InferenceSession(str(path), session_options(threads), providers=self.providers)
+            return ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT's own (untyped) errors, e.g. a file that is no ONNX graph
             raise BundleError(f"{path}: ONNX Runtime cannot load the bundle's {role} graph "
                               f"({type(e).__name__}: {str(e)[:300]}).") from None
