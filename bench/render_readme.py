@@ -87,7 +87,7 @@ def render_onnx(d: dict) -> str:
                      f"{max(r['parity_max_abs'].values()):.1e}"])
     m = d["machine"]
     return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
-                    "switch incl. reading the .onnx_adapter", "of which the file (read, verify, load)",
+                    "switch incl. reading the .onnx_adapter", "of which the file (read, verify)",
                     "recreate session (forwards)", "floor: copying the dense weights (forwards)",
                     "swappable weights vs stored x 4 B", "adapter / raw mixers",
                     "parity max abs"], rows)
