@@ -87,7 +87,7 @@ def render_onnx(d: dict) -> str:
                      f"{max(r['parity_max_abs'].values()):.1e}"])
     m = d["machine"]
     return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
-                    "switch incl. reading the .onnx_adapter", "of which the file (read, verify, load)",
+                    "switch incl. reading the .onnx_adapter", "of which the file (read, verify)",
                     "recreate session (forwards)", "floor: copying the dense weights (forwards)",
                     "swappable weights vs stored x 4 B", "adapter / raw mixers",
                     "parity max abs"], rows)
@@ -117,7 +117,8 @@ def render_reliability(d: dict) -> str:
               f"{d['fuzz_escapes_open']} fuzz escapes, {d['kill_problems_open']} kill problems." + scale)
 
 
-def render_executorch(d: dict) -> str:
+def render_executorch(d: dict, source: str = "executorch.json") -> str:
+    """The ExecuTorch table; ``source`` names the results file (the issue-19 ViT-S switch run has its own)."""
     t = d["targets"]
     rows = []
     for r in d["results"]:
@@ -141,13 +142,15 @@ def render_executorch(d: dict) -> str:
               f"average {m['load_average_1_5_15'][0]}); forwards in steady state (consecutive calls), a switch as one "
               f"call after other work. Targets: dense <= {t['dense_ratio']}x, swappable <= "
               f"{t['swappable_ratio']}x, switch <= {t['switch_forwards']} forward, switch from the file <= "
-              f"{t.get('switch_from_file_forwards', '-')} forward (issue 19; `bench/results/executorch.json`). "
+              f"{t.get('switch_from_file_forwards', '-')} forward (issue 19; `bench/results/{source}`). "
               + SWITCH_NOTE + FLOOR_NOTE)
 
 
-SWITCH_NOTE = ("A switch from the file is `set_task(path)` as a user pays it: the file read, its SHA-256 checked "
-               "against the manifest, parsed and checked, then the weights rebuilt; by name, a task verified once is "
-               "kept while its file is unchanged (inode, size, mtime, ctime) and read and verified again otherwise. ")
+SWITCH_NOTE = ("A switch from the file is `set_task(name)` as a user pays it for a task file the session has not "
+               "verified yet (timed right after the file's mtime changed; results from before 2026-11-30 evening timed "
+               "`set_task(path)`, the same work): the file read, its SHA-256 checked against the manifest, parsed and "
+               "checked, then the weights rebuilt; a task verified once is kept while its file is unchanged (inode, "
+               "size, mtime, ctime) and read and verified again otherwise. ")
 
 FLOOR_NOTE = ("The floor column is one memory copy of as many bytes as a switch writes (every CRISP layer's "
               "dense weight): no switch that materialises the weights costs less, whatever computes them. Weights "
@@ -677,6 +680,7 @@ def render_lm_quantize(d: dict) -> str:
 
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
+             "executorch_vit_small_switch": lambda d: render_executorch(d, "executorch_vit_small_switch.json"),
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
              "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,

@@ -1,13 +1,11 @@
 """Running a bundle in ONNX Runtime, with task switching for swappable bundles.
 
 Swappable bundles run *switch-then-dense* (DESIGN.md sections 3-4): two sessions. ``set_task`` runs
-the fold session once with the task's ``.onnx_adapter`` active (``RunOptions.add_active_adapter``)
-and keeps its outputs, every layer's dense weight, as ``OrtValue``s; ``run`` feeds them with the
+the fold session once with the task's tensors fed as its overridable initializers (what an active
+``.onnx_adapter`` does in ORT: the same names, replacing the same tensors) and keeps its outputs, every layer's dense weight, as ``OrtValue``s; ``run`` feeds them with the
 input to the inference session through an ``IOBinding`` that holds them bound (one per thread,
 rebound after a switch), so a forward passes only the input: about 10% faster than handing ~100
-``OrtValue``s to ``run_with_ort_values`` on every call (embedded ViT, batch 1). The fold run itself
-never uses ``run_with_iobinding``: ORT silently ignores an active adapter on that path (the default
-mixers run, no error).
+``OrtValue``s to ``run_with_ort_values`` on every call (embedded ViT, batch 1).
 
     sess = load_bundle("bundle/").session(threads=1)
     sess.set_task("mnist")          # a task of the bundle, an .onnx_adapter path, or "default"
@@ -15,16 +13,15 @@ mixers run, no error).
 
 Everything the session takes from files is checked before ONNX Runtime sees it: the manifest by
 ``load_bundle``, the graphs against the manifest (input, output and overridable tensor names and
-shapes), and every adapter by crisp-edge's own FlatBuffer reader (``adapter_format``); ORT then
-loads the exact bytes that were checked, from a private copy. ORT's own errors become typed ones.
+shapes), and every adapter by crisp-edge's own FlatBuffer reader (``adapter_format``), whose checked
+copies of the tensors are what the fold is fed: ORT never reads a task file itself (its own adapter
+loader, ``ort.LoraAdapter``, would parse the file a second time, from a temporary copy: 0.06 of a ViT-S
+forward per switch from a file). ORT's own errors become typed ones.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +81,6 @@ class OnnxCrispSession:
         self._adapters = VerifiedFiles()
         self._generation = 0  # bumped by every switch: a thread's binding of older weights is stale
         self._local = threading.local()
-        self._tmp: str | None = None
         self._fold_data: list = []  # (path, file_state) of the fold graph's external data file
         weight_names: list[str] = []
         if self.swappable:
@@ -102,8 +98,14 @@ class OnnxCrispSession:
         path = self.bundle.file(rel)
         # the manifest lists every model file with its size; ORT itself would block on a FIFO
         check_regular(path, BundleError, f"the bundle's {role} graph", self.bundle.manifest["files"][rel]["bytes"])
+        so = session_options(threads)
+        if role == "fold":
+            # The fold's product takes the bases as its right-hand operand, which ORT would pre-pack: a second,
+            # always resident copy of them. Unpacked, they stay where ORT mapped or loaded them (and a switch
+            # can hand their pages back: ``release_bases``); MLAS packs each block as it goes.
+            so.add_session_config_entry("session.disable_prepacking", "1")
         try:
-            return ort.InferenceSession(str(path), session_options(threads), providers=self.providers)
+            return ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ORT's own (untyped) errors, e.g. a file that is no ONNX graph
             raise BundleError(f"{path}: ONNX Runtime cannot load the bundle's {role} graph "
                               f"({type(e).__name__}: {str(e)[:300]}).") from None
@@ -168,7 +170,8 @@ class OnnxCrispSession:
         raise AdapterError(f"{task!r:.200} is neither a task of this bundle ({sorted(self.bundle.tasks)} or "
                            f"{DEFAULT_TASK!r}) nor an .onnx_adapter file.")
 
-    def _read(self, task: str | os.PathLike) -> tuple[str, ort.LoraAdapter]:
+    def _read(self, task: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]:
+        """(name, checked task tensors) of a task: read, SHA-256 against its record, parsed and checked."""
         name, path, record = self._adapter_path(task)
         data = read_adapter_bytes(path)
         if record is not None and sha256_bytes(data) != record["sha256"]:
@@ -176,31 +179,10 @@ class OnnxCrispSession:
                               "export. Convert the task's mixer file again (mixers_to_onnx_adapter).")
         if record is None:
             check_adapter_record(data, path)
-        check_adapter(data, self.swap, str(path))  # our checks first: ORT trusts the file's structure
-        return name, self._ort_adapter(data, path)
+        # our own strict reader's copies: nothing ORT sees can change after the checks (no file mapping)
+        return name, check_adapter(data, self.swap, str(path))
 
-    def _ort_adapter(self, data: bytes, path: Path) -> ort.LoraAdapter:
-        """ORT's adapter over exactly the checked bytes: a private copy, so the file cannot change (or
-        be truncated under ORT's memory map) between the checks and the load."""
-        if self._tmp is None:
-            self._tmp = tempfile.mkdtemp(prefix="crisp-adapters-")
-            weakref.finalize(self, shutil.rmtree, self._tmp, True)
-        fd, tmp = tempfile.mkstemp(suffix=ADAPTER_SUFFIX, dir=self._tmp)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            adapter = ort.LoraAdapter()
-            adapter.Load(tmp)
-        except Exception as e:  # noqa: BLE001 - ORT's own (untyped) errors
-            raise AdapterError(f"{path}: ONNX Runtime cannot load this adapter ({type(e).__name__}: {str(e)[:300]}).") from None
-        finally:
-            try:
-                os.unlink(tmp)  # POSIX: the mapping stays valid; elsewhere the folder goes with the session
-            except OSError:
-                pass
-        return adapter
-
-    def _bundle_adapter(self, name: str) -> ort.LoraAdapter:
+    def _bundle_adapter(self, name: str) -> dict[str, np.ndarray]:
         """The bundle's task ``name``, read and verified on first use and again whenever its file changed
         (``VerifiedFiles``: a file replaced or edited since is read anew and refused by its SHA-256)."""
         return self._adapters.get(name, self.bundle.task_path(name), lambda: self._read(name)[1])
@@ -231,17 +213,17 @@ class OnnxCrispSession:
             if file_state(path) != state:
                 raise BundleError(f"{path} changed after this session opened the bundle; the fold graph reads it "
                                   "at every switch. Load the bundle again (load_bundle verifies it).")
-        opts = ort.RunOptions()
         if isinstance(task, str) and task == DEFAULT_TASK:
-            name = DEFAULT_TASK
+            name, arrays = DEFAULT_TASK, {}
         elif isinstance(task, str) and task in self.bundle.tasks:
-            name = task
-            opts.add_active_adapter(self._bundle_adapter(task))
+            name, arrays = task, self._bundle_adapter(task)
         else:
-            name, adapter = self._read(task)  # a file by path: read and verified on every call
-            opts.add_active_adapter(adapter)
+            name, arrays = self._read(task)  # a file by path: read and verified on every call
+        # the task's tensors replace the fold's overridable initializers of the same names, as ORT's active
+        # adapter would (no copy: an OrtValue over each checked array, alive for the run)
+        feeds = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()}
         try:
-            values = self.fold.run_with_ort_values(self.weight_names, {}, opts)
+            values = self.fold.run_with_ort_values(self.weight_names, feeds, ort.RunOptions())
         except Exception as e:  # noqa: BLE001 - ORT's own error
             raise AdapterError(f"task {name!r}: the fold run failed in ONNX Runtime: {e}") from None
         self._weights = dict(zip(self.weight_names, values))

@@ -406,3 +406,31 @@ def test_a_task_file_changed_after_its_first_use_is_caught(swappable, tmp_path):
     os.utime(t1, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(BundleError, match="recorded SHA-256"):
         sess.set_task("t1")
+
+
+def test_a_switch_feeds_the_fold_what_orts_own_adapter_loader_reads(swappable, tmp_path):
+    """set_task feeds the fold crisp-edge's checked copies of the task's tensors (no second parse of the file
+    by ORT's adapter loader): the dense weights are bit for bit those of the fold run with the file as ORT's
+    active adapter (what a device runs), and a file damaged or cut short after the switch changes nothing."""
+    import onnxruntime as ort
+
+    from crisp_edge.export.onnx.session import session_options
+
+    own = swappable.task_path("t1")
+    copied = tmp_path / own.name
+    shutil.copyfile(own, copied)
+    shutil.copyfile(str(own) + ".json", str(copied) + ".json")
+    sess = swappable.session()
+    sess.set_task(copied)
+    x = x_input().numpy()
+    want = sess(x)
+    fold = ort.InferenceSession(str(swappable.file(swappable.manifest["models"]["fold"]["file"])), session_options(1))
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(own))
+    opts = ort.RunOptions()
+    opts.add_active_adapter(adapter)
+    names = [o.name for o in fold.get_outputs()]
+    for name, value in zip(names, fold.run(names, {}, opts)):
+        assert np.array_equal(sess._weights[name].numpy(), value), name
+    copied.write_bytes(copied.read_bytes()[:100])  # cut short under the running task
+    assert np.array_equal(sess(x), want)
