@@ -19,6 +19,7 @@ and exports like any CRISP model.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from crisp_edge.errors import ConfigError
 from crisp_edge.method.config import CrispConfig
 from crisp_edge.method.convert import crisp_bases, crisp_layers, is_crisp, plan_groups
 from crisp_edge.method.layer import fold_weight, unfold_weight
+from crisp_edge.training.compress.linear_stats import LinearInputStats
 from crisp_edge.training.evaluate import model_logits
 from crisp_edge.training.retrofit import best_rank_factors
 
@@ -187,7 +189,7 @@ def _role_errors(model: nn.Module, roles: dict[str, list[GroupInfo]], grids: dic
                  calib: torch.Tensor | None, calib_mask: torch.Tensor | None = None) -> dict[str, dict[int, float]]:
     """``errors[role][r]`` for r on the role's grid: summed relative error of the role's layers at rank r."""
     weights = _layer_weights(model, roles)
-    inputs = _layer_inputs(model, weights, calib, calib_mask) if calib is not None else {}
+    inputs = layer_input_stats(model, weights, calib, calib_mask).gram if calib is not None else {}
     out: dict[str, list[float]] = {}
     for role, gs in roles.items():
         errs = dict.fromkeys(grids[role], 0.0)
@@ -214,19 +216,22 @@ def _layer_weights(model: nn.Module, roles: dict[str, list[GroupInfo]]) -> dict[
             for gs in roles.values() for g in gs for n in g.layer_names}
 
 
-def _layer_inputs(model: nn.Module, weights: dict[str, torch.Tensor], calib: torch.Tensor,
-                  calib_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The Gram matrix ``X^T X`` (float64) of the inputs every targeted layer sees on ``calib`` (with
-    ``calib_mask``: over real tokens only, the padded positions' rows dropped)."""
+@torch.no_grad()
+def layer_input_stats(model: nn.Module, names: Iterable[str], calib: torch.Tensor,
+                      calib_mask: torch.Tensor | None = None) -> LinearInputStats:
+    """The Gram matrix ``X^T X`` (float64) of the inputs each layer of ``names`` sees on model inputs
+    ``calib`` in one forward pass (with ``calib_mask``: over real tokens only, the padded positions' rows
+    dropped), as ``capture_linear_inputs`` records them."""
     seen: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
     hooks = []
     keep = None if calib_mask is None else calib_mask.reshape(-1).bool()
-    for name in weights:
+    for name in names:
         def hook(_m, args, _out, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             if keep is not None and len(x) == len(keep):  # one row per token: drop the padding's
                 x = x[keep]
-            seen[name] = x.T @ x
+            seen[name], tokens[name] = x.T @ x, x.shape[0]
         hooks.append(model.get_submodule(name).register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -236,4 +241,4 @@ def _layer_inputs(model: nn.Module, weights: dict[str, torch.Tensor], calib: tor
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return seen
+    return LinearInputStats(gram=seen, tokens=tokens)
