@@ -51,10 +51,10 @@ from crisp_edge.method.specs import (
     get_architecture,
     resolve_blocks,
 )
-from crisp_edge.training.evaluate import model_logits
-from crisp_edge.training.loop import check_mask
 from crisp_edge.training.compress.linear_stats import LinearInputStats
 from crisp_edge.training.compress.whitened import whitened_factors
+from crisp_edge.training.evaluate import model_logits
+from crisp_edge.training.loop import check_mask
 from crisp_edge.training.retrofit import _closed_form_, write_factors_
 
 #: Student inits; "svd-whitened" needs calibration inputs, and is the default when they are given.

@@ -28,7 +28,11 @@ from crisp_edge.training.compress.distill import (
     init_student,
     peak_rss_mb,
 )
-from crisp_edge.training.compress.ranks import RankPlan, allocate_ranks, layer_input_stats
+from crisp_edge.training.compress.ranks import (
+    RankPlan,
+    allocate_ranks,
+    layer_input_stats,
+)
 from crisp_edge.training.loop import check_inputs, check_mask
 from crisp_edge.training.retrofit import retrofit_
 
@@ -109,7 +113,7 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | Non
         calib, calib_mask = x[:64], None if attention_mask is None else attention_mask[:64]
     init = init or ("svd-whitened" if calib is not None else "svd")
     plan = allocate_ranks(teacher, keep_fraction, method, calib=calib if method == "greedy" else None,
-                          calib_mask=calib_mask)
+                          calib_mask=calib_mask, init="svd-whitened" if init == "svd-whitened" else "svd")
     stats = layer_input_stats(teacher, crisp_layers(teacher), calib, calib_mask) if init == "svd-whitened" \
         and calib is not None else None  # without calib, init_student says what is missing
     student = init_student(teacher, plan, init=init, seed=(config or DistillConfig()).seed, calib_inputs=stats)

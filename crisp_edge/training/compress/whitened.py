@@ -50,12 +50,12 @@ def weighted_error(targets: list[torch.Tensor], approx: list[torch.Tensor], gram
 
 @torch.no_grad()
 def whitened_factors(targets: list[torch.Tensor], grams: list[torch.Tensor], s: int, transpose: bool,
-                     rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     rank: int, steps: int = ALS_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
     """``P (u x rank), Q (rank x n*s)`` whose product approximates the group's folded weights
     ``[fold(W_1) ... fold(W_n)]`` (``targets``: dense ``(d_out, d_in)``) with the least output error on the
     calibration inputs of Gram matrices ``grams`` (``X_i^T X_i``, ``d_in x d_in``), in the layout
     ``(s, transpose)`` of ``crisp_edge.method.layer.fold_weight``. See the module docstring for the method
-    per layout."""
+    per layout; ``steps`` caps the alternating steps where they are used."""
     d_out, d_in = targets[0].shape
     u = d_out * d_in // s
     folded = [fold_weight(t.double(), u, s, transpose) for t in targets]
@@ -71,7 +71,7 @@ def whitened_factors(targets: list[torch.Tensor], grams: list[torch.Tensor], s: 
     if s == d_in:
         basis, coeffs = principal_basis(folded, sigmas, rank)
         return basis, torch.cat(coeffs, 1)
-    return _alternate(folded, sigmas, d_out, d_in // s, s, *best_rank_factors(torch.cat(folded, 1), rank))
+    return _alternate(folded, sigmas, d_out, d_in // s, s, *best_rank_factors(torch.cat(folded, 1), rank), steps)
 
 
 def _solve_psd(h: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ def _solve_psd(h: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def _alternate(folded: list[torch.Tensor], sigmas: list[torch.Tensor], d_out: int, m: int, s: int,
-               p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               p: torch.Tensor, q: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternating least squares for an untransposed fold with ``d_in = m * s``: the basis seen as
     ``beta (d_out, m, r)`` (folded row ``(o, j)``, component ``k``), layer i's coefficients ``C_i (r, s)``,
     its dense estimate ``W'_i[o, j*s + c] = sum_k beta[o, j, k] C_i[k, c]``."""
@@ -91,7 +91,7 @@ def _alternate(folded: list[torch.Tensor], sigmas: list[torch.Tensor], d_out: in
     const = sum(float((f.reshape(d_out, m * s) * w.reshape(d_out, m * s)).sum()) for f, w in zip(folded, wg))
     beta, cs = p.reshape(d_out, m, r), list(q.split(s, dim=1))
     last = float("inf")
-    for _ in range(ALS_STEPS):
+    for _ in range(steps):
         # the coefficients given the basis: per layer, r*s normal equations
         flat = beta.reshape(d_out, m * r)
         pk = [(beta[:, :, k].T @ flat).view(m, m, r) for k in range(r)]  # sum_o beta[o,j,k] beta[o,J,K]

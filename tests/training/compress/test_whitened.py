@@ -9,7 +9,12 @@ from crisp_edge.method.budget import budget
 from crisp_edge.method.config import CrispConfig, RoleConfig
 from crisp_edge.method.convert import crisp_bases, crisp_layers
 from crisp_edge.testing import toy_timm_vit
-from crisp_edge.training.compress import capture_linear_inputs, compress_vit, init_student
+from crisp_edge.training.compress import (
+    allocate_ranks,
+    capture_linear_inputs,
+    compress_vit,
+    init_student,
+)
 from crisp_edge.training.compress.ranks import layer_input_stats
 from crisp_edge.training.compress.whitened import weighted_error, whitened_factors
 from crisp_edge.training.retrofit import best_rank_factors, retrofit_
@@ -124,7 +129,7 @@ def test_whitened_init_refuses_missing_or_partial_calibration_inputs_and_unsuppo
     teacher = _teacher("s4")
     with pytest.raises(ConfigError, match="needs calib_inputs"):
         init_student(teacher, RANKS, init="svd-whitened")
-    with pytest.raises(ConfigError, match="needs calib_inputs"):
+    with pytest.raises(ConfigError, match="need calib"):  # the greedy allocator says so first
         compress_vit(teacher, 0.5, None, init="svd-whitened", distill=False, progress=False)
     partial = capture_linear_inputs(teacher, [_images(8)], names=["blocks.0.attn.qkv"])
     with pytest.raises(ConfigError, match="has no inputs of"):
@@ -132,3 +137,32 @@ def test_whitened_init_refuses_missing_or_partial_calibration_inputs_and_unsuppo
     w = [torch.randn(8, 16, dtype=torch.float64)] * 2
     with pytest.raises(ConfigError, match="needs s = d_out"):
         whitened_factors(w, [torch.eye(16, dtype=torch.float64)] * 2, 4, True, 2)
+
+
+def test_greedy_ranks_for_the_whitened_init_measure_the_whitened_factors_and_fit_the_budget():
+    teacher = _teacher("s4")
+    calib = _images(32)
+    plan = allocate_ranks(teacher, 0.4, "greedy", calib=calib, init="svd-whitened")
+    plain = allocate_ranks(teacher, 0.4, "greedy", calib=calib)
+    assert plan.stored <= plan.target == plain.target
+    student = init_student(teacher, plan, calib_inputs=layer_input_stats(teacher, crisp_layers(teacher), calib))
+    assert budget(student).stored == plan.stored
+    # the error it records is the whitened factors' (below the plain SVD's at the same rank, on the same inputs)
+    stats = layer_input_stats(teacher, crisp_layers(teacher), calib)
+    layers = crisp_layers(teacher)
+    for role, r in plan.role_ranks.items():
+        names = [n for b in crisp_bases(teacher).values() if b.role == role for n in b.layer_names]
+        if r == plan.full_ranks[role]:
+            assert plan.errors[role] == 0.0
+            continue
+        plain_student = init_student(teacher, plan, init="svd")
+        errs = {}
+        for kind, st in (("whitened", student), ("plain", plain_student)):
+            errs[kind] = sum(weighted_error([layers[n].weight.detach()], [crisp_layers(st)[n].weight.detach()],
+                                            [stats.gram[n]]) / weighted_error([layers[n].weight.detach()],
+                                                                              [torch.zeros_like(layers[n].weight)],
+                                                                              [stats.gram[n]]) for n in names)
+        # fewer alternating steps than the init's: between the init's error and the plain SVD's
+        assert errs["whitened"] - 1e-9 <= plan.errors[role] < errs["plain"]
+    with pytest.raises(ConfigError, match="need calib"):
+        allocate_ranks(teacher, 0.4, "greedy", init="svd-whitened")
