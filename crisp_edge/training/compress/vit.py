@@ -112,8 +112,10 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | Non
     if calib is None and x is not None:
         calib, calib_mask = x[:64], None if attention_mask is None else attention_mask[:64]
     init = init or ("svd-whitened" if calib is not None else "svd")
+    # greedy measures the plain SVD's output error even for the whitened init: measuring the whitened factors
+    # (allocate_ranks init="svd-whitened") costs an alternating solve per rank and is not benchmarked yet
     plan = allocate_ranks(teacher, keep_fraction, method, calib=calib if method == "greedy" else None,
-                          calib_mask=calib_mask, init="svd-whitened" if init == "svd-whitened" else "svd")
+                          calib_mask=calib_mask)
     stats = layer_input_stats(teacher, crisp_layers(teacher), calib, calib_mask) if init == "svd-whitened" \
         and calib is not None else None  # without calib, init_student says what is missing
     student = init_student(teacher, plan, init=init, seed=(config or DistillConfig()).seed, calib_inputs=stats)
