@@ -117,8 +117,8 @@ def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "unifor
             sees it, and padded positions are left out of the measure.
         init: the student init the ranks are for (``init_student``): greedy measures the error of that
             init's rank-r factors: "svd" the plain SVD's (truncated at every rank at once), "svd-whitened"
-            the whitened factors' (needs ``calib``; computed only at the ranks greedy reaches, with
-            ``ALLOC_ALS_STEPS`` alternating steps).
+            the whitened factors' (needs ``calib``; computed only at the ranks greedy reaches, on a grid of
+            about ``WHITENED_GRID`` ranks per role, with ``ALLOC_ALS_STEPS`` alternating steps).
 
     Raises:
         ConfigError: unknown method, a fraction outside (0, 1], or a budget below rank 1 everywhere.
@@ -159,7 +159,7 @@ def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "unifor
             ranks[r] += 1
             left -= cost[r]
     else:
-        grids = {r: _rank_grid(full[r]) for r in roles}
+        grids = {r: _rank_grid(full[r], WHITENED_GRID if init == "svd-whitened" else MAX_GRID) for r in roles}
         if init == "svd-whitened":
             if calib is None:
                 raise ConfigError("greedy ranks for the whitened init need calib (the calibration inputs).")
@@ -188,9 +188,9 @@ def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "unifor
 MAX_GRID = 64
 
 
-def _rank_grid(full: int) -> list[int]:
-    """The ranks greedy may stop at: 1, then every ``step``-th rank, and full."""
-    step = -(-full // MAX_GRID)
+def _rank_grid(full: int, points: int = MAX_GRID) -> list[int]:
+    """The ranks greedy may stop at: 1, then every ``step``-th rank (about ``points`` of them), and full."""
+    step = -(-full // points)
     return sorted({1, full, *range(step, full, step)})
 
 
@@ -226,6 +226,8 @@ def _relative_error(diff: torch.Tensor, w: torch.Tensor, gram: torch.Tensor | No
 #: Alternating steps of the whitened factors the greedy allocator measures (the init itself takes up to
 #: ``whitened.ALS_STEPS``): most of the drop from the plain SVD comes in the first few.
 ALLOC_ALS_STEPS = 8
+#: Most ranks per role greedy evaluates for the whitened init (each is an alternating solve).
+WHITENED_GRID = 8
 
 
 class _WhitenedCurve(dict):
