@@ -48,9 +48,12 @@ from crisp_edge.data.corpora import load_text_task
 from crisp_edge.data.english import calibration_mix
 from crisp_edge.models.minilm import load_minilm, sentence_embeddings, tokenize
 from crisp_edge.training.compress.baselines import basis_sharing_, svd_
-from crisp_edge.training.compress.fips import fips_
-from crisp_edge.training.compress.linear_stats import capture_linear_inputs, stored_params
 from crisp_edge.training.compress.distill import DistillConfig, distill_, init_student
+from crisp_edge.training.compress.fips import fips_
+from crisp_edge.training.compress.linear_stats import (
+    capture_linear_inputs,
+    stored_params,
+)
 from crisp_edge.training.compress.ranks import allocate_ranks
 
 SCHEMA = 1
@@ -59,10 +62,10 @@ METHODS = ("crisp", "crisp-mimicry", "svd", "basis-sharing", "fips")
 TEACHER_CONFIG = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=None))
 FULL = {"keeps": [0.5, 0.25], "methods": list(METHODS), "tasks": ["wordnet-nouns", "fortunes"], "windows": 4096,
         "window": 64, "distill_epochs": 4, "distill_batch": 64, "distill_lr": 2e-4, "head_epochs": 3,
-        "max_train": 4000, "max_test": 2000, "embed_texts": 1000, "crisp_init": "svd-whitened"}
+        "max_train": 4000, "max_test": 2000, "embed_texts": 1000, "crisp_init": "svd-whitened", "crisp_ranks": "svd"}
 QUICK = {"keeps": [0.5], "methods": list(METHODS), "tasks": ["wordnet-verbs"], "windows": 16, "window": 32,
          "distill_epochs": 1, "distill_batch": 8, "distill_lr": 2e-4, "head_epochs": 1, "max_train": 64,
-         "max_test": 32, "embed_texts": 16, "crisp_init": "svd-whitened"}
+         "max_test": 32, "embed_texts": 16, "crisp_init": "svd-whitened", "crisp_ranks": "svd"}
 HEAD_LR = 1e-2
 #: Alg. 6's mixer rate: bench_minilm.py's CRISP rate, chosen there on the validation split (SWEEP).
 ALG6_MIXER_LR = 3e-3
@@ -144,6 +147,9 @@ def main() -> int:
                     help="AdamW peak rate of the distillation (every parameter trains)")
     ap.add_argument("--crisp-init", default=FULL["crisp_init"], choices=["svd-whitened", "svd"],
                     help="CRISP's student init (svd: the data-free SVD of Alg. 4)")
+    ap.add_argument("--crisp-ranks", default=FULL["crisp_ranks"], choices=["svd", "svd-whitened"],
+                    help="what greedy ranks measure (allocate_ranks init=): the plain SVD's output error, or the "
+                         "whitened factors' (slow: an alternating solve per rank)")
     ap.add_argument("--alg6", action="store_true", help="after CRISP's distillation, train mixers per task (Alg. 6) "
                                                          "and compare with the uncompressed CRISP mixers")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "minilm_compress.json")
@@ -152,7 +158,7 @@ def main() -> int:
         "keeps": [float(k) for k in a.keeps.split(",")], "methods": a.methods.split(","), "tasks": a.tasks.split(","),
         **{k: getattr(a, k) for k in ("windows", "window", "distill_epochs", "distill_batch", "head_epochs",
                                       "max_train", "max_test", "embed_texts")}, "distill_lr": a.distill_lr,
-        "crisp_init": a.crisp_init}
+        "crisp_init": a.crisp_init, "crisp_ranks": a.crisp_ranks}
     if set(cfg["methods"]) - set(METHODS) or set(cfg["tasks"]) - set(MAX_LENGTH):
         ap.error(f"methods from {METHODS}, tasks from {sorted(MAX_LENGTH)}")
     start = time.perf_counter()
@@ -183,7 +189,8 @@ def main() -> int:
     dcfg = DistillConfig(epochs=cfg["distill_epochs"], batch_size=cfg["distill_batch"], lr=cfg["distill_lr"],
                          lambda_kl=0.0, lambda_feat=1.0)
     for keep in cfg["keeps"]:
-        plan = allocate_ranks(teacher, keep, "greedy", calib=x[:64])  # CRISP's ranks; its storage is the budget
+        # CRISP's ranks; its storage is the budget
+        plan = allocate_ranks(teacher, keep, "greedy", calib=x[:64], init=cfg["crisp_ranks"])
         budget = plan.stored
         for method in cfg["methods"]:
             t = time.perf_counter()

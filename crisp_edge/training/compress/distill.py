@@ -52,7 +52,7 @@ from crisp_edge.method.specs import (
     resolve_blocks,
 )
 from crisp_edge.training.compress.linear_stats import LinearInputStats
-from crisp_edge.training.compress.whitened import whitened_factors
+from crisp_edge.training.compress.whitened import calibration_grams, whitened_factors
 from crisp_edge.training.evaluate import model_logits
 from crisp_edge.training.loop import check_mask
 from crisp_edge.training.retrofit import _closed_form_, write_factors_
@@ -191,14 +191,7 @@ def init_student(teacher: nn.Module, ranks: Mapping[str, int], init: str | None 
     if not is_crisp(teacher):
         raise ConfigError("the teacher has no CRISP layers; retrofit it first (retrofit_(model, config)).")
     ranks = _check_ranks(teacher, ranks)
-    if init == "svd-whitened":
-        if not isinstance(calib_inputs, LinearInputStats):
-            raise ConfigError("init='svd-whitened' needs calib_inputs: capture_linear_inputs(teacher, batches) on a "
-                              "few calibration batches (or init='svd' for the data-free init).")
-        missing = sorted(set(crisp_layers(teacher)) - set(calib_inputs.gram))
-        if missing:
-            raise ConfigError(f"calib_inputs has no inputs of {missing[:3]}{'...' if len(missing) > 3 else ''}: "
-                              "capture them on this teacher (capture_linear_inputs(teacher, batches)).")
+    grams = calibration_grams(calib_inputs, crisp_layers(teacher)) if init == "svd-whitened" else {}
     config: CrispConfig = teacher.crisp_config
     for role, r in ranks.items():
         config = config.with_role(role, r=r)
@@ -215,7 +208,7 @@ def init_student(teacher: nn.Module, ranks: Mapping[str, int], init: str | None 
             if init == "svd":
                 _closed_form_(basis, mixers, group, config.gate_init_max, gen)
                 continue
-            p, q = whitened_factors(group, [calib_inputs.gram[n] for n in basis.layer_names], basis.s,
+            p, q = whitened_factors(group, [grams[n] for n in basis.layer_names], basis.s,
                                     basis.transpose, min(basis.r, basis.full_rank))
             write_factors_(basis, mixers, p, q, config.gate_init_max, gen)
     student.train(teacher.training)

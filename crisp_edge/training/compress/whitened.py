@@ -22,6 +22,8 @@ the result is never worse than the plain SVD's on the calibration inputs.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from crisp_edge.errors import ConfigError
@@ -30,12 +32,24 @@ from crisp_edge.training.compress.basis_reduction import (
     principal_basis,
     resolve_coefficients,
 )
-from crisp_edge.training.compress.linear_stats import GRAM_RIDGE
+from crisp_edge.training.compress.linear_stats import GRAM_RIDGE, LinearInputStats
 from crisp_edge.training.retrofit import best_rank_factors
 
 #: Most alternating steps, and the relative drop of the weighted error below which they stop.
 ALS_STEPS = 30
 ALS_TOL = 1e-4
+
+
+def calibration_grams(calib_inputs: LinearInputStats | None, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The input Gram matrices of layers ``names`` from ``calib_inputs``, or a ConfigError saying what is missing."""
+    if not isinstance(calib_inputs, LinearInputStats):
+        raise ConfigError("init='svd-whitened' needs calib_inputs: capture_linear_inputs(teacher, batches) on a few "
+                          "calibration batches (or init='svd' for the data-free init).")
+    missing = sorted(set(names) - set(calib_inputs.gram))
+    if missing:
+        raise ConfigError(f"calib_inputs has no inputs of {missing[:3]}{'...' if len(missing) > 3 else ''}: capture "
+                          "them on this teacher (capture_linear_inputs(teacher, batches)).")
+    return {n: calib_inputs.gram[n] for n in names}
 
 
 def weighted_error(targets: list[torch.Tensor], approx: list[torch.Tensor], grams: list[torch.Tensor]) -> float:
