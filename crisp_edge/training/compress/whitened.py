@@ -25,8 +25,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from crisp_edge.errors import ConfigError
+from crisp_edge.method.convert import crisp_bases
 from crisp_edge.method.layer import fold_weight
 from crisp_edge.training.compress.basis_reduction import (
     principal_basis,
@@ -38,6 +40,12 @@ from crisp_edge.training.retrofit import best_rank_factors
 #: Most alternating steps, and the relative drop of the weighted error below which they stop.
 ALS_STEPS = 30
 ALS_TOL = 1e-4
+
+
+def whitenable(model: nn.Module) -> bool:
+    """Whether every group of a CRISP model has a layout ``whitened_factors`` supports (all but transposed
+    groups with ``s < d_out``): the whitened init is the default only then."""
+    return all(not b.transpose or b.s == b.d_out for b in crisp_bases(model).values())
 
 
 def calibration_grams(calib_inputs: LinearInputStats | None, names: Iterable[str]) -> dict[str, torch.Tensor]:

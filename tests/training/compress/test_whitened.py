@@ -166,3 +166,13 @@ def test_greedy_ranks_for_the_whitened_init_measure_the_whitened_factors_and_fit
         assert errs["whitened"] - 1e-9 <= plan.errors[role] < errs["plain"]
     with pytest.raises(ConfigError, match="need calib"):
         allocate_ranks(teacher, 0.4, "greedy", init="svd-whitened")
+
+
+def test_a_layout_the_whitened_init_does_not_support_defaults_to_the_plain_svd():
+    model = toy_timm_vit(seed=0)
+    retrofit_(model, CrispConfig(default=RoleConfig(s=4, group_size=2, transpose=True)), progress=False)
+    x = _images(16)
+    student, report = compress_vit(model, 0.5, x, distill=False, progress=False)
+    assert report.init == "svd"
+    with torch.no_grad():
+        torch.testing.assert_close(student(x[:4]), init_student(model, report.plan, init="svd")(x[:4]))
