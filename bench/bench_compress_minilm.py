@@ -11,10 +11,11 @@ encoder; no logit term, since the encoder has no trained head) and is judged bef
 * ``head_acc``: test accuracy after training only a new head on each text task (the encoder frozen), the
   same head training for every method and for the original.
 
-Methods: ``crisp`` (greedy ranks, SVD init from the full-capacity CRISP teacher, distillation),
-``crisp-mimicry`` (the same init, no distillation: the data-free point), ``svd`` (per-layer truncated
-SVD), ``basis-sharing`` (calibration-whitened shared basis, groups of 2), ``fips`` (shared basis + sparse
-projections).
+Methods: ``crisp`` (greedy ranks, init from the full-capacity CRISP teacher, distillation), ``crisp-mimicry``
+(the same init, no distillation), ``svd`` (per-layer truncated SVD), ``basis-sharing`` (calibration-whitened
+shared basis, groups of 2), ``fips`` (shared basis + sparse projections). CRISP's init (``--crisp-init``) is
+``svd-whitened`` by default: the rank-r factors with the least output error on the calibration inputs the
+data-aware baselines get (the first 256 distillation windows); ``svd`` is the data-free init of Alg. 4.
 
     .venv/bin/python bench/bench_compress_minilm.py            # the full configuration (FULL; a GPU's job)
     .venv/bin/python bench/bench_compress_minilm.py --quick    # a smoke run (the test's)
@@ -47,9 +48,12 @@ from crisp_edge.data.corpora import load_text_task
 from crisp_edge.data.english import calibration_mix
 from crisp_edge.models.minilm import load_minilm, sentence_embeddings, tokenize
 from crisp_edge.training.compress.baselines import basis_sharing_, svd_
-from crisp_edge.training.compress.fips import fips_
-from crisp_edge.training.compress.linear_stats import capture_linear_inputs, stored_params
 from crisp_edge.training.compress.distill import DistillConfig, distill_, init_student
+from crisp_edge.training.compress.fips import fips_
+from crisp_edge.training.compress.linear_stats import (
+    capture_linear_inputs,
+    stored_params,
+)
 from crisp_edge.training.compress.ranks import allocate_ranks
 
 SCHEMA = 1
@@ -58,10 +62,10 @@ METHODS = ("crisp", "crisp-mimicry", "svd", "basis-sharing", "fips")
 TEACHER_CONFIG = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=None))
 FULL = {"keeps": [0.5, 0.25], "methods": list(METHODS), "tasks": ["wordnet-nouns", "fortunes"], "windows": 4096,
         "window": 64, "distill_epochs": 4, "distill_batch": 64, "distill_lr": 2e-4, "head_epochs": 3,
-        "max_train": 4000, "max_test": 2000, "embed_texts": 1000}
+        "max_train": 4000, "max_test": 2000, "embed_texts": 1000, "crisp_init": "svd-whitened", "crisp_ranks": "svd"}
 QUICK = {"keeps": [0.5], "methods": list(METHODS), "tasks": ["wordnet-verbs"], "windows": 16, "window": 32,
          "distill_epochs": 1, "distill_batch": 8, "distill_lr": 2e-4, "head_epochs": 1, "max_train": 64,
-         "max_test": 32, "embed_texts": 16}
+         "max_test": 32, "embed_texts": 16, "crisp_init": "svd-whitened", "crisp_ranks": "svd"}
 HEAD_LR = 1e-2
 #: Alg. 6's mixer rate: bench_minilm.py's CRISP rate, chosen there on the validation split (SWEEP).
 ALG6_MIXER_LR = 3e-3
@@ -114,9 +118,11 @@ def adapt_mixers(model, tasks: dict, cfg: dict) -> dict:
     return out
 
 
-def build(method: str, plan, original, teacher, x, budget: int):
+def build(method: str, plan, original, teacher, x, budget: int, crisp_init: str):
+    """A student of ``method`` at ``budget``; the data-aware ones calibrate on the first 256 windows of ``x``."""
     if method.startswith("crisp"):
-        return init_student(teacher, plan, init="svd")
+        calib = capture_linear_inputs(teacher, list(x[:256].split(32))) if crisp_init == "svd-whitened" else None
+        return init_student(teacher, plan, init=crisp_init, calib_inputs=calib)
     student = copy.deepcopy(original)
     if method == "svd":
         svd_(student, budget, progress=False)
@@ -139,6 +145,11 @@ def main() -> int:
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=FULL[k])
     ap.add_argument("--distill-lr", type=float, default=FULL["distill_lr"],
                     help="AdamW peak rate of the distillation (every parameter trains)")
+    ap.add_argument("--crisp-init", default=FULL["crisp_init"], choices=["svd-whitened", "svd"],
+                    help="CRISP's student init (svd: the data-free SVD of Alg. 4)")
+    ap.add_argument("--crisp-ranks", default=FULL["crisp_ranks"], choices=["svd", "svd-whitened"],
+                    help="what greedy ranks measure (allocate_ranks init=): the plain SVD's output error, or the "
+                         "whitened factors' (slow: an alternating solve per rank)")
     ap.add_argument("--alg6", action="store_true", help="after CRISP's distillation, train mixers per task (Alg. 6) "
                                                          "and compare with the uncompressed CRISP mixers")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "minilm_compress.json")
@@ -146,7 +157,8 @@ def main() -> int:
     cfg = dict(QUICK) if a.quick else {
         "keeps": [float(k) for k in a.keeps.split(",")], "methods": a.methods.split(","), "tasks": a.tasks.split(","),
         **{k: getattr(a, k) for k in ("windows", "window", "distill_epochs", "distill_batch", "head_epochs",
-                                      "max_train", "max_test", "embed_texts")}, "distill_lr": a.distill_lr}
+                                      "max_train", "max_test", "embed_texts")}, "distill_lr": a.distill_lr,
+        "crisp_init": a.crisp_init, "crisp_ranks": a.crisp_ranks}
     if set(cfg["methods"]) - set(METHODS) or set(cfg["tasks"]) - set(MAX_LENGTH):
         ap.error(f"methods from {METHODS}, tasks from {sorted(MAX_LENGTH)}")
     start = time.perf_counter()
@@ -177,11 +189,12 @@ def main() -> int:
     dcfg = DistillConfig(epochs=cfg["distill_epochs"], batch_size=cfg["distill_batch"], lr=cfg["distill_lr"],
                          lambda_kl=0.0, lambda_feat=1.0)
     for keep in cfg["keeps"]:
-        plan = allocate_ranks(teacher, keep, "greedy", calib=x[:64])  # CRISP's ranks; its storage is the budget
+        # CRISP's ranks; its storage is the budget
+        plan = allocate_ranks(teacher, keep, "greedy", calib=x[:64], init=cfg["crisp_ranks"])
         budget = plan.stored
         for method in cfg["methods"]:
             t = time.perf_counter()
-            student = build(method, plan, original, teacher, x, budget).eval()
+            student = build(method, plan, original, teacher, x, budget, cfg["crisp_init"]).eval()
             rec = {"method": method, "keep_fraction": keep, "budget": budget, "stored": stored_params(student)}
             rec["kept_fraction"] = rec["stored"] / original_params
             assert rec["stored"] <= budget, rec

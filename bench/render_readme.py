@@ -458,7 +458,15 @@ def render_minilm_compress(d: dict) -> str:
             + f"\n\nDistillation: {d['distill']['data']}, {c['distill_epochs']} epoch(s), batch {c['distill_batch']}, "
               f"lr {c['distill_lr']:g}, {d['distill']['loss']}; cosine: mean over {c['embed_texts']} held-out WordNet "
               f"glosses; head accuracy: a new head trained {c['head_epochs']} epoch(s) on {c['max_train']:,} examples, "
-              f"{c['max_test']:,} test. {cut} {m['date'][:10]} (`bench/results/minilm_compress.json`).")
+              f"{c['max_test']:,} test. CRISP's init: {_crisp_init(c)}. {cut} {m['date'][:10]} "
+              "(`bench/results/minilm_compress.json`).")
+
+
+def _crisp_init(c: dict) -> str:
+    """How a MiniLM compression run initialised CRISP's student (runs before the option was recorded: svd)."""
+    if c.get("crisp_init", "svd") == "svd":
+        return "svd (the teacher's plain SVD, data-free)"
+    return "svd-whitened (the rank-r factors with the least output error on the baselines' calibration windows)"
 
 
 def _lm_cpu_ratios(s: dict) -> str:
@@ -554,8 +562,8 @@ def render_minilm_alg6(d: dict) -> str:
     return (_table(["kept", "model", *[f"test acc. {t} %" for t in tasks], "mixers"], rows)
             + f"\n\nEvery row trains the same new head ({g['epochs']} epoch(s), lr {g['head_lr']:g}, {c['max_train']:,} "
               f"examples, {c['max_test']:,} test); mixers at lr {g['mixer_lr']:g}, bases frozen. Compression: CRISP "
-              f"greedy ranks, distilled on {d['distill']['data']} ({c['distill_epochs']} epoch(s), batch "
-              f"{c['distill_batch']}). {cut} {d['machine']['date'][:10]} (`bench/results/minilm_alg6.json`).")
+              f"greedy ranks, init {c.get('crisp_init', 'svd')}, distilled on {d['distill']['data']} "
+              f"({c['distill_epochs']} epoch(s), batch {c['distill_batch']}). {cut} {d['machine']['date'][:10]} (`bench/results/minilm_alg6.json`).")
 
 
 def render_minilm_layout(d: dict) -> str:

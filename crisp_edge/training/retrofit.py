@@ -264,11 +264,21 @@ def best_rank_factors(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 @torch.no_grad()
 def _closed_form_(basis: CrispBasis, mixers: list[nn.Parameter], targets: list[torch.Tensor],
                   gate_init_max: float, gen: torch.Generator) -> None:
-    u, s, r = basis.u, basis.s, basis.r
-    gate = get_gate(basis.gate_name)
     stacked = torch.cat([basis.to_folded(t.double()) for t in targets], dim=1)  # u x (n*s)
-    k = min(r, basis.full_rank)
-    p, q = best_rank_factors(stacked, k)
+    p, q = best_rank_factors(stacked, min(basis.r, basis.full_rank))
+    write_factors_(basis, mixers, p, q, gate_init_max, gen)
+
+
+@torch.no_grad()
+def write_factors_(basis: CrispBasis, mixers: list[nn.Parameter], p: torch.Tensor, q: torch.Tensor,
+                   gate_init_max: float, gen: torch.Generator) -> None:
+    """Set a group's basis and mixers so that ``B @ G(A_i)`` (or ``G(B) @ A_i``) equals the product of
+    ``p`` (``u x k``, ``k <= r``) and ``q`` (``k x n*s``, layer i's coefficients in columns ``i*s..``):
+    each component rescaled so its largest coefficient is ``gate_init_max`` (the module docstring's
+    rescaling), the gate inverted, and any ``r - k`` extra columns random with zero coefficients."""
+    u, s, r = basis.u, basis.s, basis.r
+    k = p.shape[1]
+    gate = get_gate(basis.gate_name)
     if basis.placement in ("pre", "post"):  # gate on the coefficients (post only with gate "none")
         scale = gate_init_max / q.abs().amax(dim=1).clamp_min(1e-300)
         b, coeff = p / scale, gate.inverse(q * scale[:, None])

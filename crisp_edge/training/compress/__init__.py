@@ -1,7 +1,7 @@
 """Compression of CRISP models: shrink the shared bases to a parameter budget.
 
 ViT (Alg. 4): ``allocate_ranks`` (budget -> per-role ranks, uniform or greedy), ``init_student``
-(top-r SVD of each teacher group), ``distill_`` (KL on logits + per-block feature MSE, DDP-aware),
+(top-r SVD of each teacher group, whitened by calibration inputs when given: ``whitened``), ``distill_`` (KL on logits + per-block feature MSE, DDP-aware),
 and ``compress_vit`` doing all three. LLaMA (Alg. 5): ``compress_llama_`` (data-free basis reduction,
 least-squares re-solve, ``calibrate_``). Baselines at equal stored budget (``baselines``): ``svd_``,
 ``basis_sharing_``, ``fips_``, all counted by ``stored_params``.

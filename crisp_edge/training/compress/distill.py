@@ -8,7 +8,9 @@ left singular vectors of the teacher group's weights ``M = B_t [G(A_1) ... G(A_n
 subspace of the teacher's basis, ordered by how much the layers use them) become the student basis,
 the coefficients are the projections ``C_i = U_r^T B_t G(A_i)`` (times the singular values), and the
 mixers are ``A_i = G^-1(C_i)`` after the per-component rescaling ``retrofit_`` uses (its closed form is
-reused as is). At the teacher's rank the student reproduces the teacher exactly.
+reused as is). At the teacher's rank the student reproduces the teacher exactly. With calibration inputs
+(``calib_inputs``, the default then: ``init="svd-whitened"``) the rank-r factors minimise the layers' output
+error on those inputs instead of the weights' error (``crisp_edge.training.compress.whitened``).
 
 ``distill_`` trains any student of the teacher's architecture (a CRISP student, or a baseline whose
 linears are factorised modules) with ``lambda_kl * KL(teacher || student)`` on the logits plus
@@ -49,11 +51,14 @@ from crisp_edge.method.specs import (
     get_architecture,
     resolve_blocks,
 )
+from crisp_edge.training.compress.linear_stats import LinearInputStats
+from crisp_edge.training.compress.whitened import calibration_grams, whitened_factors
 from crisp_edge.training.evaluate import model_logits
 from crisp_edge.training.loop import check_mask
-from crisp_edge.training.retrofit import _closed_form_
+from crisp_edge.training.retrofit import _closed_form_, write_factors_
 
-INITS = ("svd", "random")
+#: Student inits; "svd-whitened" needs calibration inputs, and is the default when they are given.
+INITS = ("svd-whitened", "svd", "random")
 
 
 @dataclass(frozen=True)
@@ -163,23 +168,30 @@ def _check_ranks(teacher: nn.Module, ranks: Mapping[str, int]) -> dict[str, int]
 
 
 @torch.no_grad()
-def init_student(teacher: nn.Module, ranks: Mapping[str, int], init: str = "svd", seed: int = 0) -> nn.Module:
+def init_student(teacher: nn.Module, ranks: Mapping[str, int], init: str | None = None, seed: int = 0, *,
+                 calib_inputs: LinearInputStats | None = None) -> nn.Module:
     """A CRISP student with the teacher's architecture and layout and smaller bases.
 
     Args:
         teacher: a CRISP model (e.g. the full-capacity retrofit); left unchanged.
         ranks: one basis rank per role (a dict, or a ``RankPlan`` from ``allocate_ranks``).
-        init: "svd" (top-r singular vectors of each teacher group, Alg. 4 line 1) or "random"
-            (the paper's Alg. 2 random init, for the "CRISP without SVD init" ablation).
+        init: "svd-whitened" (the rank-r factors of each teacher group with the least output error on
+            ``calib_inputs``), "svd" (top-r singular vectors of each teacher group, Alg. 4 line 1: data-free)
+            or "random" (the paper's Alg. 2 random init, for the "CRISP without SVD init" ablation).
+            Default: "svd-whitened" with ``calib_inputs``, else "svd".
         seed: seeds the random init.
+        calib_inputs: the Gram matrices of the teacher's targeted layers' inputs on calibration data
+            (``capture_linear_inputs(teacher, batches)``), for "svd-whitened".
 
     Every parameter outside the CRISP factors (embeddings, norms, biases, head) is copied from the teacher.
     """
+    init = init or ("svd-whitened" if calib_inputs is not None else "svd")
     if init not in INITS:
         raise ConfigError(f"init must be one of {INITS}, got {init!r}.")
     if not is_crisp(teacher):
         raise ConfigError("the teacher has no CRISP layers; retrofit it first (retrofit_(model, config)).")
     ranks = _check_ranks(teacher, ranks)
+    grams = calibration_grams(calib_inputs, crisp_layers(teacher)) if init == "svd-whitened" else {}
     config: CrispConfig = teacher.crisp_config
     for role, r in ranks.items():
         config = config.with_role(role, r=r)
@@ -189,10 +201,16 @@ def init_student(teacher: nn.Module, ranks: Mapping[str, int], init: str = "svd"
     materialize_(student)
     gen = torch.Generator().manual_seed(seed)
     convert_(student, config, arch, generator=gen)
-    if init == "svd":
+    if init != "random":
         for basis in crisp_bases(student).values():
             mixers = [student.get_submodule(n).crisp_mixer for n in basis.layer_names]
-            _closed_form_(basis, mixers, [targets[n] for n in basis.layer_names], config.gate_init_max, gen)
+            group = [targets[n] for n in basis.layer_names]
+            if init == "svd":
+                _closed_form_(basis, mixers, group, config.gate_init_max, gen)
+                continue
+            p, q = whitened_factors(group, [grams[n] for n in basis.layer_names], basis.s,
+                                    basis.transpose, min(basis.r, basis.full_rank))
+            write_factors_(basis, mixers, p, q, config.gate_init_max, gen)
     student.train(teacher.training)
     return student
 

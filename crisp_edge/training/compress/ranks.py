@@ -19,6 +19,7 @@ and exports like any CRISP model.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,8 @@ from crisp_edge.errors import ConfigError
 from crisp_edge.method.config import CrispConfig
 from crisp_edge.method.convert import crisp_bases, crisp_layers, is_crisp, plan_groups
 from crisp_edge.method.layer import fold_weight, unfold_weight
+from crisp_edge.training.compress.linear_stats import LinearInputStats
+from crisp_edge.training.compress.whitened import whitened_factors
 from crisp_edge.training.evaluate import model_logits
 from crisp_edge.training.retrofit import best_rank_factors
 
@@ -101,7 +104,7 @@ def group_infos(model: nn.Module, config: CrispConfig | None = None) -> list[Gro
 
 def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "uniform", *,
                    calib: torch.Tensor | None = None, calib_mask: torch.Tensor | None = None,
-                   config: CrispConfig | None = None) -> RankPlan:
+                   config: CrispConfig | None = None, init: str = "svd") -> RankPlan:
     """Turn ``keep_fraction`` of the targeted dense weights into per-role ranks.
 
     Args:
@@ -112,6 +115,10 @@ def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "unifor
             without them it measures the error on the weights.
         calib_mask: beside token-id ``calib``, its attention mask (1 = token, 0 = padding): the model
             sees it, and padded positions are left out of the measure.
+        init: the student init the ranks are for (``init_student``): greedy measures the error of that
+            init's rank-r factors: "svd" the plain SVD's (truncated at every rank at once), "svd-whitened"
+            the whitened factors' (needs ``calib``; computed only at the ranks greedy reaches, on a grid of
+            about ``WHITENED_GRID`` ranks per role, with ``ALLOC_ALS_STEPS`` alternating steps).
 
     Raises:
         ConfigError: unknown method, a fraction outside (0, 1], or a budget below rank 1 everywhere.
@@ -152,8 +159,13 @@ def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "unifor
             ranks[r] += 1
             left -= cost[r]
     else:
-        grids = {r: _rank_grid(full[r]) for r in roles}
-        errors = _role_errors(model, roles, grids, calib, calib_mask)
+        grids = {r: _rank_grid(full[r], WHITENED_GRID if init == "svd-whitened" else MAX_GRID) for r in roles}
+        if init == "svd-whitened":
+            if calib is None:
+                raise ConfigError("greedy ranks for the whitened init need calib (the calibration inputs).")
+            errors = _whitened_errors(model, roles, calib, calib_mask)
+        else:
+            errors = _role_errors(model, roles, grids, calib, calib_mask)
         ranks = {r: 1 for r in roles}
         left = target - minimum
         while True:  # move one role to its next rank on the grid: the best error drop per stored number
@@ -176,9 +188,9 @@ def allocate_ranks(model: nn.Module, keep_fraction: float, method: str = "unifor
 MAX_GRID = 64
 
 
-def _rank_grid(full: int) -> list[int]:
-    """The ranks greedy may stop at: 1, then every ``step``-th rank, and full."""
-    step = -(-full // MAX_GRID)
+def _rank_grid(full: int, points: int = MAX_GRID) -> list[int]:
+    """The ranks greedy may stop at: 1, then every ``step``-th rank (about ``points`` of them), and full."""
+    step = -(-full // points)
     return sorted({1, full, *range(step, full, step)})
 
 
@@ -187,7 +199,7 @@ def _role_errors(model: nn.Module, roles: dict[str, list[GroupInfo]], grids: dic
                  calib: torch.Tensor | None, calib_mask: torch.Tensor | None = None) -> dict[str, dict[int, float]]:
     """``errors[role][r]`` for r on the role's grid: summed relative error of the role's layers at rank r."""
     weights = _layer_weights(model, roles)
-    inputs = _layer_inputs(model, weights, calib, calib_mask) if calib is not None else {}
+    inputs = layer_input_stats(model, weights, calib, calib_mask).gram if calib is not None else {}
     out: dict[str, list[float]] = {}
     for role, gs in roles.items():
         errs = dict.fromkeys(grids[role], 0.0)
@@ -199,13 +211,53 @@ def _role_errors(model: nn.Module, roles: dict[str, list[GroupInfo]], grids: dic
                 for i, name in enumerate(g.layer_names):
                     w = weights[name].double()
                     diff = unfold_weight(approx[:, i * g.s:(i + 1) * g.s], *w.shape, g.transpose) - w
-                    if name in inputs:  # ||X D^T||^2 = tr(D G D^T) with G = X^T X
-                        gram = inputs[name]
-                        errs[rank] += float(((diff @ gram) * diff).sum() / ((w @ gram) * w).sum().clamp_min(1e-300))
-                    else:
-                        errs[rank] += float(diff.square().sum() / w.square().sum().clamp_min(1e-300))
+                    errs[rank] += _relative_error(diff, w, inputs.get(name))
         out[role] = errs
     return out
+
+
+def _relative_error(diff: torch.Tensor, w: torch.Tensor, gram: torch.Tensor | None) -> float:
+    """``||X D^T||^2 / ||X W^T||^2`` (``= tr(D G D^T) / tr(W G W^T)`` with ``G = X^T X``), or on the weights."""
+    if gram is None:
+        return float(diff.square().sum() / w.square().sum().clamp_min(1e-300))
+    return float(((diff @ gram) * diff).sum() / ((w @ gram) * w).sum().clamp_min(1e-300))
+
+
+#: Alternating steps of the whitened factors the greedy allocator measures (the init itself takes up to
+#: ``whitened.ALS_STEPS``): most of the drop from the plain SVD comes in the first few.
+ALLOC_ALS_STEPS = 8
+#: Most ranks per role greedy evaluates for the whitened init (each is an alternating solve).
+WHITENED_GRID = 8
+
+
+class _WhitenedCurve(dict):
+    """One role's ``{rank: summed relative output error of the whitened rank-r factors}``, computed on first use."""
+
+    def __init__(self, groups: list[GroupInfo], weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor]):
+        super().__init__()
+        self.groups, self.weights, self.grams = groups, weights, grams
+
+    def __missing__(self, rank: int) -> float:
+        total = 0.0
+        for g in self.groups:
+            if rank >= g.full_rank:  # exact
+                continue
+            ws = [self.weights[n].double() for n in g.layer_names]
+            p, q = whitened_factors(ws, [self.grams[n] for n in g.layer_names], g.s, g.transpose, rank,
+                                    steps=ALLOC_ALS_STEPS)
+            for i, (name, w) in enumerate(zip(g.layer_names, ws)):
+                diff = unfold_weight(p @ q[:, i * g.s:(i + 1) * g.s], *w.shape, g.transpose) - w
+                total += _relative_error(diff, w, self.grams[name])
+        self[rank] = total
+        return total
+
+
+@torch.no_grad()
+def _whitened_errors(model: nn.Module, roles: dict[str, list[GroupInfo]], calib: torch.Tensor,
+                     calib_mask: torch.Tensor | None) -> dict[str, _WhitenedCurve]:
+    weights = _layer_weights(model, roles)
+    grams = layer_input_stats(model, weights, calib, calib_mask).gram
+    return {role: _WhitenedCurve(gs, weights, grams) for role, gs in roles.items()}
 
 
 def _layer_weights(model: nn.Module, roles: dict[str, list[GroupInfo]]) -> dict[str, torch.Tensor]:
@@ -214,19 +266,22 @@ def _layer_weights(model: nn.Module, roles: dict[str, list[GroupInfo]]) -> dict[
             for gs in roles.values() for g in gs for n in g.layer_names}
 
 
-def _layer_inputs(model: nn.Module, weights: dict[str, torch.Tensor], calib: torch.Tensor,
-                  calib_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The Gram matrix ``X^T X`` (float64) of the inputs every targeted layer sees on ``calib`` (with
-    ``calib_mask``: over real tokens only, the padded positions' rows dropped)."""
+@torch.no_grad()
+def layer_input_stats(model: nn.Module, names: Iterable[str], calib: torch.Tensor,
+                      calib_mask: torch.Tensor | None = None) -> LinearInputStats:
+    """The Gram matrix ``X^T X`` (float64) of the inputs each layer of ``names`` sees on model inputs
+    ``calib`` in one forward pass (with ``calib_mask``: over real tokens only, the padded positions' rows
+    dropped), as ``capture_linear_inputs`` records them."""
     seen: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
     hooks = []
     keep = None if calib_mask is None else calib_mask.reshape(-1).bool()
-    for name in weights:
+    for name in names:
         def hook(_m, args, _out, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             if keep is not None and len(x) == len(keep):  # one row per token: drop the padding's
                 x = x[keep]
-            seen[name] = x.T @ x
+            seen[name], tokens[name] = x.T @ x, x.shape[0]
         hooks.append(model.get_submodule(name).register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -236,4 +291,4 @@ def _layer_inputs(model: nn.Module, weights: dict[str, torch.Tensor], calib: tor
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return seen
+    return LinearInputStats(gram=seen, tokens=tokens)

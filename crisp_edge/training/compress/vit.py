@@ -1,4 +1,5 @@
-"""ViT compression (Alg. 4) in one call: allocate ranks -> SVD-initialised student -> distillation.
+"""ViT compression (Alg. 4) in one call: allocate ranks -> SVD-initialised student (whitened by the
+calibration inputs when there are any) -> distillation.
 
     from crisp_edge.compress import compress_vit
     student, report = compress_vit(teacher, 0.5, x_distill)       # half the targeted weights
@@ -19,7 +20,7 @@ from torch import nn
 from crisp_edge.errors import DataError
 from crisp_edge.method.budget import budget
 from crisp_edge.method.config import CrispConfig
-from crisp_edge.method.convert import is_crisp
+from crisp_edge.method.convert import crisp_layers, is_crisp
 from crisp_edge.training.compress.distill import (
     DistillConfig,
     DistillReport,
@@ -27,7 +28,12 @@ from crisp_edge.training.compress.distill import (
     init_student,
     peak_rss_mb,
 )
-from crisp_edge.training.compress.ranks import RankPlan, allocate_ranks
+from crisp_edge.training.compress.ranks import (
+    RankPlan,
+    allocate_ranks,
+    layer_input_stats,
+)
+from crisp_edge.training.compress.whitened import whitenable
 from crisp_edge.training.loop import check_inputs, check_mask
 from crisp_edge.training.retrofit import retrofit_
 
@@ -65,7 +71,7 @@ class CompressReport:
 
 
 def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | None, *, method: str = "greedy",
-                 init: str = "svd", config: DistillConfig | None = None, crisp_config: CrispConfig | None = None,
+                 init: str | None = None, config: DistillConfig | None = None, crisp_config: CrispConfig | None = None,
                  calib: torch.Tensor | None = None, distill: bool = True, progress: bool = True,
                  eval_fn=None, attention_mask: torch.Tensor | None = None) -> tuple[nn.Module, CompressReport]:
     """Compress a ViT to ``keep_fraction`` of its targeted linear weights (Alg. 4).
@@ -77,9 +83,12 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | Non
         x: distillation inputs (e.g. a slice of the training images), checked against the model's input
             spec first; may be None with ``distill=False`` (data-free: greedy then measures weight error).
         method: rank allocation, "greedy" (default: it won on the embedded ViT) or "uniform" (``allocate_ranks``).
-        init: student init, "svd" (Alg. 4) or "random" (ablation).
+        init: student init (``init_student``): "svd-whitened" (the default with data and a layout it supports,
+            ``whitened.whitenable``: the rank-r factors with the least output error on ``calib``), "svd" (Alg. 4, data-free: the default without data) or
+            "random" (ablation).
         config: the distillation settings.
-        calib: inputs for the greedy allocator's output-error measure (default: the first 64 of ``x``).
+        calib: inputs for the greedy allocator's output-error measure and the whitened init (default: the
+            first 64 of ``x``).
         distill: False stops after the init (with init="svd": the data-free "mimicry only" student).
         attention_mask: beside padded token ids ``x`` (text models), 1 = token, 0 = padding: the
             allocator's measure and the distillation see it and leave the padding out.
@@ -101,10 +110,16 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | Non
     if calib is not None:
         check_inputs(teacher, calib, what="calibration inputs")
     calib_mask = None
-    if method == "greedy" and calib is None and x is not None:
+    if calib is None and x is not None:
         calib, calib_mask = x[:64], None if attention_mask is None else attention_mask[:64]
-    plan = allocate_ranks(teacher, keep_fraction, method, calib=calib, calib_mask=calib_mask)
-    student = init_student(teacher, plan, init=init, seed=(config or DistillConfig()).seed)
+    init = init or ("svd-whitened" if calib is not None and whitenable(teacher) else "svd")
+    # greedy measures the plain SVD's output error even for the whitened init: measuring the whitened factors
+    # (allocate_ranks init="svd-whitened") costs an alternating solve per rank and is not benchmarked yet
+    plan = allocate_ranks(teacher, keep_fraction, method, calib=calib if method == "greedy" else None,
+                          calib_mask=calib_mask)
+    stats = layer_input_stats(teacher, crisp_layers(teacher), calib, calib_mask) if init == "svd-whitened" \
+        and calib is not None else None  # without calib, init_student says what is missing
+    student = init_student(teacher, plan, init=init, seed=(config or DistillConfig()).seed, calib_inputs=stats)
     report = distill_(student, teacher, x, config, attention_mask=attention_mask, progress=progress,
                       eval_fn=eval_fn) if distill else None
     b = budget(student)
