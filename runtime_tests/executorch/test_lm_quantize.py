@@ -46,9 +46,30 @@ def test_manifest_records_the_scheme_and_its_tolerance(lm):
     for q, recipe in (("int8", "8da8w"), ("int4", "8da4w")):
         m = lm[q].manifest
         assert m["quantize"]["scheme"] == q and m["quantize"]["tool"]["recipe"] == recipe
+        assert ("lm_head" in m["quantize"]["tool"]) == (q == "int4")
         named = TOLERANCES[("executorch-lm", "dense", q)]
         assert (m["tolerance"]["atol"], m["tolerance"]["min_top1"], m["tolerance"]["dtype"]) == (named.atol, named.min_top1, q)
         assert m["parity"]["passed"] is True
+
+
+def test_int4_keeps_the_lm_head_at_8_bits_and_the_body_symmetric():
+    """int4 quantizes the body's linears to 4 bits in groups of 32, symmetric (XNNPACK's blockwise kernel takes no
+    zero points), and the lm_head to 8 bits per output channel; the manifest's record says so."""
+    from crisp_edge.export.executorch.quantize import quantize_lm_
+
+    model = toy_confident_llama().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    record = quantize_lm_(model, "int4")
+    assert record["lm_head"]["bits"] == 8 and record["is_symmetric"] is True
+    linears = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    head = linears.pop("lm_head")
+    assert tuple(head.block_size) == (1, head.shape[1])  # per output channel
+    assert int(head.qdata.min()) < -8 and int(head.qdata.max()) > 7  # codes beyond 4 bits
+    for name, w in linears.items():
+        assert tuple(w.block_size) == (1, 32), name
+        assert -8 <= int(w.qdata.min()) and int(w.qdata.max()) <= 7, name
+        assert not bool(w.zero_point.any()), name  # symmetric: every zero point 0
 
 
 def test_program_bytes_shrink(lm):
