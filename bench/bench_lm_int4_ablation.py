@@ -144,7 +144,8 @@ def _ort_algo_pass(proto, algo, bits, block, acc, exclude):
 #: ExecuTorch's int4 candidates, scored in eager PyTorch with torchao's quantized linears (XNNPACK computes the
 #: same arithmetic: a two-linear toy's lowered program matched torchao's eager output within 0.004; symmetric
 #: only, XNNPACK drops asymmetric zero points): name -> (body config, lm_head config or None = body's).
-TORCHAO = {"et_8da4w": ("int4", None), "et_8da4w_head8": ("int4", "int8"), "et_8da8w": ("int8", None)}
+TORCHAO = {"et_8da4w": ("int4", None), "et_8da4w_head8": ("int4", "int8"), "et_8da8w": ("int8", None),
+           "et_offsets_head8": ("int4 (export/executorch/quantize.py quantize_lm_: BlockOffsetLinear)", "int8")}
 
 
 def torchao_eager(model, ids: dict, window: int, names) -> dict:
@@ -165,7 +166,13 @@ def torchao_eager(model, ids: dict, window: int, names) -> dict:
     out = {}
     for name in ["float32", *names]:
         m = copy.deepcopy(dense).eval()
-        if name != "float32":
+        if name == "et_offsets_head8":
+            from crisp_edge.export.executorch.quantize import quantize_lm_
+
+            for p in m.parameters():
+                p.requires_grad_(False)
+            quantize_lm_(m, "int4")
+        elif name != "float32":
             body, head = TORCHAO[name]
             is_head = head_filter(m)
             quantize_(m, cfg[body], filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and not (head and is_head(fqn)))
@@ -204,7 +211,8 @@ def main() -> None:
     ids = heldout_ids(tok, args.tokens, args.window)
     if args.torchao is not None:  # the ExecuTorch candidates, into the same file
         result = old or {"schema": 1, "variants": {}}
-        result["torchao_eager"] = {"machine": machine_info(), "tokens": args.tokens, "window": args.window,
+        prev = result.get("torchao_eager", {})
+        result["torchao_eager"] = {**prev, "machine": machine_info(), "tokens": args.tokens, "window": args.window,
                                    "note": "torchao quantized linears in eager PyTorch, the arithmetic XNNPACK runs",
                                    **torchao_eager(model, ids, args.window, args.torchao or list(TORCHAO))}
         write_json(out, result)
@@ -214,7 +222,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     empty, cache = past_feeds(base, 0, rng), past_feeds(base, 64, rng)
     result = {"schema": 1, "machine": machine_info(), "threads": THREADS, "model": described, "tokens": args.tokens,
-              "window": args.window, "targets": TARGETS, "decode_cache": 64,
+              "window": args.window, "targets": TARGETS, "decode_cache": 64, "repeats": args.repeats,
               "variants_spec": {k: dict(zip(("algorithm", "bits", "block", "symmetric", "lm_head_bits",
                                              "accuracy_level"), v)) for k, v in VARIANTS.items()},
               "variants": {}, "complete": False}

@@ -52,24 +52,66 @@ def test_manifest_records_the_scheme_and_its_tolerance(lm):
         assert m["parity"]["passed"] is True
 
 
-def test_int4_keeps_the_lm_head_at_8_bits_and_the_body_symmetric():
-    """int4 quantizes the body's linears to 4 bits in groups of 32, symmetric (XNNPACK's blockwise kernel takes no
-    zero points), and the lm_head to 8 bits per output channel; the manifest's record says so."""
-    from crisp_edge.export.executorch.quantize import quantize_lm_
+def test_int4_keeps_the_lm_head_at_8_bits_and_4bit_codes_symmetric():
+    """int4 turns every body linear into a BlockOffsetLinear whose codes are 4-bit groups of 32 with zero points 0
+    (XNNPACK's blockwise kernel takes none) and keeps the lm_head at 8 bits per output channel."""
+    from crisp_edge.export.executorch.quantize import BlockOffsetLinear, quantize_lm_
 
     model = toy_confident_llama().eval()
     for p in model.parameters():
         p.requires_grad_(False)
     record = quantize_lm_(model, "int4")
-    assert record["lm_head"]["bits"] == 8 and record["is_symmetric"] is True
-    linears = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    head = linears.pop("lm_head")
+    assert record["lm_head"]["bits"] == 8 and "SYMMETRIC_NO_CLIPPING_ERR" in record["config"]
+    head = model.lm_head.weight
     assert tuple(head.block_size) == (1, head.shape[1])  # per output channel
     assert int(head.qdata.min()) < -8 and int(head.qdata.max()) > 7  # codes beyond 4 bits
-    for name, w in linears.items():
-        assert tuple(w.block_size) == (1, 32), name
-        assert -8 <= int(w.qdata.min()) and int(w.qdata.max()) <= 7, name
-        assert not bool(w.zero_point.any()), name  # symmetric: every zero point 0
+    body = {n: m for n, m in model.named_modules() if isinstance(m, BlockOffsetLinear)}
+    assert len(body) == 14 and not [n for n, m in model.named_modules()
+                                    if type(m) is torch.nn.Linear and not n.startswith(tuple(body)) and n != "lm_head"]
+    for name, m in body.items():
+        w = m.codes.weight
+        assert tuple(w.block_size) == (1, 32) and -8 <= int(w.qdata.min()) and int(w.qdata.max()) <= 7, name
+        assert not bool(w.zero_point.any()), name
+
+
+def test_int4_blocks_hold_a_4bit_min_max_grid_exactly():
+    """A linear whose blocks of 32 already sit on a 4-bit min..max grid (GGUF Q4_1's layout) is held exactly:
+    the codes' dequantized weight plus each block's offset gives the weight back (torchao's symmetric 4-bit alone
+    cannot: its grid is centred on zero)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from crisp_edge.export.executorch.quantize import BlockOffsetLinear, quantize_lm_
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 24, 96
+    lo, step = torch.randn(n, k // 32, 1, generator=g) * 0.05, torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-3
+    codes = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    weight = (lo + step * codes).reshape(n, k)
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.lm_head = torch.nn.Linear(k, n, bias=False), torch.nn.Linear(n, 8, bias=False)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    model = Two()
+    model.body.weight.data.copy_(weight)
+    quantize_lm_(model, "int4")
+    assert isinstance(model.body, BlockOffsetLinear)
+    q = model.body.codes.weight
+    back = (q.qdata.float().reshape(n, k // 32, 32) * q.scale.reshape(n, k // 32, 1)).reshape(n, k)
+    back = back + model.body.offsets.weight.repeat_interleave(32, dim=1)
+    assert (back - weight).abs().max() < 1e-3 * step.min()
+    plain = torch.nn.Linear(k, n, bias=False)
+    plain.weight.data.copy_(weight)
+    quantize_(plain, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    p = plain.weight
+    sym = (p.qdata.float().reshape(n, k // 32, 32) * p.scale.reshape(n, k // 32, 1)).reshape(n, k)
+    assert (sym - weight).abs().max() > 0.1 * step.min()
 
 
 def test_program_bytes_shrink(lm):
