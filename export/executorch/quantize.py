@@ -73,7 +73,7 @@ class BlockOffsetLinear(nn.Module):
     ``offsets`` (blocks -> outputs) adds offset times those sums; the two small linears stay float32. XNNPACK's
     4-bit linear has no zero points, and this is the same decomposition as ONNX Runtime's ``offset_pass``."""
 
-    def __init__(self, linear: nn.Linear, block: int):
+    def __init__(self, linear: nn.Linear, block: int, block_sums: nn.Linear | None = None):
         super().__init__()
         n, k = linear.weight.shape
         w = linear.weight.detach().float().reshape(n, k // block, block)
@@ -81,16 +81,24 @@ class BlockOffsetLinear(nn.Module):
         step = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi))
         offset = lo + 8 * step
         self.codes = nn.Linear(k, n, bias=linear.bias is not None)
-        self.block_sums = nn.Linear(k, k // block, bias=False)
+        self.block_sums = block_sums if block_sums is not None else self.sums(k, block)
         self.offsets = nn.Linear(k // block, n, bias=False)
         with torch.no_grad():
             self.codes.weight.copy_((w - offset).reshape(n, k))
             if linear.bias is not None:
                 self.codes.bias.copy_(linear.bias)
-            self.block_sums.weight.copy_((torch.arange(k)[None] // block == torch.arange(k // block)[:, None]).float())
             self.offsets.weight.copy_(offset[..., 0])
         for p in self.parameters():
             p.requires_grad_(False)
+
+    @staticmethod
+    def sums(k: int, block: int) -> nn.Linear:
+        """The (k -> k / block) 0/1 linear summing each block of x; one per input width can serve every linear."""
+        lin = nn.Linear(k, k // block, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_((torch.arange(k)[None] // block == torch.arange(k // block)[:, None]).float())
+        lin.weight.requires_grad_(False)
+        return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.codes(x) + self.offsets(self.block_sums(x))
@@ -129,9 +137,11 @@ def quantize_lm_(model: nn.Module, scheme: str) -> dict[str, Any]:
         if odd:
             raise ConfigError(f"quantize='int4' needs every linear's input width divisible by {INT4_GROUP} (XNNPACK's "
                               f"4-bit groups); {odd[0]} takes {model.get_submodule(odd[0]).in_features}. Use 'int8'.")
+        sums: dict[int, nn.Linear] = {}  # shared per input width: one copy in the program, not one per linear
         for fqn, m in body:
             parent, _, name = fqn.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, BlockOffsetLinear(m, INT4_GROUP))
+            shared = sums.setdefault(m.in_features, BlockOffsetLinear.sums(m.in_features, INT4_GROUP))
+            setattr(model.get_submodule(parent) if parent else model, name, BlockOffsetLinear(m, INT4_GROUP, shared))
         int4 = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_GROUP),
                                                      weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR)
         quantize_(model, int4, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(".codes"))

@@ -115,10 +115,12 @@ def test_int4_blocks_hold_a_4bit_min_max_grid_exactly():
 
 
 def test_program_bytes_shrink(lm):
-    """Against the float32 weights (4 bytes per stored parameter; a float32 program holds at least that)."""
+    """Against the float32 weights (4 bytes per stored parameter; a float32 program holds at least that). Per weight,
+    int8 stores about 1 byte (one scale per output channel); int4's body half a byte + a float32 scale and offset
+    per 32 (0.75 bytes), its lm_head int8's byte."""
     fp32 = lm["int8"].manifest["params"]["stored_bytes_fp32"]
     size = {q: lm[q].manifest["params"]["program_bytes"] for q in ("int8", "int4")}
-    assert size["int8"] < 0.35 * fp32 and size["int4"] < 0.7 * size["int8"], (size, fp32)
+    assert size["int8"] < 0.35 * fp32 and size["int4"] < 0.8 * size["int8"], (size, fp32)
 
 
 def test_generate_runs_and_parity_passes_under_the_named_tolerance(lm):
