@@ -88,8 +88,9 @@ _LM_ET = ("fp32 deep language model in ExecuTorch XNNPACK: SmolLM2-135M 64-step 
 #: top-1 agreement 75% (greedy tokens leave the float path within 3 steps), tensor cases logits 11.1 / cosine
 #: 0.988, key/values cosine down to 0.815 (a layer's values): at 4 bits the cosine is a weak check and top-1
 #: agreement the discriminating one (a wrong model agrees at about chance). int4's min..max blocks (lm_head 8-bit)
-#: hold SmolLM2's own Q4_1 grid, so that model now sits far inside these bounds; they stay sized for a model trained
-#: in float, where 4-bit rounding is real. ExecuTorch's 8da8w / 8da4w (XNNPACK: activations per token) take the
+#: hold SmolLM2's own Q4_1 grid, so that model now sits far inside these bounds (ORT: tensor cases logits 1.94,
+#: 64-step teacher-forced logits 1.56, top-1 agreement 97.9%); they stay sized for a model trained in float, where
+#: 4-bit rounding is real. ExecuTorch's 8da8w / 8da4w (XNNPACK: activations per token) take the
 #: same bounds, not yet measured as bundles on SmolLM2.
 ATOL_LM_INT8 = 3.0
 MIN_COSINE_LM_INT8 = 0.99
