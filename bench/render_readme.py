@@ -697,7 +697,9 @@ def render_lm_int4_ablation(d: dict) -> str:
               f"{d['decode_cache']}-token cache, median of {d['repeats']} rounds interleaved with float32). `default`: ORT's "
               "round-to-nearest (symmetric, or an integer zero point); `offsets`: min..max blocks with a float offset "
               "added from block sums (int4's scheme; `offsets16`: offsets stored in float16); `floatzp`: the same blocks "
-              "through `MatMulNBits`' float zero points. * measured in an earlier run of the script (same windows). "
+              "through `MatMulNBits`' float zero points. Variants were measured over three runs of the script on the same "
+              "windows (`--resume`; * the first, killed after it), each against float32 in its own rounds; the machine "
+              "line is the last run's, and on this shared machine a decode ratio moves about 10% run to run. "
               + (f"Not run: {', '.join(d['not_run'])} ({d['not_run_why']}). " if d.get("not_run") else "")
               + (f"ExecuTorch's candidates in eager PyTorch with torchao's quantized linears ({eager.get('tokens', 0):,} "
                  f"tokens per text, the arithmetic XNNPACK runs): {et} (`bench/results/lm_int4_ablation.json`)."
