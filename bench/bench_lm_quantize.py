@@ -21,7 +21,8 @@ SmolLM2-135M retrofitted at full capacity, exact, as bench_lm_executorch.py does
 Writes bench/results/lm_quantize.json (``--quick``: lm_quantize_quick.json, unless ``--out``), after each
 step with ``complete: false`` so a long run keeps what it measured; ``cut`` lists what a reduced run left out.
 
-    .venv/bin/python bench/bench_lm_quantize.py [--quick] [--runtimes onnxruntime executorch] [--tokens 2048]
+    .venv/bin/python bench/bench_lm_quantize.py [--quick] [--runtimes onnxruntime executorch] [--precisions int8 int4]
+        [--tokens 2048]
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ def run_runtime(runtime: str, model, tok, ids: dict, work: Path, args, result: d
 
     r = result["runtimes"].setdefault(runtime, {"bundles": {}})
     sessions = {}
-    for p in PRECISIONS:
+    for p in args.precisions:
         try:
             secs, b = timed(lambda: export(runtime, model, tok, work / f"{runtime}-{p}", p, args.max_seq_len))
         except ParityError as e:  # the export's validation refused it: keep what it measured, go on
@@ -185,7 +186,7 @@ def run_runtime(runtime: str, model, tok, ids: dict, work: Path, args, result: d
                                                / base["perplexity"][n]["perplexity"], 4) for n in ids},
                        "prefill_speed": round(med["prefill_float32"] / med[f"prefill_{p}"], 3),
                        "decode_speed": round(med["decode_float32"] / med[f"decode_{p}"], 3)}
-                   for p in PRECISIONS[1:] if p in sessions}
+                   for p in args.precisions[1:] if p in sessions}
     write_json(out, {**result, "complete": False})
 
 
@@ -193,6 +194,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the toy model (a test runs this)")
     ap.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS[1:], default=list(PRECISIONS[1:]),
+                    help="quantized precisions to export beside float32 (default: both)")
     ap.add_argument("--tokens", type=int, default=None, help="held-out tokens per text (default 2048, toy 128)")
     ap.add_argument("--window", type=int, default=None, help="perplexity window (default 128, toy 32)")
     ap.add_argument("--max-seq-len", type=int, default=None, help="cache length (default 256, toy 32)")
@@ -201,6 +204,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for the bundles (default: a temporary one)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.precisions = ["float32", *[p for p in PRECISIONS[1:] if p in args.precisions]]
     q = args.quick
     args.tokens = args.tokens or (128 if q else DEFAULT_TOKENS)
     args.window = args.window or (32 if q else 128)
@@ -216,6 +220,7 @@ def main() -> None:
     model, tok, described = build_model(q)
     ids = heldout_ids(tok, args.tokens, args.window)
     cut = [f"runtime {r}: not run (--runtimes)" for r in RUNTIMES if r not in args.runtimes]
+    cut += [f"precision {p}: not run (--precisions)" for p in PRECISIONS if p not in args.precisions]
     if not q and args.tokens < DEFAULT_TOKENS:
         cut.append(f"tokens: {args.tokens:,} per text, not {DEFAULT_TOKENS:,} (--tokens; ExecuTorch scores a window by "
                    "decode steps, the slow part)")
@@ -234,7 +239,7 @@ def main() -> None:
         run_runtime(runtime, model, tok, ids, work, args, result, out)
     result["meets_targets"] = {
         f"{rt}_{p}_{n}": p in v["ratios"] and v["ratios"][p]["perplexity"][n] <= 1 + TARGETS[f"{p}_perplexity_rel"]
-        for rt, v in result["runtimes"].items() for p in PRECISIONS[1:] for n in ids}
+        for rt, v in result["runtimes"].items() for p in args.precisions[1:] for n in ids}
     result["meets_targets"]["parity"] = all("generation" in b and all(g["passed"] for g in b["generation"])
                                             for v in result["runtimes"].values() for b in v["bundles"].values())
     result["complete"] = True

@@ -686,6 +686,37 @@ def render_lm_quantize(d: dict) -> str:
               f"model along the reference (`bench/results/lm_quantize.json`).{cut}")
 
 
+def render_lm_int4_ablation(d: dict) -> str:
+    spec, texts = d["variants_spec"], list(d["variants"]["float32"]["perplexity"])
+    rows = []
+    for name, e in sorted(((k, v) for k, v in d["variants"].items() if "ratios" in v),
+                          key=lambda kv: (spec[kv[0]]["bits"], kv[1]["ratios"]["bytes"])):
+        s, r = spec[name], e["ratios"]
+        rows.append([f"`{name}`" + (" *" if "run" in e else ""), s["algorithm"], f"{s['bits']}", f"{s['block']}",
+                     "yes" if s["symmetric"] else "no", f"{s['lm_head_bits'] or s['bits']}", f"{s['accuracy_level']}",
+                     f"{r['bytes']:.3f}x", *[f"{100 * (r['perplexity'][t] - 1):+.1f}%" for t in texts],
+                     f"{r['decode_speed']:.2f}x"])
+    eager = d.get("torchao_eager", {})
+    et = "; ".join(f"`{k}` " + ", ".join(f"{t} {100 * (v['ratios'][t] - 1):+.1f}%" for t in v["ratios"])
+                   for k, v in eager.items() if isinstance(v, dict) and "ratios" in v)
+    m = d["machine"]
+    return (_table(["variant", "quantizer", "bits", "block", "symmetric", "lm_head bits", "accuracy_level",
+                    "bytes vs float32", *[f"perplexity {t}" for t in texts], "decode vs float32"], rows)
+            + f"\n\n{d['model']}, ONNX Runtime `MatMulNBits`, {d['tokens']:,} tokens per text in windows of "
+              f"{d['window']}, each variant quantizing one exported with-past graph and scored in its own session "
+              f"({m['date'][:10]}, 1 thread, load average {m['load_average_1_5_15'][0]}; decode: one token at a "
+              f"{d['decode_cache']}-token cache, median of {d['repeats']} rounds interleaved with float32). `default`: ORT's "
+              "round-to-nearest (symmetric, or an integer zero point); `offsets`: min..max blocks with a float offset "
+              "added from block sums (int4's scheme; `offsets16`: offsets stored in float16); `floatzp`: the same blocks "
+              "through `MatMulNBits`' float zero points. Variants were measured over three runs of the script on the same "
+              "windows (`--resume`; * the first, killed after it), each against float32 in its own rounds; the machine "
+              "line is the last run's, and on this shared machine a decode ratio moves about 10% run to run. "
+              + (f"Not run: {', '.join(d['not_run'])} ({d['not_run_why']}). " if d.get("not_run") else "")
+              + (f"ExecuTorch's candidates in eager PyTorch with torchao's quantized linears ({eager.get('tokens', 0):,} "
+                 f"tokens per text, the arithmetic XNNPACK runs): {et} (`bench/results/lm_int4_ablation.json`)."
+                 if et else "(`bench/results/lm_int4_ablation.json`)."))
+
+
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "executorch_vit_small_switch": lambda d: render_executorch(d, "executorch_vit_small_switch.json"),
@@ -694,6 +725,7 @@ RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_
              "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
              "lm_onnx": render_lm_onnx, "lm_executorch": render_lm_executorch, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
+             "lm_int4_ablation": render_lm_int4_ablation,
              "compress_llm_english": render_compress_llm_english}
 
 

@@ -12,16 +12,22 @@ says what a bundle's weights and activations are.
            input channels, finer than per channel; activations int8 per block of each row: ``quantize_dynamic``'s
            one scale per activation tensor ruins a LLaMA, see ``onnx/quantize.py``), and torchao's
            ``Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))`` (ExecuTorch's Llama export's "8da8w").
-    int4   language models only: 4-bit weights, symmetric, one scale per group of ``INT4_GROUP`` (32) input
-           channels, and int8 activations quantized dynamically: ONNX Runtime's ``MatMulNBits``
-           (``MatMulNBitsQuantizer``, ``accuracy_level=4``: int8 activations in its kernel) and ExecuTorch's
-           "8da4w" (torchao ``Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32))``, XNNPACK's qd8-qb4w
-           linear). Decoding reads every weight once per token, so a language model's speed follows its
-           weight bytes and 4 bits pay; a vision or encoder model runs large batches of tokens through small
-           matrices (compute-bound), and crisp-edge has no measured accuracy for it at 4 bits: use int8 there.
+    int4   language models only: 4-bit codes in groups of ``INT4_GROUP`` (32) input channels spanning each group's
+           min..max (a float step and a float offset per group: GGUF's Q4_1 layout), the ``lm_head`` at
+           ``LM_HEAD_BITS`` (8), and int8 activations quantized dynamically. Both runtimes' fast 4-bit kernels take
+           symmetric codes only (ORT's float zero points run a slow path, XNNPACK's take none), so the offset is
+           added apart: x @ W = x @ (step * c) + (x's block sums) @ offsets. ONNX Runtime: ``MatMulNBits``
+           (``accuracy_level=4``) plus two small float MatMuls (``onnx/quantize.py`` ``offset_pass``), the head 8-bit
+           symmetric in blocks of 32. ExecuTorch: "8da4w" (torchao ``Int8DynamicActivationIntxWeightConfig(int4,
+           PerGroup(32))``, XNNPACK's qd8-qb4w linear) on the codes of a ``BlockOffsetLinear`` plus two small float32
+           linears (``executorch/quantize.py``), the head 8da8w per channel. Decoding reads every weight once per
+           token, so a language model's speed follows its weight bytes and 4 bits pay; a vision or encoder model
+           runs large batches of tokens through small matrices (compute-bound), and crisp-edge has no measured
+           accuracy for it at 4 bits: use int8 there. What int4 costs SmolLM2-135M: bench/results/lm_int4_ablation.json
+           and lm_quantize.json (its source is a Q4_1 GGUF, whose grid these groups hold exactly: see the README).
 
 In a language model every linear layer is quantized, the ``lm_head`` included (the largest matmul: about a
-fifth of SmolLM2-135M's per-token work); the token embedding stays float32 (a row lookup, no arithmetic to
+fifth of SmolLM2-135M's per-token work; 8 bits under both schemes); the token embedding stays float32 (a row lookup, no arithmetic to
 save, and ExecuTorch's quantized embedding is a kernel outside XNNPACK that every runner would have to link).
 A tied ``lm_head`` (SmolLM2) is therefore stored twice: float32 as the embedding, quantized as the head.
 
@@ -47,14 +53,18 @@ SCHEMES: dict[str, dict[str, str]] = {
     "int8": {"weights": "int8, symmetric, per output channel",
              "activations": "int8, quantized dynamically at run time (no calibration data)",
              "dtype": "int8"},
-    "int4": {"weights": "int4, symmetric, one scale per group of 32 input channels (lm_head included; "
-                        "token embedding float32)",
+    "int4": {"weights": "int4 codes in groups of 32 input channels spanning each group's min..max, a float step and "
+                        "offset per group (lm_head int8; token embedding float32)",
              "activations": "int8, quantized dynamically at run time (no calibration data)",
              "dtype": "int4", "models": "causal language models only"},
 }
 #: Input channels per int4 weight scale (both runtimes; the Llama export's 8da4w default is 32 or 128:
 #: 32 keeps more accuracy on a small model for one more float scale per 32 weights).
 INT4_GROUP = 32
+#: Bits of a language model's ``lm_head`` under "int4" (and "int8"): 8, per block of 32 (ONNX Runtime) or per
+#: channel (ExecuTorch). The head is about a fifth of a small LM's per-token work but its errors land on the logits
+#: directly; at 4 bits it cost SmolLM2-135M most of int4's perplexity (bench/results/lm_int4_ablation.json).
+LM_HEAD_BITS = 8
 #: Schemes only a causal language model can take, and why (what a ViT or encoder asking gets told).
 LM_ONLY: dict[str, str] = {
     "int4": "int4 (4-bit group-wise weights) is the language-model recipe: decoding reads every weight per token, "

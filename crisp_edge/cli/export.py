@@ -113,7 +113,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "bundles, 18..23 for factored and swappable)")
     e.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="dense mode (default: float32): int8 weights (per channel) with dynamically quantized int8 "
-                        "activations; int4 (language models only): 4-bit weights in groups of 32, int8 activations")
+                        "activations; int4 (language models only): 4-bit weights in groups of 32 spanning each group's "
+                        "min..max (a float step and offset per group), lm_head 8-bit, int8 activations")
     e.add_argument("--max-seq-len", type=int_in(8, 1 << 20), default=None,
                    help="language models: the longest prompt + generation a session accepts (default 256, at most "
                         "the model's max_position_embeddings)")

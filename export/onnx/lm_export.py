@@ -57,7 +57,7 @@ from crisp_edge.export.onnx.bundle import ADAPTER_SUFFIX, BUNDLE_FORMAT, BUNDLE_
 from crisp_edge.export.onnx.fold import build_fold_graph, take_folded_weights
 from crisp_edge.export.onnx.lm_paths import flip_candidates, two_path_graph
 from crisp_edge.export.onnx.optimum import _versions, optimum_available, optimum_graph, write_hf_configs
-from crisp_edge.export.onnx.quantize import quantize_lm_graph
+from crisp_edge.export.onnx.quantize import quantize_lm_graph, weights_text
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.lm_check import WithPast, cache_names, lm_tolerance
 from crisp_edge.export.parity.reference import reference_outputs, reference_record, write_reference
@@ -179,8 +179,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, mixers: Sequence
         proto = lm_graph(model, opset)
         if quantize is not None:
             proto, tool = quantize_lm_graph(proto, quantize)
-            quant = quantize_record(quantize, tool, weights=f"{quantize}, symmetric, one scale per block of "
-                                    f"{tool['block_size']} input channels (lm_head included; token embedding float32)")
+            quant = quantize_record(quantize, tool, weights=weights_text(quantize))
     else:
         fold, proto, spec, flipped = swappable_graph(model, opset)
         files += save_onnx(fold, folder / "fold.onnx")

@@ -27,6 +27,8 @@ torch.set_num_threads(1)
 SEQ = 32
 #: every linear of the toy (2 layers x q, k, v, o, gate, up, down) and the lm_head
 LINEARS = 2 * 7 + 1
+#: the body's bits per scheme (the lm_head is 8-bit in both)
+BITS = {"int8": 8, "int4": 4}
 
 
 def crisp_llama(seed: int = 0) -> torch.nn.Module:
@@ -43,19 +45,30 @@ def lm(tmp_path_factory):
             **{q: export_onnx(model, root / q, mode="dense", max_seq_len=SEQ, quantize=q) for q in ("int8", "int4")}}
 
 
+def _nbits(graph) -> dict[str, dict]:
+    return {n.name: {**{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}, "inputs": len(n.input)}
+            for n in graph.node if n.op_type == "MatMulNBits"}
+
+
 def test_the_graph_runs_every_linear_in_the_schemes_kernel(lm):
-    """One MatMulNBits per linear (lm_head included), 8 or 4 bits in blocks of 32 with int8 activations
-    (accuracy_level 4); no weight is left float32 in a MatMul and the embedding's Gather stays float32."""
-    for q, bits in (("int8", 8), ("int4", 4)):
+    """One MatMulNBits per linear with int8 activations (accuracy_level 4), blocks of 32: int8 all 8-bit symmetric;
+    int4 4-bit codes for the body (no zero points: the min..max offset of each block is a float added from block
+    sums) and the lm_head at 8 bits. No original weight is left in a float MatMul; the embedding's Gather stays
+    float32."""
+    for q in ("int8", "int4"):
         graph = onnx.load(str(lm[q].path / "model.onnx")).graph
         ops = Counter(n.op_type for n in graph.node)
+        nbits = _nbits(graph)
         assert ops["MatMulNBits"] == LINEARS and "MatMulInteger" not in ops
-        for n in graph.node:
-            if n.op_type == "MatMulNBits":
-                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-                assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (bits, 32, 4)
+        [head] = [k for k in nbits if k.startswith("/lm_head/")]
+        assert (nbits[head]["bits"], nbits[head]["block_size"], nbits[head]["inputs"]) == (8, 32, 3)
+        body = [v for k, v in nbits.items() if k != head]
+        assert {(v["bits"], v["block_size"], v["accuracy_level"], v["inputs"]) for v in body} == {(BITS[q], 32, 4, 3)}
         inits = {t.name: t for t in graph.initializer}
-        assert not [n.name for n in graph.node if n.op_type == "MatMul" and any(i in inits for i in n.input)]
+        float_mm = [n for n in graph.node if n.op_type == "MatMul" and any(i in inits for i in n.input)]
+        # int4: per linear, x @ J (block sums) and its product with the (blocks, N) offsets; nothing else
+        assert len(float_mm) == (2 * (LINEARS - 1) if q == "int4" else 0)
+        assert all(n.name.endswith(("_block_sums", "_offsets")) for n in float_mm)
         [gather] = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
                     and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT and len(inits[n.input[0]].dims) == 2]
         assert list(inits[gather.input[0]].dims) == [64, 256]  # the token embedding
@@ -64,19 +77,60 @@ def test_the_graph_runs_every_linear_in_the_schemes_kernel(lm):
 def test_manifest_records_the_scheme_and_its_tolerance(lm):
     for q in ("int8", "int4"):
         m = lm[q].manifest
-        assert m["quantize"]["scheme"] == q and m["quantize"]["tool"]["name"].endswith("MatMulNBitsQuantizer")
-        assert m["quantize"]["dtype"] == q and m["quantize"]["weights"].startswith(f"{q}, symmetric, one scale per block of 32")
+        tool = m["quantize"]["tool"]
+        assert m["quantize"]["scheme"] == q and tool["op"] == "MatMulNBits" and m["quantize"]["dtype"] == q
+        assert (tool["bits"], tool["block_size"], tool["accuracy_level"]) == (BITS[q], 32, 4)
+        assert (tool["lm_head"]["bits"], tool["lm_head"]["is_symmetric"]) == (8, True)
         named = TOLERANCES[("onnxruntime-lm", "dense", q)]
         assert (m["tolerance"]["atol"], m["tolerance"]["min_top1"], m["tolerance"]["dtype"]) == (named.atol, named.min_top1, q)
         assert m["parity"]["passed"] is True
+    assert lm["int8"].manifest["quantize"]["weights"].startswith("int8, symmetric, one scale per block of 32")
+    assert (lm["int4"].manifest["quantize"]["tool"]["is_symmetric"], lm["int4"].manifest["quantize"]["tool"]["zero_points"]) \
+        == (False, "float32 offsets from block sums (min + 8 * scale)")
+    assert lm["int4"].manifest["quantize"]["weights"].startswith("int4, asymmetric") and \
+        "lm_head int8" in lm["int4"].manifest["quantize"]["weights"]
+
+
+def test_int4_offsets_hold_a_4bit_min_max_grid_exactly(tmp_path):
+    """A weight whose blocks of 32 already sit on a 4-bit min..max grid (GGUF Q4_1's layout) comes back exactly
+    from ``offset_pass`` with float activations (accuracy_level 0); ORT's integer-zero-point and symmetric
+    4-bit blocks cannot (they round every value to their own grid)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from crisp_edge.export.onnx.quantize import nbits_pass
+
+    rng = np.random.default_rng(0)
+    k, n = 96, 40
+    lo, step = rng.standard_normal((n, k // 32, 1)) * 0.05, rng.random((n, k // 32, 1)) * 0.01
+    codes = rng.integers(0, 16, (n, k // 32, 32))
+    codes[..., 0], codes[..., 1] = 0, 15  # each block spans its grid
+    w = np.ascontiguousarray((lo + step * codes).reshape(n, k).T, dtype=np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+
+    def run(**kw):
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                                  [numpy_helper.from_array(w, "w")])
+        proto = nbits_pass(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 4, 32,
+                           accuracy_level=0, **kw)
+        return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    ref = x @ w
+    assert np.abs(run(symmetric=False, offsets=True) - ref).max() < 1e-4 * np.abs(ref).max()
+    for kw in ({"symmetric": False}, {"symmetric": True}):
+        assert np.abs(run(**kw) - ref).max() > 1e-2 * np.abs(ref).max(), kw
 
 
 def test_bytes_shrink(lm):
-    """Against the float32 weights (4 bytes per stored parameter; a float32 bundle holds at least that)."""
+    """Against the float32 weights (4 bytes per stored parameter; a float32 bundle holds at least that). Per weight,
+    int8 stores 1 byte + a float32 scale per 32 (1.125 bytes); int4's body half a byte + a float32 scale and offset
+    per 32 (0.75 bytes, 2/3 of int8), its lm_head int8's 1.125."""
     fp32 = lm["int8"].manifest["params"]["stored_bytes_fp32"]
     size = {q: sum(r["bytes"] for f, r in lm[q].manifest["files"].items() if f.startswith("model.onnx"))
             for q in ("int8", "int4")}
-    assert size["int8"] < 0.35 * fp32 and size["int4"] < 0.7 * size["int8"], (size, fp32)
+    assert size["int8"] < 0.35 * fp32 and size["int4"] < 0.8 * size["int8"], (size, fp32)
 
 
 def test_generate_runs_and_parity_passes_under_the_named_tolerance(lm):

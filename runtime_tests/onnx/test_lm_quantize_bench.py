@@ -31,3 +31,13 @@ def test_quick_run_writes_bytes_perplexity_speed_and_parity(tmp_path):
 
     table = render_lm_quantize(d)
     assert "| ONNX Runtime | int4 |" in table and "within 10%" in table
+
+
+def test_precisions_runs_float32_and_the_named_scheme_only(tmp_path):
+    """--precisions int4: float32 (every ratio's base) and int4 are exported, int8 is not, and the cut says so."""
+    d = run_bench("bench_lm_quantize.py", "--quick", "--runtimes", "onnxruntime", "--precisions", "int4",
+                  "--work", str(tmp_path / "work"), out=tmp_path / "lmq.json")
+    v = d["runtimes"]["onnxruntime"]
+    assert d["complete"] and set(v["bundles"]) == {"float32", "int4"} and set(v["ratios"]) == {"int4"}
+    assert "precision int8: not run (--precisions)" in d["cut"]
+    assert set(d["meets_targets"]) == {"onnxruntime_int4_kjv-nt", "onnxruntime_int4_devil", "parity"}
