@@ -209,40 +209,50 @@ def retrofit_one(base, spec: ModelSpec, method: str) -> tuple[torch.nn.Module, d
                    "retrofit_seconds": round(time.perf_counter() - t, 1), "mixers": ce.budget(model).trainable_per_task}
 
 
-def bench_task(task: str, spec: ModelSpec, cfg: dict, log, save=None) -> dict:
-    """One task, every method of ``cfg``; ``save(partial)`` after each method (``completed_methods``)."""
+def bench_method(task: str, method: str, spec: ModelSpec, base, data, splits, cfg: dict, model_params: int,
+                 log) -> tuple[dict, list[dict]]:
+    """One method on one task: its rate chosen on validation at the first seed, then every seed at that rate.
+    Returns (its entry in the JSON, the sweep's runs)."""
+    retrofitted, crisp_info = retrofit_one(base, spec, method) if method_kind(method) == "crisp" else (None, None)
+    grid = {**SWEEP, **spec.sweep}[method_kind(method)]
+    grid = grid[:cfg["grid"]] if cfg["sweep"] and method_kind(method) in cfg["sweep_kinds"] else grid[:1]
+    sweep_runs = []
+    for lr in grid:
+        r = run_one(method, lr, spec, base, retrofitted, data, splits, cfg, cfg["seeds"][0])
+        sweep_runs.append(r)
+        log(f"{task} {method} lr={lr:g} seed={r['seed']}: val {100 * r['val']:.2f} test {100 * r['test']:.2f} "
+            f"({r['seconds_per_epoch']} s/epoch)")
+    best = max(sweep_runs, key=lambda r: r["val"])  # chosen on validation only
+    runs = [best]
+    for seed in cfg["seeds"][1:]:
+        r = run_one(method, best["lr"], spec, base, retrofitted, data, splits, cfg, seed)
+        runs.append(r)
+        log(f"{task} {method} lr={best['lr']:g} seed={seed}: val {100 * r['val']:.2f} test {100 * r['test']:.2f}")
+    tests, vals = [r["test"] for r in runs], [r["val"] for r in runs]
+    entry = {"lr": best["lr"], "test_mean": statistics.fmean(tests), "test_std": statistics.pstdev(tests),
+             "val_mean": statistics.fmean(vals), "trainable_encoder": best["trainable_encoder"],
+             "trainable_head": best["trainable_head"], "encoder_fraction": best["trainable_encoder"] / model_params,
+             "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs), "runs": runs,
+             **({"crisp": crisp_info} if crisp_info else {})}
+    return entry, [{"lr": r["lr"], "val": r["val"], "test": r["test"]} for r in sweep_runs]
+
+
+def bench_task(task: str, spec: ModelSpec, cfg: dict, log, save=None, done: dict | None = None) -> dict:
+    """One task, every method of ``cfg``; ``save(partial)`` after each method (``completed_methods``).
+    ``done``: this task's entry from an earlier run (``--merge``), whose methods are kept, not rerun."""
     data = load_text_task(task, max_train=cfg["max_train"], max_val=cfg["max_val"], max_test=cfg["max_test"])
     base, tokenizer = spec.load(len(data.labels), MAX_LENGTH[task])
     max_length = min(MAX_LENGTH[task], base.config.max_position_embeddings)
     splits = {s: tokenize_split(tokenizer, data.split(s), max_length) for s in ("train", "val", "test")}
     head = detect_architecture(base).head
     model_params = sum(p.numel() for n, p in base.named_parameters() if not n.startswith(head + "."))
-    methods, sweeps = {}, {}
+    methods, sweeps, out = {}, {}, {}
     for method in cfg["methods"]:
-        grid = {**SWEEP, **spec.sweep}[method_kind(method)]
-        grid = grid[:cfg["grid"]] if cfg["sweep"] and method_kind(method) in cfg["sweep_kinds"] else grid[:1]
-        retrofitted, crisp_info = retrofit_one(base, spec, method) if method_kind(method) == "crisp" else (None, None)
-        sweep_runs = []
-        for lr in grid:
-            r = run_one(method, lr, spec, base, retrofitted, data, splits, cfg, cfg["seeds"][0])
-            sweep_runs.append(r)
-            log(f"{task} {method} lr={lr:g} seed={r['seed']}: val {100 * r['val']:.2f} test {100 * r['test']:.2f} "
-                f"({r['seconds_per_epoch']} s/epoch)")
-        best = max(sweep_runs, key=lambda r: r["val"])  # chosen on validation only
-        runs = [best]
-        for seed in cfg["seeds"][1:]:
-            r = run_one(method, best["lr"], spec, base, retrofitted, data, splits, cfg, seed)
-            runs.append(r)
-            log(f"{task} {method} lr={best['lr']:g} seed={seed}: val {100 * r['val']:.2f} test {100 * r['test']:.2f}")
-        tests, vals = [r["test"] for r in runs], [r["val"] for r in runs]
-        methods[method] = {"lr": best["lr"], "test_mean": statistics.fmean(tests), "test_std": statistics.pstdev(tests),
-                           "val_mean": statistics.fmean(vals), "trainable_encoder": best["trainable_encoder"],
-                           "trainable_head": best["trainable_head"],
-                           "encoder_fraction": best["trainable_encoder"] / model_params,
-                           "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs), "runs": runs,
-                           **({"crisp": crisp_info} if crisp_info else {})}
-        del retrofitted
-        sweeps[method] = [{"lr": r["lr"], "val": r["val"], "test": r["test"]} for r in sweep_runs]
+        if done and method in done["methods"]:
+            methods[method], sweeps[method] = done["methods"][method], done["sweep_seed0"][method]
+        else:
+            methods[method], sweeps[method] = bench_method(task, method, spec, base, data, splits, cfg, model_params,
+                                                           log)
         out = {"classes": len(data.labels), "sizes": {s: len(splits[s]) for s in splits}, "max_length": max_length,
                "model_params_without_head": model_params, "methods": methods, "sweep_seed0": sweeps,
                "completed_methods": list(methods)}
@@ -279,7 +289,8 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, default=None, help="default: the JSON path with .png")
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the tasks of an existing --out run made with the same settings (add tasks one run at a time)")
+                    help="keep the tasks and methods of an existing --out run made with the same other settings "
+                         "(add tasks or methods one run at a time)")
     a = ap.parse_args()
     spec, full_cfg = MODELS[a.model], full_config(MODELS[a.model])
     a.out = a.out or RESULTS_DIR / f"{a.model.replace('-', '_')}_adapt.json"
@@ -297,14 +308,20 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown methods or tasks {unknown}; methods of {a.model}: {spec.methods}, tasks: {sorted(MAX_LENGTH)}")
     start = time.perf_counter()
-    kept = {}
+    kept, done, merged_from = {}, {}, None
     if a.merge and a.out.exists():
         prev = json.loads(a.out.read_text())
-        same = {k: v for k, v in prev["config"].items() if k != "tasks"} == {k: v for k, v in cfg.items() if k != "tasks"}
+        same = {k: v for k, v in prev["config"].items() if k not in ("tasks", "methods")} == \
+            {k: v for k, v in cfg.items() if k not in ("tasks", "methods")} and prev.get("model", "minilm") == a.model
         if not same:
-            ap.error(f"--merge: {a.out} was made with other settings ({prev['config']}); use another --out")
+            ap.error(f"--merge: {a.out} was made with other settings ({prev.get('model', 'minilm')}, {prev['config']}); "
+                     "use another --out")
         kept = {t: r for t, r in prev["tasks"].items() if t not in cfg["tasks"]}
-        cfg = {**cfg, "tasks": list(kept) + cfg["tasks"]}
+        done = {t: r for t, r in prev["tasks"].items() if t in cfg["tasks"]}  # their methods are kept, not rerun
+        ran = set(prev["config"]["methods"]) | set(cfg["methods"])
+        cfg = {**cfg, "tasks": list(kept) + cfg["tasks"], "methods": [m for m in spec.methods if m in ran]}
+        merged_from = {"machine": prev["machine"], "wall_seconds": prev.get("wall_seconds"),
+                       "earlier": prev.get("merged_from")}
     result = {"schema": SCHEMA, "benchmark": a.out.stem, "model": a.model, "model_title": spec.title, "config": cfg,
               "full_config": full_cfg, "cut": cuts(cfg, full_cfg),
               "protocol": {"head_lr": HEAD_LR, "sweep_grid": {**SWEEP, **spec.sweep}, "optimizer": "AdamW, weight "
@@ -312,7 +329,8 @@ def main() -> int:
                            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": spec.lora_targets},
                            "pooling": spec.pooling, "dropout": spec.dropout,
                            "batches": "length-grouped (bench/_text.py)"},
-              "machine": machine_info(), "threads": THREADS, "device": DEVICE, "tasks": dict(kept)}
+              "machine": machine_info(), "threads": THREADS, "device": DEVICE, "tasks": dict(kept),
+              **({"merged_from": merged_from} if merged_from else {})}
 
     def save_partial(task: str, partial: dict) -> None:
         # after every method: a run stopped early (or past its deadline) keeps the methods it finished
@@ -322,7 +340,7 @@ def main() -> int:
     for task in [t for t in cfg["tasks"] if t not in kept]:
         t0 = time.perf_counter()
         result["tasks"][task] = bench_task(task, spec, cfg, lambda s: print(s, flush=True),
-                                           lambda partial: save_partial(task, partial))
+                                           lambda partial: save_partial(task, partial), done.get(task))
         result["tasks"][task]["wall_seconds"] = round(time.perf_counter() - t0, 1)
         result["wall_seconds"] = round(time.perf_counter() - start, 1)
         result["completed_tasks"] = list(result["tasks"])  # a run stopped early keeps what it finished

@@ -442,7 +442,7 @@ def render_minilm_adapt(d: dict) -> str:
         "Full configuration."
     return (_table(["task", "method", "test acc. %", "val acc. %", "trainable (encoder)", "of model", "lr",
                     "s/epoch"], rows)
-            + f"\n\n{pooling}{c['epochs']} epochs, batch {c['batch_size']} (length-grouped), seeds {c['seeds']}, "
+            + f"\n\n{pooling}{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, batch {c['batch_size']} (length-grouped), seeds {c['seeds']}, "
               f"{_minilm_sweep(c)}; {sizes}. {unfinished}{cut} "
               f"{d['threads']} thread, {m['cpu_model']}, {m['date'][:10]}, load average {m['load_average_1_5_15'][0]}: "
               "s/epoch is the shared machine's, not a speed comparison "

@@ -1,8 +1,10 @@
-"""The MiniLM adaptation benchmark (bench/bench_minilm.py): its batching helpers (fast) and its --quick run
-on the real all-MiniLM-L6-v2 (slow: about a minute on one free core)."""
+"""The text adaptation benchmark (bench/bench_minilm.py): its batching helpers (fast), its --quick run on the
+real all-MiniLM-L6-v2 (slow: about a minute on one free core), SmolLM2's path on the toy LLaMA (fast: seconds)
+and --merge (slow: three runs)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +121,26 @@ def test_quick_run_on_the_toy_llama_takes_the_smollm2_path(tmp_path):
     table = render_minilm_adapt(d)
     assert "| CRISP mixers s=2, groups of 2 + head |" in table and "toy_llama_adapt.json" in table
     assert "last real token" in table
+
+
+@pytest.mark.slow
+def test_merge_adds_a_method_to_an_earlier_run_without_rerunning_it(tmp_path):
+    """``--merge --methods X``: a later run adds method X to the task of an earlier run made with the same other
+    settings (how a long CPU run grows a point at a time); the earlier methods are kept as they were."""
+    from tests.bench.running import run_bench
+
+    out = tmp_path / "toy.json"
+    args = ("--model", "toy-llama", "--tasks", "wordnet-verbs", "--seeds", "0", "--max-train", "32", "--max-val",
+            "16", "--max-test", "16", "--epochs", "1", "--batch-size", "16", "--no-sweep")
+    first = run_bench("bench_minilm.py", *args, "--methods", "head", out=out)
+    merged = run_bench("bench_minilm.py", *args, "--methods", "crisp_s2g6", "--merge", out=out)
+    t = merged["tasks"]["wordnet-verbs"]
+    assert merged["config"]["methods"] == ["head", "crisp_s2g6"] == t["completed_methods"]
+    assert t["methods"]["head"] == first["tasks"]["wordnet-verbs"]["methods"]["head"]  # kept, not rerun
+    assert t["methods"]["crisp_s2g6"]["trainable_encoder"] == 14 * 4 * 2
+    assert merged["merged_from"]["machine"] == first["machine"]
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_minilm.py"), *args[:-1], "--methods", "lora_r8",
+                           "--merge", "--out", str(out)], capture_output=True, text=True, cwd=BENCH, env=env)
+    assert proc.returncode == 2 and "other settings" in proc.stderr  # a sweep differs: refused, file untouched
+    assert json.loads(out.read_text()) == merged
