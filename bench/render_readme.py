@@ -425,7 +425,7 @@ def render_minilm_adapt(d: dict) -> str:
     minilm = d.get("model", "minilm") == "minilm"
     for task, t in d["tasks"].items():
         order = [m for m in MINILM_NAMES if m in t["methods"]] + [m for m in t["methods"] if m not in MINILM_NAMES]
-        for method, r in ((m, t["methods"][m]) for m in order):
+        for method, r in ((m, t["methods"][m]) for m in (order if minilm else t["methods"])):  # else: by budget
             acc = f"{100 * r['test_mean']:.2f}" + (f" ± {100 * r['test_std']:.2f}" if len(r["runs"]) > 1 else "")
             rows.append([task, _text_method_name(method, r, minilm), acc, f"{100 * r['val_mean']:.2f}",
                          f"{r['trainable_encoder']:,}", f"{100 * r['encoder_fraction']:.4f}%", f"{r['lr']:g}",
