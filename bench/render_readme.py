@@ -422,10 +422,12 @@ def _text_method_name(method: str, r: dict, blocks_in_one_group: bool) -> str:
 def render_minilm_adapt(d: dict) -> str:
     """The text adaptation table of ``bench_minilm.py``, for any ``--model`` (MiniLM, SmolLM2)."""
     rows = []
-    minilm = d.get("model", "minilm") == "minilm"
+    minilm = d.get("model", "minilm") == "minilm"  # MiniLM's rows in its names' order; others by trainable numbers
     for task, t in d["tasks"].items():
         order = [m for m in MINILM_NAMES if m in t["methods"]] + [m for m in t["methods"] if m not in MINILM_NAMES]
-        for method, r in ((m, t["methods"][m]) for m in (order if minilm else t["methods"])):  # else: by budget
+        if not minilm:
+            order = sorted(t["methods"], key=lambda k: t["methods"][k]["trainable_encoder"])
+        for method, r in ((m, t["methods"][m]) for m in order):
             acc = f"{100 * r['test_mean']:.2f}" + (f" ± {100 * r['test_std']:.2f}" if len(r["runs"]) > 1 else "")
             rows.append([task, _text_method_name(method, r, minilm), acc, f"{100 * r['val_mean']:.2f}",
                          f"{r['trainable_encoder']:,}", f"{100 * r['encoder_fraction']:.4f}%", f"{r['lr']:g}",
