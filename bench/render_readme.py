@@ -440,6 +440,11 @@ def render_minilm_adapt(d: dict) -> str:
     unfinished = [f"{k}: {', '.join(m for m in d['config']['methods'] if m not in v['methods'])}"
                   for k, v in d["tasks"].items() if set(d["config"]["methods"]) - set(v["methods"])]
     unfinished = f"Not finished in this run: {'; '.join(unfinished)}. " if unfinished else ""
+    runs, earlier = 1, d.get("merged_from")
+    while earlier:
+        runs, earlier = runs + 1, earlier.get("earlier")
+    if runs > 1:
+        unfinished += f"Methods run in {runs} processes with these settings (`--merge`); the machine line is the last's. "
     cut = ("**Reduced run** (not the full configuration): " + "; ".join(d["cut"]) + ".") if d["cut"] else \
         "Full configuration."
     return (_table(["task", "method", "test acc. %", "val acc. %", "trainable (encoder)", "of model", "lr",
