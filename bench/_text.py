@@ -1,4 +1,4 @@
-"""Text-classification training for the MiniLM benchmarks: tokenised tasks, length-grouped batches, and one
+"""Text-classification training for the text adaptation benchmarks (MiniLM, SmolLM2): tokenised tasks, length-grouped batches, and one
 training loop that every method shares (only which parameters train, and at which rates, differs).
 
 Why a loop here rather than ``adapt_``: ``adapt_`` takes ``(x, y)`` tensors, with no attention mask yet.
@@ -34,12 +34,14 @@ class TokenizedSplit:
         return len(self.ids)
 
 
-def fresh_head(model: nn.Module, num_classes: int, seed: int) -> None:
-    """A new seeded ``classifier`` (nn.Linear's own init), identical for every method at a seed."""
-    old = model.classifier
+def fresh_head(model: nn.Module, num_classes: int, seed: int, name: str = "classifier") -> None:
+    """A new seeded head at ``name`` (nn.Linear's own init; a bias when the model's head has one: BERT's
+    ``classifier`` does, a LLaMA classifier's ``score`` does not), identical for every method at a seed."""
+    old = model.get_submodule(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.classifier = nn.Linear(old.in_features, num_classes).to(old.weight.device)
+        model.set_submodule(name, nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+                            .to(old.weight.device))
 
 
 def tokenize_split(tokenizer, pairs: list[tuple[str, int]], max_length: int) -> TokenizedSplit:

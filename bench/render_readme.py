@@ -415,27 +415,48 @@ def _minilm_sweep(c: dict) -> str:
     return f"learning rate chosen on the validation split at seed 0 ({kinds}: {c.get('grid', 3)} rates; others at their default)"
 
 
+def _text_method_name(method: str, r: dict, blocks_in_one_group: bool) -> str:
+    """MiniLM's names (one group of every block), or CRISP with its group size spelled out."""
+    if "crisp" in r and not blocks_in_one_group:
+        return f"CRISP mixers s={r['crisp']['s']}, groups of {r['crisp']['group_size']} + head"
+    return MINILM_NAMES.get(method, method)
+
+
 def render_minilm_adapt(d: dict) -> str:
+    """The text adaptation table of ``bench_minilm.py``, for any ``--model`` (MiniLM, SmolLM2)."""
     rows = []
+    minilm = d.get("model", "minilm") == "minilm"  # MiniLM's rows in its names' order; others by trainable numbers
     for task, t in d["tasks"].items():
         order = [m for m in MINILM_NAMES if m in t["methods"]] + [m for m in t["methods"] if m not in MINILM_NAMES]
+        if not minilm:
+            order = sorted(t["methods"], key=lambda k: t["methods"][k]["trainable_encoder"])
         for method, r in ((m, t["methods"][m]) for m in order):
             acc = f"{100 * r['test_mean']:.2f}" + (f" ± {100 * r['test_std']:.2f}" if len(r["runs"]) > 1 else "")
-            rows.append([task, MINILM_NAMES.get(method, method), acc, f"{100 * r['val_mean']:.2f}",
+            rows.append([task, _text_method_name(method, r, minilm), acc, f"{100 * r['val_mean']:.2f}",
                          f"{r['trainable_encoder']:,}", f"{100 * r['encoder_fraction']:.4f}%", f"{r['lr']:g}",
                          f"{r['seconds_per_epoch']:.0f}"])
     c, m = d["config"], d["machine"]
     sizes = "; ".join(f"{k}: {v['sizes']['train']:,} train / {v['sizes']['val']:,} val / {v['sizes']['test']:,} test, "
                       f"{v['classes']} classes, max {v['max_length']} tokens" for k, v in d["tasks"].items())
+    name = d.get("benchmark", "minilm_adapt")
+    pooling = "" if minilm else f"Head on the {d['protocol']['pooling']}. "
+    unfinished = [f"{k}: {', '.join(m for m in d['config']['methods'] if m not in v['methods'])}"
+                  for k, v in d["tasks"].items() if set(d["config"]["methods"]) - set(v["methods"])]
+    unfinished = f"Not finished in this run: {'; '.join(unfinished)}. " if unfinished else ""
+    runs, earlier = 1, d.get("merged_from")
+    while earlier:
+        runs, earlier = runs + 1, earlier.get("earlier")
+    if runs > 1:
+        unfinished += f"Methods run in {runs} processes with these settings (`--merge`); the machine line is the last's. "
     cut = ("**Reduced run** (not the full configuration): " + "; ".join(d["cut"]) + ".") if d["cut"] else \
         "Full configuration."
     return (_table(["task", "method", "test acc. %", "val acc. %", "trainable (encoder)", "of model", "lr",
                     "s/epoch"], rows)
-            + f"\n\n{c['epochs']} epochs, batch {c['batch_size']} (length-grouped), seeds {c['seeds']}, "
-              f"{_minilm_sweep(c)}; {sizes}. {cut} "
+            + f"\n\n{pooling}{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, batch {c['batch_size']} (length-grouped), seeds {c['seeds']}, "
+              f"{_minilm_sweep(c)}; {sizes}. {unfinished}{cut} "
               f"{d['threads']} thread, {m['cpu_model']}, {m['date'][:10]}, load average {m['load_average_1_5_15'][0]}: "
               "s/epoch is the shared machine's, not a speed comparison "
-              "(`bench/results/minilm_adapt.json`, plot `bench/results/minilm_adapt.png`).")
+              f"(`bench/results/{name}.json`, plot `bench/results/{name}.png`).")
 
 
 def render_minilm_compress(d: dict) -> str:
@@ -722,6 +743,7 @@ RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_
              "executorch_vit_small_switch": lambda d: render_executorch(d, "executorch_vit_small_switch.json"),
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
+             "smollm2_adapt": render_minilm_adapt,
              "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
              "lm_onnx": render_lm_onnx, "lm_executorch": render_lm_executorch, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,

@@ -1,8 +1,10 @@
-"""The MiniLM adaptation benchmark (bench/bench_minilm.py): its batching helpers (fast) and its --quick run
-on the real all-MiniLM-L6-v2 (slow: about a minute on one free core)."""
+"""The text adaptation benchmark (bench/bench_minilm.py): its batching helpers (fast), its --quick run on the
+real all-MiniLM-L6-v2 (slow: about a minute on one free core), SmolLM2's path on the toy LLaMA (fast: seconds)
+and --merge (slow: three runs)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +92,55 @@ def test_compress_quick_run_holds_every_method_to_the_budget(tmp_path):
         assert r["stored"] <= r["budget"] and 0.4 < r["kept_fraction"] <= 0.5
         assert -1 <= r["before"]["cosine"] < 1 and set(r["before"]["head_acc"]) == {"wordnet-verbs"}
         assert ("after" in r) == (r["method"] != "crisp-mimicry")
+
+
+def test_quick_run_on_the_toy_llama_takes_the_smollm2_path(tmp_path):
+    """``--model toy-llama --quick``: SmolLM2's path (LLaMA text classifier, its head ``score`` on the last real
+    token, CRISP in groups, LoRA on the seven projections) end to end, and the README renderer on its JSON."""
+    from render_readme import render_minilm_adapt
+    from tests.bench.running import run_bench
+
+    d = run_bench("bench_minilm.py", "--model", "toy-llama", "--quick", out=tmp_path / "toy_llama_adapt.json")
+    assert d["benchmark"] == "toy_llama_adapt" and d["model"] == "toy-llama"
+    assert "last real token" in d["protocol"]["pooling"] and d["protocol"]["dropout"] == 0.0
+    assert any(c.startswith("seeds:") for c in d["cut"])
+    (task, t), = d["tasks"].items()
+    assert t["completed_methods"] == ["head", "crisp_s2g6", "crisp_s4g4", "crisp_s8g4", "lora_r8", "full"]
+    assert t["max_length"] == 32  # the toy's window, below the task's 64
+    m = t["methods"]
+    # The toy: 2 blocks x 7 projections (q, o: 32x32; k, v: 16x32; gate, up: 64x32; down: 32x64). A group of 6
+    # (or 4) blocks holds both, so r = 2*s at full capacity and each linear has r*s mixer numbers.
+    assert {k: m[k]["trainable_encoder"] for k in ("head", "crisp_s2g6", "crisp_s4g4", "crisp_s8g4", "lora_r8")} == {
+        "head": 0, "crisp_s2g6": 14 * 4 * 2, "crisp_s4g4": 14 * 8 * 4, "crisp_s8g4": 14 * 16 * 8,
+        "lora_r8": 2 * 8 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))}
+    assert m["crisp_s2g6"]["crisp"]["group_size"] == 2 and m["crisp_s4g4"]["crisp"]["r"] == 8
+    assert all(m[k]["crisp"]["retrofit_max_rel_error"] < 1e-4 for k in m if k.startswith("crisp"))
+    assert m["full"]["trainable_encoder"] == t["model_params_without_head"]
+    assert all(m[k]["trainable_head"] == 32 * 15 for k in m)  # LLaMA's score head has no bias
+    assert all(0 <= r["test"] <= 1 and 0 <= r["val"] <= 1 for k in m for r in m[k]["runs"])
+    table = render_minilm_adapt(d)
+    assert "| CRISP mixers s=2, groups of 2 + head |" in table and "toy_llama_adapt.json" in table
+    assert "last real token" in table
+
+
+@pytest.mark.slow
+def test_merge_adds_a_method_to_an_earlier_run_without_rerunning_it(tmp_path):
+    """``--merge --methods X``: a later run adds method X to the task of an earlier run made with the same other
+    settings (how a long CPU run grows a point at a time); the earlier methods are kept as they were."""
+    from tests.bench.running import run_bench
+
+    out = tmp_path / "toy.json"
+    args = ("--model", "toy-llama", "--tasks", "wordnet-verbs", "--seeds", "0", "--max-train", "32", "--max-val",
+            "16", "--max-test", "16", "--epochs", "1", "--batch-size", "16", "--no-sweep")
+    first = run_bench("bench_minilm.py", *args, "--methods", "head", out=out)
+    merged = run_bench("bench_minilm.py", *args, "--methods", "crisp_s2g6", "--merge", out=out)
+    t = merged["tasks"]["wordnet-verbs"]
+    assert merged["config"]["methods"] == ["head", "crisp_s2g6"] == t["completed_methods"]
+    assert t["methods"]["head"] == first["tasks"]["wordnet-verbs"]["methods"]["head"]  # kept, not rerun
+    assert t["methods"]["crisp_s2g6"]["trainable_encoder"] == 14 * 4 * 2
+    assert merged["merged_from"]["machine"] == first["machine"]
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_minilm.py"), *args[:-1], "--methods", "lora_r8",
+                           "--merge", "--out", str(out)], capture_output=True, text=True, cwd=BENCH, env=env)
+    assert proc.returncode == 2 and "other settings" in proc.stderr  # a sweep differs: refused, file untouched
+    assert json.loads(out.read_text()) == merged
