@@ -24,7 +24,8 @@ buffers sit beside them, and the task guard makes ``forward`` fail before any ``
 is not a task tensor (it is the vocabulary projection, tied to the embedding in SmolLM2): a task is its
 mixers alone. A tied head gets its own constant copy in the swappable program (``_untie_head``: XNNPACK
 then packs it once, as in the dense program, instead of a portable product at every step); the manifest's
-``params.head_copy`` counts the parameters stored twice (``params.stored`` counts them once). Task files
+``params.head_copy`` counts the parameters a program stores twice (``params.stored`` counts them once; a
+dense XNNPACK program holds the tied head twice too: the delegate packs its own). Task files
 are ``tasks/<name>.ptd`` as for every swappable ExecuTorch bundle.
 
 The manifest is the ExecuTorch bundle's plus ``dynamic_axes`` and the ``lm`` section
@@ -220,9 +221,16 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int,
 
 def _tied_head(model: nn.Module) -> int:
     """The parameter count of ``model``'s vocabulary projection when it is tied to the embedding, else 0: what
-    the swappable program stores twice (``_untie_head``; the manifest's ``params.head_copy``)."""
+    the swappable program stores twice (``_untie_head``)."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     return head.weight.numel() if head is not None and emb is not None and head.weight is emb.weight else 0
+
+
+def _head_copy(model: nn.Module, mode: str, recipe: str) -> int:
+    """The parameters a program stores twice (the manifest's ``params.head_copy``; ``params.stored`` counts
+    them once): a tied head's, in the swappable program (its own copy, ``_untie_head``) and in a dense
+    XNNPACK program (the delegate holds the head's packed weights beside the embedding's)."""
+    return _tied_head(model) if mode == "swappable" or recipe != "portable" else 0
 
 
 def _untie_head(model: nn.Module) -> None:
@@ -318,7 +326,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
         "reference": reference_record(list(INPUT_NAMES), [OUTPUT_NAME], len(cases), list(by_task),
                                       batches=[1] * len(cases), seed=REFERENCE_SEED, **reference),
         "tolerance": {**tol.to_dict(), "dtype": dtype},
-        "params": {**params_record(model, stored), "head_copy": _tied_head(model) if swap else 0,
+        "params": {**params_record(model, stored), "head_copy": _head_copy(model, mode, recipe),
                    "program_bytes": (folder / PROGRAM).stat().st_size},
         "tasks": tasks,
         "lm": lm_section(max_seq_len=max_seq_len, vocab_size=vocab, tokenizer_record=tok_record, references=generation),
