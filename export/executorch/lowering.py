@@ -87,6 +87,21 @@ def non_delegated_ops(edge) -> dict[str, dict[str, int]]:
     return out
 
 
+def partition(exported: dict, recipe: str, mode: str, constant_methods: dict | None = None):
+    """The edge program of ``exported`` (method -> ``torch.export`` program) with the recipe's partitioners
+    applied, method by method."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    parts = {k: _partitioners(recipe, mode, k) for k in exported}
+    edge = to_edge_transform_and_lower(exported, partitioner={k: p[0] for k, p in parts.items()},
+                                       constant_methods=constant_methods,
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    with _quiet_logger("executorch.backends.xnnpack.partition.xnnpack_partitioner"):  # to_backend's deprecation
+        for i in range(max(len(p[1]) for p in parts.values())):
+            edge = edge.to_backend({k: p[1][i] for k, p in parts.items() if len(p[1]) > i})
+    return edge
+
+
 def lower(programs: dict[str, nn.Module], example: dict[str, tuple], recipe: str, mode: str,
           constant_methods: dict | None = None, dynamic_shapes: dict | None = None, strict: bool = False,
           reinplace: bool = False):
@@ -97,24 +112,14 @@ def lower(programs: dict[str, nn.Module], example: dict[str, tuple], recipe: str
     non-strict trace of its in-place cache updates fails in ``run_decompositions``); ``reinplace``: write
     ``index_put`` on a mutable buffer in place (ExecuTorch's reinplace pass: a key/value cache update then
     writes the new positions, not a copy of the whole cache plus a copy back)."""
-    from executorch.exir import (
-        EdgeCompileConfig,
-        ExecutorchBackendConfig,
-        to_edge_transform_and_lower,
-    )
+    from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         exported = {k: torch.export.export(m, example[k], dynamic_shapes=(dynamic_shapes or {}).get(k), strict=strict)
                     for k, m in programs.items()}
-        parts = {k: _partitioners(recipe, mode, k) for k in exported}
-        edge = to_edge_transform_and_lower(exported, partitioner={k: p[0] for k, p in parts.items()},
-                                           constant_methods=constant_methods,
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
-        with _quiet_logger("executorch.backends.xnnpack.partition.xnnpack_partitioner"):  # to_backend's deprecation
-            for i in range(max(len(p[1]) for p in parts.values())):
-                edge = edge.to_backend({k: p[1][i] for k, p in parts.items() if len(p[1]) > i})
+        edge = partition(exported, recipe, mode, constant_methods)
         ops = non_delegated_ops(edge)
         options = {"run_reinplace_pass": True} if reinplace else {}
         if mode == "swappable":

@@ -240,6 +240,35 @@ def test_swappable_program_delegates_a_tied_head_and_still_switches_tasks(tmp_pa
     assert len({tuple(v) for v in got.values()}) == 3, got  # set_task still rewrites the weights
 
 
+def test_swappable_forward_packs_constant_weights_once_and_leaves_buffers_to_set_task():
+    """The swappable recipe's partitioners on one linear whose weight is a buffer (a CRISP weight that
+    set_task writes) and one whose weight is a constant (a language model's head): both products run in
+    XNNPACK; the constant is inside its delegate (packed once, at load), the buffer is not (an input of the
+    delegate, read as set_task left it)."""
+    from torch import nn
+
+    from crisp_edge.export.executorch.lowering import non_delegated_ops, partition
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.randn(8, 8))
+            self.head = nn.Linear(8, 5, bias=False)
+
+        def forward(self, x):
+            return self.head(torch.nn.functional.linear(x, self.w))
+
+    ep = torch.export.export(Two().eval(), (torch.randn(1, 8),))
+    edge = partition({"forward": ep}, "xnnpack", "swappable")
+    assert not _products(non_delegated_ops(edge)["forward"])
+    inside = set()
+    for name, mod in edge.exported_program("forward").graph_module.named_children():
+        if name.startswith("lowered_module"):
+            sig = mod.original_module.graph_signature
+            inside |= set(sig.inputs_to_parameters.values()) | set(sig.inputs_to_buffers.values())
+    assert "head.weight" in inside and "w" not in inside, inside
+
+
 @pytest.mark.slow
 def test_bench_quick(tmp_path):
     r = run_bench("bench_lm_executorch.py", "--quick", "--work", str(tmp_path / "work"), out=tmp_path / "lm.json")
