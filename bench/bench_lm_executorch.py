@@ -18,8 +18,11 @@ side by side, interleaved, in one run:
   seconds and bytes.
 
 Writes bench/results/lm_executorch.json (``--quick``: lm_executorch_quick.json, unless ``--out``).
+``--shaped LAYERS``: SmolLM2's shapes with LAYERS layers and random (confident) weights, under the 100M
+parameters that need the SmolLM2 lock, when a full run cannot fit (lm_executorch_shaped<LAYERS>.json; its
+vocabulary projection weighs more against fewer layers than in SmolLM2, so its ratios are not SmolLM2's).
 
-    .venv/bin/python bench/bench_lm_executorch.py [--quick] [--max-seq-len 256] [--repeats 10]
+    .venv/bin/python bench/bench_lm_executorch.py [--quick | --shaped 8] [--max-seq-len 256] [--repeats 10]
 """
 from __future__ import annotations
 
@@ -109,7 +112,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=None, help="mixer perturbation of the task files (default 0.5, SmolLM2 0.05)")
     ap.add_argument("--shaped", type=int, default=None, metavar="LAYERS",
                     help="SmolLM2's shapes with LAYERS layers, random weights (under the SmolLM2 lock's 100M parameters; "
-                         "writes lm_executorch_shaped.json)")
+                         "writes lm_executorch_shaped<LAYERS>.json)")
     ap.add_argument("--work", default=None, help="folder for the bundles (default: a temporary one)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -123,7 +126,8 @@ def main() -> None:
     prompt_n = args.prompt_tokens or (8 if q else 64)
     repeats = args.repeats or (3 if q else 10)
     scale = args.scale if args.scale is not None else (0.5 if q else 0.05)
-    name = "lm_executorch_quick.json" if q else "lm_executorch_shaped.json" if args.shaped else "lm_executorch.json"
+    name = ("lm_executorch_quick.json" if q else f"lm_executorch_shaped{args.shaped}.json" if args.shaped
+            else "lm_executorch.json")
     out = Path(args.out) if args.out else RESULTS_DIR / name
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_lm_et_"))
     work.mkdir(parents=True, exist_ok=True)
