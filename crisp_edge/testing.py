@@ -49,14 +49,15 @@ def toy_hf_vit(seed: int = 0, depth: int = 2) -> nn.Module:
     return _seeded(seed, lambda: transformers.ViTForImageClassification(config))
 
 
-def toy_hf_llama(seed: int = 0, depth: int = 2, width: int = 32) -> nn.Module:
+def toy_hf_llama(seed: int = 0, depth: int = 2, width: int = 32, tied: bool = False) -> nn.Module:
     """A Hugging Face ``LlamaForCausalLM`` (hidden ``width`` = 32, MLP 2x that, 2 query heads, 1 key/value head,
-    vocabulary 64). A wider toy (``width=256``) has weights that outweigh the graph's own bytes, for size checks."""
+    vocabulary 64). A wider toy (``width=256``) has weights that outweigh the graph's own bytes, for size checks;
+    ``tied``: the head shares the embedding's weight (as SmolLM2's does)."""
     import transformers
 
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
+        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tied,
     )
     return _seeded(seed, lambda: transformers.LlamaForCausalLM(config))
 

@@ -22,7 +22,11 @@ run in any runner. ``bench/bench_lm_et_anchor.py`` compares the two on the same 
 layer's weight is a mutable buffer that ``set_task(mixers...)`` rebuilds from the bases, the cache
 buffers sit beside them, and the task guard makes ``forward`` fail before any ``set_task``. The LM head
 is not a task tensor (it is the vocabulary projection, tied to the embedding in SmolLM2): a task is its
-mixers alone. Task files are ``tasks/<name>.ptd`` as for every swappable ExecuTorch bundle.
+mixers alone. A tied head gets its own constant copy in the swappable program (``_untie_head``: XNNPACK
+then packs it once, as in the dense program, instead of a portable product at every step); the manifest's
+``params.head_copy`` counts the parameters a program stores twice (``params.stored`` counts them once; a
+dense XNNPACK program holds the tied head twice too: the delegate packs its own). Task files
+are ``tasks/<name>.ptd`` as for every swappable ExecuTorch bundle.
 
 The manifest is the ExecuTorch bundle's plus ``dynamic_axes`` and the ``lm`` section
 (``crisp_edge.export.lm``): ``max_seq_len``, the tokenizer when the model came with one
@@ -123,12 +127,28 @@ def _grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     mask = attention_mask[:, :, :, :length]
-    mask = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], g, t, length).reshape(mask.shape[0], mask.shape[1],
-                                                                                       g * t, length)
+    if mask.dtype == torch.bool:  # not the programs' own mask (``_additive_mask``): the same add after one where
+        mask = _to_additive(mask, query.dtype)
     scores = torch.matmul(query.reshape(b, kv, g * t, d), key.transpose(-1, -2)) * (scaling or d ** -0.5)
-    scores = torch.where(mask, scores, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    # the mask [b, 1, T, L] broadcast over the G stacked query heads: an add (XNNPACK's), no copy of the mask
+    scores = (scores.view(b, kv, g, t, length) + mask.unsqueeze(2)).view(b, kv, g * t, length)
     out = torch.matmul(torch.softmax(scores, dim=-1), value)  # [b, kv, g * t, d]
     return out.view(b, kv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d), None
+
+
+def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the float mask added to the scores (0 / dtype's minimum)."""
+    return torch.where(mask, torch.zeros((), dtype=dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype))
+
+
+def _additive_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The export-friendly causal mask (transformers' ``sdpa_without_vmap``) as an additive float mask, built
+    once per call: the layers add it to their scores (in XNNPACK) instead of each running a ``where``
+    outside the delegate (about 9% of a SmolLM2 prefill)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa_without_vmap"](*args, **kwargs)
+    return _to_additive(mask, torch.float32) if mask is not None and mask.dtype == torch.bool else mask
 
 
 class _StaticCacheLM(nn.Module):
@@ -152,8 +172,8 @@ class _StaticCacheLM(nn.Module):
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        # the wrapper's export-friendly mask, with grouped attention instead of SDPA's repeated cache
-        ALL_MASK_ATTENTION_FUNCTIONS.register(_GROUPED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa_without_vmap"])
+        # the wrapper's export-friendly mask (additive), with grouped attention instead of SDPA's repeated cache
+        ALL_MASK_ATTENTION_FUNCTIONS.register(_GROUPED_ATTENTION, _additive_mask)
         ALL_ATTENTION_FUNCTIONS.register(_GROUPED_ATTENTION, _grouped_attention)
         model.config._attn_implementation = _GROUPED_ATTENTION
 
@@ -188,6 +208,7 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int,
     fp, layout = bases_fingerprint(model), model_layout(model)
     prog = _LMSwapProgram(model, list(INPUT_NAMES), None, bundle_tag(fp, layout)).eval()
     prog.fwd = _StaticCacheLM(prog.fwd.model, max_seq_len)
+    _untie_head(prog.fwd.model)
     view = copy.copy(prog)
     view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
     inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2], crisp_bases(model)[key].s]}
@@ -196,6 +217,34 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int,
             "head": None, "task_semantics": "exported tensors, with the task file's tensors replacing theirs"}
     set_args = tuple(torch.zeros(i["shape"]) for i in inputs)
     return {"forward": prog, "set_task": view}, {"forward": example, "set_task": set_args}, swap, None
+
+
+def _tied_head(model: nn.Module) -> int:
+    """The parameter count of ``model``'s vocabulary projection when it is tied to the embedding, else 0: what
+    the swappable program stores twice (``_untie_head``)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head.weight.numel() if head is not None and emb is not None and head.weight is emb.weight else 0
+
+
+def _head_copy(model: nn.Module, mode: str, recipe: str) -> int:
+    """The parameters a program stores twice (the manifest's ``params.head_copy``; ``params.stored`` counts
+    them once): a tied head's, in the swappable program (its own copy, ``_untie_head``) and in a dense
+    XNNPACK program (the delegate holds the head's packed weights beside the embedding's)."""
+    return _tied_head(model) if mode == "swappable" or recipe != "portable" else 0
+
+
+def _untie_head(model: nn.Module) -> None:
+    """Give a tied vocabulary projection its own constant copy of the embedding (in place).
+
+    In the swappable program the CRISP weights are buffers, so its linears go to XNNPACK's partitioner
+    with ``force_non_static_weights_for_f32_linear``, which turns away a constant weight that another
+    node (the embedding's gather) also reads: a tied head then runs as a portable ``mm`` at every step
+    (hidden x vocabulary, most of a small model's decode). With its own copy the head is a constant used
+    by one linear, which XNNPACK packs once at load, as in the dense program (whose delegate holds the
+    packed copy too). The copy is not a task tensor: ``set_task`` never writes it."""
+    if _tied_head(model):
+        head = model.get_output_embeddings()
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
 
 
 def export_lm_executorch(model: nn.Module, out_dir: Path, *, mode: str, recipe: str, mixers: Sequence[MixerFile],
@@ -277,7 +326,8 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
         "reference": reference_record(list(INPUT_NAMES), [OUTPUT_NAME], len(cases), list(by_task),
                                       batches=[1] * len(cases), seed=REFERENCE_SEED, **reference),
         "tolerance": {**tol.to_dict(), "dtype": dtype},
-        "params": {**params_record(model, stored), "program_bytes": (folder / PROGRAM).stat().st_size},
+        "params": {**params_record(model, stored), "head_copy": _head_copy(model, mode, recipe),
+                   "program_bytes": (folder / PROGRAM).stat().st_size},
         "tasks": tasks,
         "lm": lm_section(max_seq_len=max_seq_len, vocab_size=vocab, tokenizer_record=tok_record, references=generation),
     }

@@ -52,8 +52,8 @@ def toy_tokenizer(words: int = 62):
     return tok
 
 
-def crisp_llama(seed: int = 0):
-    model = toy_hf_llama(seed=seed).eval()
+def crisp_llama(seed: int = 0, tied: bool = False):
+    model = toy_hf_llama(seed=seed, tied=tied).eval()
     ce.retrofit_(model, ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2)), progress=False)
     return model
 
@@ -199,10 +199,74 @@ def test_xnnpack_dense_and_swappable_agree_with_pytorch(model, tasks, tmp_path):
     for b in (dense, swap):
         assert b.manifest["parity"]["passed"] and b.manifest["parity"]["max_abs"] < 1e-4
         ops = b.manifest["non_delegated_ops"]["forward"]
-        assert not any("linear" in k or k.startswith("aten.mm") or "addmm" in k for k in ops), ops  # delegated
+        assert not _products(ops), ops  # delegated
+        assert b.manifest["params"]["head_copy"] == 0  # the toy's head is not tied: nothing stored twice
     prompts = reference_prompts(None, 64)
     assert dense.session().generate(prompts[0], 10)["token_ids"] == \
         swap.session().generate(prompts[0], 10, task="default")["token_ids"]
+
+
+def _products(ops: dict) -> dict:
+    """The matrix products among ``ops`` (a method's non-delegated operators)."""
+    return {k: n for k, n in ops.items() if "linear" in k or k.startswith("aten.mm") or "addmm" in k}
+
+
+@pytest.mark.slow
+def test_swappable_program_delegates_a_tied_head_and_still_switches_tasks(tmp_path):
+    """SmolLM2 ties its head to the embedding. The swappable program gives the head its own constant copy,
+    so XNNPACK takes the vocabulary projection (it turned the shared weight away: a portable product at
+    every step), while the CRISP weights stay buffers that ``set_task`` rewrites: each task's tokens are
+    its PyTorch reference's and differ between tasks. The manifest counts the copy apart from the stored
+    parameters, and the attention mask is one ``where`` per call, not one per layer."""
+    from crisp_edge.export.model_io import _stored_params
+
+    model = crisp_llama(tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    paths = [make_lm_task_file(model, tmp_path / f"{t}.mixers.safetensors", task=t, seed=i + 1)
+             for i, t in enumerate(TASKS)]
+    b = export_executorch(model, tmp_path / "swap", mode="swappable", tasks=paths, max_seq_len=24)
+    m = b.manifest
+    ops = m["non_delegated_ops"]["forward"]
+    assert not _products(ops), ops
+    assert ops.get("aten.where.self", 0) <= 1 < model.config.num_hidden_layers, ops
+    assert m["params"]["stored"] == _stored_params(model) and m["params"]["head_copy"] == 64 * 32
+    assert m["parity"]["passed"] and m["parity"]["max_abs"] < 1e-4  # every task's generation, in ExecuTorch
+    sess = b.session(threads=1)
+    prompt = [5, 9, 3, 7]
+    got = {t: sess.generate(prompt, 12, task=t)["token_ids"] for t in ("default", *TASKS)}
+    for t, path in zip(TASKS, paths):  # the reference computed here, not the one stored at export
+        ref = record_references({t: TorchStepper(_with_mixers(model, path), 24)}, [prompt], 12)[t]
+        assert got[t] == ref["cases"][0]["tokens"]
+    assert len({tuple(v) for v in got.values()}) == 3, got  # set_task still rewrites the weights
+
+
+def test_swappable_forward_packs_constant_weights_once_and_leaves_buffers_to_set_task():
+    """The swappable recipe's partitioners on one linear whose weight is a buffer (a CRISP weight that
+    set_task writes) and one whose weight is a constant (a language model's head): both products run in
+    XNNPACK; the constant is inside its delegate (packed once, at load), the buffer is not (an input of the
+    delegate, read as set_task left it)."""
+    from torch import nn
+
+    from crisp_edge.export.executorch.lowering import non_delegated_ops, partition
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.randn(8, 8))
+            self.head = nn.Linear(8, 5, bias=False)
+
+        def forward(self, x):
+            return self.head(torch.nn.functional.linear(x, self.w))
+
+    ep = torch.export.export(Two().eval(), (torch.randn(1, 8),))
+    edge = partition({"forward": ep}, "xnnpack", "swappable")
+    assert not _products(non_delegated_ops(edge)["forward"])
+    inside = set()
+    for name, mod in edge.exported_program("forward").graph_module.named_children():
+        if name.startswith("lowered_module"):
+            sig = mod.original_module.graph_signature
+            inside |= set(sig.inputs_to_parameters.values()) | set(sig.inputs_to_buffers.values())
+    assert "head.weight" in inside and "w" not in inside, inside
 
 
 @pytest.mark.slow
