@@ -166,8 +166,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="folder for the compressed checkpoint")
     c.add_argument("--method", default="greedy", choices=["uniform", "greedy"], help="rank allocation (default greedy)")
     c.add_argument("--init", default=None, choices=["svd-whitened", "svd", "random"],
-                   help="student init (default: svd-whitened, the SVD weighted by the distillation inputs, when there "
-                        "are any; else svd, Alg. 4's data-free init)")
+                   help="student init (default: svd, Alg. 4's init; svd-whitened: weighted by the distillation "
+                        "inputs, closer on their distribution, worse as bases for other tasks)")
     c.add_argument("--data", help="distillation inputs your model takes: an image folder (flat or in class "
                                   "subfolders) or a .safetensors / .npz with x; labels optional")
     c.add_argument("--val", help="labelled data to report the teacher's and the student's accuracy on")

@@ -33,7 +33,6 @@ from crisp_edge.training.compress.ranks import (
     allocate_ranks,
     layer_input_stats,
 )
-from crisp_edge.training.compress.whitened import whitenable
 from crisp_edge.training.loop import check_inputs, check_mask
 from crisp_edge.training.retrofit import retrofit_
 
@@ -83,9 +82,9 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | Non
         x: distillation inputs (e.g. a slice of the training images), checked against the model's input
             spec first; may be None with ``distill=False`` (data-free: greedy then measures weight error).
         method: rank allocation, "greedy" (default: it won on the embedded ViT) or "uniform" (``allocate_ranks``).
-        init: student init (``init_student``): "svd-whitened" (the default with data and a layout it supports,
-            ``whitened.whitenable``: the rank-r factors with the least output error on ``calib``), "svd" (Alg. 4, data-free: the default without data) or
-            "random" (ablation).
+        init: student init (``init_student``): "svd" (Alg. 4, the default), "svd-whitened" (the rank-r
+            factors with the least output error on ``calib``, for a layout ``whitened.whitenable`` accepts:
+            better on the calibration data's distribution, worse as bases for other tasks) or "random" (ablation).
         config: the distillation settings.
         calib: inputs for the greedy allocator's output-error measure and the whitened init (default: the
             first 64 of ``x``).
@@ -112,7 +111,7 @@ def compress_vit(teacher: nn.Module, keep_fraction: float, x: torch.Tensor | Non
     calib_mask = None
     if calib is None and x is not None:
         calib, calib_mask = x[:64], None if attention_mask is None else attention_mask[:64]
-    init = init or ("svd-whitened" if calib is not None and whitenable(teacher) else "svd")
+    init = init or "svd"
     # greedy measures the plain SVD's output error even for the whitened init: measuring the whitened factors
     # (allocate_ranks init="svd-whitened") costs an alternating solve per rank and is not benchmarked yet
     plan = allocate_ranks(teacher, keep_fraction, method, calib=calib if method == "greedy" else None,
