@@ -10,10 +10,8 @@ the coefficients are the projections ``C_i = U_r^T B_t G(A_i)`` (times the singu
 mixers are ``A_i = G^-1(C_i)`` after the per-component rescaling ``retrofit_`` uses (its closed form is
 reused as is). At the teacher's rank the student reproduces the teacher exactly. With calibration inputs
 and ``init="svd-whitened"`` the rank-r factors minimise the layers' output error on those inputs instead of
-the weights' error (``crisp_edge.training.compress.whitened``). Not the default: it fits the calibration data's
-distribution better (the embedded ViT compressed to 48% keeps 88.19% against 87.48%) but the bases it leaves
-adapt worse to other tasks (Alg. 6 on the demo: mnist 82.00 vs 83.70%, digits 91.50 vs 93.25%; MiniLM
-wordnet-verbs 46.6 vs 48.0%).
+the weights' error (``crisp_edge.training.compress.whitened``); not the default: it fits the calibration data
+better but leaves worse bases for other tasks (Alg. 6: README, "Compress, then adapt").
 
 ``distill_`` trains any student of the teacher's architecture (a CRISP student, or a baseline whose
 linears are factorised modules) with ``lambda_kl * KL(teacher || student)`` on the logits plus
