@@ -4,13 +4,13 @@ the delegate. Shared by every ExecuTorch exporter."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
-import logging
 import warnings
 
 import torch
 from torch import nn
+
+from crisp_edge.export.logs import quiet_loggers
 
 _CONTROL = {"executorch_call_delegate", "getitem"}
 
@@ -72,18 +72,6 @@ def _constant_linear_config() -> type:
     return ConstantWeightLinearConfig
 
 
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    """Only errors from the logger ``name`` while the block runs."""
-    log = logging.getLogger(name)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def non_delegated_ops(edge) -> dict[str, dict[str, int]]:
     """Per method, the operators left outside any delegate after lowering (name -> count)."""
     out = {}
@@ -107,7 +95,7 @@ def partition(exported: dict, recipe: str, mode: str, constant_methods: dict | N
     edge = to_edge_transform_and_lower(exported, partitioner={k: p[0] for k, p in parts.items()},
                                        constant_methods=constant_methods,
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    with _quiet_logger("executorch.backends.xnnpack.partition.xnnpack_partitioner"):  # to_backend's deprecation
+    with quiet_loggers("executorch.backends.xnnpack.partition.xnnpack_partitioner"):  # to_backend's deprecation
         for i in range(max(len(p[1]) for p in parts.values())):
             edge = edge.to_backend({k: p[1][i] for k, p in parts.items() if len(p[1]) > i})
     return edge

@@ -27,9 +27,7 @@ reference inputs before the bundle is moved into place, like every other bundle.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from typing import Any
 import onnx
 import torch
 from crisp_edge.export.errors import ExportError
+from crisp_edge.export.logs import quiet_loggers
 from crisp_edge.export.parity.reference import REFERENCE_BATCHES, reference_inputs
 from torch import nn
 
@@ -118,20 +117,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-@contextlib.contextmanager
 def _quiet():
     """optimum's and the tracer's warnings and info logs off for the export, restored afterwards."""
-    loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, lvl in zip(loggers, levels):
-                lg.setLevel(lvl)
+    return quiet_loggers("optimum", "transformers", "torch.onnx", python_warnings=True)
 
 
 def _text_case(ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:

@@ -29,17 +29,16 @@ model trained in float the same blocks are ordinary asymmetric 4-bit round-to-ne
 """
 from __future__ import annotations
 
-import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from crisp_edge.export.errors import ExportError
+from crisp_edge.export.logs import quiet_loggers
 from crisp_edge.export.quantize import INT4_GROUP, LM_HEAD_BITS
 
 #: scheme -> the bundle modes ONNX Runtime can run it in (see crisp_edge.export.quantize).
@@ -73,16 +72,9 @@ def quantize_graph(path: Path, scheme: str) -> dict[str, Any]:
             "per_channel": True, "weight_type": "QInt8", "reduce_range": False}
 
 
-@contextmanager
-def _quiet_root() -> Iterator[None]:
+def _quiet_root():
     """ORT's quantizers log a "consider pre-processing" warning (and progress) at every call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+    return quiet_loggers("")
 
 
 def fold_weight_transposes(proto: onnx.ModelProto) -> onnx.ModelProto:
