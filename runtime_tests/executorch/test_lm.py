@@ -75,6 +75,17 @@ def swappable(model, tasks, tmp_path_factory):
     return export_executorch(model, out, mode="swappable", recipe="portable", tasks=tasks, tokenizer=toy_tokenizer())
 
 
+def _assert_each_task_generates_its_own_tokens(sess, model, paths, seq: int) -> None:
+    """Greedy tokens of every task (and the default) in the session equal the PyTorch model with that task's
+    mixers (the reference computed here, not the one stored at export), and the three differ."""
+    prompt = [5, 9, 3, 7]
+    got = {t: sess.generate(prompt, 12, task=t)["token_ids"] for t in ("default", *TASKS)}
+    for t, path in zip(TASKS, paths):
+        ref = record_references({t: TorchStepper(_with_mixers(model, path), seq)}, [prompt], 12)[t]
+        assert got[t] == ref["cases"][0]["tokens"]
+    assert len({tuple(v) for v in got.values()}) == 3, got
+
+
 def test_each_task_generates_its_own_pytorch_reference(swappable, model, tasks):
     m = swappable.manifest
     assert m["parity"]["passed"] and m["lm"]["max_seq_len"] == 32  # the toy's position range caps the default 256
@@ -86,12 +97,7 @@ def test_each_task_generates_its_own_pytorch_reference(swappable, model, tasks):
     assert report.passed and report.max_abs < 1e-4, report.summary()
     tensors = check_bundle(swappable)  # crisp-edge parity: the stored prefill cases of every task
     assert tensors.passed and len(tensors.comparisons) >= 2 * 3, tensors
-    prompt = [5, 9, 3, 7]
-    got = {t: sess.generate(prompt, 12, task=t)["token_ids"] for t in ("default", *TASKS)}
-    for t, path in zip(TASKS, tasks):  # the reference computed here, not the one stored at export
-        ref = record_references({t: TorchStepper(_with_mixers(model, path), 32)}, [prompt], 12)[t]
-        assert got[t] == ref["cases"][0]["tokens"]
-    assert len({tuple(v) for v in got.values()}) == 3, got  # the task changes the text
+    _assert_each_task_generates_its_own_tokens(sess, model, tasks, 32)  # the task changes the text
     sess.set_task("beta")  # the wrong task for alpha's reference: parity notices
     wrong = check_generation(sess.lm_stepper(), m["lm"]["generation"]["alpha"], Tolerance(1e-4, 0.999, "test"), "alpha")
     assert not wrong.tokens_match and not wrong.logits_match
@@ -232,12 +238,7 @@ def test_swappable_program_delegates_a_tied_head_and_still_switches_tasks(tmp_pa
     assert m["params"]["stored"] == _stored_params(model) and m["params"]["head_copy"] == 64 * 32
     assert m["parity"]["passed"] and m["parity"]["max_abs"] < 1e-4  # every task's generation, in ExecuTorch
     sess = b.session(threads=1)
-    prompt = [5, 9, 3, 7]
-    got = {t: sess.generate(prompt, 12, task=t)["token_ids"] for t in ("default", *TASKS)}
-    for t, path in zip(TASKS, paths):  # the reference computed here, not the one stored at export
-        ref = record_references({t: TorchStepper(_with_mixers(model, path), 24)}, [prompt], 12)[t]
-        assert got[t] == ref["cases"][0]["tokens"]
-    assert len({tuple(v) for v in got.values()}) == 3, got  # set_task still rewrites the weights
+    _assert_each_task_generates_its_own_tokens(sess, model, paths, 24)  # set_task still rewrites the weights
 
 
 def test_swappable_forward_packs_constant_weights_once_and_leaves_buffers_to_set_task():
