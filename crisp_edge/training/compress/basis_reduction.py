@@ -44,20 +44,20 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, *, iters: int = 25
     if not 1 <= k <= n:
         raise ConfigError(f"cannot make {k} clusters of {n} points.")
     if k == n:
-        return torch.arange(n)
+        return torch.arange(n, device=x.device)
     w = w.double().clamp_min(1e-30)
     x = x.double()
-    first = int(torch.multinomial(w / w.sum(), 1, generator=generator))
+    first = int(torch.multinomial((w / w.sum()).cpu(), 1, generator=generator))  # the generator is a CPU one
     centers = [x[first]]
     d2 = (x - centers[0]).pow(2).sum(1)
     for _ in range(1, k):
         p = w * d2
-        idx = int(torch.multinomial(p / p.sum(), 1, generator=generator)) if float(p.sum()) > 0 else int(
-            torch.multinomial(w / w.sum(), 1, generator=generator))
+        idx = int(torch.multinomial((p / p.sum()).cpu(), 1, generator=generator)) if float(p.sum()) > 0 else int(
+            torch.multinomial((w / w.sum()).cpu(), 1, generator=generator))
         centers.append(x[idx])
         d2 = torch.minimum(d2, (x - x[idx]).pow(2).sum(1))
     c = torch.stack(centers)
-    labels = torch.full((n,), -1, dtype=torch.long)
+    labels = torch.full((n,), -1, dtype=torch.long, device=x.device)
     for _ in range(iters):
         dist = torch.cdist(x, c).pow(2)
         new = dist.argmin(1)
@@ -74,7 +74,7 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, *, iters: int = 25
         if torch.equal(new, labels):
             break
         labels = new
-        c = torch.zeros_like(c).index_add_(0, labels, w[:, None] * x) / torch.zeros(k, dtype=w.dtype).index_add_(
+        c = torch.zeros_like(c).index_add_(0, labels, w[:, None] * x) / torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(
             0, labels, w)[:, None]
     return labels
 
@@ -131,20 +131,20 @@ def reduce_basis(basis: torch.Tensor, coeffs: list[torch.Tensor], k: int, *, met
     if method == "truncate":
         keep = w.argsort(descending=True)[:k].sort().values
         return unit_b[:, keep], [c[keep] for c in cs]
-    rb = torch.randn(b.shape[0], proj_dim, generator=generator, dtype=torch.float64) / math.sqrt(proj_dim)
+    rb = torch.randn(b.shape[0], proj_dim, generator=generator, dtype=torch.float64).to(b.device) / math.sqrt(proj_dim)
     pb = unit_b.T @ rb                                       # r x proj_dim
     sign = torch.sign(pb.gather(1, pb.abs().argmax(1, keepdim=True))).squeeze(1)
     sign[sign == 0] = 1
     unit_b, pb = unit_b * sign, pb * sign[:, None]
     cs = [c * sign[:, None] for c in cs]
     cat = torch.cat(cs, dim=1)                               # r x (n*s)
-    rc = torch.randn(cat.shape[1], proj_dim, generator=generator, dtype=torch.float64) / math.sqrt(proj_dim)
+    rc = torch.randn(cat.shape[1], proj_dim, generator=generator, dtype=torch.float64).to(cat.device) / math.sqrt(proj_dim)
     pc = cat @ rc
     pc = pc / pc.norm(dim=1, keepdim=True).clamp_min(1e-30)
     labels = weighted_kmeans(torch.cat([pb, pc], dim=1), w, k, generator=generator)
-    new_b = torch.zeros(b.shape[0], k, dtype=torch.float64).index_add_(1, labels, unit_b * w)
+    new_b = torch.zeros(b.shape[0], k, dtype=torch.float64, device=b.device).index_add_(1, labels, unit_b * w)
     new_b = new_b / new_b.norm(dim=0).clamp_min(1e-30)      # variance-aware rescaling back to unit templates
-    new_c = [torch.zeros(k, c.shape[1], dtype=torch.float64).index_add_(0, labels, c) for c in cs]
+    new_c = [torch.zeros(k, c.shape[1], dtype=torch.float64, device=c.device).index_add_(0, labels, c) for c in cs]
     return new_b, new_c
 
 
@@ -162,7 +162,7 @@ def resolve_coefficients(basis: torch.Tensor, targets: list[torch.Tensor],
     out = []
     for t, sm in zip(targets, second_moments):
         sm = sm.double()
-        sm = sm + GRAM_RIDGE * float(sm.diagonal().mean().clamp_min(1e-30)) * torch.eye(sm.shape[0], dtype=sm.dtype)
+        sm = sm + GRAM_RIDGE * float(sm.diagonal().mean().clamp_min(1e-30)) * torch.eye(sm.shape[0], dtype=sm.dtype, device=sm.device)
         sb = sm @ b  # a ridge on Sigma, not on B^T Sigma B: a basis spanning W_i still reproduces it exactly
         out.append(torch.linalg.solve(b.T @ sb, sb.T @ t.double()))
     return out

@@ -87,7 +87,7 @@ def fips_(model: nn.Module, budget: int, *, group_size: int | None = 2, basis_fr
         root = sig[:k].sqrt()
         p, b = u[:, :k] * root, root[:, None] * vh[:k]                      # n*d_oth x k, k x d_sh
         score = p.abs() * b.norm(dim=1)[None, :]
-        flat = torch.zeros(p.numel(), dtype=p.dtype)
+        flat = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
         flat[score.reshape(-1).topk(keep).indices] = 1.0
         mask, p = flat.reshape(p.shape), p.contiguous()
         g = _gram_for(calib_inputs, names, ref.shape[1])

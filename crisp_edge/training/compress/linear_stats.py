@@ -117,7 +117,7 @@ def whitening_factor(gram: torch.Tensor) -> torch.Tensor:
     """Lower-triangular ``S`` with ``S @ S.T = gram + ridge`` (float64): ``||E @ S||_F^2 = ||E @ X.T||_F^2``."""
     g = gram.double()
     ridge = GRAM_RIDGE * float(g.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     for _ in range(6):
         s, info = torch.linalg.cholesky_ex(g + ridge * eye)
         if int(info) == 0:

@@ -114,7 +114,7 @@ def _group_spectrum(plan, weights: Mapping[str, torch.Tensor], moments: Mapping[
     group's mean second moment, as ``principal_basis`` whitens it."""
     ms = [fold_weight(weights[n].double(), plan.u, plan.s, plan.transpose) for n in plan.layer_names]
     d_in = weights[plan.layer_names[0]].shape[1]
-    sms = [moments[n].double() if moments else torch.eye(d_in, dtype=torch.float64) for n in plan.layer_names]
+    sms = [moments[n].double() if moments else torch.eye(d_in, dtype=torch.float64, device=ms[0].device) for n in plan.layer_names]
     mat, _ = _side_gram(ms, sms, plan.transpose)
     return torch.linalg.eigvalsh(mat).flip(0).clamp_min(0)[:plan.full_rank]
 
@@ -128,7 +128,7 @@ def _role_spectra(model: nn.Module, group_size: int | None, sides: Mapping[str, 
     out: dict[str, list] = {}
     for p in plans:
         lam = _group_spectrum(p, weights, moments)
-        acc = out.setdefault(p.role, [torch.zeros(0, dtype=torch.float64), 0.0])
+        acc = out.setdefault(p.role, [torch.zeros(0, dtype=torch.float64, device=lam.device), 0.0])
         n = max(len(acc[0]), len(lam))
         acc[0] = F.pad(acc[0], (0, n - len(acc[0]))) + F.pad(lam, (0, n - len(lam)))
         acc[1] += float(lam.sum())

@@ -99,7 +99,7 @@ def whitened_factors(targets: list[torch.Tensor], grams: list[torch.Tensor], s: 
 def _solve_psd(h: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``h^-1 rhs`` for a symmetric positive semi-definite ``h`` (a relative ridge, as on a Gram matrix)."""
     ridge = GRAM_RIDGE * float(h.diagonal().mean().clamp_min(1e-30))
-    return torch.linalg.solve(h + ridge * torch.eye(h.shape[0], dtype=h.dtype), rhs)
+    return torch.linalg.solve(h + ridge * torch.eye(h.shape[0], dtype=h.dtype, device=h.device), rhs)
 
 
 def _alternate(folded: list[torch.Tensor], sigmas: list[torch.Tensor], d_out: int, m: int, s: int,
