@@ -82,12 +82,13 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "git_commit": _git_commit(),
     }
-    try:
-        import timm
-
-        info["timm"] = timm.__version__
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    for lib in ("timm", "transformers"):
+        try:
+            info[lib] = __import__(lib).__version__
+        except ImportError:
+            pass
     return info
 
 

@@ -60,8 +60,9 @@ SCHEMA = 1
 METHODS = ("crisp", "crisp-mimicry", "svd", "basis-sharing", "fips")
 #: The CRISP layout of the teacher: s = 4 in one group of 6 blocks per role (full rank 24: exact).
 TEACHER_CONFIG = ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=None))
-FULL = {"keeps": [0.5, 0.25], "methods": list(METHODS), "tasks": ["wordnet-nouns", "fortunes"], "windows": 4096,
-        "window": 64, "distill_epochs": 4, "distill_batch": 64, "distill_lr": 2e-4, "head_epochs": 3,
+#: windows: the calibration mix holds ~220k MiniLM tokens (3,550 windows of 64); 3,072 x 8 epochs = 384 steps.
+FULL = {"keeps": [0.5, 0.25], "methods": list(METHODS), "tasks": ["wordnet-nouns", "fortunes"], "windows": 3072,
+        "window": 64, "distill_epochs": 8, "distill_batch": 64, "distill_lr": 2e-4, "head_epochs": 3,
         "max_train": 4000, "max_test": 2000, "embed_texts": 1000, "crisp_init": "svd-whitened", "crisp_ranks": "svd"}
 QUICK = {"keeps": [0.5], "methods": list(METHODS), "tasks": ["wordnet-verbs"], "windows": 16, "window": 32,
          "distill_epochs": 1, "distill_batch": 8, "distill_lr": 2e-4, "head_epochs": 1, "max_train": 64,
@@ -69,6 +70,9 @@ QUICK = {"keeps": [0.5], "methods": list(METHODS), "tasks": ["wordnet-verbs"], "
 HEAD_LR = 1e-2
 #: Alg. 6's mixer rate: bench_minilm.py's CRISP rate, chosen there on the validation split (SWEEP).
 ALG6_MIXER_LR = 3e-3
+#: Where distillation and the judges' training run: CUDA when torch sees a GPU, else the CPU. Students are
+#: built (SVD, whitening, FiPS's refinement) on the CPU either way, then moved.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: distill_lr: not tuned at full size. The ViT benchmark's 2e-3 (every parameter training) wrecked MiniLM in the
 #: quick run: after 2 steps the embedding cosine of svd / basis sharing / fips fell from 0.41 / 0.57 / 0.69 to
 #: 0.12 / 0.07 / 0.22; a pretrained BERT's usual fine-tuning rates are 1e-5 to 1e-4.
@@ -84,6 +88,9 @@ def distill_windows(tokenizer, count: int, window: int) -> torch.Tensor:
         ids += tokenizer(line, add_special_tokens=False)["input_ids"]
         if len(ids) >= need:
             break
+    if len(ids) < need:
+        raise SystemExit(f"the calibration mix holds {len(ids):,} tokens: {len(ids) // (window - 2):,} windows of "
+                         f"{window}, fewer than the {count:,} asked for; lower --windows or --window.")
     body = torch.tensor(ids[:need]).view(-1, window - 2)
     cls = torch.full((len(body), 1), tokenizer.cls_token_id)
     sep = torch.full((len(body), 1), tokenizer.sep_token_id)
@@ -91,8 +98,11 @@ def distill_windows(tokenizer, count: int, window: int) -> torch.Tensor:
 
 
 def judge(model, original_emb, embed_batch, tasks: dict, cfg: dict) -> dict:
-    """Embedding cosine with the original, and head-only test accuracy per task."""
-    cos = (sentence_embeddings(model, embed_batch) * original_emb).sum(-1)
+    """Embedding cosine with the original, and head-only test accuracy per task (on ``DEVICE``)."""
+    model = copy.deepcopy(model).to(DEVICE)
+    with torch.no_grad():
+        emb = sentence_embeddings(model, {k: v.to(DEVICE) for k, v in embed_batch.items()})
+    cos = (emb * original_emb.to(DEVICE)).sum(-1)
     out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min()), "head_acc": {}}
     for name, (classes, splits) in tasks.items():
         m = copy.deepcopy(model)
@@ -107,7 +117,7 @@ def adapt_mixers(model, tasks: dict, cfg: dict) -> dict:
     """Alg. 3 on a CRISP encoder, per task: a fresh head (as ``judge``'s) + the mixers train, bases frozen."""
     out = {}
     for name, (classes, splits) in tasks.items():
-        m = copy.deepcopy(model)
+        m = copy.deepcopy(model).to(DEVICE)
         fresh_head(m, classes, seed=0)
         mixers = [layer.crisp_mixer for layer in ce.crisp_layers(m).values()]
         sec, _ = train(m, [{"params": list(m.classifier.parameters()), "lr": HEAD_LR},
@@ -131,6 +141,19 @@ def build(method: str, plan, original, teacher, x, budget: int, crisp_init: str)
         fn = basis_sharing_ if method == "basis-sharing" else fips_
         fn(student, budget, calib_inputs=calib, group_size=2, progress=False)
     return student
+
+
+def device_first(what: str, fn, *args):
+    """``(fn(*args), where it ran)``: first with every module and tensor of ``args`` copied to ``DEVICE``, then,
+    where that raises (a compression step never run on a GPU before), on the CPU as given. On the CPU: once."""
+    if DEVICE != "cpu":
+        moved = [copy.deepcopy(a).to(DEVICE) if isinstance(a, torch.nn.Module) else
+                 a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+        try:
+            return fn(*moved), DEVICE
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+            print(f"{what}: failed on {DEVICE} ({type(e).__name__}: {str(e)[:300]}); building on the CPU", flush=True)
+    return fn(*args), "cpu"
 
 
 def main() -> int:
@@ -166,6 +189,7 @@ def main() -> int:
     x = distill_windows(tok, cfg["windows"], cfg["window"])
     teacher = copy.deepcopy(original)
     ce.retrofit_(teacher, TEACHER_CONFIG, progress=False)
+    teacher_on_device = copy.deepcopy(teacher).to(DEVICE)  # distillation's teacher; ``teacher`` builds students
     glosses = [t for t, _ in load_text_task("wordnet-nouns", max_test=cfg["embed_texts"]).test]
     embed_batch = tokenize(tok, glosses, max_length=64)
     original_emb = sentence_embeddings(original, embed_batch)
@@ -180,7 +204,7 @@ def main() -> int:
               "distill": {"data": f"{len(x)} windows of {cfg['window']} tokens from calibration_mix()",
                           "loss": "per-block feature MSE (lambda_feat 1, lambda_kl 0)", "trainable": "all"},
               "original": {"stored_targeted": original_params, **judge(original, original_emb, embed_batch, tasks, cfg)},
-              "machine": machine_info(), "threads": THREADS, "runs": []}
+              "machine": machine_info(), "threads": THREADS, "device": DEVICE, "runs": []}
     print("original", result["original"], flush=True)
     if a.alg6:
         result["alg6"] = {"mixer_lr": ALG6_MIXER_LR, "head_lr": HEAD_LR, "epochs": cfg["head_epochs"],
@@ -190,17 +214,22 @@ def main() -> int:
                          lambda_kl=0.0, lambda_feat=1.0)
     for keep in cfg["keeps"]:
         # CRISP's ranks; its storage is the budget
-        plan = allocate_ranks(teacher, keep, "greedy", calib=x[:64], init=cfg["crisp_ranks"])
+        plan, _ = device_first("ranks", lambda t, xs: allocate_ranks(t, keep, "greedy", calib=xs, init=cfg["crisp_ranks"]),
+                               teacher, x[:64])
         budget = plan.stored
         for method in cfg["methods"]:
             t = time.perf_counter()
-            student = build(method, plan, original, teacher, x, budget, cfg["crisp_init"]).eval()
-            rec = {"method": method, "keep_fraction": keep, "budget": budget, "stored": stored_params(student)}
+            student, built_on = device_first(method, lambda o, te, xs: build(method, plan, o, te, xs, budget,
+                                                                             cfg["crisp_init"]), original, teacher, x)
+            student = student.eval()
+            rec = {"method": method, "keep_fraction": keep, "budget": budget, "stored": stored_params(student),
+                   "built_on": built_on, "build_seconds": round(time.perf_counter() - t, 1)}
             rec["kept_fraction"] = rec["stored"] / original_params
             assert rec["stored"] <= budget, rec
             rec["before"] = judge(student, original_emb, embed_batch, tasks, cfg)
             if method != "crisp-mimicry":
-                rep = distill_(student, teacher, x, dcfg, progress=False)
+                student = student.to(DEVICE)
+                rep = distill_(student, teacher_on_device, x, dcfg, progress=False)
                 rec["distill_seconds"] = round(rep.to_dict().get("seconds", 0.0), 1)
                 student.eval()
                 rec["after"] = judge(student, original_emb, embed_batch, tasks, cfg)
