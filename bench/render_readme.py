@@ -435,7 +435,7 @@ def render_minilm_adapt(d: dict) -> str:
             rows.append([task, _text_method_name(method, r, minilm), acc, f"{100 * r['val_mean']:.2f}",
                          f"{r['trainable_encoder']:,}", f"{100 * r['encoder_fraction']:.4f}%", f"{r['lr']:g}",
                          f"{r['seconds_per_epoch']:.0f}"])
-    c, m = d["config"], d["machine"]
+    c = d["config"]
     sizes = "; ".join(f"{k}: {v['sizes']['train']:,} train / {v['sizes']['val']:,} val / {v['sizes']['test']:,} test, "
                       f"{v['classes']} classes, max {v['max_length']} tokens" for k, v in d["tasks"].items())
     name = d.get("benchmark", "minilm_adapt")
@@ -448,15 +448,25 @@ def render_minilm_adapt(d: dict) -> str:
         runs, earlier = runs + 1, earlier.get("earlier")
     if runs > 1:
         unfinished += f"Methods run in {runs} processes with these settings (`--merge`); the machine line is the last's. "
+    if d.get("parts"):
+        unfinished += f"Run as {len(d['parts'])} parallel processes (`bench/combine_parts.py`). "
     cut = ("**Reduced run** (not the full configuration): " + "; ".join(d["cut"]) + ".") if d["cut"] else \
         "Full configuration."
     return (_table(["task", "method", "test acc. %", "val acc. %", "trainable (encoder)", "of model", "lr",
                     "s/epoch"], rows)
             + f"\n\n{pooling}{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, batch {c['batch_size']} (length-grouped), seeds {c['seeds']}, "
               f"{_minilm_sweep(c)}; {sizes}. {unfinished}{cut} "
-              f"{d['threads']} thread, {m['cpu_model']}, {m['date'][:10]}, load average {m['load_average_1_5_15'][0]}: "
-              "s/epoch is the shared machine's, not a speed comparison "
-              f"(`bench/results/{name}.json`, plot `bench/results/{name}.png`).")
+              f"{_where(d)}: s/epoch is the shared machine's, not a speed comparison "
+              f"(`bench/results/{name}.json`" + (f", plot `bench/results/{name}.png`)." if (RESULTS / f"{name}.png").exists()
+                                                 else ")."))
+
+
+def _where(d: dict) -> str:
+    """Where a text benchmark ran: threads, CPU, the GPU and how it got there (``device_run``), date, load."""
+    m = d["machine"]
+    gpu = f" + {m['cuda_device']} GPU (`bench/device/`, how: the JSON's device_run)" if d.get("device") == "cuda" else ""
+    return (f"{d['threads']} thread{'s' if d['threads'] != 1 else ''}, {m['cpu_model']}{gpu}, {m['date'][:10]}, "
+            f"load average {m['load_average_1_5_15'][0]}")
 
 
 def render_minilm_compress(d: dict) -> str:
@@ -468,19 +478,26 @@ def render_minilm_compress(d: dict) -> str:
             return ["", *["" for _ in tasks]]
         return [f"{j['cosine']:.3f}", *[f"{100 * j['head_acc'][t]:.1f}" for t in tasks]]
 
-    rows = [["100%", "original", f"{o['stored_targeted']:,}", *judged(o), *judged(None)]]
-    for r in d["runs"]:
-        rows.append([f"{100 * r['kept_fraction']:.1f}%", r["method"], f"{r['stored']:,}", *judged(r["before"]),
-                     *judged(r.get("after"))])
+    rates = c["distill_lr"] if isinstance(c["distill_lr"], list) else None  # a learning-rate sweep's parts
+    rows = [["100%", "original", f"{o['stored_targeted']:,}", *([""] if rates else []), *judged(o), *judged(None)]]
+    runs = sorted(d["runs"], key=lambda r: (-r["keep_fraction"], c["methods"].index(r["method"]), r.get("distill_lr", 0))) \
+        if rates else d["runs"]
+    for r in runs:
+        rows.append([f"{100 * r['kept_fraction']:.1f}%", r["method"], f"{r['stored']:,}",
+                     *([f"{r['distill_lr']:g}"] if rates else []), *judged(r["before"]), *judged(r.get("after"))])
     acc = [f"head acc. {t} %" for t in tasks]
     cut = ("**Reduced run**: " + "; ".join(d["cut"]) + ".") if d["cut"] else "Full configuration."
-    return (_table(["kept", "method", "stored", "cosine", *acc, "cosine after distill", *[a + " after" for a in acc]],
-                   rows)
-            + f"\n\nDistillation: {d['distill']['data']}, {c['distill_epochs']} epoch(s), batch {c['distill_batch']}, "
-              f"lr {c['distill_lr']:g}, {d['distill']['loss']}; cosine: mean over {c['embed_texts']} held-out WordNet "
+    lr = ", ".join(f"{x:g}" for x in rates) if rates else f"{c['distill_lr']:g}"
+    mimicry = "" if "crisp-mimicry" in c["methods"] else ("crisp's columns before distillation are its mimicry-only "
+                                                          "student (the full configuration's crisp-mimicry). ")
+    return (_table(["kept", "method", "stored", *(["distill lr"] if rates else []), "cosine", *acc,
+                    "cosine after distill", *[a + " after" for a in acc]], rows)
+            + f"\n\n{mimicry}Distillation: {d['distill']['data']}, {c['distill_epochs']} epoch(s), batch {c['distill_batch']}, "
+              f"lr {lr}, {d['distill']['loss']}; cosine: mean over {c['embed_texts']} held-out WordNet "
               f"glosses; head accuracy: a new head trained {c['head_epochs']} epoch(s) on {c['max_train']:,} examples, "
-              f"{c['max_test']:,} test. CRISP's init: {_crisp_init(c)}. {cut} {m['date'][:10]} "
-              "(`bench/results/minilm_compress.json`).")
+              f"{c['max_test']:,} test. CRISP's init: {_crisp_init(c)}. {cut} "
+              + (f"{_where(d)} " if d.get("device") == "cuda" else f"{m['date'][:10]} ")
+              + f"(`bench/results/{d.get('benchmark', 'minilm_compress')}.json`).")
 
 
 def _crisp_init(c: dict) -> str:
@@ -744,7 +761,8 @@ RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
              "smollm2_adapt": render_minilm_adapt,
-             "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
+             "minilm_compress": render_minilm_compress, "minilm_compress_lr": render_minilm_compress,
+             "minilm_adapt_epochs10": render_minilm_adapt, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
              "lm_onnx": render_lm_onnx, "lm_executorch": render_lm_executorch, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
              "lm_int4_ablation": render_lm_int4_ablation,
