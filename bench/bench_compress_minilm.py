@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -176,7 +177,11 @@ def main() -> int:
     ap.add_argument("--alg6", action="store_true", help="after CRISP's distillation, train mixers per task (Alg. 6) "
                                                          "and compare with the uncompressed CRISP mixers")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "minilm_compress.json")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot beside --out from its JSON")
     a = ap.parse_args()
+    if a.replot:
+        print(plot(json.loads(a.out.read_text()), a.out.with_suffix(".png")))
+        return 0
     cfg = dict(QUICK) if a.quick else {
         "keeps": [float(k) for k in a.keeps.split(",")], "methods": a.methods.split(","), "tasks": a.tasks.split(","),
         **{k: getattr(a, k) for k in ("windows", "window", "distill_epochs", "distill_batch", "head_epochs",
@@ -242,8 +247,44 @@ def main() -> int:
             print(method, keep, {k: rec[k] for k in ("stored", "before")}, rec.get("after"), flush=True)
             result["wall_seconds"] = round(time.perf_counter() - start, 1)
             write_json(a.out, result)
+    plot(result, a.out.with_suffix(".png"))
     print(f"wrote {a.out}")
     return 0
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Head-only test accuracy against the kept fraction, per task and method: after distillation (solid) and
+    before (dotted), the original at 100%; one distillation rate per line (a rate sweep: one line per rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(result["original"]["head_acc"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    lines: dict[tuple, list] = {}
+    for r in result["runs"]:
+        lines.setdefault((r["method"], r.get("distill_lr")), []).append(r)
+    for ax, task in zip(axes[0], tasks):
+        ax.axhline(100 * result["original"]["head_acc"][task], color="k", lw=0.8, ls="--", label="original")
+        for i, ((method, lr), runs) in enumerate(lines.items()):
+            runs = sorted(runs, key=lambda r: r["kept_fraction"])
+            x = [100 * r["kept_fraction"] for r in runs]
+            label = method + (f" (lr {lr:g})" if lr is not None and len(lines) > len({m for m, _ in lines}) else "")
+            if all("after" in r for r in runs):
+                ax.plot(x, [100 * r["after"]["head_acc"][task] for r in runs], "o-", color=f"C{i}", label=label)
+            ax.plot(x, [100 * r["before"]["head_acc"][task] for r in runs], "o:", color=f"C{i}", alpha=0.5,
+                    label=None if all("after" in r for r in runs) else label + " (no distillation)")
+        ax.set_xlabel("kept % of the targeted weights")
+        ax.set_ylabel("head-only test accuracy %")
+        ax.set_title(f"{task} (dotted: before distillation)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("all-MiniLM-L6-v2 compressed" + (" (reduced run)" if result["cut"] else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
