@@ -9,6 +9,8 @@ ViT-S has 3), every output checked against numpy's ``B @ gate(A_i)``:
 
 - ``shipped``: ``(n*s, r) @ B^T`` once a group (B read once, MLAS's wide kernel), ``Split`` into each
   layer's contiguous (s, u) rows, a 2-D ``Transpose`` each to (u, s) = W: the fold as exported;
+- ``prepacked``: the same graph, its session free to pre-pack the constant bases once (the bundle's fold
+  session is not: a second, always resident copy of them);
 - ``narrow``: ``B @ gate(A_i)`` a layer, (u, r) @ (r, s), straight into W: no split, no transpose, but
   B is read n times and the product has s = 4 output columns;
 - ``wide_cols``: ``B @ [gate(A_1) .. gate(A_n)]`` once, (u, n*s), then ``Split`` on the columns into each
@@ -42,10 +44,11 @@ from onnx import TensorProto, helper, numpy_helper
 ROLES = (("qkv", 1152, 384), ("proj", 384, 384), ("fc1", 1536, 384), ("fc2", 384, 1536))
 N, S, TOKENS, BLOCKS = 4, 4, 197, 12
 R = N * S  # full capacity
-FOLDS = ("shipped", "narrow", "wide_cols", "wt_split")
+FOLDS = ("shipped", "prepacked", "narrow", "wide_cols", "wt_split")
 
 
-def _session(nodes: list, inits: list, inputs: list[str], outputs: list[str]) -> ort.InferenceSession:
+def _session(nodes: list, inits: list, inputs: list[str], outputs: list[str],
+             prepack: bool = False) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in inputs],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -53,7 +56,8 @@ def _session(nodes: list, inits: list, inputs: list[str], outputs: list[str]) ->
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
     so.log_severity_level = 3
-    so.add_session_config_entry("session.disable_prepacking", "1")  # as the bundle's fold session
+    if not prepack:  # as the bundle's fold session
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -64,7 +68,7 @@ def _ints(values, name: str):
 def _group(kind: str, tag: str, basis: np.ndarray, d_out: int, d_in: int) -> tuple[list, list, list[str]]:
     """(nodes, initializers, outputs) of one group's fold of ``kind``; input ``{tag}.g``: the gated mixers (n, r, s)."""
     g, outs = f"{tag}.g", [f"{tag}.w{i}" for i in range(N)]
-    if kind == "shipped":
+    if kind in ("shipped", "prepacked"):
         parts = [f"{tag}.p{i}" for i in range(N)]
         nodes = [helper.make_node("Transpose", [g], [f"{tag}.gt"], perm=[0, 2, 1]),
                  helper.make_node("Reshape", [f"{tag}.gt", f"{tag}.sr"], [f"{tag}.gall"]),
@@ -143,7 +147,7 @@ def fold_cases(groups: int, rng: np.random.Generator) -> dict:
             for tag, basis in bases.items():
                 for acc, part in zip((nodes, inits, outs), _group(kind, tag, basis, d_out, d_in)):
                     acc.extend(part)
-            sess = _session(nodes, inits, list(gated), outs)
+            sess = _session(nodes, inits, list(gated), outs, prepack=kind == "prepacked")
             got = dict(zip(outs, sess.run(outs, gated)))
             for tag in bases:
                 for i in range(N):
