@@ -19,6 +19,10 @@ ViT-S has 3), every output checked against numpy's ``B @ gate(A_i)``:
   ``Split`` into each layer's W^T (d_in, d_out) in blocks of s * d_out: no transpose, but the forward
   must then read W^T.
 
+``--fused-kernel`` adds ``fused_kernel``: ``bench/_fused_fold.c``, compiled here with ``cc`` (AVX-512), one
+pass a group that reads B^T once and writes every layer's W, transposing in registers: what a fold costs
+with a kernel neither runtime has as a stock operator (a probe; crisp-edge does not ship it).
+
 The forward side (``forward_*``): every product a forward of 12 blocks runs (197 tokens), by the layout
 its weight input has: ``W`` (``x @ Transpose(W)``, the exported graph, W packed per call) or ``Wt``
 (``x @ Wt``). A fold layout is worth shipping only if its switch saving outweighs its forward cost.
@@ -157,6 +161,43 @@ def fold_cases(groups: int, rng: np.random.Generator) -> dict:
     return cases
 
 
+def fused_kernel_case(groups: int, rng: np.random.Generator) -> dict:
+    """``fold_fused_kernel`` -> one timed pass of ``_fused_fold.c`` over ``groups`` groups of each role (outputs
+    written into arrays allocated once, as ONNX Runtime's arena reuses its own); checked against numpy first."""
+    import ctypes
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if "avx512f" not in Path("/proc/cpuinfo").read_text():
+        sys.exit("--fused-kernel needs an AVX-512 CPU")
+    lib_path = Path(tempfile.mkdtemp(prefix="fused_fold.")) / "libfused_fold.so"
+    src = Path(__file__).with_name("_fused_fold.c")
+    proc = subprocess.run(["cc", "-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", str(src), "-o", str(lib_path)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"--fused-kernel: cc failed: {proc.stderr[-500:]}")
+    lib = ctypes.CDLL(str(lib_path))
+    lib.fold_group.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
+    calls = []
+    for role, d_out, d_in in ROLES:
+        for _ in range(groups):
+            u = d_out * d_in // S
+            bt = (rng.standard_normal((R, u)) / np.sqrt(R)).astype(np.float32)
+            g = rng.standard_normal((N, R, S)).astype(np.float32)
+            outs = [np.empty((u, S), np.float32) for _ in range(N)]
+            calls.append((bt, g, outs, (ctypes.c_void_p * N)(*[o.ctypes.data for o in outs]), u))
+
+    def run() -> None:
+        for bt, g, _, ptrs, u in calls:
+            lib.fold_group(bt.ctypes.data, g.ctypes.data, ptrs, u)
+    run()
+    for bt, g, outs, _, _ in calls:
+        for i in range(N):
+            _check("fused_kernel", outs[i], bt.T @ g[i], bt.shape[1], S)
+    return {"fold_fused_kernel": _cpu_timer(run)}
+
+
 def forward_cases(rng: np.random.Generator) -> dict:
     """``forward_<layout>_<role>``: the role's product in every one of 12 blocks (197 tokens), its weight an
     input in layout W or Wt."""
@@ -193,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one group of each role, 3 rounds, no forward side")
     ap.add_argument("--executorch", action="store_true",
                     help="also ExecuTorch set_task methods, one group of each role (bench/_set_task_layouts.py)")
+    ap.add_argument("--fused-kernel", action="store_true", help="also bench/_fused_fold.c (needs cc and AVX-512)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "fold_layouts.json"))
     args = ap.parse_args(argv)
     groups, repeats = (1, 3) if args.quick else (args.groups, args.repeats)
@@ -200,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = fold_cases(groups, rng)
     if not args.quick:
         cases.update(forward_cases(rng))
+    if args.fused_kernel:
+        cases.update(fused_kernel_case(groups, rng))
     if args.executorch:
         from _set_task_layouts import executorch_cases
         cases.update(executorch_cases(ROLES, N, S, R))
@@ -220,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         result["forward_Wt_vs_W"] = round(total("forward_Wt") / total("forward_W"), 4)
         result["forward_Wt_vs_W_by_role"] = {r: round(med[f"forward_Wt_{r}"]["median"] / med[f"forward_W_{r}"]["median"], 4)
                                              for r in roles}
+    if args.fused_kernel:
+        result["fused_kernel_vs_shipped"] = round(med["fold_fused_kernel"]["median"] / total("fold_shipped"), 4)
+        result["fused_kernel_seconds"] = med["fold_fused_kernel"]["median"]
     if args.executorch:
         narrow = med["set_task_narrow"]["median"]
         result["executorch_set_task_vs_narrow"] = {k[len("set_task_"):]: round(v["median"] / narrow, 4)
@@ -241,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             line += f"   {1e3 * med[f'forward_W_{r}']['median']:8.2f} / {1e3 * med[f'forward_Wt_{r}']['median']:.2f}"
         print(line)
     print("fold vs shipped:", result["fold_vs_shipped"])
+    if args.fused_kernel:
+        print(f"fused kernel: {1e3 * result['fused_kernel_seconds']:.2f} ms, {result['fused_kernel_vs_shipped']:.3f}x shipped")
     if args.executorch:
         print("ExecuTorch set_task vs narrow:", result["executorch_set_task_vs_narrow"])
     print(f"wrote {out}")

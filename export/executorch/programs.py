@@ -93,8 +93,8 @@ class _SwapProgram(nn.Module):
     def set_task(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Every CRISP layer's buffer rebuilt from the task's mixers, one product a layer. The product has s
         output columns (most of XNNPACK's lanes idle), and is still the fastest way measured to fill the
-        buffers: one product a group then split on its columns takes 1.31x as long, and the group's transposed
-        product then transposed by XNNPACK 1.69x (their copies run in ExecuTorch's kernels;
+        buffers: one product a group then split on its columns takes 1.32x as long, and the group's transposed
+        product then transposed by XNNPACK 1.92x (their copies run in ExecuTorch's kernels;
         ``bench/bench_fold_layouts.py --executorch``, ``bench/results/fold_layouts.json``)."""
         for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
             g = get_gate(gate)
