@@ -91,6 +91,11 @@ class _SwapProgram(nn.Module):
         return self.fwd(*xs) * torch.index_select(self.task_guard, 0, unset)
 
     def set_task(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Every CRISP layer's buffer rebuilt from the task's mixers, one product a layer. The product has s
+        output columns (most of XNNPACK's lanes idle), and is still the fastest way measured to fill the
+        buffers: one product a group then split on its columns takes 1.32x as long, and the group's transposed
+        product then transposed by XNNPACK 1.92x (their copies run in ExecuTorch's kernels;
+        ``bench/bench_fold_layouts.py --executorch``, ``bench/results/fold_layouts.json``)."""
         for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
             g = get_gate(gate)
             for j, n in enumerate(layers):

@@ -18,6 +18,17 @@ columns copies 16-byte rows one by one: 68% of the fold's time, and the whole fo
 ViT-S fc1 group (u = 147,456, r = 16, s = 4; 1 thread). ``temp`` and ``post`` placements build each
 layer separately.
 
+These three passes (on ViT-S, 1 thread: the product 37% of the fold, the split 20%, the transposes 41%)
+are the cheapest of the ways measured to write the layout the inference graph reads, W (d_out, d_in)
+row-major: a matrix product writes its output columns contiguously, and a layer's W has s of them; one
+node writes one output, so a product shared by a group is split by a copy. ``bench/bench_fold_layouts.py``
+times the alternatives at ViT-S's shapes (``bench/results/fold_layouts.json``): one narrow product a layer
+(``B @ G(A_i)``, straight into W) 1.15x this fold, the group's wide product ``(u, n*s)`` split on its
+columns 1.11x, this fold free to pre-pack the bases 1.00x, and the product batched into W^T's layout (no
+transpose) 0.84x, but the forward's products by W^T then take 1.086x as long (qkv and fc1 1.12x):
+5.3 ms more on every forward to save 5.5 ms a switch. A kernel that transposes in registers as it
+multiplies (``bench/_fused_fold.c``, no stock operator of either runtime) takes 0.41x.
+
 Outputs are named ``dense.<parameter name>`` (e.g. ``dense.blocks.0.mlp.fc1.weight``); the inference
 graph takes the same names as inputs. A CRISP weight leaves the fold in its *folded layout* (u, s),
 u = d_out * d_in / s, the product's own shape: a Reshape to (d_out, d_in) on a fold output would copy
