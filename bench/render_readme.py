@@ -628,8 +628,23 @@ def render_lm_executorch(d: dict) -> str:
               f"1 thread ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}) (`bench/results/lm_executorch.json`). "
               "Why decode misses: a swappable program's weights are mutable buffers that `set_task` rewrites, and "
               "XNNPACK packs a linear's weights once, at load, only when they are constants; a buffer weight is "
-              "packed on every call, which at one token per step costs about twice the product itself. The task "
-              "file's overhead is the FlatTensor entry of each of its tensors (about 114 bytes for each of 58).")
+              "packed on every call, which at one token per step costs about twice the product itself. This run's "
+              "task files held one FlatTensor entry (~114 bytes) per mixer group; with every group in one "
+              "`crisp.mixers` tensor the same task file is 52,448 bytes (next table, `bench/results/task_files.json`).")
+
+
+def render_task_files(d: dict) -> str:
+    t, names = d["targets"], {"embedded": "embedded ViT (Fashion-MNIST)", "vit_small": "ViT-S/16 (head 1,000 classes)",
+                              "smollm2_shaped8": "SmolLM2 shapes, 8 layers", "smollm2": "SmolLM2-135M"}
+    rows = [[names.get(k, k), f"{r['mixer_groups']}", f"{r['tensor_bytes']:,}", f"{r['limit_bytes']:,}",
+             f"{r['per_group']['bytes']:,} ({r['per_group']['over_tensors']:+.1%}, {r['per_group']['entries']} entries)",
+             f"{r['packed']['bytes']:,} ({r['packed']['over_tensors']:+.1%}, {r['packed']['entries']} entries)",
+             "yes" if r["packed"]["within_target"] else "NO"] for k, r in d["models"].items()]
+    return (_table(["model", "mixer groups", "tensor bytes (mixers + head)", f"target (+{t['task_rel']:.0%} + "
+                    f"{t['task_slack_bytes']:,} B)", "one entry per group (before)", "`crisp.mixers` (now)", "within"], rows)
+            + f"\n\nExecuTorch task `.ptd` bytes for one task of each model, written both ways from the same mixer file "
+              "(same serializer, 16-byte alignment, tag and digest; the file depends on its tensors alone, so no program "
+              f"is exported). {d['machine']['date'][:10]} (`bench/results/task_files.json`).")
 
 def render_lm_et_anchor(d: dict) -> str:
     s, e, p, m = d["speed"], d["exports"], d["parity"], d["machine"]
@@ -746,7 +761,7 @@ RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_
              "smollm2_adapt": render_minilm_adapt,
              "minilm_compress": render_minilm_compress, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
-             "lm_onnx": render_lm_onnx, "lm_executorch": render_lm_executorch, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
+             "lm_onnx": render_lm_onnx, "lm_executorch": render_lm_executorch, "task_files": render_task_files, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
              "lm_int4_ablation": render_lm_int4_ablation,
              "compress_llm_english": render_compress_llm_english}
 
