@@ -502,6 +502,11 @@ def _lm_keep_bases(s: dict, mem: dict) -> str:
             f"{s['switch_keep_bases_decode_steps']:.1f} decode steps, memory {mem['ratio_added_keep_bases']}x")
 
 
+def _lm_switch_cpu(s: dict) -> str:
+    """The switch in decode steps from the thread's CPU time, where the run measured it."""
+    return f" (from CPU time: {s['switch_cpu_decode_steps']:.1f})" if "switch_cpu_decode_steps" in s else ""
+
+
 def render_lm_onnx(d: dict) -> str:
     s, e, p, mem, t = d["speed"], d["export"], d["parity"], d["memory"], d["targets"]
     rows = []
@@ -518,7 +523,7 @@ def render_lm_onnx(d: dict) -> str:
              "",
              f"Swappable / dense in one interleaved run: prefill {s['prefill_ratio']:.3f}x, decode {s['decode_ratio']:.3f}x "
              f"(target >= {t['decode_ratio']}x){_lm_cpu_ratios(s)}; task switch (read and verify the adapter, one fold run) "
-             f"{s['switch_decode_steps']:.1f} decode steps (target <= {t['switch_decode_steps']:g}) vs recreating a dense "
+             f"{s['switch_decode_steps']:.1f} decode steps{_lm_switch_cpu(s)} (target <= {t['switch_decode_steps']:g}) vs recreating a dense "
              f"session {s['recreate_decode_steps']:.1f}; resident memory above imports {mem['ratio_added']}x, whole "
              f"process {mem['ratio_total']}x (target <= {t['memory_ratio']}x){_lm_keep_bases(s, mem)}; a task file {tf['bytes']:,} bytes "
              f"({tf['tensor_bytes']:,} of mixers). {d['model']}; {s['prompt_tokens']}-token prompt, "
