@@ -9,8 +9,9 @@ seeded) with a key/value cache, then side by side in one interleaved run:
   thread's CPU time (ORT at 1 thread runs in the caller's thread; on a shared machine other processes
   stretch the wall time of both sides unevenly, not the CPU time);
 - task switch (``set_task`` by the adapter's path: reading the file, verifying its SHA-256 and tensors,
-  one fold run) in decode steps (goal <= 5), against recreating a dense session (``load_bundle`` with
-  its hash check + the ORT session) and creating the bare ORT session alone;
+  one fold run) in decode steps (goal <= 5), from wall time and (``switch_cpu_decode_steps``) the thread's
+  CPU time, against recreating a dense session (``load_bundle`` with its hash check + the ORT session) and
+  creating the bare ORT session alone;
 - resident memory: RSS of a child process that loads a bundle and generates, above the same process's
   RSS after imports, swappable / dense (goal <= 1.1x); swappable as it runs by default (the bases' pages
   handed back after a switch) and with ``release_bases = False`` (``_keep_bases``: the switch is measured
@@ -165,10 +166,10 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
     t = interleave({n: (prefill if n.endswith("prefill") else decoding)(dense if n.startswith("dense") else swap, n)
                     for n in ("dense_prefill", "swappable_prefill", "dense_decode", "swappable_decode")}, repeats)
     paths = [swap.bundle.task_path(n) for n in ("a", "b")]
-    switch = [timed(lambda p=p: swap.set_task(p))[0] for _ in range(repeats) for p in paths]
+    switch = [with_cpu("switch", lambda p=p: swap.set_task(p)) for _ in range(repeats) for p in paths]
     swap.release_bases = False  # the bases' pages kept resident between switches: faster switch, more memory
     swap.set_task(paths[0])
-    switch_keep = [timed(lambda p=p: swap.set_task(p))[0] for _ in range(repeats) for p in paths]
+    switch_keep = [with_cpu("switch_keep_bases", lambda p=p: swap.set_task(p)) for _ in range(repeats) for p in paths]
     swap.release_bases = True
     model_file = str(root / "dense" / "model.onnx")
     recreate = [timed(lambda: load_bundle(root / "dense").session(threads=THREADS))[0] for _ in range(max(2, repeats // 2))]
@@ -185,6 +186,9 @@ def speed(root: Path, prompt_len: int, decode: int, repeats: int) -> dict:
         "cpu_ratios": {k: round(float(np.median(cpu[f"dense_{k}"]) / np.median(cpu[f"swappable_{k}"])), 3)
                        for k in ("prefill", "decode")},
         "switch_s": summarize(switch), "switch_decode_steps": round(float(np.median(switch)) / step, 2),
+        # the switch's CPU time in decode steps' CPU time (the fold runs in the caller's thread at 1 thread): on a
+        # shared machine a 0.2 s burst's wall time swings with the load more than a median of decode steps
+        "switch_cpu_decode_steps": round(float(np.median(cpu["switch"]) / np.median(cpu["dense_decode"])), 2),
         "switch_keep_bases_s": summarize(switch_keep),
         "switch_keep_bases_decode_steps": round(float(np.median(switch_keep)) / step, 2),
         "recreate_session_s": summarize(recreate), "recreate_decode_steps": round(float(np.median(recreate)) / step, 2),

@@ -519,6 +519,11 @@ def _lm_keep_bases(s: dict, mem: dict) -> str:
             f"{s['switch_keep_bases_decode_steps']:.1f} decode steps, memory {mem['ratio_added_keep_bases']}x")
 
 
+def _lm_switch_cpu(s: dict) -> str:
+    """The switch in decode steps from the thread's CPU time, where the run measured it."""
+    return f" (from CPU time: {s['switch_cpu_decode_steps']:.1f})" if "switch_cpu_decode_steps" in s else ""
+
+
 def render_lm_onnx(d: dict) -> str:
     s, e, p, mem, t = d["speed"], d["export"], d["parity"], d["memory"], d["targets"]
     rows = []
@@ -535,7 +540,7 @@ def render_lm_onnx(d: dict) -> str:
              "",
              f"Swappable / dense in one interleaved run: prefill {s['prefill_ratio']:.3f}x, decode {s['decode_ratio']:.3f}x "
              f"(target >= {t['decode_ratio']}x){_lm_cpu_ratios(s)}; task switch (read and verify the adapter, one fold run) "
-             f"{s['switch_decode_steps']:.1f} decode steps (target <= {t['switch_decode_steps']:g}) vs recreating a dense "
+             f"{s['switch_decode_steps']:.1f} decode steps{_lm_switch_cpu(s)} (target <= {t['switch_decode_steps']:g}) vs recreating a dense "
              f"session {s['recreate_decode_steps']:.1f}; resident memory above imports {mem['ratio_added']}x, whole "
              f"process {mem['ratio_total']}x (target <= {t['memory_ratio']}x){_lm_keep_bases(s, mem)}; a task file {tf['bytes']:,} bytes "
              f"({tf['tensor_bytes']:,} of mixers). {d['model']}; {s['prompt_tokens']}-token prompt, "
@@ -645,8 +650,23 @@ def render_lm_executorch(d: dict) -> str:
               f"1 thread ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}) (`bench/results/lm_executorch.json`). "
               "Why decode misses: a swappable program's weights are mutable buffers that `set_task` rewrites, and "
               "XNNPACK packs a linear's weights once, at load, only when they are constants; a buffer weight is "
-              "packed on every call, which at one token per step costs about twice the product itself. The task "
-              "file's overhead is the FlatTensor entry of each of its tensors (about 114 bytes for each of 58).")
+              "packed on every call, which at one token per step costs about twice the product itself. This run's "
+              "task files held one FlatTensor entry (~114 bytes) per mixer group; with every group in one "
+              "`crisp.mixers` tensor the same task file is 52,448 bytes (next table, `bench/results/task_files.json`).")
+
+
+def render_task_files(d: dict) -> str:
+    t, names = d["targets"], {"embedded": "embedded ViT (Fashion-MNIST)", "vit_small": "ViT-S/16 (head 1,000 classes)",
+                              "smollm2_shaped8": "SmolLM2 shapes, 8 layers", "smollm2": "SmolLM2-135M"}
+    rows = [[names.get(k, k), f"{r['mixer_groups']}", f"{r['tensor_bytes']:,}", f"{r['limit_bytes']:,}",
+             f"{r['per_group']['bytes']:,} ({r['per_group']['over_tensors']:+.1%}, {r['per_group']['entries']} entries)",
+             f"{r['packed']['bytes']:,} ({r['packed']['over_tensors']:+.1%}, {r['packed']['entries']} entries)",
+             "yes" if r["packed"]["within_target"] else "NO"] for k, r in d["models"].items()]
+    return (_table(["model", "mixer groups", "tensor bytes (mixers + head)", f"target (+{t['task_rel']:.0%} + "
+                    f"{t['task_slack_bytes']:,} B)", "one entry per group (before)", "`crisp.mixers` (now)", "within"], rows)
+            + f"\n\nExecuTorch task `.ptd` bytes for one task of each model, written both ways from the same mixer file "
+              "(same serializer, 16-byte alignment, tag and digest; the file depends on its tensors alone, so no program "
+              f"is exported). {d['machine']['date'][:10]} (`bench/results/task_files.json`).")
 
 def render_lm_et_anchor(d: dict) -> str:
     s, e, p, m = d["speed"], d["exports"], d["parity"], d["machine"]
@@ -764,7 +784,7 @@ RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_
              "minilm_compress": render_minilm_compress, "minilm_compress_lr": render_minilm_compress,
              "minilm_adapt_epochs10": render_minilm_adapt, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
-             "lm_onnx": render_lm_onnx, "lm_executorch": render_lm_executorch, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
+             "lm_onnx": render_lm_onnx, "lm_executorch": render_lm_executorch, "task_files": render_task_files, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
              "lm_int4_ablation": render_lm_int4_ablation,
              "compress_llm_english": render_compress_llm_english}
 

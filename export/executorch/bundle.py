@@ -50,6 +50,10 @@ RUNNER_SPEC = "runner_spec.txt"
 RECIPES = ("xnnpack", "portable")
 #: The task tensor holding the bases-and-layout tag (int64, shape [1]) in every task ``.ptd``.
 TAG_KEY = "crisp.tag"
+#: The task tensor holding every mixer group of a task ``.ptd`` (float32 [N]; ``tasks.pack_mixers``).
+MIXERS_KEY = "crisp.mixers"
+
+
 def _check_swappable(swap: Any, where: str) -> None:
     if not isinstance(swap, dict):
         raise BundleError(f"{where}: a swappable bundle needs the object 'swappable' (bases, layout, set_task inputs).")
@@ -132,4 +136,4 @@ def load_et_bundle(path: str | os.PathLike, verify: bool = True) -> EtBundle:
     return open_folder(path, read_et_manifest, EtBundle, verify)
 
 
-__all__ = ["DEFAULT_PTD", "ET_BUNDLE_FORMAT", "PROGRAM", "RECIPES", "TAG_KEY", "EtBundle", "load_et_bundle"]
+__all__ = ["DEFAULT_PTD", "ET_BUNDLE_FORMAT", "PROGRAM", "MIXERS_KEY", "RECIPES", "TAG_KEY", "EtBundle", "load_et_bundle"]

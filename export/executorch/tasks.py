@@ -1,12 +1,17 @@
 """Per-task ``.ptd`` files for a swappable ExecuTorch bundle, written straight from crisp-edge mixer files.
 
-A task ``.ptd`` is ExecuTorch's FlatTensor format (``FlatTensorSerializer``), holding the task's
-tensors under the mixer file's own names (``mixer.<group>`` n x r x s, ``head.weight`` C x d,
-``head.bias`` C) in float32, plus ``crisp.tag``: an int64 [1] tensor with the 31-bit tag of the bundle's
-bases and layout (``bundle.adapter_model_version``), and ``crisp.digest``: a uint8 [32] SHA-256 of
-every other tensor (``digest.py`` defines the canonical form), which vouches for a file given by path. Loaders (Python ``EtCrispSession`` and the C++
-runner) compare it with the program's ``crisp_tag`` method and refuse a file made for other bases or
-another layout *before* it runs; then names, dtypes and shapes are checked against the manifest.
+A task ``.ptd`` is ExecuTorch's FlatTensor format (``FlatTensorSerializer``), holding in float32
+``crisp.mixers``: every mixer group of the task (``mixer.<group>`` n x r x s, the mixer file's tensors)
+flattened and concatenated in ascending order of their names, one entry (an entry per group cost
+~114 bytes of FlatTensor tables each: 13% on top of SmolLM2's 52 KB of mixers); the head (``head.weight``
+C x d, ``head.bias`` C) under its own names; ``crisp.tag``: an int64 [1] tensor with the 31-bit tag of the
+bundle's bases and layout (``bundle.adapter_model_version``), and ``crisp.digest``: a uint8 [32] SHA-256
+of every other tensor (``digest.py`` defines the canonical form), which vouches for a file given by path.
+Loaders (Python ``EtCrispSession`` and the C++ runner) compare the tag with the program's ``crisp_tag``
+method and refuse a file made for other bases or another layout *before* it runs; only then is
+``crisp.mixers`` cut into the groups the manifest's ``set_task`` inputs name (the tag pins that layout,
+and its length must be exactly theirs), and names, dtypes and shapes are checked against the manifest.
+Files written before ``crisp.mixers`` (one entry per group, under the group's name) still load.
 
 Semantics (as for ONNX adapters): a task = the exported model with the file's tensors replacing the
 exported ones. A file without a head keeps the exported head (from ``default.ptd``). A head may have
@@ -32,6 +37,7 @@ from crisp_edge.export.bundle import (
 from crisp_edge.export.errors import AdapterError, BundleError
 from crisp_edge.export.executorch.bundle import (
     PTD_SUFFIX,
+    MIXERS_KEY,
     TAG_KEY,
     EtBundle,
     load_et_bundle,
@@ -115,9 +121,59 @@ def check_task_arrays(arrays: dict[str, np.ndarray], swap: dict, where: str) -> 
     return classes
 
 
+def _mixer_names(names) -> list[str]:
+    """The mixer groups among ``names`` (every task tensor but the head), in ``crisp.mixers`` order."""
+    return sorted(k for k in names if not k.startswith("head."))
+
+
+def pack_mixers(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` with every mixer group replaced by one ``crisp.mixers`` (float32 [N]): the groups
+    flattened and concatenated by name; the head keeps its own tensors."""
+    out = {k: v for k, v in arrays.items() if k.startswith("head.")}
+    mixers = _mixer_names(arrays)
+    if mixers:
+        out[MIXERS_KEY] = np.concatenate([np.ascontiguousarray(arrays[k], np.float32).ravel() for k in mixers])
+    return out
+
+
+def unpack_mixers(arrays: dict[str, np.ndarray], swap: dict, where: str) -> dict[str, np.ndarray]:
+    """``arrays`` (a task file's tensors) with ``crisp.mixers`` cut into the mixer groups ``set_task``
+    takes (the manifest's names and shapes, by name). Only after the file's tag matched the bundle's: the
+    tag pins the layout, so the cut is the one the file was written with. A file without ``crisp.mixers``
+    (written before it) is returned as it is."""
+    packed = arrays.pop(MIXERS_KEY, None)
+    if packed is None:
+        return arrays
+    shapes = _input_shapes(swap)
+    names = _mixer_names(shapes)
+    sizes = [math.prod(shapes[k]) for k in names]
+    if packed.dtype != np.float32 or packed.ndim != 1 or packed.size != sum(sizes):
+        raise AdapterError(f"{where}: its {MIXERS_KEY!r} is {packed.dtype} {list(packed.shape)}; this bundle's "
+                           f"{len(names)} mixer groups take float32 [{sum(sizes)}]. Convert the task's mixer file "
+                           "for this bundle (`crisp-edge export-task BUNDLE MIXERS.safetensors`).")
+    twice = sorted(set(names) & set(arrays))
+    if twice:
+        raise AdapterError(f"{where}: holds {twice[:3]} both in {MIXERS_KEY!r} and as tensors of their own.")
+    ends = np.cumsum(sizes)
+    for k, end, n in zip(names, ends, sizes):
+        arrays[k] = packed[end - n:end].reshape(shapes[k])
+    return arrays
+
+
 def ptd_bytes(arrays: dict[str, np.ndarray], tag: int) -> bytes:
-    """A FlatTensor (``.ptd``) file's bytes holding ``arrays`` (float32), the ``crisp.tag`` tensor, and
-    ``crisp.digest`` over both (``digest.ptd_digest``: what vouches for a task file handed over by path)."""
+    """A FlatTensor (``.ptd``) file's bytes holding ``arrays`` (float32; the mixer groups packed into
+    ``crisp.mixers``), the ``crisp.tag`` tensor, and ``crisp.digest`` over all of them
+    (``digest.ptd_digest``: what vouches for a task file handed over by path)."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in sorted(pack_mixers(arrays).items())}
+    tensors[TAG_KEY] = np.array([tag], np.int64)
+    if any(t.ndim == 0 for t in tensors.values()):
+        raise AdapterError("task tensors are never 0-d (the FlatTensor serializer would store them as [1]).")
+    tensors[DIGEST_KEY] = ptd_digest(tensors)
+    return flat_tensor_bytes(tensors)
+
+
+def flat_tensor_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    """ExecuTorch's FlatTensor bytes (``FlatTensorSerializer``) holding ``tensors`` as given, in order."""
     from executorch.exir._serialize.data_serializer import DataEntry, DataPayload
     from executorch.exir.tensor_layout import TensorLayout
     from executorch.extension.flat_tensor.serialize.serialize import (
@@ -125,13 +181,9 @@ def ptd_bytes(arrays: dict[str, np.ndarray], tag: int) -> bytes:
         FlatTensorSerializer,
     )
 
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sorted(arrays.items())}
-    tensors[TAG_KEY] = torch.tensor([tag], dtype=torch.int64)
-    if any(t.dim() == 0 for t in tensors.values()):
-        raise AdapterError("task tensors are never 0-d (the FlatTensor serializer would store them as [1]).")
-    tensors[DIGEST_KEY] = torch.from_numpy(ptd_digest({k: t.numpy() for k, t in tensors.items()}))
     buffers, named = [], {}
-    for i, (k, t) in enumerate(tensors.items()):
+    for i, (k, a) in enumerate(tensors.items()):
+        t = torch.from_numpy(np.ascontiguousarray(a))
         buffers.append(t.numpy().tobytes())
         named[k] = DataEntry(buffer_index=i, alignment=_ALIGNMENT, tensor_layout=TensorLayout.from_tensor(t))
     return bytes(FlatTensorSerializer(FlatTensorConfig(segment_alignment=_ALIGNMENT)).serialize(DataPayload(buffers=buffers, named_data=named)))
@@ -261,6 +313,7 @@ def check_task_ptd(data: bytes, swap: dict, where: str, hashed: bool = False) ->
         raise AdapterError(f"{where} carries no {DIGEST_KEY!r}: a task file given by path must (it was written before "
                            "task files carried one, or not by crisp-edge). Re-export the task with `crisp-edge "
                            "export-task BUNDLE MIXERS.safetensors`, or ship it inside the bundle, whose manifest hashes it.")
+    arrays = unpack_mixers(arrays, swap, where)
     return arrays, check_task_arrays(arrays, swap, where)
 
 
@@ -302,7 +355,8 @@ def add_task(bundle_dir: str | os.PathLike, mixer_file: str | os.PathLike | Mixe
                           lambda rel, data: task_record(rel, data, mf, arrays), reference)
 
 
-__all__ = ["add_executorch_task", "add_task", "check_task_ptd", "parse_ptd", "ptd_bytes", "read_ptd_bytes", "task_arrays", "write_task_ptd"]
+__all__ = ["add_executorch_task", "add_task", "check_task_ptd", "flat_tensor_bytes", "pack_mixers", "parse_ptd", "ptd_bytes", "read_ptd_bytes",
+           "task_arrays", "unpack_mixers", "write_task_ptd"]
 
 
 #: The name this module is exported under by ``crisp_edge.export``.

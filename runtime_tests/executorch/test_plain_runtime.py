@@ -11,7 +11,7 @@ import pytest
 import torch
 from crisp_edge.export.executorch.bundle import DEFAULT_PTD, PROGRAM
 from crisp_edge.export.executorch.export import export_executorch
-from crisp_edge.export.executorch.tasks import parse_ptd
+from crisp_edge.export.executorch.tasks import check_task_ptd
 from crisp_edge.export.parity.reference import read_reference
 
 from crisp_edge.testing import make_task_file
@@ -37,8 +37,9 @@ def _program(bundle, ptd: str):
 
 def _set_task_feeds(bundle, ptd: str) -> list[torch.Tensor]:
     """The set_task inputs from a task .ptd (the exported head and mixers fill what the file lacks)."""
-    tensors = {**parse_ptd((bundle.path / DEFAULT_PTD).read_bytes(), "default"),
-               **parse_ptd((bundle.path / ptd).read_bytes(), ptd)}
+    swap = bundle.manifest["swappable"]  # the app's own reader: the file's tensors, crisp.mixers cut into groups
+    tensors = {**check_task_ptd((bundle.path / DEFAULT_PTD).read_bytes(), swap, "default")[0],
+               **check_task_ptd((bundle.path / ptd).read_bytes(), swap, ptd)[0]}
     feeds = []
     for item in bundle.manifest["swappable"]["set_task_inputs"]:
         a = tensors[item["name"]]

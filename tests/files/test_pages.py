@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from crisp_edge.files.pages import file_mappings, release_file_pages, resident_bytes
+from crisp_edge.files.pages import _smaps_mappings, file_mappings, release_file_pages, resident_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps and madvise: Linux")
 SIZE = 1 << 20
@@ -51,3 +51,31 @@ def test_a_mapping_with_written_pages_is_left_alone(data):
 
 def test_a_file_not_mapped_or_missing_releases_nothing(tmp_path):
     assert release_file_pages(tmp_path / "absent") == 0 and resident_bytes(tmp_path / "absent") == 0
+
+
+def test_pagemap_counts_equal_the_kernels_smaps_accounting(data):
+    """file_mappings reads the pagemap of the file's own mappings (fast); /proc/self/smaps, which walks
+    every mapping of the process, must give the same resident and anonymous bytes in every state."""
+    path, want = data
+    real = str(path.resolve())
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        states = []
+        for step in ("mapped", "read", "released", "half read", "written"):
+            if step == "read":
+                assert m[:] == want
+            elif step == "released":
+                release_file_pages(path)
+            elif step == "half read":
+                assert m[:SIZE // 2] == want[:SIZE // 2]
+            elif step == "written":
+                m[10] = (want[10] + 1) % 256
+            got = file_mappings(path)
+            assert got == _smaps_mappings(real) and len(got) == 1, step
+            states.append((got[0]["rss"], got[0]["anonymous"]))
+        page = mmap.PAGESIZE
+        assert states[2] == (0, 0) and states[3][0] >= SIZE // 2 and states[3][1] == 0
+        assert states[4][1] == page and states[1][0] == SIZE  # one written page is a private copy; all read: resident
+    finally:
+        m.close()

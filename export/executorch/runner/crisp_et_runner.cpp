@@ -31,6 +31,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <climits>
@@ -560,6 +561,34 @@ std::string real(const std::string& p) {
   return ::realpath(p.c_str(), buf) ? std::string(buf) : std::string();
 }
 
+// Cuts crisp.mixers (float32 [N]: every mixer group, flattened and concatenated by name) into the
+// mixer groups set_task takes, as views into the file's bytes. Only after the file's tag matched the
+// program's: the tag pins the layout, so this is the cut the file was written with. A file without
+// crisp.mixers (written before it: one tensor per group) is left as it is.
+void unpack_mixers(Task& t, const Manifest& m, const std::string& path) {
+  auto packed = t.tensors.find(crisp::kMixersKey);
+  if (packed == t.tensors.end()) return;
+  std::vector<const TensorSpec*> groups;
+  for (const auto& s : m.set_task)
+    if (s.name != "head.weight" && s.name != "head.bias") groups.push_back(&s);
+  std::sort(groups.begin(), groups.end(), [](const TensorSpec* a, const TensorSpec* b) { return a->name < b->name; });
+  int64_t total = 0;
+  for (const auto* s : groups) total += s->numel();
+  const crisp::PtdTensor x = packed->second;
+  if (x.dtype != crisp::kFloat || x.sizes != std::vector<int64_t>{total})
+    throw Fail{kTask, path + ": its crisp.mixers is not float32 [" + std::to_string(total) + "] (this program's " +
+                      std::to_string(groups.size()) + " mixer groups); convert the task's mixer file for this bundle"};
+  t.tensors.erase(packed);
+  size_t at = 0;
+  for (const auto* s : groups) {
+    if (t.tensors.count(s->name))
+      throw Fail{kTask, path + ": holds " + s->name + " both in crisp.mixers and as a tensor of its own"};
+    size_t nbytes = static_cast<size_t>(s->numel()) * 4;
+    t.tensors[s->name] = crisp::PtdTensor{s->name, crisp::kFloat, s->shape, x.data + at, nbytes};
+    at += nbytes;
+  }
+}
+
 // Reads and checks a task file. `record`: its manifest record (a file of the bundle), or null for a
 // file given by path, which must then carry a crisp.digest that matches its contents.
 Task read_task(const std::string& path, const FileRec* record, const Manifest& m) {
@@ -599,6 +628,7 @@ Task read_task(const std::string& path, const FileRec* record, const Manifest& m
                       "export-task BUNDLE MIXERS.safetensors`, or ship it inside the bundle (tasks/NAME.ptd, hashed in "
                       "manifest.json)"};
   }
+  unpack_mixers(t, m, path);
   std::set<std::string> known = {crisp::kTagKey, crisp::kDigestKey};
   for (const auto& s : m.set_task) known.insert(s.name);
   for (const auto& [name, x] : t.tensors)

@@ -44,6 +44,7 @@ struct PtdTensor {
 constexpr int kByte = 0, kLong = 4, kFloat = 6;
 constexpr const char* kTagKey = "crisp.tag";
 constexpr const char* kDigestKey = "crisp.digest";
+constexpr const char* kMixersKey = "crisp.mixers";  // every mixer group of a task, by name
 constexpr const char* kDigestDomain = "crisp-edge/ptd-digest/v1\n";
 
 inline int dtype_size(int code) {
