@@ -708,7 +708,7 @@ def _rate(v: dict, kind: str, p: str, fmt: str) -> str:
     return "-" if rate is None else f"{rate:{fmt}} tok/s"  # "-": the run stopped before its speed rounds
 
 
-def render_lm_quantize(d: dict) -> str:
+def render_lm_quantize(d: dict, name: str = "lm_quantize.json") -> str:
     names = {"onnxruntime": "ONNX Runtime", "executorch": "ExecuTorch"}
     texts = list(d["texts"])
     rows = []
@@ -741,7 +741,7 @@ def render_lm_quantize(d: dict) -> str:
               f"the ratio to float32 (> 1: faster); {d['prompt_tokens']}-token prefill. Goals: int8 perplexity within "
               f"{100 * t['int8_perplexity_rel']:g}% of float32, int4 within {100 * t['int4_perplexity_rel']:g}%. Parity of a "
               "quantized bundle: teacher-forced logits within its named tolerance and top-1 agreement with the float "
-              f"model along the reference (`bench/results/lm_quantize.json`).{cut}")
+              f"model along the reference (`bench/results/{name}`).{cut}")
 
 
 def render_lm_int4_ablation(d: dict) -> str:
@@ -785,6 +785,8 @@ RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_
              "minilm_adapt_epochs10": render_minilm_adapt, "adapt_lm": render_adapt_lm,
              "minilm_alg6": render_minilm_alg6, "minilm_layout": render_minilm_layout,
              "lm_onnx": render_lm_onnx, "lm_executorch": render_lm_executorch, "task_files": render_task_files, "lm_et_anchor": render_lm_et_anchor, "lm_quantize": render_lm_quantize,
+             "lm_quantize_executorch": lambda d: render_lm_quantize(d, "lm_quantize_executorch.json"),
+             "lm_quantize_executorch_int8": lambda d: render_lm_quantize(d, "lm_quantize_executorch_int8.json"),
              "lm_int4_ablation": render_lm_int4_ablation,
              "compress_llm_english": render_compress_llm_english}
 

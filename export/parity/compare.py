@@ -90,9 +90,13 @@ _LM_ET = ("fp32 deep language model in ExecuTorch XNNPACK: SmolLM2-135M 64-step 
 #: agreement the discriminating one (a wrong model agrees at about chance). int4's min..max blocks (lm_head 8-bit)
 #: hold SmolLM2's own Q4_1 grid, so that model now sits far inside these bounds (ORT: tensor cases logits 1.94,
 #: 64-step teacher-forced logits 1.56, top-1 agreement 97.9%); they stay sized for a model trained in float, where
-#: 4-bit rounding is real. ExecuTorch's 8da8w / 8da4w (XNNPACK: activations per token) take the
-#: same bounds, not yet measured as bundles on SmolLM2.
+#: 4-bit rounding is real. ExecuTorch's 8da4w takes the same bounds (SmolLM2 bundle: top-1 agreement 97.4%).
+#: ExecuTorch's 8da8w quantizes each token's activations with one scale per row (ORT's kernel: one per block of
+#: 32): on SmolLM2-135M its 64-step teacher-forced logits were 1.64 / 2.62 / 3.42 off on three prompts
+#: (top-1 agreement 95.3%), past ORT's 3.0, so its bound is its own (ATOL_LM_INT8_XNNPACK); top-1 agreement
+#: stays the discriminating check.
 ATOL_LM_INT8 = 3.0
+ATOL_LM_INT8_XNNPACK = 5.0
 MIN_COSINE_LM_INT8 = 0.99
 MIN_TOP1_LM_INT8 = 0.85
 ATOL_LM_INT4 = 16.0
@@ -128,8 +132,9 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
                                                    min_top1=MIN_TOP1_LM_INT8),
     ("onnxruntime-lm", "dense", "int4"): Tolerance(ATOL_LM_INT4, MIN_COSINE_LM_INT4, _LM_INT4 + "; ORT MatMulNBits",
                                                    min_top1=MIN_TOP1_LM_INT4),
-    ("executorch-lm", "dense", "int8"): Tolerance(ATOL_LM_INT8, MIN_COSINE_LM_INT8, _LM_INT8 + "; XNNPACK 8da8w",
-                                                  min_top1=MIN_TOP1_LM_INT8),
+    ("executorch-lm", "dense", "int8"): Tolerance(
+        ATOL_LM_INT8_XNNPACK, MIN_COSINE_LM_INT8, _LM_INT8 + "; XNNPACK 8da8w, activations per token: SmolLM2-135M "
+        "64-step logits up to 3.42 off, top-1 agreement 95.3%", min_top1=MIN_TOP1_LM_INT8),
     ("executorch-lm", "dense", "int4"): Tolerance(ATOL_LM_INT4, MIN_COSINE_LM_INT4, _LM_INT4 + "; XNNPACK 8da4w",
                                                   min_top1=MIN_TOP1_LM_INT4),
     ("onnxruntime", "dense", "int8"): Tolerance(ATOL_INT8, MIN_COSINE_INT8, _INT8 + "; ORT quantize_dynamic"),
