@@ -54,6 +54,7 @@ def _arenas(pte: bytes) -> dict[str, list[int]]:
 
 
 def test_set_task_plans_one_weight_at_a_time_and_writes_every_weight():
+    torch.manual_seed(0)
     prog = _Swap().eval()
     view = _SetTask.__new__(_SetTask)
     view.__dict__ = prog.__dict__  # the same buffers under the same names, set_task as forward
@@ -75,4 +76,6 @@ def test_set_task_plans_one_weight_at_a_time_and_writes_every_weight():
         view.set_task(mixers)  # the same weights in PyTorch
         want = prog(x)
     got = program.load_method("forward").execute([x])[0]
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # every buffer holds its own layer's weight
+    # every buffer holds its own layer's weight (XNNPACK's float32 products: the recipe's tolerance, 1e-3; a
+    # weight written to another layer's buffer, or not at all, changes the output by about its own size)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
