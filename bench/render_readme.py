@@ -650,9 +650,10 @@ def render_lm_executorch(d: dict) -> str:
               f"1 thread ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}) (`bench/results/lm_executorch.json`). "
               "Why decode misses: a swappable program's weights are mutable buffers that `set_task` rewrites, and "
               "XNNPACK packs a linear's weights once, at load, only when they are constants; a buffer weight is "
-              "packed on every call, which at one token per step costs about twice the product itself. This run's "
-              "task files held one FlatTensor entry (~114 bytes) per mixer group; with every group in one "
-              "`crisp.mixers` tensor the same task file is 52,448 bytes (next table, `bench/results/task_files.json`).")
+              "packed on every call, which at one token per step costs about twice the product itself."
+              + ("" if task["bytes"] <= limit else " This run's task files held one FlatTensor entry (~114 bytes) per "
+                 "mixer group; with every group in one `crisp.mixers` tensor the same task file is 52,448 bytes (next "
+                 "table, `bench/results/task_files.json`)."))
 
 
 def render_task_files(d: dict) -> str:
