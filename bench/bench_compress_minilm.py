@@ -71,8 +71,7 @@ QUICK = {"keeps": [0.5], "methods": list(METHODS), "tasks": ["wordnet-verbs"], "
 HEAD_LR = 1e-2
 #: Alg. 6's mixer rate: bench_minilm.py's CRISP rate, chosen there on the validation split (SWEEP).
 ALG6_MIXER_LR = 3e-3
-#: Where distillation and the judges' training run: CUDA when torch sees a GPU, else the CPU. Students are
-#: built (SVD, whitening, FiPS's refinement) on the CPU either way, then moved.
+#: Where everything runs (students built, distilled, judged): CUDA when torch sees a GPU, else the CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: distill_lr: not tuned at full size. The ViT benchmark's 2e-3 (every parameter training) wrecked MiniLM in the
 #: quick run: after 2 steps the embedding cosine of svd / basis sharing / fips fell from 0.41 / 0.57 / 0.69 to
@@ -99,11 +98,10 @@ def distill_windows(tokenizer, count: int, window: int) -> torch.Tensor:
 
 
 def judge(model, original_emb, embed_batch, tasks: dict, cfg: dict) -> dict:
-    """Embedding cosine with the original, and head-only test accuracy per task (on ``DEVICE``)."""
-    model = copy.deepcopy(model).to(DEVICE)
+    """Embedding cosine with the original, and head-only test accuracy per task."""
     with torch.no_grad():
-        emb = sentence_embeddings(model, {k: v.to(DEVICE) for k, v in embed_batch.items()})
-    cos = (emb * original_emb.to(DEVICE)).sum(-1)
+        emb = sentence_embeddings(model, embed_batch)
+    cos = (emb * original_emb).sum(-1)
     out = {"cosine": float(cos.mean()), "cosine_min": float(cos.min()), "head_acc": {}}
     for name, (classes, splits) in tasks.items():
         m = copy.deepcopy(model)
@@ -118,7 +116,7 @@ def adapt_mixers(model, tasks: dict, cfg: dict) -> dict:
     """Alg. 3 on a CRISP encoder, per task: a fresh head (as ``judge``'s) + the mixers train, bases frozen."""
     out = {}
     for name, (classes, splits) in tasks.items():
-        m = copy.deepcopy(model).to(DEVICE)
+        m = copy.deepcopy(model)
         fresh_head(m, classes, seed=0)
         mixers = [layer.crisp_mixer for layer in ce.crisp_layers(m).values()]
         sec, _ = train(m, [{"params": list(m.classifier.parameters()), "lr": HEAD_LR},
@@ -142,19 +140,6 @@ def build(method: str, plan, original, teacher, x, budget: int, crisp_init: str)
         fn = basis_sharing_ if method == "basis-sharing" else fips_
         fn(student, budget, calib_inputs=calib, group_size=2, progress=False)
     return student
-
-
-def device_first(what: str, fn, *args):
-    """``(fn(*args), where it ran)``: first with every module and tensor of ``args`` copied to ``DEVICE``, then,
-    where that raises (a compression step never run on a GPU before), on the CPU as given. On the CPU: once."""
-    if DEVICE != "cpu":
-        moved = [copy.deepcopy(a).to(DEVICE) if isinstance(a, torch.nn.Module) else
-                 a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
-        try:
-            return fn(*moved), DEVICE
-        except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
-            print(f"{what}: failed on {DEVICE} ({type(e).__name__}: {str(e)[:300]}); building on the CPU", flush=True)
-    return fn(*args), "cpu"
 
 
 def main() -> int:
@@ -191,13 +176,14 @@ def main() -> int:
         ap.error(f"methods from {METHODS}, tasks from {sorted(MAX_LENGTH)}")
     start = time.perf_counter()
     original, tok = load_minilm(num_labels=2)
-    x = distill_windows(tok, cfg["windows"], cfg["window"])
+    original.to(DEVICE)
+    x = distill_windows(tok, cfg["windows"], cfg["window"]).to(DEVICE)
     teacher = copy.deepcopy(original)
     ce.retrofit_(teacher, TEACHER_CONFIG, progress=False)
-    teacher_on_device = copy.deepcopy(teacher).to(DEVICE)  # distillation's teacher; ``teacher`` builds students
     glosses = [t for t, _ in load_text_task("wordnet-nouns", max_test=cfg["embed_texts"]).test]
-    embed_batch = tokenize(tok, glosses, max_length=64)
-    original_emb = sentence_embeddings(original, embed_batch)
+    embed_batch = {k: v.to(DEVICE) for k, v in tokenize(tok, glosses, max_length=64).items()}
+    with torch.no_grad():
+        original_emb = sentence_embeddings(original, embed_batch)
     tasks = {}
     for name in cfg["tasks"]:
         data = load_text_task(name, max_train=cfg["max_train"], max_test=cfg["max_test"])
@@ -219,22 +205,18 @@ def main() -> int:
                          lambda_kl=0.0, lambda_feat=1.0)
     for keep in cfg["keeps"]:
         # CRISP's ranks; its storage is the budget
-        plan, _ = device_first("ranks", lambda t, xs: allocate_ranks(t, keep, "greedy", calib=xs, init=cfg["crisp_ranks"]),
-                               teacher, x[:64])
+        plan = allocate_ranks(teacher, keep, "greedy", calib=x[:64], init=cfg["crisp_ranks"])
         budget = plan.stored
         for method in cfg["methods"]:
             t = time.perf_counter()
-            student, built_on = device_first(method, lambda o, te, xs: build(method, plan, o, te, xs, budget,
-                                                                             cfg["crisp_init"]), original, teacher, x)
-            student = student.eval()
+            student = build(method, plan, original, teacher, x, budget, cfg["crisp_init"]).eval()
             rec = {"method": method, "keep_fraction": keep, "budget": budget, "stored": stored_params(student),
-                   "built_on": built_on, "build_seconds": round(time.perf_counter() - t, 1)}
+                   "build_seconds": round(time.perf_counter() - t, 1)}
             rec["kept_fraction"] = rec["stored"] / original_params
             assert rec["stored"] <= budget, rec
             rec["before"] = judge(student, original_emb, embed_batch, tasks, cfg)
             if method != "crisp-mimicry":
-                student = student.to(DEVICE)
-                rep = distill_(student, teacher_on_device, x, dcfg, progress=False)
+                rep = distill_(student, teacher, x, dcfg, progress=False)
                 rec["distill_seconds"] = round(rep.to_dict().get("seconds", 0.0), 1)
                 student.eval()
                 rec["after"] = judge(student, original_emb, embed_batch, tasks, cfg)

@@ -42,7 +42,7 @@ def _union(values: list[list], order: list | None = None) -> list:
 
 def _parts_record(parts: list[dict], paths: list[Path]) -> list[dict]:
     return [{"file": p.name, "machine": d["machine"], "wall_seconds": d.get("wall_seconds"),
-             "config": {k: d["config"][k] for k in d["config"]}} for d, p in zip(parts, paths)]
+             "config": dict(d["config"])} for d, p in zip(parts, paths)]
 
 
 def combine_adapt(parts: list[dict], paths: list[Path], name: str) -> dict:

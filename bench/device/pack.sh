@@ -5,7 +5,8 @@
 # Run from the repository root:  bash bench/device/pack.sh   (then name .gpu in the device call's carry)
 set -eu
 PY=${PY:-.venv/bin/python}
-rm -rf .gpu && mkdir -p .gpu/whl /tmp/crisp-gpu-pack
+if [ -e .gpu ] && [ ! -e .gpu/.crisp-gpu-pack ]; then echo ".gpu exists and was not made by pack.sh: move it away" >&2; exit 2; fi
+rm -rf .gpu && mkdir -p .gpu/whl /tmp/crisp-gpu-pack && touch .gpu/.crisp-gpu-pack
 tar -C / -cJf .gpu/data.tar.xz usr/share/wordnet/data.noun usr/share/wordnet/data.verb usr/share/games/fortunes \
     usr/share/doc/jargon-text/jargon.txt.gz usr/share/debian-reference/debian-reference.en.txt.gz \
     usr/share/dasher/training_english_GB.txt

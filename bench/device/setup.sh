@@ -9,7 +9,7 @@ ROOT=$(pwd); PY=${PY:-python3}; SITE=${SITE:-/tmp/site}; LIMIT=${LIMIT:-470}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 log() { echo "[$(date +%T)] $*" | tee -a $OUT/log.txt; }
 if [ "${DRY:-0}" != 1 ]; then
-  tar -xJf .gpu/data.tar.xz -C / || { log "data untar failed"; exit 1; }
+  tar --skip-old-files -xJf .gpu/data.tar.xz -C / || { log "data untar failed"; exit 1; }
   nvidia-smi -L | tee -a $OUT/log.txt
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .gpu/whl/*.whl 2>&1 | tail -2
 fi
