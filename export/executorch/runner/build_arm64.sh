@@ -59,7 +59,7 @@ EOF
   touch "$ET/.unpacked-$ET_VERSION"
 fi
 
-aarch64-linux-gnu-g++ -std=c++17 -O2 -Wno-deprecated-declarations -o "$OUT" "$HERE/crisp_et_runner.cpp" \
+aarch64-linux-gnu-g++ -std=c++17 -O2 -fopenmp-simd -Wno-deprecated-declarations -o "$OUT" "$HERE/crisp_et_runner.cpp" "$HERE"/../kernels/*.cpp \
   -I"$ET/include" -I"$ET/include/executorch/runtime/core/portable_type/c10" \
   -DC10_USING_CUSTOM_GENERATED_MACROS -DET_EVENT_TRACER_ENABLED -DET_USE_THREADPOOL \
   -L"$ET/lib" -Wl,-rpath,'$ORIGIN/executorch/lib' -Wl,-rpath-link,"$ET/lib" -lexecutorch -lexecutorch_threadpool \

@@ -1,0 +1,88 @@
+"""crisp-edge's own ExecuTorch operators: their PyTorch definitions (for export) and their kernels (for the runtime).
+
+A program that uses one of these operators runs only where the kernels are registered: in Python after
+:func:`load_kernels` (the exporter's and the session's code call it), in the C++ runner because its build
+compiles ``export/executorch/kernels/*.cpp`` in. The kernels live in one shared library built from those
+sources with ``export/executorch/kernels/build.sh`` (``make setup`` builds it; a checkout without it builds
+it here on first use, which needs g++).
+
+Operators (namespace ``crisp``):
+
+- ``rowmajor_linear(x, w)``: ``x @ w.T`` with ``w`` read in place in its (d_out, d_in) layout. XNNPACK packs a
+  weight that is not a constant on every call; for one token per call (a language model's decode step over a
+  swappable bundle's task weights) that packing costs about twice the product, and this kernel skips it.
+"""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from crisp_edge.export.errors import ExportError
+
+KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+LIBRARY = KERNELS_DIR / "build" / "libcrisp_et_kernels.so"
+NAMESPACE = "crisp"
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+_lib.define("rowmajor_linear(Tensor x, Tensor w) -> Tensor")
+_lib.define("rowmajor_linear.out(Tensor x, Tensor w, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+@torch.library.impl(_lib, "rowmajor_linear", "CompositeExplicitAutograd")
+def _rowmajor_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w)
+
+
+@torch.library.impl(_lib, "rowmajor_linear.out", "CompositeExplicitAutograd")
+def _rowmajor_linear_out(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    out.copy_(torch.nn.functional.linear(x, w))
+    return out
+
+
+_loaded: ctypes.CDLL | None = None
+_lock = threading.Lock()
+
+
+def _sources_newer_than(lib: Path) -> bool:
+    built = lib.stat().st_mtime
+    return any(p.stat().st_mtime > built for p in KERNELS_DIR.glob("*.[ch]*") if p.is_file())
+
+
+def build_kernels(out: Path = LIBRARY) -> Path:
+    """Compile the kernels into ``out`` with ``kernels/build.sh`` (g++ and the executorch wheel's headers)."""
+    try:
+        r = subprocess.run(["bash", str(KERNELS_DIR / "build.sh"), sys.executable, str(out)],
+                           capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ExportError(f"cannot build crisp-edge's ExecuTorch kernels ({e}); run "
+                                 f"{KERNELS_DIR / 'build.sh'} by hand and read its output.") from None
+    if r.returncode != 0:
+        raise ExportError(
+            f"building crisp-edge's ExecuTorch kernels failed (exit {r.returncode}):\n{(r.stderr or r.stdout)[-2000:]}\n"
+            "They need g++ (Debian package g++, which `make setup` installs) and the executorch wheel's headers.")
+    return out
+
+
+def load_kernels() -> Path:
+    """Register crisp-edge's ExecuTorch kernels in this process's ExecuTorch runtime (once; builds them if needed).
+
+    Returns the library's path. Raises ``ExportError`` when the library cannot be built or loaded.
+    """
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            if not LIBRARY.is_file() or _sources_newer_than(LIBRARY):
+                build_kernels()
+            try:
+                # RTLD_GLOBAL: the library's static registrations go into the libexecutorch.so that Python's
+                # ExecuTorch runtime (executorch.extension.pybindings) already links.
+                _loaded = ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
+            except OSError as e:
+                raise ExportError(f"cannot load {LIBRARY} ({e}); delete it and run "
+                                         f"{KERNELS_DIR / 'build.sh'} again.") from None
+        return LIBRARY
