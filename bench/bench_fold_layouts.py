@@ -171,13 +171,14 @@ def fused_kernel_case(groups: int, rng: np.random.Generator) -> dict:
 
     if "avx512f" not in Path("/proc/cpuinfo").read_text():
         sys.exit("--fused-kernel needs an AVX-512 CPU")
-    lib_path = Path(tempfile.mkdtemp(prefix="fused_fold.")) / "libfused_fold.so"
     src = Path(__file__).with_name("_fused_fold.c")
-    proc = subprocess.run(["cc", "-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", str(src), "-o", str(lib_path)],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"--fused-kernel: cc failed: {proc.stderr[-500:]}")
-    lib = ctypes.CDLL(str(lib_path))
+    with tempfile.TemporaryDirectory(prefix="fused_fold.") as tmp:  # the loaded library outlives its file
+        lib_path = Path(tmp) / "libfused_fold.so"
+        proc = subprocess.run(["cc", "-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", str(src), "-o", str(lib_path)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"--fused-kernel: cc failed: {proc.stderr[-500:]}")
+        lib = ctypes.CDLL(str(lib_path))
     lib.fold_group.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
     calls = []
     for role, d_out, d_in in ROLES:
