@@ -69,6 +69,7 @@ from crisp_edge.export.executorch.bundle import (
     RUNNER_SPEC,
     EtBundle,
 )
+from crisp_edge.export.executorch.custom_ops import crisp_ops
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
 from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, _unfuse_attention
@@ -295,7 +296,9 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                      "executorch": getattr(getattr(executorch, "version", None), "__version__", "unknown"),
                      "fused_attention": False},
         "arch": getattr(model, "crisp_arch", None), "program": {"file": PROGRAM, "methods": sorted(ops)
-                                                                + (["crisp_tag"] if swap else []) + [IO_METHOD]},
+                                                                + (["crisp_tag"] if swap else []) + [IO_METHOD],
+                                                                # kernels the runtime must register first
+                                                                "crisp_kernels": crisp_ops(ops)},
         "files": {f: file_record(folder, f) for f in files},
         "inputs": _io(names, example),
         "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": out_shape}],
