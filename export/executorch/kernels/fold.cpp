@@ -36,6 +36,7 @@ void fold_block(const float* b, const float* mt, float* const* col, int64_t k, i
     float acc[ROWS][CHUNK] = {};
     for (int64_t t = 0; t < r; ++t) {
       const float* m = mt + t * cpad + c0;
+#pragma GCC unroll 4  // ROWS: unrolled also at -O2 (the runners' builds), so the sums stay in registers
       for (int64_t q = 0; q < ROWS; ++q) {
         const float bt = b[q * r + t];
 #pragma omp simd
