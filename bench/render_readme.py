@@ -86,6 +86,12 @@ def render_onnx(d: dict) -> str:
                      f"{100 * r['sizes']['swappable']['rel_diff']:+.2f}%", f"{adapters:.3f}x",
                      f"{max(r['parity_max_abs'].values()):.1e}"])
     m = d["machine"]
+    stock = [f"{r['model']} {r['ratios_to_plain']['switch_stock_fold_in_forwards']:.2f} forwards, from the file "
+             f"{r['ratios_to_plain']['switch_from_file_stock_fold_in_forwards']:.2f}"
+             for r in d["results"] if "switch_stock_fold_in_forwards" in r["ratios_to_plain"]]
+    stock_note = (" In the same run, the swappable program whose `set_task` uses stock operators only (one XNNPACK "
+                  "product a layer and a write-back copy, as before `crisp::fold_`): switch " + "; ".join(stock)
+                  + ".") if stock else ""
     return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
                     "switch incl. reading the .onnx_adapter", "of which the file (read, verify)",
                     "recreate session (forwards)", "floor: copying the dense weights (forwards)",
@@ -133,6 +139,12 @@ def render_executorch(d: dict, source: str = "executorch.json") -> str:
                      f"{ptd:.3f}x", f"{max(r['parity_max_abs'].values()):.1e}",
                      f"{100 * min(r['top1_agreement_fmnist'].values()):.1f}%" if r.get("top1_agreement_fmnist") else "-"])
     m = d["machine"]
+    stock = [f"{r['model']} {r['ratios_to_plain']['switch_stock_fold_in_forwards']:.2f} forwards, from the file "
+             f"{r['ratios_to_plain']['switch_from_file_stock_fold_in_forwards']:.2f}"
+             for r in d["results"] if "switch_stock_fold_in_forwards" in r["ratios_to_plain"]]
+    stock_note = (" In the same run, the swappable program whose `set_task` uses stock operators only (one XNNPACK "
+                  "product a layer and a write-back copy, as before `crisp::fold_`): switch " + "; ".join(stock)
+                  + ".") if stock else ""
     return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
                     "switch incl. reading the .ptd", "of which the file (read, verify)", "reload whole program (forwards)",
                     "floor: copying the dense weights (forwards)", ".pte vs stored x 4 B",
@@ -142,8 +154,8 @@ def render_executorch(d: dict, source: str = "executorch.json") -> str:
               f"average {m['load_average_1_5_15'][0]}); forwards in steady state (consecutive calls), a switch as one "
               f"call after other work. Targets: dense <= {t['dense_ratio']}x, swappable <= "
               f"{t['swappable_ratio']}x, switch <= {t['switch_forwards']} forward, switch from the file <= "
-              f"{t.get('switch_from_file_forwards', '-')} forward (issue 19; `bench/results/{source}`). "
-              + SWITCH_NOTE + FLOOR_NOTE)
+              f"{t.get('switch_from_file_forwards', '-')} forward (issue 19; `bench/results/{source}`)." + stock_note
+              + " " + SWITCH_NOTE + FLOOR_NOTE)
 
 
 SWITCH_NOTE = ("A switch from the file is `set_task(name)` as a user pays it for a task file the session has not "
