@@ -52,7 +52,8 @@ _lock = threading.Lock()
 
 def _sources_newer_than(lib: Path) -> bool:
     built = lib.stat().st_mtime
-    return any(p.stat().st_mtime > built for p in KERNELS_DIR.glob("*.[ch]*") if p.is_file())
+    shared = KERNELS_DIR.parents[1] / "kernels"  # export/kernels: code shared with other runtimes (fold_core.h)
+    return any(p.stat().st_mtime > built for d in (KERNELS_DIR, shared) for p in d.glob("*.[ch]*") if p.is_file())
 
 
 def build_kernels(out: Path = LIBRARY) -> Path:

@@ -229,6 +229,8 @@ def test_fold_graph_covers_every_gate_and_placement(tmp_path, gate, placement):
                 generator=torch.Generator().manual_seed(0))
     bundle = export_onnx(model.eval(), tmp_path / "b", mode="swappable")  # validated inside
     assert bundle.manifest["parity"]["max_abs"] <= 1e-4
+    # the fused kernel takes "pre" groups with a gate it applies (silu, relu, none); the fold graph the others
+    assert bundle.session().fold_with == ("crisp-edge kernel" if placement == "pre" else "onnxruntime")
 
 
 #: fc1 transposed at a small s, fc2 transposed with s = d_out (an input-side basis, as LLaMA's down_proj).
@@ -408,13 +410,16 @@ def test_a_task_file_changed_after_its_first_use_is_caught(swappable, tmp_path):
         sess.set_task("t1")
 
 
-def test_a_switch_feeds_the_fold_what_orts_own_adapter_loader_reads(swappable, tmp_path):
+def test_a_switch_feeds_the_fold_what_orts_own_adapter_loader_reads(swappable, tmp_path, monkeypatch):
     """set_task feeds the fold crisp-edge's checked copies of the task's tensors (no second parse of the file
     by ORT's adapter loader): the dense weights are bit for bit those of the fold run with the file as ORT's
-    active adapter (what a device runs), and a file damaged or cut short after the switch changes nothing."""
+    active adapter (what a device runs), and a file damaged or cut short after the switch changes nothing.
+    (The fold graph here, as an app using ONNX Runtime alone runs it; the kernel fold is compared below.)"""
     import onnxruntime as ort
 
-    from crisp_edge.export.onnx.session import session_options
+    from crisp_edge.export.onnx.session import OnnxCrispSession, session_options
+
+    monkeypatch.setattr(OnnxCrispSession, "use_fold_kernel", False)
 
     own = swappable.task_path("t1")
     copied = tmp_path / own.name
@@ -434,3 +439,71 @@ def test_a_switch_feeds_the_fold_what_orts_own_adapter_loader_reads(swappable, t
         assert np.array_equal(sess._weights[name].numpy(), value), name
     copied.write_bytes(copied.read_bytes()[:100])  # cut short under the running task
     assert np.array_equal(sess(x), want)
+
+
+def _fold_graph_session(bundle, monkeypatch):
+    from crisp_edge.export.onnx.session import OnnxCrispSession
+
+    with monkeypatch.context() as m:
+        m.setattr(OnnxCrispSession, "use_fold_kernel", False)
+        sess = bundle.session()
+    assert sess.fold_with == "onnxruntime"
+    return sess
+
+
+def test_the_kernel_fold_gives_the_fold_graphs_weights(swappable, model, tasks, monkeypatch):
+    """set_task folds with crisp-edge's fused kernel (export/fold_kernel.py: the basis read once, each weight
+    written in its layout) where it can: the same dense weights as the bundle's fold graph run in ONNX Runtime
+    (what an app using ONNX Runtime alone runs), within float32 rounding, for every task; biases and head exactly;
+    and the logits PyTorch gives."""
+    sess, graph = swappable.session(), _fold_graph_session(swappable, monkeypatch)
+    assert sess.fold_with == "crisp-edge kernel"
+    x = x_input().numpy()
+    for task, path in [("default", None), ("t1", tasks[0]), ("t2", tasks[1])]:
+        sess.set_task(task)
+        graph.set_task(task)
+        assert sess._weights.keys() == graph._weights.keys()
+        for name, value in graph._weights.items():
+            got, want = sess._weights[name].numpy(), value.numpy()
+            assert got.shape == want.shape, name
+            if name.endswith(".weight") and name.startswith("dense.blocks"):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+            else:
+                assert np.array_equal(got, want), name
+        ref = copy.deepcopy(model)
+        if path is not None:
+            apply_mixers_(ref, path)
+        np.testing.assert_allclose(sess(x), ref(torch.from_numpy(x)).detach().numpy(), atol=1e-4, rtol=0)
+
+
+def test_the_kernel_fold_reads_the_bases_from_the_external_data_file(tmp_path, monkeypatch):
+    """A bundle whose bases live in the fold graph's external data file (any real model's): the kernel reads
+    them there (a read-only map of the file ORT maps), with the fold graph's weights."""
+    import crisp_edge.export.onnx.bundle as ob
+    import crisp_edge.export.onnx.kernel_fold as kf
+
+    with monkeypatch.context() as m:
+        m.setattr(ob, "EXTERNAL_DATA_BYTES", 0)  # as a real model's: the toy's graphs would be saved whole
+        bundle = export_onnx(crisp_toy(), tmp_path / "b", mode="swappable")
+    assert "fold.onnx.data" in bundle.manifest["files"]
+    maps = []
+    real = kf._initializer
+    monkeypatch.setattr(kf, "_initializer", lambda *a: maps.append(type(r := real(*a))) or r)
+    sess, graph = bundle.session(), _fold_graph_session(bundle, monkeypatch)
+    assert np.memmap in maps and sess.fold_with == "crisp-edge kernel"
+    sess.set_task("default")
+    graph.set_task("default")
+    for name, value in graph._weights.items():
+        np.testing.assert_allclose(sess._weights[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_without_the_kernel_the_fold_graph_runs(swappable, model, monkeypatch):
+    """Where crisp-edge's fold kernel cannot be built (no g++) the session runs the bundle's fold graph."""
+    from crisp_edge.export import fold_kernel
+
+    monkeypatch.setattr(fold_kernel, "kernel", lambda: None)
+    sess = swappable.session()
+    assert sess.fold_with == "onnxruntime"
+    sess.set_task("default")
+    x = x_input()
+    np.testing.assert_allclose(sess(x.numpy()), model(x).detach().numpy(), atol=1e-4, rtol=0)

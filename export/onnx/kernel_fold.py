@@ -1,0 +1,102 @@
+"""A swappable ONNX bundle's task switch with crisp-edge's fused fold kernel instead of the fold graph's products.
+
+The fold graph (``fold.py``) computes each "pre" group's layers as one product, a split and a transpose per
+layer: stock ONNX operators, about three times the cost of copying the weights once. ``KernelFold`` gives the
+same outputs from the same tensors with ``crisp_edge.export.fold_kernel`` (the kernel of ExecuTorch's
+``crisp::fold_``: the basis read once, each layer's ``(u, s)`` weight written directly): the bases are read
+from the fold graph's own initializers (the external data file ONNX Runtime maps, mapped read-only once more:
+the same page-cache pages, released with ORT's after a switch), the gate applied to the task's mixers with
+numpy, and every other output (biases, head) still taken from the fold graph, which ORT then runs only for
+those. The bundle does not change: an app running the fold graph in ONNX Runtime alone gets the same weights
+at the graph's cost. ``build`` returns None, and the session keeps the fold graph, where a group is not "pre"
+with a gate numpy applies here (silu, relu, none), where the graph is not the one ``fold.py`` writes, or where
+the kernel cannot be built (no g++).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from crisp_edge.export import fold_kernel
+from crisp_edge.export.errors import AdapterError, BundleError
+
+_GATES = {
+    "silu": lambda a: a * (np.float32(1) / (np.float32(1) + np.exp(-a))),  # Sigmoid then Mul, as the graph
+    "relu": lambda a: np.maximum(a, np.float32(0)),
+    "none": lambda a: a,
+}
+
+
+def _initializer(t: onnx.TensorProto, folder: Path, data_file: Path | None, where: str) -> np.ndarray:
+    """A float32 initializer's values: inline, or a read-only map of its bytes in the bundle's data file."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    shape = tuple(int(d) for d in t.dims)
+    size = 4 * int(np.prod(shape))
+    path = (folder / info.get("location", "")).resolve()
+    offset, length = int(info.get("offset", 0)), int(info.get("length", size))
+    if data_file is None or path != data_file.resolve() or length != size or t.data_type != onnx.TensorProto.FLOAT \
+            or offset + size > path.stat().st_size:
+        raise BundleError(f"{where}: {t.name} is not float32 data inside the bundle's own {data_file}.")
+    return np.memmap(path, dtype=np.float32, mode="r", offset=offset, shape=shape)
+
+
+class KernelFold:
+    """Per "pre" group: the basis (r, u), the gate, the exported mixers, the fold outputs in layer order."""
+
+    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str]]], others: list[str],
+                 fold: ort.InferenceSession) -> None:
+        self.groups, self.others, self.fold = groups, others, fold
+
+    @classmethod
+    def build(cls, fold: ort.InferenceSession, fold_path: Path, data_file: Path | None, swap: dict,
+              weight_names: list[str]) -> KernelFold | None:
+        """The kernel fold of a bundle's fold graph, or None where the graph's own fold has to run (above)."""
+        layout = swap["layout"]
+        if any(g["placement"] != "pre" or g["gate"] not in _GATES for g in layout.values()):
+            return None
+        if fold_kernel.kernel() is None:
+            return None
+        proto = onnx.load(str(fold_path), load_external_data=False)
+        inits = {t.name: t for t in proto.graph.initializer}
+        split = {n.input[0]: list(n.output) for n in proto.graph.node if n.op_type == "Split"}
+        transpose = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "Transpose"}
+        products = {(n.input[0], n.input[1]) for n in proto.graph.node if n.op_type == "MatMul"}
+        groups, done = [], set()
+        for key, g in layout.items():
+            tag, basis, mixer = f"fold.{key}", f"basis.{key}", f"mixer.{key}"
+            outs = [transpose.get(p) for p in split.get(f"{tag}.all", [])]
+            if ((f"{tag}.gall", basis) not in products or len(outs) != g["n"] or None in outs
+                    or basis not in inits or mixer not in inits):
+                return None  # not the graph fold.py writes for a "pre" group
+            where = f"{fold_path}"
+            b = _initializer(inits[basis], fold_path.parent, data_file, where)
+            m = np.ascontiguousarray(_initializer(inits[mixer], fold_path.parent, data_file, where))
+            if b.shape != (g["r"], g["d_out"] * g["d_in"] // g["s"]) or m.shape != (g["n"], g["r"], g["s"]):
+                return None
+            groups.append((mixer, b, g["gate"], m, outs))
+            done.update(outs)
+        if not done <= set(weight_names):
+            return None
+        return cls(groups, [w for w in weight_names if w not in done], fold)
+
+    def run(self, name: str, arrays: dict[str, np.ndarray]) -> dict[str, ort.OrtValue]:
+        """Every fold output for a task's tensors (the exported ones where the task has none)."""
+        values: dict[str, ort.OrtValue] = {}
+        if self.others:  # biases and head: the graph's own nodes (ORT runs only what these outputs need)
+            feeds = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()}
+            try:
+                values.update(zip(self.others, self.fold.run_with_ort_values(self.others, feeds, ort.RunOptions())))
+            except Exception as e:  # noqa: BLE001 - ORT's own error
+                raise AdapterError(f"task {name!r}: the fold run failed in ONNX Runtime: {e}") from None
+        for mixer, basis, gate, default, outs in self.groups:
+            a = arrays.get(mixer, default)
+            gated = _GATES[gate](np.asarray(a, np.float32))
+            for out, w in zip(outs, fold_kernel.fold_group(basis, gated, transposed=True)):
+                values[out] = ort.OrtValue.ortvalue_from_numpy(w)
+        return values
