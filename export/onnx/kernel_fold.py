@@ -6,11 +6,12 @@ same outputs from the same tensors with ``crisp_edge.export.fold_kernel`` (the k
 ``crisp::fold_``: the basis read once, each layer's ``(u, s)`` weight written directly): the bases are read
 from the fold graph's own initializers (the external data file ONNX Runtime maps, mapped read-only once more:
 the same page-cache pages, released with ORT's after a switch), the gate applied to the task's mixers with
-numpy, and every other output (biases, head) still taken from the fold graph, which ORT then runs only for
-those. The bundle does not change: an app running the fold graph in ONNX Runtime alone gets the same weights
-at the graph's cost. ``build`` returns None, and the session keeps the fold graph, where a group is not "pre"
-with a gate numpy applies here (silu, relu, none), where the graph is not the one ``fold.py`` writes, or where
-the kernel cannot be built (no g++).
+numpy, and the outputs that are task tensors as they are (a layer's bias: a row of ``bias.<group>``; the head)
+taken from the task's tensors; any other output would need the fold graph run (ORT runs a whole graph, not
+only what the asked outputs need). The bundle does not change: an app running the fold graph in ONNX Runtime
+alone gets the same weights at the graph's cost. ``build`` returns None, and the session keeps the fold graph,
+where a group is not "pre" with a gate numpy applies here (silu, relu, none), where the graph is not the one
+``fold.py`` writes, or where the kernel cannot be built (no g++).
 """
 from __future__ import annotations
 
@@ -46,12 +47,35 @@ def _initializer(t: onnx.TensorProto, folder: Path, data_file: Path | None, wher
     return np.memmap(path, dtype=np.float32, mode="r", offset=offset, shape=shape)
 
 
-class KernelFold:
-    """Per "pre" group: the basis (r, u), the gate, the exported mixers, the fold outputs in layer order."""
+def _passthrough(proto: onnx.ModelProto, outputs: list[str], defaults: dict[str, np.ndarray]) -> dict:
+    """The fold outputs that are a task tensor as it is (``Identity``: the head) or one row of one
+    (``Reshape(Split(t, axis 0)[i])``: a layer's bias): output -> (tensor name, row or None)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    row = {}
+    for n in proto.graph.node:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if n.op_type == "Split" and n.input[0] in defaults and axis == 0 and len(n.output) == len(defaults[n.input[0]]):
+            row.update({o: (n.input[0], i) for i, o in enumerate(n.output)})
+    found = {}
+    for out in outputs:
+        n = producer.get(out)
+        if n is not None and n.op_type == "Identity" and n.input[0] in defaults:
+            found[out] = (n.input[0], None)
+        elif n is not None and n.op_type == "Reshape" and n.input[0] in row:
+            src, i = row[n.input[0]]
+            if defaults[src].ndim == 2:  # (n, d_out) -> row i, (d_out,): the Reshape's own target
+                found[out] = (src, i)
+    return found
 
-    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str]]], others: list[str],
-                 fold: ort.InferenceSession) -> None:
-        self.groups, self.others, self.fold = groups, others, fold
+
+class KernelFold:
+    """Per "pre" group: the mixers' name, the basis (r, u), the gate, the exported mixers, the fold outputs in
+    layer order; the outputs passed through from task tensors (biases, head), their exported values; and any
+    other output, left to the fold graph."""
+
+    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str]]], passthrough: dict,
+                 defaults: dict[str, np.ndarray], others: list[str], fold: ort.InferenceSession) -> None:
+        self.groups, self.passthrough, self.defaults, self.others, self.fold = groups, passthrough, defaults, others, fold
 
     @classmethod
     def build(cls, fold: ort.InferenceSession, fold_path: Path, data_file: Path | None, swap: dict,
@@ -83,12 +107,19 @@ class KernelFold:
             done.update(outs)
         if not done <= set(weight_names):
             return None
-        return cls(groups, [w for w in weight_names if w not in done], fold)
+        rest = [w for w in weight_names if w not in done]
+        defaults = {k: np.array(_initializer(inits[k], fold_path.parent, data_file, str(fold_path)))
+                    for k in swap["overridable"] if k in inits and not k.startswith("mixer.")}  # copies: small
+        passthrough = _passthrough(proto, rest, defaults)
+        return cls(groups, passthrough, defaults, [w for w in rest if w not in passthrough], fold)
 
     def run(self, name: str, arrays: dict[str, np.ndarray]) -> dict[str, ort.OrtValue]:
         """Every fold output for a task's tensors (the exported ones where the task has none)."""
         values: dict[str, ort.OrtValue] = {}
-        if self.others:  # biases and head: the graph's own nodes (ORT runs only what these outputs need)
+        for out, (src, i) in self.passthrough.items():  # biases and head: the task's tensors as they are
+            a = arrays.get(src, self.defaults[src])
+            values[out] = ort.OrtValue.ortvalue_from_numpy(a if i is None else np.ascontiguousarray(a[i]))
+        if self.others:  # anything else: the graph's own nodes (ORT runs the whole graph for them)
             feeds = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()}
             try:
                 values.update(zip(self.others, self.fold.run_with_ort_values(self.others, feeds, ort.RunOptions())))

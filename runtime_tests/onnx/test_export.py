@@ -458,6 +458,7 @@ def test_the_kernel_fold_gives_the_fold_graphs_weights(swappable, model, tasks, 
     and the logits PyTorch gives."""
     sess, graph = swappable.session(), _fold_graph_session(swappable, monkeypatch)
     assert sess.fold_with == "crisp-edge kernel"
+    assert sess._kernel_fold.others == []  # every output from the kernel or the task's tensors: no graph run
     x = x_input().numpy()
     for task, path in [("default", None), ("t1", tasks[0]), ("t2", tasks[1])]:
         sess.set_task(task)
