@@ -70,3 +70,21 @@ def test_fold_writes_every_weight_as_torch_folds_it(shapes, r, s):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     view.set_task(mixers)  # PyTorch's implementation of the op: the same weights
     torch.testing.assert_close(prog(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_plans_no_weight_sized_memory():
+    """crisp::fold_ writes the buffers themselves: set_task's planned memory (its inputs, the gated mixers)
+    holds not even one layer's weight, where a product per layer plans at least one."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    shapes, r, s = [(64, 96)] * 4, 16, 4
+    prog = _Group(shapes, r, s).eval()
+    view = _SetTask.__new__(_SetTask)
+    view.__dict__ = prog.__dict__
+    mixers = torch.randn(len(shapes), r, s)
+    pte, _ = lower({"forward": prog, "set_task": view}, {"forward": (torch.ones(1),), "set_task": (mixers,)},
+                   "portable", "swappable")
+    plans = {p.name: list(p.non_const_buffer_sizes) for p in deserialize_pte_binary(bytes(pte)).program.execution_plan}
+    weight_bytes = 4 * 64 * 96
+    assert plans["set_task"][1] < weight_bytes, plans  # index 1: the method's own arena
+    assert plans["set_task"][2] >= len(shapes) * weight_bytes  # index 2: the shared buffers, written in place
