@@ -121,6 +121,88 @@ def test_swappable_forwards_from_several_threads_and_batches(swappable):
     assert after[0].shape[1] == 7 and not np.array_equal(after[0][:, :5], want[0][:, :5])
 
 
+def test_forwards_while_another_thread_switches_tasks(swappable):
+    """Forwards running while the main thread switches between two tasks each answer with one task's weights
+    (or NoTaskError mid-switch), never with freed memory: a thread keeps the weights it bound alive, also the
+    kernel fold's, whose numpy memory its binding does not own."""
+    import threading
+
+    sess = swappable.session()
+    x = x_input(batch=2).numpy()
+    want = {}
+    for t in ("t1", "t2"):
+        sess.set_task(t)
+        want[t] = sess(x)
+    stop, bad, runs = threading.Event(), [], [0]
+
+    def forwards():
+        while not stop.is_set():
+            try:
+                out = sess(x)
+            except NoTaskError:
+                continue
+            runs[0] += 1
+            if not any(out.shape == w.shape and np.allclose(out, w, atol=1e-5) for w in want.values()):
+                bad.append(out)
+
+    threads = [threading.Thread(target=forwards) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(40):
+            sess.set_task("t1" if i % 2 else "t2")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert runs[0] > 0 and not bad
+
+
+def test_a_thread_keeps_the_kernel_folds_weights_it_bound_alive(swappable, monkeypatch):
+    """The kernel fold's weights are numpy memory that ORT's C++ values point into without owning it; ORT's
+    Python IOBinding keeps the values it binds, so after a switch the arrays a thread bound stay alive while
+    that thread holds its binding (a forward it is running reads them), and go once it rebinds."""
+    import gc
+    import threading
+    import weakref
+
+    from crisp_edge.export import fold_kernel
+
+    made = []
+    real = fold_kernel.fold_group
+
+    def recording(*a, **k):
+        outs = real(*a, **k)
+        made.extend(weakref.ref(o) for o in outs)
+        return outs
+
+    monkeypatch.setattr(fold_kernel, "fold_group", recording)
+    sess = swappable.session()
+    assert sess.fold_with == "crisp-edge kernel"
+    sess.set_task("t1")
+    first, x = list(made), x_input(batch=1).numpy()
+    bound, go, done = threading.Event(), threading.Event(), threading.Event()
+
+    def worker():
+        sess(x)  # binds t1's weights in this thread
+        bound.set()
+        go.wait()
+        sess(x)  # a forward after the switch: rebinds to t2's
+        done.set()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    bound.wait()
+    sess.set_task("t2")
+    gc.collect()
+    alive = all(r() is not None for r in first)
+    go.set()
+    t.join()
+    assert first and alive  # held by the worker's binding across the switch
+    gc.collect()
+    assert all(r() is None for r in first)  # and freed once every thread rebound
+
+
 def test_forward_before_set_task_is_an_error(swappable):
     sess = swappable.session()
     with pytest.raises(NoTaskError, match="set_task"):
