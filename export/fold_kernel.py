@@ -73,9 +73,11 @@ def error() -> str | None:
     return _state.get("error")
 
 
-def fold_group(basis: np.ndarray, gated: np.ndarray, transposed: bool) -> list[np.ndarray]:
+def fold_group(basis: np.ndarray, gated: np.ndarray, transposed: bool,
+               outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Every layer's ``(u, s)`` product ``B @ gated[i]`` (float32) of one group: ``basis`` (u, r), or (r, u) when
-    ``transposed``; ``gated`` the gated mixers (n, r, s). New arrays, one per layer."""
+    ``transposed``; ``gated`` the gated mixers (n, r, s). Written into ``outs`` (n C-contiguous float32 (u, s)
+    arrays) when given, else into new arrays; returns them."""
     lib = kernel()
     if lib is None:
         raise ExportError(f"crisp-edge's fold kernel is not available: {error()}")
@@ -86,7 +88,11 @@ def fold_group(basis: np.ndarray, gated: np.ndarray, transposed: bool) -> list[n
     n, gr, s = gated.shape
     if gr != r:
         raise ExportError(f"fold_group: the mixers' r ({gr}) is not the basis' ({r}).")
-    outs = [np.empty((u, s), np.float32) for _ in range(n)]
+    if outs is None:
+        outs = [np.empty((u, s), np.float32) for _ in range(n)]
+    elif len(outs) != n or any(o.shape != (u, s) or o.dtype != np.float32 or not o.flags.c_contiguous
+                               or not o.flags.writeable for o in outs):
+        raise ExportError(f"fold_group: outs must be {n} writable C-contiguous float32 arrays of shape {(u, s)}.")
     ptrs = (ctypes.c_void_p * n)(*[o.ctypes.data for o in outs])
     if lib.crisp_fold_group(basis.ctypes.data, u, r, int(transposed), gated.ctypes.data, n, s, ptrs) != 0:
         raise ExportError(f"crisp-edge's fold kernel refused the sizes u={u} r={r} n={n} s={s}.")

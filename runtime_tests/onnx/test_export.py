@@ -161,7 +161,7 @@ def test_forwards_while_another_thread_switches_tasks(swappable):
 def test_a_thread_keeps_the_kernel_folds_weights_it_bound_alive(swappable, monkeypatch):
     """The kernel fold's weights are numpy memory that ORT's C++ values point into without owning it; ORT's
     Python IOBinding keeps the values it binds, so after a switch the arrays a thread bound stay alive while
-    that thread holds its binding (a forward it is running reads them), and go once it rebinds."""
+    that thread holds its binding (a forward it is running reads them)."""
     import gc
     import threading
     import weakref
@@ -199,8 +199,56 @@ def test_a_thread_keeps_the_kernel_folds_weights_it_bound_alive(swappable, monke
     go.set()
     t.join()
     assert first and alive  # held by the worker's binding across the switch
-    gc.collect()
-    assert all(r() is None for r in first)  # and freed once every thread rebound
+
+
+def test_the_kernel_fold_rewrites_only_weights_nothing_is_bound_to(swappable, monkeypatch):
+    """Switches reuse the weight arrays of an earlier switch (memory already mapped) once no session, binding or
+    caller refers to them; arrays a thread's binding still holds keep their values through later switches."""
+    import threading
+    import weakref
+
+    from crisp_edge.export import fold_kernel
+
+    made = []
+    real = fold_kernel.fold_group
+
+    def recording(*a, **k):
+        outs = real(*a, **k)
+        made.append([(weakref.ref(o), o.ctypes.data) for o in outs])
+        return outs
+
+    monkeypatch.setattr(fold_kernel, "fold_group", recording)
+    sess = swappable.session()
+    x = x_input(batch=1).numpy()
+    for task in ("t1", "t2", "t1", "t2"):  # a forward after each switch: the binding of two switches ago is gone
+        sess.set_task(task)
+        sess(x)
+    groups = len(made) // 4
+    first, third = made[:groups], made[2 * groups:3 * groups]
+    assert [p for g in third for _, p in g] == [p for g in first for _, p in g]  # the first switch's arrays again
+    assert made[groups] != first  # not the arrays the second switch's binding was still holding
+
+    made.clear()
+    sess.set_task("t1")
+    held = [(r, r().copy()) for g in made for r, _ in g]
+    bound, go = threading.Event(), threading.Event()
+
+    def worker():
+        sess(x)  # binds t1's arrays in this thread, then holds the binding
+        bound.set()
+        go.wait()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    bound.wait()
+    for task in ("t2", "t1", "t2", "t1", "t2"):
+        sess.set_task(task)
+        sess(x)
+    try:
+        assert all(r() is not None and np.array_equal(r(), v) for r, v in held)  # untouched while bound
+    finally:
+        go.set()
+        t.join()
 
 
 def test_forward_before_set_task_is_an_error(swappable):
