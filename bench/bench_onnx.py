@@ -72,7 +72,7 @@ def export_plain(plain, x, path: Path) -> Path:
     return path
 
 
-def bench_model(name: str, repeats: int, work: Path) -> dict:
+def bench_model(name: str, repeats: int, work: Path, graph_fold: bool = False) -> dict:
     plain, model, config, x = load_bench_model(name)
     print(f"{name}: exporting", flush=True)
     tasks = [bench_task(model, work / f"{name}_t{i}.safetensors", f"t{i}", i) for i in (1, 2)]
@@ -107,6 +107,24 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
         os.utime(t1_file)
         return timed(lambda: swap.load_adapter("t1"))[0]
 
+    extra = {}
+    if graph_fold:  # the same bundle in a session that runs its fold graph (an app using ONNX Runtime alone)
+        from crisp_edge.export.onnx.session import OnnxCrispSession
+
+        OnnxCrispSession.use_fold_kernel = False
+        try:
+            graph = bundles["swappable"].session(threads=1)
+        finally:
+            OnnxCrispSession.use_fold_kernel = True
+        graph.set_task("t2")
+        graph.set_task("t1")
+        graph_cases = task_switch_cases(graph.set_task, lambda: graph(xn), model)
+
+        def graph_switch_from_file():
+            os.utime(t1_file)
+            return timed(lambda: graph.set_task("t1"))[0]
+
+        extra = {"switch_graph_fold": graph_cases["switch"], "switch_from_file_graph_fold": graph_switch_from_file}
     cases = {
         "plain": steady(lambda: plain_sess.run(None, {"x": xn})),
         "dense": steady(lambda: sessions["dense"](xn)),
@@ -115,6 +133,7 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
         "switch_from_file": switch_from_file,
         "verify_task_file": verify_file,
         "recreate_session": recreate,
+        **extra,
     }
     print(f"{name}: timing {repeats} rounds", flush=True)
     interleave(cases, 2)  # warm-up
@@ -145,6 +164,9 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
         "copy_floor_in_forwards": round(med["copy_dense_weights"]["median"] / sw, 4),
         "recreate_session_in_forwards": round(med["recreate_session"]["median"] / base, 4),
     }
+    if graph_fold:  # in forwards of the same swappable session
+        ratios["switch_graph_fold_in_forwards"] = round(med["switch_graph_fold"]["median"] / sw, 4)
+        ratios["switch_from_file_graph_fold_in_forwards"] = round(med["switch_from_file_graph_fold"]["median"] / sw, 4)
     checks = {
         "dense_ratio": ratios["dense"] <= TARGETS["dense_ratio"],
         "swappable_ratio": ratios["swappable"] <= TARGETS["swappable_ratio"],
@@ -158,6 +180,7 @@ def bench_model(name: str, repeats: int, work: Path) -> dict:
     return {
         "model": name, "crisp_config": config.to_dict(), "input_shape": list(x.shape),
         "plain_params_bytes": plain_bytes, "plain_export_max_abs_vs_torch": plain_diff,
+        "fold_with": swap.fold_with,
         "switch_written_bytes": switch_written_bytes(model), "seconds": med, "ratios_to_plain": ratios, "sizes": sizes, "adapters": adapters, "parity_max_abs": parity,
         "checks": checks,
     }
@@ -167,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="embedded,embedded@16,vit_small,vit_base", help="comma list of: embedded, vit_small, vit_base; model@B for batch B")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--graph-fold", action="store_true",
+                    help="also time the switches of a session running the bundle's fold graph (use_fold_kernel=False: "
+                         "an app using ONNX Runtime alone) in the same run")
     ap.add_argument("--out", default=str(RESULTS_DIR / "onnx.json"))
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_onnx."))
     try:
-        results = [bench_model(m, args.repeats, work) for m in args.models.split(",") if m]
+        results = [bench_model(m, args.repeats, work, args.graph_fold) for m in args.models.split(",") if m]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = write_json(args.out, {
@@ -185,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                                          "verified copy is stale): read, SHA-256 against the manifest, parse and check, "
                                          "fold run; every call",
                      "verify_task_file": "load_adapter('t1') after the same os.utime: the file's share, without the fold",
-                     "recreate_session": "ort.InferenceSession on a dense model file with other weights (creation only)"},
+                     "recreate_session": "ort.InferenceSession on a dense model file with other weights (creation only)",
+                     "fold_with": "how the swappable session folds: 'crisp-edge kernel' (export/fold_kernel.py) or "
+                                  "'onnxruntime' (the bundle's fold graph)",
+                     "graph_fold": "with --graph-fold: *_graph_fold cases time the same switches in a second session "
+                                   "of the same bundle running its fold graph in ONNX Runtime (an app using ONNX "
+                                   "Runtime alone), interleaved in the same rounds"},
         "targets": TARGETS, "onnxruntime": ort.__version__, "machine": machine_info(), "results": results,
     })
     print(f"\n{'model':<10} {'dense':>7} {'factored':>9} {'swap':>7} {'switch/fwd':>11} {'file switch':>12} {'recreate/fwd':>13} "

@@ -73,7 +73,8 @@ def render_adapt(d: dict) -> str:
     return text
 
 
-def render_onnx(d: dict) -> str:
+def render_onnx(d: dict, source: str = "onnx.json") -> str:
+    """The ONNX Runtime table; ``source`` names the results file (the issue-19 ViT-S switch run has its own)."""
     t = d["targets"]
     rows = []
     for r in d["results"]:
@@ -86,6 +87,13 @@ def render_onnx(d: dict) -> str:
                      f"{100 * r['sizes']['swappable']['rel_diff']:+.2f}%", f"{adapters:.3f}x",
                      f"{max(r['parity_max_abs'].values()):.1e}"])
     m = d["machine"]
+    graph = [f"{r['model']} {r['ratios_to_plain']['switch_graph_fold_in_forwards']:.2f} forwards, from the file "
+             f"{r['ratios_to_plain']['switch_from_file_graph_fold_in_forwards']:.2f}"
+             for r in d["results"] if "switch_graph_fold_in_forwards" in r["ratios_to_plain"]]
+    kernel = sorted({r["fold_with"] for r in d["results"] if "fold_with" in r})
+    graph_note = ((f" The swappable session folds with: {' / '.join(kernel)}." if kernel else "") + (
+        " In the same run, a session of the same bundle running its fold graph in ONNX Runtime (what an app using "
+        "ONNX Runtime alone pays): switch " + "; ".join(graph) + "." if graph else ""))
     return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
                     "switch incl. reading the .onnx_adapter", "of which the file (read, verify)",
                     "recreate session (forwards)", "floor: copying the dense weights (forwards)",
@@ -96,7 +104,8 @@ def render_onnx(d: dict) -> str:
               f"forwards in steady state (consecutive calls), a switch as one call after other work. "
               f"Targets: dense <= {t['dense_ratio']}x, swappable <= {t['swappable_ratio']}x, switch <= "
               f"{t['switch_forwards']} forward, switch from the file <= {t.get('switch_from_file_forwards', '-')} forward "
-              f"(issue 19), parity <= {t['parity_atol']:g} (`bench/results/onnx.json`). " + SWITCH_NOTE + FLOOR_NOTE)
+              f"(issue 19), parity <= {t['parity_atol']:g} (`bench/results/{source}`)." + graph_note + " "
+              + SWITCH_NOTE + FLOOR_NOTE)
 
 
 def render_reliability(d: dict) -> str:
@@ -133,6 +142,12 @@ def render_executorch(d: dict, source: str = "executorch.json") -> str:
                      f"{ptd:.3f}x", f"{max(r['parity_max_abs'].values()):.1e}",
                      f"{100 * min(r['top1_agreement_fmnist'].values()):.1f}%" if r.get("top1_agreement_fmnist") else "-"])
     m = d["machine"]
+    stock = [f"{r['model']} {r['ratios_to_plain']['switch_stock_fold_in_forwards']:.2f} forwards, from the file "
+             f"{r['ratios_to_plain']['switch_from_file_stock_fold_in_forwards']:.2f}"
+             for r in d["results"] if "switch_stock_fold_in_forwards" in r["ratios_to_plain"]]
+    stock_note = (" In the same run, the swappable program whose `set_task` uses stock operators only (one XNNPACK "
+                  "product a layer and a write-back copy, as before `crisp::fold_`): switch " + "; ".join(stock)
+                  + ".") if stock else ""
     return (_table(["model", "dense", "factored", "swappable (task active)", "task switch (forwards)",
                     "switch incl. reading the .ptd", "of which the file (read, verify)", "reload whole program (forwards)",
                     "floor: copying the dense weights (forwards)", ".pte vs stored x 4 B",
@@ -142,8 +157,8 @@ def render_executorch(d: dict, source: str = "executorch.json") -> str:
               f"average {m['load_average_1_5_15'][0]}); forwards in steady state (consecutive calls), a switch as one "
               f"call after other work. Targets: dense <= {t['dense_ratio']}x, swappable <= "
               f"{t['swappable_ratio']}x, switch <= {t['switch_forwards']} forward, switch from the file <= "
-              f"{t.get('switch_from_file_forwards', '-')} forward (issue 19; `bench/results/{source}`). "
-              + SWITCH_NOTE + FLOOR_NOTE)
+              f"{t.get('switch_from_file_forwards', '-')} forward (issue 19; `bench/results/{source}`)." + stock_note
+              + " " + SWITCH_NOTE + FLOOR_NOTE)
 
 
 SWITCH_NOTE = ("A switch from the file is `set_task(name)` as a user pays it for a task file the session has not "
@@ -779,6 +794,7 @@ def render_lm_int4_ablation(d: dict) -> str:
 RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_onnx,
              "reliability": render_reliability, "executorch": render_executorch, "compress_vit": render_compress_vit,
              "executorch_vit_small_switch": lambda d: render_executorch(d, "executorch_vit_small_switch.json"),
+             "onnx_vit_small_switch": lambda d: render_onnx(d, "onnx_vit_small_switch.json"),
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
              "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
              "smollm2_adapt": render_minilm_adapt,

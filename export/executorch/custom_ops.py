@@ -8,6 +8,8 @@ it here on first use, which needs g++).
 
 Operators (namespace ``crisp``):
 
+- ``fold_(weights, basis, mixers)``: a swappable bundle's ``set_task`` for one CRISP group: every layer's dense
+  weight ``reshape(basis @ mixers[i])`` written in place into the program's buffers, the basis read once.
 - ``rowmajor_linear(x, w)``: ``x @ w.T`` with ``w`` read in place in its (d_out, d_in) layout. XNNPACK packs a
   weight that is not a constant on every call; for one token per call (a language model's decode step over a
   swappable bundle's task weights) that packing costs about twice the product, and this kernel skips it.
@@ -50,7 +52,8 @@ _lock = threading.Lock()
 
 def _sources_newer_than(lib: Path) -> bool:
     built = lib.stat().st_mtime
-    return any(p.stat().st_mtime > built for p in KERNELS_DIR.glob("*.[ch]*") if p.is_file())
+    shared = KERNELS_DIR.parents[1] / "kernels"  # export/kernels: code shared with other runtimes (fold_core.h)
+    return any(p.stat().st_mtime > built for d in (KERNELS_DIR, shared) for p in d.glob("*.[ch]*") if p.is_file())
 
 
 def build_kernels(out: Path = LIBRARY) -> Path:
@@ -86,3 +89,43 @@ def load_kernels() -> Path:
                 raise ExportError(f"cannot load {LIBRARY} ({e}); delete it and run "
                                          f"{KERNELS_DIR / 'build.sh'} again.") from None
         return LIBRARY
+
+
+# fold_(self, basis, mixers): a swappable bundle's set_task for one CRISP group in one kernel call (kernels/fold.cpp).
+# self: the group's n layers' dense weights, each written as the row-major reshape of basis @ mixers[i] (basis
+# (u, r), mixers (n, r, s) already gated); the basis is read once for every layer, and the weights are written in
+# place, so ExecuTorch's write-back copy of each rebuilt weight goes (the op mutates the mutable buffers itself).
+_lib.define("fold_(Tensor(a!)[] self, Tensor basis, Tensor mixers) -> ()")
+
+
+@torch.library.impl(_lib, "fold_", "CompositeExplicitAutograd")
+def _fold_(self: list[torch.Tensor], basis: torch.Tensor, mixers: torch.Tensor) -> None:
+    for w, m in zip(self, mixers):
+        w.copy_((basis @ m).reshape(w.shape))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::fold_")
+def _fold_fake(self: list[torch.Tensor], basis: torch.Tensor, mixers: torch.Tensor) -> None:
+    return None
+
+
+FOLD = torch.ops.crisp.fold_.default
+
+
+def crisp_ops(non_delegated_ops: dict[str, dict[str, int]]) -> list[str]:
+    """The crisp-edge operators a program calls, from its ``non_delegated_ops`` record (method -> op -> count)."""
+    return sorted({op for ops in non_delegated_ops.values() for op in ops if op.startswith(f"{NAMESPACE}.")})
+
+
+def load_kernels_for(manifest: dict, where: str) -> None:
+    """Load the kernels a bundle's program needs (its manifest's ``program.crisp_kernels``, or the crisp-edge
+    operators among its ``non_delegated_ops``) before the program is loaded; a ``BundleError`` when they cannot be."""
+    from crisp_edge.export.errors import BundleError
+
+    needed = manifest.get("program", {}).get("crisp_kernels") or crisp_ops(manifest.get("non_delegated_ops") or {})
+    if needed:
+        try:
+            load_kernels()
+        except ExportError as e:
+            raise BundleError(f"{where} calls crisp-edge's own ExecuTorch operators ({', '.join(needed)}), whose kernels "
+                              f"cannot be loaded here: {e}") from None

@@ -15,9 +15,12 @@ Modes (DESIGN.md sections 3-4):
   mutable buffer; the method ``set_task(mixers..., head.weight, head.bias)`` rebuilds them in place from
   the bases (constants of the program, stored once) and ``forward`` reads them at dense speed. Programs
   are emitted with ``share_mutable_buffers=True`` and ``emit_mutable_buffer_names=True`` so both methods
-  see one copy of the buffers, and ``set_task`` writes each weight as soon as it is built, so its own
-  planned memory is one layer's product, not a second copy of the weights (``lowering._write_back_early``,
-  ``lowering._shared_buffer_planning``). A constant method ``crisp_tag`` returns the bases-and-layout tag that
+  see one copy of the buffers. ``set_task`` folds each group with crisp-edge's operator ``crisp::fold_``
+  (``custom_ops``; the manifest's ``program.crisp_kernels`` lists the kernels a program needs), which writes
+  the group's weights in place into the buffers; a group it does not take (a transposed one, a "post" or
+  "temp" placement) runs a product per layer, written back as soon as it is built, so ``set_task``'s own
+  planned memory is at most one layer's product, not a second copy of the weights
+  (``lowering._write_back_early``, ``lowering._shared_buffer_planning``). A constant method ``crisp_tag`` returns the bases-and-layout tag that
   every task ``.ptd`` must carry (``et_tasks``). Every program (all modes) also has ``crisp_io``: the
   tag of its I/O contract (names, order, shapes; ``digest.io_tag``), so a loader can tell that the
   manifest describing it was not edited. Tasks are ``tasks/<name>.ptd``; the exported mixers are
@@ -69,6 +72,7 @@ from crisp_edge.export.executorch.bundle import (
     RUNNER_SPEC,
     EtBundle,
 )
+from crisp_edge.export.executorch.custom_ops import crisp_ops
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
 from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, _unfuse_attention
@@ -295,7 +299,9 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                      "executorch": getattr(getattr(executorch, "version", None), "__version__", "unknown"),
                      "fused_attention": False},
         "arch": getattr(model, "crisp_arch", None), "program": {"file": PROGRAM, "methods": sorted(ops)
-                                                                + (["crisp_tag"] if swap else []) + [IO_METHOD]},
+                                                                + (["crisp_tag"] if swap else []) + [IO_METHOD],
+                                                                # kernels the runtime must register first
+                                                                "crisp_kernels": crisp_ops(ops)},
         "files": {f: file_record(folder, f) for f in files},
         "inputs": _io(names, example),
         "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": out_shape}],

@@ -88,14 +88,15 @@ def _write_back_early(gm: torch.fx.GraphModule):
     (with ``_shared_buffer_planning``, ``set_task`` then plans one layer's product, not the dense weights:
     SmolLM2-135M 425 MB). Sound: a node moves earlier only past nodes it does not depend on, and a
     write-back past none that reads its buffer; a method with in-place operators of its own (a reinplaced
-    cache update) keeps its order but for the write-backs."""
+    cache update) keeps its order but for the write-backs. ``crisp::fold_`` (a group's weights written in place)
+    does not count as one: it writes buffers that nothing else in ``set_task`` reads or writes."""
     from executorch.exir.memory_planning import _is_inplace_node
     from executorch.exir.pass_base import PassResult
 
     nodes = list(gm.graph.nodes)
     backs = [n for n in nodes if _is_write_back(n)]
     feeds: set = set()  # nodes whose every use is (eventually) a write-back
-    if backs and not any(_is_inplace_node(n) and not _is_write_back(n) for n in nodes):
+    if backs and not any(_is_inplace_node(n) and not _is_write_back(n) and not _is_fold(n) for n in nodes):
         for n in reversed(nodes):
             if n.op == "call_function" and n.users and all(u in feeds or _is_write_back(u) for u in n.users):
                 feeds.add(n)
@@ -122,6 +123,12 @@ def _write_back_early(gm: torch.fx.GraphModule):
     return PassResult(gm, moved)
 
 
+def _is_fold(node: torch.fx.Node) -> bool:
+    from crisp_edge.export.executorch.custom_ops import FOLD
+
+    return node.op == "call_function" and FOLD in (node.target, getattr(node.target, "_op", None))  # edge op: ._op
+
+
 @functools.cache
 def _shared_buffer_planning() -> type:
     """ExecuTorch's memory planning with mutable buffers shared between methods, minus the arena it reserves
@@ -132,7 +139,11 @@ def _shared_buffer_planning() -> type:
     (``SpecPropPass``); the planner then aliases the write-back onto the buffer (``_alias_inplace_result_specs``)
     and the shared buffers go to their own arena, but the output node keeps the stale specs: ``set_task``'s
     arena held a second copy of every rebuilt weight, never used. Here the write-backs are aliased first and
-    the output node takes their specs again, so the planner sees them as the shared buffers they are."""
+    the output node takes their specs again, so the planner sees them as the shared buffers they are.
+
+    An in-place operator that returns nothing (``crisp::fold_``: its outputs are its list argument's buffers)
+    gets an empty list as its result's spec: ExecuTorch's emitter wants a spec for every operator's result, and
+    emits an empty list as an empty tensor list."""
     from executorch.exir.memory_planning import _alias_inplace_result_specs, _is_inplace_node
     from executorch.exir.passes import MemoryPlanningPass
     from torch.utils import _pytree as pytree
@@ -140,7 +151,9 @@ def _shared_buffer_planning() -> type:
     class SharedBufferPlanning(MemoryPlanningPass):
         def run(self, graph_module: torch.fx.GraphModule, graph_signature=None):
             for node in graph_module.graph.nodes:
-                if _is_inplace_node(node):
+                if _is_fold(node) and node.meta.get("spec") is None:
+                    node.meta["spec"] = []
+                elif _is_inplace_node(node):
                     _alias_inplace_result_specs(node)
             out = graph_module.graph.output_node()
             out.meta["spec"] = pytree.tree_map(lambda a: a.meta.get("spec") if isinstance(a, torch.fx.Node) else None,
@@ -158,6 +171,8 @@ def non_delegated_ops(edge) -> dict[str, dict[str, int]]:
         for node in edge.exported_program(name).graph_module.graph.nodes:
             if node.op == "call_function":
                 target = getattr(node.target, "__name__", str(node.target))
+                if target.startswith("auto_functionalized"):  # a mutating op (crisp::fold_): name the op itself
+                    target = str(node.args[0])
                 if target not in _CONTROL and "getitem" not in target:
                     counts[target] += 1
         out[name] = dict(sorted(counts.items()))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crisp_edge.export.executorch import custom_ops  # noqa: F401 - defines torch.ops.crisp (set_task's fold)
 from crisp_edge.export.model_io import _Forward
 from crisp_edge.files.mixers import head_module
 from crisp_edge.method.convert import crisp_bases, materialize_
@@ -56,6 +57,9 @@ class _SwapProgram(nn.Module):
     ``aten._assert_scalar`` from programs in ``RemoveGraphAssertsPass``, so an assert op cannot do it.)
     """
 
+    #: Fold with ``crisp::fold_`` where the layout allows (False: stock operators only, for comparisons).
+    fused_fold = True
+
     def __init__(self, model: nn.Module, names: list[str], max_classes: int | None, tag: int = 0) -> None:
         super().__init__()
         self.tag = int(tag)
@@ -91,13 +95,19 @@ class _SwapProgram(nn.Module):
         return self.fwd(*xs) * torch.index_select(self.task_guard, 0, unset)
 
     def set_task(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """Every CRISP layer's buffer rebuilt from the task's mixers, one product a layer. The product has s
-        output columns (most of XNNPACK's lanes idle), and is still the fastest way measured to fill the
-        buffers: one product a group then split on its columns takes 1.32x as long, and the group's transposed
-        product then transposed by XNNPACK 1.92x (their copies run in ExecuTorch's kernels;
-        ``bench/bench_fold_layouts.py --executorch``, ``bench/results/fold_layouts.json``)."""
+        """Every CRISP layer's buffer rebuilt from the task's mixers. A group whose weight is ``B @ G(A)``
+        reshaped (placement "pre", not transposed: every group crisp-edge's ViT recipes make) is folded by one
+        ``crisp::fold_`` call (``custom_ops``), which reads the basis once for all the group's layers and writes
+        their buffers in place: no write-back copy. Other groups run one product a layer (XNNPACK, s output
+        columns) and a copy into the buffer; with stock operators that was the fastest layout measured (one
+        product a group then split on its columns 1.32x as long, the transposed product then transposed by
+        XNNPACK 1.92x; ``bench/bench_fold_layouts.py --executorch``, ``bench/results/fold_layouts.json``)."""
         for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
             g = get_gate(gate)
+            if self.fused_fold and placement == "pre" and not transpose:
+                torch.ops.crisp.fold_([self.fwd.model.get_submodule(n).weight for n in layers], self.bases[bkey],
+                                      g.fn(mixers))
+                continue
             for j, n in enumerate(layers):
                 w = unfold_weight(crisp_weight_matrix(self.bases[bkey], mixers[j], g, placement), d_out, d_in, transpose)
                 self.fwd.model.get_submodule(n).weight.copy_(w)

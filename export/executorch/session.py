@@ -35,6 +35,7 @@ from crisp_edge.export.executorch.bundle import (
     EtBundle,
     load_et_bundle,
 )
+from crisp_edge.export.executorch.custom_ops import load_kernels_for
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.tasks import check_task_ptd, read_ptd_bytes
 
@@ -98,6 +99,7 @@ class EtCrispSession:
         if sha256_bytes(data) != m["files"][PROGRAM]["sha256"]:
             raise BundleError(f"{path} does not match its recorded SHA-256; export the bundle again.")
         self._data = data  # the runtime may keep pointers into the program's bytes
+        load_kernels_for(m, str(path))  # before loading: the runtime resolves every operator at load_method
         self.program = load_program(data, str(path))
         self.input_names = [i["name"] for i in m["inputs"]]
         self.output_names = [o["name"] for o in m["outputs"]]

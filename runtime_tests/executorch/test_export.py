@@ -87,6 +87,9 @@ def test_swappable_bundle_layout_and_parity(portable):
     assert m["reference"]["tasks"] == ["default", "t1", "t2"]
     assert m["swappable"]["head"]["max_classes"] == 7  # the largest head shipped
     assert set(m["non_delegated_ops"]) == {"forward", "set_task"}
+    # set_task folds each group (qkv, proj, fc1, fc2 of the 2 blocks: group_size 2) in one crisp::fold_ call
+    assert m["non_delegated_ops"]["set_task"]["crisp.fold_.default"] == 4
+    assert m["program"]["crisp_kernels"] == ["crisp.fold_.default"]
     assert (portable.path / "tasks" / "t1.ptd").is_file() and (portable.path / DEFAULT_PTD).is_file()
     with np.load(portable.path / "reference.npz", allow_pickle=False) as z:
         assert {"input.0.x", "output.t2.1.logits"} <= set(z.files) and z["output.t2.1.logits"].shape == (2, 7)
@@ -108,6 +111,18 @@ def test_session_switches_tasks_and_matches_pytorch(portable, model, tasks):
         assert np.abs(got - ref).max() <= 1e-4
     other = torch_logits(model, tasks[0], x)
     assert np.abs(got[:, :3] - other).max() > 1e-2  # the tasks really differ: switching is visible
+
+
+def test_kernels_that_cannot_be_loaded_are_a_bundle_error(portable, monkeypatch):
+    from crisp_edge.export.errors import ExportError
+    from crisp_edge.export.executorch import custom_ops
+
+    def fail():
+        raise ExportError("no g++ here")
+
+    monkeypatch.setattr(custom_ops, "load_kernels", fail)
+    with pytest.raises(BundleError, match=r"crisp\.fold_\.default.*no g\+\+ here"):
+        portable.session()
 
 
 def test_set_task_from_a_ptd_path_and_wrong_input_shape(portable, model, tasks):
@@ -298,6 +313,8 @@ def test_transposed_groups_export_and_switch(tmp_path):
     bundle = export_executorch(model, tmp_path / "b", mode="swappable", recipe="portable", tasks=[task])
     assert bundle.manifest["parity"]["passed"]
     assert bundle.manifest["swappable"]["layout"]["fc2_0_1"]["transpose"] is True
+    # the fused fold for the other three groups, the product-and-copy path for the transposed one, in one set_task
+    assert bundle.manifest["non_delegated_ops"]["set_task"]["crisp.fold_.default"] == 3
     sess = load_et_bundle(bundle.path).session(threads=1)
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     sess.set_task("t")

@@ -121,6 +121,136 @@ def test_swappable_forwards_from_several_threads_and_batches(swappable):
     assert after[0].shape[1] == 7 and not np.array_equal(after[0][:, :5], want[0][:, :5])
 
 
+def test_forwards_while_another_thread_switches_tasks(swappable):
+    """Forwards running while the main thread switches between two tasks each answer with one task's weights
+    (or NoTaskError mid-switch), never with freed memory: a thread keeps the weights it bound alive, also the
+    kernel fold's, whose numpy memory its binding does not own."""
+    import threading
+
+    sess = swappable.session()
+    x = x_input(batch=2).numpy()
+    want = {}
+    for t in ("t1", "t2"):
+        sess.set_task(t)
+        want[t] = sess(x)
+    stop, bad, runs = threading.Event(), [], [0]
+
+    def forwards():
+        while not stop.is_set():
+            try:
+                out = sess(x)
+            except NoTaskError:
+                continue
+            runs[0] += 1
+            if not any(out.shape == w.shape and np.allclose(out, w, atol=1e-5) for w in want.values()):
+                bad.append(out)
+
+    threads = [threading.Thread(target=forwards) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(40):
+            sess.set_task("t1" if i % 2 else "t2")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert runs[0] > 0 and not bad
+
+
+def test_a_thread_keeps_the_kernel_folds_weights_it_bound_alive(swappable, monkeypatch):
+    """The kernel fold's weights are numpy memory that ORT's C++ values point into without owning it; ORT's
+    Python IOBinding keeps the values it binds, so after a switch the arrays a thread bound stay alive while
+    that thread holds its binding (a forward it is running reads them)."""
+    import gc
+    import threading
+    import weakref
+
+    from crisp_edge.export import fold_kernel
+
+    made = []
+    real = fold_kernel.fold_group
+
+    def recording(*a, **k):
+        outs = real(*a, **k)
+        made.extend(weakref.ref(o) for o in outs)
+        return outs
+
+    monkeypatch.setattr(fold_kernel, "fold_group", recording)
+    sess = swappable.session()
+    assert sess.fold_with == "crisp-edge kernel"
+    sess.set_task("t1")
+    first, x = list(made), x_input(batch=1).numpy()
+    bound, go, done = threading.Event(), threading.Event(), threading.Event()
+
+    def worker():
+        sess(x)  # binds t1's weights in this thread
+        bound.set()
+        go.wait()
+        sess(x)  # a forward after the switch: rebinds to t2's
+        done.set()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    bound.wait()
+    sess.set_task("t2")
+    gc.collect()
+    alive = all(r() is not None for r in first)
+    go.set()
+    t.join()
+    assert first and alive  # held by the worker's binding across the switch
+
+
+def test_the_kernel_fold_rewrites_only_weights_nothing_is_bound_to(swappable, monkeypatch):
+    """Switches reuse the weight arrays of an earlier switch (memory already mapped) once no session, binding or
+    caller refers to them; arrays a thread's binding still holds keep their values through later switches."""
+    import threading
+    import weakref
+
+    from crisp_edge.export import fold_kernel
+
+    made = []
+    real = fold_kernel.fold_group
+
+    def recording(*a, **k):
+        outs = real(*a, **k)
+        made.append([(weakref.ref(o), o.ctypes.data) for o in outs])
+        return outs
+
+    monkeypatch.setattr(fold_kernel, "fold_group", recording)
+    sess = swappable.session()
+    x = x_input(batch=1).numpy()
+    for task in ("t1", "t2", "t1", "t2"):  # a forward after each switch: the binding of two switches ago is gone
+        sess.set_task(task)
+        sess(x)
+    groups = len(made) // 4
+    first, third = made[:groups], made[2 * groups:3 * groups]
+    assert [p for g in third for _, p in g] == [p for g in first for _, p in g]  # the first switch's arrays again
+    assert made[groups] != first  # not the arrays the second switch's binding was still holding
+
+    made.clear()
+    sess.set_task("t1")
+    held = [(r, r().copy()) for g in made for r, _ in g]
+    bound, go = threading.Event(), threading.Event()
+
+    def worker():
+        sess(x)  # binds t1's arrays in this thread, then holds the binding
+        bound.set()
+        go.wait()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    bound.wait()
+    for task in ("t2", "t1", "t2", "t1", "t2"):
+        sess.set_task(task)
+        sess(x)
+    try:
+        assert all(r() is not None and np.array_equal(r(), v) for r, v in held)  # untouched while bound
+    finally:
+        go.set()
+        t.join()
+
+
 def test_forward_before_set_task_is_an_error(swappable):
     sess = swappable.session()
     with pytest.raises(NoTaskError, match="set_task"):
@@ -229,6 +359,8 @@ def test_fold_graph_covers_every_gate_and_placement(tmp_path, gate, placement):
                 generator=torch.Generator().manual_seed(0))
     bundle = export_onnx(model.eval(), tmp_path / "b", mode="swappable")  # validated inside
     assert bundle.manifest["parity"]["max_abs"] <= 1e-4
+    # the fused kernel takes "pre" groups with a gate it applies (silu, relu, none); the fold graph the others
+    assert bundle.session().fold_with == ("crisp-edge kernel" if placement == "pre" else "onnxruntime")
 
 
 #: fc1 transposed at a small s, fc2 transposed with s = d_out (an input-side basis, as LLaMA's down_proj).
@@ -408,13 +540,16 @@ def test_a_task_file_changed_after_its_first_use_is_caught(swappable, tmp_path):
         sess.set_task("t1")
 
 
-def test_a_switch_feeds_the_fold_what_orts_own_adapter_loader_reads(swappable, tmp_path):
+def test_a_switch_feeds_the_fold_what_orts_own_adapter_loader_reads(swappable, tmp_path, monkeypatch):
     """set_task feeds the fold crisp-edge's checked copies of the task's tensors (no second parse of the file
     by ORT's adapter loader): the dense weights are bit for bit those of the fold run with the file as ORT's
-    active adapter (what a device runs), and a file damaged or cut short after the switch changes nothing."""
+    active adapter (what a device runs), and a file damaged or cut short after the switch changes nothing.
+    (The fold graph here, as an app using ONNX Runtime alone runs it; the kernel fold is compared below.)"""
     import onnxruntime as ort
 
-    from crisp_edge.export.onnx.session import session_options
+    from crisp_edge.export.onnx.session import OnnxCrispSession, session_options
+
+    monkeypatch.setattr(OnnxCrispSession, "use_fold_kernel", False)
 
     own = swappable.task_path("t1")
     copied = tmp_path / own.name
@@ -434,3 +569,72 @@ def test_a_switch_feeds_the_fold_what_orts_own_adapter_loader_reads(swappable, t
         assert np.array_equal(sess._weights[name].numpy(), value), name
     copied.write_bytes(copied.read_bytes()[:100])  # cut short under the running task
     assert np.array_equal(sess(x), want)
+
+
+def _fold_graph_session(bundle, monkeypatch):
+    from crisp_edge.export.onnx.session import OnnxCrispSession
+
+    with monkeypatch.context() as m:
+        m.setattr(OnnxCrispSession, "use_fold_kernel", False)
+        sess = bundle.session()
+    assert sess.fold_with == "onnxruntime"
+    return sess
+
+
+def test_the_kernel_fold_gives_the_fold_graphs_weights(swappable, model, tasks, monkeypatch):
+    """set_task folds with crisp-edge's fused kernel (export/fold_kernel.py: the basis read once, each weight
+    written in its layout) where it can: the same dense weights as the bundle's fold graph run in ONNX Runtime
+    (what an app using ONNX Runtime alone runs), within float32 rounding, for every task; biases and head exactly;
+    and the logits PyTorch gives."""
+    sess, graph = swappable.session(), _fold_graph_session(swappable, monkeypatch)
+    assert sess.fold_with == "crisp-edge kernel"
+    assert sess._kernel_fold.others == []  # every output from the kernel or the task's tensors: no graph run
+    x = x_input().numpy()
+    for task, path in [("default", None), ("t1", tasks[0]), ("t2", tasks[1])]:
+        sess.set_task(task)
+        graph.set_task(task)
+        assert sess._weights.keys() == graph._weights.keys()
+        for name, value in graph._weights.items():
+            got, want = sess._weights[name].numpy(), value.numpy()
+            assert got.shape == want.shape, name
+            if name.endswith(".weight") and name.startswith("dense.blocks"):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+            else:
+                assert np.array_equal(got, want), name
+        ref = copy.deepcopy(model)
+        if path is not None:
+            apply_mixers_(ref, path)
+        np.testing.assert_allclose(sess(x), ref(torch.from_numpy(x)).detach().numpy(), atol=1e-4, rtol=0)
+
+
+def test_the_kernel_fold_reads_the_bases_from_the_external_data_file(tmp_path, monkeypatch):
+    """A bundle whose bases live in the fold graph's external data file (any real model's): the kernel reads
+    them there (a read-only map of the file ORT maps), with the fold graph's weights."""
+    import crisp_edge.export.onnx.bundle as ob
+    import crisp_edge.export.onnx.kernel_fold as kf
+
+    with monkeypatch.context() as m:
+        m.setattr(ob, "EXTERNAL_DATA_BYTES", 0)  # as a real model's: the toy's graphs would be saved whole
+        bundle = export_onnx(crisp_toy(), tmp_path / "b", mode="swappable")
+    assert "fold.onnx.data" in bundle.manifest["files"]
+    maps = []
+    real = kf._initializer
+    monkeypatch.setattr(kf, "_initializer", lambda *a: maps.append(type(r := real(*a))) or r)
+    sess, graph = bundle.session(), _fold_graph_session(bundle, monkeypatch)
+    assert np.memmap in maps and sess.fold_with == "crisp-edge kernel"
+    sess.set_task("default")
+    graph.set_task("default")
+    for name, value in graph._weights.items():
+        np.testing.assert_allclose(sess._weights[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_without_the_kernel_the_fold_graph_runs(swappable, model, monkeypatch):
+    """Where crisp-edge's fold kernel cannot be built (no g++) the session runs the bundle's fold graph."""
+    from crisp_edge.export import fold_kernel
+
+    monkeypatch.setattr(fold_kernel, "kernel", lambda: None)
+    sess = swappable.session()
+    assert sess.fold_with == "onnxruntime"
+    sess.set_task("default")
+    x = x_input()
+    np.testing.assert_allclose(sess(x.numpy()), model(x).detach().numpy(), atol=1e-4, rtol=0)

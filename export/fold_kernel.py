@@ -1,0 +1,99 @@
+"""crisp-edge's fused fold kernel for runtimes without an operator for it (ONNX Runtime's Python session).
+
+One call folds a CRISP group: every layer's ``B @ G(A_i)`` in its ``(u, s)`` layout, the basis read once
+(``export/kernels/fold_core.h``, the same code as ExecuTorch's ``crisp::fold_``). It is a small shared library
+built from ``export/kernels/fold_c.cpp`` with g++ on first use (``make setup`` builds it) and called through
+ctypes; where it cannot be built, :func:`kernel` returns None and callers keep their runtime's own fold.
+"""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from crisp_edge.export.errors import ExportError
+
+KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+LIBRARY = KERNELS_DIR / "build" / "libcrisp_fold.so"
+SOURCES = (KERNELS_DIR / "fold_c.cpp", KERNELS_DIR / "fold_core.h")
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def build(out: Path = LIBRARY) -> Path:
+    """Compile ``fold_c.cpp`` into ``out`` (whole or not at all); an ``ExportError`` saying why when it cannot."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp.{id(out)}")
+    cmd = ["g++", "-std=c++17", "-O3", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(tmp), str(SOURCES[0])]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise ExportError(f"building crisp-edge's fold kernel failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+        tmp.replace(out)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ExportError(f"cannot build crisp-edge's fold kernel ({e}); it needs g++ (Debian package g++, "
+                          "which `make setup` installs).") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _load() -> ctypes.CDLL:
+    if not LIBRARY.is_file() or any(p.stat().st_mtime > LIBRARY.stat().st_mtime for p in SOURCES):
+        build()
+    try:
+        lib = ctypes.CDLL(str(LIBRARY))
+    except OSError as e:
+        raise ExportError(f"cannot load {LIBRARY} ({e}); delete it to have it built again.") from None
+    f = lib.crisp_fold_group
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                  ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p)]
+    return lib
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The loaded library (built if needed, once per process), or None where it cannot be built or loaded
+    (``error()`` says why)."""
+    with _lock:
+        if "lib" not in _state:
+            try:
+                _state["lib"], _state["error"] = _load(), None
+            except ExportError as e:
+                _state["lib"], _state["error"] = None, str(e)
+        return _state["lib"]
+
+
+def error() -> str | None:
+    """Why :func:`kernel` returned None (None when it did not, or was not asked yet)."""
+    return _state.get("error")
+
+
+def fold_group(basis: np.ndarray, gated: np.ndarray, transposed: bool,
+               outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Every layer's ``(u, s)`` product ``B @ gated[i]`` (float32) of one group: ``basis`` (u, r), or (r, u) when
+    ``transposed``; ``gated`` the gated mixers (n, r, s). Written into ``outs`` (n C-contiguous float32 (u, s)
+    arrays) when given, else into new arrays; returns them."""
+    lib = kernel()
+    if lib is None:
+        raise ExportError(f"crisp-edge's fold kernel is not available: {error()}")
+    if basis.dtype != np.float32 or gated.dtype != np.float32 or basis.ndim != 2 or gated.ndim != 3:
+        raise ExportError("fold_group takes a float32 basis (2-D) and float32 gated mixers (n, r, s).")
+    basis, gated = np.ascontiguousarray(basis), np.ascontiguousarray(gated)
+    r, u = basis.shape if transposed else basis.shape[::-1]
+    n, gr, s = gated.shape
+    if gr != r:
+        raise ExportError(f"fold_group: the mixers' r ({gr}) is not the basis' ({r}).")
+    if outs is None:
+        outs = [np.empty((u, s), np.float32) for _ in range(n)]
+    elif len(outs) != n or any(o.shape != (u, s) or o.dtype != np.float32 or not o.flags.c_contiguous
+                               or not o.flags.writeable for o in outs):
+        raise ExportError(f"fold_group: outs must be {n} writable C-contiguous float32 arrays of shape {(u, s)}.")
+    ptrs = (ctypes.c_void_p * n)(*[o.ctypes.data for o in outs])
+    if lib.crisp_fold_group(basis.ctypes.data, u, r, int(transposed), gated.ctypes.data, n, s, ptrs) != 0:
+        raise ExportError(f"crisp-edge's fold kernel refused the sizes u={u} r={r} n={n} s={s}.")
+    return outs

@@ -1,0 +1,17 @@
+// The fused CRISP fold (fold_core.h) behind a plain C entry point, for callers without ExecuTorch: ONNX
+// Runtime's Python session (export/fold_kernel.py builds this file alone into libcrisp_fold.so and calls it
+// with ctypes). No ExecuTorch headers here.
+#include "fold_core.h"
+
+extern "C" {
+
+// One group: basis (u, r) row-major (transposed = 0) or stored transposed, (r, u) (transposed = 1); mixers
+// (n, r, s) already gated; outs[i] (u, s) row-major, layer i's product. Returns 0, or 1 for sizes it refuses.
+int crisp_fold_group(const float* basis, int64_t u, int64_t r, int transposed, const float* mixers, int64_t n,
+                     int64_t s, float* const* outs) {
+  if (u <= 0 || r <= 0 || n <= 0 || s <= 0 || !basis || !mixers || !outs) return 1;
+  crisp_fold::fold_group(basis, transposed ? 1 : r, transposed ? u : 1, u, r, mixers, n, s, outs);
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,87 @@
+// The fused CRISP fold: every layer of one group, W_i = reshape(B @ G(A_i)), in one pass that reads the basis
+// once. Shared by crisp-edge's ExecuTorch operator crisp::fold_ (export/executorch/kernels/fold.cpp) and the
+// plain C entry point ONNX Runtime's Python session calls (fold_c.cpp, export/fold_kernel.py). Portable C++
+// (no intrinsics): `#pragma omp simd` loops, built once per x86-64 vector width (target_clones) and by the
+// compiler's own vectorisation elsewhere (aarch64: NEON).
+//
+// B is (u, r), read with strides (row k, term t at B[k * ks + t * ts]): (u, r) row-major (ks = r, ts = 1), as
+// ExecuTorch programs hold it, or stored transposed, (r, u) (ks = 1, ts = u), as ONNX fold graphs hold it. g:
+// the gated mixers (n, r, s). outs[i]: layer i's (u, s) product, row-major (the row-major reshape is W_i).
+//
+// Per ROWS rows of the product: the n * s columns of every layer at once, sums over the r terms in order
+// t = 0..r-1 (the mixers laid out column-wise, zero-padded to CHUNK columns, so the sums stay in registers),
+// then each layer's s values of each row stored where its W wants them (with s = 4, one 4-float store).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CRISP_FOLD_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define CRISP_FOLD_MULTIVERSION
+#endif
+
+namespace crisp_fold {
+
+constexpr int64_t CHUNK = 16;  // product columns per pass: one AVX-512 vector, two AVX2 / four NEON vectors
+constexpr int64_t ROWS = 4;    // rows per pass: independent sums (one alone waits on each multiply-add's latency)
+
+// Rows [k, k + rows) of the product, b pointing at row k (ROWS rows readable, zero past `rows`). mt: (r, cpad)
+// the mixers column-wise, column c = layer c / s's column c % s, zero past ncol = n * s; col[c]: where column
+// c's value of row 0 goes (layer c / s's output + c % s; row k's is k * s further).
+CRISP_FOLD_MULTIVERSION
+static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, float* const* col, int64_t k,
+                       int64_t rows, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  for (int64_t c0 = 0; c0 < cpad; c0 += CHUNK) {
+    float acc[ROWS][CHUNK] = {};
+    for (int64_t t = 0; t < r; ++t) {
+      const float* m = mt + t * cpad + c0;
+#pragma GCC unroll 4  // ROWS: unrolled also at -O2 (the runners' builds), so the sums stay in registers
+      for (int64_t q = 0; q < ROWS; ++q) {
+        const float bt = b[q * ks + t * ts];
+#pragma omp simd
+        for (int64_t c = 0; c < CHUNK; ++c) acc[q][c] += bt * m[c];
+      }
+    }
+    const int64_t end = std::min(CHUNK, ncol - c0);
+    if (s == 4) {  // crisp-edge's default s, with the width known: one 4-float store per row and layer
+      for (int64_t c = 0; c < end; c += 4) {
+        float* o = col[c0 + c] + k * 4;
+        for (int64_t q = 0; q < rows; ++q)
+          for (int64_t j = 0; j < 4; ++j) o[q * 4 + j] = acc[q][c + j];
+      }
+    } else if (CHUNK % s == 0) {  // whole layers in the chunk: each one's rows [k, k + rows) are contiguous
+      for (int64_t c = 0; c < end; c += s) {
+        float* o = col[c0 + c] + k * s;
+        for (int64_t q = 0; q < rows; ++q)
+          for (int64_t j = 0; j < s; ++j) o[q * s + j] = acc[q][c + j];
+      }
+    } else {
+      for (int64_t q = 0; q < rows; ++q)
+        for (int64_t c = 0; c < end; ++c) col[c0 + c][(k + q) * s] = acc[q][c];
+    }
+  }
+}
+
+// The whole group: B (u, r) read with strides ks, ts (above), g (n, r, s) gated, outs[i] (u, s) row-major.
+inline void fold_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
+                       int64_t s, float* const* outs) {
+  const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK;
+  std::vector<float> mt(static_cast<size_t>(r * cpad), 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t t = 0; t < r; ++t)
+      for (int64_t j = 0; j < s; ++j) mt[t * cpad + i * s + j] = g[(i * r + t) * s + j];
+  std::vector<float*> col(static_cast<size_t>(ncol));
+  for (int64_t c = 0; c < ncol; ++c) col[c] = outs[c / s] + c % s;
+  int64_t k = 0;
+  for (; k + ROWS <= u; k += ROWS) fold_block(B + k * ks, ks, ts, mt.data(), col.data(), k, ROWS, r, s, ncol, cpad);
+  if (k < u) {  // the last u % ROWS rows, copied (r, ROWS-row-major) and zero-padded
+    std::vector<float> tail(static_cast<size_t>(ROWS * r), 0.f);
+    for (int64_t q = 0; q < u - k; ++q)
+      for (int64_t t = 0; t < r; ++t) tail[q * r + t] = B[(k + q) * ks + t * ts];
+    fold_block(tail.data(), r, 1, mt.data(), col.data(), k, u - k, r, s, ncol, cpad);
+  }
+}
+
+}  // namespace crisp_fold

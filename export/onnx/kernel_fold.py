@@ -1,0 +1,152 @@
+"""A swappable ONNX bundle's task switch with crisp-edge's fused fold kernel instead of the fold graph's products.
+
+The fold graph (``fold.py``) computes each "pre" group's layers as one product, a split and a transpose per
+layer: stock ONNX operators, about three times the cost of copying the weights once (the kernel: 1.6x). ``KernelFold`` gives the
+same outputs from the same tensors with ``crisp_edge.export.fold_kernel`` (the kernel of ExecuTorch's
+``crisp::fold_``: the basis read once, each layer's ``(u, s)`` weight written directly): the bases are read
+from the fold graph's own initializers (the external data file ONNX Runtime maps, mapped read-only once more:
+the same page-cache pages, released with ORT's after a switch), the gate applied to the task's mixers with
+numpy, and the outputs that are task tensors as they are (a layer's bias: a row of ``bias.<group>``; the head)
+taken from the task's tensors; any other output would need the fold graph run (ORT runs a whole graph, not
+only what the asked outputs need). The bundle does not change: an app running the fold graph in ONNX Runtime
+alone gets the same weights at the graph's cost. ``build`` returns None, and the session keeps the fold graph,
+where a group is not "pre" with a gate numpy applies here (silu, relu, none), where the graph is not the one
+``fold.py`` writes, or where the kernel cannot be built (no g++).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from crisp_edge.export import fold_kernel
+from crisp_edge.export.errors import AdapterError, BundleError
+
+_GATES = {
+    "silu": lambda a: a * (np.float32(1) / (np.float32(1) + np.exp(-a))),  # Sigmoid then Mul, as the graph
+    "relu": lambda a: np.maximum(a, np.float32(0)),
+    "none": lambda a: a,
+}
+
+
+def _initializer(t: onnx.TensorProto, folder: Path, data_file: Path | None, where: str) -> np.ndarray:
+    """A float32 initializer's values: inline, or a read-only map of its bytes in the bundle's data file."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    shape = tuple(int(d) for d in t.dims)
+    size = 4 * int(np.prod(shape))
+    path = (folder / info.get("location", "")).resolve()
+    offset, length = int(info.get("offset", 0)), int(info.get("length", size))
+    if data_file is None or path != data_file.resolve() or length != size or t.data_type != onnx.TensorProto.FLOAT \
+            or offset + size > path.stat().st_size:
+        raise BundleError(f"{where}: {t.name} is not float32 data inside the bundle's own {data_file}.")
+    return np.memmap(path, dtype=np.float32, mode="r", offset=offset, shape=shape)
+
+
+def _passthrough(proto: onnx.ModelProto, outputs: list[str], defaults: dict[str, np.ndarray]) -> dict:
+    """The fold outputs that are a task tensor as it is (``Identity``: the head) or one row of one
+    (``Reshape(Split(t, axis 0)[i])``: a layer's bias): output -> (tensor name, row or None)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    row = {}
+    for n in proto.graph.node:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if n.op_type == "Split" and n.input[0] in defaults and axis == 0 and len(n.output) == len(defaults[n.input[0]]):
+            row.update({o: (n.input[0], i) for i, o in enumerate(n.output)})
+    found = {}
+    for out in outputs:
+        n = producer.get(out)
+        if n is not None and n.op_type == "Identity" and n.input[0] in defaults:
+            found[out] = (n.input[0], None)
+        elif n is not None and n.op_type == "Reshape" and n.input[0] in row:
+            src, i = row[n.input[0]]
+            if defaults[src].ndim == 2:  # (n, d_out) -> row i, (d_out,): the Reshape's own target
+                found[out] = (src, i)
+    return found
+
+
+#: ``sys.getrefcount`` of a spare array only ``KernelFold._spare`` refers to (its list, the comprehension's
+#: variable, the call's argument).
+_UNREFERENCED = 3
+
+
+class KernelFold:
+    """Per "pre" group: the mixers' name, the basis (r, u), the gate, the exported mixers, the fold outputs in
+    layer order; the outputs passed through from task tensors (biases, head), their exported values; and any
+    other output, left to the fold graph."""
+
+    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str]]], passthrough: dict,
+                 defaults: dict[str, np.ndarray], others: list[str], fold: ort.InferenceSession) -> None:
+        self.groups, self.passthrough, self.defaults, self.others, self.fold = groups, passthrough, defaults, others, fold
+        self._spare: list[list[np.ndarray]] = []  # weight arrays of earlier switches, per group
+
+    def _outs(self, g: int, basis: np.ndarray, n: int, s: int) -> list[np.ndarray] | None:
+        """Group ``g``'s arrays of an earlier switch when nothing but this object refers to them any more (no
+        session, binding or caller: ``sys.getrefcount``), so that a forward still bound to them never sees them
+        change; else None (new arrays). Rewriting memory already mapped is a third of the cost of new arrays,
+        which the kernel first has to fault in (ViT-S: 16 vs 45 ms for every group)."""
+        while len(self._spare) <= g:
+            self._spare.append([])
+        free = [a for a in self._spare[g] if sys.getrefcount(a) <= _UNREFERENCED]
+        return free[:n] if len(free) >= n else None
+
+    @classmethod
+    def build(cls, fold: ort.InferenceSession, fold_path: Path, data_file: Path | None, swap: dict,
+              weight_names: list[str]) -> KernelFold | None:
+        """The kernel fold of a bundle's fold graph, or None where the graph's own fold has to run (above)."""
+        layout = swap["layout"]
+        if any(g["placement"] != "pre" or g["gate"] not in _GATES for g in layout.values()):
+            return None
+        if fold_kernel.kernel() is None:
+            return None
+        proto = onnx.load(str(fold_path), load_external_data=False)
+        inits = {t.name: t for t in proto.graph.initializer}
+        split = {n.input[0]: list(n.output) for n in proto.graph.node if n.op_type == "Split"}
+        transpose = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "Transpose"}
+        products = {(n.input[0], n.input[1]) for n in proto.graph.node if n.op_type == "MatMul"}
+        groups, done = [], set()
+        for key, g in layout.items():
+            tag, basis, mixer = f"fold.{key}", f"basis.{key}", f"mixer.{key}"
+            outs = [transpose.get(p) for p in split.get(f"{tag}.all", [])]
+            if ((f"{tag}.gall", basis) not in products or len(outs) != g["n"] or None in outs
+                    or basis not in inits or mixer not in inits):
+                return None  # not the graph fold.py writes for a "pre" group
+            where = f"{fold_path}"
+            b = _initializer(inits[basis], fold_path.parent, data_file, where)
+            m = np.ascontiguousarray(_initializer(inits[mixer], fold_path.parent, data_file, where))
+            if b.shape != (g["r"], g["d_out"] * g["d_in"] // g["s"]) or m.shape != (g["n"], g["r"], g["s"]):
+                return None
+            groups.append((mixer, b, g["gate"], m, outs))
+            done.update(outs)
+        if not done <= set(weight_names):
+            return None
+        rest = [w for w in weight_names if w not in done]
+        defaults = {k: np.array(_initializer(inits[k], fold_path.parent, data_file, str(fold_path)))
+                    for k in swap["overridable"] if k in inits and not k.startswith("mixer.")}  # copies: small
+        passthrough = _passthrough(proto, rest, defaults)
+        return cls(groups, passthrough, defaults, [w for w in rest if w not in passthrough], fold)
+
+    def run(self, name: str, arrays: dict[str, np.ndarray]) -> dict[str, ort.OrtValue]:
+        """Every fold output for a task's tensors (the exported ones where the task has none)."""
+        values: dict[str, ort.OrtValue] = {}
+        for out, (src, i) in self.passthrough.items():  # biases and head: the task's tensors as they are
+            a = arrays.get(src, self.defaults[src])
+            values[out] = ort.OrtValue.ortvalue_from_numpy(a if i is None else np.ascontiguousarray(a[i]))
+        if self.others:  # anything else: the graph's own nodes (ORT runs the whole graph for them)
+            feeds = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()}
+            try:
+                values.update(zip(self.others, self.fold.run_with_ort_values(self.others, feeds, ort.RunOptions())))
+            except Exception as e:  # noqa: BLE001 - ORT's own error
+                raise AdapterError(f"task {name!r}: the fold run failed in ONNX Runtime: {e}") from None
+        for g, (mixer, basis, gate, default, outs) in enumerate(self.groups):
+            a = arrays.get(mixer, default)
+            gated = _GATES[gate](np.asarray(a, np.float32))
+            ws = fold_kernel.fold_group(basis, gated, True, self._outs(g, basis, *gated.shape[::2]))
+            self._spare[g] = [w for w in self._spare[g] if not any(w is x for x in ws)][-len(ws):] + ws
+            for out, w in zip(outs, ws):
+                values[out] = ort.OrtValue.ortvalue_from_numpy(w)
+        return values
