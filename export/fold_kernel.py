@@ -8,13 +8,13 @@ ctypes; where it cannot be built, :func:`kernel` returns None and callers keep t
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from crisp_edge.export.errors import ExportError
+from crisp_edge.export.native import build_library, load_library
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 LIBRARY = KERNELS_DIR / "build" / "libcrisp_fold.so"
@@ -26,29 +26,12 @@ _state: dict = {}
 
 def build(out: Path = LIBRARY) -> Path:
     """Compile ``fold_c.cpp`` into ``out`` (whole or not at all); an ``ExportError`` saying why when it cannot."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp.{id(out)}")
-    cmd = ["g++", "-std=c++17", "-O3", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(tmp), str(SOURCES[0])]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            raise ExportError(f"building crisp-edge's fold kernel failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
-        tmp.replace(out)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ExportError(f"cannot build crisp-edge's fold kernel ({e}); it needs g++ (Debian package g++, "
-                          "which `make setup` installs).") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return build_library(lambda tmp: ["g++", "-std=c++17", "-O3", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(tmp),
+                                      str(SOURCES[0])], out, "crisp-edge's fold kernel")
 
 
 def _load() -> ctypes.CDLL:
-    if not LIBRARY.is_file() or any(p.stat().st_mtime > LIBRARY.stat().st_mtime for p in SOURCES):
-        build()
-    try:
-        lib = ctypes.CDLL(str(LIBRARY))
-    except OSError as e:
-        raise ExportError(f"cannot load {LIBRARY} ({e}); delete it to have it built again.") from None
+    lib = load_library(LIBRARY, SOURCES, build, "crisp-edge's fold kernel")
     f = lib.crisp_fold_group
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,

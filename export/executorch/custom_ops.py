@@ -17,7 +17,6 @@ Operators (namespace ``crisp``):
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from crisp_edge.export.errors import ExportError
+from crisp_edge.export.native import build_library, load_library
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 LIBRARY = KERNELS_DIR / "build" / "libcrisp_et_kernels.so"
@@ -50,25 +50,16 @@ _loaded: ctypes.CDLL | None = None
 _lock = threading.Lock()
 
 
-def _sources_newer_than(lib: Path) -> bool:
-    built = lib.stat().st_mtime
-    shared = KERNELS_DIR.parents[1] / "kernels"  # export/kernels: code shared with other runtimes (fold_core.h)
-    return any(p.stat().st_mtime > built for d in (KERNELS_DIR, shared) for p in d.glob("*.[ch]*") if p.is_file())
+def _sources() -> list[Path]:
+    """The library's sources: kernels/ and export/kernels/ (code shared with other runtimes, e.g. fold_core.h)."""
+    shared = KERNELS_DIR.parents[1] / "kernels"
+    return [p for d in (KERNELS_DIR, shared) for p in d.glob("*.[ch]*") if p.is_file()]
 
 
 def build_kernels(out: Path = LIBRARY) -> Path:
     """Compile the kernels into ``out`` with ``kernels/build.sh`` (g++ and the executorch wheel's headers)."""
-    try:
-        r = subprocess.run(["bash", str(KERNELS_DIR / "build.sh"), sys.executable, str(out)],
-                           capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ExportError(f"cannot build crisp-edge's ExecuTorch kernels ({e}); run "
-                                 f"{KERNELS_DIR / 'build.sh'} by hand and read its output.") from None
-    if r.returncode != 0:
-        raise ExportError(
-            f"building crisp-edge's ExecuTorch kernels failed (exit {r.returncode}):\n{(r.stderr or r.stdout)[-2000:]}\n"
-            "They need g++ (Debian package g++, which `make setup` installs) and the executorch wheel's headers.")
-    return out
+    return build_library(lambda tmp: ["bash", str(KERNELS_DIR / "build.sh"), sys.executable, str(tmp)], out,
+                         "crisp-edge's ExecuTorch kernels")
 
 
 def load_kernels() -> Path:
@@ -79,15 +70,10 @@ def load_kernels() -> Path:
     global _loaded
     with _lock:
         if _loaded is None:
-            if not LIBRARY.is_file() or _sources_newer_than(LIBRARY):
-                build_kernels()
-            try:
-                # RTLD_GLOBAL: the library's static registrations go into the libexecutorch.so that Python's
-                # ExecuTorch runtime (executorch.extension.pybindings) already links.
-                _loaded = ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
-            except OSError as e:
-                raise ExportError(f"cannot load {LIBRARY} ({e}); delete it and run "
-                                         f"{KERNELS_DIR / 'build.sh'} again.") from None
+            # RTLD_GLOBAL: the library's static registrations go into the libexecutorch.so that Python's
+            # ExecuTorch runtime (executorch.extension.pybindings) already links.
+            _loaded = load_library(LIBRARY, _sources(), build_kernels, "crisp-edge's ExecuTorch kernels",
+                                   mode=ctypes.RTLD_GLOBAL)
         return LIBRARY
 
 
