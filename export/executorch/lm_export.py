@@ -55,6 +55,7 @@ from crisp_edge._version import __version__
 from crisp_edge.errors import ConfigError
 from crisp_edge.export.bundle import MANIFEST, REFERENCE, TASKS_DIR, bundle_tag, file_record
 from crisp_edge.export.executorch.bundle import (
+    DECODE_METHOD,
     DEFAULT_PTD,
     ET_BUNDLE_FORMAT,
     ET_BUNDLE_VERSION,
@@ -65,7 +66,7 @@ from crisp_edge.export.executorch.bundle import (
 )
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
-from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram
+from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, rowmajor_view
 from crisp_edge.export.executorch.quantize import quantize_lm_
 from crisp_edge.export.executorch.runner_spec import runner_spec
 from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
@@ -193,9 +194,14 @@ class _LMSwapProgram(_SwapProgram):
         return super().forward(tokens, input_pos)
 
 
-def _programs(model: nn.Module, mode: str, max_seq_len: int,
+def _programs(model: nn.Module, mode: str, max_seq_len: int, recipe: str,
               quantize: str | None = None) -> tuple[dict, dict, dict | None, dict | None]:
-    """(methods to lower, their example inputs, the swappable record or None, the quantize record or None)."""
+    """(methods to lower, their example inputs, the swappable record or None, the quantize record or None).
+
+    A swappable XNNPACK program gets a ``decode`` method beside ``forward``: the same graph at one token,
+    its task weights read in place by ``crisp::rowmajor_linear`` (``programs.rowmajor_view``). XNNPACK
+    packs a weight that is not a constant at every call: amortised over a prompt (``forward`` keeps it),
+    about twice the product itself at one token per step. The two methods share every buffer."""
     example = (torch.zeros(1, _EXAMPLE_TOKENS, dtype=torch.long), torch.arange(_EXAMPLE_TOKENS))
     if mode == "dense":
         m = copy.deepcopy(model)
@@ -216,7 +222,21 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int,
     swap = {"bases_sha256": fp, "layout": layout, "tag": bundle_tag(fp, layout), "set_task_inputs": inputs,
             "head": None, "task_semantics": "exported tensors, with the task file's tensors replacing theirs"}
     set_args = tuple(torch.zeros(i["shape"]) for i in inputs)
-    return {"forward": prog, "set_task": view}, {"forward": example, "set_task": set_args}, swap, None
+    methods, examples = {"forward": prog, "set_task": view}, {"forward": example, "set_task": set_args}
+    if recipe == "xnnpack":
+        methods[DECODE_METHOD] = rowmajor_view(prog)
+        examples[DECODE_METHOD] = (torch.zeros(1, 1, dtype=torch.long), torch.arange(1))
+    return methods, examples, swap, None
+
+
+def _custom_ops(ops: dict[str, dict[str, int]]) -> list[str]:
+    """The ExecuTorch operators of crisp-edge's own kernels that the program calls (the manifest's
+    ``custom_ops``: a session registers their kernels before it loads the program), from its methods'
+    non-delegated operators (``crisp.rowmajor_linear.default`` runs as ``crisp::rowmajor_linear.out``)."""
+    from crisp_edge.export.executorch.custom_ops import NAMESPACE
+
+    return sorted({f"{NAMESPACE}::{k.split('.')[1]}.out" for by_op in ops.values() for k in by_op
+                   if k.startswith(f"{NAMESPACE}.")})
 
 
 def _tied_head(model: nn.Module) -> int:
@@ -272,7 +292,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
     io = {"mode": mode, "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, max_seq_len]},
                                    {"name": "input_pos", "dtype": "int64", "shape": [max_seq_len]}],
           "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [1, vocab]}]}
-    programs, examples, swap, quant = _programs(model, mode, max_seq_len, quantize)
+    programs, examples, swap, quant = _programs(model, mode, max_seq_len, recipe, quantize)
     tokens = torch.export.Dim("tokens", min=1, max=max_seq_len)
     constants = {IO_METHOD: io_tag({**io, "swappable": swap} if swap else io)}
     if swap:
@@ -323,6 +343,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
         "inputs": io["inputs"], "outputs": io["outputs"], "batch": 1,
         "dynamic_axes": {"tokens": {"1": "tokens"}, "input_pos": {"0": "tokens"}},
         "non_delegated_ops": ops,
+        "custom_ops": _custom_ops(ops),
         "reference": reference_record(list(INPUT_NAMES), [OUTPUT_NAME], len(cases), list(by_task),
                                       batches=[1] * len(cases), seed=REFERENCE_SEED, **reference),
         "tolerance": {**tol.to_dict(), "dtype": dtype},

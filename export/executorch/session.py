@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from crisp_edge.export.bundle import feeds_by_name
-from crisp_edge.export.errors import AdapterError, BundleError, ExportError, NoTaskError
+from crisp_edge.export.errors import AdapterError, BundleError, ExportError, KernelsError, NoTaskError
 from crisp_edge.export.inputs import as_input_array, input_dtype
 from crisp_edge.export.executorch.bundle import (
     DEFAULT_PTD,
@@ -75,6 +75,28 @@ def set_threads(threads: int) -> None:
             portable_lib._unsafe_reset_threadpool(threads)
 
 
+def require_kernels(ops: list | None, where: str) -> None:
+    """Register the kernels of crisp-edge's own operators that a program calls (the manifest's ``custom_ops``,
+    ExecuTorch operator names such as ``crisp::rowmajor_linear.out``) in this process's runtime; a
+    ``KernelsError`` says which cannot be. A program without custom operators needs nothing."""
+    if not ops:
+        return
+    from executorch.extension.pybindings import portable_lib
+
+    from crisp_edge.export.executorch import custom_ops
+
+    try:
+        custom_ops.load_kernels()
+    except ExportError as e:
+        raise KernelsError(f"{where}: the program calls crisp-edge's own operators ({', '.join(map(str, ops))}) and "
+                           f"their kernels cannot be loaded: {e}") from None
+    missing = sorted(set(map(str, ops)) - set(portable_lib._get_operator_names()))
+    if missing:
+        raise KernelsError(f"{where}: the program calls {missing}, which this crisp-edge's kernels "
+                           f"({custom_ops.LIBRARY}) do not provide: the bundle is from a newer crisp-edge. Update "
+                           "crisp-edge, or export the bundle again with this one.")
+
+
 def load_program(data: bytes, where: str):
     """An ``executorch.runtime.Program`` from a ``.pte``'s bytes; a damaged file is a ``BundleError``."""
     from executorch.runtime import Runtime
@@ -98,6 +120,7 @@ class EtCrispSession:
         if sha256_bytes(data) != m["files"][PROGRAM]["sha256"]:
             raise BundleError(f"{path} does not match its recorded SHA-256; export the bundle again.")
         self._data = data  # the runtime may keep pointers into the program's bytes
+        require_kernels(m.get("custom_ops"), str(path))
         self.program = load_program(data, str(path))
         self.input_names = [i["name"] for i in m["inputs"]]
         self.output_names = [o["name"] for o in m["outputs"]]
@@ -274,4 +297,4 @@ def write_runner_inputs(bundle: EtBundle | str | os.PathLike, folder: str | os.P
     return len(inputs)
 
 
-__all__ = ["DEFAULT_TASK", "EtCrispSession", "set_threads", "write_runner_inputs"]
+__all__ = ["DEFAULT_TASK", "EtCrispSession", "require_kernels", "set_threads", "write_runner_inputs"]
