@@ -22,11 +22,20 @@ run in any runner. ``bench/bench_lm_et_anchor.py`` compares the two on the same 
 layer's weight is a mutable buffer that ``set_task(mixers...)`` rebuilds from the bases, the cache
 buffers sit beside them, and the task guard makes ``forward`` fail before any ``set_task``. The LM head
 is not a task tensor (it is the vocabulary projection, tied to the embedding in SmolLM2): a task is its
-mixers alone. A tied head gets its own constant copy in the swappable program (``_untie_head``: XNNPACK
-then packs it once, as in the dense program, instead of a portable product at every step); the manifest's
-``params.head_copy`` counts the parameters a program stores twice (``params.stored`` counts them once; a
-dense XNNPACK program holds the tied head twice too: the delegate packs its own). Task files
-are ``tasks/<name>.ptd`` as for every swappable ExecuTorch bundle.
+mixers alone. Task files are ``tasks/<name>.ptd`` as for every swappable ExecuTorch bundle.
+
+A swappable XNNPACK program has a third method, ``decode`` (T = 1, what a session runs for one token):
+``forward``'s graph with the task weights' products ``crisp::rowmajor_linear``
+(``export/executorch/custom_ops.py``), which reads a buffer in place where XNNPACK packs a weight that is not
+a constant again at every call (amortised over a prompt, which ``forward`` keeps; about twice the product
+itself at one token per step). Its vocabulary projection (one position per call in both methods) is
+``crisp::rowmajor_linear`` too, reading a tied head's embedding in place: no packed copy in either method.
+The manifest's ``custom_ops`` lists the operators; a session registers crisp-edge's kernels before it
+loads the program (``session.require_kernels``), the C++ runner compiles them in. A portable swappable
+program keeps to stock operators (no ``decode``) and gives a tied head its own constant copy
+(``_untie_head``). The manifest's ``params.head_copy`` counts the parameters a program stores twice
+(``params.stored`` counts them once; a dense XNNPACK program holds a tied head twice: the delegate packs
+its own).
 
 The manifest is the ExecuTorch bundle's plus ``dynamic_axes`` and the ``lm`` section
 (``crisp_edge.export.lm``): ``max_seq_len``, the tokenizer when the model came with one
@@ -66,7 +75,7 @@ from crisp_edge.export.executorch.bundle import (
 )
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
-from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, rowmajor_view
+from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, rowmajor_head, rowmajor_view
 from crisp_edge.export.executorch.quantize import quantize_lm_
 from crisp_edge.export.executorch.runner_spec import runner_spec
 from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
@@ -214,7 +223,10 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int, recipe: str,
     fp, layout = bases_fingerprint(model), model_layout(model)
     prog = _LMSwapProgram(model, list(INPUT_NAMES), None, bundle_tag(fp, layout)).eval()
     prog.fwd = _StaticCacheLM(prog.fwd.model, max_seq_len)
-    _untie_head(prog.fwd.model)
+    if recipe == "xnnpack":
+        rowmajor_head(prog.fwd.model)  # one position per call: read in place, a tied head from the embedding
+    else:
+        _untie_head(prog.fwd.model)
     view = copy.copy(prog)
     view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
     inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2], crisp_bases(model)[key].s]}
@@ -248,9 +260,12 @@ def _tied_head(model: nn.Module) -> int:
 
 def _head_copy(model: nn.Module, mode: str, recipe: str) -> int:
     """The parameters a program stores twice (the manifest's ``params.head_copy``; ``params.stored`` counts
-    them once): a tied head's, in the swappable program (its own copy, ``_untie_head``) and in a dense
-    XNNPACK program (the delegate holds the head's packed weights beside the embedding's)."""
-    return _tied_head(model) if mode == "swappable" or recipe != "portable" else 0
+    them once): a tied head's, in the portable swappable program (its own copy, ``_untie_head``) and in a
+    dense XNNPACK program (the delegate holds the head's packed weights beside the embedding's). The
+    swappable XNNPACK program's head reads the embedding in place (``rowmajor_head``): no copy."""
+    if (mode == "swappable") == (recipe == "portable"):
+        return _tied_head(model)
+    return 0
 
 
 def _untie_head(model: nn.Module) -> None:

@@ -51,6 +51,23 @@ class _RowMajorBufLinear(_BufLinear):
         return y if self.bias is None else y + self.bias
 
 
+class _RowMajorLinear(nn.Linear):
+    """An ``nn.Linear`` (no bias) whose product is ``crisp::rowmajor_linear``: a language model's vocabulary
+    projection, one position per call, reading its weight in place (a tied head: the embedding itself)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.crisp.rowmajor_linear(x, self.weight)
+
+
+def rowmajor_head(model: nn.Module) -> None:
+    """Make ``model``'s (bias-free) vocabulary projection a ``_RowMajorLinear``, in place."""
+    from crisp_edge.export.executorch import custom_ops  # noqa: F401 - registers torch.ops.crisp
+
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.bias is None:
+        head.__class__ = _RowMajorLinear
+
+
 def rowmajor_view(prog: nn.Module) -> nn.Module:
     """A copy of ``prog`` sharing every parameter and buffer (same tensors, same names: a method lowered from
     it shares the program's mutable buffers) whose task weights (``_BufLinear``) are products by
