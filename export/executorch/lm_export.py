@@ -32,8 +32,7 @@ itself at one token per step). Its vocabulary projection (one position per call 
 ``crisp::rowmajor_linear`` too, reading a tied head's embedding in place: no packed copy in either method.
 The manifest's ``custom_ops`` lists the operators; a session registers crisp-edge's kernels before it
 loads the program (``session.require_kernels``), the C++ runner compiles them in. A portable swappable
-program keeps to stock operators (no ``decode``) and gives a tied head its own constant copy
-(``_untie_head``). The manifest's ``params.head_copy`` counts the parameters a program stores twice
+program keeps to stock operators (no ``decode``). The manifest's ``params.head_copy`` counts the parameters a program stores twice
 (``params.stored`` counts them once; a dense XNNPACK program holds a tied head twice: the delegate packs
 its own).
 
@@ -225,8 +224,6 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int, recipe: str,
     prog.fwd = _StaticCacheLM(prog.fwd.model, max_seq_len)
     if recipe == "xnnpack":
         rowmajor_head(prog.fwd.model)  # one position per call: read in place, a tied head from the embedding
-    else:
-        _untie_head(prog.fwd.model)
     view = copy.copy(prog)
     view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
     inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2], crisp_bases(model)[key].s]}
@@ -252,34 +249,17 @@ def _custom_ops(ops: dict[str, dict[str, int]]) -> list[str]:
 
 
 def _tied_head(model: nn.Module) -> int:
-    """The parameter count of ``model``'s vocabulary projection when it is tied to the embedding, else 0: what
-    the swappable program stores twice (``_untie_head``)."""
+    """The parameter count of ``model``'s vocabulary projection when it is tied to the embedding, else 0."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     return head.weight.numel() if head is not None and emb is not None and head.weight is emb.weight else 0
 
 
 def _head_copy(model: nn.Module, mode: str, recipe: str) -> int:
     """The parameters a program stores twice (the manifest's ``params.head_copy``; ``params.stored`` counts
-    them once): a tied head's, in the portable swappable program (its own copy, ``_untie_head``) and in a
-    dense XNNPACK program (the delegate holds the head's packed weights beside the embedding's). The
-    swappable XNNPACK program's head reads the embedding in place (``rowmajor_head``): no copy."""
-    if (mode == "swappable") == (recipe == "portable"):
-        return _tied_head(model)
-    return 0
-
-
-def _untie_head(model: nn.Module) -> None:
-    """Give a tied vocabulary projection its own constant copy of the embedding (in place).
-
-    In the swappable program the CRISP weights are buffers, so its linears go to XNNPACK's partitioner
-    with ``force_non_static_weights_for_f32_linear``, which turns away a constant weight that another
-    node (the embedding's gather) also reads: a tied head then runs as a portable ``mm`` at every step
-    (hidden x vocabulary, most of a small model's decode). With its own copy the head is a constant used
-    by one linear, which XNNPACK packs once at load, as in the dense program (whose delegate holds the
-    packed copy too). The copy is not a task tensor: ``set_task`` never writes it."""
-    if _tied_head(model):
-        head = model.get_output_embeddings()
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    them once): a tied head's in a dense XNNPACK program (the delegate holds the head's packed weights beside
+    the embedding's). The swappable XNNPACK program's head reads the embedding in place (``rowmajor_head``),
+    a portable program's is a portable product over it: no copy."""
+    return _tied_head(model) if mode == "dense" and recipe != "portable" else 0
 
 
 def export_lm_executorch(model: nn.Module, out_dir: Path, *, mode: str, recipe: str, mixers: Sequence[MixerFile],
