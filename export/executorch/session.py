@@ -81,6 +81,9 @@ def require_kernels(ops: list | None, where: str) -> None:
     ``KernelsError`` says which cannot be. A program without custom operators needs nothing."""
     if not ops:
         return
+    if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+        raise BundleError(f"{where}: the manifest's custom_ops is not a list of operator names: it was edited. "
+                          "Export the bundle again.")
     from executorch.extension.pybindings import portable_lib
 
     from crisp_edge.export.executorch import custom_ops
@@ -88,9 +91,9 @@ def require_kernels(ops: list | None, where: str) -> None:
     try:
         custom_ops.load_kernels()
     except ExportError as e:
-        raise KernelsError(f"{where}: the program calls crisp-edge's own operators ({', '.join(map(str, ops))}) and "
+        raise KernelsError(f"{where}: the program calls crisp-edge's own operators ({', '.join(ops)}) and "
                            f"their kernels cannot be loaded: {e}") from None
-    missing = sorted(set(map(str, ops)) - set(portable_lib._get_operator_names()))
+    missing = sorted(set(ops) - set(portable_lib._get_operator_names()))
     if missing:
         raise KernelsError(f"{where}: the program calls {missing}, which this crisp-edge's kernels "
                            f"({custom_ops.LIBRARY}) do not provide: the bundle is from a newer crisp-edge. Update "
