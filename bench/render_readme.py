@@ -641,6 +641,18 @@ def render_minilm_layout(d: dict) -> str:
               f"budget (the other CRISP layouts store up to 1.4 points more: a rank step is coarser there). {'; '.join(d['cut'])}. {d['machine']['date'][:10]} (`bench/results/minilm_layout.json`).")
 
 
+def _lm_executorch_misses(d: dict) -> str:
+    """The goals ``bench_lm_executorch.py``'s run missed, in words (empty when it met them all)."""
+    r, t = d["ratios"], d["targets"]
+    words = {"prefill_ratio": f"prefill {r['prefill_swappable_vs_dense']:.3f}x (goal >= {t['prefill_ratio']}x)",
+             "decode_ratio": f"decode {r['decode_swappable_vs_dense']:.3f}x (goal >= {t['decode_ratio']}x)",
+             "switch_decode_steps": f"switch {r['switch_in_decode_steps']:.2f} decode steps (goal <= "
+                                    f"{t['switch_decode_steps']:g})",
+             "rss_ratio": f"memory {r['rss_swappable_vs_dense']:.3f}x (goal <= {t['rss_ratio']}x)"}
+    missed = [words.get(k, k) for k, ok in d.get("meets_targets", {}).items() if not ok]
+    return f" Missed in this run: {'; '.join(missed)}." if missed else ""
+
+
 def render_lm_executorch(d: dict) -> str:
     r, rates, t, e, m = d["ratios"], d["rates"], d["targets"], d["exports"], d["machine"]
     rows = []
@@ -663,9 +675,14 @@ def render_lm_executorch(d: dict) -> str:
               f"{task['bytes']:,} bytes for {task['mixer_bytes']:,} of mixers (target <= {limit:,.0f}). {d['model']}; "
               f"cache {d['max_seq_len']}, {d['prompt_tokens']}-token prompt, median of {d['repeats']} interleaved rounds, "
               f"1 thread ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}) (`bench/results/lm_executorch.json`). "
-              "Why decode misses: a swappable program's weights are mutable buffers that `set_task` rewrites, and "
-              "XNNPACK packs a linear's weights once, at load, only when they are constants; a buffer weight is "
-              "packed on every call, which at one token per step costs about twice the product itself."
+              "Decode: a swappable program's task weights are mutable buffers that `set_task` rewrites, and XNNPACK "
+              "packs a weight once, at load, only when it is a constant; a buffer weight it packs at every call, "
+              "about twice the product itself at one token per step. The swappable program therefore steps one "
+              "token through a `decode` method of its own whose task weights' and head's products are "
+              "`crisp::rowmajor_linear` (crisp-edge's ExecuTorch kernel, reading the weight in place: "
+              "`export/executorch/custom_ops.py`); the prefill keeps XNNPACK, whose packing the prompt amortises, "
+              "and the tied head reads the embedding in place (stored once: the smaller `.pte`)."
+              + _lm_executorch_misses(d)
               + ("" if task["bytes"] <= limit else " This run's task files held one FlatTensor entry (~114 bytes) per "
                  "mixer group; with every group in one `crisp.mixers` tensor the same task file is 52,448 bytes (next "
                  "table, `bench/results/task_files.json`)."))

@@ -29,3 +29,7 @@ class AdapterError(ExportError, LayoutMismatchError):
 
 class NoTaskError(ExportError):
     """A swappable session was run before any task was set (its dense weights do not exist yet)."""
+
+
+class KernelsError(ExportError):
+    """A program uses crisp-edge's own ExecuTorch operators and their kernels cannot be registered here."""

@@ -52,6 +52,9 @@ RECIPES = ("xnnpack", "portable")
 TAG_KEY = "crisp.tag"
 #: The task tensor holding every mixer group of a task ``.ptd`` (float32 [N]; ``tasks.pack_mixers``).
 MIXERS_KEY = "crisp.mixers"
+#: A swappable XNNPACK language model's one-token step: ``forward``'s graph with the task weights read in
+#: place by ``crisp::rowmajor_linear`` (``lm_export``); sessions and the C++ runner call it when T = 1.
+DECODE_METHOD = "decode"
 
 
 def _check_swappable(swap: Any, where: str) -> None:
@@ -136,4 +139,4 @@ def load_et_bundle(path: str | os.PathLike, verify: bool = True) -> EtBundle:
     return open_folder(path, read_et_manifest, EtBundle, verify)
 
 
-__all__ = ["DEFAULT_PTD", "ET_BUNDLE_FORMAT", "PROGRAM", "MIXERS_KEY", "RECIPES", "TAG_KEY", "EtBundle", "load_et_bundle"]
+__all__ = ["DECODE_METHOD", "DEFAULT_PTD", "ET_BUNDLE_FORMAT", "PROGRAM", "MIXERS_KEY", "RECIPES", "TAG_KEY", "EtBundle", "load_et_bundle"]

@@ -98,20 +98,21 @@ def _fold_fake(self: list[torch.Tensor], basis: torch.Tensor, mixers: torch.Tens
 FOLD = torch.ops.crisp.fold_.default
 
 
+#: crisp-edge's operators as an exported program's graph names them (``non_delegated_ops``) -> the kernel name the
+#: runtime registers (what the manifest's ``custom_ops`` lists and a session checks is registered).
+KERNEL_NAMES = {
+    f"{NAMESPACE}.rowmajor_linear.default": f"{NAMESPACE}::rowmajor_linear.out",
+    f"{NAMESPACE}.fold_.default": f"{NAMESPACE}::fold_",  # mutates its arguments: registered under its own name
+}
+
+
 def crisp_ops(non_delegated_ops: dict[str, dict[str, int]]) -> list[str]:
-    """The crisp-edge operators a program calls, from its ``non_delegated_ops`` record (method -> op -> count)."""
-    return sorted({op for ops in non_delegated_ops.values() for op in ops if op.startswith(f"{NAMESPACE}.")})
+    """The kernels of crisp-edge's own operators that a program calls (the manifest's ``custom_ops``), from its
+    ``non_delegated_ops`` record (method -> graph operator -> count)."""
+    found = {op for ops in non_delegated_ops.values() for op in ops if op.startswith(f"{NAMESPACE}.")}
+    unknown = sorted(found - set(KERNEL_NAMES))
+    if unknown:
+        raise ExportError(f"the program calls {unknown}, which custom_ops.KERNEL_NAMES does not name a kernel for.")
+    return sorted(KERNEL_NAMES[op] for op in found)
 
 
-def load_kernels_for(manifest: dict, where: str) -> None:
-    """Load the kernels a bundle's program needs (its manifest's ``program.crisp_kernels``, or the crisp-edge
-    operators among its ``non_delegated_ops``) before the program is loaded; a ``BundleError`` when they cannot be."""
-    from crisp_edge.export.errors import BundleError
-
-    needed = manifest.get("program", {}).get("crisp_kernels") or crisp_ops(manifest.get("non_delegated_ops") or {})
-    if needed:
-        try:
-            load_kernels()
-        except ExportError as e:
-            raise BundleError(f"{where} calls crisp-edge's own ExecuTorch operators ({', '.join(needed)}), whose kernels "
-                              f"cannot be loaded here: {e}") from None

@@ -16,7 +16,7 @@ Modes (DESIGN.md sections 3-4):
   the bases (constants of the program, stored once) and ``forward`` reads them at dense speed. Programs
   are emitted with ``share_mutable_buffers=True`` and ``emit_mutable_buffer_names=True`` so both methods
   see one copy of the buffers. ``set_task`` folds each group with crisp-edge's operator ``crisp::fold_``
-  (``custom_ops``; the manifest's ``program.crisp_kernels`` lists the kernels a program needs), which writes
+  (``export/executorch/custom_ops.py``; the manifest's ``custom_ops`` lists the kernels a program needs), which writes
   the group's weights in place into the buffers; a group it does not take (a transposed one, a "post" or
   "temp" placement) runs a product per layer, written back as soon as it is built, so ``set_task``'s own
   planned memory is at most one layer's product, not a second copy of the weights
@@ -299,9 +299,8 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
                      "executorch": getattr(getattr(executorch, "version", None), "__version__", "unknown"),
                      "fused_attention": False},
         "arch": getattr(model, "crisp_arch", None), "program": {"file": PROGRAM, "methods": sorted(ops)
-                                                                + (["crisp_tag"] if swap else []) + [IO_METHOD],
-                                                                # kernels the runtime must register first
-                                                                "crisp_kernels": crisp_ops(ops)},
+                                                                + (["crisp_tag"] if swap else []) + [IO_METHOD]},
+        "custom_ops": crisp_ops(ops),  # kernels the runtime must register before it loads the program
         "files": {f: file_record(folder, f) for f in files},
         "inputs": _io(names, example),
         "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": out_shape}],

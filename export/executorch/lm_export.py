@@ -22,11 +22,19 @@ run in any runner. ``bench/bench_lm_et_anchor.py`` compares the two on the same 
 layer's weight is a mutable buffer that ``set_task(mixers...)`` rebuilds from the bases, the cache
 buffers sit beside them, and the task guard makes ``forward`` fail before any ``set_task``. The LM head
 is not a task tensor (it is the vocabulary projection, tied to the embedding in SmolLM2): a task is its
-mixers alone. A tied head gets its own constant copy in the swappable program (``_untie_head``: XNNPACK
-then packs it once, as in the dense program, instead of a portable product at every step); the manifest's
-``params.head_copy`` counts the parameters a program stores twice (``params.stored`` counts them once; a
-dense XNNPACK program holds the tied head twice too: the delegate packs its own). Task files
-are ``tasks/<name>.ptd`` as for every swappable ExecuTorch bundle.
+mixers alone. Task files are ``tasks/<name>.ptd`` as for every swappable ExecuTorch bundle.
+
+A swappable XNNPACK program has a third method, ``decode`` (T = 1, what a session runs for one token):
+``forward``'s graph with the task weights' products ``crisp::rowmajor_linear``
+(``export/executorch/custom_ops.py``), which reads a buffer in place where XNNPACK packs a weight that is not
+a constant again at every call (amortised over a prompt, which ``forward`` keeps; about twice the product
+itself at one token per step). Its vocabulary projection (one position per call in both methods) is
+``crisp::rowmajor_linear`` too, reading a tied head's embedding in place: no packed copy in either method.
+The manifest's ``custom_ops`` lists the operators; a session registers crisp-edge's kernels before it
+loads the program (``session.require_kernels``), the C++ runner compiles them in. A portable swappable
+program keeps to stock operators (no ``decode``). The manifest's ``params.head_copy`` counts the parameters a program stores twice
+(``params.stored`` counts them once; a dense XNNPACK program holds a tied head twice: the delegate packs
+its own).
 
 The manifest is the ExecuTorch bundle's plus ``dynamic_axes`` and the ``lm`` section
 (``crisp_edge.export.lm``): ``max_seq_len``, the tokenizer when the model came with one
@@ -55,6 +63,7 @@ from crisp_edge._version import __version__
 from crisp_edge.errors import ConfigError
 from crisp_edge.export.bundle import MANIFEST, REFERENCE, TASKS_DIR, bundle_tag, file_record
 from crisp_edge.export.executorch.bundle import (
+    DECODE_METHOD,
     DEFAULT_PTD,
     ET_BUNDLE_FORMAT,
     ET_BUNDLE_VERSION,
@@ -63,9 +72,10 @@ from crisp_edge.export.executorch.bundle import (
     RUNNER_SPEC,
     EtBundle,
 )
+from crisp_edge.export.executorch.custom_ops import crisp_ops
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
-from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram
+from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, rowmajor_head, rowmajor_view
 from crisp_edge.export.executorch.quantize import quantize_lm_
 from crisp_edge.export.executorch.runner_spec import runner_spec
 from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
@@ -193,9 +203,14 @@ class _LMSwapProgram(_SwapProgram):
         return super().forward(tokens, input_pos)
 
 
-def _programs(model: nn.Module, mode: str, max_seq_len: int,
+def _programs(model: nn.Module, mode: str, max_seq_len: int, recipe: str,
               quantize: str | None = None) -> tuple[dict, dict, dict | None, dict | None]:
-    """(methods to lower, their example inputs, the swappable record or None, the quantize record or None)."""
+    """(methods to lower, their example inputs, the swappable record or None, the quantize record or None).
+
+    A swappable XNNPACK program gets a ``decode`` method beside ``forward``: the same graph at one token,
+    its task weights read in place by ``crisp::rowmajor_linear`` (``programs.rowmajor_view``). XNNPACK
+    packs a weight that is not a constant at every call: amortised over a prompt (``forward`` keeps it),
+    about twice the product itself at one token per step. The two methods share every buffer."""
     example = (torch.zeros(1, _EXAMPLE_TOKENS, dtype=torch.long), torch.arange(_EXAMPLE_TOKENS))
     if mode == "dense":
         m = copy.deepcopy(model)
@@ -208,7 +223,8 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int,
     fp, layout = bases_fingerprint(model), model_layout(model)
     prog = _LMSwapProgram(model, list(INPUT_NAMES), None, bundle_tag(fp, layout)).eval()
     prog.fwd = _StaticCacheLM(prog.fwd.model, max_seq_len)
-    _untie_head(prog.fwd.model)
+    if recipe == "xnnpack":
+        rowmajor_head(prog.fwd.model)  # one position per call: read in place, a tied head from the embedding
     view = copy.copy(prog)
     view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
     inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2], crisp_bases(model)[key].s]}
@@ -216,35 +232,25 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int,
     swap = {"bases_sha256": fp, "layout": layout, "tag": bundle_tag(fp, layout), "set_task_inputs": inputs,
             "head": None, "task_semantics": "exported tensors, with the task file's tensors replacing theirs"}
     set_args = tuple(torch.zeros(i["shape"]) for i in inputs)
-    return {"forward": prog, "set_task": view}, {"forward": example, "set_task": set_args}, swap, None
+    methods, examples = {"forward": prog, "set_task": view}, {"forward": example, "set_task": set_args}
+    if recipe == "xnnpack":
+        methods[DECODE_METHOD] = rowmajor_view(prog)
+        examples[DECODE_METHOD] = (torch.zeros(1, 1, dtype=torch.long), torch.arange(1))
+    return methods, examples, swap, None
 
 
 def _tied_head(model: nn.Module) -> int:
-    """The parameter count of ``model``'s vocabulary projection when it is tied to the embedding, else 0: what
-    the swappable program stores twice (``_untie_head``)."""
+    """The parameter count of ``model``'s vocabulary projection when it is tied to the embedding, else 0."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     return head.weight.numel() if head is not None and emb is not None and head.weight is emb.weight else 0
 
 
 def _head_copy(model: nn.Module, mode: str, recipe: str) -> int:
     """The parameters a program stores twice (the manifest's ``params.head_copy``; ``params.stored`` counts
-    them once): a tied head's, in the swappable program (its own copy, ``_untie_head``) and in a dense
-    XNNPACK program (the delegate holds the head's packed weights beside the embedding's)."""
-    return _tied_head(model) if mode == "swappable" or recipe != "portable" else 0
-
-
-def _untie_head(model: nn.Module) -> None:
-    """Give a tied vocabulary projection its own constant copy of the embedding (in place).
-
-    In the swappable program the CRISP weights are buffers, so its linears go to XNNPACK's partitioner
-    with ``force_non_static_weights_for_f32_linear``, which turns away a constant weight that another
-    node (the embedding's gather) also reads: a tied head then runs as a portable ``mm`` at every step
-    (hidden x vocabulary, most of a small model's decode). With its own copy the head is a constant used
-    by one linear, which XNNPACK packs once at load, as in the dense program (whose delegate holds the
-    packed copy too). The copy is not a task tensor: ``set_task`` never writes it."""
-    if _tied_head(model):
-        head = model.get_output_embeddings()
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    them once): a tied head's in a dense XNNPACK program (the delegate holds the head's packed weights beside
+    the embedding's). The swappable XNNPACK program's head reads the embedding in place (``rowmajor_head``),
+    a portable program's is a portable product over it: no copy."""
+    return _tied_head(model) if mode == "dense" and recipe != "portable" else 0
 
 
 def export_lm_executorch(model: nn.Module, out_dir: Path, *, mode: str, recipe: str, mixers: Sequence[MixerFile],
@@ -272,7 +278,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
     io = {"mode": mode, "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, max_seq_len]},
                                    {"name": "input_pos", "dtype": "int64", "shape": [max_seq_len]}],
           "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [1, vocab]}]}
-    programs, examples, swap, quant = _programs(model, mode, max_seq_len, quantize)
+    programs, examples, swap, quant = _programs(model, mode, max_seq_len, recipe, quantize)
     tokens = torch.export.Dim("tokens", min=1, max=max_seq_len)
     constants = {IO_METHOD: io_tag({**io, "swappable": swap} if swap else io)}
     if swap:
@@ -323,6 +329,7 @@ def _write_lm_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, mix
         "inputs": io["inputs"], "outputs": io["outputs"], "batch": 1,
         "dynamic_axes": {"tokens": {"1": "tokens"}, "input_pos": {"0": "tokens"}},
         "non_delegated_ops": ops,
+        "custom_ops": crisp_ops(ops),
         "reference": reference_record(list(INPUT_NAMES), [OUTPUT_NAME], len(cases), list(by_task),
                                       batches=[1] * len(cases), seed=REFERENCE_SEED, **reference),
         "tolerance": {**tol.to_dict(), "dtype": dtype},

@@ -21,7 +21,7 @@ import torch
 
 from crisp_edge.export.bundle import feeds_by_name
 from crisp_edge.export.errors import BundleError, ExportError, NoTaskError, ParityError
-from crisp_edge.export.executorch.bundle import EtBundle
+from crisp_edge.export.executorch.bundle import DECODE_METHOD, EtBundle
 from crisp_edge.export.executorch.session import EtCrispSession
 from crisp_edge.export.lm import DEFAULT_TASK, LMSessionMixin, check_lm_section
 from crisp_edge.export.parity.compare import Tolerance
@@ -29,7 +29,8 @@ from crisp_edge.generation import CachedStepper
 
 
 class EtStepper(CachedStepper):
-    """The program's ``forward(tokens [1, n], input_pos [n]) -> logits [1, vocab]`` over its static cache."""
+    """The program's ``forward(tokens [1, n], input_pos [n]) -> logits [1, vocab]`` over its static cache; a
+    single token goes to its ``decode`` method when it has one (the same step, the same cache)."""
 
     def __init__(self, session: "EtLMSession") -> None:
         super().__init__()
@@ -43,8 +44,9 @@ class EtStepper(CachedStepper):
                               "a swappable program has no weights until then.")
         tokens = torch.from_numpy(np.ascontiguousarray(ids.reshape(1, -1)))
         pos = torch.arange(start_pos, start_pos + ids.size, dtype=torch.int64)
+        method = sess.decode_method if ids.size == 1 and sess.decode_method is not None else sess.forward
         try:
-            out = sess.forward.execute([tokens, pos])
+            out = method.execute([tokens, pos])
         except Exception as e:  # noqa: BLE001 - the runtime's own error
             raise ExportError(f"ExecuTorch failed on {ids.size} tokens at position {start_pos}: {str(e)[:300]}") from None
         return out[0].detach().numpy().reshape(-1).copy()
@@ -63,6 +65,15 @@ class EtLMSession(LMSessionMixin, EtCrispSession):
             raise BundleError(f"{self.bundle.path}: the program's tokens / logits shapes ({self._input_shapes}, {vocab}) "
                               f"do not match the lm section (max_seq_len {lm['max_seq_len']}, vocabulary "
                               f"{lm['vocab_size']}); the manifest was edited. Export the bundle again.")
+        # a swappable XNNPACK program's one-token step (its task weights read in place; lm_export._programs)
+        self.decode_method = None
+        if DECODE_METHOD in self.program.method_names:
+            meta = self.program.metadata(DECODE_METHOD)
+            have = [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
+            if have != [[1, 1], [1]]:
+                raise BundleError(f"{self.bundle.path}: the program's {DECODE_METHOD} method takes inputs of shapes "
+                                  f"{have}, not one token ([1, 1], [1]): not a crisp-edge program. Export it again.")
+            self.decode_method = self._method(DECODE_METHOD)
         self._stepper = EtStepper(self)
 
     def lm_stepper(self) -> EtStepper:

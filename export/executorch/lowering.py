@@ -46,14 +46,12 @@ def _partitioners(recipe: str, mode: str, method: str = "forward") -> tuple[list
     # forced flag, which breaks the conv patch embedding: convs go first, to a conv-only partitioner.
     rest = [XnnpackPartitioner(configs=[ConvolutionConfig]),
             XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)]
-    if method != "forward":
-        return rest, []
-    # The forced flag also makes XNNPACK pack a constant weight at every call. In forward, linears whose
-    # weight is a constant (an LM's vocabulary projection) go first to a partitioner that packs them once,
-    # at load; it alone lowers with the decomposition (each partitioner of to_edge_transform_and_lower
-    # decomposes what the ones before it kept: the linear would become a matrix product the forced
-    # partitioner takes), the others follow on the edge program. Not in set_task, whose constants are the
-    # bases: a packed copy of them would double the program.
+    # The forced flag also makes XNNPACK pack a constant weight at every call. In forward (and an LM's
+    # decode), linears whose weight is a constant (an LM's vocabulary projection) go first to a partitioner
+    # that packs them once, at load; it alone lowers with the decomposition (each partitioner of
+    # to_edge_transform_and_lower decomposes what the ones before it kept: the linear would become a matrix
+    # product the forced partitioner takes), the others follow on the edge program. Not in set_task, whose
+    # constants are the bases: a packed copy of them would double the program.
     return [XnnpackPartitioner(configs=[_constant_linear_config()])], rest
 
 

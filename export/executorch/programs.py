@@ -43,6 +43,44 @@ class _BufLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class _RowMajorBufLinear(_BufLinear):
+    """A ``_BufLinear`` whose product is ``crisp::rowmajor_linear``: the weight buffer read in place, where
+    XNNPACK would pack it again at every call (it is not a constant). For few rows: a decode step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.crisp.rowmajor_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class _RowMajorLinear(nn.Linear):
+    """An ``nn.Linear`` (no bias) whose product is ``crisp::rowmajor_linear``: a language model's vocabulary
+    projection, one position per call, reading its weight in place (a tied head: the embedding itself)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.crisp.rowmajor_linear(x, self.weight)
+
+
+def rowmajor_head(model: nn.Module) -> None:
+    """Make ``model``'s (bias-free) vocabulary projection a ``_RowMajorLinear``, in place."""
+
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.bias is None:
+        head.__class__ = _RowMajorLinear
+
+
+def rowmajor_view(prog: nn.Module) -> nn.Module:
+    """A copy of ``prog`` sharing every parameter and buffer (same tensors, same names: a method lowered from
+    it shares the program's mutable buffers) whose task weights (``_BufLinear``) are products by
+    ``crisp::rowmajor_linear``. The program then needs crisp-edge's kernels (``custom_ops.load_kernels``)."""
+
+    tensors = [*prog.parameters(), *prog.buffers()]
+    view = copy.deepcopy(prog, {id(t): t for t in tensors})
+    for m in view.modules():
+        if type(m) is _BufLinear:
+            m.__class__ = _RowMajorBufLinear
+    return view
+
+
 class _SwapProgram(nn.Module):
     """The dense architecture with CRISP weights (and the head) as buffers, the bases as constants, and
     ``set_task`` rebuilding the buffers from task inputs. ``forward`` runs the model.

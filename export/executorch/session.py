@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from crisp_edge.export.bundle import feeds_by_name
-from crisp_edge.export.errors import AdapterError, BundleError, ExportError, NoTaskError
+from crisp_edge.export.errors import AdapterError, BundleError, ExportError, KernelsError, NoTaskError
 from crisp_edge.export.inputs import as_input_array, input_dtype
 from crisp_edge.export.executorch.bundle import (
     DEFAULT_PTD,
@@ -35,7 +35,6 @@ from crisp_edge.export.executorch.bundle import (
     EtBundle,
     load_et_bundle,
 )
-from crisp_edge.export.executorch.custom_ops import load_kernels_for
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.tasks import check_task_ptd, read_ptd_bytes
 
@@ -76,6 +75,31 @@ def set_threads(threads: int) -> None:
             portable_lib._unsafe_reset_threadpool(threads)
 
 
+def require_kernels(ops: list | None, where: str) -> None:
+    """Register the kernels of crisp-edge's own operators that a program calls (the manifest's ``custom_ops``,
+    ExecuTorch operator names such as ``crisp::rowmajor_linear.out``) in this process's runtime; a
+    ``KernelsError`` says which cannot be. A program without custom operators needs nothing."""
+    if not ops:
+        return
+    if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+        raise BundleError(f"{where}: the manifest's custom_ops is not a list of operator names: it was edited. "
+                          "Export the bundle again.")
+    from executorch.extension.pybindings import portable_lib
+
+    from crisp_edge.export.executorch import custom_ops
+
+    try:
+        custom_ops.load_kernels()
+    except ExportError as e:
+        raise KernelsError(f"{where}: the program calls crisp-edge's own operators ({', '.join(ops)}) and "
+                           f"their kernels cannot be loaded: {e}") from None
+    missing = sorted(set(ops) - set(portable_lib._get_operator_names()))
+    if missing:
+        raise KernelsError(f"{where}: the program calls {missing}, which this crisp-edge's kernels "
+                           f"({custom_ops.LIBRARY}) do not provide: the bundle is from a newer crisp-edge. Update "
+                           "crisp-edge, or export the bundle again with this one.")
+
+
 def load_program(data: bytes, where: str):
     """An ``executorch.runtime.Program`` from a ``.pte``'s bytes; a damaged file is a ``BundleError``."""
     from executorch.runtime import Runtime
@@ -99,7 +123,7 @@ class EtCrispSession:
         if sha256_bytes(data) != m["files"][PROGRAM]["sha256"]:
             raise BundleError(f"{path} does not match its recorded SHA-256; export the bundle again.")
         self._data = data  # the runtime may keep pointers into the program's bytes
-        load_kernels_for(m, str(path))  # before loading: the runtime resolves every operator at load_method
+        require_kernels(m.get("custom_ops"), str(path))  # before loading: the runtime resolves operators at load_method
         self.program = load_program(data, str(path))
         self.input_names = [i["name"] for i in m["inputs"]]
         self.output_names = [o["name"] for o in m["outputs"]]
@@ -276,4 +300,4 @@ def write_runner_inputs(bundle: EtBundle | str | os.PathLike, folder: str | os.P
     return len(inputs)
 
 
-__all__ = ["DEFAULT_TASK", "EtCrispSession", "set_threads", "write_runner_inputs"]
+__all__ = ["DEFAULT_TASK", "EtCrispSession", "require_kernels", "set_threads", "write_runner_inputs"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from crisp_edge.export.errors import AdapterError, BundleError, NoTaskError
+from crisp_edge.export.errors import AdapterError, BundleError, KernelsError, NoTaskError
 from crisp_edge.export.executorch.bundle import DEFAULT_PTD, PROGRAM, load_et_bundle
 from crisp_edge.export.executorch.export import export_executorch
 from crisp_edge.export.executorch.session import write_runner_inputs
@@ -89,7 +89,7 @@ def test_swappable_bundle_layout_and_parity(portable):
     assert set(m["non_delegated_ops"]) == {"forward", "set_task"}
     # set_task folds each group (qkv, proj, fc1, fc2 of the 2 blocks: group_size 2) in one crisp::fold_ call
     assert m["non_delegated_ops"]["set_task"]["crisp.fold_.default"] == 4
-    assert m["program"]["crisp_kernels"] == ["crisp.fold_.default"]
+    assert m["custom_ops"] == ["crisp::fold_"]  # the kernel a session registers before loading
     assert (portable.path / "tasks" / "t1.ptd").is_file() and (portable.path / DEFAULT_PTD).is_file()
     with np.load(portable.path / "reference.npz", allow_pickle=False) as z:
         assert {"input.0.x", "output.t2.1.logits"} <= set(z.files) and z["output.t2.1.logits"].shape == (2, 7)
@@ -113,7 +113,7 @@ def test_session_switches_tasks_and_matches_pytorch(portable, model, tasks):
     assert np.abs(got[:, :3] - other).max() > 1e-2  # the tasks really differ: switching is visible
 
 
-def test_kernels_that_cannot_be_loaded_are_a_bundle_error(portable, monkeypatch):
+def test_kernels_that_cannot_be_loaded_are_a_typed_error(portable, monkeypatch):
     from crisp_edge.export.errors import ExportError
     from crisp_edge.export.executorch import custom_ops
 
@@ -121,7 +121,7 @@ def test_kernels_that_cannot_be_loaded_are_a_bundle_error(portable, monkeypatch)
         raise ExportError("no g++ here")
 
     monkeypatch.setattr(custom_ops, "load_kernels", fail)
-    with pytest.raises(BundleError, match=r"crisp\.fold_\.default.*no g\+\+ here"):
+    with pytest.raises(KernelsError, match=r"crisp::fold_.*no g\+\+ here"):
         portable.session()
 
 

@@ -410,6 +410,13 @@ void check_program(Module& module, const Manifest& m) {
     outs.push_back(s);
   }
   check_method(module, "forward", m.inputs, &outs);
+  if (names->count("decode")) {  // a swappable XNNPACK LM's one-token step (generate uses it for one token)
+    if (!m.lm) throw Fail{kBundle, "the program has a decode method but manifest.json has no lm section: edited"};
+    std::vector<TensorSpec> one = m.inputs;
+    one[0].shape = {1, 1};
+    one[1].shape = {1};
+    check_method(module, "decode", one, &outs);
+  }
   if (m.mode == "swappable") {
     check_method(module, "set_task", m.set_task, nullptr);
     int64_t tag = constant(module, "crisp_tag");
@@ -717,19 +724,24 @@ void run_cases(Module& module, const Manifest& m, const std::string& in_dir, con
 }
 
 // Greedy decoding (argmax, ties to the lowest id, as crisp_edge.generation.sampling): the prompt in one
-// forward (prefill), then one token per forward; stops after n tokens or when the cache is full.
+// forward (prefill), then one token per step; stops after n tokens or when the cache is full. A step of one
+// token runs the program's decode method when it has one (a swappable XNNPACK LM: the same step with its
+// task weights read in place by crisp::rowmajor_linear, compiled into this runner), else forward.
 std::vector<int64_t> generate(Module& module, const Manifest& m, const std::vector<int64_t>& prompt, int n,
                               const std::string& task) {
   std::vector<int64_t> out, feed = prompt;
   int64_t pos = 0;
+  auto names = module.method_names();
+  const bool has_decode = names.ok() && names->count("decode");
   while (int(out.size()) < n && pos + int64_t(feed.size()) <= m.max_seq_len) {
     std::vector<int64_t> positions(feed.size());
     for (size_t i = 0; i < feed.size(); ++i) positions[i] = pos + int64_t(i);
     auto tokens = make_tensor_ptr({1, executorch::aten::SizesType(feed.size())}, std::vector<int64_t>(feed));
     auto where = make_tensor_ptr({executorch::aten::SizesType(feed.size())}, std::move(positions));
-    auto r = module.execute("forward", std::vector<EValue>{EValue(tokens), EValue(where)});
-    if (!r.ok()) throw Fail{kProgram, "forward failed at position " + std::to_string(pos) + " of task " + task + " (error " + std::to_string(int(r.error())) + ")"};
-    if (r->size() != 1 || !(*r)[0].isTensor()) throw Fail{kProgram, "forward did not give one logits tensor"};
+    const std::string method = feed.size() == 1 && has_decode ? "decode" : "forward";
+    auto r = module.execute(method, std::vector<EValue>{EValue(tokens), EValue(where)});
+    if (!r.ok()) throw Fail{kProgram, method + " failed at position " + std::to_string(pos) + " of task " + task + " (error " + std::to_string(int(r.error())) + ")"};
+    if (r->size() != 1 || !(*r)[0].isTensor()) throw Fail{kProgram, method + " did not give one logits tensor"};
     const auto& t = (*r)[0].toTensor();
     if (t.scalar_type() != ScalarType::Float || t.numel() != m.vocab)
       throw Fail{kProgram, "forward gave " + std::to_string(t.numel()) + " logits, the vocabulary has " + std::to_string(m.vocab)};
