@@ -126,7 +126,9 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 def run(runner: Path, *args, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     """The runner with ``args``; a hang (timeout) or a signal fails the test right here."""
     try:
-        r = subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False)
+        # errors=: ExecuTorch's own log echoes names read from a damaged program (e.g. a flipped operator name)
+        r = subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, errors="backslashreplace",
+                           timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the runner hung (> {timeout} s): {args}")
     assert r.returncode >= 0, f"the runner died of signal {-r.returncode}: {args}\n{r.stderr[-2000:]}"
