@@ -19,6 +19,11 @@ ViT-S has 3), every output checked against numpy's ``B @ gate(A_i)``:
   ``Split`` into each layer's W^T (d_in, d_out) in blocks of s * d_out: no transpose, but the forward
   must then read W^T.
 
+``--crisp-kernel`` adds ``crisp_kernel_rowmajor`` and ``crisp_kernel_transposed``: crisp-edge's fused fold
+(``export/kernels/fold_core.h`` through ``export/fold_kernel.py``) over the same groups, the basis (u, r) as
+ExecuTorch programs hold it or (r, u) as the ONNX fold graph's data holds it (what ONNX Runtime's Python
+session folds from).
+
 ``--fused-kernel`` adds ``fused_kernel``: ``bench/_fused_fold.c``, compiled here with ``cc`` (AVX-512), one
 pass a group that reads B^T once and writes every layer's W, transposing in registers: what a fold costs
 with a kernel neither runtime has as a stock operator (a probe; crisp-edge does not ship it).
@@ -199,6 +204,34 @@ def fused_kernel_case(groups: int, rng: np.random.Generator) -> dict:
     return {"fold_fused_kernel": _cpu_timer(run)}
 
 
+def crisp_kernel_cases(groups: int, rng: np.random.Generator) -> dict:
+    """``fold_crisp_kernel_<layout>`` -> one timed pass of crisp-edge's fold kernel over ``groups`` groups of each
+    role, the basis row-major (u, r) or transposed (r, u) (outputs allocated once); checked against numpy first."""
+    from crisp_edge.export import fold_kernel
+
+    if fold_kernel.kernel() is None:
+        sys.exit(f"--crisp-kernel: {fold_kernel.error()}")
+    calls = []
+    for role, d_out, d_in in ROLES:
+        for _ in range(groups):
+            basis = (rng.standard_normal((d_out * d_in // S, R)) / np.sqrt(R)).astype(np.float32)
+            g = rng.standard_normal((N, R, S)).astype(np.float32)
+            calls.append((basis, np.ascontiguousarray(basis.T), g, d_out, d_in))
+    cases = {}
+    for layout, transposed in (("rowmajor", False), ("transposed", True)):
+        outs = [[np.empty((b.shape[0], S), np.float32) for _ in range(N)] for b, *_ in calls]
+
+        def run(t=transposed, outs=outs) -> None:
+            for (b, bt, g, _, _), o in zip(calls, outs):
+                fold_kernel.fold_group(bt if t else b, g, t, o)
+        run()
+        for (b, _, g, d_out, d_in), o in zip(calls, outs):
+            for i in range(N):
+                _check(f"crisp_kernel_{layout}", o[i], (b @ g[i]).reshape(d_out, d_in), d_out, d_in)
+        cases[f"fold_crisp_kernel_{layout}"] = _cpu_timer(run)
+    return cases
+
+
 def forward_cases(rng: np.random.Generator) -> dict:
     """``forward_<layout>_<role>``: the role's product in every one of 12 blocks (197 tokens), its weight an
     input in layout W or Wt."""
@@ -235,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one group of each role, 3 rounds, no forward side")
     ap.add_argument("--executorch", action="store_true",
                     help="also ExecuTorch set_task methods, one group of each role (bench/_set_task_layouts.py)")
+    ap.add_argument("--crisp-kernel", action="store_true",
+                    help="also crisp-edge's fold kernel (export/fold_kernel.py), the basis in either layout")
     ap.add_argument("--fused-kernel", action="store_true", help="also bench/_fused_fold.c (needs cc and AVX-512)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "fold_layouts.json"))
     args = ap.parse_args(argv)
@@ -245,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         cases.update(forward_cases(rng))
     if args.fused_kernel:
         cases.update(fused_kernel_case(groups, rng))
+    if args.crisp_kernel:
+        cases.update(crisp_kernel_cases(groups, rng))
     if args.executorch:
         from _set_task_layouts import executorch_cases
         cases.update(executorch_cases(ROLES, N, S, R))
@@ -268,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.fused_kernel:
         result["fused_kernel_vs_shipped"] = round(med["fold_fused_kernel"]["median"] / total("fold_shipped"), 4)
         result["fused_kernel_seconds"] = med["fold_fused_kernel"]["median"]
+    if args.crisp_kernel:
+        result["crisp_kernel_seconds"] = {k: med[f"fold_crisp_kernel_{k}"]["median"] for k in ("rowmajor", "transposed")}
+        result["crisp_kernel_vs_shipped"] = {k: round(v / total("fold_shipped"), 4)
+                                             for k, v in result["crisp_kernel_seconds"].items()}
     if args.executorch:
         narrow = med["set_task_narrow"]["median"]
         result["executorch_set_task_vs_narrow"] = {k[len("set_task_"):]: round(v["median"] / narrow, 4)
@@ -291,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     print("fold vs shipped:", result["fold_vs_shipped"])
     if args.fused_kernel:
         print(f"fused kernel: {1e3 * result['fused_kernel_seconds']:.2f} ms, {result['fused_kernel_vs_shipped']:.3f}x shipped")
+    if args.crisp_kernel:
+        print("crisp-edge kernel, ms:", {k: round(1e3 * v, 2) for k, v in result["crisp_kernel_seconds"].items()})
     if args.executorch:
         print("ExecuTorch set_task vs narrow:", result["executorch_set_task_vs_narrow"])
     print(f"wrote {out}")

@@ -1,7 +1,8 @@
 """crisp-edge's fused fold kernel as a plain C library (export/fold_kernel.py, export/kernels/fold_core.h: the
 arithmetic of ExecuTorch's crisp::fold_ too) against float64 products, the basis in either layout, at sizes
-that reach every tail: rows past a multiple of 4, columns past a multiple of 16, s that does and does not
-divide 16."""
+that reach every tail: rows past a multiple of 4 (and of 16, the transposed basis' pass), columns past a
+multiple of 16, s that does and does not divide 16, and a basis long enough that the transposed path fetches
+ahead for part of it."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.runtime
 
 
 @pytest.mark.parametrize("u,r,n,s", [(30, 16, 4, 4), (21, 5, 3, 3), (65, 3, 5, 5), (13, 7, 2, 2), (9, 1, 1, 9),
-                                     (7, 2, 6, 4)])
+                                     (7, 2, 6, 4), (2100, 16, 4, 4)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fold_group_is_the_product_of_every_layer(u, r, n, s, transposed):
     assert fold_kernel.kernel() is not None, fold_kernel.error()

@@ -10,13 +10,17 @@
 //
 // Per ROWS rows of the product: the n * s columns of every layer at once, sums over the r terms in order
 // t = 0..r-1 (the mixers laid out column-wise, zero-padded to CHUNK columns, so the sums stay in registers),
-// then each layer's s values of each row stored where its W wants them (with s = 4, one 4-float store).
+// then each layer's s values of each row stored where its W wants them (with s = 4, one 4-float store). The
+// basis stored transposed takes fold_block_t instead, V rows at a time along its stored direction.
+//
+// -DCRISP_FOLD_NO_MULTIVERSION builds one version for the compiler's target flags alone (e.g. -mavx2 -mfma:
+// how to time a narrower vector width on a machine that has a wider one).
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CRISP_FOLD_NO_MULTIVERSION)
 #define CRISP_FOLD_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
 #else
 #define CRISP_FOLD_MULTIVERSION
@@ -64,6 +68,51 @@ static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, 
   }
 }
 
+// The basis stored transposed, (r, u) (ks = 1), as ONNX fold graphs hold it: rows [k, k + V) of the product,
+// vectorised along the basis' stored direction (term t's V values are one contiguous load, multiplied by each
+// product column's mixer value: CHUNK independent sums per term), then each layer's s values of each row
+// interleaved where its W wants them (fold_block's sums, along the product's rows, would read each term's
+// values ROWS at a time, r strided streams). Each term's row is also fetched PREFETCH floats ahead: r separate
+// streams are more than the hardware's prefetcher keeps ahead of on its own. bench/bench_fold_layouts.py
+// --crisp-kernel times both paths at ViT-S's shapes.
+constexpr int64_t V = 16;
+constexpr int64_t PREFETCH = 2048;
+CRISP_FOLD_MULTIVERSION
+static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t u,
+                         int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  const bool ahead = k + V + PREFETCH <= u;
+  for (int64_t c0 = 0; c0 < cpad; c0 += CHUNK) {
+    float acc[CHUNK][V] = {};
+    for (int64_t t = 0; t < r; ++t) {
+      const float* m = mt + t * cpad + c0;
+      const float* bt = b + t * ts;
+      if (ahead && c0 == 0) __builtin_prefetch(bt + PREFETCH);
+#pragma GCC unroll 16  // CHUNK: every column's sums stay in registers
+      for (int64_t c = 0; c < CHUNK; ++c) {
+        const float mc = m[c];
+#pragma omp simd
+        for (int64_t q = 0; q < V; ++q) acc[c][q] += mc * bt[q];
+      }
+    }
+    const int64_t end = std::min(CHUNK, ncol - c0);
+    if (s == 4) {  // crisp-edge's default s: the four columns of a layer interleaved in registers, then stored
+      for (int64_t c = 0; c < end; c += 4) {
+        float* o = col[c0 + c] + k * 4;
+#pragma omp simd
+        for (int64_t q = 0; q < V; ++q) {
+          o[q * 4 + 0] = acc[c][q];
+          o[q * 4 + 1] = acc[c + 1][q];
+          o[q * 4 + 2] = acc[c + 2][q];
+          o[q * 4 + 3] = acc[c + 3][q];
+        }
+      }
+    } else {
+      for (int64_t q = 0; q < V; ++q)
+        for (int64_t c = 0; c < end; ++c) col[c0 + c][(k + q) * s] = acc[c][q];
+    }
+  }
+}
+
 // The whole group: B (u, r) read with strides ks, ts (above), g (n, r, s) gated, outs[i] (u, s) row-major.
 inline void fold_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
                        int64_t s, float* const* outs) {
@@ -75,6 +124,8 @@ inline void fold_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_
   std::vector<float*> col(static_cast<size_t>(ncol));
   for (int64_t c = 0; c < ncol; ++c) col[c] = outs[c / s] + c % s;
   int64_t k = 0;
+  if (ks == 1)  // stored transposed: V rows at a time along the stored direction, the rest as below
+    for (; k + V <= u; k += V) fold_block_t(B + k, ts, mt.data(), col.data(), k, u, r, s, ncol, cpad);
   for (; k + ROWS <= u; k += ROWS) fold_block(B + k * ks, ks, ts, mt.data(), col.data(), k, ROWS, r, s, ncol, cpad);
   if (k < u) {  // the last u % ROWS rows, copied (r, ROWS-row-major) and zero-padded
     std::vector<float> tail(static_cast<size_t>(ROWS * r), 0.f);
