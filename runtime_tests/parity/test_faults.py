@@ -407,13 +407,19 @@ def test_et_device_outputs_faults_named(et_bundles):
 
 @pytest.fixture(scope="module")
 def et_runner(tmp_path_factory):
-    """The C++ runner (export/executorch/runner), built with its build.sh when this checkout has no binary yet."""
+    """The C++ runner (export/executorch/runner), built with its build.sh when this checkout has no binary yet or
+    one older than its sources (the runner's and the crisp kernels it compiles in: a program calling crisp::fold_
+    does not load in a runner built before it)."""
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[2] / "export" / "executorch" / "runner"
+    from crisp_edge.export.native import is_stale
+
+    export = Path(__file__).resolve().parents[2] / "export"
+    root = export / "executorch" / "runner"
     binary = root / "build" / "crisp_et_runner"
-    if not binary.is_file():
+    sources = [p for d in (root, export / "executorch" / "kernels", export / "kernels") for p in d.glob("*.[ch]*")]
+    if is_stale(binary, sources):
         binary = tmp_path_factory.mktemp("runner") / "crisp_et_runner"
         subprocess.run(["bash", str(root / "build.sh"), sys.executable, str(binary)], check=True, timeout=600,
                        capture_output=True)
