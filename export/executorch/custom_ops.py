@@ -50,7 +50,7 @@ _loaded: ctypes.CDLL | None = None
 _lock = threading.Lock()
 
 
-def _sources() -> list[Path]:
+def kernel_sources() -> list[Path]:
     """The library's sources: kernels/ and export/kernels/ (code shared with other runtimes, e.g. fold_core.h)."""
     shared = KERNELS_DIR.parents[1] / "kernels"
     return [p for d in (KERNELS_DIR, shared) for p in d.glob("*.[ch]*") if p.is_file()]
@@ -72,7 +72,7 @@ def load_kernels() -> Path:
         if _loaded is None:
             # RTLD_GLOBAL: the library's static registrations go into the libexecutorch.so that Python's
             # ExecuTorch runtime (executorch.extension.pybindings) already links.
-            _loaded = load_library(LIBRARY, _sources(), build_kernels, "crisp-edge's ExecuTorch kernels",
+            _loaded = load_library(LIBRARY, kernel_sources(), build_kernels, "crisp-edge's ExecuTorch kernels",
                                    mode=ctypes.RTLD_GLOBAL)
         return LIBRARY
 

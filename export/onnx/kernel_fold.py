@@ -5,12 +5,12 @@ layer: stock ONNX operators, about three times the cost of copying the weights o
 same outputs from the same tensors with ``crisp_edge.export.fold_kernel`` (the kernel of ExecuTorch's
 ``crisp::fold_``: the basis read once, each layer's ``(u, s)`` weight written directly): the bases are read
 from the fold graph's own initializers (the external data file ONNX Runtime maps, mapped read-only once more:
-the same page-cache pages, released with ORT's after a switch), the gate applied to the task's mixers with
-numpy, and the outputs that are task tensors as they are (a layer's bias: a row of ``bias.<group>``; the head)
+the same page-cache pages, released with ORT's after a switch), the gate applied to the task's mixers by the
+library's own gate functions, and the outputs that are task tensors as they are (a layer's bias: a row of ``bias.<group>``; the head)
 taken from the task's tensors; any other output would need the fold graph run (ORT runs a whole graph, not
 only what the asked outputs need). The bundle does not change: an app running the fold graph in ONNX Runtime
 alone gets the same weights at the graph's cost. ``build`` returns None, and the session keeps the fold graph,
-where a group is not "pre" with a gate numpy applies here (silu, relu, none), where the graph is not the one
+where a group is not "pre" with one of the library's gates (``crisp_edge.method.gates``), where the graph is not the one
 ``fold.py`` writes, or where the kernel cannot be built (no g++).
 """
 from __future__ import annotations
@@ -21,16 +21,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import numpy_helper
 
 from crisp_edge.export import fold_kernel
 from crisp_edge.export.errors import AdapterError, BundleError
+from crisp_edge.method.gates import GATES, get_gate
 
-_GATES = {
-    "silu": lambda a: a * (np.float32(1) / (np.float32(1) + np.exp(-a))),  # Sigmoid then Mul, as the graph
-    "relu": lambda a: np.maximum(a, np.float32(0)),
-    "none": lambda a: a,
-}
 
 
 def _initializer(t: onnx.TensorProto, folder: Path, data_file: Path | None, where: str) -> np.ndarray:
@@ -99,7 +96,7 @@ class KernelFold:
               weight_names: list[str]) -> KernelFold | None:
         """The kernel fold of a bundle's fold graph, or None where the graph's own fold has to run (above)."""
         layout = swap["layout"]
-        if any(g["placement"] != "pre" or g["gate"] not in _GATES for g in layout.values()):
+        if any(g["placement"] != "pre" or g["gate"] not in GATES for g in layout.values()):
             return None
         if fold_kernel.kernel() is None:
             return None
@@ -144,7 +141,7 @@ class KernelFold:
                 raise AdapterError(f"task {name!r}: the fold run failed in ONNX Runtime: {e}") from None
         for g, (mixer, basis, gate, default, outs) in enumerate(self.groups):
             a = arrays.get(mixer, default)
-            gated = _GATES[gate](np.asarray(a, np.float32))
+            gated = get_gate(gate).fn(torch.tensor(np.asarray(a, np.float32))).numpy()  # the library's gate (a small copy)
             ws = fold_kernel.fold_group(basis, gated, True, self._outs(g, basis, *gated.shape[::2]))
             self._spare[g] = [w for w in self._spare[g] if not any(w is x for x in ws)][-len(ws):] + ws
             for out, w in zip(outs, ws):

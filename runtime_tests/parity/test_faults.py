@@ -413,13 +413,12 @@ def et_runner(tmp_path_factory):
     import subprocess
     import sys
 
+    from crisp_edge.export.executorch.custom_ops import kernel_sources
     from crisp_edge.export.native import is_stale
 
-    export = Path(__file__).resolve().parents[2] / "export"
-    root = export / "executorch" / "runner"
+    root = Path(__file__).resolve().parents[2] / "export" / "executorch" / "runner"
     binary = root / "build" / "crisp_et_runner"
-    sources = [p for d in (root, export / "executorch" / "kernels", export / "kernels") for p in d.glob("*.[ch]*")]
-    if is_stale(binary, sources):
+    if is_stale(binary, [*root.glob("*.[ch]*"), *kernel_sources()]):
         binary = tmp_path_factory.mktemp("runner") / "crisp_et_runner"
         subprocess.run(["bash", str(root / "build.sh"), sys.executable, str(binary)], check=True, timeout=600,
                        capture_output=True)
