@@ -680,8 +680,10 @@ def render_lm_executorch(d: dict) -> str:
               "about twice the product itself at one token per step. The swappable program therefore steps one "
               "token through a `decode` method of its own whose task weights' and head's products are "
               "`crisp::rowmajor_linear` (crisp-edge's ExecuTorch kernel, reading the weight in place: "
-              "`export/executorch/custom_ops.py`); the prefill keeps XNNPACK, whose packing the prompt amortises, "
-              "and the tied head reads the embedding in place (stored once: the smaller `.pte`)."
+              "`export/executorch/custom_ops.py`). The prefill keeps XNNPACK with its task products flipped, "
+              "`(W @ x^T)^T`: the weight buffer is the product's input, read in place, and XNNPACK packs the "
+              "prompt's activation instead of every weight (packing the weights held it at 0.927x of dense). The "
+              "tied head reads the embedding in place (stored once: the smaller `.pte`)."
               + _lm_executorch_misses(d)
               + ("" if task["bytes"] <= limit else " This run's task files held one FlatTensor entry (~114 bytes) per "
                  "mixer group; with every group in one `crisp.mixers` tensor the same task file is 52,448 bytes (next "

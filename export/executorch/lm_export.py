@@ -27,8 +27,10 @@ mixers alone. Task files are ``tasks/<name>.ptd`` as for every swappable ExecuTo
 A swappable XNNPACK program has a third method, ``decode`` (T = 1, what a session runs for one token):
 ``forward``'s graph with the task weights' products ``crisp::rowmajor_linear``
 (``export/executorch/custom_ops.py``), which reads a buffer in place where XNNPACK packs a weight that is not
-a constant again at every call (amortised over a prompt, which ``forward`` keeps; about twice the product
-itself at one token per step). Its vocabulary projection (one position per call in both methods) is
+a constant again at every call (about twice the product itself at one token per step). ``forward`` (the
+prefill) keeps XNNPACK with its task products flipped, ``(W @ x^T)^T`` (``programs._FlippedBufLinear``): the
+weight buffer is the product's input, read in place, and XNNPACK packs the prompt's activation instead (packing
+every weight per prompt held a SmolLM2 prefill at 0.93x of the dense program's). Its vocabulary projection (one position per call in both methods) is
 ``crisp::rowmajor_linear`` too, reading a tied head's embedding in place: no packed copy in either method.
 The manifest's ``custom_ops`` lists the operators; a session registers crisp-edge's kernels before it
 loads the program (``session.require_kernels``), the C++ runner compiles them in. A portable swappable
@@ -75,7 +77,14 @@ from crisp_edge.export.executorch.bundle import (
 from crisp_edge.export.executorch.custom_ops import crisp_ops
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
-from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, rowmajor_head, rowmajor_view
+from crisp_edge.export.executorch.programs import (
+    _FlippedBufLinear,
+    _RowMajorBufLinear,
+    _SetTaskView,
+    _SwapProgram,
+    rowmajor_head,
+    task_linear_view,
+)
 from crisp_edge.export.executorch.quantize import quantize_lm_
 from crisp_edge.export.executorch.runner_spec import runner_spec
 from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
@@ -208,9 +217,11 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int, recipe: str,
     """(methods to lower, their example inputs, the swappable record or None, the quantize record or None).
 
     A swappable XNNPACK program gets a ``decode`` method beside ``forward``: the same graph at one token,
-    its task weights read in place by ``crisp::rowmajor_linear`` (``programs.rowmajor_view``). XNNPACK
-    packs a weight that is not a constant at every call: amortised over a prompt (``forward`` keeps it),
-    about twice the product itself at one token per step. The two methods share every buffer."""
+    its task weights read in place by ``crisp::rowmajor_linear`` (``programs._RowMajorBufLinear``). XNNPACK
+    packs a weight that is not a constant at every call: about twice the product itself at one token per
+    step, and held a 64-token SmolLM2 prefill at 0.93x of the dense program's; ``forward`` (the prefill)
+    computes its task products flipped (``programs._FlippedBufLinear``: the weight is the input, read in
+    place; the prompt's activation is the operand XNNPACK packs). The methods share every buffer."""
     example = (torch.zeros(1, _EXAMPLE_TOKENS, dtype=torch.long), torch.arange(_EXAMPLE_TOKENS))
     if mode == "dense":
         m = copy.deepcopy(model)
@@ -234,7 +245,8 @@ def _programs(model: nn.Module, mode: str, max_seq_len: int, recipe: str,
     set_args = tuple(torch.zeros(i["shape"]) for i in inputs)
     methods, examples = {"forward": prog, "set_task": view}, {"forward": example, "set_task": set_args}
     if recipe == "xnnpack":
-        methods[DECODE_METHOD] = rowmajor_view(prog)
+        methods["forward"] = task_linear_view(prog, _FlippedBufLinear)
+        methods[DECODE_METHOD] = task_linear_view(prog, _RowMajorBufLinear)
         examples[DECODE_METHOD] = (torch.zeros(1, 1, dtype=torch.long), torch.arange(1))
     return methods, examples, swap, None
 

@@ -68,16 +68,33 @@ def rowmajor_head(model: nn.Module) -> None:
         head.__class__ = _RowMajorLinear
 
 
-def rowmajor_view(prog: nn.Module) -> nn.Module:
+class _FlippedBufLinear(_BufLinear):
+    """A ``_BufLinear`` computed flipped, ``(W @ x^T)^T``, for many rows: a language model's prefill.
+
+    XNNPACK packs the weight operand of a product at every call when it is not a constant (a task weight
+    buffer); packing every weight of a prompt's layers held a SmolLM2 prefill at 0.93x of the dense program's
+    (its weights packed once, at load). Flipped, the weight buffer is the product's *input*, read in place,
+    and the operand XNNPACK packs per call is the activation (T x d_in: a 64-token prompt's is 1/9 to 1/24 of a
+    SmolLM2 weight); the transpose back is one of the small (T x d_out) result. (ONNX Runtime's swappable
+    prefill flips its products for the same reason: ``export/onnx/lm_paths.py``.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a matmul, not F.linear(W, x): that one decomposes into a product XNNPACK's partitioner leaves out
+        y = torch.matmul(self.weight, x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def task_linear_view(prog: nn.Module, linear: type[_BufLinear]) -> nn.Module:
     """A copy of ``prog`` sharing every parameter and buffer (same tensors, same names: a method lowered from
-    it shares the program's mutable buffers) whose task weights (``_BufLinear``) are products by
-    ``crisp::rowmajor_linear``. The program then needs crisp-edge's kernels (``custom_ops.load_kernels``)."""
+    it shares the program's mutable buffers) whose task weights (``_BufLinear``) compute with ``linear``
+    (``_RowMajorBufLinear``: ``crisp::rowmajor_linear``, which needs crisp-edge's kernels at run time
+    (``custom_ops.load_kernels``); ``_FlippedBufLinear``: XNNPACK's product, flipped)."""
 
     tensors = [*prog.parameters(), *prog.buffers()]
     view = copy.deepcopy(prog, {id(t): t for t in tensors})
     for m in view.modules():
         if type(m) is _BufLinear:
-            m.__class__ = _RowMajorBufLinear
+            m.__class__ = linear
     return view
 
 

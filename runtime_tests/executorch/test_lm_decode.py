@@ -1,6 +1,7 @@
 """The swappable XNNPACK language model's ``decode`` method: its task weights (the buffers ``set_task``
 writes) are read in place by ``crisp::rowmajor_linear`` instead of being packed by XNNPACK at every step;
-``forward`` (the prefill) keeps XNNPACK. Generation through it equals PyTorch's per task, in Python and in
+``forward`` (the prefill) keeps XNNPACK with its task products flipped (the weight buffer is the product's
+input, read in place; the prompt's activation is the operand XNNPACK packs). Generation through it equals PyTorch's per task, in Python and in
 the C++ runner, and a session that cannot register crisp-edge's kernels says so with a typed error."""
 from __future__ import annotations
 
@@ -62,6 +63,41 @@ def test_decode_method_reads_every_task_weight_with_rowmajor_linear():
     assert len(constants) == 1 and constants[0].endswith("lm_head.weight"), constants
     # a portable program keeps to stock operators: no decode method, no kernels needed
     assert DECODE_METHOD not in _programs(model, "swappable", SEQ, "portable")[0]
+
+
+def test_prefill_reads_every_task_weight_as_the_input_of_an_xnnpack_product():
+    """forward (the prefill) computes every task weight's product flipped, ``(W @ x^T)^T``: the buffer is the
+    first operand of a matrix product (the input XNNPACK reads in place; the packed operand is the prompt's
+    activation), every product of forward goes to XNNPACK, and the flipped product is the linear layer's.
+    The lowering before the flip had each buffer as ``linear``'s weight: this fails on it."""
+    from crisp_edge.export.executorch.lm_export import _programs
+    from crisp_edge.export.executorch.programs import _FlippedBufLinear
+
+    model = crisp_llama()
+    n = ROLES * model.config.num_hidden_layers
+    methods, examples, _, _ = _programs(model, "swappable", SEQ, "xnnpack")
+    tokens = torch.export.Dim("tokens", min=1, max=SEQ)
+    with torch.no_grad():
+        ep = torch.export.export(methods["forward"], examples["forward"], strict=True,
+                                 dynamic_shapes=({1: tokens}, {0: tokens}))
+    sig = ep.graph_signature
+    weights = {p for p, b in sig.inputs_to_buffers.items() if b.endswith(".weight")}
+    assert len(weights) == n
+    first = {}
+    for node in ep.graph.nodes:
+        for i, a in enumerate(node.args):
+            if getattr(a, "name", None) in weights:
+                first.setdefault(a.name, []).append((str(node.target), i))
+    assert all(uses == [("aten.matmul.default", 0)] for uses in first.values()) and len(first) == n, first
+    edge = partition({"forward": ep}, "xnnpack", "swappable")
+    ops = non_delegated_ops(edge)["forward"]
+    assert _products(ops) == {"crisp.rowmajor_linear.default": 1}, ops  # the head; every task product: XNNPACK's
+    torch.manual_seed(0)
+    for bias in (False, True):
+        lin = torch.nn.Linear(13, 7, bias=bias)
+        flipped = _FlippedBufLinear(lin.weight, lin.bias)
+        x = torch.randn(1, 5, 13)
+        torch.testing.assert_close(flipped(x), lin(x))
 
 
 @pytest.fixture(scope="module")
