@@ -17,6 +17,7 @@
 // how to time a narrower vector width on a machine that has a wider one).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -77,9 +78,11 @@ static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, 
 // --crisp-kernel times both paths at ViT-S's shapes.
 constexpr int64_t V = 16;
 constexpr int64_t PREFETCH = 2048;
+// k: the row read (for how far ahead a fetch stays inside the basis), kw: where its values are written (rows
+// of a scratch block, when fold_quant_group folds part of the product at a time).
 CRISP_FOLD_MULTIVERSION
-static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t u,
-                         int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
+                         int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
   const bool ahead = k + V + PREFETCH <= u;
   for (int64_t c0 = 0; c0 < cpad; c0 += CHUNK) {
     float acc[CHUNK][V] = {};
@@ -97,7 +100,7 @@ static void fold_block_t(const float* b, int64_t ts, const float* mt, float* con
     const int64_t end = std::min(CHUNK, ncol - c0);
     if (s == 4) {  // crisp-edge's default s: the four columns of a layer interleaved in registers, then stored
       for (int64_t c = 0; c < end; c += 4) {
-        float* o = col[c0 + c] + k * 4;
+        float* o = col[c0 + c] + kw * 4;
 #pragma omp simd
         for (int64_t q = 0; q < V; ++q) {
           o[q * 4 + 0] = acc[c][q];
@@ -108,30 +111,86 @@ static void fold_block_t(const float* b, int64_t ts, const float* mt, float* con
       }
     } else {
       for (int64_t q = 0; q < V; ++q)
-        for (int64_t c = 0; c < end; ++c) col[c0 + c][(k + q) * s] = acc[c][q];
+        for (int64_t c = 0; c < end; ++c) col[c0 + c][(kw + q) * s] = acc[c][q];
     }
   }
+}
+
+// Rows [kb, ke) of the product of every layer, row k written at col[c] + (k - kb) * s: mt, col as fold_block's.
+inline void fold_rows(const float* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* mt, float* const* col,
+                      int64_t s, int64_t ncol, int64_t cpad, int64_t kb, int64_t ke) {
+  int64_t k = kb;
+  if (ks == 1)  // stored transposed: V rows at a time along the stored direction, the rest as below
+    for (; k + V <= ke; k += V) fold_block_t(B + k, ts, mt, col, k, k - kb, u, r, s, ncol, cpad);
+  for (; k + ROWS <= ke; k += ROWS) fold_block(B + k * ks, ks, ts, mt, col, k - kb, ROWS, r, s, ncol, cpad);
+  if (k < ke) {  // the last rows (fewer than ROWS), copied (r, ROWS-row-major) and zero-padded
+    std::vector<float> tail(static_cast<size_t>(ROWS * r), 0.f);
+    for (int64_t q = 0; q < ke - k; ++q)
+      for (int64_t t = 0; t < r; ++t) tail[q * r + t] = B[(k + q) * ks + t * ts];
+    fold_block(tail.data(), r, 1, mt, col, k - kb, ke - k, r, s, ncol, cpad);
+  }
+}
+
+// g (n, r, s) laid out column-wise, zero-padded to cpad columns (fold_block's mt).
+inline std::vector<float> mixer_columns(const float* g, int64_t n, int64_t r, int64_t s, int64_t cpad) {
+  std::vector<float> mt(static_cast<size_t>(r * cpad), 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t t = 0; t < r; ++t)
+      for (int64_t j = 0; j < s; ++j) mt[t * cpad + i * s + j] = g[(i * r + t) * s + j];
+  return mt;
 }
 
 // The whole group: B (u, r) read with strides ks, ts (above), g (n, r, s) gated, outs[i] (u, s) row-major.
 inline void fold_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
                        int64_t s, float* const* outs) {
   const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK;
-  std::vector<float> mt(static_cast<size_t>(r * cpad), 0.f);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t t = 0; t < r; ++t)
-      for (int64_t j = 0; j < s; ++j) mt[t * cpad + i * s + j] = g[(i * r + t) * s + j];
+  const std::vector<float> mt = mixer_columns(g, n, r, s, cpad);
   std::vector<float*> col(static_cast<size_t>(ncol));
   for (int64_t c = 0; c < ncol; ++c) col[c] = outs[c / s] + c % s;
-  int64_t k = 0;
-  if (ks == 1)  // stored transposed: V rows at a time along the stored direction, the rest as below
-    for (; k + V <= u; k += V) fold_block_t(B + k, ts, mt.data(), col.data(), k, u, r, s, ncol, cpad);
-  for (; k + ROWS <= u; k += ROWS) fold_block(B + k * ks, ks, ts, mt.data(), col.data(), k, ROWS, r, s, ncol, cpad);
-  if (k < u) {  // the last u % ROWS rows, copied (r, ROWS-row-major) and zero-padded
-    std::vector<float> tail(static_cast<size_t>(ROWS * r), 0.f);
-    for (int64_t q = 0; q < u - k; ++q)
-      for (int64_t t = 0; t < r; ++t) tail[q * r + t] = B[(k + q) * ks + t * ts];
-    fold_block(tail.data(), r, 1, mt.data(), col.data(), k, u - k, r, s, ncol, cpad);
+  fold_rows(B, ks, ts, u, r, mt.data(), col.data(), s, ncol, cpad, 0, u);
+}
+
+// Symmetric int8 codes of one output channel's d_in values w (absmax / 127 per channel; 1 for an all-zero channel,
+// whose codes are 0 anyway): q[j] = round-half-even(w[j] * 127 / absmax), in -127..127. Returns the scale.
+CRISP_FOLD_MULTIVERSION
+static float quantize_channel(const float* w, int64_t d_in, int8_t* q) {
+  float m = 0.f;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < d_in; ++j) m = std::max(m, std::fabs(w[j]));
+  const float inv = m > 0.f ? 127.f / m : 0.f;
+#pragma omp simd
+  for (int64_t j = 0; j < d_in; ++j) q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(w[j] * inv))));
+  return m > 0.f ? m / 127.f : 1.f;
+}
+
+// Output channels per pass of fold_quant_group: its float scratch, n * QCH * d_in floats, stays in cache (ViT-S's
+// fc2, n = 4, d_in = 1536: 384 KiB), and each of the QCH codes of an input channel is one contiguous store.
+constexpr int64_t QCH = 16;
+
+// The fold fused with per-channel int8 quantization: every layer's W_i (d_out, d_in) = the row-major reshape of
+// B @ G(A_i), quantized symmetric per output channel into codes[i], (d_in, d_out) row-major (W_i^T: the layout
+// ONNX Runtime's MatMulInteger takes), and scales[i] (d_out). QCH channels at a time: their rows of the product
+// folded into a float scratch (never the whole float W), then quantized from it. d_out * d_in == u * s.
+inline void fold_quant_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
+                             int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
+  const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK;
+  const std::vector<float> mt = mixer_columns(g, n, r, s, cpad);
+  const int64_t span = (QCH * d_in + 2 * s - 2) / s + 1;  // product rows a block of channels can touch
+  std::vector<float> scratch(static_cast<size_t>(n * span * s));
+  std::vector<int8_t> q(static_cast<size_t>(QCH * d_in));
+  std::vector<float*> col(static_cast<size_t>(ncol));
+  for (int64_t c = 0; c < ncol; ++c) col[c] = scratch.data() + (c / s) * span * s + c % s;
+  for (int64_t o0 = 0; o0 < d_out; o0 += QCH) {
+    const int64_t oc = std::min(QCH, d_out - o0);
+    const int64_t kb = o0 * d_in / s, ke = std::min(u, ((o0 + oc) * d_in + s - 1) / s);
+    fold_rows(B, ks, ts, u, r, mt.data(), col.data(), s, ncol, cpad, kb, ke);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* w = scratch.data() + i * span * s + (o0 * d_in - kb * s);  // channel o0's first value
+      for (int64_t o = 0; o < oc; ++o) scales[i][o0 + o] = quantize_channel(w + o * d_in, d_in, q.data() + o * d_in);
+      int8_t* out = codes[i] + o0;
+      for (int64_t j = 0; j < d_in; ++j)  // transposed: input channel j's codes of these oc output channels
+        for (int64_t o = 0; o < oc; ++o) out[j * d_out + o] = q[o * d_in + j];
+    }
   }
 }
 
