@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 from crisp_edge.export import fold_kernel
 from crisp_edge.export.errors import AdapterError, BundleError
+from crisp_edge.export.onnx.swap_int8 import int8_names
 from crisp_edge.method.gates import GATES, get_gate
 
 
@@ -73,23 +74,27 @@ _UNREFERENCED = 3
 
 class KernelFold:
     """Per "pre" group: the mixers' name, the basis (r, u), the gate, the exported mixers, the fold outputs in
-    layer order; the outputs passed through from task tensors (biases, head), their exported values; and any
-    other output, left to the fold graph."""
+    layer order and, for a swappable int8 bundle (``swap_int8``), the weight's (d_out, d_in) (its outputs: each
+    layer's int8 codes and scales, ``fold_kernel.fold_quant_group``); the outputs passed through from task tensors
+    (biases, head), their exported values; and any other output, left to the fold graph."""
 
-    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str]]], passthrough: dict,
-                 defaults: dict[str, np.ndarray], others: list[str], fold: ort.InferenceSession) -> None:
+    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str], tuple[int, int] | None]],
+                 passthrough: dict, defaults: dict[str, np.ndarray], others: list[str],
+                 fold: ort.InferenceSession) -> None:
         self.groups, self.passthrough, self.defaults, self.others, self.fold = groups, passthrough, defaults, others, fold
-        self._spare: list[list[np.ndarray]] = []  # weight arrays of earlier switches, per group
+        self._spare: dict[tuple[int, str], list[np.ndarray]] = {}  # arrays of earlier switches, per group and kind
 
-    def _outs(self, g: int, basis: np.ndarray, n: int, s: int) -> list[np.ndarray] | None:
-        """Group ``g``'s arrays of an earlier switch when nothing but this object refers to them any more (no
+    def _outs(self, key: tuple[int, str], n: int) -> list[np.ndarray] | None:
+        """Group ``key``'s arrays of an earlier switch when nothing but this object refers to them any more (no
         session, binding or caller: ``sys.getrefcount``), so that a forward still bound to them never sees them
         change; else None (new arrays). Rewriting memory already mapped is a third of the cost of new arrays,
         which the kernel first has to fault in (ViT-S: 16 vs 45 ms for every group)."""
-        while len(self._spare) <= g:
-            self._spare.append([])
-        free = [a for a in self._spare[g] if sys.getrefcount(a) <= _UNREFERENCED]
+        free = [a for a in self._spare.setdefault(key, []) if sys.getrefcount(a) <= _UNREFERENCED]
         return free[:n] if len(free) >= n else None
+
+    def _keep(self, key: tuple[int, str], arrays: list[np.ndarray]) -> None:
+        """Remember this switch's arrays (and the latest spare ones) for a later switch to rewrite."""
+        self._spare[key] = [a for a in self._spare[key] if not any(a is x for x in arrays)][-len(arrays):] + arrays
 
     @classmethod
     def build(cls, fold: ort.InferenceSession, fold_path: Path, data_file: Path | None, swap: dict,
@@ -105,19 +110,24 @@ class KernelFold:
         split = {n.input[0]: list(n.output) for n in proto.graph.node if n.op_type == "Split"}
         transpose = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "Transpose"}
         products = {(n.input[0], n.input[1]) for n in proto.graph.node if n.op_type == "MatMul"}
-        groups, done = [], set()
+        groups, done, wanted = [], set(), set(weight_names)
         for key, g in layout.items():
             tag, basis, mixer = f"fold.{key}", f"basis.{key}", f"mixer.{key}"
             outs = [transpose.get(p) for p in split.get(f"{tag}.all", [])]
             if ((f"{tag}.gall", basis) not in products or len(outs) != g["n"] or None in outs
                     or basis not in inits or mixer not in inits):
                 return None  # not the graph fold.py writes for a "pre" group
+            quantized = None
+            if not set(outs) <= wanted:  # a swappable int8 bundle: each float weight leaves as codes and scales
+                if g.get("transpose") or not all(set(int8_names(o)) <= wanted for o in outs):
+                    return None
+                quantized, outs = (g["d_out"], g["d_in"]), [name for o in outs for name in int8_names(o)]
             where = f"{fold_path}"
             b = _initializer(inits[basis], fold_path.parent, data_file, where)
             m = np.ascontiguousarray(_initializer(inits[mixer], fold_path.parent, data_file, where))
             if b.shape != (g["r"], g["d_out"] * g["d_in"] // g["s"]) or m.shape != (g["n"], g["r"], g["s"]):
                 return None
-            groups.append((mixer, b, g["gate"], m, outs))
+            groups.append((mixer, b, g["gate"], m, outs, quantized))
             done.update(outs)
         if not done <= set(weight_names):
             return None
@@ -139,11 +149,20 @@ class KernelFold:
                 values.update(zip(self.others, self.fold.run_with_ort_values(self.others, feeds, ort.RunOptions())))
             except Exception as e:  # noqa: BLE001 - ORT's own error
                 raise AdapterError(f"task {name!r}: the fold run failed in ONNX Runtime: {e}") from None
-        for g, (mixer, basis, gate, default, outs) in enumerate(self.groups):
+        for g, (mixer, basis, gate, default, outs, quantized) in enumerate(self.groups):
             a = arrays.get(mixer, default)
             gated = get_gate(gate).fn(torch.tensor(np.asarray(a, np.float32))).numpy()  # the library's gate (a small copy)
-            ws = fold_kernel.fold_group(basis, gated, True, self._outs(g, basis, *gated.shape[::2]))
-            self._spare[g] = [w for w in self._spare[g] if not any(w is x for x in ws)][-len(ws):] + ws
+            n = len(gated)
+            if quantized is None:
+                ws = fold_kernel.fold_group(basis, gated, True, self._outs((g, "w"), n))
+                self._keep((g, "w"), ws)
+            else:  # codes and scales of each layer, in the fold graph's output order
+                codes, scales = self._outs((g, "codes"), n), self._outs((g, "scales"), n)
+                codes, scales = fold_kernel.fold_quant_group(basis, gated, True, *quantized,
+                                                             None if codes is None or scales is None else (codes, scales))
+                self._keep((g, "codes"), codes)
+                self._keep((g, "scales"), scales)
+                ws = [w for pair in zip(codes, scales) for w in pair]
             for out, w in zip(outs, ws):
                 values[out] = ort.OrtValue.ortvalue_from_numpy(w)
         return values

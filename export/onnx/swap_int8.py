@@ -1,0 +1,134 @@
+"""The two graphs of a swappable int8 ONNX bundle (``export_onnx(mode="swappable", quantize="int8")``).
+
+The inference graph is the dense int8 graph (``quantize.quantize_graph``: ONNX Runtime's ``quantize_dynamic``,
+DynamicQuantizeLinear -> MatMulInteger, int8 weights with one scale per output channel) of the model with the
+exported task's weights, after which every CRISP layer's int8 weight and its scales are turned from initializers
+into graph inputs, ``dense.<layer>.weight.int8`` (d_in, d_out) and ``dense.<layer>.weight.scale`` (d_out): the
+task inputs. Biases and the head stay float32 inputs, as in a float32 swappable bundle (the head is a task's own
+few numbers; ORT's dynamic quantization only quantizes initializers). Measured on ViT-S, the int8 graph fed its
+weights as inputs through an IOBinding runs at 1.06x the dense int8 graph (MatMulInteger cannot pre-pack an
+input; bench/results/quantize.json).
+
+The fold graph still produces those inputs, so that an app running ONNX Runtime alone can switch tasks: the float
+fold of ``fold.py``, then per layer the symmetric per-channel quantization in the graph (``Abs`` -> ``ReduceMax``
+per output channel -> scale = max / 127, 1 for an all-zero channel -> ``QuantizeLinear`` per row -> the int8
+transpose MatMulInteger takes). crisp-edge's own session does both at once with the fused kernel instead
+(``fold_kernel.fold_quant_group``, ``kernel_fold.KernelFold``): the same codes up to rounding ties, without
+writing the float weights to memory. A task file is the float32 mixer file of a float32 swappable bundle of the
+same model: tasks are mixers, the weights they give are quantized at the switch.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from crisp_edge.export.errors import ExportError
+from crisp_edge.export.onnx.fold import FoldSpec
+from crisp_edge.export.onnx.quantize import fold_weight_transposes, quantize_graph
+
+#: Suffixes of a layer's int8 task inputs after its fold output's name ``dense.<layer>.weight``.
+CODES, SCALES = ".int8", ".scale"
+
+
+def int8_names(weight: str) -> tuple[str, str]:
+    """(codes, scales) input names of the fold output ``weight``."""
+    return weight + CODES, weight + SCALES
+
+
+def int8_forward_graph(proto: onnx.ModelProto, spec: FoldSpec, state: dict[str, np.ndarray]
+                       ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """(the inference graph with int8 task inputs, the quantizer's tool record). ``proto`` takes every fold output
+    as an input of the dense parameter's shape (``export._WeightsAsInputs``); ``state``: parameter -> value of the
+    exported task's dense weights (what ``quantize_dynamic`` quantizes, then replaced by inputs)."""
+    graph = proto.graph
+    weights = {w: spec.outputs[w] for w in spec.folded}
+    kept = [i for i in graph.input if i.name not in weights]
+    del graph.input[:]
+    graph.input.extend(kept)
+    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(state[p], np.float32), w)
+                             for w, p in weights.items())
+    transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights}
+    fold_weight_transposes(proto)  # W^T as the MatMul's own initializer: what quantize_dynamic looks for
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(proto, str(path))
+        tool = quantize_graph(path, "int8")
+        proto = onnx.load(str(path))
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    rename, inputs, found = {}, [], set()
+    for node in graph.node:
+        src = transposed.get(node.input[1].removesuffix("_quantized")) if node.op_type == "MatMulInteger" else None
+        if src is None:
+            continue
+        base = node.input[1].removesuffix("_quantized")
+        codes, scales = inits.get(base + "_quantized"), inits.get(base + "_scale")
+        if codes is None or scales is None or codes.data_type != TensorProto.INT8 or len(scales.dims) != 1:
+            raise ExportError(f"ONNX Runtime's quantize_dynamic wrote {src}'s MatMulInteger in an unexpected form "
+                              "(no int8 '<weight>_quantized' with a per-channel '<weight>_scale'); onnxruntime "
+                              f"{tool['onnxruntime']} is not the version this exporter knows: export in float32.")
+        q, s = int8_names(src)
+        found.add(src)
+        rename.update({codes.name: q, scales.name: s})
+        inputs += [helper.make_tensor_value_info(q, TensorProto.INT8, list(codes.dims)),
+                   helper.make_tensor_value_info(s, TensorProto.FLOAT, list(scales.dims))]
+    missing = sorted(set(weights) - found)
+    if missing:
+        raise ExportError(f"ONNX Runtime's quantize_dynamic left {len(missing)} CRISP weight(s) in float32 (e.g. "
+                          f"{missing[0]!r}); a swappable int8 bundle needs every one as int8: export in float32.")
+    left = [t for t in graph.initializer if t.name not in rename]
+    del graph.initializer[:]
+    graph.initializer.extend(left)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            node.input[k] = rename.get(name, name)
+    graph.input.extend(inputs)
+    return proto, tool
+
+
+def int8_fold_graph(proto: onnx.ModelProto, spec: FoldSpec) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """(the fold graph with each CRISP weight output replaced by its int8 codes and scales, quantized in the
+    graph; fold output -> model parameter). The float weight becomes an internal value."""
+    graph = proto.graph
+    nodes, new_outputs, mapping = [], [], {}
+    graph.initializer.extend([numpy_helper.from_array(np.array(127, np.float32), "const.q127"),
+                              numpy_helper.from_array(np.array(0, np.float32), "const.q0"),
+                              numpy_helper.from_array(np.array(1, np.float32), "const.q1"),
+                              numpy_helper.from_array(np.array([1], np.int64), "const.axis1")])
+    for out in graph.output:
+        name, param = out.name, spec.outputs[out.name]
+        if name not in spec.folded:
+            new_outputs.append(out)
+            mapping[name] = param
+            continue
+        (_, _), dense_shape, transpose = spec.folded[name]
+        d_out, d_in = dense_shape[::-1] if transpose else dense_shape
+        t = f"{name}.q"
+        shape = f"{t}.shape"
+        graph.initializer.append(numpy_helper.from_array(np.array(dense_shape, np.int64), shape))
+        graph.initializer.append(numpy_helper.from_array(np.zeros(d_out, np.int8), f"{t}.zero"))
+        w = f"{t}.w"
+        nodes.append(helper.make_node("Reshape", [name, shape], [w if not transpose else f"{t}.wt"]))
+        if transpose:
+            nodes.append(helper.make_node("Transpose", [f"{t}.wt"], [w], perm=[1, 0]))
+        q, s = int8_names(name)
+        nodes += [helper.make_node("Abs", [w], [f"{t}.abs"]),
+                  helper.make_node("ReduceMax", [f"{t}.abs", "const.axis1"], [f"{t}.max"], keepdims=0),
+                  helper.make_node("Div", [f"{t}.max", "const.q127"], [f"{t}.div"]),
+                  helper.make_node("Greater", [f"{t}.max", "const.q0"], [f"{t}.nz"]),
+                  helper.make_node("Where", [f"{t}.nz", f"{t}.div", "const.q1"], [s]),
+                  helper.make_node("QuantizeLinear", [w, s, f"{t}.zero"], [f"{t}.codes"], axis=0),
+                  helper.make_node("Transpose", [f"{t}.codes"], [q], perm=[1, 0])]
+        new_outputs += [helper.make_tensor_value_info(q, TensorProto.INT8, [d_in, d_out]),
+                        helper.make_tensor_value_info(s, TensorProto.FLOAT, [d_out])]
+        mapping[q] = mapping[s] = param
+    graph.node.extend(nodes)
+    del graph.output[:]
+    graph.output.extend(new_outputs)
+    onnx.checker.check_model(proto)
+    return proto, mapping
