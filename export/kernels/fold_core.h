@@ -18,6 +18,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
@@ -150,46 +151,80 @@ inline void fold_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_
   fold_rows(B, ks, ts, u, r, mt.data(), col.data(), s, ncol, cpad, 0, u);
 }
 
-// Symmetric int8 codes of one output channel's d_in values w (absmax / 127 per channel; 1 for an all-zero channel,
-// whose codes are 0 anyway): q[j] = round-half-even(w[j] * 127 / absmax), in -127..127. Returns the scale.
+// Symmetric int8 quantization per output channel: scale = absmax / 127 (1 for an all-zero channel, whose codes
+// are 0 anyway), code = round-half-even(w * 127 / absmax), in -127..127 with no clamp (|w * 127 / absmax| exceeds
+// 127 by a rounding at most, which rounds back to 127; a clamp's compare is control flow GCC will not vectorise
+// under IEEE semantics). Rounding adds and subtracts 1.5 * 2^23 (exact round-half-even for |x| < 2^22 in the
+// default rounding mode, and vectorised everywhere, where nearbyint is a library call on some targets).
+constexpr float ROUNDER = 12582912.f;
+
 CRISP_FOLD_MULTIVERSION
-static float quantize_channel(const float* w, int64_t d_in, int8_t* q) {
+static float channel_absmax(const float* w, int64_t d_in) {
   float m = 0.f;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < d_in; ++j) m = std::max(m, std::fabs(w[j]));
-  const float inv = m > 0.f ? 127.f / m : 0.f;
-#pragma omp simd
-  for (int64_t j = 0; j < d_in; ++j) q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(w[j] * inv))));
-  return m > 0.f ? m / 127.f : 1.f;
+  return m;
 }
 
-// Output channels per pass of fold_quant_group: its float scratch, n * QCH * d_in floats, stays in cache (ViT-S's
-// fc2, n = 4, d_in = 1536: 384 KiB), and each of the QCH codes of an input channel is one contiguous store.
+// Codes of QCH channels (rows of w, d_in apart) for input channels [j0, j0 + QCH), written transposed: input
+// channel j0 + jj's QCH codes at out + jj * d_out (one contiguous store each). tile is (QCH channels, QCH inputs).
 constexpr int64_t QCH = 16;
+CRISP_FOLD_MULTIVERSION
+static void quantize_tile(const float* w, int64_t d_in, const float* inv, int64_t j0, int8_t* out, int64_t d_out) {
+  int8_t tile[QCH][QCH], tt[QCH][QCH];
+  for (int64_t o = 0; o < QCH; ++o) {
+    const float* row = w + o * d_in + j0;
+    const float k = inv[o];
+    int8_t* t = tile[o];
+#pragma omp simd
+    for (int64_t jj = 0; jj < QCH; ++jj) {
+      t[jj] = static_cast<int8_t>(static_cast<int32_t>((row[jj] * k + ROUNDER) - ROUNDER));
+    }
+  }
+  for (int64_t jj = 0; jj < QCH; ++jj)
+    for (int64_t o = 0; o < QCH; ++o) tt[jj][o] = tile[o][jj];
+  for (int64_t jj = 0; jj < QCH; ++jj) std::memcpy(out + jj * d_out, tt[jj], QCH);
+}
+
+// The same for oc <= QCH channels and any run of input channels (the edges), one code at a time.
+static void quantize_edge(const float* w, int64_t d_in, const float* inv, int64_t oc, int64_t j0, int64_t j1,
+                          int8_t* out, int64_t d_out) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t o = 0; o < oc; ++o)
+      out[(j - j0) * d_out + o] = static_cast<int8_t>(static_cast<int32_t>((w[o * d_in + j] * inv[o] + ROUNDER) - ROUNDER));
+}
 
 // The fold fused with per-channel int8 quantization: every layer's W_i (d_out, d_in) = the row-major reshape of
 // B @ G(A_i), quantized symmetric per output channel into codes[i], (d_in, d_out) row-major (W_i^T: the layout
 // ONNX Runtime's MatMulInteger takes), and scales[i] (d_out). QCH channels at a time: their rows of the product
-// folded into a float scratch (never the whole float W), then quantized from it. d_out * d_in == u * s.
+// folded into a float scratch (n * QCH * d_in floats: ViT-S's fc2, n = 4, d_in = 1536, 384 KiB, in cache; never
+// the whole float W), then each channel's scale, then the codes QCH x QCH at a time, transposed in registers so
+// that every store is QCH contiguous codes. d_out * d_in == u * s.
 inline void fold_quant_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
                              int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
   const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK;
   const std::vector<float> mt = mixer_columns(g, n, r, s, cpad);
   const int64_t span = (QCH * d_in + 2 * s - 2) / s + 1;  // product rows a block of channels can touch
   std::vector<float> scratch(static_cast<size_t>(n * span * s));
-  std::vector<int8_t> q(static_cast<size_t>(QCH * d_in));
   std::vector<float*> col(static_cast<size_t>(ncol));
   for (int64_t c = 0; c < ncol; ++c) col[c] = scratch.data() + (c / s) * span * s + c % s;
+  float inv[QCH];
   for (int64_t o0 = 0; o0 < d_out; o0 += QCH) {
     const int64_t oc = std::min(QCH, d_out - o0);
     const int64_t kb = o0 * d_in / s, ke = std::min(u, ((o0 + oc) * d_in + s - 1) / s);
     fold_rows(B, ks, ts, u, r, mt.data(), col.data(), s, ncol, cpad, kb, ke);
     for (int64_t i = 0; i < n; ++i) {
       const float* w = scratch.data() + i * span * s + (o0 * d_in - kb * s);  // channel o0's first value
-      for (int64_t o = 0; o < oc; ++o) scales[i][o0 + o] = quantize_channel(w + o * d_in, d_in, q.data() + o * d_in);
+      for (int64_t o = 0; o < oc; ++o) {
+        const float m = channel_absmax(w + o * d_in, d_in);
+        scales[i][o0 + o] = m > 0.f ? m / 127.f : 1.f;
+        inv[o] = m > 0.f ? 127.f / m : 0.f;
+      }
       int8_t* out = codes[i] + o0;
-      for (int64_t j = 0; j < d_in; ++j)  // transposed: input channel j's codes of these oc output channels
-        for (int64_t o = 0; o < oc; ++o) out[j * d_out + o] = q[o * d_in + j];
+      int64_t j = 0;
+      if (oc == QCH)
+        for (; j + QCH <= d_in; j += QCH) quantize_tile(w, d_in, inv, j, out + j * d_out, d_out);
+      quantize_edge(w, d_in, inv, oc, j, d_in, out + j * d_out, d_out);
     }
   }
 }

@@ -48,9 +48,10 @@ MODES: dict[str, tuple[str, ...]] = {"int8": ("dense", "swappable"), "int4": ("d
 LM_MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",), "int4": ("dense",)}
 #: Why the other modes are refused.
 REFUSALS: dict[str, str] = {
-    "swappable": "A swappable language model would feed MatMulNBits its quantized weights and block scales as "
-                 "inputs at every task switch; crisp-edge's switch quantizes per output channel for MatMulInteger "
-                 "(the vision / encoder recipe), not into MatMulNBits' blocks.",
+    "swappable": "A swappable quantized language model would feed the integer kernels (MatMulNBits) its quantized "
+                 "weights and block scales as inputs, which ONNX Runtime cannot pre-pack (its decode is bound by "
+                 "them), and crisp-edge's int8 switch quantizes per output channel for MatMulInteger (a vision or "
+                 "encoder model's swappable int8 bundle), not into MatMulNBits' blocks.",
     "factored": "A factored bundle builds its weights in float32 on every forward; quantizing them there would "
                 "add a requantization to every forward.",
 }
