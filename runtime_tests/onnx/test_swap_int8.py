@@ -65,8 +65,10 @@ def test_the_bundle_is_the_int8_graph_with_its_weights_as_task_inputs(setup):
     for w in weights:
         codes, scales = int8_names(w.removesuffix(".int8"))
         assert inputs[codes] == onnx.TensorProto.INT8 and inputs[scales] == onnx.TensorProto.FLOAT
-    int8_inputs = {n.input[1] for n in graph.node if n.op_type == "MatMulInteger"}
-    assert set(weights) <= int8_inputs  # every task weight feeds an integer kernel
+    fused = {n.input[1]: n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"}
+    assert set(weights) <= set(fused)  # every task weight feeds an integer kernel, its bias taken in too
+    assert all(fused[w].input[4] == w.replace(".weight.int8", ".bias") for w in weights)
+    assert not [n for n in graph.node if n.op_type == "MatMulInteger"]
     assert not [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
     report = check_bundle(load_bundle(bundle.path))
     assert report.passed and report.tolerance["dtype"] == "int8"
