@@ -9,7 +9,10 @@ the same page-cache pages, released with ORT's after a switch), the gate applied
 library's own gate functions, and the outputs that are task tensors as they are (a layer's bias: a row of ``bias.<group>``; the head)
 taken from the task's tensors; any other output would need the fold graph run (ORT runs a whole graph, not
 only what the asked outputs need). The bundle does not change: an app running the fold graph in ONNX Runtime
-alone gets the same weights at the graph's cost. ``build`` returns None, and the session keeps the fold graph,
+alone gets the same weights at the graph's cost.
+For a swappable int8 bundle the fold graph's outputs are each layer's int8 codes and per-channel scales
+(``swap_int8``), which ``fold_kernel.fold_quant_group`` writes in one pass (a transposed group keeps the graph).
+``build`` returns None, and the session keeps the fold graph,
 where a group is not "pre" with one of the library's gates (``crisp_edge.method.gates``), where the graph is not the one
 ``fold.py`` writes, or where the kernel cannot be built (no g++).
 """

@@ -4,10 +4,11 @@ The inference graph is the dense int8 graph (``quantize.quantize_graph``: ONNX R
 DynamicQuantizeLinear -> MatMulInteger, int8 weights with one scale per output channel) of the model with the
 exported task's weights, after which every CRISP layer's int8 weight and its scales are turned from initializers
 into graph inputs, ``dense.<layer>.weight.int8`` (d_in, d_out) and ``dense.<layer>.weight.scale`` (d_out): the
-task inputs. Biases and the head stay float32 inputs, as in a float32 swappable bundle (the head is a task's own
-few numbers; ORT's dynamic quantization only quantizes initializers). Measured on ViT-S, the int8 graph fed its
-weights as inputs through an IOBinding runs at 1.06x the dense int8 graph (MatMulInteger cannot pre-pack an
-input; bench/results/quantize.json).
+task inputs; each layer's chain is written as the one ``DynamicQuantizeMatMul`` ONNX Runtime fuses it into for the
+dense graph, with the bias input taken in (``fuse_dynamic_matmuls``). Biases and the head stay float32 inputs, as
+in a float32 swappable bundle (the head is a task's own few numbers; ORT's dynamic quantization only quantizes
+initializers). ORT cannot pre-pack a weight that is an input, so the forward costs a little more than the dense
+int8 graph's (ViT-S about 1.09x; bench/results/quantize.json).
 
 The fold graph still produces those inputs, so that an app running ONNX Runtime alone can switch tasks: the float
 fold of ``fold.py``, then per layer the symmetric per-channel quantization in the graph (``Abs`` -> ``ReduceMax``
