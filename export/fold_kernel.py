@@ -41,11 +41,11 @@ def _load() -> ctypes.CDLL:
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
                   ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p)]
-    q = lib.crisp_fold_quant_group
-    q.restype = ctypes.c_int
-    q.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
-                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
-                  ctypes.POINTER(ctypes.c_void_p)]
+    for q in (lib.crisp_fold_quant_group, lib.crisp_fold_quant_group_i8):
+        q.restype = ctypes.c_int
+        q.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
+                      ctypes.POINTER(ctypes.c_void_p)]
     return lib
 
 
@@ -71,8 +71,10 @@ def _operands(basis: np.ndarray, gated: np.ndarray, transposed: bool, what: str)
     lib = kernel()
     if lib is None:
         raise ExportError(f"crisp-edge's fold kernel is not available: {error()}")
-    if basis.dtype != np.float32 or gated.dtype != np.float32 or basis.ndim != 2 or gated.ndim != 3:
-        raise ExportError(f"{what} takes a float32 basis (2-D) and float32 gated mixers (n, r, s).")
+    int8 = what == "fold_quant_group" and basis.dtype == np.int8
+    if (basis.dtype != np.float32 and not int8) or gated.dtype != np.float32 or basis.ndim != 2 or gated.ndim != 3:
+        raise ExportError(f"{what} takes a float32 basis (2-D; fold_quant_group also int8 codes) and float32 gated "
+                          "mixers (n, r, s).")
     basis, gated = np.ascontiguousarray(basis), np.ascontiguousarray(gated)
     r, u = basis.shape if transposed else basis.shape[::-1]
     n, gr, s = gated.shape
@@ -110,7 +112,9 @@ def fold_quant_group(basis: np.ndarray, gated: np.ndarray, transposed: bool, d_o
     ``B @ gated[i]`` (operands as :func:`fold_group`'s), quantized symmetric per output channel: ``scales[i][o]`` =
     max |W_i[o]| / 127 (1 for an all-zero channel) and ``codes[i]`` (d_in, d_out) int8 = round-half-even(W_i /
     scale)^T, in -127..127 (the fold's float32 values times 127 / max: a value a rounding away from a half may
-    round the other way than exact arithmetic would). Written into ``outs`` (codes, scales) when given."""
+    round the other way than exact arithmetic would). Written into ``outs`` (codes, scales) when given. ``basis``
+    may be int8 codes: the product is then taken with them as they are (multiply each term's scale into
+    ``gated`` first)."""
     lib, basis, gated, u, r, n, s = _operands(basis, gated, transposed, "fold_quant_group")
     if d_out * d_in != u * s or d_out <= 0:
         raise ExportError(f"fold_quant_group: a ({d_out}, {d_in}) weight is not the ({u}, {s}) product reshaped.")
@@ -121,7 +125,8 @@ def fold_quant_group(basis: np.ndarray, gated: np.ndarray, transposed: bool, d_o
     _writable(scales, n, (d_out,), np.float32, "fold_quant_group: scales")
     cp = (ctypes.c_void_p * n)(*[c.ctypes.data for c in codes])
     sp = (ctypes.c_void_p * n)(*[c.ctypes.data for c in scales])
-    if lib.crisp_fold_quant_group(basis.ctypes.data, u, r, int(transposed), gated.ctypes.data, n, s, d_out, d_in,
+    call = lib.crisp_fold_quant_group_i8 if basis.dtype == np.int8 else lib.crisp_fold_quant_group
+    if call(basis.ctypes.data, u, r, int(transposed), gated.ctypes.data, n, s, d_out, d_in,
                                   cp, sp) != 0:
         raise ExportError(f"crisp-edge's fold kernel refused the sizes u={u} r={r} n={n} s={s} d_out={d_out}.")
     return codes, scales

@@ -80,3 +80,21 @@ def test_fold_quant_group_refuses_a_shape_that_is_not_the_product():
     codes = ([np.zeros((8, 4), np.int8)] * 2, [np.zeros(3, np.float32)] * 2)
     with pytest.raises(ExportError, match="scales"):
         fold_kernel.fold_quant_group(np.zeros((4, 8), np.float32), np.zeros((2, 4, 4), np.float32), True, 4, 8, codes)
+
+
+@pytest.mark.parametrize("d_out,d_in,r,n,s", [(24, 20, 16, 4, 4), (7, 9, 5, 3, 3), (300, 40, 16, 4, 4)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fold_quant_group_takes_int8_basis_codes(d_out, d_in, r, n, s, transposed):
+    """An int8 basis (a swappable int8 bundle's) folds as its codes converted to float: the same codes and scales
+    as the float fold of the same integer values."""
+    u = d_out * d_in // s
+    rng = np.random.default_rng(d_out + d_in)
+    codes8 = rng.integers(-127, 128, (u, r)).astype(np.int8)
+    gated = (rng.standard_normal((n, r, s)) * 0.01).astype(np.float32)
+    b8 = np.ascontiguousarray(codes8.T) if transposed else codes8
+    got = fold_kernel.fold_quant_group(b8, gated, transposed, d_out, d_in)
+    want = fold_kernel.fold_quant_group(b8.astype(np.float32), gated, transposed, d_out, d_in)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ExportError, match="float32 basis"):
+        fold_kernel.fold_group(b8, gated, transposed)

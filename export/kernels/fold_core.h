@@ -36,9 +36,12 @@ constexpr int64_t ROWS = 4;    // rows per pass: independent sums (one alone wai
 // Rows [k, k + rows) of the product, b pointing at row k (ROWS rows readable, zero past `rows`). mt: (r, cpad)
 // the mixers column-wise, column c = layer c / s's column c % s, zero past ncol = n * s; col[c]: where column
 // c's value of row 0 goes (layer c / s's output + c % s; row k's is k * s further).
-CRISP_FOLD_MULTIVERSION
-static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, float* const* col, int64_t k,
-                       int64_t rows, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+// T: the basis' element type, float, or int8_t (a swappable int8 bundle's bases: the per-term scale is folded into
+// the mixers, so the codes are summed as they are).
+template <typename T>
+__attribute__((always_inline)) inline void fold_block_body(const T* b, int64_t ks, int64_t ts, const float* mt,
+                                                           float* const* col, int64_t k, int64_t rows, int64_t r,
+                                                           int64_t s, int64_t ncol, int64_t cpad) {
   for (int64_t c0 = 0; c0 < cpad; c0 += CHUNK) {
     float acc[ROWS][CHUNK] = {};
     for (int64_t t = 0; t < r; ++t) {
@@ -69,6 +72,16 @@ static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, 
     }
   }
 }
+CRISP_FOLD_MULTIVERSION
+static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, float* const* col, int64_t k,
+                       int64_t rows, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  fold_block_body(b, ks, ts, mt, col, k, rows, r, s, ncol, cpad);
+}
+CRISP_FOLD_MULTIVERSION
+static void fold_block(const int8_t* b, int64_t ks, int64_t ts, const float* mt, float* const* col, int64_t k,
+                       int64_t rows, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  fold_block_body(b, ks, ts, mt, col, k, rows, r, s, ncol, cpad);
+}
 
 // The basis stored transposed, (r, u) (ks = 1), as ONNX fold graphs hold it: rows [k, k + V) of the product,
 // vectorised along the basis' stored direction (term t's V values are one contiguous load, multiplied by each
@@ -81,21 +94,25 @@ constexpr int64_t V = 16;
 constexpr int64_t PREFETCH = 2048;
 // k: the row read (for how far ahead a fetch stays inside the basis), kw: where its values are written (rows
 // of a scratch block, when fold_quant_group folds part of the product at a time).
-CRISP_FOLD_MULTIVERSION
-static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
-                         int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+template <typename T>
+__attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t ts, const float* mt,
+                                                             float* const* col, int64_t k, int64_t kw, int64_t u,
+                                                             int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
   const bool ahead = k + V + PREFETCH <= u;
   for (int64_t c0 = 0; c0 < cpad; c0 += CHUNK) {
     float acc[CHUNK][V] = {};
     for (int64_t t = 0; t < r; ++t) {
       const float* m = mt + t * cpad + c0;
-      const float* bt = b + t * ts;
+      const T* bt = b + t * ts;
       if (ahead && c0 == 0) __builtin_prefetch(bt + PREFETCH);
+      float bv[V];  // term t's V values as float once (int8 codes converted here, not in every column's sums)
+#pragma omp simd
+      for (int64_t q = 0; q < V; ++q) bv[q] = static_cast<float>(bt[q]);
 #pragma GCC unroll 16  // CHUNK: every column's sums stay in registers
       for (int64_t c = 0; c < CHUNK; ++c) {
         const float mc = m[c];
 #pragma omp simd
-        for (int64_t q = 0; q < V; ++q) acc[c][q] += mc * bt[q];
+        for (int64_t q = 0; q < V; ++q) acc[c][q] += mc * bv[q];
       }
     }
     const int64_t end = std::min(CHUNK, ncol - c0);
@@ -116,9 +133,20 @@ static void fold_block_t(const float* b, int64_t ts, const float* mt, float* con
     }
   }
 }
+CRISP_FOLD_MULTIVERSION
+static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
+                         int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  fold_block_t_body(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+}
+CRISP_FOLD_MULTIVERSION
+static void fold_block_t(const int8_t* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
+                         int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  fold_block_t_body(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+}
 
 // Rows [kb, ke) of the product of every layer, row k written at col[c] + (k - kb) * s: mt, col as fold_block's.
-inline void fold_rows(const float* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* mt, float* const* col,
+template <typename T>
+inline void fold_rows(const T* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* mt, float* const* col,
                       int64_t s, int64_t ncol, int64_t cpad, int64_t kb, int64_t ke) {
   int64_t k = kb;
   if (ks == 1)  // stored transposed: V rows at a time along the stored direction, the rest as below
@@ -200,7 +228,8 @@ static void quantize_edge(const float* w, int64_t d_in, const float* inv, int64_
 // folded into a float scratch (n * QCH * d_in floats: ViT-S's fc2, n = 4, d_in = 1536, 384 KiB, in cache; never
 // the whole float W), then each channel's scale, then the codes QCH x QCH at a time, transposed in registers so
 // that every store is QCH contiguous codes. d_out * d_in == u * s.
-inline void fold_quant_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
+template <typename T>
+inline void fold_quant_group(const T* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
                              int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
   const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK;
   const std::vector<float> mt = mixer_columns(g, n, r, s, cpad);
