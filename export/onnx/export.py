@@ -95,6 +95,7 @@ from crisp_edge.export.onnx.quantize import LM_MODES as QUANT_LM_MODES
 from crisp_edge.export.onnx.quantize import MODES as QUANT_MODES
 from crisp_edge.export.onnx.quantize import REFUSALS as QUANT_REFUSALS
 from crisp_edge.export.onnx.quantize import quantize_graph
+from crisp_edge.export.onnx.swap_int8 import WEIGHTS as SWAP_INT8_WEIGHTS
 from crisp_edge.export.onnx.swap_int8 import int8_fold_graph, int8_forward_graph
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.reference import (
@@ -332,8 +333,10 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
                 "task_semantics": "exported tensors, with the adapter's tensors replacing theirs"}
     written = save_onnx(proto, folder / "model.onnx")
     files.update({f: None for f in written})
-    quant = None if quantize is None else quantize_record(
-        quantize, tool if swap is not None else quantize_graph(folder / "model.onnx", quantize))
+    quant = None
+    if quantize is not None:  # a swappable graph was quantized above (swap_int8), a dense one is quantized here
+        quant = (quantize_record(quantize, tool, SWAP_INT8_WEIGHTS) if swap is not None
+                 else quantize_record(quantize, quantize_graph(folder / "model.onnx", quantize)))
     if mode == "dense":  # a plain model.onnx: with its HF config files, optimum's ORTModelFor... loads the bundle
         files.update({f: None for f in write_hf_configs(model, folder)})
     models["model"] = {"file": "model.onnx", "inputs": names + ([] if swap is None else list(swap["weights"])),

@@ -35,18 +35,20 @@ from crisp_edge.method.gates import GATES, get_gate
 
 
 def _initializer(t: onnx.TensorProto, folder: Path, data_file: Path | None, where: str) -> np.ndarray:
-    """A float32 initializer's values: inline, or a read-only map of its bytes in the bundle's data file."""
+    """A float32 (or int8: a swappable int8 bundle's bases) initializer's values: inline, or a read-only map of its
+    bytes in the bundle's data file."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
     info = {e.key: e.value for e in t.external_data}
     shape = tuple(int(d) for d in t.dims)
-    size = 4 * int(np.prod(shape))
+    dtype = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT8: np.int8}.get(t.data_type)
+    size = np.dtype(dtype or np.float32).itemsize * int(np.prod(shape))
     path = (folder / info.get("location", "")).resolve()
     offset, length = int(info.get("offset", 0)), int(info.get("length", size))
-    if data_file is None or path != data_file.resolve() or length != size or t.data_type != onnx.TensorProto.FLOAT \
+    if data_file is None or path != data_file.resolve() or length != size or dtype is None \
             or offset + size > path.stat().st_size:
-        raise BundleError(f"{where}: {t.name} is not float32 data inside the bundle's own {data_file}.")
-    return np.memmap(path, dtype=np.float32, mode="r", offset=offset, shape=shape)
+        raise BundleError(f"{where}: {t.name} is not float32 or int8 data inside the bundle's own {data_file}.")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def _passthrough(proto: onnx.ModelProto, outputs: list[str], defaults: dict[str, np.ndarray]) -> dict:
@@ -77,11 +79,12 @@ _UNREFERENCED = 3
 
 class KernelFold:
     """Per "pre" group: the mixers' name, the basis (r, u), the gate, the exported mixers, the fold outputs in
-    layer order and, for a swappable int8 bundle (``swap_int8``), the weight's (d_out, d_in) (its outputs: each
-    layer's int8 codes and scales, ``fold_kernel.fold_quant_group``); the outputs passed through from task tensors
+    layer order and, for a swappable int8 bundle (``swap_int8``), the weight's (d_out, d_in) and the basis' scale
+    per term (the basis is then its int8 codes; the outputs each layer's int8 codes and scales,
+    ``fold_kernel.fold_quant_group``); the outputs passed through from task tensors
     (biases, head), their exported values; and any other output, left to the fold graph."""
 
-    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str], tuple[int, int] | None]],
+    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str], tuple | None]],
                  passthrough: dict, defaults: dict[str, np.ndarray], others: list[str],
                  fold: ort.InferenceSession) -> None:
         self.groups, self.passthrough, self.defaults, self.others, self.fold = groups, passthrough, defaults, others, fold
@@ -113,20 +116,26 @@ class KernelFold:
         split = {n.input[0]: list(n.output) for n in proto.graph.node if n.op_type == "Split"}
         transpose = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "Transpose"}
         products = {(n.input[0], n.input[1]) for n in proto.graph.node if n.op_type == "MatMul"}
+        dequantized = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
         groups, done, wanted = [], set(), set(weight_names)
         for key, g in layout.items():
             tag, basis, mixer = f"fold.{key}", f"basis.{key}", f"mixer.{key}"
             outs = [transpose.get(p) for p in split.get(f"{tag}.all", [])]
             if ((f"{tag}.gall", basis) not in products or len(outs) != g["n"] or None in outs
-                    or basis not in inits or mixer not in inits):
+                    or mixer not in inits):
                 return None  # not the graph fold.py writes for a "pre" group
-            quantized = None
+            quantized, where = None, f"{fold_path}"
             if not set(outs) <= wanted:  # a swappable int8 bundle: each float weight leaves as codes and scales
                 if g.get("transpose") or not all(set(int8_names(o)) <= wanted for o in outs):
                     return None
-                quantized, outs = (g["d_out"], g["d_in"]), [name for o in outs for name in int8_names(o)]
-            where = f"{fold_path}"
-            b = _initializer(inits[basis], fold_path.parent, data_file, where)
+                codes, scale = (inits.get(n) for n in int8_names(basis))  # its basis int8, a scale per term
+                if basis in inits or codes is None or scale is None or dequantized.get(basis) != codes.name:
+                    return None
+                scale = np.array(_initializer(scale, fold_path.parent, data_file, where), np.float32)
+                quantized, outs = (g["d_out"], g["d_in"], scale), [name for o in outs for name in int8_names(o)]
+            elif basis not in inits:
+                return None
+            b = _initializer(codes if quantized else inits[basis], fold_path.parent, data_file, where)
             m = np.ascontiguousarray(_initializer(inits[mixer], fold_path.parent, data_file, where))
             if b.shape != (g["r"], g["d_out"] * g["d_in"] // g["s"]) or m.shape != (g["n"], g["r"], g["s"]):
                 return None
@@ -159,9 +168,12 @@ class KernelFold:
             if quantized is None:
                 ws = fold_kernel.fold_group(basis, gated, True, self._outs((g, "w"), n))
                 self._keep((g, "w"), ws)
-            else:  # codes and scales of each layer, in the fold graph's output order
+            else:  # codes and scales of each layer, in the fold graph's output order; the basis' codes summed as
+                # they are, each term's scale multiplied into the mixers (one number per term)
+                d_out, d_in, term_scale = quantized
+                gated = gated * term_scale[None, :, None]
                 codes, scales = self._outs((g, "codes"), n), self._outs((g, "scales"), n)
-                codes, scales = fold_kernel.fold_quant_group(basis, gated, True, *quantized,
+                codes, scales = fold_kernel.fold_quant_group(basis, gated, True, d_out, d_in,
                                                              None if codes is None or scales is None else (codes, scales))
                 self._keep((g, "codes"), codes)
                 self._keep((g, "scales"), scales)

@@ -10,8 +10,13 @@ in a float32 swappable bundle (the head is a task's own few numbers; ORT's dynam
 initializers). ORT cannot pre-pack a weight that is an input, so the forward costs a little more than the dense
 int8 graph's (ViT-S about 1.09x; bench/results/quantize.json).
 
-The fold graph still produces those inputs, so that an app running ONNX Runtime alone can switch tasks: the float
-fold of ``fold.py``, then per layer the symmetric per-channel quantization in the graph (``Abs`` -> ``ReduceMax``
+The bases are stored as int8 codes with one scale per term (``quantize_bases``: a quarter of the float32 bytes,
+so the bundle is about the dense int8 bundle's size at full capacity, and a switch reads a quarter as much); the
+kernel folds the codes and multiplies each term's scale into the mixers. The weights a switch quantizes are thus
+the fold of already quantized bases: two roundings, each about 1/254 of a range (parity's named tolerance says so).
+
+The fold graph still produces the inputs, so that an app running ONNX Runtime alone can switch tasks: the bases
+dequantized (``DequantizeLinear``), the float fold of ``fold.py``, then per layer the symmetric per-channel quantization in the graph (``Abs`` -> ``ReduceMax``
 per output channel -> scale = max / 127, 1 for an all-zero channel -> ``QuantizeLinear`` per row -> the int8
 transpose MatMulInteger takes). crisp-edge's own session does both at once with the fused kernel instead
 (``fold_kernel.fold_quant_group``, ``kernel_fold.KernelFold``): the same codes up to rounding ties, without
@@ -32,8 +37,12 @@ from crisp_edge.export.errors import ExportError
 from crisp_edge.export.onnx.fold import FoldSpec
 from crisp_edge.export.onnx.quantize import fold_weight_transposes, quantize_graph
 
-#: Suffixes of a layer's int8 task inputs after its fold output's name ``dense.<layer>.weight``.
+#: Suffixes of a layer's int8 task inputs after its fold output's name ``dense.<layer>.weight`` (and of a basis'
+#: codes and scales after ``basis.<group>``).
 CODES, SCALES = ".int8", ".scale"
+#: The manifest's ``quantize.weights`` of a swappable int8 bundle.
+WEIGHTS = ("int8, symmetric, per output channel, written at each task switch from the fold of the bases (stored "
+           "int8, symmetric, one scale per basis term) and the task's float32 mixers")
 
 
 def int8_names(weight: str) -> tuple[str, str]:
@@ -179,5 +188,44 @@ def int8_fold_graph(proto: onnx.ModelProto, spec: FoldSpec) -> tuple[onnx.ModelP
     graph.node.extend(nodes)
     del graph.output[:]
     graph.output.extend(new_outputs)
+    quantize_bases(proto)
     onnx.checker.check_model(proto)
     return proto, mapping
+
+
+def basis_codes(basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, float32 scales) of a (r, u) basis stored transposed, one symmetric scale per term (row):
+    scale = max |row| / 127 (1 for an all-zero row)."""
+    m = np.abs(basis).max(axis=1)
+    scale = np.where(m > 0, m / 127, 1).astype(np.float32)
+    return np.rint(basis / scale[:, None]).astype(np.int8), scale
+
+
+def quantize_bases(proto: onnx.ModelProto) -> int:
+    """Store every "pre" group's basis (the right operand of its ``fold.<group>.gall`` product, (r, u)) as int8 codes
+    ``basis.<group>.int8`` with one scale per term ``basis.<group>.scale``, dequantized in the graph
+    (``DequantizeLinear``, axis 0) into the float basis the fold reads; in place, returns how many. A term's scale
+    is one number for all of its u values, so the kernel folds the codes and multiplies the scale into the mixers
+    (``kernel_fold``): a quarter of the bytes to store and to read at each switch."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    names = {n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[0].endswith(".gall")}
+    nodes, done = [], set()
+    for name in sorted(names):
+        t = inits.get(name)
+        if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
+            continue
+        codes, scale = basis_codes(numpy_helper.to_array(t))
+        graph.initializer.extend([numpy_helper.from_array(codes, f"{name}{CODES}"),
+                                  numpy_helper.from_array(scale, f"{name}{SCALES}"),
+                                  numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}.zero")])
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}{CODES}", f"{name}{SCALES}", f"{name}.zero"], [name],
+                                      axis=0, name=f"{name}.dequantize"))
+        done.add(name)
+    left = [t for t in graph.initializer if t.name not in done]
+    del graph.initializer[:]
+    graph.initializer.extend(left)
+    old = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old)
+    return len(done)

@@ -21,7 +21,7 @@ from crisp_edge.export.onnx.swap_int8 import int8_names
 from crisp_edge.export.parity.compare import ATOL_INT8
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.mixers import apply_mixers_, model_layout
-from crisp_edge.method.convert import materialize_
+from crisp_edge.method.convert import crisp_bases, materialize_
 from crisp_edge.testing import make_task_file, toy_model
 
 pytestmark = pytest.mark.runtime
@@ -74,24 +74,32 @@ def test_the_bundle_is_the_int8_graph_with_its_weights_as_task_inputs(setup):
     assert report.passed and report.tolerance["dtype"] == "int8"
 
 
-def test_default_codes_are_the_exported_weights_quantized_per_channel(setup):
-    """The switch's codes and scales for the exported mixers are PyTorch's folded weights quantized symmetric per
-    output channel (quantize_dynamic's scheme) in MatMulInteger's (d_in, d_out) layout, ties aside."""
+def test_default_codes_are_the_folded_int8_bases_quantized_per_channel(setup):
+    """The bases are stored as int8 codes with a scale per term; the switch's codes and scales for the exported
+    mixers are a float64 numpy fold of those dequantized bases, quantized symmetric per output channel
+    (quantize_dynamic's scheme) in MatMulInteger's (d_in, d_out) layout, ties aside; and that is PyTorch's
+    float weight within the two quantizations' error."""
     model, _, bundle = setup
+    fold = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(bundle.path / "fold.onnx")).graph.initializer}
     dense = dict(materialize_(copy.deepcopy(model)).named_parameters())
     sess = bundle.session()
     sess.set_task("default")
-    for out, param in bundle.manifest["swappable"]["weights"].items():
-        if not out.endswith(".int8"):
-            continue
-        w = dense[param].detach().double().numpy()
-        scale = np.abs(w).max(1) / 127
-        exact = w / scale[:, None]
-        codes = sess._weights[out].numpy()
-        got_scale = sess._weights[int8_names(out.removesuffix(".int8"))[1]].numpy()
-        np.testing.assert_allclose(got_scale, scale, rtol=1e-5)
-        off = codes.astype(int) != np.rint(exact).T
-        assert np.all(np.abs(np.abs(exact.T[off] - np.floor(exact.T[off])) - 0.5) < 1e-3)
+    bases = crisp_bases(model)
+    assert bases and not [k for k in bases if f"basis.{k}" in fold]  # no float basis stored
+    for key, basis in bases.items():
+        b = fold[f"basis.{key}.int8"].astype(np.float64) * fold[f"basis.{key}.scale"][:, None]  # (r, u)
+        a = fold[f"mixer.{key}"].astype(np.float64)
+        gated = a / (1 + np.exp(-a))  # silu, the toy's gate
+        for i, name in enumerate(basis.layer_names):
+            w = (b.T @ gated[i]).reshape(basis.d_out, basis.d_in)
+            scale = np.abs(w).max(1) / 127
+            exact = (w / scale[:, None]).T
+            codes, got_scale = (sess._weights[n].numpy() for n in int8_names(f"dense.{name}.weight"))
+            np.testing.assert_allclose(got_scale, scale, rtol=1e-5)
+            off = codes.astype(int) != np.rint(exact)
+            assert np.all(np.abs(np.abs(exact[off] - np.floor(exact[off])) - 0.5) < 1e-3)
+            err = np.abs(codes.T * got_scale[:, None] - dense[f"{name}.weight"].detach().numpy()).max(1)
+            assert np.all(err <= 3 * got_scale)  # a code step and a half each way, at most
 
 
 def test_kernel_and_fold_graph_switches_agree_and_switching_gives_the_tasks_answer(setup):
