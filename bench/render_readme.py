@@ -420,8 +420,9 @@ def _swappable_int8(d: dict) -> str:
               "`DynamicQuantizeMatMul` a layer, its bias taken in), bound once per switch; ORT pre-packs only constant "
               "weights. A switch is crisp-edge's fused fold+quantize kernel (the float weights never written to memory); "
               "from the file adds reading and verifying the task file, as a user pays it; the fold graph column is an "
-              "app running ONNX Runtime alone (float fold, then the per-channel quantization in the graph). Bytes: the "
-              "bundle stores the float32 bases (full capacity here: as large as the dense weights). ExecuTorch: XNNPACK "
+              "app running ONNX Runtime alone (the bases dequantized, the float fold, then the per-channel quantization in the "
+              "graph). Bytes: the bundle stores its bases as int8 with one scale per basis term (full capacity here: "
+              "as many numbers as the dense weights), so the switch folds already quantized bases. ExecuTorch: XNNPACK "
               "packs a quantized linear's int8 weights once, at load (a buffer too), and its option for changing weights "
               "is float32 only, so a `set_task` writing int8 weights would be ignored; the alternative is a dense int8 "
               "program per task, reloaded.")
