@@ -10,22 +10,26 @@ in one run, 1 thread, batch 1, interleaved rounds (forwards in steady state):
 * accuracy (embedded ViT, real Fashion-MNIST test images): top-1 of each bundle, the drop, and top-1
   agreement of int8 with float32; ViT-S: the parity max |diff| on the stored reference inputs only.
 
-Swappable int8 is refused by both exporters (``crisp_edge.export.quantize`` says why); what it would
-cost is measured here, in the same interleaved run (``_swap_int8.py``): ONNX Runtime's int8 graph with
-its weights as inputs (what a switchable int8 forward runs), the least an int8 switch costs (a float32
-fold + per-channel requantization), and reloading a dense int8 model per task in both runtimes; goals:
-swappable int8 <= 1.10x int8 dense, switch <= 0.5 int8 forwards. Writes ``bench/results/quantize.json``.
+Swappable int8 (ONNX Runtime; ExecuTorch refuses it, ``crisp_edge.export.quantize`` says why) is measured in
+the same interleaved run (``_swap_int8.py``): its forward against the int8 dense bundle's, a task switch and a
+switch from the task file (as a user pays it) in int8 dense forwards, the fold graph's switch (ONNX Runtime
+alone), and reloading a dense int8 model per task in both runtimes; its bytes and (embedded ViT) accuracy as the
+dense int8 bundle's; goals: swappable int8 <= 1.10x int8 dense, switch <= 0.5 int8 forwards. ``--lock PATH``:
+hold an exclusive ``flock`` on PATH while timing (exports and accuracy run outside it). Writes
+``bench/results/quantize.json``.
 
     .venv/bin/python bench/bench_quantize.py [--models embedded vit_small] [--repeats 30] [--eval-limit 2000]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import RESULTS_DIR, interleave, load_bench_model, machine_info, pin_threads, steady, summarize, write_json
+from _common import RESULTS_DIR, bench_task, interleave, load_bench_model, machine_info, pin_threads, steady, summarize, write_json
 
 THREADS = pin_threads(1)
 
@@ -47,7 +51,23 @@ def exports(model, x, work: Path, name: str) -> dict:
                                                       example_input=x, quantize=q)
         out[("executorch", precision)] = export_executorch(model, work / f"{name}_et_{precision}", mode="dense",
                                                            example_input=x, quantize=q)
-    return out, export_onnx(model, work / f"{name}_onnx_swap", mode="swappable", example_input=x)
+    tasks = [bench_task(model, work / f"{name}_t{i}.safetensors", f"t{i}", i) for i in (1, 2)]
+    return out, export_onnx(model, work / f"{name}_onnx_swap_int8", mode="swappable", example_input=x,
+                            quantize="int8", tasks=tasks)
+
+
+@contextlib.contextmanager
+def held(lock: str | None):
+    """An exclusive flock on ``lock`` (None: nothing) for the timed part."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def bundle_bytes(bundle) -> int:
@@ -71,24 +91,24 @@ def session_is_onnx(session) -> bool:
     return type(session).__name__ == "OnnxCrispSession"
 
 
-def bench_model(name: str, repeats: int, work: Path, eval_limit: int) -> dict:
+def bench_model(name: str, repeats: int, work: Path, eval_limit: int, lock: str | None = None) -> dict:
     _, model, config, x = load_bench_model(name)
-    print(f"{name}: exporting float32 and int8 bundles for both runtimes", flush=True)
-    bundles, float_swap = exports(model, x, work, name)
+    print(f"{name}: exporting float32 and int8 bundles for both runtimes, and a swappable int8 ONNX bundle", flush=True)
+    bundles, swap_int8 = exports(model, x, work, name)
     sessions = {k: b.session(threads=1) for k, b in bundles.items()}
     xn = {rt: x.numpy() if rt == "onnxruntime" else x for rt in ("onnxruntime", "executorch")}
     cases = {f"{rt}/{p}": steady(lambda s=s, rt=rt: s(xn[rt])) for (rt, p), s in sessions.items()}
-    alternatives = {**_swap_int8.onnx_cases(bundles[("onnxruntime", "int8")], float_swap, xn["onnxruntime"], work,
+    alternatives = {**_swap_int8.onnx_cases(bundles[("onnxruntime", "int8")], swap_int8, xn["onnxruntime"],
                                             lambda: session_options(1)),
                     **_swap_int8.executorch_cases(bundles[("executorch", "int8")])}
-    keep = alternatives.pop("_keep")  # noqa: F841 - the sessions the cases use stay alive meanwhile
+    keep = alternatives.pop("_keep")
     cases.update(alternatives)
     print(f"{name}: timing {repeats} rounds", flush=True)
-    interleave(cases, 2)
-    med = {k: summarize(v) for k, v in interleave(cases, repeats).items()}
+    with held(lock):
+        interleave(cases, 2)
+        med = {k: summarize(v) for k, v in interleave(cases, repeats).items()}
     result = {"model": name, "crisp_config": config.to_dict(), "input_shape": list(x.shape), "seconds": med,
               "runtimes": {}, "swappable_int8": _swap_int8.summarize(med, TARGETS)}
-    print(f"{name} swappable int8 alternatives: {result['swappable_int8']}", flush=True)
     accuracy_data = None
     if name == "embedded":
         from crisp_edge.data.fashion_mnist import load_fashion_mnist
@@ -117,6 +137,23 @@ def bench_model(name: str, repeats: int, work: Path, eval_limit: int) -> dict:
                                 "agreement": r["agreement"] >= TARGETS["top1_agreement"]})
         result["runtimes"][rt] = r
         print(f"{name} {rt}: {r}", flush=True)
+    o = result["swappable_int8"]["onnxruntime"]
+    o.update({"bytes_swappable_int8": bundle_bytes(swap_int8),
+              "bytes_ratio_to_float32_dense": round(bundle_bytes(swap_int8) / bundle_bytes(bundles[("onnxruntime", "float32")]), 4),
+              "parity_max_abs": swap_int8.manifest["parity"]["max_abs"], "tolerance": swap_int8.manifest["tolerance"]})
+    if accuracy_data is not None:
+        sess = keep[0]
+        sess.set_task("default")  # the exported model's own mixers: the model the dense bundles hold
+        xs, ys = accuracy_data
+        p32, p8 = top1(sessions[("onnxruntime", "float32")], xs, int(x.shape[0])), top1(sess, xs, int(x.shape[0]))
+        y = ys.numpy()
+        o.update({"eval_images": len(y), "top1_float32": round(100 * float((p32 == y).mean()), 2),
+                  "top1_swappable_int8": round(100 * float((p8 == y).mean()), 2),
+                  "agreement": round(float((p8 == p32).mean()), 4)})
+        o["top1_drop_points"] = round(o["top1_float32"] - o["top1_swappable_int8"], 2)
+        o["meets"].update({"top1_drop": o["top1_drop_points"] <= TARGETS["top1_drop_points"],
+                           "agreement": o["agreement"] >= TARGETS["top1_agreement"]})
+    print(f"{name} swappable int8: {o}", flush=True)
     return result
 
 
@@ -126,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--eval-limit", type=int, default=2000, help="Fashion-MNIST test images for the embedded ViT")
     p.add_argument("--out", default=str(RESULTS_DIR / "quantize.json"))
+    p.add_argument("--lock", default=None, help="a file to flock exclusively while timing (e.g. a shared machine's)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [bench_model(m, args.repeats, Path(tmp), args.eval_limit) for m in args.models]
+        results = [bench_model(m, args.repeats, Path(tmp), args.eval_limit, args.lock) for m in args.models]
     data = {"schema": SCHEMA, "benchmark": "quantize", "machine": machine_info(), "threads": THREADS,
             "targets": TARGETS, "protocol": {"batch": 1, "mode": "dense", "scheme": "int8",
                                              "forwards": "steady state, interleaved rounds, median",

@@ -4,6 +4,11 @@ One call folds a CRISP group: every layer's ``B @ G(A_i)`` in its ``(u, s)`` lay
 (``export/kernels/fold_core.h``, the same code as ExecuTorch's ``crisp::fold_``). It is a small shared library
 built from ``export/kernels/fold_c.cpp`` with g++ on first use (``make setup`` builds it) and called through
 ctypes; where it cannot be built, :func:`kernel` returns None and callers keep their runtime's own fold.
+
+:func:`fold_quant_group` is the same fold fused with symmetric per-output-channel int8 quantization (a swappable
+int8 bundle's task switch): a few output channels at a time are folded into a float scratch that stays in cache
+and quantized from there into the int8 ``(d_in, d_out)`` layout ONNX Runtime's ``MatMulInteger`` takes, with one
+float scale per output channel, so the float weights never go to memory.
 """
 from __future__ import annotations
 
@@ -36,6 +41,11 @@ def _load() -> ctypes.CDLL:
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
                   ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p)]
+    for q in (lib.crisp_fold_quant_group, lib.crisp_fold_quant_group_i8):
+        q.restype = ctypes.c_int
+        q.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
+                      ctypes.POINTER(ctypes.c_void_p)]
     return lib
 
 
@@ -56,27 +66,67 @@ def error() -> str | None:
     return _state.get("error")
 
 
+def _operands(basis: np.ndarray, gated: np.ndarray, transposed: bool, what: str):
+    """(library, basis, gated, u, r, n, s), checked."""
+    lib = kernel()
+    if lib is None:
+        raise ExportError(f"crisp-edge's fold kernel is not available: {error()}")
+    int8 = what == "fold_quant_group" and basis.dtype == np.int8
+    if (basis.dtype != np.float32 and not int8) or gated.dtype != np.float32 or basis.ndim != 2 or gated.ndim != 3:
+        raise ExportError(f"{what} takes a float32 basis (2-D; fold_quant_group also int8 codes) and float32 gated "
+                          "mixers (n, r, s).")
+    basis, gated = np.ascontiguousarray(basis), np.ascontiguousarray(gated)
+    r, u = basis.shape if transposed else basis.shape[::-1]
+    n, gr, s = gated.shape
+    if gr != r:
+        raise ExportError(f"{what}: the mixers' r ({gr}) is not the basis' ({r}).")
+    return lib, basis, gated, u, r, n, s
+
+
+def _writable(arrays: list[np.ndarray], n: int, shape: tuple, dtype, what: str) -> None:
+    if len(arrays) != n or any(a.shape != shape or a.dtype != dtype or not a.flags.c_contiguous
+                               or not a.flags.writeable for a in arrays):
+        raise ExportError(f"{what} must be {n} writable C-contiguous {np.dtype(dtype).name} arrays of shape {shape}.")
+
+
 def fold_group(basis: np.ndarray, gated: np.ndarray, transposed: bool,
                outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Every layer's ``(u, s)`` product ``B @ gated[i]`` (float32) of one group: ``basis`` (u, r), or (r, u) when
     ``transposed``; ``gated`` the gated mixers (n, r, s). Written into ``outs`` (n C-contiguous float32 (u, s)
     arrays) when given, else into new arrays; returns them."""
-    lib = kernel()
-    if lib is None:
-        raise ExportError(f"crisp-edge's fold kernel is not available: {error()}")
-    if basis.dtype != np.float32 or gated.dtype != np.float32 or basis.ndim != 2 or gated.ndim != 3:
-        raise ExportError("fold_group takes a float32 basis (2-D) and float32 gated mixers (n, r, s).")
-    basis, gated = np.ascontiguousarray(basis), np.ascontiguousarray(gated)
-    r, u = basis.shape if transposed else basis.shape[::-1]
-    n, gr, s = gated.shape
-    if gr != r:
-        raise ExportError(f"fold_group: the mixers' r ({gr}) is not the basis' ({r}).")
+    lib, basis, gated, u, r, n, s = _operands(basis, gated, transposed, "fold_group")
     if outs is None:
         outs = [np.empty((u, s), np.float32) for _ in range(n)]
-    elif len(outs) != n or any(o.shape != (u, s) or o.dtype != np.float32 or not o.flags.c_contiguous
-                               or not o.flags.writeable for o in outs):
-        raise ExportError(f"fold_group: outs must be {n} writable C-contiguous float32 arrays of shape {(u, s)}.")
+    else:
+        _writable(outs, n, (u, s), np.float32, "fold_group: outs")
     ptrs = (ctypes.c_void_p * n)(*[o.ctypes.data for o in outs])
     if lib.crisp_fold_group(basis.ctypes.data, u, r, int(transposed), gated.ctypes.data, n, s, ptrs) != 0:
         raise ExportError(f"crisp-edge's fold kernel refused the sizes u={u} r={r} n={n} s={s}.")
     return outs
+
+
+def fold_quant_group(basis: np.ndarray, gated: np.ndarray, transposed: bool, d_out: int, d_in: int,
+                     outs: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(codes, scales) of every layer of one group: layer i's weight W_i (d_out, d_in), the row-major reshape of
+    ``B @ gated[i]`` (operands as :func:`fold_group`'s), quantized symmetric per output channel: ``scales[i][o]`` =
+    max |W_i[o]| / 127 (1 for an all-zero channel) and ``codes[i]`` (d_in, d_out) int8 = round-half-even(W_i /
+    scale)^T, in -127..127 (the fold's float32 values times 127 / max: a value a rounding away from a half may
+    round the other way than exact arithmetic would). Written into ``outs`` (codes, scales) when given. ``basis``
+    may be int8 codes: the product is then taken with them as they are (multiply each term's scale into
+    ``gated`` first)."""
+    lib, basis, gated, u, r, n, s = _operands(basis, gated, transposed, "fold_quant_group")
+    if d_out * d_in != u * s or d_out <= 0:
+        raise ExportError(f"fold_quant_group: a ({d_out}, {d_in}) weight is not the ({u}, {s}) product reshaped.")
+    if outs is None:
+        outs = ([np.empty((d_in, d_out), np.int8) for _ in range(n)], [np.empty(d_out, np.float32) for _ in range(n)])
+    codes, scales = outs
+    _writable(codes, n, (d_in, d_out), np.int8, "fold_quant_group: codes")
+    _writable(scales, n, (d_out,), np.float32, "fold_quant_group: scales")
+    cp = (ctypes.c_void_p * n)(*[c.ctypes.data for c in codes])
+    sp = (ctypes.c_void_p * n)(*[c.ctypes.data for c in scales])
+    call = lib.crisp_fold_quant_group_i8 if basis.dtype == np.int8 else lib.crisp_fold_quant_group
+    if call(basis.ctypes.data, u, r, int(transposed), gated.ctypes.data, n, s, d_out, d_in,
+                                  cp, sp) != 0:
+        raise ExportError(f"crisp-edge's fold kernel refused the sizes u={u} r={r} n={n} s={s} d_out={d_out}.")
+    return codes, scales

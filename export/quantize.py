@@ -32,11 +32,13 @@ save, and ExecuTorch's quantized embedding is a kernel outside XNNPACK that ever
 A tied ``lm_head`` (SmolLM2) is therefore stored twice: float32 as the embedding, quantized as the head.
 
 Which modes take which scheme is each runtime's own table (``MODES`` in ``export/onnx/quantize.py`` and
-``export/executorch/quantize.py``): ``dense`` today. A factored or swappable bundle computes its weights
-from the bases and mixers at run time (every forward, or every task switch); each runtime module says in
-``REFUSALS`` why it cannot run those weights through its integer kernels, measured in
-``bench/results/quantize.json`` (``swappable_int8``): ONNX Runtime's MatMulInteger cannot pre-pack a
-weight fed as an input, and an int8 switch is a float32 fold plus a per-channel requantization; XNNPACK
+``export/executorch/quantize.py``). A factored or swappable bundle computes its weights from the bases and
+mixers at run time (every forward, or every task switch). ONNX Runtime exports ``dense`` and, for int8 on a
+vision or encoder model, ``swappable`` (``export/onnx/swap_int8.py``): the dense int8 graph with its
+MatMulInteger weights and per-channel scales as task inputs, written at each switch by crisp-edge's fused
+fold+quantize kernel (or by the fold graph's in-graph quantization where ONNX Runtime runs alone); measured in
+``bench/results/quantize.json`` (``swappable_int8``). Each runtime module says in ``REFUSALS`` why it cannot
+run the other modes' weights through its integer kernels: XNNPACK
 packs a quantized linear's int8 weights once, at load (a buffer included), so a ``set_task`` writing them
 would be ignored by its kernels. A request a runtime cannot honour is refused with that reason and what to
 use instead, never exported in float silently.

@@ -34,3 +34,67 @@ def test_fold_group_refuses_mismatched_inputs():
         fold_kernel.fold_group(np.zeros((8, 4), np.float32), np.zeros((2, 3, 4), np.float32), False)
     with pytest.raises(ExportError, match="float32"):
         fold_kernel.fold_group(np.zeros((8, 4)), np.zeros((2, 4, 4), np.float32), False)
+
+
+def quantize_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (d_in, d_out), scales, distance of each exact w / scale from a rounding tie) of a float64 weight."""
+    m = np.abs(w).max(axis=1)
+    scale = np.where(m > 0, m / 127, 1.0)
+    x = w / scale[:, None]
+    return np.clip(np.rint(x), -127, 127).T, scale, np.abs(np.abs(x - np.floor(x)) - 0.5).T
+
+
+@pytest.mark.parametrize("d_out,d_in,r,n,s", [(24, 20, 16, 4, 4),   # 24 channels: one block of 16 and a tail
+                                              (7, 9, 5, 3, 3),      # s = 3 | d_in, odd everything
+                                              (6, 6, 3, 2, 4),      # s = 4 does not divide d_in: channels split rows
+                                              (33, 64, 2, 1, 16),   # a channel per 4 product rows, 3 blocks
+                                              (300, 40, 16, 4, 4)])  # u = 3000: the transposed path fetches ahead
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fold_quant_group_is_the_fold_quantized_per_channel(d_out, d_in, r, n, s, transposed):
+    """Codes and scales against a float64 fold quantized in numpy: scales to float32 rounding, every code equal
+    except where the exact value sits within float32 error of a rounding tie (then one step apart at most)."""
+    assert fold_kernel.kernel() is not None, fold_kernel.error()
+    u = d_out * d_in // s
+    rng = np.random.default_rng(d_out * 1000 + d_in)
+    basis = rng.standard_normal((u, r)).astype(np.float32)
+    gated = rng.standard_normal((n, r, s)).astype(np.float32)
+    gated[-1, :, :] = 0  # the last layer all zero: scale 1, codes 0
+    codes, scales = fold_kernel.fold_quant_group(np.ascontiguousarray(basis.T) if transposed else basis, gated,
+                                                 transposed, d_out, d_in)
+    assert len(codes) == len(scales) == n
+    for i in range(n):
+        w = (basis.astype(np.float64) @ gated[i].astype(np.float64)).reshape(d_out, d_in)
+        ref, ref_scale, tie = quantize_reference(w)
+        assert codes[i].shape == (d_in, d_out) and codes[i].dtype == np.int8 and scales[i].dtype == np.float32
+        np.testing.assert_allclose(scales[i], ref_scale, rtol=1e-5)
+        off = codes[i].astype(np.int64) != ref
+        assert np.all(np.abs(codes[i].astype(np.int64) - ref) <= 1)
+        assert np.all(tie[off] < 1e-3), f"codes differ away from a tie: {np.argwhere(off)[:5]}"
+        assert off.mean() < 0.01
+    assert np.all(codes[-1] == 0) and np.all(scales[-1] == 1)
+
+
+def test_fold_quant_group_refuses_a_shape_that_is_not_the_product():
+    with pytest.raises(ExportError, match="reshaped"):
+        fold_kernel.fold_quant_group(np.zeros((4, 8), np.float32), np.zeros((2, 4, 4), np.float32), True, 5, 7)
+    codes = ([np.zeros((8, 4), np.int8)] * 2, [np.zeros(3, np.float32)] * 2)
+    with pytest.raises(ExportError, match="scales"):
+        fold_kernel.fold_quant_group(np.zeros((4, 8), np.float32), np.zeros((2, 4, 4), np.float32), True, 4, 8, codes)
+
+
+@pytest.mark.parametrize("d_out,d_in,r,n,s", [(24, 20, 16, 4, 4), (7, 9, 5, 3, 3), (300, 40, 16, 4, 4)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fold_quant_group_takes_int8_basis_codes(d_out, d_in, r, n, s, transposed):
+    """An int8 basis (a swappable int8 bundle's) folds as its codes converted to float: the same codes and scales
+    as the float fold of the same integer values."""
+    u = d_out * d_in // s
+    rng = np.random.default_rng(d_out + d_in)
+    codes8 = rng.integers(-127, 128, (u, r)).astype(np.int8)
+    gated = (rng.standard_normal((n, r, s)) * 0.01).astype(np.float32)
+    b8 = np.ascontiguousarray(codes8.T) if transposed else codes8
+    got = fold_kernel.fold_quant_group(b8, gated, transposed, d_out, d_in)
+    want = fold_kernel.fold_quant_group(b8.astype(np.float32), gated, transposed, d_out, d_in)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ExportError, match="float32 basis"):
+        fold_kernel.fold_group(b8, gated, transposed)

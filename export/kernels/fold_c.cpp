@@ -14,4 +14,28 @@ int crisp_fold_group(const float* basis, int64_t u, int64_t r, int transposed, c
   return 0;
 }
 
+// The same group folded and quantized per output channel (fold_core.h's fold_quant_group): codes[i] (d_in, d_out)
+// int8 row-major, scales[i] (d_out). Returns 0, or 1 for sizes it refuses (d_out * d_in != u * s).
+int crisp_fold_quant_group(const float* basis, int64_t u, int64_t r, int transposed, const float* mixers, int64_t n,
+                           int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
+  if (u <= 0 || r <= 0 || n <= 0 || s <= 0 || d_out <= 0 || d_in <= 0 || d_out * d_in != u * s || !basis ||
+      !mixers || !codes || !scales)
+    return 1;
+  crisp_fold::fold_quant_group(basis, transposed ? 1 : r, transposed ? u : 1, u, r, mixers, n, s, d_out, d_in, codes,
+                               scales);
+  return 0;
+}
+
+// The same with an int8 basis (its codes; the caller multiplies each term's scale into the mixers).
+int crisp_fold_quant_group_i8(const int8_t* basis, int64_t u, int64_t r, int transposed, const float* mixers,
+                              int64_t n, int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes,
+                              float* const* scales) {
+  if (u <= 0 || r <= 0 || n <= 0 || s <= 0 || d_out <= 0 || d_in <= 0 || d_out * d_in != u * s || !basis ||
+      !mixers || !codes || !scales)
+    return 1;
+  crisp_fold::fold_quant_group(basis, transposed ? 1 : r, transposed ? u : 1, u, r, mixers, n, s, d_out, d_in, codes,
+                               scales);
+  return 0;
+}
+
 }  // extern "C"

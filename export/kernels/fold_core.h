@@ -17,6 +17,8 @@
 // how to time a narrower vector width on a machine that has a wider one).
 #pragma once
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
@@ -34,9 +36,12 @@ constexpr int64_t ROWS = 4;    // rows per pass: independent sums (one alone wai
 // Rows [k, k + rows) of the product, b pointing at row k (ROWS rows readable, zero past `rows`). mt: (r, cpad)
 // the mixers column-wise, column c = layer c / s's column c % s, zero past ncol = n * s; col[c]: where column
 // c's value of row 0 goes (layer c / s's output + c % s; row k's is k * s further).
-CRISP_FOLD_MULTIVERSION
-static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, float* const* col, int64_t k,
-                       int64_t rows, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+// T: the basis' element type, float, or int8_t (a swappable int8 bundle's bases: the per-term scale is folded into
+// the mixers, so the codes are summed as they are).
+template <typename T>
+__attribute__((always_inline)) inline void fold_block_body(const T* b, int64_t ks, int64_t ts, const float* mt,
+                                                           float* const* col, int64_t k, int64_t rows, int64_t r,
+                                                           int64_t s, int64_t ncol, int64_t cpad) {
   for (int64_t c0 = 0; c0 < cpad; c0 += CHUNK) {
     float acc[ROWS][CHUNK] = {};
     for (int64_t t = 0; t < r; ++t) {
@@ -67,6 +72,16 @@ static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, 
     }
   }
 }
+CRISP_FOLD_MULTIVERSION
+static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, float* const* col, int64_t k,
+                       int64_t rows, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  fold_block_body(b, ks, ts, mt, col, k, rows, r, s, ncol, cpad);
+}
+CRISP_FOLD_MULTIVERSION
+static void fold_block(const int8_t* b, int64_t ks, int64_t ts, const float* mt, float* const* col, int64_t k,
+                       int64_t rows, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  fold_block_body(b, ks, ts, mt, col, k, rows, r, s, ncol, cpad);
+}
 
 // The basis stored transposed, (r, u) (ks = 1), as ONNX fold graphs hold it: rows [k, k + V) of the product,
 // vectorised along the basis' stored direction (term t's V values are one contiguous load, multiplied by each
@@ -77,27 +92,33 @@ static void fold_block(const float* b, int64_t ks, int64_t ts, const float* mt, 
 // --crisp-kernel times both paths at ViT-S's shapes.
 constexpr int64_t V = 16;
 constexpr int64_t PREFETCH = 2048;
-CRISP_FOLD_MULTIVERSION
-static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t u,
-                         int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+// k: the row read (for how far ahead a fetch stays inside the basis), kw: where its values are written (rows
+// of a scratch block, when fold_quant_group folds part of the product at a time).
+template <typename T>
+__attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t ts, const float* mt,
+                                                             float* const* col, int64_t k, int64_t kw, int64_t u,
+                                                             int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
   const bool ahead = k + V + PREFETCH <= u;
   for (int64_t c0 = 0; c0 < cpad; c0 += CHUNK) {
     float acc[CHUNK][V] = {};
     for (int64_t t = 0; t < r; ++t) {
       const float* m = mt + t * cpad + c0;
-      const float* bt = b + t * ts;
+      const T* bt = b + t * ts;
       if (ahead && c0 == 0) __builtin_prefetch(bt + PREFETCH);
+      float bv[V];  // term t's V values as float once (int8 codes converted here, not in every column's sums)
+#pragma omp simd
+      for (int64_t q = 0; q < V; ++q) bv[q] = static_cast<float>(bt[q]);
 #pragma GCC unroll 16  // CHUNK: every column's sums stay in registers
       for (int64_t c = 0; c < CHUNK; ++c) {
         const float mc = m[c];
 #pragma omp simd
-        for (int64_t q = 0; q < V; ++q) acc[c][q] += mc * bt[q];
+        for (int64_t q = 0; q < V; ++q) acc[c][q] += mc * bv[q];
       }
     }
     const int64_t end = std::min(CHUNK, ncol - c0);
     if (s == 4) {  // crisp-edge's default s: the four columns of a layer interleaved in registers, then stored
       for (int64_t c = 0; c < end; c += 4) {
-        float* o = col[c0 + c] + k * 4;
+        float* o = col[c0 + c] + kw * 4;
 #pragma omp simd
         for (int64_t q = 0; q < V; ++q) {
           o[q * 4 + 0] = acc[c][q];
@@ -108,30 +129,132 @@ static void fold_block_t(const float* b, int64_t ts, const float* mt, float* con
       }
     } else {
       for (int64_t q = 0; q < V; ++q)
-        for (int64_t c = 0; c < end; ++c) col[c0 + c][(k + q) * s] = acc[c][q];
+        for (int64_t c = 0; c < end; ++c) col[c0 + c][(kw + q) * s] = acc[c][q];
     }
   }
+}
+CRISP_FOLD_MULTIVERSION
+static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
+                         int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  fold_block_t_body(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+}
+CRISP_FOLD_MULTIVERSION
+static void fold_block_t(const int8_t* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
+                         int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  fold_block_t_body(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+}
+
+// Rows [kb, ke) of the product of every layer, row k written at col[c] + (k - kb) * s: mt, col as fold_block's.
+template <typename T>
+inline void fold_rows(const T* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* mt, float* const* col,
+                      int64_t s, int64_t ncol, int64_t cpad, int64_t kb, int64_t ke) {
+  int64_t k = kb;
+  if (ks == 1)  // stored transposed: V rows at a time along the stored direction, the rest as below
+    for (; k + V <= ke; k += V) fold_block_t(B + k, ts, mt, col, k, k - kb, u, r, s, ncol, cpad);
+  for (; k + ROWS <= ke; k += ROWS) fold_block(B + k * ks, ks, ts, mt, col, k - kb, ROWS, r, s, ncol, cpad);
+  if (k < ke) {  // the last rows (fewer than ROWS), copied (r, ROWS-row-major) and zero-padded
+    std::vector<float> tail(static_cast<size_t>(ROWS * r), 0.f);
+    for (int64_t q = 0; q < ke - k; ++q)
+      for (int64_t t = 0; t < r; ++t) tail[q * r + t] = B[(k + q) * ks + t * ts];
+    fold_block(tail.data(), r, 1, mt, col, k - kb, ke - k, r, s, ncol, cpad);
+  }
+}
+
+// g (n, r, s) laid out column-wise, zero-padded to cpad columns (fold_block's mt).
+inline std::vector<float> mixer_columns(const float* g, int64_t n, int64_t r, int64_t s, int64_t cpad) {
+  std::vector<float> mt(static_cast<size_t>(r * cpad), 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t t = 0; t < r; ++t)
+      for (int64_t j = 0; j < s; ++j) mt[t * cpad + i * s + j] = g[(i * r + t) * s + j];
+  return mt;
 }
 
 // The whole group: B (u, r) read with strides ks, ts (above), g (n, r, s) gated, outs[i] (u, s) row-major.
 inline void fold_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
                        int64_t s, float* const* outs) {
   const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK;
-  std::vector<float> mt(static_cast<size_t>(r * cpad), 0.f);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t t = 0; t < r; ++t)
-      for (int64_t j = 0; j < s; ++j) mt[t * cpad + i * s + j] = g[(i * r + t) * s + j];
+  const std::vector<float> mt = mixer_columns(g, n, r, s, cpad);
   std::vector<float*> col(static_cast<size_t>(ncol));
   for (int64_t c = 0; c < ncol; ++c) col[c] = outs[c / s] + c % s;
-  int64_t k = 0;
-  if (ks == 1)  // stored transposed: V rows at a time along the stored direction, the rest as below
-    for (; k + V <= u; k += V) fold_block_t(B + k, ts, mt.data(), col.data(), k, u, r, s, ncol, cpad);
-  for (; k + ROWS <= u; k += ROWS) fold_block(B + k * ks, ks, ts, mt.data(), col.data(), k, ROWS, r, s, ncol, cpad);
-  if (k < u) {  // the last u % ROWS rows, copied (r, ROWS-row-major) and zero-padded
-    std::vector<float> tail(static_cast<size_t>(ROWS * r), 0.f);
-    for (int64_t q = 0; q < u - k; ++q)
-      for (int64_t t = 0; t < r; ++t) tail[q * r + t] = B[(k + q) * ks + t * ts];
-    fold_block(tail.data(), r, 1, mt.data(), col.data(), k, u - k, r, s, ncol, cpad);
+  fold_rows(B, ks, ts, u, r, mt.data(), col.data(), s, ncol, cpad, 0, u);
+}
+
+// Symmetric int8 quantization per output channel: scale = absmax / 127 (1 for an all-zero channel, whose codes
+// are 0 anyway), code = round-half-even(w * 127 / absmax), in -127..127 with no clamp (|w * 127 / absmax| exceeds
+// 127 by a rounding at most, which rounds back to 127; a clamp's compare is control flow GCC will not vectorise
+// under IEEE semantics). Rounding adds and subtracts 1.5 * 2^23 (exact round-half-even for |x| < 2^22 in the
+// default rounding mode, and vectorised everywhere, where nearbyint is a library call on some targets).
+constexpr float ROUNDER = 12582912.f;
+
+CRISP_FOLD_MULTIVERSION
+static float channel_absmax(const float* w, int64_t d_in) {
+  float m = 0.f;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < d_in; ++j) m = std::max(m, std::fabs(w[j]));
+  return m;
+}
+
+// Codes of QCH channels (rows of w, d_in apart) for input channels [j0, j0 + QCH), written transposed: input
+// channel j0 + jj's QCH codes at out + jj * d_out (one contiguous store each). tile is (QCH channels, QCH inputs).
+constexpr int64_t QCH = 16;
+CRISP_FOLD_MULTIVERSION
+static void quantize_tile(const float* w, int64_t d_in, const float* inv, int64_t j0, int8_t* out, int64_t d_out) {
+  int8_t tile[QCH][QCH], tt[QCH][QCH];
+  for (int64_t o = 0; o < QCH; ++o) {
+    const float* row = w + o * d_in + j0;
+    const float k = inv[o];
+    int8_t* t = tile[o];
+#pragma omp simd
+    for (int64_t jj = 0; jj < QCH; ++jj) {
+      t[jj] = static_cast<int8_t>(static_cast<int32_t>((row[jj] * k + ROUNDER) - ROUNDER));
+    }
+  }
+  for (int64_t jj = 0; jj < QCH; ++jj)
+    for (int64_t o = 0; o < QCH; ++o) tt[jj][o] = tile[o][jj];
+  for (int64_t jj = 0; jj < QCH; ++jj) std::memcpy(out + jj * d_out, tt[jj], QCH);
+}
+
+// The same for oc <= QCH channels and any run of input channels (the edges), one code at a time.
+static void quantize_edge(const float* w, int64_t d_in, const float* inv, int64_t oc, int64_t j0, int64_t j1,
+                          int8_t* out, int64_t d_out) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t o = 0; o < oc; ++o)
+      out[(j - j0) * d_out + o] = static_cast<int8_t>(static_cast<int32_t>((w[o * d_in + j] * inv[o] + ROUNDER) - ROUNDER));
+}
+
+// The fold fused with per-channel int8 quantization: every layer's W_i (d_out, d_in) = the row-major reshape of
+// B @ G(A_i), quantized symmetric per output channel into codes[i], (d_in, d_out) row-major (W_i^T: the layout
+// ONNX Runtime's MatMulInteger takes), and scales[i] (d_out). QCH channels at a time: their rows of the product
+// folded into a float scratch (n * QCH * d_in floats: ViT-S's fc2, n = 4, d_in = 1536, 384 KiB, in cache; never
+// the whole float W), then each channel's scale, then the codes QCH x QCH at a time, transposed in registers so
+// that every store is QCH contiguous codes. d_out * d_in == u * s.
+template <typename T>
+inline void fold_quant_group(const T* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
+                             int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
+  const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK;
+  const std::vector<float> mt = mixer_columns(g, n, r, s, cpad);
+  const int64_t span = (QCH * d_in + 2 * s - 2) / s + 1;  // product rows a block of channels can touch
+  std::vector<float> scratch(static_cast<size_t>(n * span * s));
+  std::vector<float*> col(static_cast<size_t>(ncol));
+  for (int64_t c = 0; c < ncol; ++c) col[c] = scratch.data() + (c / s) * span * s + c % s;
+  float inv[QCH];
+  for (int64_t o0 = 0; o0 < d_out; o0 += QCH) {
+    const int64_t oc = std::min(QCH, d_out - o0);
+    const int64_t kb = o0 * d_in / s, ke = std::min(u, ((o0 + oc) * d_in + s - 1) / s);
+    fold_rows(B, ks, ts, u, r, mt.data(), col.data(), s, ncol, cpad, kb, ke);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* w = scratch.data() + i * span * s + (o0 * d_in - kb * s);  // channel o0's first value
+      for (int64_t o = 0; o < oc; ++o) {
+        const float m = channel_absmax(w + o * d_in, d_in);
+        scales[i][o0 + o] = m > 0.f ? m / 127.f : 1.f;
+        inv[o] = m > 0.f ? 127.f / m : 0.f;
+      }
+      int8_t* out = codes[i] + o0;
+      int64_t j = 0;
+      if (oc == QCH)
+        for (; j + QCH <= d_in; j += QCH) quantize_tile(w, d_in, inv, j, out + j * d_out, d_out);
+      quantize_edge(w, d_in, inv, oc, j, d_in, out + j * d_out, d_out);
+    }
   }
 }
 

@@ -91,9 +91,12 @@ from crisp_edge.export.onnx.optimum import (
     resolve_exporter,
     write_hf_configs,
 )
+from crisp_edge.export.onnx.quantize import LM_MODES as QUANT_LM_MODES
 from crisp_edge.export.onnx.quantize import MODES as QUANT_MODES
 from crisp_edge.export.onnx.quantize import REFUSALS as QUANT_REFUSALS
 from crisp_edge.export.onnx.quantize import quantize_graph
+from crisp_edge.export.onnx.swap_int8 import WEIGHTS as SWAP_INT8_WEIGHTS
+from crisp_edge.export.onnx.swap_int8 import int8_fold_graph, int8_forward_graph
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.reference import (
     reference_inputs,
@@ -220,7 +223,8 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
         exporter: "torch" (TorchScript, every model and mode), "optimum" (Hugging Face ViT / LLaMA,
             dense only; integer token inputs supported) or "auto" (see the module docstring).
         quantize: None (float32) or "int8" (``crisp_edge.export.quantize``: int8 per-channel weights,
-            dynamic int8 activations, by ONNX Runtime's ``quantize_dynamic``; dense mode), or for a causal
+            dynamic int8 activations, by ONNX Runtime's ``quantize_dynamic``; dense, or swappable with the int8
+            weights and scales as task inputs written at each switch: ``onnx/swap_int8.py``), or for a causal
             language model also "int4" (``MatMulNBits``, 4-bit blocks of 32); recorded in the manifest; parity
             then uses the scheme's tolerance.
         checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
@@ -239,7 +243,9 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, mode: str = "sw
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights; "
                           "apply_mixers_ and export that model instead).")
-    quantize = check_scheme(quantize, mode, "ONNX Runtime", QUANT_MODES, QUANT_REFUSALS, lm=is_causal_lm(model))
+    lm = is_causal_lm(model)
+    quantize = check_scheme(quantize, mode, "ONNX Runtime", QUANT_LM_MODES if lm else QUANT_MODES, QUANT_REFUSALS,
+                            lm=lm)
     reference = resolve_reference(reference_device, reference_dtype)
     out_dir = Path(out_dir)
     lo, hi = OPSETS[mode]
@@ -292,8 +298,11 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
                               False)
     else:
         fold, spec = build_fold_graph(model, opset)
+        outputs = spec.outputs
+        if quantize:  # the fold's CRISP weights leave it as int8 codes and scales (swap_int8)
+            fold, outputs = int8_fold_graph(fold, spec)
         written = save_onnx(fold, folder / "fold.onnx")
-        models["fold"] = {"file": "fold.onnx", "inputs": [], "outputs": list(spec.outputs),
+        models["fold"] = {"file": "fold.onnx", "inputs": [], "outputs": list(outputs),
                           "overridable": spec.overridable}
         files.update({f: None for f in written})
         dense = materialize_(copy.deepcopy(model))
@@ -306,8 +315,12 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
         if spec.head:
             axes[OUTPUT_NAME] = {0: BATCH_AXIS, 1: CLASS_AXIS}
         module = _WeightsAsInputs(dense, names, params)
-        proto = take_folded_weights(_torch_export(module, args + tuple(state[p].detach() for p in params),
-                                                  folder / "tmp.onnx", names + w_names, axes, opset, True), spec)
+        proto = _torch_export(module, args + tuple(state[p].detach() for p in params), folder / "tmp.onnx",
+                              names + w_names, axes, opset, True)
+        if quantize:
+            proto, tool = int8_forward_graph(proto, spec, {p: state[p].detach().numpy() for p in params})
+        else:
+            proto = take_folded_weights(proto, spec)
         layout = model_layout(model)
         fp = bases_fingerprint(model)
         head = None
@@ -316,11 +329,14 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
             head = {"path": spec.head, "in_features": h.in_features, "num_classes": h.out_features,
                     "bias": h.bias is not None}
         swap = {"bases_sha256": fp, "layout": layout, "adapter_model_version": bundle_tag(fp, layout),
-                "overridable": spec.overridable, "weights": spec.outputs, "head": head,
+                "overridable": spec.overridable, "weights": outputs, "head": head,
                 "task_semantics": "exported tensors, with the adapter's tensors replacing theirs"}
     written = save_onnx(proto, folder / "model.onnx")
     files.update({f: None for f in written})
-    quant = None if quantize is None else quantize_record(quantize, quantize_graph(folder / "model.onnx", quantize))
+    quant = None
+    if quantize is not None:  # a swappable graph was quantized above (swap_int8), a dense one is quantized here
+        quant = (quantize_record(quantize, tool, SWAP_INT8_WEIGHTS) if swap is not None
+                 else quantize_record(quantize, quantize_graph(folder / "model.onnx", quantize)))
     if mode == "dense":  # a plain model.onnx: with its HF config files, optimum's ORTModelFor... loads the bundle
         files.update({f: None for f in write_hf_configs(model, folder)})
     models["model"] = {"file": "model.onnx", "inputs": names + ([] if swap is None else list(swap["weights"])),

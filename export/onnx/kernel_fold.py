@@ -9,7 +9,10 @@ the same page-cache pages, released with ORT's after a switch), the gate applied
 library's own gate functions, and the outputs that are task tensors as they are (a layer's bias: a row of ``bias.<group>``; the head)
 taken from the task's tensors; any other output would need the fold graph run (ORT runs a whole graph, not
 only what the asked outputs need). The bundle does not change: an app running the fold graph in ONNX Runtime
-alone gets the same weights at the graph's cost. ``build`` returns None, and the session keeps the fold graph,
+alone gets the same weights at the graph's cost.
+For a swappable int8 bundle the fold graph's outputs are each layer's int8 codes and per-channel scales
+(``swap_int8``), which ``fold_kernel.fold_quant_group`` writes in one pass (a transposed group keeps the graph).
+``build`` returns None, and the session keeps the fold graph,
 where a group is not "pre" with one of the library's gates (``crisp_edge.method.gates``), where the graph is not the one
 ``fold.py`` writes, or where the kernel cannot be built (no g++).
 """
@@ -26,23 +29,26 @@ from onnx import numpy_helper
 
 from crisp_edge.export import fold_kernel
 from crisp_edge.export.errors import AdapterError, BundleError
+from crisp_edge.export.onnx.swap_int8 import int8_names
 from crisp_edge.method.gates import GATES, get_gate
 
 
 
 def _initializer(t: onnx.TensorProto, folder: Path, data_file: Path | None, where: str) -> np.ndarray:
-    """A float32 initializer's values: inline, or a read-only map of its bytes in the bundle's data file."""
+    """A float32 (or int8: a swappable int8 bundle's bases) initializer's values: inline, or a read-only map of its
+    bytes in the bundle's data file."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
     info = {e.key: e.value for e in t.external_data}
     shape = tuple(int(d) for d in t.dims)
-    size = 4 * int(np.prod(shape))
+    dtype = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT8: np.int8}.get(t.data_type)
+    size = np.dtype(dtype or np.float32).itemsize * int(np.prod(shape))
     path = (folder / info.get("location", "")).resolve()
     offset, length = int(info.get("offset", 0)), int(info.get("length", size))
-    if data_file is None or path != data_file.resolve() or length != size or t.data_type != onnx.TensorProto.FLOAT \
+    if data_file is None or path != data_file.resolve() or length != size or dtype is None \
             or offset + size > path.stat().st_size:
-        raise BundleError(f"{where}: {t.name} is not float32 data inside the bundle's own {data_file}.")
-    return np.memmap(path, dtype=np.float32, mode="r", offset=offset, shape=shape)
+        raise BundleError(f"{where}: {t.name} is not float32 or int8 data inside the bundle's own {data_file}.")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def _passthrough(proto: onnx.ModelProto, outputs: list[str], defaults: dict[str, np.ndarray]) -> dict:
@@ -73,23 +79,28 @@ _UNREFERENCED = 3
 
 class KernelFold:
     """Per "pre" group: the mixers' name, the basis (r, u), the gate, the exported mixers, the fold outputs in
-    layer order; the outputs passed through from task tensors (biases, head), their exported values; and any
-    other output, left to the fold graph."""
+    layer order and, for a swappable int8 bundle (``swap_int8``), the weight's (d_out, d_in) and the basis' scale
+    per term (the basis is then its int8 codes; the outputs each layer's int8 codes and scales,
+    ``fold_kernel.fold_quant_group``); the outputs passed through from task tensors
+    (biases, head), their exported values; and any other output, left to the fold graph."""
 
-    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str]]], passthrough: dict,
-                 defaults: dict[str, np.ndarray], others: list[str], fold: ort.InferenceSession) -> None:
+    def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str], tuple | None]],
+                 passthrough: dict, defaults: dict[str, np.ndarray], others: list[str],
+                 fold: ort.InferenceSession) -> None:
         self.groups, self.passthrough, self.defaults, self.others, self.fold = groups, passthrough, defaults, others, fold
-        self._spare: list[list[np.ndarray]] = []  # weight arrays of earlier switches, per group
+        self._spare: dict[tuple[int, str], list[np.ndarray]] = {}  # arrays of earlier switches, per group and kind
 
-    def _outs(self, g: int, basis: np.ndarray, n: int, s: int) -> list[np.ndarray] | None:
-        """Group ``g``'s arrays of an earlier switch when nothing but this object refers to them any more (no
+    def _outs(self, key: tuple[int, str], n: int) -> list[np.ndarray] | None:
+        """Group ``key``'s arrays of an earlier switch when nothing but this object refers to them any more (no
         session, binding or caller: ``sys.getrefcount``), so that a forward still bound to them never sees them
         change; else None (new arrays). Rewriting memory already mapped is a third of the cost of new arrays,
         which the kernel first has to fault in (ViT-S: 16 vs 45 ms for every group)."""
-        while len(self._spare) <= g:
-            self._spare.append([])
-        free = [a for a in self._spare[g] if sys.getrefcount(a) <= _UNREFERENCED]
+        free = [a for a in self._spare.setdefault(key, []) if sys.getrefcount(a) <= _UNREFERENCED]
         return free[:n] if len(free) >= n else None
+
+    def _keep(self, key: tuple[int, str], arrays: list[np.ndarray]) -> None:
+        """Remember this switch's arrays (and the latest spare ones) for a later switch to rewrite."""
+        self._spare[key] = [a for a in self._spare[key] if not any(a is x for x in arrays)][-len(arrays):] + arrays
 
     @classmethod
     def build(cls, fold: ort.InferenceSession, fold_path: Path, data_file: Path | None, swap: dict,
@@ -105,19 +116,30 @@ class KernelFold:
         split = {n.input[0]: list(n.output) for n in proto.graph.node if n.op_type == "Split"}
         transpose = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "Transpose"}
         products = {(n.input[0], n.input[1]) for n in proto.graph.node if n.op_type == "MatMul"}
-        groups, done = [], set()
+        dequantized = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+        groups, done, wanted = [], set(), set(weight_names)
         for key, g in layout.items():
             tag, basis, mixer = f"fold.{key}", f"basis.{key}", f"mixer.{key}"
             outs = [transpose.get(p) for p in split.get(f"{tag}.all", [])]
             if ((f"{tag}.gall", basis) not in products or len(outs) != g["n"] or None in outs
-                    or basis not in inits or mixer not in inits):
+                    or mixer not in inits):
                 return None  # not the graph fold.py writes for a "pre" group
-            where = f"{fold_path}"
-            b = _initializer(inits[basis], fold_path.parent, data_file, where)
+            quantized, where = None, f"{fold_path}"
+            if not set(outs) <= wanted:  # a swappable int8 bundle: each float weight leaves as codes and scales
+                if g.get("transpose") or not all(set(int8_names(o)) <= wanted for o in outs):
+                    return None
+                codes, scale = (inits.get(n) for n in int8_names(basis))  # its basis int8, a scale per term
+                if basis in inits or codes is None or scale is None or dequantized.get(basis) != codes.name:
+                    return None
+                scale = np.array(_initializer(scale, fold_path.parent, data_file, where), np.float32)
+                quantized, outs = (g["d_out"], g["d_in"], scale), [name for o in outs for name in int8_names(o)]
+            elif basis not in inits:
+                return None
+            b = _initializer(codes if quantized else inits[basis], fold_path.parent, data_file, where)
             m = np.ascontiguousarray(_initializer(inits[mixer], fold_path.parent, data_file, where))
             if b.shape != (g["r"], g["d_out"] * g["d_in"] // g["s"]) or m.shape != (g["n"], g["r"], g["s"]):
                 return None
-            groups.append((mixer, b, g["gate"], m, outs))
+            groups.append((mixer, b, g["gate"], m, outs, quantized))
             done.update(outs)
         if not done <= set(weight_names):
             return None
@@ -139,11 +161,23 @@ class KernelFold:
                 values.update(zip(self.others, self.fold.run_with_ort_values(self.others, feeds, ort.RunOptions())))
             except Exception as e:  # noqa: BLE001 - ORT's own error
                 raise AdapterError(f"task {name!r}: the fold run failed in ONNX Runtime: {e}") from None
-        for g, (mixer, basis, gate, default, outs) in enumerate(self.groups):
+        for g, (mixer, basis, gate, default, outs, quantized) in enumerate(self.groups):
             a = arrays.get(mixer, default)
             gated = get_gate(gate).fn(torch.tensor(np.asarray(a, np.float32))).numpy()  # the library's gate (a small copy)
-            ws = fold_kernel.fold_group(basis, gated, True, self._outs(g, basis, *gated.shape[::2]))
-            self._spare[g] = [w for w in self._spare[g] if not any(w is x for x in ws)][-len(ws):] + ws
+            n = len(gated)
+            if quantized is None:
+                ws = fold_kernel.fold_group(basis, gated, True, self._outs((g, "w"), n))
+                self._keep((g, "w"), ws)
+            else:  # codes and scales of each layer, in the fold graph's output order; the basis' codes summed as
+                # they are, each term's scale multiplied into the mixers (one number per term)
+                d_out, d_in, term_scale = quantized
+                gated = gated * term_scale[None, :, None]
+                codes, scales = self._outs((g, "codes"), n), self._outs((g, "scales"), n)
+                codes, scales = fold_kernel.fold_quant_group(basis, gated, True, d_out, d_in,
+                                                             None if codes is None or scales is None else (codes, scales))
+                self._keep((g, "codes"), codes)
+                self._keep((g, "scales"), scales)
+                ws = [w for pair in zip(codes, scales) for w in pair]
             for out, w in zip(outs, ws):
                 values[out] = ort.OrtValue.ortvalue_from_numpy(w)
         return values

@@ -41,15 +41,17 @@ from crisp_edge.export.errors import ExportError
 from crisp_edge.export.logs import quiet_loggers
 from crisp_edge.export.quantize import INT4_GROUP, LM_HEAD_BITS
 
-#: scheme -> the bundle modes ONNX Runtime can run it in (see crisp_edge.export.quantize).
-MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",), "int4": ("dense",)}
-#: Why the other modes are refused (measured: bench/results/quantize.json, ``swappable_int8``).
+#: scheme -> the bundle modes ONNX Runtime can run it in (see crisp_edge.export.quantize). A swappable int8 bundle:
+#: ``swap_int8.py``.
+MODES: dict[str, tuple[str, ...]] = {"int8": ("dense", "swappable"), "int4": ("dense",)}
+#: The same for a causal language model (its with-past graph, ``quantize_lm_graph``: MatMulNBits).
+LM_MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",), "int4": ("dense",)}
+#: Why the other modes are refused.
 REFUSALS: dict[str, str] = {
-    "swappable": "A swappable quantized bundle would feed the integer kernels (MatMulInteger, MatMulNBits) its "
-                 "quantized weights and scales as inputs, which ONNX Runtime cannot pre-pack (slower than the "
-                 "quantized dense bundle on every forward), and each task switch would be the float32 fold plus a "
-                 "requantization, more than the forwards a switch may cost (measured for int8: "
-                 "bench/results/quantize.json, swappable_int8).",
+    "swappable": "A swappable quantized language model would feed the integer kernels (MatMulNBits) its quantized "
+                 "weights and block scales as inputs, which ONNX Runtime cannot pre-pack (its decode is bound by "
+                 "them), and crisp-edge's int8 switch quantizes per output channel for MatMulInteger (a vision or "
+                 "encoder model's swappable int8 bundle), not into MatMulNBits' blocks.",
     "factored": "A factored bundle builds its weights in float32 on every forward; quantizing them there would "
                 "add a requantization to every forward.",
 }

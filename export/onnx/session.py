@@ -8,7 +8,9 @@ rebound after a switch), so a forward passes only the input: about 10% faster th
 ``OrtValue``s to ``run_with_ort_values`` on every call (embedded ViT, batch 1). Where it can, the session
 folds the weights with crisp-edge's fused kernel instead of the fold graph's products (``kernel_fold``: the
 same weights within float32 rounding; on ViT-S a switch 0.26 instead of 0.49 forwards); biases and head come
-straight from the task's tensors.
+straight from the task's tensors. A swappable int8 bundle (``swap_int8``) binds int8 weights and per-channel
+scales instead, which the kernel folds and quantizes in one pass (``fold_kernel.fold_quant_group``); tasks are the
+same float32 mixer files.
 
     sess = load_bundle("bundle/").session(threads=1)
     sess.set_task("mnist")          # a task of the bundle, an .onnx_adapter path, or "default"

@@ -138,6 +138,11 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     ("executorch-lm", "dense", "int4"): Tolerance(ATOL_LM_INT4, MIN_COSINE_LM_INT4, _LM_INT4 + "; XNNPACK 8da4w",
                                                   min_top1=MIN_TOP1_LM_INT4),
     ("onnxruntime", "dense", "int8"): Tolerance(ATOL_INT8, MIN_COSINE_INT8, _INT8 + "; ORT quantize_dynamic"),
+    ("onnxruntime", "swappable", "int8"): Tolerance(
+        ATOL_INT8, MIN_COSINE_INT8, _INT8 + "; the same integer graph, its int8 weights and per-channel scales "
+        "quantized at each task switch from the fold of int8 bases (one scale per term): two roundings of about "
+        "1/254 of a range, measured max |logit diff| 0.14 on ViT-S (random weights) and 0.04 on the embedded ViT, "
+        "inside the dense int8 bound"),
     ("executorch", "dense", "int8"): Tolerance(ATOL_INT8, MIN_COSINE_INT8, _INT8 + "; XNNPACK dynamic int8 linear"),
 }
 

@@ -1,0 +1,231 @@
+"""The two graphs of a swappable int8 ONNX bundle (``export_onnx(mode="swappable", quantize="int8")``).
+
+The inference graph is the dense int8 graph (``quantize.quantize_graph``: ONNX Runtime's ``quantize_dynamic``,
+DynamicQuantizeLinear -> MatMulInteger, int8 weights with one scale per output channel) of the model with the
+exported task's weights, after which every CRISP layer's int8 weight and its scales are turned from initializers
+into graph inputs, ``dense.<layer>.weight.int8`` (d_in, d_out) and ``dense.<layer>.weight.scale`` (d_out): the
+task inputs; each layer's chain is written as the one ``DynamicQuantizeMatMul`` ONNX Runtime fuses it into for the
+dense graph, with the bias input taken in (``fuse_dynamic_matmuls``). Biases and the head stay float32 inputs, as
+in a float32 swappable bundle (the head is a task's own few numbers; ORT's dynamic quantization only quantizes
+initializers). ORT cannot pre-pack a weight that is an input, so the forward costs a little more than the dense
+int8 graph's (ViT-S about 1.09x; bench/results/quantize.json).
+
+The bases are stored as int8 codes with one scale per term (``quantize_bases``: a quarter of the float32 bytes,
+so the bundle is about the dense int8 bundle's size at full capacity, and a switch reads a quarter as much); the
+kernel folds the codes and multiplies each term's scale into the mixers. The weights a switch quantizes are thus
+the fold of already quantized bases: two roundings, each about 1/254 of a range (parity's named tolerance says so).
+
+The fold graph still produces the inputs, so that an app running ONNX Runtime alone can switch tasks: the bases
+dequantized (``DequantizeLinear``), the float fold of ``fold.py``, then per layer the symmetric per-channel quantization in the graph (``Abs`` -> ``ReduceMax``
+per output channel -> scale = max / 127, 1 for an all-zero channel -> ``QuantizeLinear`` per row -> the int8
+transpose MatMulInteger takes). crisp-edge's own session does both at once with the fused kernel instead
+(``fold_kernel.fold_quant_group``, ``kernel_fold.KernelFold``): the same codes up to rounding ties, without
+writing the float weights to memory. A task file is the float32 mixer file of a float32 swappable bundle of the
+same model: tasks are mixers, the weights they give are quantized at the switch.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from crisp_edge.export.errors import ExportError
+from crisp_edge.export.onnx.fold import FoldSpec
+from crisp_edge.export.onnx.quantize import fold_weight_transposes, quantize_graph
+
+#: Suffixes of a layer's int8 task inputs after its fold output's name ``dense.<layer>.weight`` (and of a basis'
+#: codes and scales after ``basis.<group>``).
+CODES, SCALES = ".int8", ".scale"
+#: The manifest's ``quantize.weights`` of a swappable int8 bundle.
+WEIGHTS = ("int8, symmetric, per output channel, written at each task switch from the fold of the bases (stored "
+           "int8, symmetric, one scale per basis term) and the task's float32 mixers")
+
+
+def int8_names(weight: str) -> tuple[str, str]:
+    """(codes, scales) input names of the fold output ``weight``."""
+    return weight + CODES, weight + SCALES
+
+
+def int8_forward_graph(proto: onnx.ModelProto, spec: FoldSpec, state: dict[str, np.ndarray]
+                       ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """(the inference graph with int8 task inputs, the quantizer's tool record). ``proto`` takes every fold output
+    as an input of the dense parameter's shape (``export._WeightsAsInputs``); ``state``: parameter -> value of the
+    exported task's dense weights (what ``quantize_dynamic`` quantizes, then replaced by inputs)."""
+    graph = proto.graph
+    weights = {w: spec.outputs[w] for w in spec.folded}
+    kept = [i for i in graph.input if i.name not in weights]
+    del graph.input[:]
+    graph.input.extend(kept)
+    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(state[p], np.float32), w)
+                             for w, p in weights.items())
+    transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights}
+    fold_weight_transposes(proto)  # W^T as the MatMul's own initializer: what quantize_dynamic looks for
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(proto, str(path))
+        tool = quantize_graph(path, "int8")
+        proto = onnx.load(str(path))
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    rename, inputs, found = {}, [], set()
+    for node in graph.node:
+        src = transposed.get(node.input[1].removesuffix("_quantized")) if node.op_type == "MatMulInteger" else None
+        if src is None:
+            continue
+        base = node.input[1].removesuffix("_quantized")
+        codes, scales = inits.get(base + "_quantized"), inits.get(base + "_scale")
+        if codes is None or scales is None or codes.data_type != TensorProto.INT8 or len(scales.dims) != 1:
+            raise ExportError(f"ONNX Runtime's quantize_dynamic wrote {src}'s MatMulInteger in an unexpected form "
+                              "(no int8 '<weight>_quantized' with a per-channel '<weight>_scale'); onnxruntime "
+                              f"{tool['onnxruntime']} is not the version this exporter knows: export in float32.")
+        q, s = int8_names(src)
+        found.add(src)
+        rename.update({codes.name: q, scales.name: s})
+        inputs += [helper.make_tensor_value_info(q, TensorProto.INT8, list(codes.dims)),
+                   helper.make_tensor_value_info(s, TensorProto.FLOAT, list(scales.dims))]
+    missing = sorted(set(weights) - found)
+    if missing:
+        raise ExportError(f"ONNX Runtime's quantize_dynamic left {len(missing)} CRISP weight(s) in float32 (e.g. "
+                          f"{missing[0]!r}); a swappable int8 bundle needs every one as int8: export in float32.")
+    left = [t for t in graph.initializer if t.name not in rename]
+    del graph.initializer[:]
+    graph.initializer.extend(left)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            node.input[k] = rename.get(name, name)
+    graph.input.extend(inputs)
+    fuse_dynamic_matmuls(proto, set(weights))
+    return proto, tool
+
+
+def fuse_dynamic_matmuls(proto: onnx.ModelProto, weights: set[str]) -> int:
+    """Write each task weight's ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (scales) [-> Add bias]``
+    as one ``DynamicQuantizeMatMul`` (com.microsoft) taking the bias too, in place; returns how many. ONNX
+    Runtime's optimizer fuses the same chain at session creation, but takes a bias into the fused op only when
+    the bias is a constant, and a swappable bundle's biases are task inputs: an Add over every linear's output
+    more per forward (ViT-S: 1.17x the dense int8 graph instead of 1.06x, bench/results/quantize.json)."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+
+    def only(name: str, op: str):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op and name not in graph_outputs else None
+
+    graph_outputs = {o.name for o in graph.output}
+    drop, fused, replace = set(), 0, {}
+    for mm in [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1].removesuffix(CODES) in weights]:
+        dq = producer.get(mm.input[0])
+        cast = only(mm.output[0], "Cast")
+        mul = cast and only(cast.output[0], "Mul")
+        scales = mul and producer.get(next((i for i in mul.input if i != cast.output[0]), ""))
+        if dq is None or dq.op_type != "DynamicQuantizeLinear" or not mul or scales is None \
+                or scales.op_type != "Mul" or len(mm.input) < 4:
+            continue
+        w_scale = next((i for i in scales.input if i != dq.output[1]), None)
+        add = only(mul.output[0], "Add")
+        bias = add and next(i for i in add.input if i != mul.output[0])
+        bias = bias if bias and bias.endswith(".bias") and bias in {i.name for i in graph.input} else None
+        out = add.output[0] if bias else mul.output[0]
+        node = helper.make_node("DynamicQuantizeMatMul", [dq.input[0], mm.input[1], w_scale, mm.input[3]]
+                                + ([bias] if bias else []), [out], name=f"{mm.name}_fused", domain="com.microsoft")
+        replace[id(mm)] = node
+        drop.update(id(n) for n in (cast, mul, scales) + ((add,) if bias else ()))
+        fused += 1
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    used = {i for n in nodes for i in n.input} | graph_outputs
+    nodes = [n for n in nodes if n.op_type != "DynamicQuantizeLinear" or any(o in used for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return fused
+
+
+def int8_fold_graph(proto: onnx.ModelProto, spec: FoldSpec) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """(the fold graph with each CRISP weight output replaced by its int8 codes and scales, quantized in the
+    graph; fold output -> model parameter). The float weight becomes an internal value."""
+    graph = proto.graph
+    nodes, new_outputs, mapping = [], [], {}
+    graph.initializer.extend([numpy_helper.from_array(np.array(127, np.float32), "const.q127"),
+                              numpy_helper.from_array(np.array(0, np.float32), "const.q0"),
+                              numpy_helper.from_array(np.array(1, np.float32), "const.q1"),
+                              numpy_helper.from_array(np.array([1], np.int64), "const.axis1")])
+    for out in graph.output:
+        name, param = out.name, spec.outputs[out.name]
+        if name not in spec.folded:
+            new_outputs.append(out)
+            mapping[name] = param
+            continue
+        (_, _), dense_shape, transpose = spec.folded[name]
+        d_out, d_in = dense_shape[::-1] if transpose else dense_shape
+        t = f"{name}.q"
+        shape = f"{t}.shape"
+        graph.initializer.append(numpy_helper.from_array(np.array(dense_shape, np.int64), shape))
+        graph.initializer.append(numpy_helper.from_array(np.zeros(d_out, np.int8), f"{t}.zero"))
+        w = f"{t}.w"
+        nodes.append(helper.make_node("Reshape", [name, shape], [w if not transpose else f"{t}.wt"]))
+        if transpose:
+            nodes.append(helper.make_node("Transpose", [f"{t}.wt"], [w], perm=[1, 0]))
+        q, s = int8_names(name)
+        nodes += [helper.make_node("Abs", [w], [f"{t}.abs"]),
+                  helper.make_node("ReduceMax", [f"{t}.abs", "const.axis1"], [f"{t}.max"], keepdims=0),
+                  helper.make_node("Div", [f"{t}.max", "const.q127"], [f"{t}.div"]),
+                  helper.make_node("Greater", [f"{t}.max", "const.q0"], [f"{t}.nz"]),
+                  helper.make_node("Where", [f"{t}.nz", f"{t}.div", "const.q1"], [s]),
+                  helper.make_node("QuantizeLinear", [w, s, f"{t}.zero"], [f"{t}.codes"], axis=0),
+                  helper.make_node("Transpose", [f"{t}.codes"], [q], perm=[1, 0])]
+        new_outputs += [helper.make_tensor_value_info(q, TensorProto.INT8, [d_in, d_out]),
+                        helper.make_tensor_value_info(s, TensorProto.FLOAT, [d_out])]
+        mapping[q] = mapping[s] = param
+    graph.node.extend(nodes)
+    del graph.output[:]
+    graph.output.extend(new_outputs)
+    quantize_bases(proto)
+    onnx.checker.check_model(proto)
+    return proto, mapping
+
+
+def basis_codes(basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, float32 scales) of a (r, u) basis stored transposed, one symmetric scale per term (row):
+    scale = max |row| / 127 (1 for an all-zero row)."""
+    m = np.abs(basis).max(axis=1)
+    scale = np.where(m > 0, m / 127, 1).astype(np.float32)
+    return np.rint(basis / scale[:, None]).astype(np.int8), scale
+
+
+def quantize_bases(proto: onnx.ModelProto) -> int:
+    """Store every "pre" group's basis (the right operand of its ``fold.<group>.gall`` product, (r, u)) as int8 codes
+    ``basis.<group>.int8`` with one scale per term ``basis.<group>.scale``, dequantized in the graph
+    (``DequantizeLinear``, axis 0) into the float basis the fold reads; in place, returns how many. A term's scale
+    is one number for all of its u values, so the kernel folds the codes and multiplies the scale into the mixers
+    (``kernel_fold``): a quarter of the bytes to store and to read at each switch."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    names = {n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[0].endswith(".gall")}
+    nodes, done = [], set()
+    for name in sorted(names):
+        t = inits.get(name)
+        if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
+            continue
+        codes, scale = basis_codes(numpy_helper.to_array(t))
+        graph.initializer.extend([numpy_helper.from_array(codes, f"{name}{CODES}"),
+                                  numpy_helper.from_array(scale, f"{name}{SCALES}"),
+                                  numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}.zero")])
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}{CODES}", f"{name}{SCALES}", f"{name}.zero"], [name],
+                                      axis=0, name=f"{name}.dequantize"))
+        done.add(name)
+    left = [t for t in graph.initializer if t.name not in done]
+    del graph.initializer[:]
+    graph.initializer.extend(left)
+    old = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old)
+    return len(done)
