@@ -46,6 +46,78 @@ def _rowmajor_linear_out(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor)
     return out
 
 
+# qlinear(x, w_packed, w_scales, w_sums, bias?): an int8 linear over weights in crisp-edge's packed layout, read in
+# place (kernels/qlinear.cpp): x quantized per row to uint8 with a zero point at run time (as XNNPACK's qd8), int8
+# per-output-channel weights. The reference below is the kernel's arithmetic, exactly (float64 sums of integers).
+_lib.define("qlinear(Tensor x, Tensor w_packed, Tensor w_scales, Tensor w_sums, Tensor? bias=None) -> Tensor")
+_lib.define("qlinear.out(Tensor x, Tensor w_packed, Tensor w_scales, Tensor w_sums, Tensor? bias=None, *, "
+            "Tensor(a!) out) -> Tensor(a!)")
+QBLOCK, QGROUP = 16, 4  # outputs per packed block, input channels per packed group (kernels/qlinear.cpp)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes as float, scale, zero point) per row of ``x`` (..., K), as the kernel quantizes them."""
+    lo = x.amin(-1, keepdim=True).clamp(max=0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0)
+    scale = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    inv = 1 / scale
+    zero = torch.round(-lo * inv).clamp(0, 255)
+    return (torch.round(x * inv) + zero).clamp(0, 255), scale, zero
+
+
+def _qlinear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, w_sums: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    n, k = w_scales.numel(), x.shape[-1]
+    codes, scale, zero = quantize_rows(x.float())
+    wq = unpack_int8(w_packed, n, k).double()
+    acc = codes.double() @ wq.T - zero.double() * w_sums.double()
+    y = (acc * (scale.double() * w_scales.double())).float()
+    return y + bias if bias is not None else y
+
+
+torch.library.impl(_lib, "qlinear", "CompositeExplicitAutograd")(_qlinear)
+
+
+@torch.library.impl(_lib, "qlinear.out", "CompositeExplicitAutograd")
+def _qlinear_out(x, w_packed, w_scales, w_sums, bias=None, *, out):
+    out.copy_(_qlinear(x, w_packed, w_scales, w_sums, bias))
+    return out
+
+
+@torch.library.register_fake(f"{NAMESPACE}::qlinear")
+def _qlinear_fake(x, w_packed, w_scales, w_sums, bias=None):
+    return x.new_empty((*x.shape[:-1], w_scales.shape[0]))
+
+
+def packed_shape(n: int, k: int) -> tuple[int, int, int]:
+    """``w_packed``'s shape for an (n, k) weight: (ceil(n / 16), ceil(k / 4), 64)."""
+    return (-(-n // QBLOCK), -(-k // QGROUP), QBLOCK * QGROUP)
+
+
+def pack_int8(wq: torch.Tensor) -> torch.Tensor:
+    """int8 (n, k) codes -> ``w_packed`` (zero past n or k): block b, group g holds wq[16 b + j, 4 g + t] at 4 j + t."""
+    n, k = wq.shape
+    nb, g, _ = packed_shape(n, k)
+    padded = torch.zeros(nb * QBLOCK, g * QGROUP, dtype=torch.int8)
+    padded[:n, :k] = wq
+    return padded.reshape(nb, QBLOCK, g, QGROUP).permute(0, 2, 1, 3).reshape(nb, g, QBLOCK * QGROUP).contiguous()
+
+
+def unpack_int8(w_packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``pack_int8``'s inverse: the (n, k) int8 codes."""
+    nb, g, _ = w_packed.shape
+    return w_packed.reshape(nb, g, QBLOCK, QGROUP).permute(0, 2, 1, 3).reshape(nb * QBLOCK, g * QGROUP)[:n, :k]
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float (n, k) weight -> (w_packed, w_scales, w_sums): int8 per output channel, symmetric (-127..127,
+    scale = max |w| / 127, as XNNPACK's quantizer's per-channel weights)."""
+    w = w.detach().float()
+    scales = w.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    wq = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return pack_int8(wq), scales, wq.to(torch.int32).sum(1, dtype=torch.int32)
+
+
 _loaded: ctypes.CDLL | None = None
 _lock = threading.Lock()
 
@@ -103,6 +175,7 @@ FOLD = torch.ops.crisp.fold_.default
 KERNEL_NAMES = {
     f"{NAMESPACE}.rowmajor_linear.default": f"{NAMESPACE}::rowmajor_linear.out",
     f"{NAMESPACE}.fold_.default": f"{NAMESPACE}::fold_",  # mutates its arguments: registered under its own name
+    f"{NAMESPACE}.qlinear.default": f"{NAMESPACE}::qlinear.out",
 }
 
 
