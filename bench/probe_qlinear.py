@@ -33,14 +33,12 @@ class QLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        packed, scales, sums = custom_ops.quantize_weight(linear.weight)
-        self.register_buffer("w_packed", packed)
-        self.register_buffer("w_scales", scales)
-        self.register_buffer("w_sums", sums)
+        self.n = linear.out_features
+        self.register_buffer("w", custom_ops.quantize_weight(linear.weight))
         self.register_buffer("bias", linear.bias.detach().clone())
 
     def forward(self, x):
-        return torch.ops.crisp.qlinear(x, self.w_packed, self.w_scales, self.w_sums, self.bias)
+        return torch.ops.crisp.qlinear(x, self.w, self.bias, self.n)
 
 
 def programs(tokens: int, d_in: int, d_out: int):
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         fx, fc = (p.load_method("forward") for p in keep[-2:])
         yx, yc = fx.execute([x])[0], fc.execute([x])[0]
         ref = lin(x).detach()
-        yr = custom_ops._qlinear(x, *[getattr(QLinear(lin), b) for b in ("w_packed", "w_scales", "w_sums", "bias")])
+        yr = custom_ops._qlinear(x, custom_ops.quantize_weight(lin.weight), lin.bias.detach(), n)
         rows[name] = {"tokens": t, "d_in": k, "d_out": n, "xnnpack_ops_outside": ops_x["forward"],
                       "crisp_ops_outside": ops_c["forward"],
                       "max_abs_crisp_vs_reference": float((yc - yr).abs().max()),

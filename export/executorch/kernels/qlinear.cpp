@@ -1,22 +1,24 @@
-// crisp::qlinear.out(x, w_packed, w_scales, w_sums, bias?, *, out): an int8 linear whose weights are read in
+// crisp::qlinear.out(x, w, bias?, n, *, out): an int8 linear whose weights are read in
 // place from crisp-edge's own packed layout, so a swappable bundle's set_task can rewrite them (XNNPACK packs a
 // quantized linear's weights once, at load, and would keep running the load-time task).
 //
-//   y[r, o] = sx[r] * w_scales[o] * (sum_k xq[r, k] * Wq[o, k] - zx[r] * w_sums[o]) + bias[o]
+//   y[r, o] = sx[r] * scales[o] * (sum_k xq[r, k] * Wq[o, k] - zx[r] * sums[o]) + bias[o]
 //
 // x is quantized per row (per token) at run time to uint8 with a zero point (asymmetric over [min(x, 0),
 // max(x, 0)], as XNNPACK's qd8), the weights are int8 per output channel (symmetric, -127..127).
 //
-// The packed layout ("vnni16"): w_packed (ceil(N / 16), ceil(K / 4), 64) int8, block b, input group g holds
-// Wq[16 b + j, 4 g + t] at 4 j + t (zero past N or K): one 64-byte row per group is the 16 output lanes of one
-// AVX-512 VNNI vpdpbusd (u8 x s8, 4 products per int32 lane) or two of AVX-VNNI's 256-bit form. w_sums[o] is
-// sum_k Wq[o, k] (the zero-point correction, precomputed when the weights are written). The layout is
-// crisp-edge's, not XNNPACK's: whoever writes the weights (crisp::fold_quant_, custom_ops.pack_int8) packs them.
+// The packed layout ("vnni16", qlinear.h): w is one int8 buffer per layer, [codes | scales | sums]. codes:
+// (ceil(N / 16), ceil(K / 4), 64), block b, input group g holding Wq[16 b + j, 4 g + t] at 4 j + t (zero past N
+// or K): one 64-byte row per group is the 16 output lanes of one AVX-512 VNNI vpdpbusd (u8 x s8, 4 products per
+// int32 lane). scales: N float32; sums: N int32, sum_k Wq[o, k] (the zero-point correction, precomputed when
+// the weights are written). One buffer, so set_task writes one tensor per layer (crisp::fold_quant_) and the
+// layout is crisp-edge's, not XNNPACK's: whoever writes the weights (fold_quant.cpp, custom_ops.pack_int8) packs.
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "crisp_kernels.h"
+#include "qlinear.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -29,8 +31,8 @@ using executorch::runtime::KernelRuntimeContext;
 
 namespace {
 
-constexpr int64_t kBlock = 16;  // outputs per packed block
-constexpr int64_t kGroup = 4;   // input channels per packed group
+using crisp_q::kBlock;
+using crisp_q::kGroup;
 #ifndef MR_MAX
 #define MR_MAX 8
 #endif
@@ -236,26 +238,27 @@ Gemm pick_gemm() {
   return gemm_portable;
 }
 
-Tensor& qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& w, const Tensor& ws,
-                    const Tensor& wsum, const executorch::aten::optional<Tensor>& bias, Tensor& out) {
+Tensor& qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& w,
+                    const executorch::aten::optional<Tensor>& bias, int64_t n, Tensor& out) {
   ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && w.scalar_type() == ScalarType::Char &&
-                      ws.scalar_type() == ScalarType::Float && wsum.scalar_type() == ScalarType::Int &&
-                      out.scalar_type() == ScalarType::Float, InvalidArgument, out,
-                      "crisp::qlinear: x, w_scales float32, w_packed int8, w_sums int32");
-  const int64_t n = ws.numel(), k = x.dim() >= 1 ? x.size(x.dim() - 1) : 0, kp = (k + kGroup - 1) / kGroup * kGroup;
-  ET_KERNEL_CHECK_MSG(ctx, w.dim() == 3 && w.size(0) == (n + kBlock - 1) / kBlock && w.size(1) == kp / kGroup &&
-                      w.size(2) == kBlock * kGroup && wsum.numel() == n, InvalidArgument, out,
-                      "crisp::qlinear: w_packed is not (ceil(N/16), ceil(K/4), 64) for x's K and N w_scales");
+                      out.scalar_type() == ScalarType::Float && x.dim() >= 1 && n > 0, InvalidArgument, out,
+                      "crisp::qlinear: x float32 (..., K), w int8, n > 0");
+  const int64_t k = x.size(x.dim() - 1), kp = (k + kGroup - 1) / kGroup * kGroup;
+  ET_KERNEL_CHECK_MSG(ctx, k > 0 && w.numel() == crisp_q::buffer_bytes(n, k), InvalidArgument, out,
+                      "crisp::qlinear: w is not the packed buffer of an (n, K) weight");
   ET_KERNEL_CHECK_MSG(ctx, !bias.has_value() || (bias.value().scalar_type() == ScalarType::Float &&
-                      bias.value().numel() == n), InvalidArgument, out, "crisp::qlinear: bias is not float32 (N,)");
-  const int64_t m = k ? x.numel() / k : 0;
+                      bias.value().numel() == n), InvalidArgument, out, "crisp::qlinear: bias is not float32 (n,)");
+  const int64_t m = x.numel() / k;
   ET_KERNEL_CHECK_MSG(ctx, out.numel() == m * n, InvalidArgument, out,
                       "crisp::qlinear: out has the wrong number of elements");
   static const Gemm gemm = pick_gemm();
   thread_local QRows q;  // reused across calls: no allocation per forward once warm
   quantize_rows(x.const_data_ptr<float>(), m, k, kp, q);
-  gemm(q, w.const_data_ptr<int8_t>(), ws.const_data_ptr<float>(), wsum.const_data_ptr<int32_t>(),
-       bias.has_value() ? bias.value().const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), m, n, kp);
+  const int8_t* codes = w.const_data_ptr<int8_t>();
+  const float* scales = reinterpret_cast<const float*>(codes + crisp_q::codes_bytes(n, k));
+  const int32_t* sums = reinterpret_cast<const int32_t*>(scales + n);
+  gemm(q, codes, scales, sums, bias.has_value() ? bias.value().const_data_ptr<float>() : nullptr,
+       out.mutable_data_ptr<float>(), m, n, kp);
   return out;
 }
 
