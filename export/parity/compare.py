@@ -139,6 +139,9 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
                                                   min_top1=MIN_TOP1_LM_INT4),
     ("onnxruntime", "dense", "int8"): Tolerance(ATOL_INT8, MIN_COSINE_INT8, _INT8 + "; ORT quantize_dynamic"),
     ("executorch", "dense", "int8"): Tolerance(ATOL_INT8, MIN_COSINE_INT8, _INT8 + "; XNNPACK dynamic int8 linear"),
+    ("executorch", "swappable", "int8"): Tolerance(
+        ATOL_INT8, MIN_COSINE_INT8, _INT8 + "; crisp::qlinear (the same per-token / per-channel arithmetic as "
+        "XNNPACK's qd8 linear) over int8 weights set_task quantizes from its float fold"),
 }
 
 
