@@ -10,8 +10,10 @@ in one run, 1 thread, batch 1, interleaved rounds (forwards in steady state):
 * accuracy (embedded ViT, real Fashion-MNIST test images): top-1 of each bundle, the drop, and top-1
   agreement of int8 with float32; ViT-S: the parity max |diff| on the stored reference inputs only.
 
-Swappable int8 is refused by both exporters (``crisp_edge.export.quantize`` says why); what it would
-cost is measured here, in the same interleaved run (``_swap_int8.py``): ONNX Runtime's int8 graph with
+ExecuTorch's swappable int8 bundle (crisp::qlinear over int8 buffers set_task writes) is timed in the same
+interleaved run: its forward over the int8 dense program's, a task switch from the file in int8 forwards, and
+on the embedded ViT its accuracy. Where a runtime refuses swappable int8 (``crisp_edge.export.quantize`` says
+why), what it would cost is measured here too (``_swap_int8.py``): ONNX Runtime's int8 graph with
 its weights as inputs (what a switchable int8 forward runs), the least an int8 switch costs (a float32
 fold + per-channel requantization), and reloading a dense int8 model per task in both runtimes; goals:
 swappable int8 <= 1.10x int8 dense, switch <= 0.5 int8 forwards. Writes ``bench/results/quantize.json``.
@@ -81,6 +83,8 @@ def bench_model(name: str, repeats: int, work: Path, eval_limit: int) -> dict:
     alternatives = {**_swap_int8.onnx_cases(bundles[("onnxruntime", "int8")], float_swap, xn["onnxruntime"], work,
                                             lambda: session_options(1)),
                     **_swap_int8.executorch_cases(bundles[("executorch", "int8")])}
+    et_swap, et_swap_session, et_swap_cases = _swap_int8.executorch_swappable(model, x, work, name)
+    alternatives.update(et_swap_cases)
     keep = alternatives.pop("_keep")  # noqa: F841 - the sessions the cases use stay alive meanwhile
     cases.update(alternatives)
     print(f"{name}: timing {repeats} rounds", flush=True)
@@ -117,6 +121,18 @@ def bench_model(name: str, repeats: int, work: Path, eval_limit: int) -> dict:
                                 "agreement": r["agreement"] >= TARGETS["top1_agreement"]})
         result["runtimes"][rt] = r
         print(f"{name} {rt}: {r}", flush=True)
+    et_sw = result["swappable_int8"]["executorch"]
+    et_sw["parity_max_abs"] = et_swap.manifest["parity"]["max_abs"]
+    if accuracy_data is not None:  # the swappable int8 bundle on its own task (the embedded ViT's head)
+        et_swap_session.set_task("default")
+        xs, ys = accuracy_data
+        p8 = top1(et_swap_session, xs, int(x.shape[0]))
+        p32 = top1(sessions[("executorch", "float32")], xs, int(x.shape[0]))
+        et_sw.update({"top1_int8": round(100 * float((p8 == ys.numpy()).mean()), 2),
+                      "top1_drop_points": round(result["runtimes"]["executorch"]["top1_float32"]
+                                                - 100 * float((p8 == ys.numpy()).mean()), 2),
+                      "agreement_vs_float32": round(float((p8 == p32).mean()), 4)})
+    print(f"{name} executorch swappable int8: {et_sw}", flush=True)
     return result
 
 
