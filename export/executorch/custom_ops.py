@@ -123,11 +123,11 @@ def unpack_int8(w: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Te
 
 def quantize_weight(w: torch.Tensor) -> torch.Tensor:
     """A float (n, k) weight -> its int8 buffer: symmetric per output channel (scale = max |w| / 127, 1 for a zero
-    row; codes round(w / scale) in -127..127), as XNNPACK's quantizer's per-channel weights."""
+    row; codes round(w * (1 / scale)) in -127..127), as XNNPACK's quantizer's per-channel weights."""
     w = w.detach().float()
     amax = w.abs().amax(1)
     scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    return pack_int8(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales)
+    return pack_int8(torch.round(w * (1 / scales)[:, None]).clamp(-127, 127).to(torch.int8), scales)
 
 
 # fold_quant_(self, basis, mixers, d_in): an int8 swappable bundle's set_task for one CRISP group

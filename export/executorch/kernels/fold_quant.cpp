@@ -31,15 +31,15 @@ using crisp_q::kBlock;
 using crisp_q::kGroup;
 
 // One row of a float weight quantized symmetric (scale = max |w| / 127, 1 for a zero row; codes round(w / scale),
-// half to even, in -127..127) into codes[0..k); returns the scale, sets the codes' sum. Division as the reference
-// divides (w * (1 / scale) rounds elsewhere).
+// half to even, in -127..127, as w * (1 / scale): one multiply, as the reference computes it) into codes[0..k);
+// returns the scale, sets the codes' sum.
 float quantize_row_portable(const float* w, int64_t k, int8_t* codes, int32_t& sum) {
   float amax = 0.f;
   for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(w[i]));
-  const float scale = amax > 0.f ? amax / 127.f : 1.f;
+  const float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
   int32_t total = 0;
   for (int64_t i = 0; i < k; ++i) {
-    const float c = std::min(127.f, std::max(-127.f, std::nearbyint(w[i] / scale)));
+    const float c = std::min(127.f, std::max(-127.f, std::nearbyint(w[i] * inv)));
     codes[i] = static_cast<int8_t>(c);
     total += static_cast<int32_t>(c);
   }
@@ -59,11 +59,11 @@ __attribute__((target("avx512f,avx512bw"))) float quantize_row_avx512(const floa
   }
   const float amax = _mm512_reduce_max_ps(vmax);
   const float scale = amax > 0.f ? amax / 127.f : 1.f;
-  const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __m512 vs = _mm512_set1_ps(1.f / scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   __m512i vsum = _mm512_setzero_si512();
   for (int64_t i = 0; i < k; i += 16) {
     const __mmask16 m = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
-    __m512 c = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, w + i), vs),
+    __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), vs),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, c)));
     _mm512_mask_cvtsepi32_storeu_epi8(codes + i, m, q);
