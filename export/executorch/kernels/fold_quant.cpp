@@ -30,17 +30,19 @@ namespace {
 using crisp_q::kBlock;
 using crisp_q::kGroup;
 
-// One row of a float weight quantized symmetric (scale = max |w| / 127, 1 for a zero row; codes round(w / scale),
-// half to even, in -127..127, as w * (1 / scale): one multiply, as the reference computes it) into codes[0..k);
-// returns the scale, sets the codes' sum.
-float quantize_row_portable(const float* w, int64_t k, int8_t* codes, int32_t& sum) {
+// One row of a float weight quantized symmetric (scale = max |w| / 127, 1 for a zero row; codes round(w * (1 /
+// scale)), half to even, in -127..127: the reference's arithmetic) straight into its lane of the packed block
+// (blk: the row's 4 bytes of group 0; group g's at blk + 64 g; zero past k); returns the scale, sets the sum.
+constexpr int64_t kGroupStride = kBlock * kGroup;
+
+float quantize_row_portable(const float* w, int64_t k, int8_t* blk, int32_t& sum) {
   float amax = 0.f;
   for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(w[i]));
   const float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
   int32_t total = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    const float c = std::min(127.f, std::max(-127.f, std::nearbyint(w[i] * inv)));
-    codes[i] = static_cast<int8_t>(c);
+  for (int64_t i = 0; i < (k + kGroup - 1) / kGroup * kGroup; ++i) {
+    const float c = i < k ? std::min(127.f, std::max(-127.f, std::nearbyint(w[i] * inv))) : 0.f;
+    blk[(i / kGroup) * kGroupStride + i % kGroup] = static_cast<int8_t>(c);
     total += static_cast<int32_t>(c);
   }
   sum = total;
@@ -49,52 +51,61 @@ float quantize_row_portable(const float* w, int64_t k, int8_t* codes, int32_t& s
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // The same in AVX-512 (the compiler's own vectorisation of the loops above ran at a quarter of the fold's speed:
-// a scalar max chain, 128-bit blends). roundscale to nearest is nearbyint's half to even.
-__attribute__((target("avx512f,avx512bw"))) float quantize_row_avx512(const float* w, int64_t k, int8_t* codes,
+// a scalar max chain, 128-bit blends). roundscale to nearest is nearbyint's half to even; four independent maxima
+// (one chain waits on each vmaxps); each 16 codes leave as four 4-byte stores, one per group.
+__attribute__((target("avx512f,avx512bw"))) float quantize_row_avx512(const float* w, int64_t k, int8_t* blk,
                                                                     int32_t& sum) {
-  __m512 vmax = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 m = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
-    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, w + i)));
+  __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(w + i)));
+    m1 = _mm512_max_ps(m1, _mm512_abs_ps(_mm512_loadu_ps(w + i + 16)));
+    m2 = _mm512_max_ps(m2, _mm512_abs_ps(_mm512_loadu_ps(w + i + 32)));
+    m3 = _mm512_max_ps(m3, _mm512_abs_ps(_mm512_loadu_ps(w + i + 48)));
   }
-  const float amax = _mm512_reduce_max_ps(vmax);
+  for (; i < k; i += 16) {
+    const __mmask16 m = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
+    m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, w + i)));
+  }
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
   const float scale = amax > 0.f ? amax / 127.f : 1.f;
   const __m512 vs = _mm512_set1_ps(1.f / scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   __m512i vsum = _mm512_setzero_si512();
-  for (int64_t i = 0; i < k; i += 16) {
+  const int64_t groups = (k + kGroup - 1) / kGroup;
+  for (i = 0; i < k; i += 16) {
     const __mmask16 m = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
     __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), vs),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, c)));
-    _mm512_mask_cvtsepi32_storeu_epi8(codes + i, m, q);
-    vsum = _mm512_add_epi32(vsum, q);  // lanes past k: 0 / scale = 0
+    vsum = _mm512_add_epi32(vsum, q);  // lanes past k: 0 * inv = 0
+    const __m128i b = _mm512_cvtsepi32_epi8(q);
+    int8_t* dst = blk + (i / kGroup) * kGroupStride;
+    const int64_t left = std::min<int64_t>(4, groups - i / kGroup);
+    int32_t d[4];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), b);
+    for (int64_t g = 0; g < left; ++g) std::memcpy(dst + g * kGroupStride, d + g, 4);
   }
   sum = _mm512_reduce_add_epi32(vsum);
   return scale;
 }
 #endif
 
-float quantize_row(const float* w, int64_t k, int8_t* codes, int32_t& sum) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx512 = __builtin_cpu_supports("avx512bw");
-  if (avx512) return quantize_row_avx512(w, k, codes, sum);
-#endif
-  return quantize_row_portable(w, k, codes, sum);
-}
-
-// Rows [o0, o0 + rows) of a float (N, K) weight (row-major, w pointing at row o0) quantized by quantize_row into
-// buf (the whole layer's buffer): each group of 4 codes one 32-bit store into its block.
+// Rows [o0, o0 + rows) of a float (N, K) weight (row-major, w pointing at row o0) quantized into buf (the whole
+// layer's buffer, qlinear.h).
 void quantize_pack_rows(const float* w, int64_t o0, int64_t rows, int64_t n, int64_t k, int8_t* buf) {
   const int64_t groups = (k + kGroup - 1) / kGroup;
   float* scales = reinterpret_cast<float*>(buf + crisp_q::codes_bytes(n, k));
   int32_t* sums = reinterpret_cast<int32_t*>(scales + n);
-  thread_local std::vector<int8_t> row;
-  row.assign(static_cast<size_t>(groups * kGroup), 0);  // zero past k: the padded group's codes
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512bw");
+  const auto row = avx512 ? quantize_row_avx512 : quantize_row_portable;
+#else
+  const auto row = quantize_row_portable;
+#endif
   for (int64_t q = 0; q < rows; ++q) {
     const int64_t o = o0 + q;
-    scales[o] = quantize_row(w + q * k, k, row.data(), sums[o]);
-    int8_t* blk = buf + (o / kBlock) * groups * kBlock * kGroup + (o % kBlock) * kGroup;
-    for (int64_t g = 0; g < groups; ++g) std::memcpy(blk + g * kBlock * kGroup, row.data() + g * kGroup, kGroup);
+    int8_t* blk = buf + (o / kBlock) * groups * kGroupStride + (o % kBlock) * kGroup;
+    scales[o] = row(w + q * k, k, blk, sums[o]);
   }
 }
 
