@@ -401,7 +401,7 @@ def _swappable_int8(d: dict) -> str:
                      f"{o['switch_estimate_in_int8_forwards']:.2f} (fold {o['switch_parts_in_int8_forwards']['float32_fold']:.2f}"
                      f" + requantize {o['switch_parts_in_int8_forwards']['requantize']:.2f})",
                      f"{o['reload_int8_model_in_int8_forwards']:.2f}", f"{o['float32_dense_forward_in_int8_forwards']:.2f}x"])
-        rows.append([m["model"], "ExecuTorch", "- (weights packed once, at load)", "-",
+        rows.append([m["model"], "ExecuTorch", *_et_swappable_int8(e),
                      f"{e['reload_int8_program_in_int8_forwards']:.2f}", f"{e['float32_dense_forward_in_int8_forwards']:.2f}x"])
     if not rows:
         return ""
@@ -414,9 +414,21 @@ def _swappable_int8(d: dict) -> str:
               f"{t.get('switch_forwards', '-')} int8 forwards. ONNX Runtime: the int8 graph with its MatMulInteger "
               "weights and scales as inputs (ORT pre-packs only constant weights); the switch is a float32 fold plus a "
               "per-channel requantization, the least an int8 fold does. ExecuTorch: XNNPACK packs a quantized linear's "
-              "int8 weights once, at load (a buffer too), and its option for changing weights is float32 only, so a "
-              "`set_task` writing int8 weights would be ignored; the alternative is a dense int8 program per task, "
-              "reloaded.")
+              "int8 weights once, at load (a buffer too), so its swappable int8 bundle runs crisp-edge's own int8 "
+              "linear (`crisp::qlinear`, reading int8 weights in place from its packed buffers) and `set_task` folds and "
+              "quantizes into them (`crisp::fold_quant_`); its row is that bundle measured: forward over the int8 dense "
+              "program's, `set_task` of a task file (read, verified, folded, quantized), top-1 on the embedded ViT's "
+              "test images (float32 -> swappable int8).")
+
+
+def _et_swappable_int8(e: dict) -> list[str]:
+    """The ExecuTorch swappable int8 bundle's forward and switch cells (measured when the run has them)."""
+    if "swappable_int8_vs_int8_dense" not in e:
+        return ["- (weights packed once, at load)", "-"]
+    acc = (f"; top-1 drop {e['top1_drop_points']:.2f} pt, {e['agreement_vs_float32'] * 100:.1f}% agree"
+           if "top1_drop_points" in e else "")
+    return [f"{e['swappable_int8_vs_int8_dense']:.2f}x (crisp::qlinear){acc}",
+            f"{e['switch_from_file_in_int8_forwards']:.2f} (measured, from the file)"]
 
 
 MINILM_NAMES = {"head": "head only", "crisp_s2": "CRISP mixers s=2 + head", "crisp_s3": "CRISP mixers s=3 + head",

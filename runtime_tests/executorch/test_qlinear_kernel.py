@@ -120,3 +120,23 @@ def test_fold_quant_writes_the_quantized_fold(d_out, d_in, n, r, s):
         a = custom_ops.unpack_int8(codes[i * size:(i + 1) * size], d_out, d_in)[0].int()
         b = custom_ops.unpack_int8(prog.bufs("q")[i], d_out, d_in)[0].int()
         assert (a - b).abs().max() <= 1
+
+
+def test_portable_paths_equal_the_avx512_paths(tmp_path):
+    """The portable loops (an aarch64 build's, the runner's cross build) compute what the AVX-512 paths this machine
+    runs compute: weight and activation codes byte for byte, the products to float rounding (qlinear_paths.cpp)."""
+    import subprocess
+    from pathlib import Path
+
+    import executorch
+
+    if not all(f in Path("/proc/cpuinfo").read_text() for f in ("avx512_vnni", "avx512bw")):
+        pytest.skip("the AVX-512 VNNI paths need a CPU that has them; the portable ones are what runs here")
+    et = Path(list(executorch.__path__)[0])
+    exe = tmp_path / "paths"
+    subprocess.run(["g++", "-std=c++17", "-O2", "-fopenmp-simd", "-Wno-deprecated-declarations", "-o", str(exe),
+                    str(Path(__file__).with_name("qlinear_paths.cpp")), f"-I{et}/include",
+                    f"-I{et}/include/executorch/runtime/core/portable_type/c10", "-DC10_USING_CUSTOM_GENERATED_MACROS",
+                    f"-L{et}/lib", f"-Wl,-rpath,{et}/lib", "-lexecutorch"], check=True, capture_output=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

@@ -113,10 +113,19 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows_avx512(const floa
 }
 #endif
 
-void quantize_rows(const float* X, int64_t m, int64_t k, int64_t kp, QRows& q) {
+void size_rows(int64_t m, int64_t kp, QRows& q) {
   q.codes.resize(static_cast<size_t>(m * kp));
   q.scale.resize(m);
   q.zero.resize(m);
+}
+
+[[maybe_unused]] void quantize_rows_portable_sized(const float* X, int64_t m, int64_t k, int64_t kp, QRows& q) {
+  size_rows(m, kp, q);
+  quantize_rows_portable(X, m, k, kp, q);
+}
+
+void quantize_rows(const float* X, int64_t m, int64_t k, int64_t kp, QRows& q) {
+  size_rows(m, kp, q);
 #ifdef CRISP_X86
   static const bool avx512 = __builtin_cpu_supports("avx512bw");
   if (avx512) return quantize_rows_avx512(X, m, k, kp, q);
