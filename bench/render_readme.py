@@ -406,8 +406,11 @@ def _swappable_int8(d: dict) -> str:
     if not rows:
         return ""
     t = d["targets"]
-    return ("\n\nSwappable int8 is refused by both exporters, with the reason; what it would cost, in int8 dense "
-            "forwards, same run:\n\n"
+    et = any("swappable_int8_vs_int8_dense" in m.get("swappable_int8", {}).get("executorch", {}) for m in d["models"])
+    lead = ("Swappable int8: ExecuTorch's bundle measured; ONNX Runtime refuses it, with the reason, and what it would "
+            "cost is measured" if et else "Swappable int8 is refused by both exporters, with the reason; what it would "
+            "cost")
+    return (f"\n\n{lead}, in int8 dense forwards, same run:\n\n"
             + _table(["model", "runtime", "forward with changeable int8 weights", "int8 switch, at least",
                       "reload a dense int8 model per task", "float32 forward (a float32 swappable bundle)"], rows)
             + f"\n\nGoals: swappable int8 <= {t.get('swappable_ratio', '-')}x int8 dense, switch <= "

@@ -176,9 +176,10 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights).")
     quantize = check_scheme(quantize, mode, "ExecuTorch", QUANT_MODES, QUANT_REFUSALS, lm=is_causal_lm(model))
     if quantize is not None and mode != "dense" and is_causal_lm(model):
-        raise ConfigError(f"quantize={quantize!r} mode={mode!r}: a language model's quantized bundles are dense (the "
-                          "swappable int8 program's kernels are made for a ViT's many tokens per call). Export it "
-                          f"mode='dense' with quantize={quantize!r}, or float32 swappable.")
+        raise ConfigError(f"quantize={quantize!r} mode={mode!r}: XNNPACK packs a quantized linear's weights once, at "
+                          "load, so a set_task writing them would be ignored; crisp-edge's own int8 linear, which a "
+                          "swappable int8 ViT runs instead, is made for many tokens per call, not a language model's "
+                          f"decode step. Export it mode='dense' with quantize={quantize!r}, or float32 swappable.")
     if quantize is not None and recipe not in QUANT_RECIPES[quantize]:
         raise ConfigError(f"quantize={quantize!r} needs recipe in {QUANT_RECIPES[quantize]} (the portable kernels have "
                           f"no quantized linear); got recipe={recipe!r}.")

@@ -33,7 +33,9 @@ MODES: dict[str, tuple[str, ...]] = {"int8": ("dense", "swappable"), "int4": ("d
 RECIPES: dict[str, tuple[str, ...]] = {"int8": ("xnnpack",), "int4": ("xnnpack",)}
 #: Why the other modes are refused.
 REFUSALS: dict[str, str] = {
-    "swappable": "int4 is a language-model scheme exported dense only.",
+    "swappable": "XNNPACK packs a quantized linear's weights once, at load, so a set_task writing them would be ignored; "
+                 "crisp-edge's own linear that a swappable int8 bundle runs instead (crisp::qlinear) takes 8-bit "
+                 "weights only.",
     "factored": "A factored program computes its weights on every forward, and XNNPACK's quantized linear takes "
                 "only weights it packs once, at load.",
 }
