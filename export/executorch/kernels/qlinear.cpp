@@ -165,8 +165,7 @@ __attribute__((target("avx512f,avx512vnni"))) inline void dpbusd(__m512i& acc, _
 }
 
 // AVX-512 VNNI: a tile of MR rows x NB blocks (16 NB outputs) in MR * NB zmm accumulators; per input group,
-// NB 64-byte weight loads, MR 4-byte broadcasts of x, MR * NB vpdpbusd. Columns outer, rows inner: a
-// column panel's weights (K * 16 NB bytes) stay in cache while every row passes over them.
+// NB 64-byte weight loads, MR 4-byte broadcasts of x, MR * NB vpdpbusd.
 template <int MR, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile512(
     const QRows& q, const int8_t* W, const float* ws, const int32_t* wsum, const float* bias, float* Y, int64_t r0,
@@ -202,17 +201,20 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile512(
   }
 }
 
-template <int MR>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void cols512(const QRows& q, const int8_t* W, const float* ws,
+template <int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows512(const QRows& q, const int8_t* W, const float* ws,
                                                                     const int32_t* wsum, const float* bias, float* Y,
-                                                                    int64_t r0, int64_t n, int64_t kp) {
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  int64_t b = 0;
-  for (; b + NB_MAX <= blocks; b += NB_MAX) tile512<MR, NB_MAX>(q, W, ws, wsum, bias, Y, r0, b, n, kp);
-  switch (blocks - b) {
-    case 3: tile512<MR, 3>(q, W, ws, wsum, bias, Y, r0, b, n, kp); break;
-    case 2: tile512<MR, 2>(q, W, ws, wsum, bias, Y, r0, b, n, kp); break;
-    case 1: tile512<MR, 1>(q, W, ws, wsum, bias, Y, r0, b, n, kp); break;
+                                                                    int64_t m, int64_t b0, int64_t n, int64_t kp) {
+  int64_t r = 0;
+  for (; r + MR_MAX <= m; r += MR_MAX) tile512<MR_MAX, NB>(q, W, ws, wsum, bias, Y, r, b0, n, kp);
+  switch (m - r) {  // the last rows in one pass
+    case 7: tile512<7, NB>(q, W, ws, wsum, bias, Y, r, b0, n, kp); break;
+    case 6: tile512<6, NB>(q, W, ws, wsum, bias, Y, r, b0, n, kp); break;
+    case 5: tile512<5, NB>(q, W, ws, wsum, bias, Y, r, b0, n, kp); break;
+    case 4: tile512<4, NB>(q, W, ws, wsum, bias, Y, r, b0, n, kp); break;
+    case 3: tile512<3, NB>(q, W, ws, wsum, bias, Y, r, b0, n, kp); break;
+    case 2: tile512<2, NB>(q, W, ws, wsum, bias, Y, r, b0, n, kp); break;
+    case 1: tile512<1, NB>(q, W, ws, wsum, bias, Y, r, b0, n, kp); break;
     default: break;
   }
 }
@@ -220,17 +222,15 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void cols512(const QRows&
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemm_avx512vnni(
     const QRows& q, const int8_t* W, const float* ws, const int32_t* wsum, const float* bias, float* Y, int64_t m,
     int64_t n, int64_t kp) {
-  // Rows outer: a tile's MR rows of codes stay in L1 while the weights stream past them from L2.
-  int64_t r = 0;
-  for (; r + MR_MAX <= m; r += MR_MAX) cols512<MR_MAX>(q, W, ws, wsum, bias, Y, r, n, kp);
-  switch (m - r) {  // the last rows in one pass
-    case 7: cols512<7>(q, W, ws, wsum, bias, Y, r, n, kp); break;
-    case 6: cols512<6>(q, W, ws, wsum, bias, Y, r, n, kp); break;
-    case 5: cols512<5>(q, W, ws, wsum, bias, Y, r, n, kp); break;
-    case 4: cols512<4>(q, W, ws, wsum, bias, Y, r, n, kp); break;
-    case 3: cols512<3>(q, W, ws, wsum, bias, Y, r, n, kp); break;
-    case 2: cols512<2>(q, W, ws, wsum, bias, Y, r, n, kp); break;
-    case 1: cols512<1>(q, W, ws, wsum, bias, Y, r, n, kp); break;
+  // Columns outer: a panel of NB_MAX blocks' weights (K * 16 NB_MAX bytes: 18 KB at K = 384) stays in L1 while
+  // every row's codes pass over it; the weights leave L2 once per call, not once per row tile.
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  int64_t b = 0;
+  for (; b + NB_MAX <= blocks; b += NB_MAX) rows512<NB_MAX>(q, W, ws, wsum, bias, Y, m, b, n, kp);
+  switch (blocks - b) {
+    case 3: rows512<3>(q, W, ws, wsum, bias, Y, m, b, n, kp); break;
+    case 2: rows512<2>(q, W, ws, wsum, bias, Y, m, b, n, kp); break;
+    case 1: rows512<1>(q, W, ws, wsum, bias, Y, m, b, n, kp); break;
     default: break;
   }
 }
