@@ -15,9 +15,12 @@ ONNX Runtime: the swappable int8 bundle (``export_onnx(mode="swappable", quantiz
 ExecuTorch
   * ``reload_int8``: ``load_program`` + ``load_method("forward")`` of the int8 dense program (XNNPACK packs
     its int8 weights at load). XNNPACK's partitioner counts a buffer as a static weight
-    (``backends/xnnpack/utils/utils.py``: ``is_param_node``) and packs it once, at load; its only option for
-    changing weights, ``force_non_static_weights_for_f32_linear``, is for float32 linears. An int8 weight
-    buffer written by ``set_task`` would be ignored by the int8 kernels.
+    (``backends/xnnpack/utils/utils.py``: ``is_param_node``) and packs it once, at load, so the swappable int8
+    bundle runs crisp-edge's own int8 linear instead (``crisp::qlinear`` over buffers ``set_task`` writes with
+    ``crisp::fold_quant_``, ``export/executorch/custom_ops.py``).
+  * ``swappable_int8``: that bundle's forward (steady state), against the int8 dense program's.
+  * ``switch_int8_from_file``: its ``set_task(path)`` of a task file, as a user pays it (reading and verifying
+    the ``.ptd``, then the fold + quantize), alternating two tasks.
 """
 from __future__ import annotations
 
@@ -85,6 +88,27 @@ def executorch_cases(int8_bundle) -> dict:
     return {"executorch/reload_int8": reload}
 
 
+def executorch_swappable(model, x, work: Path, name: str):
+    """(the int8 swappable ExecuTorch bundle of ``model`` with tasks t1 and t2, a session on it, its cases)."""
+    from crisp_edge.export import export_executorch
+    from crisp_edge.testing import make_task_file
+
+    tasks = [make_task_file(model, work / f"{name}_t{i}.mixers.safetensors", task=f"t{i}", seed=i) for i in (1, 2)]
+    bundle = export_executorch(model, work / f"{name}_et_swap_int8", mode="swappable", quantize="int8",
+                               example_input=x, tasks=tasks)
+    sess = bundle.session(threads=1)
+    sess.set_task("default")
+    paths = [bundle.path / "tasks" / f"t{i}.ptd" for i in (1, 2)]
+    state = {"i": 0}
+
+    def switch() -> float:
+        state["i"] += 1
+        return timed(lambda: sess.set_task(paths[state["i"] % 2]))[0]
+
+    return bundle, sess, {"executorch/swappable_int8": steady(lambda: sess(x)),
+                          "executorch/switch_int8_from_file": switch}
+
+
 def summarize(med: dict, targets: dict) -> dict:
     """Per runtime: swappable int8 in int8 dense forwards (ONNX Runtime), and whether it meets the goals."""
     i8 = med["onnxruntime/int8"]["median"]
@@ -105,7 +129,11 @@ def summarize(med: dict, targets: dict) -> dict:
     out["executorch"] = {
         "reload_int8_program_in_int8_forwards": round(med["executorch/reload_int8"]["median"] / e8, 4),
         "float32_dense_forward_in_int8_forwards": round(med["executorch/float32"]["median"] / e8, 4),
-        "mutable_int8_weights": "not runnable: XNNPACK packs a quantized linear's int8 weights (a buffer "
-                                "included) once at load; force_non_static_weights_for_f32_linear is float32 only",
     }
+    if "executorch/swappable_int8" in med:
+        fwd = med["executorch/swappable_int8"]["median"] / e8
+        switch = med["executorch/switch_int8_from_file"]["median"] / e8
+        out["executorch"].update({
+            "swappable_int8_vs_int8_dense": round(fwd, 4), "switch_from_file_in_int8_forwards": round(switch, 4),
+            "meets": {"forward": fwd <= targets["swappable_ratio"], "switch_from_file": switch <= targets["switch_forwards"]}})
     return out

@@ -10,12 +10,12 @@ in one run, 1 thread, batch 1, interleaved rounds (forwards in steady state):
 * accuracy (embedded ViT, real Fashion-MNIST test images): top-1 of each bundle, the drop, and top-1
   agreement of int8 with float32; ViT-S: the parity max |diff| on the stored reference inputs only.
 
-Swappable int8 (ONNX Runtime; ExecuTorch refuses it, ``crisp_edge.export.quantize`` says why) is measured in
-the same interleaved run (``_swap_int8.py``): its forward against the int8 dense bundle's, a task switch and a
-switch from the task file (as a user pays it) in int8 dense forwards, the fold graph's switch (ONNX Runtime
-alone), and reloading a dense int8 model per task in both runtimes; its bytes and (embedded ViT) accuracy as the
-dense int8 bundle's; goals: swappable int8 <= 1.10x int8 dense, switch <= 0.5 int8 forwards. ``--lock PATH``:
-hold an exclusive ``flock`` on PATH while timing (exports and accuracy run outside it). Writes
+Swappable int8 is measured in the same interleaved run (``_swap_int8.py``), for both runtimes: its forward
+against the int8 dense bundle's, a task switch from the task file (as a user pays it: read, verified, folded,
+quantized) in int8 dense forwards, and reloading a dense int8 model per task; ONNX Runtime also a switch alone and
+the fold graph's switch (an app running ONNX Runtime alone); its bytes and (embedded ViT) accuracy as the dense int8
+bundle's. Goals: swappable int8 <= 1.10x int8 dense, switch <= 0.5 int8 forwards. ``--lock PATH``: hold an
+exclusive ``flock`` on PATH while timing (exports and accuracy run outside it). Writes
 ``bench/results/quantize.json``.
 
     .venv/bin/python bench/bench_quantize.py [--models embedded vit_small] [--repeats 30] [--eval-limit 2000]
@@ -91,6 +91,19 @@ def session_is_onnx(session) -> bool:
     return type(session).__name__ == "OnnxCrispSession"
 
 
+def _swappable_accuracy(sess, float_sess, accuracy_data, batch: int) -> dict:
+    """Top-1 of a swappable int8 session against the float32 dense one on the same images, and its goals."""
+    xs, ys = accuracy_data
+    p32, p8 = top1(float_sess, xs, batch), top1(sess, xs, batch)
+    y = ys.numpy()
+    r = {"eval_images": len(y), "top1_float32": round(100 * float((p32 == y).mean()), 2),
+         "top1_swappable_int8": round(100 * float((p8 == y).mean()), 2), "agreement": round(float((p8 == p32).mean()), 4)}
+    r["top1_drop_points"] = round(r["top1_float32"] - r["top1_swappable_int8"], 2)
+    r["meets_accuracy"] = {"top1_drop": r["top1_drop_points"] <= TARGETS["top1_drop_points"],
+                           "agreement": r["agreement"] >= TARGETS["top1_agreement"]}
+    return r
+
+
 def bench_model(name: str, repeats: int, work: Path, eval_limit: int, lock: str | None = None) -> dict:
     _, model, config, x = load_bench_model(name)
     print(f"{name}: exporting float32 and int8 bundles for both runtimes, and a swappable int8 ONNX bundle", flush=True)
@@ -101,6 +114,8 @@ def bench_model(name: str, repeats: int, work: Path, eval_limit: int, lock: str 
     alternatives = {**_swap_int8.onnx_cases(bundles[("onnxruntime", "int8")], swap_int8, xn["onnxruntime"],
                                             lambda: session_options(1)),
                     **_swap_int8.executorch_cases(bundles[("executorch", "int8")])}
+    et_swap, et_swap_session, et_swap_cases = _swap_int8.executorch_swappable(model, x, work, name)
+    alternatives.update(et_swap_cases)
     keep = alternatives.pop("_keep")
     cases.update(alternatives)
     print(f"{name}: timing {repeats} rounds", flush=True)
@@ -141,19 +156,17 @@ def bench_model(name: str, repeats: int, work: Path, eval_limit: int, lock: str 
     o.update({"bytes_swappable_int8": bundle_bytes(swap_int8),
               "bytes_ratio_to_float32_dense": round(bundle_bytes(swap_int8) / bundle_bytes(bundles[("onnxruntime", "float32")]), 4),
               "parity_max_abs": swap_int8.manifest["parity"]["max_abs"], "tolerance": swap_int8.manifest["tolerance"]})
-    if accuracy_data is not None:
-        sess = keep[0]
-        sess.set_task("default")  # the exported model's own mixers: the model the dense bundles hold
-        xs, ys = accuracy_data
-        p32, p8 = top1(sessions[("onnxruntime", "float32")], xs, int(x.shape[0])), top1(sess, xs, int(x.shape[0]))
-        y = ys.numpy()
-        o.update({"eval_images": len(y), "top1_float32": round(100 * float((p32 == y).mean()), 2),
-                  "top1_swappable_int8": round(100 * float((p8 == y).mean()), 2),
-                  "agreement": round(float((p8 == p32).mean()), 4)})
-        o["top1_drop_points"] = round(o["top1_float32"] - o["top1_swappable_int8"], 2)
-        o["meets"].update({"top1_drop": o["top1_drop_points"] <= TARGETS["top1_drop_points"],
-                           "agreement": o["agreement"] >= TARGETS["top1_agreement"]})
-    print(f"{name} swappable int8: {o}", flush=True)
+    e = result["swappable_int8"]["executorch"]
+    e.update({"bytes_swappable_int8": bundle_bytes(et_swap),
+              "bytes_ratio_to_float32_dense": round(bundle_bytes(et_swap) / bundle_bytes(bundles[("executorch", "float32")]), 4),
+              "parity_max_abs": et_swap.manifest["parity"]["max_abs"], "tolerance": et_swap.manifest["tolerance"]})
+    if accuracy_data is not None:  # each swappable int8 bundle on the exported model's own mixers ("default")
+        for rt, rec, sess in (("onnxruntime", o, keep[0]), ("executorch", e, et_swap_session)):
+            sess.set_task("default")
+            acc = _swappable_accuracy(sess, sessions[(rt, "float32")], accuracy_data, int(x.shape[0]))
+            rec["meets"].update(acc.pop("meets_accuracy"))
+            rec.update(acc)
+    print(f"{name} swappable int8: {result['swappable_int8']}", flush=True)
     return result
 
 

@@ -390,7 +390,7 @@ def render_quantize(d: dict) -> str:
 
 
 def _swappable_int8(d: dict) -> str:
-    """Swappable int8 against the int8 dense bundle (ONNX Runtime; ExecuTorch refuses it), if the run has it."""
+    """Swappable int8 against the int8 dense bundle, both runtimes, where the run measured it."""
     rows = []
     for m in d["models"]:
         s = m.get("swappable_int8")
@@ -399,14 +399,14 @@ def _swappable_int8(d: dict) -> str:
         o, e = s["onnxruntime"], s["executorch"]
         if "swappable_int8_vs_int8_dense" not in o:  # a run from before ONNX Runtime exported it
             continue
-        acc = (f"{o['top1_float32']:.2f} -> {o['top1_swappable_int8']:.2f} ({o['agreement'] * 100:.1f}% agree)"
-               if "top1_swappable_int8" in o else "-")
         rows.append([m["model"], "ONNX Runtime", f"{o['swappable_int8_vs_int8_dense']:.2f}x",
                      f"{o['switch_in_int8_forwards']:.2f}", f"{o['switch_from_file_in_int8_forwards']:.2f}",
                      f"{o['switch_from_file_graph_fold_in_int8_forwards']:.2f}",
-                     f"{o['reload_int8_model_in_int8_forwards']:.2f}", f"{o['bytes_ratio_to_float32_dense']:.3f}x", acc])
-        rows.append([m["model"], "ExecuTorch", "refused (weights packed once, at load)", "-", "-", "-",
-                     f"{e['reload_int8_program_in_int8_forwards']:.2f}", "-", "-"])
+                     f"{o['reload_int8_model_in_int8_forwards']:.2f}", _bytes_cell(o), _accuracy_cell(o)])
+        if "swappable_int8_vs_int8_dense" in e:
+            rows.append([m["model"], "ExecuTorch", f"{e['swappable_int8_vs_int8_dense']:.2f}x", "-",
+                         f"{e['switch_from_file_in_int8_forwards']:.2f}", "-",
+                         f"{e['reload_int8_program_in_int8_forwards']:.2f}", _bytes_cell(e), _accuracy_cell(e)])
     if not rows:
         return ""
     t = d["targets"]
@@ -415,17 +415,29 @@ def _swappable_int8(d: dict) -> str:
                       "from the file, fold graph (ORT alone)", "reload a dense int8 model per task",
                       "bytes / float32 dense", "top-1 % float32 -> swappable int8"], rows)
             + f"\n\nGoals: swappable int8 <= {t.get('swappable_ratio', '-')}x int8 dense, switch <= "
-              f"{t.get('switch_forwards', '-')} int8 forwards. ONNX Runtime (`quantize=\"int8\"`, mode swappable): the "
-              "dense int8 graph with each CRISP layer's int8 weights and per-channel scales as task inputs (one "
+              f"{t.get('switch_forwards', '-')} int8 forwards. A switch from the file is `set_task` of a task file as a "
+              "user pays it (read, verified, folded, quantized). ONNX Runtime (`quantize=\"int8\"`, mode swappable): "
+              "the dense int8 graph with each CRISP layer's int8 weights and per-channel scales as task inputs (one "
               "`DynamicQuantizeMatMul` a layer, its bias taken in), bound once per switch; ORT pre-packs only constant "
-              "weights. A switch is crisp-edge's fused fold+quantize kernel (the float weights never written to memory); "
-              "from the file adds reading and verifying the task file, as a user pays it; the fold graph column is an "
-              "app running ONNX Runtime alone (the bases dequantized, the float fold, then the per-channel quantization in the "
-              "graph). Bytes: the bundle stores its bases as int8 with one scale per basis term (full capacity here: "
-              "as many numbers as the dense weights), so the switch folds already quantized bases. ExecuTorch: XNNPACK "
-              "packs a quantized linear's int8 weights once, at load (a buffer too), and its option for changing weights "
-              "is float32 only, so a `set_task` writing int8 weights would be ignored; the alternative is a dense int8 "
-              "program per task, reloaded.")
+              "weights. Its switch is crisp-edge's fused fold+quantize kernel (the float weights never written to "
+              "memory); the fold graph column is an app running ONNX Runtime alone (the bases dequantized, the float "
+              "fold, then the per-channel quantization in the graph). Its bundle stores the bases as int8 with one "
+              "scale per basis term (full capacity here: as many numbers as the dense weights). ExecuTorch: XNNPACK "
+              "packs a quantized linear's int8 weights once, at load (a buffer too), so the swappable int8 program runs "
+              "crisp-edge's own int8 linear (`crisp::qlinear`, int8 weights read in place from packed buffers) and "
+              "`set_task` folds and quantizes into them (`crisp::fold_quant_`); its bases, head and patch embedding "
+              "stay float32, hence its bytes.")
+
+
+def _bytes_cell(r: dict) -> str:
+    return f"{r['bytes_ratio_to_float32_dense']:.3f}x" if "bytes_ratio_to_float32_dense" in r else "-"
+
+
+def _accuracy_cell(r: dict) -> str:
+    """Top-1 float32 -> swappable int8 and the agreement, where the run measured it (real test data)."""
+    if "top1_swappable_int8" not in r:
+        return "-"
+    return f"{r['top1_float32']:.2f} -> {r['top1_swappable_int8']:.2f} ({r['agreement'] * 100:.1f}% agree)"
 
 
 MINILM_NAMES = {"head": "head only", "crisp_s2": "CRISP mixers s=2 + head", "crisp_s3": "CRISP mixers s=3 + head",

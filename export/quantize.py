@@ -33,15 +33,15 @@ A tied ``lm_head`` (SmolLM2) is therefore stored twice: float32 as the embedding
 
 Which modes take which scheme is each runtime's own table (``MODES`` in ``export/onnx/quantize.py`` and
 ``export/executorch/quantize.py``). A factored or swappable bundle computes its weights from the bases and
-mixers at run time (every forward, or every task switch). ONNX Runtime exports ``dense`` and, for int8 on a
-vision or encoder model, ``swappable`` (``export/onnx/swap_int8.py``): the dense int8 graph with its
-MatMulInteger weights and per-channel scales as task inputs, written at each switch by crisp-edge's fused
-fold+quantize kernel (or by the fold graph's in-graph quantization where ONNX Runtime runs alone); measured in
-``bench/results/quantize.json`` (``swappable_int8``). Each runtime module says in ``REFUSALS`` why it cannot
-run the other modes' weights through its integer kernels: XNNPACK
-packs a quantized linear's int8 weights once, at load (a buffer included), so a ``set_task`` writing them
-would be ignored by its kernels. A request a runtime cannot honour is refused with that reason and what to
-use instead, never exported in float silently.
+mixers at run time (every forward, or every task switch). Both runtimes export ``dense`` and, for int8 on a
+vision or encoder model, ``swappable``: ONNX Runtime (``export/onnx/swap_int8.py``) the dense int8 graph with
+its MatMulInteger weights and per-channel scales as task inputs, written at each switch by crisp-edge's fused
+fold+quantize kernel (or by the fold graph's in-graph quantization where ONNX Runtime runs alone); ExecuTorch,
+whose XNNPACK packs a quantized linear's int8 weights once, at load (a buffer included), runs crisp-edge's own
+int8 linear over buffers ``set_task`` writes (``crisp::qlinear``, ``crisp::fold_quant_``,
+``export/executorch/custom_ops.py``). Measured in ``bench/results/quantize.json`` (``swappable_int8``). Each
+runtime module says in ``REFUSALS`` why it refuses the other modes (factored; a language model's swappable
+quantized bundle). A request a runtime cannot honour is refused with that reason and what to use instead, never exported in float silently.
 """
 from __future__ import annotations
 

@@ -13,6 +13,11 @@ Operators (namespace ``crisp``):
 - ``rowmajor_linear(x, w)``: ``x @ w.T`` with ``w`` read in place in its (d_out, d_in) layout. XNNPACK packs a
   weight that is not a constant on every call; for one token per call (a language model's decode step over a
   swappable bundle's task weights) that packing costs about twice the product, and this kernel skips it.
+- ``qlinear(x, w, bias, n)``: an int8 linear (x quantized per token at run time, int8 weights per output channel)
+  reading ``w``, one int8 buffer in crisp-edge's packed layout (``kernels/qlinear.h``), in place: XNNPACK packs a
+  quantized linear's weights once, at load, so a ``set_task`` writing them would be ignored; this reads them as
+  they are. ``fold_quant_(weights, basis, mixers, d_in)`` is ``fold_`` for those buffers: each layer's weight
+  folded and quantized into its packed buffer (an int8 swappable bundle's ``set_task``).
 """
 from __future__ import annotations
 
@@ -44,6 +49,101 @@ def _rowmajor_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _rowmajor_linear_out(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
     out.copy_(torch.nn.functional.linear(x, w))
     return out
+
+
+# qlinear(x, w, bias, n): an int8 linear over a weight buffer in crisp-edge's packed layout (kernels/qlinear.h), read
+# in place (kernels/qlinear.cpp): x quantized per row to uint8 with a zero point at run time (as XNNPACK's qd8),
+# int8 per-output-channel weights. The reference below is the kernel's arithmetic (float64 sums of integers).
+_lib.define("qlinear(Tensor x, Tensor w, Tensor? bias, int n) -> Tensor")
+_lib.define("qlinear.out(Tensor x, Tensor w, Tensor? bias, int n, *, Tensor(a!) out) -> Tensor(a!)")
+QBLOCK, QGROUP = 16, 4  # outputs per packed block, input channels per packed group (kernels/qlinear.h)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes as float, scale, zero point) per row of ``x`` (..., K), as the kernel quantizes them."""
+    lo = x.amin(-1, keepdim=True).clamp(max=0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0)
+    scale = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    inv = 1 / scale
+    zero = torch.round(-lo * inv).clamp(0, 255)
+    return (torch.round(x * inv) + zero).clamp(0, 255), scale, zero
+
+
+def _qlinear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    codes, scale, zero = quantize_rows(x.float())
+    wq, scales, sums = unpack_int8(w, n, x.shape[-1])
+    acc = codes.double() @ wq.double().T - zero.double() * sums.double()
+    y = (acc * (scale.double() * scales.double())).float()
+    return y + bias if bias is not None else y
+
+
+torch.library.impl(_lib, "qlinear", "CompositeExplicitAutograd")(_qlinear)
+
+
+@torch.library.impl(_lib, "qlinear.out", "CompositeExplicitAutograd")
+def _qlinear_out(x, w, bias, n, *, out):
+    out.copy_(_qlinear(x, w, bias, n))
+    return out
+
+
+@torch.library.register_fake(f"{NAMESPACE}::qlinear")
+def _qlinear_fake(x, w, bias, n):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _codes_shape(n: int, k: int) -> tuple[int, int, int]:
+    return (-(-n // QBLOCK), -(-k // QGROUP), QBLOCK * QGROUP)
+
+
+def packed_bytes(n: int, k: int) -> int:
+    """Bytes of an (n, k) layer's buffer: the codes, (ceil(n / 16), ceil(k / 4), 64), then n scales and n sums."""
+    a, b, c = _codes_shape(n, k)
+    return a * b * c + 8 * n
+
+
+def pack_int8(wq: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 (n, k) codes and their float32 (n,) scales -> the layer's buffer (kernels/qlinear.h): block b, group g
+    holds wq[16 b + j, 4 g + t] at 4 j + t (zero past n or k), then the scales, then the codes' row sums (int32)."""
+    n, k = wq.shape
+    nb, g, _ = _codes_shape(n, k)
+    padded = torch.zeros(nb * QBLOCK, g * QGROUP, dtype=torch.int8)
+    padded[:n, :k] = wq
+    codes = padded.reshape(nb, QBLOCK, g, QGROUP).permute(0, 2, 1, 3).reshape(-1)
+    sums = wq.to(torch.int32).sum(1, dtype=torch.int32)
+    return torch.cat([codes, scales.float().contiguous().view(torch.int8), sums.contiguous().view(torch.int8)])
+
+
+def unpack_int8(w: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pack_int8``'s inverse: (the (n, k) int8 codes, the float32 scales, the int32 sums)."""
+    nb, g, c = _codes_shape(n, k)
+    size = nb * g * c
+    codes = w[:size].reshape(nb, g, QBLOCK, QGROUP).permute(0, 2, 1, 3).reshape(nb * QBLOCK, g * QGROUP)[:n, :k]
+    return codes, w[size:size + 4 * n].view(torch.float32), w[size + 4 * n:size + 8 * n].view(torch.int32)
+
+
+def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """A float (n, k) weight -> its int8 buffer: symmetric per output channel (scale = max |w| / 127, 1 for a zero
+    row; codes round(w * (1 / scale)) in -127..127), as XNNPACK's quantizer's per-channel weights."""
+    w = w.detach().float()
+    amax = w.abs().amax(1)
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return pack_int8(torch.round(w * (1 / scales)[:, None]).clamp(-127, 127).to(torch.int8), scales)
+
+
+# fold_quant_(self, basis, mixers, d_in): an int8 swappable bundle's set_task for one CRISP group
+# (kernels/fold_quant.cpp): fold_'s weights, each quantized straight into its layer's int8 buffer.
+_lib.define("fold_quant_(Tensor(a!)[] self, Tensor basis, Tensor mixers, int d_in) -> ()")
+
+
+@torch.library.impl(_lib, "fold_quant_", "CompositeExplicitAutograd")
+def _fold_quant_(self: list[torch.Tensor], basis: torch.Tensor, mixers: torch.Tensor, d_in: int) -> None:
+    for w, m in zip(self, mixers):
+        w.copy_(quantize_weight((basis @ m).reshape(-1, d_in)))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::fold_quant_")
+def _fold_quant_fake(self: list[torch.Tensor], basis: torch.Tensor, mixers: torch.Tensor, d_in: int) -> None:
+    return None
 
 
 _loaded: ctypes.CDLL | None = None
@@ -96,6 +196,8 @@ def _fold_fake(self: list[torch.Tensor], basis: torch.Tensor, mixers: torch.Tens
 
 
 FOLD = torch.ops.crisp.fold_.default
+#: The operators that write a program's buffers in place and return nothing (lowering plans them apart).
+IN_PLACE_FOLDS = (FOLD, torch.ops.crisp.fold_quant_.default)
 
 
 #: crisp-edge's operators as an exported program's graph names them (``non_delegated_ops``) -> the kernel name the
@@ -103,6 +205,8 @@ FOLD = torch.ops.crisp.fold_.default
 KERNEL_NAMES = {
     f"{NAMESPACE}.rowmajor_linear.default": f"{NAMESPACE}::rowmajor_linear.out",
     f"{NAMESPACE}.fold_.default": f"{NAMESPACE}::fold_",  # mutates its arguments: registered under its own name
+    f"{NAMESPACE}.qlinear.default": f"{NAMESPACE}::qlinear.out",
+    f"{NAMESPACE}.fold_quant_.default": f"{NAMESPACE}::fold_quant_",
 }
 
 

@@ -79,6 +79,7 @@ from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, _u
 from crisp_edge.export.executorch.quantize import MODES as QUANT_MODES
 from crisp_edge.export.executorch.quantize import REFUSALS as QUANT_REFUSALS
 from crisp_edge.export.executorch.quantize import RECIPES as QUANT_RECIPES
+from crisp_edge.export.executorch.quantize import SWAPPABLE_INT8_TOOL
 from crisp_edge.export.executorch.quantize import quantize_module
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.quantize import SCHEMES, check_scheme, quantize_record
@@ -152,7 +153,9 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         reference_device, reference_dtype: where and in which dtype the PyTorch reference runs ("auto" =
             CUDA when present; "float64" for a tighter reference), as in ``crisp_edge.export.parity.reference``.
         quantize: None (float32) or "int8" (``crisp_edge.export.quantize``: XNNPACK's int8 per-channel
-            weights with dynamically quantized activations, through PT2E; dense mode, xnnpack recipe), or for a
+            weights with dynamically quantized activations, through PT2E; dense mode, xnnpack recipe; in a
+            swappable bundle the CRISP linears run ``crisp::qlinear`` over int8 buffers that ``set_task`` writes
+            with ``crisp::fold_quant_``, ``executorch/quantize.py`` SWAPPABLE_INT8_TOOL), or for a
             causal language model also "int4" (torchao 8da4w, groups of 32); recorded in the manifest; parity
             then uses the scheme's tolerance.
         checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
@@ -172,6 +175,11 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights).")
     quantize = check_scheme(quantize, mode, "ExecuTorch", QUANT_MODES, QUANT_REFUSALS, lm=is_causal_lm(model))
+    if quantize is not None and mode != "dense" and is_causal_lm(model):
+        raise ConfigError(f"quantize={quantize!r} mode={mode!r}: XNNPACK packs a quantized linear's weights once, at "
+                          "load, so a set_task writing them would be ignored; crisp-edge's own int8 linear, which a "
+                          "swappable int8 ViT runs instead, is made for many tokens per call, not a language model's "
+                          f"decode step. Export it mode='dense' with quantize={quantize!r}, or float32 swappable.")
     if quantize is not None and recipe not in QUANT_RECIPES[quantize]:
         raise ConfigError(f"quantize={quantize!r} needs recipe in {QUANT_RECIPES[quantize]} (the portable kernels have "
                           f"no quantized linear); got recipe={recipe!r}.")
@@ -241,7 +249,10 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
             head = {"path": found[0], "in_features": found[1].in_features, "num_classes": found[1].out_features,
                     "max_classes": cap}
         fp, layout = bases_fingerprint(model), model_layout(model)
-        prog = _SwapProgram(model, names, head["max_classes"] if head else None, bundle_tag(fp, layout)).eval()
+        prog = _SwapProgram(model, names, head["max_classes"] if head else None, bundle_tag(fp, layout),
+                            quantize=quantize).eval()
+        if quantize is not None:
+            quant = quantize_record(quantize, SWAPPABLE_INT8_TOOL)
         view = copy.copy(prog)
         view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
         inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2],

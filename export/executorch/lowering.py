@@ -122,9 +122,10 @@ def _write_back_early(gm: torch.fx.GraphModule):
 
 
 def _is_fold(node: torch.fx.Node) -> bool:
-    from crisp_edge.export.executorch.custom_ops import FOLD
+    from crisp_edge.export.executorch.custom_ops import IN_PLACE_FOLDS
 
-    return node.op == "call_function" and FOLD in (node.target, getattr(node.target, "_op", None))  # edge op: ._op
+    return node.op == "call_function" and any(op in (node.target, getattr(node.target, "_op", None))  # edge op: ._op
+                                              for op in IN_PLACE_FOLDS)
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crisp_edge.export.executorch import custom_ops  # noqa: F401 - defines torch.ops.crisp (set_task's fold)
+from crisp_edge.errors import ConfigError
 from crisp_edge.export.model_io import _Forward
 from crisp_edge.files.mixers import head_module
 from crisp_edge.method.convert import crisp_bases, materialize_
@@ -41,6 +42,22 @@ class _BufLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class _QBufLinear(nn.Module):
+    """An int8 linear whose weight is one int8 buffer in crisp-edge's packed layout (``custom_ops.quantize_weight``:
+    codes, per-output-channel scales, column sums), written by ``set_task`` (``crisp::fold_quant_``) and read in
+    place by ``crisp::qlinear`` (activations quantized per token at run time). XNNPACK's quantized linear would
+    pack a buffer once, at load, and run the load-time task after every switch."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.n, self.k = weight.shape
+        self.register_buffer("weight", custom_ops.quantize_weight(weight))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.crisp.qlinear(x, self.weight, self.bias, self.n)
 
 
 class _RowMajorBufLinear(_BufLinear):
@@ -115,9 +132,11 @@ class _SwapProgram(nn.Module):
     #: Fold with ``crisp::fold_`` where the layout allows (False: stock operators only, for comparisons).
     fused_fold = True
 
-    def __init__(self, model: nn.Module, names: list[str], max_classes: int | None, tag: int = 0) -> None:
+    def __init__(self, model: nn.Module, names: list[str], max_classes: int | None, tag: int = 0,
+                 quantize: str | None = None) -> None:
         super().__init__()
         self.tag = int(tag)
+        self.quantize = quantize  # "int8": the CRISP linears are _QBufLinear, set_task crisp::fold_quant_
         self.register_buffer("task_tag", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("task_guard", torch.ones(1))
         dense = materialize_(copy.deepcopy(model))
@@ -128,9 +147,14 @@ class _SwapProgram(nn.Module):
             bkey = key.replace(".", "_")
             self.bases[bkey] = nn.Parameter(b.weight.detach().clone(), requires_grad=False)
             self.groups.append((key, bkey, list(b.layer_names), b.gate_name, b.placement, b.d_out, b.d_in, b.transpose))
+            if quantize is not None and (b.placement != "pre" or b.transpose):
+                raise ConfigError(f"quantize={quantize!r} swappable: group {key!r} is folded as placement "
+                                  f"{b.placement!r}{', transposed' if b.transpose else ''}; crisp::fold_quant_ takes "
+                                  "placement 'pre', not transposed (every crisp-edge ViT recipe). Export it as float32 "
+                                  "swappable or int8 dense.")
             for n in b.layer_names:
                 lin = dense.get_submodule(n)
-                _replace(dense, n, _BufLinear(lin.weight, lin.bias))
+                _replace(dense, n, (_QBufLinear if quantize else _BufLinear)(lin.weight, lin.bias))
         self.head_path = None
         found = head_module(model)
         if found is not None and max_classes is not None:
@@ -159,6 +183,10 @@ class _SwapProgram(nn.Module):
         XNNPACK 1.92x; ``bench/bench_fold_layouts.py --executorch``, ``bench/results/fold_layouts.json``)."""
         for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
             g = get_gate(gate)
+            if self.quantize:
+                torch.ops.crisp.fold_quant_([self.fwd.model.get_submodule(n).weight for n in layers],
+                                            self.bases[bkey], g.fn(mixers), d_in)
+                continue
             if self.fused_fold and placement == "pre" and not transpose:
                 torch.ops.crisp.fold_([self.fwd.model.get_submodule(n).weight for n in layers], self.bases[bkey],
                                       g.fn(mixers))

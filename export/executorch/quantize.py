@@ -29,17 +29,27 @@ from torch import nn
 from crisp_edge.errors import ConfigError
 
 #: scheme -> the (mode, recipe) pairs ExecuTorch can run it in (see crisp_edge.export.quantize).
-MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",), "int4": ("dense",)}
+MODES: dict[str, tuple[str, ...]] = {"int8": ("dense", "swappable"), "int4": ("dense",)}
 RECIPES: dict[str, tuple[str, ...]] = {"int8": ("xnnpack",), "int4": ("xnnpack",)}
-#: Why the other modes are refused (measured: bench/results/quantize.json, ``swappable_int8``).
+#: Why the other modes are refused.
 REFUSALS: dict[str, str] = {
-    "swappable": "XNNPACK packs a quantized linear's int8 weights once, at load, and its partitioner counts a "
-                 "buffer as a static weight (backends/xnnpack/utils/utils.py is_param_node), with no option to take "
-                 "a changing int8 weight (force_non_static_weights_for_f32_linear is float32 only): a set_task writing "
-                 "int8 weights would be ignored by the int8 kernels, a silent wrong answer. Reloading a dense int8 "
-                 "program per task costs several int8 forwards (bench/results/quantize.json, swappable_int8).",
+    "swappable": "XNNPACK packs a quantized linear's weights once, at load, so a set_task writing them would be ignored; "
+                 "crisp-edge's own linear that a swappable int8 bundle runs instead (crisp::qlinear) takes 8-bit "
+                 "weights only.",
     "factored": "A factored program computes its weights on every forward, and XNNPACK's quantized linear takes "
                 "only weights it packs once, at load.",
+}
+#: The manifest's ``quantize.tool`` of an int8 swappable ViT program. XNNPACK packs a quantized linear's int8
+#: weights once, at load (its partitioner counts a buffer as a static weight, ``is_param_node``), so a set_task
+#: writing them would be ignored: the CRISP linears run crisp-edge's own int8 linear instead
+#: (``custom_ops``: ``crisp::qlinear`` reading each layer's packed buffer in place, ``crisp::fold_quant_`` writing it).
+SWAPPABLE_INT8_TOOL: dict[str, Any] = {
+    "name": "crisp::fold_quant_ (set_task) + crisp::qlinear (forward)",
+    "weights": "int8 symmetric per output channel (scale = max |w| / 127), packed vnni16 (kernels/qlinear.h), "
+               "written by set_task from the float fold",
+    "activations": "uint8 per token with a zero point, quantized at run time (XNNPACK qd8's arithmetic)",
+    "quantized": "every CRISP linear; the head (task weights) and the patch-embedding convolution stay float32 "
+                 "(XNNPACK), as do the attention matmuls (as in the dense int8 program)",
 }
 
 

@@ -208,6 +208,24 @@ def test_clean_bundles_pass_parity(runner, bundles, tmp_path):
 
 
 @pytest.mark.slow
+def test_int8_swappable_bundle_passes_parity_in_the_runner(runner, tmp_path):
+    """The runner compiles crisp-edge's int8 kernels in (crisp::qlinear, crisp::fold_quant_): an int8 swappable
+    XNNPACK bundle switches tasks in C++ and meets its int8 tolerance, task by task."""
+    from crisp_edge.export.executorch.export import export_executorch
+    from crisp_edge.export.executorch.session import write_runner_inputs
+
+    model = toy_model("timm-vit", seed=0, depth=2)
+    ce.retrofit_(model, ce.CrispConfig(default=ce.RoleConfig(s=4, group_size=2)), progress=False)
+    tasks = [make_task_file(model, tmp_path / "t1.safetensors", "t1", 1, 3)]
+    b = export_executorch(model, tmp_path / "q8", mode="swappable", quantize="int8", tasks=tasks).path
+    write_runner_inputs(b, tmp_path / "in")
+    r = run_bundle(runner, b, tmp_path / "o", tmp_path / "in", "t1", "default")
+    assert r.returncode == 0, r.stderr
+    report = check_outputs(b, tmp_path / "o")
+    assert report.passed and report.tasks == ["default", "t1"] and report.tolerance["dtype"] == "int8"
+
+
+@pytest.mark.slow
 def test_bit_flipped_program_is_refused(runner, bundles, tmp_path):
     b = shutil.copytree(bundles["swap"], tmp_path / "b")
     data = bytearray((b / "model.pte").read_bytes())

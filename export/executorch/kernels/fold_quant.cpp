@@ -1,0 +1,162 @@
+// crisp::fold_quant_(Tensor(a!)[] self, Tensor basis, Tensor mixers, int d_in) -> (): an int8 swappable bundle's
+// set_task for one CRISP group in one call. As crisp::fold_ (fold.cpp: W_i = reshape(B @ G(A_i)), the basis read
+// once for the group's n layers, export/kernels/fold_core.h's arithmetic), but the product is folded 16 output
+// rows at a time into a small float scratch (every layer's 16 rows: n * 16 * d_in floats, cache-sized) and each
+// block is quantized per output channel into the layer's packed int8 buffer (qlinear.h: codes, scales, column
+// sums) straight away: no float copy of the weights, and no packing left for forward (crisp::qlinear reads the
+// buffers in place). The codes equal custom_ops.quantize_weight of the float weights crisp::fold_ writes.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../../kernels/fold_core.h"
+#include "crisp_kernels.h"
+#include "qlinear.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+using executorch::aten::ArrayRef;
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::EValue;
+using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::Span;
+
+namespace {
+
+using crisp_q::kBlock;
+using crisp_q::kGroup;
+
+// One row of a float weight quantized symmetric (scale = max |w| / 127, 1 for a zero row; codes round(w * (1 /
+// scale)), half to even, in -127..127: the reference's arithmetic) straight into its lane of the packed block
+// (blk: the row's 4 bytes of group 0; group g's at blk + 64 g; zero past k); returns the scale, sets the sum.
+constexpr int64_t kGroupStride = kBlock * kGroup;
+
+float quantize_row_portable(const float* w, int64_t k, int8_t* blk, int32_t& sum) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(w[i]));
+  const float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
+  int32_t total = 0;
+  for (int64_t i = 0; i < (k + kGroup - 1) / kGroup * kGroup; ++i) {
+    const float c = i < k ? std::min(127.f, std::max(-127.f, std::nearbyint(w[i] * inv))) : 0.f;
+    blk[(i / kGroup) * kGroupStride + i % kGroup] = static_cast<int8_t>(c);
+    total += static_cast<int32_t>(c);
+  }
+  sum = total;
+  return scale;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same in AVX-512 (the compiler's own vectorisation of the loops above ran at a quarter of the fold's speed:
+// a scalar max chain, 128-bit blends). roundscale to nearest is nearbyint's half to even; four independent maxima
+// (one chain waits on each vmaxps); each 16 codes leave as four 4-byte stores, one per group.
+__attribute__((target("avx512f,avx512bw"))) float quantize_row_avx512(const float* w, int64_t k, int8_t* blk,
+                                                                    int32_t& sum) {
+  __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(w + i)));
+    m1 = _mm512_max_ps(m1, _mm512_abs_ps(_mm512_loadu_ps(w + i + 16)));
+    m2 = _mm512_max_ps(m2, _mm512_abs_ps(_mm512_loadu_ps(w + i + 32)));
+    m3 = _mm512_max_ps(m3, _mm512_abs_ps(_mm512_loadu_ps(w + i + 48)));
+  }
+  for (; i < k; i += 16) {
+    const __mmask16 m = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
+    m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, w + i)));
+  }
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  const float scale = amax > 0.f ? amax / 127.f : 1.f;
+  const __m512 vs = _mm512_set1_ps(1.f / scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  __m512i vsum = _mm512_setzero_si512();
+  const int64_t groups = (k + kGroup - 1) / kGroup;
+  for (i = 0; i < k; i += 16) {
+    const __mmask16 m = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
+    __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), vs),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, c)));
+    vsum = _mm512_add_epi32(vsum, q);  // lanes past k: 0 * inv = 0
+    const __m128i b = _mm512_cvtsepi32_epi8(q);
+    int8_t* dst = blk + (i / kGroup) * kGroupStride;
+    const int64_t left = std::min<int64_t>(4, groups - i / kGroup);
+    int32_t d[4];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), b);
+    for (int64_t g = 0; g < left; ++g) std::memcpy(dst + g * kGroupStride, d + g, 4);
+  }
+  sum = _mm512_reduce_add_epi32(vsum);
+  return scale;
+}
+#endif
+
+// Rows [o0, o0 + rows) of a float (N, K) weight (row-major, w pointing at row o0) quantized into buf (the whole
+// layer's buffer, qlinear.h).
+void quantize_pack_rows(const float* w, int64_t o0, int64_t rows, int64_t n, int64_t k, int8_t* buf) {
+  const int64_t groups = (k + kGroup - 1) / kGroup;
+  float* scales = reinterpret_cast<float*>(buf + crisp_q::codes_bytes(n, k));
+  int32_t* sums = reinterpret_cast<int32_t*>(scales + n);
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512bw");
+  const auto row = avx512 ? quantize_row_avx512 : quantize_row_portable;
+#else
+  const auto row = quantize_row_portable;
+#endif
+  for (int64_t q = 0; q < rows; ++q) {
+    const int64_t o = o0 + q;
+    int8_t* blk = buf + (o / kBlock) * groups * kGroupStride + (o % kBlock) * kGroup;
+    scales[o] = row(w + q * k, k, blk, sums[o]);
+  }
+}
+
+void fold_quant_(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  // stack: self (tensor list), basis, mixers, d_in[, the empty list the emitter gives an op returning ()]
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 4 && stack[0]->isTensorList() && stack[1]->isTensor() &&
+                      stack[2]->isTensor() && stack[3]->isInt(), InvalidArgument, ,
+                      "crisp::fold_quant_(Tensor[] self, Tensor basis, Tensor mixers, int d_in)");
+  ArrayRef<Tensor> ws = stack[0]->toTensorList();
+  const Tensor& basis = stack[1]->toTensor();
+  const Tensor& mixers = stack[2]->toTensor();
+  const int64_t d_in = stack[3]->toInt();
+  ET_KERNEL_CHECK_MSG(ctx, basis.dim() == 2 && mixers.dim() == 3 && basis.scalar_type() == ScalarType::Float &&
+                      mixers.scalar_type() == ScalarType::Float, InvalidArgument, ,
+                      "crisp::fold_quant_: basis (u, r) and mixers (n, r, s), float32");
+  const int64_t u = basis.size(0), r = basis.size(1), n = mixers.size(0), s = mixers.size(2);
+  ET_KERNEL_CHECK_MSG(ctx, mixers.size(1) == r && static_cast<int64_t>(ws.size()) == n && d_in > 0 &&
+                      (u * s) % d_in == 0, InvalidArgument, ,
+                      "crisp::fold_quant_: mixers (n, r, s), n buffers and d_in do not match the basis");
+  const int64_t d_out = u * s / d_in;
+  std::vector<int8_t*> bufs(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    ET_KERNEL_CHECK_MSG(ctx, ws[i].scalar_type() == ScalarType::Char &&
+                        ws[i].numel() == crisp_q::buffer_bytes(d_out, d_in), InvalidArgument, ,
+                        "crisp::fold_quant_: a buffer is not int8 of qlinear.h's size for (d_out, d_in)");
+    bufs[i] = ws[i].mutable_data_ptr<int8_t>();
+  }
+  // Output rows per pass: whole packed blocks whose product rows are whole (rows * d_in a multiple of s).
+  int64_t ob = kBlock;
+  while ((ob * d_in) % s) ob += kBlock;
+  std::vector<float> scratch(static_cast<size_t>(n * ob * d_in));
+  std::vector<float*> outs(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) outs[i] = scratch.data() + i * ob * d_in;
+  const float* B = basis.const_data_ptr<float>();
+  const float* g = mixers.const_data_ptr<float>();
+  for (int64_t o0 = 0; o0 < d_out; o0 += ob) {
+    const int64_t rows = std::min(ob, d_out - o0);
+    crisp_fold::fold_group(B + (o0 * d_in / s) * r, r, 1, rows * d_in / s, r, g, n, s, outs.data());
+    for (int64_t i = 0; i < n; ++i) quantize_pack_rows(outs[i], o0, rows, d_out, d_in, bufs[i]);
+  }
+  const int64_t groups = (d_in + kGroup - 1) / kGroup, pad = (d_out + kBlock - 1) /
+                         kBlock * kBlock;
+  for (int64_t i = 0; i < n; ++i)  // the last block's lanes past d_out: zero codes (they meet no output)
+    for (int64_t o = d_out; o < pad; ++o)
+      for (int64_t gi = 0; gi < groups; ++gi)
+        std::fill_n(bufs[i] + ((o / kBlock) * groups + gi) * kBlock * kGroup +
+                    (o % kBlock) * kGroup, kGroup, int8_t(0));
+}
+
+// Boxed, as crisp::fold_: its outputs are the tensors of its list argument.
+const auto registered =
+    executorch::runtime::register_kernel(executorch::runtime::Kernel("crisp::fold_quant_", fold_quant_));
+
+}  // namespace
