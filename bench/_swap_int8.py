@@ -25,6 +25,7 @@ ExecuTorch
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import onnxruntime as ort
 from _common import steady, timed
