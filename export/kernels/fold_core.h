@@ -92,6 +92,32 @@ static void fold_block(const int8_t* b, int64_t ks, int64_t ts, const float* mt,
 // --crisp-kernel times both paths at ViT-S's shapes.
 constexpr int64_t V = 16;
 constexpr int64_t PREFETCH = 2048;
+// Term t's V values as float into bv: a loop the compiler vectorises. On x86-64 an int8 basis' codes are widened
+// as whole vectors instead, int8 -> int16 -> int32 -> float (GCC's vector extensions: sign extensions and one
+// conversion, no intrinsics) and stored as one vector: from the loop GCC widens them a quarter vector at a time
+// into bv, and the sums read bv back as one (AVX2/AVX-512) vector, a load no store forwards to, a stall every term
+// (the int8 fold was slower than the float one although it reads a quarter of the bytes; int8 straight to int32
+// or float it converts one code at a time). NEON's vectors are the quarter: there the loop stays (and GCC 12
+// converts a 16-lane int32 vector extension to float one lane at a time).
+template <typename T>
+inline void term_values(const T* bt, float* bv) {
+#pragma omp simd
+  for (int64_t q = 0; q < V; ++q) bv[q] = static_cast<float>(bt[q]);
+}
+#if defined(__x86_64__)
+inline void term_values(const int8_t* bt, float* bv) {
+  static_assert(V == 16, "one 16-code vector a term");
+  typedef int8_t i8x16 __attribute__((vector_size(16)));
+  typedef int16_t i16x16 __attribute__((vector_size(32)));
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  typedef float f32x16 __attribute__((vector_size(64)));
+  i8x16 c;
+  std::memcpy(&c, bt, sizeof c);
+  const f32x16 f = __builtin_convertvector(
+      __builtin_convertvector(__builtin_convertvector(c, i16x16), i32x16), f32x16);
+  std::memcpy(bv, &f, sizeof f);
+}
+#endif
 // k: the row read (for how far ahead a fetch stays inside the basis), kw: where its values are written (rows
 // of a scratch block, when fold_quant_group folds part of the product at a time).
 template <typename T>
@@ -106,8 +132,7 @@ __attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t
       const T* bt = b + t * ts;
       if (ahead && c0 == 0) __builtin_prefetch(bt + PREFETCH);
       float bv[V];  // term t's V values as float once (int8 codes converted here, not in every column's sums)
-#pragma omp simd
-      for (int64_t q = 0; q < V; ++q) bv[q] = static_cast<float>(bt[q]);
+      term_values(bt, bv);
 #pragma GCC unroll 16  // CHUNK: every column's sums stay in registers
       for (int64_t c = 0; c < CHUNK; ++c) {
         const float mc = m[c];
