@@ -24,12 +24,9 @@ ViT-S has 3), every output checked against numpy's ``B @ gate(A_i)``:
 ExecuTorch programs hold it or (r, u) as the ONNX fold graph's data holds it (what ONNX Runtime's Python
 session folds from).
 
-``--crisp-quant`` adds ``crisp_quant_f32_<role>`` and ``crisp_quant_i8_<role>``: the kernel's fold fused with
-per-channel int8 quantization (``fold_kernel.fold_quant_group``, a swappable int8 bundle's ONNX switch) over the
-same groups, the basis stored transposed, as float32 or as int8 codes (its term scales folded into the mixers).
-``--kernels-only`` times crisp-edge's kernels alone (no ONNX Runtime graphs, no forward side):
-
-    .venv/bin/python bench/bench_fold_layouts.py --kernels-only --crisp-quant --out bench/results/fold_quant_kernel.json
+``--crisp-quant`` adds ``crisp_quant_<f32|i8>_<role>``: the kernel's fold fused with per-channel int8 quantization
+(``fold_kernel.fold_quant_group``: a swappable int8 bundle's ONNX switch), the basis stored transposed, float32 or
+int8 codes (term scales in the mixers). ``--kernels-only``: crisp-edge's kernels alone, no ONNX Runtime graphs.
 
 ``--fused-kernel`` adds ``fused_kernel``: ``bench/_fused_fold.c``, compiled here with ``cc`` (AVX-512), one
 pass a group that reads B^T once and writes every layer's W, transposing in registers: what a fold costs
@@ -40,6 +37,8 @@ its weight input has: ``W`` (``x @ Transpose(W)``, the exported graph, W packed 
 (``x @ Wt``). A fold layout is worth shipping only if its switch saving outweighs its forward cost.
 
     .venv/bin/python bench/bench_fold_layouts.py        # bench/results/fold_layouts.json
+    .venv/bin/python bench/bench_fold_layouts.py --kernels-only --crisp-kernel --crisp-quant \
+        --out bench/results/fold_quant_kernel.json
 """
 from __future__ import annotations
 
@@ -254,8 +253,7 @@ def crisp_quant_cases(groups: int, rng: np.random.Generator) -> dict:
             bt = (rng.standard_normal((R, d_out * d_in // S)) / np.sqrt(R)).astype(np.float32)
             g = rng.standard_normal((N, R, S)).astype(np.float32)
             scale = np.abs(bt).max(1) / 127
-            codes = np.round(bt / scale[:, None]).astype(np.int8)
-            g8 = (g * scale[None, :, None]).astype(np.float32)
+            codes, g8 = np.round(bt / scale[:, None]).astype(np.int8), (g * scale[None, :, None]).astype(np.float32)
             calls["f32"].append((bt, g, fold_kernel.fold_quant_group(bt, g, True, d_out, d_in)))
             calls["i8"].append((codes, g8, fold_kernel.fold_quant_group(codes, g8, True, d_out, d_in)))
             same = fold_kernel.fold_quant_group(codes.astype(np.float32), g8, True, d_out, d_in)
@@ -310,15 +308,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="also ExecuTorch set_task methods, one group of each role (bench/_set_task_layouts.py)")
     ap.add_argument("--crisp-kernel", action="store_true",
                     help="also crisp-edge's fold kernel (export/fold_kernel.py), the basis in either layout")
-    ap.add_argument("--crisp-quant", action="store_true",
-                    help="also the kernel's fused fold + int8 quantization, float32 or int8 basis")
+    ap.add_argument("--crisp-quant", action="store_true", help="also the kernel's fold + int8 quantization")
     ap.add_argument("--kernels-only", action="store_true",
                     help="only crisp-edge's kernels (--crisp-kernel, --crisp-quant): no ONNX Runtime graphs")
     ap.add_argument("--fused-kernel", action="store_true", help="also bench/_fused_fold.c (needs cc and AVX-512)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "fold_layouts.json"))
     args = ap.parse_args(argv)
     if args.kernels_only and args.fused_kernel:
-        ap.error("--fused-kernel is compared with the ONNX Runtime graphs --kernels-only leaves out")
+        ap.error("--fused-kernel is compared with the ONNX Runtime graphs, which --kernels-only leaves out")
     groups, repeats = (1, 3) if args.quick else (args.groups, args.repeats)
     rng = np.random.default_rng(0)
     cases = {} if args.kernels_only else fold_cases(groups, rng)
@@ -393,9 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.crisp_kernel:
         print("crisp-edge kernel, ms:", {k: round(1e3 * v, 2) for k, v in result["crisp_kernel_seconds"].items()})
     if args.crisp_quant:
-        for r in roles:
-            print(f"fold_quant_group {r}, ms: float basis {1e3 * result['crisp_quant_seconds']['f32'][r]:.3f}, int8 basis "
-                  f"{1e3 * result['crisp_quant_seconds']['i8'][r]:.3f}")
+        print("fold_quant_group, ms (float32 / int8 basis):", {r: tuple(round(1e3 * result["crisp_quant_seconds"][k][r], 3)
+                                                                       for k in ("f32", "i8")) for r in roles})
     if args.executorch:
         print("ExecuTorch set_task vs narrow:", result["executorch_set_task_vs_narrow"])
     print(f"wrote {out}")
