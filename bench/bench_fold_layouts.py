@@ -24,6 +24,10 @@ ViT-S has 3), every output checked against numpy's ``B @ gate(A_i)``:
 ExecuTorch programs hold it or (r, u) as the ONNX fold graph's data holds it (what ONNX Runtime's Python
 session folds from).
 
+``--crisp-quant`` adds ``crisp_quant_<f32|i8>_<role>``: the kernel's fold fused with per-channel int8 quantization
+(``fold_kernel.fold_quant_group``: a swappable int8 bundle's ONNX switch), the basis stored transposed, float32 or
+int8 codes (term scales in the mixers). ``--kernels-only``: crisp-edge's kernels alone, no ONNX Runtime graphs.
+
 ``--fused-kernel`` adds ``fused_kernel``: ``bench/_fused_fold.c``, compiled here with ``cc`` (AVX-512), one
 pass a group that reads B^T once and writes every layer's W, transposing in registers: what a fold costs
 with a kernel neither runtime has as a stock operator (a probe; crisp-edge does not ship it).
@@ -33,6 +37,8 @@ its weight input has: ``W`` (``x @ Transpose(W)``, the exported graph, W packed 
 (``x @ Wt``). A fold layout is worth shipping only if its switch saving outweighs its forward cost.
 
     .venv/bin/python bench/bench_fold_layouts.py        # bench/results/fold_layouts.json
+    .venv/bin/python bench/bench_fold_layouts.py --kernels-only --crisp-kernel --crisp-quant \
+        --out bench/results/fold_quant_kernel.json
 """
 from __future__ import annotations
 
@@ -232,6 +238,38 @@ def crisp_kernel_cases(groups: int, rng: np.random.Generator) -> dict:
     return cases
 
 
+def crisp_quant_cases(groups: int, rng: np.random.Generator) -> dict:
+    """``fold_crisp_quant_<f32|i8>_<role>`` -> one timed ``fold_quant_group`` over ``groups`` groups of the role, the
+    basis (r, u) float32, or int8 codes with each term's scale in the mixers; checked first: the int8 basis gives the
+    codes and scales of the float fold of its codes, the float one numpy's product's to a rounding step."""
+    from crisp_edge.export import fold_kernel
+
+    if fold_kernel.kernel() is None:
+        sys.exit(f"--crisp-quant: {fold_kernel.error()}")
+    cases = {}
+    for role, d_out, d_in in ROLES:
+        calls = {"f32": [], "i8": []}
+        for _ in range(groups):
+            bt = (rng.standard_normal((R, d_out * d_in // S)) / np.sqrt(R)).astype(np.float32)
+            g = rng.standard_normal((N, R, S)).astype(np.float32)
+            scale = np.abs(bt).max(1) / 127
+            codes, g8 = np.round(bt / scale[:, None]).astype(np.int8), (g * scale[None, :, None]).astype(np.float32)
+            calls["f32"].append((bt, g, fold_kernel.fold_quant_group(bt, g, True, d_out, d_in)))
+            calls["i8"].append((codes, g8, fold_kernel.fold_quant_group(codes, g8, True, d_out, d_in)))
+            same = fold_kernel.fold_quant_group(codes.astype(np.float32), g8, True, d_out, d_in)
+            if not all(np.array_equal(a, b) for a, b in zip(sum(calls["i8"][-1][2], []), sum(same, []))):
+                sys.exit(f"--crisp-quant {role}: the int8 basis' codes differ from the float fold of its codes")
+            for c, sc, a in zip(*calls["f32"][-1][2], g):
+                if not (np.abs(c.T * sc[:, None] - (bt.T @ a).reshape(d_out, d_in)) <= 0.51 * sc[:, None]).all():
+                    sys.exit(f"--crisp-quant {role}: the float basis' codes are not numpy's product quantized")
+        for kind, group in calls.items():
+            def run(group=group, d_out=d_out, d_in=d_in) -> None:
+                for b, g, outs in group:
+                    fold_kernel.fold_quant_group(b, g, True, d_out, d_in, outs)
+            cases[f"fold_crisp_quant_{kind}_{role}"] = _cpu_timer(run)
+    return cases
+
+
 def forward_cases(rng: np.random.Generator) -> dict:
     """``forward_<layout>_<role>``: the role's product in every one of 12 blocks (197 tokens), its weight an
     input in layout W or Wt."""
@@ -270,18 +308,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="also ExecuTorch set_task methods, one group of each role (bench/_set_task_layouts.py)")
     ap.add_argument("--crisp-kernel", action="store_true",
                     help="also crisp-edge's fold kernel (export/fold_kernel.py), the basis in either layout")
+    ap.add_argument("--crisp-quant", action="store_true", help="also the kernel's fold + int8 quantization")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="only crisp-edge's kernels (--crisp-kernel, --crisp-quant): no ONNX Runtime graphs")
     ap.add_argument("--fused-kernel", action="store_true", help="also bench/_fused_fold.c (needs cc and AVX-512)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "fold_layouts.json"))
     args = ap.parse_args(argv)
+    if args.kernels_only and args.fused_kernel:
+        ap.error("--fused-kernel is compared with the ONNX Runtime graphs, which --kernels-only leaves out")
     groups, repeats = (1, 3) if args.quick else (args.groups, args.repeats)
     rng = np.random.default_rng(0)
-    cases = fold_cases(groups, rng)
-    if not args.quick:
+    cases = {} if args.kernels_only else fold_cases(groups, rng)
+    if not args.quick and not args.kernels_only:
         cases.update(forward_cases(rng))
     if args.fused_kernel:
         cases.update(fused_kernel_case(groups, rng))
     if args.crisp_kernel:
         cases.update(crisp_kernel_cases(groups, rng))
+    if args.crisp_quant:
+        cases.update(crisp_quant_cases(groups, rng))
     if args.executorch:
         from _set_task_layouts import executorch_cases
         cases.update(executorch_cases(ROLES, N, S, R))
@@ -292,13 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     def total(prefix: str) -> float:
         return sum(med[f"{prefix}_{r}"]["median"] for r in roles)
 
-    by_role = {r: {k: round(med[f"fold_{k}_{r}"]["median"] / med[f"fold_shipped_{r}"]["median"], 4) for k in FOLDS}
-               for r in roles}
-    result = {"shipped_is_exported": shipped_is_exported(), "groups_per_role": groups, "layers_per_group": N, "s": S, "r": R, "seconds": med,
-              "fold_seconds": {k: round(total(f"fold_{k}"), 7) for k in FOLDS},
-              "fold_vs_shipped": {k: round(total(f"fold_{k}") / total("fold_shipped"), 4) for k in FOLDS},
-              "fold_vs_shipped_by_role": by_role}
-    if not args.quick:
+    result = {"groups_per_role": groups, "layers_per_group": N, "s": S, "r": R, "seconds": med}
+    if not args.kernels_only:
+        result.update({"shipped_is_exported": shipped_is_exported(),
+                       "fold_seconds": {k: round(total(f"fold_{k}"), 7) for k in FOLDS},
+                       "fold_vs_shipped": {k: round(total(f"fold_{k}") / total("fold_shipped"), 4) for k in FOLDS},
+                       "fold_vs_shipped_by_role": {r: {k: round(med[f"fold_{k}_{r}"]["median"] /
+                                                                med[f"fold_shipped_{r}"]["median"], 4) for k in FOLDS}
+                                                   for r in roles}})
+    if not args.quick and not args.kernels_only:
         result["forward_Wt_vs_W"] = round(total("forward_Wt") / total("forward_W"), 4)
         result["forward_Wt_vs_W_by_role"] = {r: round(med[f"forward_Wt_{r}"]["median"] / med[f"forward_W_{r}"]["median"], 4)
                                              for r in roles}
@@ -307,8 +354,14 @@ def main(argv: list[str] | None = None) -> int:
         result["fused_kernel_seconds"] = med["fold_fused_kernel"]["median"]
     if args.crisp_kernel:
         result["crisp_kernel_seconds"] = {k: med[f"fold_crisp_kernel_{k}"]["median"] for k in ("rowmajor", "transposed")}
-        result["crisp_kernel_vs_shipped"] = {k: round(v / total("fold_shipped"), 4)
-                                             for k, v in result["crisp_kernel_seconds"].items()}
+        if not args.kernels_only:
+            result["crisp_kernel_vs_shipped"] = {k: round(v / total("fold_shipped"), 4)
+                                                 for k, v in result["crisp_kernel_seconds"].items()}
+    if args.crisp_quant:
+        result["crisp_quant_seconds"] = {k: {r: med[f"fold_crisp_quant_{k}_{r}"]["median"] for r in roles}
+                                         for k in ("f32", "i8")}
+        result["crisp_quant_i8_vs_f32"] = {r: round(med[f"fold_crisp_quant_i8_{r}"]["median"] /
+                                                    med[f"fold_crisp_quant_f32_{r}"]["median"], 4) for r in roles}
     if args.executorch:
         narrow = med["set_task_narrow"]["median"]
         result["executorch_set_task_vs_narrow"] = {k[len("set_task_"):]: round(v["median"] / narrow, 4)
@@ -320,20 +373,25 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": {"repeats": repeats, "warmup_rounds": 1, "statistic": "median", "clock": "time.thread_time",
                      "fold": "one run of a graph holding every group's fold (outputs checked against numpy first)",
                      "forward": f"every CRISP product of {BLOCKS} ViT-S blocks at {TOKENS} tokens, batch 1",
-                     "set_task": "--executorch: one ExecuTorch set_task call writing one group of each role"},
+                     "set_task": "--executorch: one ExecuTorch set_task call writing one group of each role",
+                     "crisp_quant": "--crisp-quant: one fold_quant_group call per group, outputs written in place"},
         "onnxruntime": ort.__version__, "onnx": onnx.__version__, "machine": machine_info(), "results": [result],
     })
-    print(f"{'role':<6}" + "".join(f"{k:>11}" for k in FOLDS) + "   (fold, ms)" + ("   forward W / Wt, ms" if not args.quick else ""))
-    for r in roles:
-        line = f"{r:<6}" + "".join(f"{1e3 * med[f'fold_{k}_{r}']['median']:>11.2f}" for k in FOLDS)
-        if not args.quick:
-            line += f"   {1e3 * med[f'forward_W_{r}']['median']:8.2f} / {1e3 * med[f'forward_Wt_{r}']['median']:.2f}"
-        print(line)
-    print("fold vs shipped:", result["fold_vs_shipped"])
+    if not args.kernels_only:
+        print(f"{'role':<6}" + "".join(f"{k:>11}" for k in FOLDS) + "   (fold, ms)" + ("   forward W / Wt, ms" if not args.quick else ""))
+        for r in roles:
+            line = f"{r:<6}" + "".join(f"{1e3 * med[f'fold_{k}_{r}']['median']:>11.2f}" for k in FOLDS)
+            if not args.quick:
+                line += f"   {1e3 * med[f'forward_W_{r}']['median']:8.2f} / {1e3 * med[f'forward_Wt_{r}']['median']:.2f}"
+            print(line)
+        print("fold vs shipped:", result["fold_vs_shipped"])
     if args.fused_kernel:
         print(f"fused kernel: {1e3 * result['fused_kernel_seconds']:.2f} ms, {result['fused_kernel_vs_shipped']:.3f}x shipped")
     if args.crisp_kernel:
         print("crisp-edge kernel, ms:", {k: round(1e3 * v, 2) for k, v in result["crisp_kernel_seconds"].items()})
+    if args.crisp_quant:
+        print("fold_quant_group, ms (float32 / int8 basis):", {r: tuple(round(1e3 * result["crisp_quant_seconds"][k][r], 3)
+                                                                       for k in ("f32", "i8")) for r in roles})
     if args.executorch:
         print("ExecuTorch set_task vs narrow:", result["executorch_set_task_vs_narrow"])
     print(f"wrote {out}")

@@ -29,14 +29,19 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def build(out: Path = LIBRARY) -> Path:
-    """Compile ``fold_c.cpp`` into ``out`` (whole or not at all); an ``ExportError`` saying why when it cannot."""
-    return build_library(lambda tmp: ["g++", "-std=c++17", "-O3", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(tmp),
-                                      str(SOURCES[0])], out, "crisp-edge's fold kernel")
+def build(out: Path = LIBRARY, flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``fold_c.cpp`` into ``out`` (whole or not at all), with extra compiler ``flags`` (tests build
+    ``-DCRISP_FOLD_NO_MULTIVERSION`` variants); an ``ExportError`` saying why when it cannot."""
+    return build_library(lambda tmp: ["g++", "-std=c++17", "-O3", "-fopenmp-simd", *flags, "-shared", "-fPIC", "-o",
+                                      str(tmp), str(SOURCES[0])], out, "crisp-edge's fold kernel")
 
 
 def _load() -> ctypes.CDLL:
-    lib = load_library(LIBRARY, SOURCES, build, "crisp-edge's fold kernel")
+    return bind(load_library(LIBRARY, SOURCES, build, "crisp-edge's fold kernel"))
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` (a build of ``fold_c.cpp``) with its entry points' argument and result types set."""
     f = lib.crisp_fold_group
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,

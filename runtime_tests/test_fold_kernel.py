@@ -5,6 +5,9 @@ multiple of 16, s that does and does not divide 16, and a basis long enough that
 ahead for part of it."""
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -98,3 +101,23 @@ def test_fold_quant_group_takes_int8_basis_codes(d_out, d_in, r, n, s, transpose
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ExportError, match="float32 basis"):
         fold_kernel.fold_group(b8, gated, transposed)
+
+
+@pytest.mark.parametrize("flags", [(), ("-mavx2", "-mfma")], ids=["baseline-x86-64", "avx2"])
+def test_int8_basis_widening_of_every_build_folds_as_float(flags, tmp_path, monkeypatch):
+    """The kernel built for one target alone (-DCRISP_FOLD_NO_MULTIVERSION: the portable widening of an int8
+    basis' codes, which an AVX-512 machine's run-time choice never runs) folds int8 codes, -128 included, exactly
+    as the same values in float (not bit for bit as another build: without FMA a multiply-add rounds twice)."""
+    if "avx2" in flags and "avx2" not in Path("/proc/cpuinfo").read_text(errors="replace"):
+        pytest.skip("this CPU cannot run an AVX2 build")
+    d_out, d_in, r, n, s = 96, 40, 16, 4, 4  # u = 960: 60 transposed passes of 16 rows, 2 of them fetching ahead
+    rng = np.random.default_rng(3)
+    codes8 = rng.integers(-128, 128, (r, d_out * d_in // s)).astype(np.int8)
+    gated = (rng.standard_normal((n, r, s)) * 0.01).astype(np.float32)
+    lib = fold_kernel.bind(ctypes.CDLL(str(fold_kernel.build(tmp_path / "lib.so", ("-DCRISP_FOLD_NO_MULTIVERSION",
+                                                                                     *flags)))))
+    monkeypatch.setitem(fold_kernel._state, "lib", lib)
+    got = fold_kernel.fold_quant_group(codes8, gated, True, d_out, d_in)
+    want = fold_kernel.fold_quant_group(codes8.astype(np.float32), gated, True, d_out, d_in)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        np.testing.assert_array_equal(a, b)

@@ -1,8 +1,9 @@
 // The fused CRISP fold: every layer of one group, W_i = reshape(B @ G(A_i)), in one pass that reads the basis
 // once. Shared by crisp-edge's ExecuTorch operator crisp::fold_ (export/executorch/kernels/fold.cpp) and the
-// plain C entry point ONNX Runtime's Python session calls (fold_c.cpp, export/fold_kernel.py). Portable C++
-// (no intrinsics): `#pragma omp simd` loops, built once per x86-64 vector width (target_clones) and by the
-// compiler's own vectorisation elsewhere (aarch64: NEON).
+// plain C entry point ONNX Runtime's Python session calls (fold_c.cpp, export/fold_kernel.py). Portable C++:
+// `#pragma omp simd` loops, built once per x86-64 vector width (target_clones) and by the compiler's own
+// vectorisation elsewhere (aarch64: NEON); the one intrinsic, an int8 basis' widening on AVX-512 x86-64
+// (WidenAvx512), is chosen at run time behind the same guard as the clones.
 //
 // B is (u, r), read with strides (row k, term t at B[k * ks + t * ts]): (u, r) row-major (ks = r, ts = 1), as
 // ExecuTorch programs hold it, or stored transposed, (r, u) (ks = 1, ts = u), as ONNX fold graphs hold it. g:
@@ -24,6 +25,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CRISP_FOLD_NO_MULTIVERSION)
 #define CRISP_FOLD_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define CRISP_FOLD_AVX512_CODES 1  // fold_block_t's int8 codes widened by one AVX-512 instruction, chosen at run time
+#include <immintrin.h>
 #else
 #define CRISP_FOLD_MULTIVERSION
 #endif
@@ -92,9 +95,37 @@ static void fold_block(const int8_t* b, int64_t ks, int64_t ts, const float* mt,
 // --crisp-kernel times both paths at ViT-S's shapes.
 constexpr int64_t V = 16;
 constexpr int64_t PREFETCH = 2048;
+// Term t's V values as float into bv (fold_block_t_body's Widen): a loop the compiler vectorises. On x86-64 an
+// int8 basis' codes are widened as whole vectors instead, int8 -> int16 -> int32 -> float (GCC's vector
+// extensions: sign extensions and one conversion) and stored as one vector: from the loop GCC widens them a
+// quarter vector at a time into bv, and the sums read bv back as one AVX2/AVX-512 vector, a load no store
+// forwards to, a stall every term (it made the int8 fold slower than the float one although it reads a quarter
+// of the bytes; int8 straight to int32 or float, GCC converts one code at a time). NEON's vectors are the
+// quarter, so aarch64 keeps the loop (where GCC 12 converts a 16-lane int32 vector extension one lane at a time).
+struct WidenLoop {
+  template <typename T>
+  __attribute__((always_inline)) static inline void apply(const T* bt, float* bv) {
+#pragma omp simd
+    for (int64_t q = 0; q < V; ++q) bv[q] = static_cast<float>(bt[q]);
+  }
+#if defined(__x86_64__)
+  __attribute__((always_inline)) static inline void apply(const int8_t* bt, float* bv) {
+    static_assert(V == 16, "one 16-code vector a term");
+    typedef int8_t i8x16 __attribute__((vector_size(16)));
+    typedef int16_t i16x16 __attribute__((vector_size(32)));
+    typedef int32_t i32x16 __attribute__((vector_size(64)));
+    typedef float f32x16 __attribute__((vector_size(64)));
+    i8x16 c;
+    std::memcpy(&c, bt, sizeof c);
+    const f32x16 f = __builtin_convertvector(
+        __builtin_convertvector(__builtin_convertvector(c, i16x16), i32x16), f32x16);
+    std::memcpy(bv, &f, sizeof f);
+  }
+#endif
+};
 // k: the row read (for how far ahead a fetch stays inside the basis), kw: where its values are written (rows
 // of a scratch block, when fold_quant_group folds part of the product at a time).
-template <typename T>
+template <typename T, typename Widen>
 __attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t ts, const float* mt,
                                                              float* const* col, int64_t k, int64_t kw, int64_t u,
                                                              int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
@@ -106,8 +137,7 @@ __attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t
       const T* bt = b + t * ts;
       if (ahead && c0 == 0) __builtin_prefetch(bt + PREFETCH);
       float bv[V];  // term t's V values as float once (int8 codes converted here, not in every column's sums)
-#pragma omp simd
-      for (int64_t q = 0; q < V; ++q) bv[q] = static_cast<float>(bt[q]);
+      Widen::apply(bt, bv);
 #pragma GCC unroll 16  // CHUNK: every column's sums stay in registers
       for (int64_t c = 0; c < CHUNK; ++c) {
         const float mc = m[c];
@@ -136,12 +166,36 @@ __attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t
 CRISP_FOLD_MULTIVERSION
 static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
                          int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
-  fold_block_t_body(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+  fold_block_t_body<float, WidenLoop>(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 }
 CRISP_FOLD_MULTIVERSION
+static void fold_block_t_i8(const int8_t* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
+                            int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  fold_block_t_body<int8_t, WidenLoop>(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+}
+#ifdef CRISP_FOLD_AVX512_CODES
+// With AVX-512 (where GCC 12 vectorises the portable widening in nine shuffles and sign extensions a term, next to
+// the term's 16 multiply-adds): vpmovsxbd + vcvtdq2ps, the int8 fold's loop the float fold's plus one conversion.
+struct WidenAvx512 {
+  __attribute__((target("avx512f"))) static inline void apply(const int8_t* bt, float* bv) {
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bt));
+    _mm512_storeu_ps(bv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
+  }
+};
+// flatten: WidenAvx512::apply is inlined here, where the AVX-512 target allows it (the generic body may not).
+__attribute__((target("avx512f"), flatten)) static void fold_block_t_avx512(const int8_t* b, int64_t ts,
+    const float* mt, float* const* col, int64_t k, int64_t kw, int64_t u, int64_t r, int64_t s, int64_t ncol,
+    int64_t cpad) {
+  fold_block_t_body<int8_t, WidenAvx512>(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+}
+#endif
 static void fold_block_t(const int8_t* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
                          int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
-  fold_block_t_body(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+#ifdef CRISP_FOLD_AVX512_CODES
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return fold_block_t_avx512(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+#endif
+  fold_block_t_i8(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 }
 
 // Rows [kb, ke) of the product of every layer, row k written at col[c] + (k - kb) * s: mt, col as fold_block's.
