@@ -3,6 +3,18 @@
 // with ctypes). No ExecuTorch headers here.
 #include "fold_core.h"
 
+// Both fold_quant entry points: the size checks, then fold_core.h's fold_quant_group for a float or an int8 basis.
+template <typename T>
+static int fold_quant(const T* basis, int64_t u, int64_t r, int transposed, const float* mixers, int64_t n, int64_t s,
+                      int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
+  if (u <= 0 || r <= 0 || n <= 0 || s <= 0 || d_out <= 0 || d_in <= 0 || d_out * d_in != u * s || !basis ||
+      !mixers || !codes || !scales)
+    return 1;
+  crisp_fold::fold_quant_group(basis, transposed ? 1 : r, transposed ? u : 1, u, r, mixers, n, s, d_out, d_in, codes,
+                               scales);
+  return 0;
+}
+
 extern "C" {
 
 // One group: basis (u, r) row-major (transposed = 0) or stored transposed, (r, u) (transposed = 1); mixers
@@ -18,24 +30,14 @@ int crisp_fold_group(const float* basis, int64_t u, int64_t r, int transposed, c
 // int8 row-major, scales[i] (d_out). Returns 0, or 1 for sizes it refuses (d_out * d_in != u * s).
 int crisp_fold_quant_group(const float* basis, int64_t u, int64_t r, int transposed, const float* mixers, int64_t n,
                            int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
-  if (u <= 0 || r <= 0 || n <= 0 || s <= 0 || d_out <= 0 || d_in <= 0 || d_out * d_in != u * s || !basis ||
-      !mixers || !codes || !scales)
-    return 1;
-  crisp_fold::fold_quant_group(basis, transposed ? 1 : r, transposed ? u : 1, u, r, mixers, n, s, d_out, d_in, codes,
-                               scales);
-  return 0;
+  return fold_quant(basis, u, r, transposed, mixers, n, s, d_out, d_in, codes, scales);
 }
 
 // The same with an int8 basis (its codes; the caller multiplies each term's scale into the mixers).
 int crisp_fold_quant_group_i8(const int8_t* basis, int64_t u, int64_t r, int transposed, const float* mixers,
                               int64_t n, int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes,
                               float* const* scales) {
-  if (u <= 0 || r <= 0 || n <= 0 || s <= 0 || d_out <= 0 || d_in <= 0 || d_out * d_in != u * s || !basis ||
-      !mixers || !codes || !scales)
-    return 1;
-  crisp_fold::fold_quant_group(basis, transposed ? 1 : r, transposed ? u : 1, u, r, mixers, n, s, d_out, d_in, codes,
-                               scales);
-  return 0;
+  return fold_quant(basis, u, r, transposed, mixers, n, s, d_out, d_in, codes, scales);
 }
 
 }  // extern "C"
