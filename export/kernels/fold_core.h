@@ -276,40 +276,50 @@ static void quantize_edge(const float* w, int64_t d_in, const float* inv, int64_
       out[(j - j0) * d_out + o] = static_cast<int8_t>(static_cast<int32_t>((w[o * d_in + j] * inv[o] + ROUNDER) - ROUNDER));
 }
 
-// The fold fused with per-channel int8 quantization: every layer's W_i (d_out, d_in) = the row-major reshape of
-// B @ G(A_i), quantized symmetric per output channel into codes[i], (d_in, d_out) row-major (W_i^T: the layout
-// ONNX Runtime's MatMulInteger takes), and scales[i] (d_out). QCH channels at a time: their rows of the product
-// folded into a float scratch (n * QCH * d_in floats: ViT-S's fc2, n = 4, d_in = 1536, 384 KiB, in cache; never
-// the whole float W), then each channel's scale, then the codes QCH x QCH at a time, transposed in registers so
-// that every store is QCH contiguous codes. d_out * d_in == u * s.
-template <typename T>
-inline void fold_quant_group(const T* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
-                             int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
+// Folds a group QCH output channels at a time into a cache-sized float scratch (every layer's channels
+// [o0, o0 + oc): n * span * s floats) and hands each layer's block to quantize(i, o0, oc, w), w pointing at channel
+// o0's d_in values (the next channels d_in apart): a quantizing fold never writes the float weights to memory.
+// The layout the codes go to is the caller's (fold_quant_group below: MatMulInteger's; ExecuTorch's
+// crisp::fold_quant_: qlinear.h's packed blocks).
+template <typename T, typename Quantize>
+inline void fold_channel_blocks(const T* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
+                                int64_t s, int64_t d_out, int64_t d_in, Quantize&& quantize) {
   const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK;
   const std::vector<float> mt = mixer_columns(g, n, r, s, cpad);
   const int64_t span = (QCH * d_in + 2 * s - 2) / s + 1;  // product rows a block of channels can touch
   std::vector<float> scratch(static_cast<size_t>(n * span * s));
   std::vector<float*> col(static_cast<size_t>(ncol));
   for (int64_t c = 0; c < ncol; ++c) col[c] = scratch.data() + (c / s) * span * s + c % s;
-  float inv[QCH];
   for (int64_t o0 = 0; o0 < d_out; o0 += QCH) {
     const int64_t oc = std::min(QCH, d_out - o0);
     const int64_t kb = o0 * d_in / s, ke = std::min(u, ((o0 + oc) * d_in + s - 1) / s);
     fold_rows(B, ks, ts, u, r, mt.data(), col.data(), s, ncol, cpad, kb, ke);
-    for (int64_t i = 0; i < n; ++i) {
-      const float* w = scratch.data() + i * span * s + (o0 * d_in - kb * s);  // channel o0's first value
-      for (int64_t o = 0; o < oc; ++o) {
-        const float m = channel_absmax(w + o * d_in, d_in);
-        scales[i][o0 + o] = m > 0.f ? m / 127.f : 1.f;
-        inv[o] = m > 0.f ? 127.f / m : 0.f;
-      }
-      int8_t* out = codes[i] + o0;
-      int64_t j = 0;
-      if (oc == QCH)
-        for (; j + QCH <= d_in; j += QCH) quantize_tile(w, d_in, inv, j, out + j * d_out, d_out);
-      quantize_edge(w, d_in, inv, oc, j, d_in, out + j * d_out, d_out);
-    }
+    for (int64_t i = 0; i < n; ++i) quantize(i, o0, oc, scratch.data() + i * span * s + (o0 * d_in - kb * s));
   }
+}
+
+// The fold fused with per-channel int8 quantization: every layer's W_i (d_out, d_in) = the row-major reshape of
+// B @ G(A_i), quantized symmetric per output channel into codes[i], (d_in, d_out) row-major (W_i^T: the layout
+// ONNX Runtime's MatMulInteger takes), and scales[i] (d_out). QCH channels at a time (fold_channel_blocks): their rows of the product
+// folded into a float scratch (n * QCH * d_in floats: ViT-S's fc2, n = 4, d_in = 1536, 384 KiB, in cache; never
+// the whole float W), then each channel's scale, then the codes QCH x QCH at a time, transposed in registers so
+// that every store is QCH contiguous codes. d_out * d_in == u * s.
+template <typename T>
+inline void fold_quant_group(const T* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
+                             int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
+  float inv[QCH];
+  fold_channel_blocks(B, ks, ts, u, r, g, n, s, d_out, d_in, [&](int64_t i, int64_t o0, int64_t oc, const float* w) {
+    for (int64_t o = 0; o < oc; ++o) {
+      const float m = channel_absmax(w + o * d_in, d_in);
+      scales[i][o0 + o] = m > 0.f ? m / 127.f : 1.f;
+      inv[o] = m > 0.f ? 127.f / m : 0.f;
+    }
+    int8_t* out = codes[i] + o0;
+    int64_t j = 0;
+    if (oc == QCH)
+      for (; j + QCH <= d_in; j += QCH) quantize_tile(w, d_in, inv, j, out + j * d_out, d_out);
+    quantize_edge(w, d_in, inv, oc, j, d_in, out + j * d_out, d_out);
+  });
 }
 
 }  // namespace crisp_fold

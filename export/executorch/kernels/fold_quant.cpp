@@ -1,7 +1,8 @@
 // crisp::fold_quant_(Tensor(a!)[] self, Tensor basis, Tensor mixers, int d_in) -> (): an int8 swappable bundle's
 // set_task for one CRISP group in one call. As crisp::fold_ (fold.cpp: W_i = reshape(B @ G(A_i)), the basis read
 // once for the group's n layers, export/kernels/fold_core.h's arithmetic), but the product is folded 16 output
-// rows at a time into a small float scratch (every layer's 16 rows: n * 16 * d_in floats, cache-sized) and each
+// rows at a time into a small float scratch (fold_core.h's fold_channel_blocks, ONNX Runtime's int8 fold's too:
+// every layer's 16 rows, about n * 16 * d_in floats, cache-sized) and each
 // block is quantized per output channel into the layer's packed int8 buffer (qlinear.h: codes, scales, column
 // sums) straight away: no float copy of the weights, and no packing left for forward (crisp::qlinear reads the
 // buffers in place). The codes equal custom_ops.quantize_weight of the float weights crisp::fold_ writes.
@@ -133,19 +134,10 @@ void fold_quant_(KernelRuntimeContext& ctx, Span<EValue*> stack) {
                         "crisp::fold_quant_: a buffer is not int8 of qlinear.h's size for (d_out, d_in)");
     bufs[i] = ws[i].mutable_data_ptr<int8_t>();
   }
-  // Output rows per pass: whole packed blocks whose product rows are whole (rows * d_in a multiple of s).
-  int64_t ob = kBlock;
-  while ((ob * d_in) % s) ob += kBlock;
-  std::vector<float> scratch(static_cast<size_t>(n * ob * d_in));
-  std::vector<float*> outs(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) outs[i] = scratch.data() + i * ob * d_in;
-  const float* B = basis.const_data_ptr<float>();
-  const float* g = mixers.const_data_ptr<float>();
-  for (int64_t o0 = 0; o0 < d_out; o0 += ob) {
-    const int64_t rows = std::min(ob, d_out - o0);
-    crisp_fold::fold_group(B + (o0 * d_in / s) * r, r, 1, rows * d_in / s, r, g, n, s, outs.data());
-    for (int64_t i = 0; i < n; ++i) quantize_pack_rows(outs[i], o0, rows, d_out, d_in, bufs[i]);
-  }
+  crisp_fold::fold_channel_blocks(basis.const_data_ptr<float>(), r, 1, u, r, mixers.const_data_ptr<float>(), n, s,
+                                  d_out, d_in, [&](int64_t i, int64_t o0, int64_t oc, const float* w) {
+                                    quantize_pack_rows(w, o0, oc, d_out, d_in, bufs[i]);
+                                  });
   const int64_t groups = (d_in + kGroup - 1) / kGroup, pad = (d_out + kBlock - 1) /
                          kBlock * kBlock;
   for (int64_t i = 0; i < n; ++i)  // the last block's lanes past d_out: zero codes (they meet no output)
