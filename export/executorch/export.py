@@ -76,6 +76,7 @@ from crisp_edge.export.executorch.custom_ops import crisp_ops
 from crisp_edge.export.executorch.digest import IO_METHOD, io_tag
 from crisp_edge.export.executorch.lowering import lower
 from crisp_edge.export.executorch.programs import _SetTaskView, _SwapProgram, _unfuse_attention
+from crisp_edge.export.executorch.quantize import LM_MODES as QUANT_LM_MODES
 from crisp_edge.export.executorch.quantize import MODES as QUANT_MODES
 from crisp_edge.export.executorch.quantize import REFUSALS as QUANT_REFUSALS
 from crisp_edge.export.executorch.quantize import RECIPES as QUANT_RECIPES
@@ -174,12 +175,8 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         raise ConfigError(f"mode {mode!r} needs a CRISP model (retrofit_ it first); a plain model exports as 'dense'.")
     if tasks and mode != "swappable":
         raise ConfigError(f"tasks need mode='swappable' ({mode!r} bundles hold one fixed set of weights).")
-    quantize = check_scheme(quantize, mode, "ExecuTorch", QUANT_MODES, QUANT_REFUSALS, lm=is_causal_lm(model))
-    if quantize is not None and mode != "dense" and is_causal_lm(model):
-        raise ConfigError(f"quantize={quantize!r} mode={mode!r}: XNNPACK packs a quantized linear's weights once, at "
-                          "load, so a set_task writing them would be ignored; crisp-edge's own int8 linear, which a "
-                          "swappable int8 ViT runs instead, is made for many tokens per call, not a language model's "
-                          f"decode step. Export it mode='dense' with quantize={quantize!r}, or float32 swappable.")
+    lm = is_causal_lm(model)
+    quantize = check_scheme(quantize, mode, "ExecuTorch", QUANT_LM_MODES if lm else QUANT_MODES, QUANT_REFUSALS, lm=lm)
     if quantize is not None and recipe not in QUANT_RECIPES[quantize]:
         raise ConfigError(f"quantize={quantize!r} needs recipe in {QUANT_RECIPES[quantize]} (the portable kernels have "
                           f"no quantized linear); got recipe={recipe!r}.")
@@ -188,7 +185,7 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
     check_replaceable(out_dir, ET_BUNDLE_FORMAT, overwrite)
     check_threads(threads)
     model = model.eval()
-    if is_causal_lm(model):
+    if lm:
         from crisp_edge.export.executorch.lm_export import export_lm_executorch
 
         if example_input is not None:

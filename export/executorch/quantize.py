@@ -30,12 +30,14 @@ from crisp_edge.errors import ConfigError
 
 #: scheme -> the (mode, recipe) pairs ExecuTorch can run it in (see crisp_edge.export.quantize).
 MODES: dict[str, tuple[str, ...]] = {"int8": ("dense", "swappable"), "int4": ("dense",)}
+#: The same for a causal language model (its Llama-export program: torchao's 8da8w / 8da4w linears).
+LM_MODES: dict[str, tuple[str, ...]] = {"int8": ("dense",), "int4": ("dense",)}
 RECIPES: dict[str, tuple[str, ...]] = {"int8": ("xnnpack",), "int4": ("xnnpack",)}
 #: Why the other modes are refused.
 REFUSALS: dict[str, str] = {
     "swappable": "XNNPACK packs a quantized linear's weights once, at load, so a set_task writing them would be ignored; "
-                 "crisp-edge's own linear that a swappable int8 bundle runs instead (crisp::qlinear) takes 8-bit "
-                 "weights only.",
+                 "crisp-edge's own int8 linear, which a swappable int8 ViT runs instead, is made for many tokens per "
+                 "call, not a language model's decode step.",
     "factored": "A factored program computes its weights on every forward, and XNNPACK's quantized linear takes "
                 "only weights it packs once, at load.",
 }
