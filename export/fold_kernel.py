@@ -110,8 +110,39 @@ def fold_group(basis: np.ndarray, gated: np.ndarray, transposed: bool,
     return outs
 
 
+#: Output channels whose product rows a channel-major basis keeps together (fold_core.h's QCH).
+CHANNEL_BLOCK = 16
+
+
+def channel_major_fits(d_out: int, d_in: int, s: int) -> bool:
+    """Whether a group of (d_out, d_in) layers with s mixer columns can store its basis channel-major."""
+    return d_out % CHANNEL_BLOCK == 0 and d_in % s == 0
+
+
+def channel_major(basis: np.ndarray, d_out: int, d_in: int, s: int, inverse: bool = False) -> np.ndarray:
+    """A transposed basis (r, u) with its columns in channel-major order (``export/kernels/fold_core.h``: column
+    ``(o // 16) * (d_in // s) * 16 + q * 16 + o % 16`` holds product row ``o * (d_in // s) + q``, so that a fold
+    pass reads 16 output channels' rows at one input position together), or back with ``inverse``. The
+    permutation is its own inverse on the (r, d_out // 16, ., .) view: the two middle axes swap."""
+    r, u = basis.shape
+    if not channel_major_fits(d_out, d_in, s) or u * s != d_out * d_in:
+        raise ExportError(f"a ({r}, {u}) basis of ({d_out}, {d_in}) layers with s={s} cannot be channel-major "
+                          f"(needs {CHANNEL_BLOCK} | d_out and s | d_in).")
+    nq = d_in // s
+    shape = (r, d_out // CHANNEL_BLOCK, nq, CHANNEL_BLOCK) if inverse else (r, d_out // CHANNEL_BLOCK, CHANNEL_BLOCK, nq)
+    return np.ascontiguousarray(basis.reshape(shape).transpose(0, 1, 3, 2).reshape(r, u))
+
+
+def _aligned_codes(d_in: int, d_out: int) -> np.ndarray:
+    """An empty (d_in, d_out) int8 array starting on a 64-byte boundary (a cache line: with 64 | d_out every row
+    does, and the channel-major kernel writes whole lines without reading them first)."""
+    raw = np.empty(d_in * d_out + 64, np.int8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + d_in * d_out].reshape(d_in, d_out)
+
+
 def fold_quant_group(basis: np.ndarray, gated: np.ndarray, transposed: bool, d_out: int, d_in: int,
-                     outs: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+                     outs: tuple[list[np.ndarray], list[np.ndarray]] | None = None, cm: bool = False
                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(codes, scales) of every layer of one group: layer i's weight W_i (d_out, d_in), the row-major reshape of
     ``B @ gated[i]`` (operands as :func:`fold_group`'s), quantized symmetric per output channel: ``scales[i][o]`` =
@@ -119,19 +150,22 @@ def fold_quant_group(basis: np.ndarray, gated: np.ndarray, transposed: bool, d_o
     scale)^T, in -127..127 (the fold's float32 values times 127 / max: a value a rounding away from a half may
     round the other way than exact arithmetic would). Written into ``outs`` (codes, scales) when given. ``basis``
     may be int8 codes: the product is then taken with them as they are (multiply each term's scale into
-    ``gated`` first)."""
+    ``gated`` first). ``cm``: the basis is stored transposed in :func:`channel_major` order (the same codes and
+    scales, folded 16 channels at a time: no transpose of the codes)."""
     lib, basis, gated, u, r, n, s = _operands(basis, gated, transposed, "fold_quant_group")
     if d_out * d_in != u * s or d_out <= 0:
         raise ExportError(f"fold_quant_group: a ({d_out}, {d_in}) weight is not the ({u}, {s}) product reshaped.")
+    if cm and not (transposed and channel_major_fits(d_out, d_in, s)):
+        raise ExportError(f"fold_quant_group: a channel-major basis is stored transposed, with {CHANNEL_BLOCK} | "
+                          f"d_out and s | d_in (got transposed={transposed}, d_out={d_out}, d_in={d_in}, s={s}).")
     if outs is None:
-        outs = ([np.empty((d_in, d_out), np.int8) for _ in range(n)], [np.empty(d_out, np.float32) for _ in range(n)])
+        outs = ([_aligned_codes(d_in, d_out) for _ in range(n)], [np.empty(d_out, np.float32) for _ in range(n)])
     codes, scales = outs
     _writable(codes, n, (d_in, d_out), np.int8, "fold_quant_group: codes")
     _writable(scales, n, (d_out,), np.float32, "fold_quant_group: scales")
     cp = (ctypes.c_void_p * n)(*[c.ctypes.data for c in codes])
     sp = (ctypes.c_void_p * n)(*[c.ctypes.data for c in scales])
     call = lib.crisp_fold_quant_group_i8 if basis.dtype == np.int8 else lib.crisp_fold_quant_group
-    if call(basis.ctypes.data, u, r, int(transposed), gated.ctypes.data, n, s, d_out, d_in,
-                                  cp, sp) != 0:
+    if call(basis.ctypes.data, u, r, 2 if cm else int(transposed), gated.ctypes.data, n, s, d_out, d_in, cp, sp) != 0:
         raise ExportError(f"crisp-edge's fold kernel refused the sizes u={u} r={r} n={n} s={s} d_out={d_out}.")
     return codes, scales

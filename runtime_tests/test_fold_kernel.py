@@ -104,6 +104,43 @@ def test_fold_quant_group_takes_int8_basis_codes(d_out, d_in, r, n, s, transpose
         fold_kernel.fold_group(b8, gated, transposed)
 
 
+@pytest.mark.parametrize("d_out,d_in,r,n,s", [(32, 148, 16, 4, 4),   # 32 channels: a group of 64 cut short
+                                              (128, 40, 16, 4, 4),   # two whole groups of 64
+                                              (48, 9, 5, 3, 3),      # s = 3
+                                              (16, 64, 2, 1, 16)])   # one block, one layer
+@pytest.mark.parametrize("dtype", [np.float32, np.int8])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_channel_major_basis_gives_the_same_codes(d_out, d_in, r, n, s, dtype, aligned):
+    """A basis stored channel-major (``fold_kernel.channel_major``, a permutation of its columns) folds to the same
+    codes and scales, bit for bit, as the same basis in product order: the same sums in the same order quantized by
+    the same arithmetic, whether its rows of codes are written a whole cache line at a time (64 | d_out, codes
+    64-byte aligned) or 16 codes at a time."""
+    u = d_out * d_in // s
+    rng = np.random.default_rng(d_out * 7 + d_in)
+    basis = (rng.integers(-127, 128, (r, u)) if dtype == np.int8 else rng.standard_normal((r, u))).astype(dtype)
+    gated = (rng.standard_normal((n, r, s)) * 0.01).astype(np.float32)
+    want = fold_kernel.fold_quant_group(basis, gated, True, d_out, d_in)
+    cm = fold_kernel.channel_major(basis, d_out, d_in, s)
+    assert cm.shape == basis.shape and not np.array_equal(cm, basis)
+    np.testing.assert_array_equal(fold_kernel.channel_major(cm, d_out, d_in, s, inverse=True), basis)
+    outs = None if aligned else ([np.empty(d_in * d_out + 1, np.int8)[1:].reshape(d_in, d_out) for _ in range(n)],
+                                 [np.empty(d_out, np.float32) for _ in range(n)])
+    got = fold_kernel.fold_quant_group(cm, gated, True, d_out, d_in, outs, cm=True)
+    assert aligned == all(c.ctypes.data % 64 == 0 for c in got[0])
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_channel_major_needs_its_shapes():
+    gated = np.zeros((2, 4, 4), np.float32)
+    with pytest.raises(ExportError, match="cannot be channel-major"):
+        fold_kernel.channel_major(np.zeros((4, 24), np.float32), 8, 12, 4)  # 16 does not divide d_out
+    with pytest.raises(ExportError, match="channel-major basis is stored transposed"):
+        fold_kernel.fold_quant_group(np.zeros((16, 4), np.float32), gated, False, 16, 4, cm=True)
+    with pytest.raises(ExportError, match="channel-major basis is stored transposed"):
+        fold_kernel.fold_quant_group(np.zeros((4, 24), np.float32), gated, True, 8, 12, cm=True)
+
+
 @pytest.mark.parametrize("flags", [(), ("-mavx2", "-mfma")], ids=["baseline-x86-64", "avx2"])
 def test_int8_basis_widening_of_every_build_folds_as_float(flags, tmp_path, monkeypatch):
     """The kernel built for one target alone (-DCRISP_FOLD_NO_MULTIVERSION: the portable widening of an int8
@@ -120,5 +157,8 @@ def test_int8_basis_widening_of_every_build_folds_as_float(flags, tmp_path, monk
     monkeypatch.setitem(fold_kernel._state, "lib", lib)
     got = fold_kernel.fold_quant_group(codes8, gated, True, d_out, d_in)
     want = fold_kernel.fold_quant_group(codes8.astype(np.float32), gated, True, d_out, d_in)
-    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+    cm = fold_kernel.fold_quant_group(fold_kernel.channel_major(codes8, d_out, d_in, s), gated, True, d_out, d_in,
+                                      cm=True)  # the portable channel-major quantization too
+    for a, b, c in zip(got[0] + got[1], want[0] + want[1], cm[0] + cm[1]):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, a)

@@ -127,7 +127,9 @@ struct WidenLoop {
 #endif
 };
 // k: the row read (for how far ahead a fetch stays inside the basis), kw: where its values are written (rows
-// of a scratch block, when fold_quant_group folds part of the product at a time).
+// of a scratch block, when fold_quant_group folds part of the product at a time). s = CM (a channel-major basis,
+// fold_channel_major): each column's V values are stored as they are, contiguous at col[c] + kw.
+constexpr int64_t CM = 0;
 template <typename T, typename Widen>
 __attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t ts, const float* mt,
                                                              float* const* col, int64_t k, int64_t kw, int64_t u,
@@ -149,7 +151,9 @@ __attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t
       }
     }
     const int64_t end = std::min(CHUNK, ncol - c0);
-    if (s == 4) {  // crisp-edge's default s: the four columns of a layer interleaved in registers, then stored
+    if (s == CM) {
+      for (int64_t c = 0; c < end; ++c) std::memcpy(col[c0 + c] + kw, acc[c], sizeof acc[c]);
+    } else if (s == 4) {  // crisp-edge's default s: the four columns of a layer interleaved in registers, then stored
       for (int64_t c = 0; c < end; c += 4) {
         float* o = col[c0 + c] + kw * 4;
 #pragma omp simd
@@ -418,6 +422,121 @@ inline void fold_quant_group(const T* B, int64_t ks, int64_t ts, int64_t u, int6
     }
     quantize_edge(w, d_in, inv, oc, j, d_in, out + j * d_out, d_out);
   });
+}
+
+// Channel-major bases. A transposed basis (r, u) of a group of (d_out, d_in) layers, QCH | d_out and s | d_in, may be
+// stored with its columns permuted so that the product rows of QCH output channels at one input position are
+// contiguous: column p = (o / QCH) * (d_in / s) * QCH + q * QCH + o % QCH holds product row o * (d_in / s) + q
+// (fold_kernel.channel_major writes it). fold_block_t then folds QCH channels' values of inputs [q s, q s + s) at
+// once, each column a vector stored as it is (s = CM): every layer's block of channels comes out transposed,
+// (d_in, channels), which is ONNX Runtime's int8 layout and a row of ExecuTorch's packed one. Quantizing from there
+// needs no transpose and takes each channel's maximum across rows, a vector at a time (the row-major product
+// leaves one channel per block of rows: a transpose of every code, then a maximum a channel).
+constexpr int64_t CM_GROUP = 4 * QCH;  // channels folded before they are quantized: 64 codes, a cache line, a row
+
+// Folds CM_GROUP channels at a time (QCH per pass, all of the group's d_in / s input positions) into a scratch
+// holding every layer's (d_in, CM_GROUP) block (n * d_in * 64 floats: ViT-S's fc2, 1.5 MiB, in L2), then hands each
+// layer's block to quantize(i, o0, oc, w): row j of channels [o0, o0 + oc) at w + j * CM_GROUP (oc a multiple of QCH).
+template <typename T, typename Quantize>
+inline void fold_channel_major(const T* B, int64_t u, int64_t r, const float* g, int64_t n, int64_t s, int64_t d_out,
+                               int64_t d_in, Quantize&& quantize) {
+  static_assert(V == QCH, "a pass folds one block of channels");
+  const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK, nq = d_in / s;
+  const std::vector<float> mt = mixer_columns(g, n, r, s, cpad);
+  std::vector<float> scratch(static_cast<size_t>(n * d_in * CM_GROUP));
+  std::vector<float*> col(static_cast<size_t>(ncol));
+  for (int64_t o0 = 0; o0 < d_out; o0 += CM_GROUP) {
+    const int64_t oc = std::min(CM_GROUP, d_out - o0);
+    for (int64_t sb = 0; sb < oc; sb += QCH) {
+      for (int64_t c = 0; c < ncol; ++c)  // layer c / s, input q s + c % s: row c % s of the pass' s rows
+        col[c] = scratch.data() + (c / s) * d_in * CM_GROUP + (c % s) * CM_GROUP + sb;
+      const int64_t p0 = (o0 + sb) * nq;
+      for (int64_t q = 0; q < nq; ++q)
+        fold_block_t(B + p0 + q * QCH, u, mt.data(), col.data(), p0 + q * QCH, q * s * CM_GROUP, u, r, CM, ncol, cpad);
+    }
+    for (int64_t i = 0; i < n; ++i) quantize(i, o0, oc, scratch.data() + i * d_in * CM_GROUP);
+  }
+}
+
+// Per-channel scales of a (d_in, CM_GROUP) block's QCH channels starting at column sb (the maximum of each
+// column), into scales[0, QCH), and 127 / max per channel (0 for an all-zero one) into inv, as fold_quant_group's.
+__attribute__((always_inline)) inline void column_scales(const float* w, int64_t d_in, int64_t sb, float* scales,
+                                                         float* inv) {
+  f32x16 m = {};
+  for (int64_t j = 0; j < d_in; ++j) {
+    i32x16 bits;
+    std::memcpy(&bits, w + j * CM_GROUP + sb, sizeof bits);
+    bits &= 0x7fffffff;
+    f32x16 v;
+    std::memcpy(&v, &bits, sizeof v);
+    m = m > v ? m : v;
+  }
+  for (int64_t q = 0; q < QCH; ++q) {
+    scales[q] = m[q] > 0.f ? m[q] / 127.f : 1.f;
+    inv[q] = m[q] > 0.f ? 127.f / m[q] : 0.f;
+  }
+}
+
+// ONNX Runtime's layout from a channel-major block: codes (d_in, d_out), out pointing at column o0; QCH codes of a
+// row a store.
+CRISP_FOLD_MULTIVERSION
+static void quantize_cm(const float* w, int64_t d_in, int64_t oc, int8_t* out, int64_t d_out, float* scales) {
+  typedef int8_t i8x16 __attribute__((vector_size(16)));
+  for (int64_t sb = 0; sb < oc; sb += QCH) {
+    f32x16 inv;
+    column_scales(w, d_in, sb, scales + sb, reinterpret_cast<float*>(&inv));
+    for (int64_t j = 0; j < d_in; ++j) {
+      f32x16 v;
+      std::memcpy(&v, w + j * CM_GROUP + sb, sizeof v);
+      v = (v * inv + ROUNDER) - ROUNDER;
+      const i8x16 c = __builtin_convertvector(__builtin_convertvector(v, i32x16), i8x16);
+      std::memcpy(out + j * d_out + sb, &c, sizeof c);
+    }
+  }
+}
+
+#ifdef CRISP_FOLD_AVX512_CODES
+// The same for a whole group of CM_GROUP channels whose rows are 64-byte aligned, with AVX-512: each row's 64 codes
+// one non-temporal store (a whole cache line: written without first reading the line the store replaces, a third of
+// the memory traffic of a switch whose codes are not in cache).
+__attribute__((target("avx512f,avx512bw"))) static void quantize_cm_stream(const float* w, int64_t d_in, int8_t* out,
+                                                                           int64_t d_out, float* scales) {
+  __m512 inv[4];
+  for (int64_t a = 0; a < 4; ++a) column_scales(w, d_in, a * QCH, scales + a * QCH, reinterpret_cast<float*>(&inv[a]));
+  const __m512 rounder = _mm512_set1_ps(ROUNDER);
+  for (int64_t j = 0; j < d_in; ++j) {
+    __m128i c[4];
+    for (int64_t a = 0; a < 4; ++a)  // (w * inv + ROUNDER) - ROUNDER, as quantize_cm's AVX-512 clone computes it
+      c[a] = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_sub_ps(
+          _mm512_fmadd_ps(_mm512_loadu_ps(w + j * CM_GROUP + a * QCH), inv[a], rounder), rounder)));
+    const __m512i line = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(
+        _mm512_castsi128_si512(c[0]), c[1], 1), c[2], 2), c[3], 3);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j * d_out), line);
+  }
+}
+#endif
+
+// fold_quant_group for a channel-major basis (T float or int8 codes): the same codes and scales.
+template <typename T>
+inline void fold_quant_group_cm(const T* B, int64_t u, int64_t r, const float* g, int64_t n, int64_t s, int64_t d_out,
+                                int64_t d_in, int8_t* const* codes, float* const* scales) {
+#ifdef CRISP_FOLD_AVX512_CODES
+  static const bool avx512bw = __builtin_cpu_supports("avx512bw");
+  bool streamed = false;
+#endif
+  fold_channel_major(B, u, r, g, n, s, d_out, d_in, [&](int64_t i, int64_t o0, int64_t oc, const float* w) {
+#ifdef CRISP_FOLD_AVX512_CODES
+    if (avx512bw && oc == CM_GROUP && d_out % CM_GROUP == 0 && reinterpret_cast<uintptr_t>(codes[i]) % 64 == 0) {
+      quantize_cm_stream(w, d_in, codes[i] + o0, d_out, scales[i] + o0);
+      streamed = true;
+      return;
+    }
+#endif
+    quantize_cm(w, d_in, oc, codes[i] + o0, d_out, scales[i] + o0);
+  });
+#ifdef CRISP_FOLD_AVX512_CODES
+  if (streamed) _mm_sfence();  // the streamed lines visible to the threads that read the codes next (ORT's)
+#endif
 }
 
 }  // namespace crisp_fold

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from crisp_edge.export import fold_kernel
 from crisp_edge.export.errors import AdapterError, BundleError
-from crisp_edge.export.onnx.swap_int8 import int8_names
+from crisp_edge.export.onnx.swap_int8 import CHANNEL_MAJOR, int8_names
 from crisp_edge.method.gates import GATES, get_gate
 
 
@@ -49,6 +49,23 @@ def _initializer(t: onnx.TensorProto, folder: Path, data_file: Path | None, wher
             or offset + size > path.stat().st_size:
         raise BundleError(f"{where}: {t.name} is not float32 or int8 data inside the bundle's own {data_file}.")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _channel_major_chain(proto: onnx.ModelProto, basis: str, g: dict) -> bool:
+    """Whether ``basis`` is its channel-major codes dequantized and put back in product order as ``swap_int8``
+    writes it (Reshape to (r, d_out / 16, d_in / s, 16) -> Transpose (0, 1, 3, 2) -> Reshape): the kernel then
+    folds the stored codes as they are (``fold_kernel.fold_quant_group(cm=True)``)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name: t for t in proto.graph.initializer}
+    back = producer.get(basis)
+    swap = back is not None and back.op_type == "Reshape" and producer.get(back.input[0])
+    view = swap and swap.op_type == "Transpose" and producer.get(swap.input[0])
+    if not view or view.op_type != "Reshape" or view.input[0] != f"{basis}{CHANNEL_MAJOR}" \
+            or list(next((a.ints for a in swap.attribute if a.name == "perm"), [])) != [0, 1, 3, 2] \
+            or view.input[1] not in inits or not fold_kernel.channel_major_fits(g["d_out"], g["d_in"], g["s"]):
+        return False
+    want = [g["r"], g["d_out"] // fold_kernel.CHANNEL_BLOCK, g["d_in"] // g["s"], fold_kernel.CHANNEL_BLOCK]
+    return numpy_helper.to_array(inits[view.input[1]]).tolist() == want
 
 
 def _passthrough(proto: onnx.ModelProto, outputs: list[str], defaults: dict[str, np.ndarray]) -> dict:
@@ -129,10 +146,14 @@ class KernelFold:
                 if g.get("transpose") or not all(set(int8_names(o)) <= wanted for o in outs):
                     return None
                 codes, scale = (inits.get(n) for n in int8_names(basis))  # its basis int8, a scale per term
-                if basis in inits or codes is None or scale is None or dequantized.get(basis) != codes.name:
+                cm = basis not in dequantized  # stored channel-major, put back in product order by the graph
+                if basis in inits or codes is None or scale is None \
+                        or dequantized.get(f"{basis}{CHANNEL_MAJOR}" if cm else basis) != codes.name \
+                        or (cm and not _channel_major_chain(proto, basis, g)):
                     return None
                 scale = np.array(_initializer(scale, fold_path.parent, data_file, where), np.float32)
-                quantized, outs = (g["d_out"], g["d_in"], scale), [name for o in outs for name in int8_names(o)]
+                quantized = (g["d_out"], g["d_in"], scale, cm)
+                outs = [name for o in outs for name in int8_names(o)]
             elif basis not in inits:
                 return None
             b = _initializer(codes if quantized else inits[basis], fold_path.parent, data_file, where)
@@ -170,11 +191,12 @@ class KernelFold:
                 self._keep((g, "w"), ws)
             else:  # codes and scales of each layer, in the fold graph's output order; the basis' codes summed as
                 # they are, each term's scale multiplied into the mixers (one number per term)
-                d_out, d_in, term_scale = quantized
+                d_out, d_in, term_scale, cm = quantized
                 gated = gated * term_scale[None, :, None]
                 codes, scales = self._outs((g, "codes"), n), self._outs((g, "scales"), n)
                 codes, scales = fold_kernel.fold_quant_group(basis, gated, True, d_out, d_in,
-                                                             None if codes is None or scales is None else (codes, scales))
+                                                             None if codes is None or scales is None else (codes, scales),
+                                                             cm=cm)
                 self._keep((g, "codes"), codes)
                 self._keep((g, "scales"), scales)
                 ws = [w for pair in zip(codes, scales) for w in pair]

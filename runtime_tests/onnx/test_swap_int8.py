@@ -13,7 +13,7 @@ import torch
 
 import crisp_edge as ce
 from crisp_edge.errors import BasisMismatchError
-from crisp_edge.export import check_bundle, export_onnx, load_bundle
+from crisp_edge.export import check_bundle, export_onnx, fold_kernel, load_bundle
 from crisp_edge.export.bundle import bundle_tag
 from crisp_edge.export.onnx.adapter import write_adapter
 from crisp_edge.export.onnx.session import OnnxCrispSession
@@ -87,7 +87,10 @@ def test_default_codes_are_the_folded_int8_bases_quantized_per_channel(setup):
     bases = crisp_bases(model)
     assert bases and not [k for k in bases if f"basis.{k}" in fold]  # no float basis stored
     for key, basis in bases.items():
-        b = fold[f"basis.{key}.int8"].astype(np.float64) * fold[f"basis.{key}.scale"][:, None]  # (r, u)
+        # stored channel-major (every toy group's shapes allow it): put back in product order to check it
+        assert fold_kernel.channel_major_fits(basis.d_out, basis.d_in, basis.s)
+        codes = fold_kernel.channel_major(fold[f"basis.{key}.int8"], basis.d_out, basis.d_in, basis.s, inverse=True)
+        b = codes.astype(np.float64) * fold[f"basis.{key}.scale"][:, None]  # (r, u)
         a = fold[f"mixer.{key}"].astype(np.float64)
         gated = a / (1 + np.exp(-a))  # silu, the toy's gate
         for i, name in enumerate(basis.layer_names):
