@@ -11,8 +11,10 @@ initializers). ORT cannot pre-pack a weight that is an input, so the forward cos
 int8 graph's (ViT-S about 1.09x; bench/results/quantize.json).
 
 The bases are stored as int8 codes with one scale per term (``quantize_bases``: a quarter of the float32 bytes,
-so the bundle is about the dense int8 bundle's size at full capacity, and a switch reads a quarter as much); the
-kernel folds the codes and multiplies each term's scale into the mixers. The weights a switch quantizes are thus
+so the bundle is about the dense int8 bundle's size at full capacity, and a switch reads a quarter as much), in
+channel-major column order where the group's shapes allow (``fold_kernel.channel_major``: the kernel then folds 16
+output channels at a time straight into MatMulInteger's layout); the kernel folds the codes and multiplies each
+term's scale into the mixers. The weights a switch quantizes are thus
 the fold of already quantized bases: two roundings, each about 1/254 of a range (parity's named tolerance says so).
 
 The fold graph still produces the inputs, so that an app running ONNX Runtime alone can switch tasks: the bases
