@@ -110,6 +110,33 @@ def executorch_swappable(model, x, work: Path, name: str):
                           "executorch/switch_int8_from_file": switch}
 
 
+def arithmetic(model, x) -> dict:
+    """Multiply-adds of a switch's fold against one forward's products, over the CRISP layers: the fold computes
+    each weight from the basis' r terms (r per weight), a forward multiplies each weight by every token (tokens
+    per weight). The fold runs float32 multiply-adds, 16 a vector instruction; the int8 forward's products run 64
+    an instruction (AVX-512 VNNI), so a fold of r terms costs at least about 4 r / tokens int8 forwards of arithmetic."""
+    import torch
+
+    from crisp_edge.method.convert import crisp_bases
+
+    bases = crisp_bases(model)
+    first = model.get_submodule(next(iter(bases.values())).layer_names[0])
+    seen = {}
+
+    def count(module, inputs, output) -> None:  # returns None: the output stays the layer's
+        seen.setdefault("tokens", inputs[0].numel() // inputs[0].shape[-1])
+
+    hook = first.register_forward_hook(count)
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    weights = sum(b.d_out * b.d_in * len(b.layer_names) for b in bases.values())
+    fold = sum(b.d_out * b.d_in * b.r * len(b.layer_names) for b in bases.values())
+    return {"crisp_weights": weights, "tokens_per_forward": seen["tokens"], "fold_multiply_adds": fold,
+            "forward_multiply_adds": weights * seen["tokens"],
+            "fold_over_forward_multiply_adds": round(fold / (weights * seen["tokens"]), 4)}
+
+
 def summarize(med: dict, targets: dict) -> dict:
     """Per runtime: swappable int8 in int8 dense forwards (ONNX Runtime), and whether it meets the goals."""
     i8 = med["onnxruntime/int8"]["median"]

@@ -123,7 +123,8 @@ def bench_model(name: str, repeats: int, work: Path, eval_limit: int, lock: str 
         interleave(cases, 2)
         med = {k: summarize(v) for k, v in interleave(cases, repeats).items()}
     result = {"model": name, "crisp_config": config.to_dict(), "input_shape": list(x.shape), "seconds": med,
-              "runtimes": {}, "swappable_int8": _swap_int8.summarize(med, TARGETS)}
+              "runtimes": {}, "swappable_int8": _swap_int8.summarize(med, TARGETS),
+              "arithmetic": _swap_int8.arithmetic(model, x)}
     accuracy_data = None
     if name == "embedded":
         from crisp_edge.data.fashion_mnist import load_fashion_mnist

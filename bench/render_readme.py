@@ -410,6 +410,14 @@ def _swappable_int8(d: dict) -> str:
     if not rows:
         return ""
     t = d["targets"]
+    floors = [f"{m['model']} {m['arithmetic']['fold_over_forward_multiply_adds']:.2f}x (r terms a weight against "
+              f"{m['arithmetic']['tokens_per_forward']} tokens)" for m in d["models"] if "arithmetic" in m]
+    floor = ("" if not floors else
+             " A switch's fold multiplies each weight's r basis terms, a forward each weight by every token: the fold's "
+             "multiply-adds against a forward's are " + ", ".join(floors) + "; the fold's run 16 float32 lanes an "
+             "instruction, the int8 forward's 64 (VNNI), so a fold costs at least about four times that ratio in int8 "
+             "forwards: a switch of 0.5 int8 forwards is out of reach for any float fold where that ratio is above "
+             "about 0.12 (the embedded ViT at batch 1).")
     return ("\n\nSwappable int8, in int8 dense forwards of the same model, same run:\n\n"
             + _table(["model", "runtime", "forward / int8 dense", "switch", "switch from the file",
                       "from the file, fold graph (ORT alone)", "reload a dense int8 model per task",
@@ -426,7 +434,7 @@ def _swappable_int8(d: dict) -> str:
               "packs a quantized linear's int8 weights once, at load (a buffer too), so the swappable int8 program runs "
               "crisp-edge's own int8 linear (`crisp::qlinear`, int8 weights read in place from packed buffers) and "
               "`set_task` folds and quantizes into them (`crisp::fold_quant_`); its bases, head and patch embedding "
-              "stay float32, hence its bytes.")
+              "stay float32, hence its bytes." + floor)
 
 
 def _bytes_cell(r: dict) -> str:
