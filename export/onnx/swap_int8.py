@@ -36,13 +36,11 @@ from onnx import TensorProto, helper, numpy_helper
 from crisp_edge.export.errors import ExportError
 from crisp_edge.export.onnx.fold import FoldSpec
 from crisp_edge.export.onnx.quantize import fold_weight_transposes, quantize_graph
+from crisp_edge.export.quantize import basis_codes
 
 #: Suffixes of a layer's int8 task inputs after its fold output's name ``dense.<layer>.weight`` (and of a basis'
 #: codes and scales after ``basis.<group>``).
 CODES, SCALES = ".int8", ".scale"
-#: The manifest's ``quantize.weights`` of a swappable int8 bundle.
-WEIGHTS = ("int8, symmetric, per output channel, written at each task switch from the fold of the bases (stored "
-           "int8, symmetric, one scale per basis term) and the task's float32 mixers")
 
 
 def int8_names(weight: str) -> tuple[str, str]:
@@ -191,14 +189,6 @@ def int8_fold_graph(proto: onnx.ModelProto, spec: FoldSpec) -> tuple[onnx.ModelP
     quantize_bases(proto)
     onnx.checker.check_model(proto)
     return proto, mapping
-
-
-def basis_codes(basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 codes, float32 scales) of a (r, u) basis stored transposed, one symmetric scale per term (row):
-    scale = max |row| / 127 (1 for an all-zero row)."""
-    m = np.abs(basis).max(axis=1)
-    scale = np.where(m > 0, m / 127, 1).astype(np.float32)
-    return np.rint(basis / scale[:, None]).astype(np.int8), scale
 
 
 def quantize_bases(proto: onnx.ModelProto) -> int:
