@@ -161,12 +161,12 @@ class _SwapProgram(nn.Module):
                                   "swappable or int8 dense.")
             if quantize is None:
                 self.bases[bkey] = nn.Parameter(b.weight.detach().clone(), requires_grad=False)
-                continue
-            # int8 codes stored transposed, (r, u): the layout fold_core.h's int8 fold reads fastest (each term's
-            # codes contiguous); ONNX Runtime's swappable int8 bundle stores the same codes and scales
-            codes, scales = basis_codes(b.weight.detach().float().T.contiguous().numpy())
-            self.bases[bkey] = nn.Parameter(torch.from_numpy(codes), requires_grad=False)
-            self.basis_scales[bkey] = nn.Parameter(torch.from_numpy(scales), requires_grad=False)
+            else:
+                # int8 codes stored transposed, (r, u): the layout fold_core.h's int8 fold reads fastest (each
+                # term's codes contiguous); ONNX Runtime's swappable int8 bundle stores the same codes and scales
+                codes, scales = basis_codes(b.weight.detach().float().T.contiguous().numpy())
+                self.bases[bkey] = nn.Parameter(torch.from_numpy(codes), requires_grad=False)
+                self.basis_scales[bkey] = nn.Parameter(torch.from_numpy(scales), requires_grad=False)
             for n in b.layer_names:
                 lin = dense.get_submodule(n)
                 _replace(dense, n, (_QBufLinear if quantize else _BufLinear)(lin.weight, lin.bias))
