@@ -119,11 +119,13 @@ def test_int8_swappable_stores_int8_bases(tmp_path):
     (whose float32 bases are most of it): three quarters of the bases' float32 bytes are saved."""
     from executorch.exir.scalar_type import ScalarType
 
+    from crisp_edge.export.quantize import SWAPPABLE_INT8_WEIGHTS
     from crisp_edge.method.convert import crisp_bases
 
     model = crisp_toy()
     q8 = export_executorch(model, tmp_path / "q8", mode="swappable", quantize="int8")
     f32 = export_executorch(model, tmp_path / "f32", mode="swappable", validate=False)
+    assert q8.manifest["quantize"]["weights"] == SWAPPABLE_INT8_WEIGHTS  # the record says so, as ONNX Runtime's
     consts = _constants((q8.path / "model.pte").read_bytes())
     char, flt = ScalarType.CHAR.value, ScalarType.FLOAT.value
     for key, b in crisp_bases(model).items():
