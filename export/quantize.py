@@ -39,13 +39,17 @@ its MatMulInteger weights and per-channel scales as task inputs, written at each
 fold+quantize kernel (or by the fold graph's in-graph quantization where ONNX Runtime runs alone); ExecuTorch,
 whose XNNPACK packs a quantized linear's int8 weights once, at load (a buffer included), runs crisp-edge's own
 int8 linear over buffers ``set_task`` writes (``crisp::qlinear``, ``crisp::fold_quant_``,
-``export/executorch/custom_ops.py``). Measured in ``bench/results/quantize.json`` (``swappable_int8``). Each
+``export/executorch/custom_ops.py``). Both store the bases of a swappable int8 bundle the same way, as int8 codes
+with one symmetric scale per basis term (``basis_codes``), and fold the codes with each term's scale multiplied into
+the mixers. Measured in ``bench/results/quantize.json`` (``swappable_int8``). Each
 runtime module says in ``REFUSALS`` why it refuses the other modes (factored; a language model's swappable
 quantized bundle). A request a runtime cannot honour is refused with that reason and what to use instead, never exported in float silently.
 """
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from crisp_edge.errors import ConfigError
 from crisp_edge.export.errors import BundleError
@@ -60,6 +64,9 @@ SCHEMES: dict[str, dict[str, str]] = {
              "activations": "int8, quantized dynamically at run time (no calibration data)",
              "dtype": "int4", "models": "causal language models only"},
 }
+#: The manifest's ``quantize.weights`` of a swappable int8 bundle (both runtimes store and fold its bases so).
+SWAPPABLE_INT8_WEIGHTS = ("int8, symmetric, per output channel, written at each task switch from the fold of the bases "
+                          "(stored int8, symmetric, one scale per basis term) and the task's float32 mixers")
 #: Input channels per int4 weight scale (both runtimes; the Llama export's 8da4w default is 32 or 128:
 #: 32 keeps more accuracy on a small model for one more float scale per 32 weights).
 INT4_GROUP = 32
@@ -77,6 +84,17 @@ LM_ONLY: dict[str, str] = {
 #: What to use instead of a quantized bundle whose weights change at run time.
 INSTEAD = ("For one task, apply its mixer file and export mode='dense' with quantize={q!r} (one {q} bundle per "
            "task); to switch tasks on device, export a float32 swappable bundle.")
+
+
+def basis_codes(basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, float32 scales) of a (r, u) basis stored transposed, one symmetric scale per term (row):
+    scale = max |row| / 127 (1 for an all-zero row), codes round-half-even(row / scale). How a swappable int8 bundle
+    of either runtime stores its bases (``onnx/swap_int8.py`` ``quantize_bases``, ``executorch/programs.py``): a
+    term's scale is one number for its u values, so a fold sums the codes and multiplies the scale into the
+    mixers."""
+    m = np.abs(basis).max(axis=1)
+    scale = np.where(m > 0, m / 127, 1).astype(np.float32)
+    return np.rint(basis / scale[:, None]).astype(np.int8), scale
 
 
 def check_scheme(quantize: str | None, mode: str, runtime: str, modes: dict[str, tuple[str, ...]],

@@ -16,7 +16,8 @@ Operators (namespace ``crisp``):
 - ``qlinear(x, w, bias, n)``: an int8 linear (x quantized per token at run time, int8 weights per output channel)
   reading ``w``, one int8 buffer in crisp-edge's packed layout (``kernels/qlinear.h``), in place: XNNPACK packs a
   quantized linear's weights once, at load, so a ``set_task`` writing them would be ignored; this reads them as
-  they are. ``fold_quant_(weights, basis, mixers, d_in)`` is ``fold_`` for those buffers: each layer's weight
+  they are. ``fold_quant_(weights, codes, mixers, d_in)`` is ``fold_`` for those buffers over an int8 basis (its
+  codes stored transposed, (r, u), each term's scale already multiplied into the mixers): each layer's weight
   folded and quantized into its packed buffer (an int8 swappable bundle's ``set_task``).
 """
 from __future__ import annotations
@@ -130,19 +131,23 @@ def quantize_weight(w: torch.Tensor) -> torch.Tensor:
     return pack_int8(torch.round(w * (1 / scales)[:, None]).clamp(-127, 127).to(torch.int8), scales)
 
 
-# fold_quant_(self, basis, mixers, d_in): an int8 swappable bundle's set_task for one CRISP group
-# (kernels/fold_quant.cpp): fold_'s weights, each quantized straight into its layer's int8 buffer.
-_lib.define("fold_quant_(Tensor(a!)[] self, Tensor basis, Tensor mixers, int d_in) -> ()")
+# fold_quant_(self, codes, mixers, d_in): an int8 swappable bundle's set_task for one CRISP group
+# (kernels/fold_quant.cpp). codes: the group's basis as int8, stored transposed (r, u), one symmetric scale per term
+# (export/quantize.py basis_codes); mixers (n, r, s): the gated mixers with each term's scale multiplied in (the
+# caller's graph does it), so the basis is codes @ diag(scales) and each layer's weight reshape(codes^T @ mixers[i])
+# (the codes summed as they are, never dequantized) is quantized per output channel straight into its int8 buffer.
+_lib.define("fold_quant_(Tensor(a!)[] self, Tensor codes, Tensor mixers, int d_in) -> ()")
 
 
 @torch.library.impl(_lib, "fold_quant_", "CompositeExplicitAutograd")
-def _fold_quant_(self: list[torch.Tensor], basis: torch.Tensor, mixers: torch.Tensor, d_in: int) -> None:
+def _fold_quant_(self: list[torch.Tensor], codes: torch.Tensor, mixers: torch.Tensor, d_in: int) -> None:
+    basis = codes.float().T  # (u, r): the codes' values, exact in float32
     for w, m in zip(self, mixers):
         w.copy_(quantize_weight((basis @ m).reshape(-1, d_in)))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::fold_quant_")
-def _fold_quant_fake(self: list[torch.Tensor], basis: torch.Tensor, mixers: torch.Tensor, d_in: int) -> None:
+def _fold_quant_fake(self: list[torch.Tensor], codes: torch.Tensor, mixers: torch.Tensor, d_in: int) -> None:
     return None
 
 

@@ -83,7 +83,7 @@ from crisp_edge.export.executorch.quantize import RECIPES as QUANT_RECIPES
 from crisp_edge.export.executorch.quantize import SWAPPABLE_INT8_TOOL
 from crisp_edge.export.executorch.quantize import quantize_module
 from crisp_edge.export.parity.compare import tolerance_for
-from crisp_edge.export.quantize import SCHEMES, check_scheme, quantize_record
+from crisp_edge.export.quantize import SCHEMES, SWAPPABLE_INT8_WEIGHTS, check_scheme, quantize_record
 from crisp_edge.export.executorch.runner_spec import runner_spec
 from crisp_edge.export.lm import is_causal_lm
 from crisp_edge.export.executorch.tasks import task_arrays, task_record, write_task_ptd
@@ -156,7 +156,8 @@ def export_executorch(model: nn.Module, out_dir: str | os.PathLike, *, mode: str
         quantize: None (float32) or "int8" (``crisp_edge.export.quantize``: XNNPACK's int8 per-channel
             weights with dynamically quantized activations, through PT2E; dense mode, xnnpack recipe; in a
             swappable bundle the CRISP linears run ``crisp::qlinear`` over int8 buffers that ``set_task`` writes
-            with ``crisp::fold_quant_``, ``executorch/quantize.py`` SWAPPABLE_INT8_TOOL), or for a
+            with ``crisp::fold_quant_`` from int8 bases, one scale per term, ``executorch/quantize.py``
+            SWAPPABLE_INT8_TOOL), or for a
             causal language model also "int4" (torchao 8da4w, groups of 32); recorded in the manifest; parity
             then uses the scheme's tolerance.
         checkpoint: the checkpoint folder ``model`` was loaded from, recorded in the manifest (``source``) so
@@ -249,12 +250,12 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, recipe: str, exampl
         prog = _SwapProgram(model, names, head["max_classes"] if head else None, bundle_tag(fp, layout),
                             quantize=quantize).eval()
         if quantize is not None:
-            quant = quantize_record(quantize, SWAPPABLE_INT8_TOOL)
+            quant = quantize_record(quantize, SWAPPABLE_INT8_TOOL, SWAPPABLE_INT8_WEIGHTS)
         view = copy.copy(prog)
         view.__class__ = _SetTaskView  # shares every submodule: the buffers keep their names
-        inputs = [{"name": f"mixer.{key}", "shape": [len(layers), *prog.bases[bkey].shape[1:2],
-                                                     crisp_bases(model)[key].s]}
-                  for key, bkey, layers, *_ in prog.groups]
+        bases = crisp_bases(model)
+        inputs = [{"name": f"mixer.{key}", "shape": [len(layers), bases[key].weight.shape[1], bases[key].s]}
+                  for key, _, layers, *_ in prog.groups]
         if head:
             inputs += [{"name": "head.weight", "shape": [head["max_classes"], head["in_features"]]},
                        {"name": "head.bias", "shape": [head["max_classes"]]}]

@@ -13,6 +13,7 @@ from torch import nn
 from crisp_edge.export.executorch import custom_ops  # noqa: F401 - defines torch.ops.crisp (set_task's fold)
 from crisp_edge.errors import ConfigError
 from crisp_edge.export.model_io import _Forward
+from crisp_edge.export.quantize import basis_codes
 from crisp_edge.files.mixers import head_module
 from crisp_edge.method.convert import crisp_bases, materialize_
 from crisp_edge.method.gates import crisp_weight_matrix, get_gate
@@ -119,6 +120,12 @@ class _SwapProgram(nn.Module):
     """The dense architecture with CRISP weights (and the head) as buffers, the bases as constants, and
     ``set_task`` rebuilding the buffers from task inputs. ``forward`` runs the model.
 
+    ``quantize="int8"``: the CRISP linears are ``_QBufLinear`` (int8 packed buffers) and each basis is stored as
+    int8 codes, transposed (r, u), with one float32 scale per term (``basis_scales``), as ONNX Runtime's swappable
+    int8 bundle stores them (``export/quantize.py`` ``basis_codes``): a quarter of the float32 bytes to store and to
+    read at each switch. ``set_task`` multiplies each term's scale into the gated mixers and ``crisp::fold_quant_``
+    folds the codes as they are, quantizing each layer's weight into its buffer.
+
     The task guard: ``set_task`` writes the bundle's tag into the buffer ``task_tag`` (zero in the
     program's initial state); ``forward`` multiplies its output by ``index_select(ones(1), 0,
     task_tag != tag)``, i.e. by 1 once a task is set. Before any ``set_task`` the index is 1, out of
@@ -142,16 +149,24 @@ class _SwapProgram(nn.Module):
         dense = materialize_(copy.deepcopy(model))
         _unfuse_attention(dense)
         self.bases = nn.ParameterDict()
+        self.basis_scales = nn.ParameterDict()  # int8: each basis term's scale (r,), multiplied into the mixers
         self.groups: list[tuple] = []
         for key, b in crisp_bases(model).items():
             bkey = key.replace(".", "_")
-            self.bases[bkey] = nn.Parameter(b.weight.detach().clone(), requires_grad=False)
             self.groups.append((key, bkey, list(b.layer_names), b.gate_name, b.placement, b.d_out, b.d_in, b.transpose))
             if quantize is not None and (b.placement != "pre" or b.transpose):
                 raise ConfigError(f"quantize={quantize!r} swappable: group {key!r} is folded as placement "
                                   f"{b.placement!r}{', transposed' if b.transpose else ''}; crisp::fold_quant_ takes "
                                   "placement 'pre', not transposed (every crisp-edge ViT recipe). Export it as float32 "
                                   "swappable or int8 dense.")
+            if quantize is None:
+                self.bases[bkey] = nn.Parameter(b.weight.detach().clone(), requires_grad=False)
+            else:
+                # int8 codes stored transposed, (r, u): the layout fold_core.h's int8 fold reads fastest (each
+                # term's codes contiguous); ONNX Runtime's swappable int8 bundle stores the same codes and scales
+                codes, scales = basis_codes(b.weight.detach().float().T.contiguous().numpy())
+                self.bases[bkey] = nn.Parameter(torch.from_numpy(codes), requires_grad=False)
+                self.basis_scales[bkey] = nn.Parameter(torch.from_numpy(scales), requires_grad=False)
             for n in b.layer_names:
                 lin = dense.get_submodule(n)
                 _replace(dense, n, (_QBufLinear if quantize else _BufLinear)(lin.weight, lin.bias))
@@ -180,12 +195,13 @@ class _SwapProgram(nn.Module):
         their buffers in place: no write-back copy. Other groups run one product a layer (XNNPACK, s output
         columns) and a copy into the buffer; with stock operators that was the fastest layout measured (one
         product a group then split on its columns 1.32x as long, the transposed product then transposed by
-        XNNPACK 1.92x; ``bench/bench_fold_layouts.py --executorch``, ``bench/results/fold_layouts.json``)."""
+        XNNPACK 1.92x; ``bench/bench_fold_layouts.py --executorch``, ``bench/results/fold_layouts.json``).
+        int8: every group is one ``crisp::fold_quant_`` call over its int8 codes, the mixers scaled per term."""
         for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
             g = get_gate(gate)
-            if self.quantize:
+            if self.quantize:  # the int8 codes summed as they are, each term's scale in the mixers
                 torch.ops.crisp.fold_quant_([self.fwd.model.get_submodule(n).weight for n in layers],
-                                            self.bases[bkey], g.fn(mixers), d_in)
+                                            self.bases[bkey], g.fn(mixers) * self.basis_scales[bkey][:, None], d_in)
                 continue
             if self.fused_fold and placement == "pre" and not transpose:
                 torch.ops.crisp.fold_([self.fwd.model.get_submodule(n).weight for n in layers], self.bases[bkey],

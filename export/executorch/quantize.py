@@ -45,10 +45,14 @@ REFUSALS: dict[str, str] = {
 #: weights once, at load (its partitioner counts a buffer as a static weight, ``is_param_node``), so a set_task
 #: writing them would be ignored: the CRISP linears run crisp-edge's own int8 linear instead
 #: (``custom_ops``: ``crisp::qlinear`` reading each layer's packed buffer in place, ``crisp::fold_quant_`` writing it).
+#: The bases are stored as int8 codes, transposed (r, u), with one symmetric scale per term, as ONNX Runtime's
+#: swappable int8 bundle stores them (``export/quantize.py`` ``basis_codes``): set_task multiplies each term's scale
+#: into the gated mixers and folds the codes as they are.
 SWAPPABLE_INT8_TOOL: dict[str, Any] = {
     "name": "crisp::fold_quant_ (set_task) + crisp::qlinear (forward)",
     "weights": "int8 symmetric per output channel (scale = max |w| / 127), packed vnni16 (kernels/qlinear.h), "
-               "written by set_task from the float fold",
+               "written by set_task from the fold of the int8 bases (codes (r, u), one float32 scale per basis "
+               "term, multiplied into the mixers)",
     "activations": "uint8 per token with a zero point, quantized at run time (XNNPACK qd8's arithmetic)",
     "quantized": "every CRISP linear; the head (task weights) and the patch-embedding convolution stay float32 "
                  "(XNNPACK), as do the attention matmuls (as in the dense int8 program)",

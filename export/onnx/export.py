@@ -95,7 +95,6 @@ from crisp_edge.export.onnx.quantize import LM_MODES as QUANT_LM_MODES
 from crisp_edge.export.onnx.quantize import MODES as QUANT_MODES
 from crisp_edge.export.onnx.quantize import REFUSALS as QUANT_REFUSALS
 from crisp_edge.export.onnx.quantize import quantize_graph
-from crisp_edge.export.onnx.swap_int8 import WEIGHTS as SWAP_INT8_WEIGHTS
 from crisp_edge.export.onnx.swap_int8 import int8_fold_graph, int8_forward_graph
 from crisp_edge.export.parity.compare import tolerance_for
 from crisp_edge.export.parity.reference import (
@@ -107,7 +106,7 @@ from crisp_edge.export.parity.reference import (
 )
 from crisp_edge.export.parity.task_reference import source_record
 from crisp_edge.export.parity.validate import validate_bundle
-from crisp_edge.export.quantize import SCHEMES, check_scheme, quantize_record
+from crisp_edge.export.quantize import SCHEMES, SWAPPABLE_INT8_WEIGHTS, check_scheme, quantize_record
 from crisp_edge.files.fingerprint import bases_fingerprint
 from crisp_edge.files.io import atomic_write_json
 from crisp_edge.files.mixers import MixerFile, apply_mixers_, model_layout
@@ -335,7 +334,7 @@ def _write_bundle(model: nn.Module, folder: Path, mode: str, example: dict, name
     files.update({f: None for f in written})
     quant = None
     if quantize is not None:  # a swappable graph was quantized above (swap_int8), a dense one is quantized here
-        quant = (quantize_record(quantize, tool, SWAP_INT8_WEIGHTS) if swap is not None
+        quant = (quantize_record(quantize, tool, SWAPPABLE_INT8_WEIGHTS) if swap is not None
                  else quantize_record(quantize, quantize_graph(folder / "model.onnx", quantize)))
     if mode == "dense":  # a plain model.onnx: with its HF config files, optimum's ORTModelFor... loads the bundle
         files.update({f: None for f in write_hf_configs(model, folder)})

@@ -39,15 +39,13 @@ from crisp_edge.export import fold_kernel
 from crisp_edge.export.errors import ExportError
 from crisp_edge.export.onnx.fold import FoldSpec
 from crisp_edge.export.onnx.quantize import fold_weight_transposes, quantize_graph
+from crisp_edge.export.quantize import basis_codes
 
 #: Suffixes of a layer's int8 task inputs after its fold output's name ``dense.<layer>.weight`` (and of a basis'
 #: codes and scales after ``basis.<group>``).
 CODES, SCALES = ".int8", ".scale"
 #: Suffix of a channel-major basis' dequantized values, before the graph puts them back in product order.
 CHANNEL_MAJOR = ".channel_major"
-#: The manifest's ``quantize.weights`` of a swappable int8 bundle.
-WEIGHTS = ("int8, symmetric, per output channel, written at each task switch from the fold of the bases (stored "
-           "int8, symmetric, one scale per basis term) and the task's float32 mixers")
 
 
 def int8_names(weight: str) -> tuple[str, str]:
@@ -210,14 +208,6 @@ def group_shapes(proto: onnx.ModelProto, spec: FoldSpec) -> dict[str, tuple[int,
         if product and product.op_type == "MatMul" and not transpose:
             shapes[product.input[1]] = (dense_shape[0], dense_shape[1], s)
     return shapes
-
-
-def basis_codes(basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 codes, float32 scales) of a (r, u) basis stored transposed, one symmetric scale per term (row):
-    scale = max |row| / 127 (1 for an all-zero row)."""
-    m = np.abs(basis).max(axis=1)
-    scale = np.where(m > 0, m / 127, 1).astype(np.float32)
-    return np.rint(basis / scale[:, None]).astype(np.int8), scale
 
 
 def quantize_bases(proto: onnx.ModelProto, shapes: dict[str, tuple[int, int, int]]) -> int:

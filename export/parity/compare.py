@@ -146,7 +146,9 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     ("executorch", "dense", "int8"): Tolerance(ATOL_INT8, MIN_COSINE_INT8, _INT8 + "; XNNPACK dynamic int8 linear"),
     ("executorch", "swappable", "int8"): Tolerance(
         ATOL_INT8, MIN_COSINE_INT8, _INT8 + "; crisp::qlinear (the same per-token / per-channel arithmetic as "
-        "XNNPACK's qd8 linear) over int8 weights set_task quantizes from its float fold"),
+        "XNNPACK's qd8 linear) over int8 weights set_task quantizes from the fold of int8 bases (one scale per "
+        "term, as ONNX Runtime's): two roundings of about 1/254 of a range, measured max |logit diff| 0.11 on ViT-S "
+        "(random weights) and 0.02 on the embedded ViT, inside the dense int8 bound"),
 }
 
 

@@ -61,7 +61,10 @@ def test_pack_round_trips():
 
 
 class _Group(nn.Module):
-    """``forward`` returns the group's float weights (crisp::fold_) and int8 buffers (crisp::fold_quant_)."""
+    """``forward`` returns the group's float weights (crisp::fold_) and int8 buffers (crisp::fold_quant_), both
+    folded from the same int8 basis codes (``codes``, (r, u), as an int8 swappable program stores them; ``basis``:
+    the same values as float32 (u, r), crisp::fold_'s layout) and the same mixers, each term's scale multiplied in
+    (``scales``, as the program's set_task does)."""
 
     def __init__(self, d_out: int, d_in: int, n: int, r: int, s: int) -> None:
         super().__init__()
@@ -69,8 +72,11 @@ class _Group(nn.Module):
         for i in range(n):
             self.register_buffer(f"f{i}", torch.zeros(d_out, d_in))
             self.register_buffer(f"q{i}", torch.full((custom_ops.packed_bytes(d_out, d_in),), 7, dtype=torch.int8))
-        self.basis = nn.Parameter(torch.randn(d_out * d_in // s, r, generator=torch.Generator().manual_seed(1)),
-                                  requires_grad=False)
+        gen = torch.Generator().manual_seed(1)
+        codes = torch.randint(-127, 128, (r, d_out * d_in // s), generator=gen, dtype=torch.int8)
+        self.codes = nn.Parameter(codes, requires_grad=False)
+        self.basis = nn.Parameter(codes.T.float().contiguous(), requires_grad=False)
+        self.scales = nn.Parameter(torch.rand(r, generator=gen) * 0.02 + 0.001, requires_grad=False)
 
     def bufs(self, p: str) -> list[torch.Tensor]:
         return [getattr(self, f"{p}{i}") for i in range(self.n)]
@@ -79,9 +85,9 @@ class _Group(nn.Module):
         return torch.cat([w.reshape(-1) for w in self.bufs("f")]) * x, torch.cat(self.bufs("q"))
 
     def set_task(self, mixers: torch.Tensor) -> torch.Tensor:
-        g = get_gate("silu").fn(mixers)
+        g = get_gate("silu").fn(mixers) * self.scales[:, None]
         torch.ops.crisp.fold_(self.bufs("f"), self.basis, g)
-        torch.ops.crisp.fold_quant_(self.bufs("q"), self.basis, g, self.d_in)
+        torch.ops.crisp.fold_quant_(self.bufs("q"), self.codes, g, self.d_in)
         return torch.zeros(1)
 
 
@@ -95,10 +101,15 @@ class _SetTask(_Group):
     (33, 10, 2, 3, 5),    # d_in % 4 = 2: a padded input group; a 1-row last block; odd s
     (17, 7, 4, 6, 7),     # s = d_in: one product row per output row; N = 17: a 1-row last block
     (48, 20, 1, 2, 8),    # 16 rows of d_in = 20 are 40 product rows of s = 8: whole; one layer
+    (64, 36, 4, 16, 4),   # u = 576: 36 passes of 16 transposed rows (the AVX-512 widening), ViT-like r and s
 ])
 def test_fold_quant_writes_the_quantized_fold(d_out, d_in, n, r, s):
-    """The codes, scales and sums crisp::fold_quant_ writes are quantize_weight of crisp::fold_'s float weights,
-    exactly (the same fold arithmetic, the same rounding), the padding included."""
+    """The codes, scales and sums crisp::fold_quant_ writes from an int8 (r, u) basis are quantize_weight of the float
+    weights crisp::fold_ writes from the same values as a float (u, r) basis, exactly, the padding included: each
+    product element is the same float32 sum in both kernels (fold_core.h: the terms t = 0..r-1 in order, one
+    multiply-add each, from zero; the codes are exact in float32), whichever layout it reads, so the same rounding
+    gives the same codes. PyTorch's reference of the op (codes as float times the scaled mixers) sums in its own
+    order: within one code of the kernel's (a rounding tie that float32 rounding tips)."""
     custom_ops.load_kernels()
     prog = _Group(d_out, d_in, n, r, s).eval()
     view = _SetTask.__new__(_SetTask)
@@ -115,11 +126,28 @@ def test_fold_quant_writes_the_quantized_fold(d_out, d_in, n, r, s):
     for i in range(n):
         want = custom_ops.quantize_weight(floats[i * d_out * d_in:(i + 1) * d_out * d_in].reshape(d_out, d_in))
         assert torch.equal(codes[i * size:(i + 1) * size], want), f"layer {i}"
-    view.set_task(mixers)  # PyTorch's implementation of the op agrees to within one code (float fold rounding)
+    view.set_task(mixers)  # PyTorch's implementation of the op
     for i in range(n):
-        a = custom_ops.unpack_int8(codes[i * size:(i + 1) * size], d_out, d_in)[0].int()
-        b = custom_ops.unpack_int8(prog.bufs("q")[i], d_out, d_in)[0].int()
-        assert (a - b).abs().max() <= 1
+        a, sa, _ = custom_ops.unpack_int8(codes[i * size:(i + 1) * size], d_out, d_in)
+        b, sb, _ = custom_ops.unpack_int8(prog.bufs("q")[i], d_out, d_in)
+        assert (a.int() - b.int()).abs().max() <= 1
+        torch.testing.assert_close(sa, sb, rtol=1e-5, atol=0)
+
+
+def test_fold_quant_refuses_a_float_basis(capfd):
+    """crisp::fold_quant_ takes the int8 codes (r, u) only: a float32 basis fails the call with the kernel's message
+    (ExecuTorch logs it to stderr) instead of being read as int8."""
+    custom_ops.load_kernels()
+    prog = _Group(16, 4, 1, 3, 4).eval()
+    prog.codes = nn.Parameter(prog.codes.float(), requires_grad=False)
+    view = _SetTask.__new__(_SetTask)
+    view.__dict__ = prog.__dict__
+    mixers = torch.randn(1, 3, 4)
+    pte, _ = lower({"forward": prog, "set_task": view}, {"forward": (torch.ones(1),), "set_task": (mixers,)},
+                   "portable", "swappable")
+    with pytest.raises(RuntimeError):
+        Runtime.get().load_program(bytes(pte)).load_method("set_task").execute([mixers])
+    assert "crisp::fold_quant_: codes must be the int8 basis stored transposed, (r, u)" in capfd.readouterr().err
 
 
 def test_portable_paths_equal_the_avx512_paths(tmp_path):

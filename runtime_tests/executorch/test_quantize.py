@@ -100,6 +100,46 @@ def test_int8_swappable_switches_tasks_within_the_int8_tolerance(tmp_path):
         for other in set(refs) - {task}:
             assert own < np.abs(got - refs[other]).max() / 4, (task, other)
 
+
+def _constants(pte: bytes) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(method, scalar type, shape) of every constant tensor the program stores."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import Tensor
+
+    program = deserialize_pte_binary(pte).program
+    return [(plan.name, int(v.val.scalar_type.value), tuple(v.val.sizes)) for plan in program.execution_plan
+            for v in plan.values if isinstance(v.val, Tensor) and v.val.data_buffer_idx > 0
+            and v.val.allocation_info is None]
+
+
+@pytest.mark.slow
+def test_int8_swappable_stores_int8_bases(tmp_path):
+    """The int8 swappable program stores each group's basis as int8 codes, transposed (r, u), with one float32 scale
+    per term, and no float32 basis in either layout; so it is well under the float32 swappable program's bytes
+    (whose float32 bases are most of it): three quarters of the bases' float32 bytes are saved."""
+    from executorch.exir.scalar_type import ScalarType
+
+    from crisp_edge.export.quantize import SWAPPABLE_INT8_WEIGHTS
+    from crisp_edge.method.convert import crisp_bases
+
+    model = crisp_toy()
+    q8 = export_executorch(model, tmp_path / "q8", mode="swappable", quantize="int8")
+    f32 = export_executorch(model, tmp_path / "f32", mode="swappable", validate=False)
+    assert q8.manifest["quantize"]["weights"] == SWAPPABLE_INT8_WEIGHTS  # the record says so, as ONNX Runtime's
+    consts = _constants((q8.path / "model.pte").read_bytes())
+    char, flt = ScalarType.CHAR.value, ScalarType.FLOAT.value
+    for key, b in crisp_bases(model).items():
+        u, r = b.weight.shape
+        assert ("set_task", char, (r, u)) in consts, key
+        assert ("set_task", flt, (r,)) in consts, key
+        assert not [c for c in consts if c[1] == flt and c[2] in ((u, r), (r, u))], key  # no float copy left
+    first = next(iter(crisp_bases(model).values()))
+    assert ("set_task", flt, tuple(first.weight.shape)) in _constants((f32.path / "model.pte").read_bytes())  # seen
+    q8_bytes, f32_bytes = q8.manifest["params"]["program_bytes"], f32.manifest["params"]["program_bytes"]
+    basis_bytes = 4 * sum(b.weight.numel() for b in crisp_bases(model).values())  # float32 bases: 73% of f32_bytes
+    assert f32_bytes - q8_bytes >= 0.7 * basis_bytes, (q8_bytes, f32_bytes, basis_bytes)  # 3/4 of them saved
+    assert q8_bytes < 0.5 * f32_bytes  # the toy's patch embedding, norms and head stay float32
+
 def test_int8_swappable_language_model_is_refused(tmp_path):
     from crisp_edge.testing import toy_hf_llama
 

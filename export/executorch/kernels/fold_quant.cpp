@@ -1,11 +1,16 @@
-// crisp::fold_quant_(Tensor(a!)[] self, Tensor basis, Tensor mixers, int d_in) -> (): an int8 swappable bundle's
-// set_task for one CRISP group in one call. As crisp::fold_ (fold.cpp: W_i = reshape(B @ G(A_i)), the basis read
-// once for the group's n layers, export/kernels/fold_core.h's arithmetic), but the product is folded 16 output
-// rows at a time into a small float scratch (fold_core.h's fold_channel_blocks, ONNX Runtime's int8 fold's too:
-// every layer's 16 rows, about n * 16 * d_in floats, cache-sized) and each
-// block is quantized per output channel into the layer's packed int8 buffer (qlinear.h: codes, scales, column
-// sums) straight away: no float copy of the weights, and no packing left for forward (crisp::qlinear reads the
-// buffers in place). The codes equal custom_ops.quantize_weight of the float weights crisp::fold_ writes.
+// crisp::fold_quant_(Tensor(a!)[] self, Tensor codes, Tensor mixers, int d_in) -> (): an int8 swappable bundle's
+// set_task for one CRISP group in one call. codes: the group's basis as int8 codes stored transposed, (r, u), one
+// symmetric scale per term (export/quantize.py basis_codes); mixers (n, r, s): the gated mixers with each term's
+// scale already multiplied in (the program's graph does it), so B = codes^T diag(scales) and W_i =
+// reshape(codes^T @ mixers[i]): the codes are summed as they are (fold_core.h's int8 path on the transposed
+// layout, fold_block_t: 16 codes of a term widened to float by one AVX-512 instruction), never dequantized, and a
+// switch reads a quarter of a float basis' bytes. As crisp::fold_ (fold.cpp), the basis is read once for the
+// group's n layers, but the product is folded 16 output rows at a time into a small float scratch (fold_core.h's
+// fold_channel_blocks, ONNX Runtime's int8 fold's too: every layer's 16 rows, about n * 16 * d_in floats,
+// cache-sized) and each block is quantized per output channel into the layer's packed int8 buffer (qlinear.h:
+// codes, scales, column sums) straight away: no float copy of the weights, and no packing left for forward
+// (crisp::qlinear reads the buffers in place). The codes equal custom_ops.quantize_weight of the float weights
+// crisp::fold_ writes from the same codes (as float, (u, r)) and mixers: each product element is the same sum.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -111,21 +116,22 @@ void quantize_pack_rows(const float* w, int64_t o0, int64_t rows, int64_t n, int
 }
 
 void fold_quant_(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  // stack: self (tensor list), basis, mixers, d_in[, the empty list the emitter gives an op returning ()]
+  // stack: self (tensor list), codes, mixers, d_in[, the empty list the emitter gives an op returning ()]
   ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 4 && stack[0]->isTensorList() && stack[1]->isTensor() &&
                       stack[2]->isTensor() && stack[3]->isInt(), InvalidArgument, ,
-                      "crisp::fold_quant_(Tensor[] self, Tensor basis, Tensor mixers, int d_in)");
+                      "crisp::fold_quant_(Tensor[] self, Tensor codes, Tensor mixers, int d_in)");
   ArrayRef<Tensor> ws = stack[0]->toTensorList();
-  const Tensor& basis = stack[1]->toTensor();
+  const Tensor& codes = stack[1]->toTensor();
   const Tensor& mixers = stack[2]->toTensor();
   const int64_t d_in = stack[3]->toInt();
-  ET_KERNEL_CHECK_MSG(ctx, basis.dim() == 2 && mixers.dim() == 3 && basis.scalar_type() == ScalarType::Float &&
-                      mixers.scalar_type() == ScalarType::Float, InvalidArgument, ,
-                      "crisp::fold_quant_: basis (u, r) and mixers (n, r, s), float32");
-  const int64_t u = basis.size(0), r = basis.size(1), n = mixers.size(0), s = mixers.size(2);
+  ET_KERNEL_CHECK_MSG(ctx, codes.dim() == 2 && codes.scalar_type() == ScalarType::Char, InvalidArgument, ,
+                      "crisp::fold_quant_: codes must be the int8 basis stored transposed, (r, u)");
+  ET_KERNEL_CHECK_MSG(ctx, mixers.dim() == 3 && mixers.scalar_type() == ScalarType::Float, InvalidArgument, ,
+                      "crisp::fold_quant_: mixers must be float32 (n, r, s), each term's scale multiplied in");
+  const int64_t r = codes.size(0), u = codes.size(1), n = mixers.size(0), s = mixers.size(2);
   ET_KERNEL_CHECK_MSG(ctx, mixers.size(1) == r && static_cast<int64_t>(ws.size()) == n && d_in > 0 &&
                       (u * s) % d_in == 0, InvalidArgument, ,
-                      "crisp::fold_quant_: mixers (n, r, s), n buffers and d_in do not match the basis");
+                      "crisp::fold_quant_: mixers (n, r, s), n buffers and d_in do not match the codes (r, u)");
   const int64_t d_out = u * s / d_in;
   std::vector<int8_t*> bufs(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
@@ -134,8 +140,9 @@ void fold_quant_(KernelRuntimeContext& ctx, Span<EValue*> stack) {
                         "crisp::fold_quant_: a buffer is not int8 of qlinear.h's size for (d_out, d_in)");
     bufs[i] = ws[i].mutable_data_ptr<int8_t>();
   }
-  crisp_fold::fold_channel_blocks(basis.const_data_ptr<float>(), r, 1, u, r, mixers.const_data_ptr<float>(), n, s,
-                                  d_out, d_in, [&](int64_t i, int64_t o0, int64_t oc, const float* w) {
+  crisp_fold::fold_channel_blocks(codes.const_data_ptr<int8_t>(), /*ks=*/1, /*ts=*/u, u, r,
+                                  mixers.const_data_ptr<float>(), n, s, d_out, d_in,
+                                  [&](int64_t i, int64_t o0, int64_t oc, const float* w) {
                                     quantize_pack_rows(w, o0, oc, d_out, d_in, bufs[i]);
                                   });
   const int64_t groups = (d_in + kGroup - 1) / kGroup, pad = (d_out + kBlock - 1) /
