@@ -136,18 +136,26 @@ def quantize_weight(w: torch.Tensor) -> torch.Tensor:
 # (export/quantize.py basis_codes); mixers (n, r, s): the gated mixers with each term's scale multiplied in (the
 # caller's graph does it), so the basis is codes @ diag(scales) and each layer's weight reshape(codes^T @ mixers[i])
 # (the codes summed as they are, never dequantized) is quantized per output channel straight into its int8 buffer.
-_lib.define("fold_quant_(Tensor(a!)[] self, Tensor codes, Tensor mixers, int d_in) -> ()")
+# channel_major: the codes' columns are in export/kernels/fold_core.h's channel-major order
+# (crisp_edge.export.fold_kernel.channel_major; 16 | d_out and s | d_in): the kernel folds 16 output channels at once.
+_lib.define("fold_quant_(Tensor(a!)[] self, Tensor codes, Tensor mixers, int d_in, bool channel_major) -> ()")
 
 
 @torch.library.impl(_lib, "fold_quant_", "CompositeExplicitAutograd")
-def _fold_quant_(self: list[torch.Tensor], codes: torch.Tensor, mixers: torch.Tensor, d_in: int) -> None:
+def _fold_quant_(self: list[torch.Tensor], codes: torch.Tensor, mixers: torch.Tensor, d_in: int,
+                 channel_major: bool) -> None:
+    r, u = codes.shape
+    s = mixers.shape[2]
+    if channel_major:  # back in product order: the two middle axes of (r, d_out / 16, d_in / s, 16) swapped
+        codes = codes.reshape(r, u * s // d_in // 16, d_in // s, 16).permute(0, 1, 3, 2).reshape(r, u)
     basis = codes.float().T  # (u, r): the codes' values, exact in float32
     for w, m in zip(self, mixers):
         w.copy_(quantize_weight((basis @ m).reshape(-1, d_in)))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::fold_quant_")
-def _fold_quant_fake(self: list[torch.Tensor], codes: torch.Tensor, mixers: torch.Tensor, d_in: int) -> None:
+def _fold_quant_fake(self: list[torch.Tensor], codes: torch.Tensor, mixers: torch.Tensor, d_in: int,
+                     channel_major: bool) -> None:
     return None
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from crisp_edge.export.executorch import custom_ops  # noqa: F401 - defines torch.ops.crisp (set_task's fold)
 from crisp_edge.errors import ConfigError
 from crisp_edge.export.model_io import _Forward
+from crisp_edge.export.fold_kernel import channel_major, channel_major_fits
 from crisp_edge.export.quantize import basis_codes
 from crisp_edge.files.mixers import head_module
 from crisp_edge.method.convert import crisp_bases, materialize_
@@ -153,7 +154,8 @@ class _SwapProgram(nn.Module):
         self.groups: list[tuple] = []
         for key, b in crisp_bases(model).items():
             bkey = key.replace(".", "_")
-            self.groups.append((key, bkey, list(b.layer_names), b.gate_name, b.placement, b.d_out, b.d_in, b.transpose))
+            self.groups.append((key, bkey, list(b.layer_names), b.gate_name, b.placement, b.d_out, b.d_in, b.transpose,
+                                quantize is not None and channel_major_fits(b.d_out, b.d_in, b.s)))
             if quantize is not None and (b.placement != "pre" or b.transpose):
                 raise ConfigError(f"quantize={quantize!r} swappable: group {key!r} is folded as placement "
                                   f"{b.placement!r}{', transposed' if b.transpose else ''}; crisp::fold_quant_ takes "
@@ -165,6 +167,8 @@ class _SwapProgram(nn.Module):
                 # int8 codes stored transposed, (r, u): the layout fold_core.h's int8 fold reads fastest (each
                 # term's codes contiguous); ONNX Runtime's swappable int8 bundle stores the same codes and scales
                 codes, scales = basis_codes(b.weight.detach().float().T.contiguous().numpy())
+                if channel_major_fits(b.d_out, b.d_in, b.s):  # fold_kernel.channel_major: 16 channels a pass
+                    codes = channel_major(codes, b.d_out, b.d_in, b.s)
                 self.bases[bkey] = nn.Parameter(torch.from_numpy(codes), requires_grad=False)
                 self.basis_scales[bkey] = nn.Parameter(torch.from_numpy(scales), requires_grad=False)
             for n in b.layer_names:
@@ -197,11 +201,11 @@ class _SwapProgram(nn.Module):
         product a group then split on its columns 1.32x as long, the transposed product then transposed by
         XNNPACK 1.92x; ``bench/bench_fold_layouts.py --executorch``, ``bench/results/fold_layouts.json``).
         int8: every group is one ``crisp::fold_quant_`` call over its int8 codes, the mixers scaled per term."""
-        for (key, bkey, layers, gate, placement, d_out, d_in, transpose), mixers in zip(self.groups, inputs):
+        for (key, bkey, layers, gate, placement, d_out, d_in, transpose, cm), mixers in zip(self.groups, inputs):
             g = get_gate(gate)
             if self.quantize:  # the int8 codes summed as they are, each term's scale in the mixers
                 torch.ops.crisp.fold_quant_([self.fwd.model.get_submodule(n).weight for n in layers],
-                                            self.bases[bkey], g.fn(mixers) * self.basis_scales[bkey][:, None], d_in)
+                                            self.bases[bkey], g.fn(mixers) * self.basis_scales[bkey][:, None], d_in, cm)
                 continue
             if self.fused_fold and placement == "pre" and not transpose:
                 torch.ops.crisp.fold_([self.fwd.model.get_submodule(n).weight for n in layers], self.bases[bkey],

@@ -52,6 +52,20 @@ int main() {
         return 1;
       }
   }
+  // a channel-major block (fold_core.h: row j of oc channels, CM_GROUP floats apart) into the packed layout
+  const int64_t blocks[][2] = {{36, 64}, {10, 32}, {7, 16}, {384, 64}};  // (k, oc): k % 4 = 2 and 3 among them
+  for (const auto& bk : blocks) {
+    const int64_t k = bk[0], oc = bk[1], n = 80, o0 = 16;  // channels [16, 16 + oc) of an 80-channel layer
+    std::vector<float> blk(k * crisp_fold::CM_GROUP);
+    for (auto& v : blk) v = nd(rng);
+    std::vector<int8_t> b1(crisp_q::buffer_bytes(n, k), 7), b2(crisp_q::buffer_bytes(n, k), 7);
+    quantize_pack_cm(blk.data(), o0, oc, n, k, b1.data());
+    quantize_pack_cm_avx512(blk.data(), o0, oc, n, k, b2.data());
+    if (b1 != b2) {
+      std::printf("channel-major quantize differs at k = %ld, oc = %ld\n", k, oc);
+      return 1;
+    }
+  }
   std::printf("ok\n");
   return 0;
 }

@@ -9,6 +9,7 @@ import torch
 from executorch.runtime import Runtime
 from torch import nn
 
+from crisp_edge.export import fold_kernel
 from crisp_edge.export.executorch import custom_ops
 from crisp_edge.export.executorch.lowering import lower
 from crisp_edge.method.gates import get_gate
@@ -66,16 +67,18 @@ class _Group(nn.Module):
     the same values as float32 (u, r), crisp::fold_'s layout) and the same mixers, each term's scale multiplied in
     (``scales``, as the program's set_task does)."""
 
-    def __init__(self, d_out: int, d_in: int, n: int, r: int, s: int) -> None:
+    def __init__(self, d_out: int, d_in: int, n: int, r: int, s: int, cm: bool = False) -> None:
         super().__init__()
-        self.n, self.d_in = n, d_in
+        self.n, self.d_in, self.cm = n, d_in, cm
         for i in range(n):
             self.register_buffer(f"f{i}", torch.zeros(d_out, d_in))
             self.register_buffer(f"q{i}", torch.full((custom_ops.packed_bytes(d_out, d_in),), 7, dtype=torch.int8))
         gen = torch.Generator().manual_seed(1)
         codes = torch.randint(-127, 128, (r, d_out * d_in // s), generator=gen, dtype=torch.int8)
-        self.codes = nn.Parameter(codes, requires_grad=False)
         self.basis = nn.Parameter(codes.T.float().contiguous(), requires_grad=False)
+        if cm:  # the columns in channel-major order, as a program stores them where the shapes allow
+            codes = torch.from_numpy(fold_kernel.channel_major(codes.numpy(), d_out, d_in, s))
+        self.codes = nn.Parameter(codes, requires_grad=False)
         self.scales = nn.Parameter(torch.rand(r, generator=gen) * 0.02 + 0.001, requires_grad=False)
 
     def bufs(self, p: str) -> list[torch.Tensor]:
@@ -87,7 +90,7 @@ class _Group(nn.Module):
     def set_task(self, mixers: torch.Tensor) -> torch.Tensor:
         g = get_gate("silu").fn(mixers) * self.scales[:, None]
         torch.ops.crisp.fold_(self.bufs("f"), self.basis, g)
-        torch.ops.crisp.fold_quant_(self.bufs("q"), self.codes, g, self.d_in)
+        torch.ops.crisp.fold_quant_(self.bufs("q"), self.codes, g, self.d_in, self.cm)
         return torch.zeros(1)
 
 
@@ -96,22 +99,26 @@ class _SetTask(_Group):
         return self.set_task(mixers)
 
 
-@pytest.mark.parametrize("d_out,d_in,n,r,s", [
-    (40, 12, 3, 5, 4),    # 3 blocks, the last one 8 rows (its padding lanes must be zeroed: buffers start at 7)
-    (33, 10, 2, 3, 5),    # d_in % 4 = 2: a padded input group; a 1-row last block; odd s
-    (17, 7, 4, 6, 7),     # s = d_in: one product row per output row; N = 17: a 1-row last block
-    (48, 20, 1, 2, 8),    # 16 rows of d_in = 20 are 40 product rows of s = 8: whole; one layer
-    (64, 36, 4, 16, 4),   # u = 576: 36 passes of 16 transposed rows (the AVX-512 widening), ViT-like r and s
+@pytest.mark.parametrize("d_out,d_in,n,r,s,cm", [
+    (40, 12, 3, 5, 4, False),    # 3 blocks, the last one 8 rows (its padding lanes must be zeroed: buffers start at 7)
+    (33, 10, 2, 3, 5, False),    # d_in % 4 = 2: a padded input group; a 1-row last block; odd s
+    (17, 7, 4, 6, 7, False),     # s = d_in: one product row per output row; N = 17: a 1-row last block
+    (48, 20, 1, 2, 8, False),    # 16 rows of d_in = 20 are 40 product rows of s = 8: whole; one layer
+    (64, 36, 4, 16, 4, False),   # u = 576: 36 passes of 16 transposed rows (the AVX-512 widening), ViT-like r and s
+    (64, 36, 4, 16, 4, True),    # the same codes stored channel-major: one whole group of 64 channels
+    (32, 10, 2, 3, 5, True),     # channel-major, d_in % 4 = 2 (a padded input group), a group of 64 cut to 32
+    (144, 8, 3, 16, 4, True),    # channel-major, two groups of 64 and one of 16
 ])
-def test_fold_quant_writes_the_quantized_fold(d_out, d_in, n, r, s):
+def test_fold_quant_writes_the_quantized_fold(d_out, d_in, n, r, s, cm):
     """The codes, scales and sums crisp::fold_quant_ writes from an int8 (r, u) basis are quantize_weight of the float
     weights crisp::fold_ writes from the same values as a float (u, r) basis, exactly, the padding included: each
     product element is the same float32 sum in both kernels (fold_core.h: the terms t = 0..r-1 in order, one
     multiply-add each, from zero; the codes are exact in float32), whichever layout it reads, so the same rounding
-    gives the same codes. PyTorch's reference of the op (codes as float times the scaled mixers) sums in its own
-    order: within one code of the kernel's (a rounding tie that float32 rounding tips)."""
+    gives the same codes; a basis stored channel-major (``cm``) folds to them too. PyTorch's reference of the op
+    (codes as float times the scaled mixers) sums in its own order: within one code of the kernel's (a rounding tie
+    that float32 rounding tips)."""
     custom_ops.load_kernels()
-    prog = _Group(d_out, d_in, n, r, s).eval()
+    prog = _Group(d_out, d_in, n, r, s, cm).eval()
     view = _SetTask.__new__(_SetTask)
     view.__dict__ = prog.__dict__
     mixers = torch.randn(n, r, s, generator=torch.Generator().manual_seed(2))
@@ -148,6 +155,21 @@ def test_fold_quant_refuses_a_float_basis(capfd):
     with pytest.raises(RuntimeError):
         Runtime.get().load_program(bytes(pte)).load_method("set_task").execute([mixers])
     assert "crisp::fold_quant_: codes must be the int8 basis stored transposed, (r, u)" in capfd.readouterr().err
+
+
+def test_fold_quant_refuses_channel_major_codes_its_shapes_cannot_have(capfd):
+    """Channel-major codes need 16 | d_out and s | d_in: other shapes fail the call with the kernel's message."""
+    custom_ops.load_kernels()
+    prog = _Group(24, 8, 1, 3, 4).eval()  # 16 does not divide 24
+    prog.cm = True
+    view = _SetTask.__new__(_SetTask)
+    view.__dict__ = prog.__dict__
+    mixers = torch.randn(1, 3, 4)
+    pte, _ = lower({"forward": prog, "set_task": view}, {"forward": (torch.ones(1),), "set_task": (mixers,)},
+                   "portable", "swappable")
+    with pytest.raises(RuntimeError):
+        Runtime.get().load_program(bytes(pte)).load_method("set_task").execute([mixers])
+    assert "crisp::fold_quant_: channel-major codes need 16 | d_out and s | d_in" in capfd.readouterr().err
 
 
 def test_portable_paths_equal_the_avx512_paths(tmp_path):
