@@ -24,9 +24,10 @@ ViT-S has 3), every output checked against numpy's ``B @ gate(A_i)``:
 ExecuTorch programs hold it or (r, u) as the ONNX fold graph's data holds it (what ONNX Runtime's Python
 session folds from).
 
-``--crisp-quant`` adds ``crisp_quant_<f32|i8>_<role>``: the kernel's fold fused with per-channel int8 quantization
-(``fold_kernel.fold_quant_group``: a swappable int8 bundle's ONNX switch), the basis stored transposed, float32 or
-int8 codes (term scales in the mixers). ``--kernels-only``: crisp-edge's kernels alone, no ONNX Runtime graphs.
+``--crisp-quant`` adds ``crisp_quant_<f32|i8|i8_cm>_<role>`` (``_crisp_quant.py``): the kernel's fold fused with
+per-channel int8 quantization (``fold_kernel.fold_quant_group``: a swappable int8 bundle's ONNX switch), the basis
+stored transposed, float32, int8 codes (term scales in the mixers), or those codes channel-major.
+``--kernels-only``: crisp-edge's kernels alone, no ONNX Runtime graphs.
 
 ``--fused-kernel`` adds ``fused_kernel``: ``bench/_fused_fold.c``, compiled here with ``cc`` (AVX-512), one
 pass a group that reads B^T once and writes every layer's W, transposing in registers: what a fold costs
@@ -50,6 +51,7 @@ from _common import RESULTS_DIR, interleave, machine_info, pin_threads, summariz
 
 THREADS = pin_threads(1)
 
+import _crisp_quant  # noqa: E402 - after the thread pinning, as numpy
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -238,38 +240,6 @@ def crisp_kernel_cases(groups: int, rng: np.random.Generator) -> dict:
     return cases
 
 
-def crisp_quant_cases(groups: int, rng: np.random.Generator) -> dict:
-    """``fold_crisp_quant_<f32|i8>_<role>`` -> one timed ``fold_quant_group`` over ``groups`` groups of the role, the
-    basis (r, u) float32, or int8 codes with each term's scale in the mixers; checked first: the int8 basis gives the
-    codes and scales of the float fold of its codes, the float one numpy's product's to a rounding step."""
-    from crisp_edge.export import fold_kernel
-
-    if fold_kernel.kernel() is None:
-        sys.exit(f"--crisp-quant: {fold_kernel.error()}")
-    cases = {}
-    for role, d_out, d_in in ROLES:
-        calls = {"f32": [], "i8": []}
-        for _ in range(groups):
-            bt = (rng.standard_normal((R, d_out * d_in // S)) / np.sqrt(R)).astype(np.float32)
-            g = rng.standard_normal((N, R, S)).astype(np.float32)
-            scale = np.abs(bt).max(1) / 127
-            codes, g8 = np.round(bt / scale[:, None]).astype(np.int8), (g * scale[None, :, None]).astype(np.float32)
-            calls["f32"].append((bt, g, fold_kernel.fold_quant_group(bt, g, True, d_out, d_in)))
-            calls["i8"].append((codes, g8, fold_kernel.fold_quant_group(codes, g8, True, d_out, d_in)))
-            same = fold_kernel.fold_quant_group(codes.astype(np.float32), g8, True, d_out, d_in)
-            if not all(np.array_equal(a, b) for a, b in zip(sum(calls["i8"][-1][2], []), sum(same, []))):
-                sys.exit(f"--crisp-quant {role}: the int8 basis' codes differ from the float fold of its codes")
-            for c, sc, a in zip(*calls["f32"][-1][2], g):
-                if not (np.abs(c.T * sc[:, None] - (bt.T @ a).reshape(d_out, d_in)) <= 0.51 * sc[:, None]).all():
-                    sys.exit(f"--crisp-quant {role}: the float basis' codes are not numpy's product quantized")
-        for kind, group in calls.items():
-            def run(group=group, d_out=d_out, d_in=d_in) -> None:
-                for b, g, outs in group:
-                    fold_kernel.fold_quant_group(b, g, True, d_out, d_in, outs)
-            cases[f"fold_crisp_quant_{kind}_{role}"] = _cpu_timer(run)
-    return cases
-
-
 def forward_cases(rng: np.random.Generator) -> dict:
     """``forward_<layout>_<role>``: the role's product in every one of 12 blocks (197 tokens), its weight an
     input in layout W or Wt."""
@@ -326,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.crisp_kernel:
         cases.update(crisp_kernel_cases(groups, rng))
     if args.crisp_quant:
-        cases.update(crisp_quant_cases(groups, rng))
+        cases.update(_crisp_quant.crisp_quant_cases(groups, rng, ROLES, N, R, S, _cpu_timer))
     if args.executorch:
         from _set_task_layouts import executorch_cases
         cases.update(executorch_cases(ROLES, N, S, R))
@@ -358,10 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             result["crisp_kernel_vs_shipped"] = {k: round(v / total("fold_shipped"), 4)
                                                  for k, v in result["crisp_kernel_seconds"].items()}
     if args.crisp_quant:
-        result["crisp_quant_seconds"] = {k: {r: med[f"fold_crisp_quant_{k}_{r}"]["median"] for r in roles}
-                                         for k in ("f32", "i8")}
-        result["crisp_quant_i8_vs_f32"] = {r: round(med[f"fold_crisp_quant_i8_{r}"]["median"] /
-                                                    med[f"fold_crisp_quant_f32_{r}"]["median"], 4) for r in roles}
+        result.update(_crisp_quant.summarize(med, roles))
     if args.executorch:
         narrow = med["set_task_narrow"]["median"]
         result["executorch_set_task_vs_narrow"] = {k[len("set_task_"):]: round(v["median"] / narrow, 4)
@@ -390,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.crisp_kernel:
         print("crisp-edge kernel, ms:", {k: round(1e3 * v, 2) for k, v in result["crisp_kernel_seconds"].items()})
     if args.crisp_quant:
-        print("fold_quant_group, ms (float32 / int8 basis):", {r: tuple(round(1e3 * result["crisp_quant_seconds"][k][r], 3)
-                                                                       for k in ("f32", "i8")) for r in roles})
+        print("fold_quant_group, ms (float32 / int8 / int8 channel-major basis):",
+              {r: tuple(round(1e3 * result["crisp_quant_seconds"][k][r], 3) for k in _crisp_quant.KINDS) for r in roles})
     if args.executorch:
         print("ExecuTorch set_task vs narrow:", result["executorch_set_task_vs_narrow"])
     print(f"wrote {out}")

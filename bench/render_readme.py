@@ -429,12 +429,13 @@ def _swappable_int8(d: dict) -> str:
               "`DynamicQuantizeMatMul` a layer, its bias taken in), bound once per switch; ORT pre-packs only constant "
               "weights. Its switch is crisp-edge's fused fold+quantize kernel (the float weights never written to "
               "memory); the fold graph column is an app running ONNX Runtime alone (the bases dequantized, the float "
-              "fold, then the per-channel quantization in the graph). Its bundle stores the bases as int8 with one "
-              "scale per basis term (full capacity here: as many numbers as the dense weights). ExecuTorch: XNNPACK "
-              "packs a quantized linear's int8 weights once, at load (a buffer too), so the swappable int8 program runs "
-              "crisp-edge's own int8 linear (`crisp::qlinear`, int8 weights read in place from packed buffers) and "
-              "`set_task` folds and quantizes into them (`crisp::fold_quant_`); its bases, head and patch embedding "
-              "stay float32, hence its bytes." + floor)
+              "fold, then the per-channel quantization in the graph). Both runtimes' bundles store the bases as int8 "
+              "with one scale per basis term (full capacity here: as many numbers as the dense weights), channel-major "
+              "where the shapes allow (16 output channels' rows of the product together: the kernel folds them at once "
+              "and writes their codes without a transpose). ExecuTorch: XNNPACK packs a quantized linear's int8 weights "
+              "once, at load (a buffer too), so the swappable int8 program runs crisp-edge's own int8 linear "
+              "(`crisp::qlinear`, int8 weights read in place from packed buffers) and `set_task` folds and quantizes "
+              "into them (`crisp::fold_quant_`); its head and patch embedding stay float32." + floor)
 
 
 def _bytes_cell(r: dict) -> str:

@@ -51,7 +51,7 @@ def quantize_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
                                               (7, 9, 5, 3, 3),      # s = 3 | d_in, odd everything
                                               (6, 6, 3, 2, 4),      # s = 4 does not divide d_in: channels split rows
                                               (33, 64, 2, 1, 16),   # a channel per 4 product rows, 3 blocks
-                                              (32, 148, 16, 4, 4),  # inputs: two runs of 64, one of 16, 4 left
+                                              (32, 148, 16, 4, 4),  # inputs: nine tiles of 16, 4 left
                                               (300, 40, 16, 4, 4)])  # u = 3000: the transposed path fetches ahead
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fold_quant_group_is_the_fold_quantized_per_channel(d_out, d_in, r, n, s, transposed):

@@ -310,42 +310,6 @@ static void quantize_tile(const float* w, int64_t d_in, const float* inv, int64_
   }
   for (int64_t jj = 0; jj < QCH; ++jj) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + jj * d_out), x[jj]);
 }
-#ifdef CRISP_FOLD_AVX512_CODES
-// With AVX-512 (BW), four tiles at once (inputs [j0, j0 + 4 QCH)): each channel's 64 codes are one register, narrowed
-// with two signed packs (lane L of the register then holds, in order, the codes of inputs 4L..4L+3 of each of the
-// four tiles), and the four rounds of interleaving run on whole registers, transposing the four lanes' 16 x 16
-// matrices at once: a quarter of the shuffles of quantize_tile a code, which is bound by them. Byte b of lane L
-// after the rounds: input j0 + QCH (b / 4) + 4L + b % 4 of the QCH channels.
-__attribute__((target("avx512f,avx512bw"))) static void quantize_tiles4_avx512(const float* w, int64_t d_in,
-    const float* inv, int64_t j0, int8_t* out, int64_t d_out) {
-  static_assert(QCH == 16, "16 channels, four 128-bit lanes");
-  const __m512 rounder = _mm512_set1_ps(ROUNDER);
-  __m512i x[QCH];
-  for (int64_t o = 0; o < QCH; ++o) {
-    const float* row = w + o * d_in + j0;
-    const __m512 k = _mm512_set1_ps(inv[o]);
-    __m512i a[4];
-    for (int q = 0; q < 4; ++q)  // (w * k + ROUNDER) - ROUNDER, as quantize_tile's AVX-512 clone computes it
-      a[q] = _mm512_cvttps_epi32(_mm512_sub_ps(_mm512_fmadd_ps(_mm512_loadu_ps(row + 16 * q), k, rounder), rounder));
-    x[o] = _mm512_packs_epi16(_mm512_packs_epi32(a[0], a[1]), _mm512_packs_epi32(a[2], a[3]));
-  }
-  for (int round = 0; round < 4; ++round) {
-    __m512i y[QCH];
-    for (int64_t i = 0; i < QCH / 2; ++i) {
-      y[2 * i] = _mm512_unpacklo_epi8(x[i], x[i + QCH / 2]);
-      y[2 * i + 1] = _mm512_unpackhi_epi8(x[i], x[i + QCH / 2]);
-    }
-    for (int64_t i = 0; i < QCH; ++i) x[i] = y[i];
-  }
-  for (int64_t b = 0; b < QCH; ++b) {
-    int8_t* o = out + (QCH * (b / 4) + b % 4) * d_out;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm512_castsi512_si128(x[b]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4 * d_out), _mm512_extracti32x4_epi32(x[b], 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8 * d_out), _mm512_extracti32x4_epi32(x[b], 2));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 12 * d_out), _mm512_extracti32x4_epi32(x[b], 3));
-  }
-}
-#endif
 #else
 CRISP_FOLD_MULTIVERSION
 static void quantize_tile(const float* w, int64_t d_in, const float* inv, int64_t j0, int8_t* out, int64_t d_out) {
@@ -412,14 +376,8 @@ inline void fold_quant_group(const T* B, int64_t ks, int64_t ts, int64_t u, int6
     }
     int8_t* out = codes[i] + o0;
     int64_t j = 0;
-    if (oc == QCH) {
-#ifdef CRISP_FOLD_AVX512_CODES
-      static const bool avx512bw = __builtin_cpu_supports("avx512bw");
-      if (avx512bw)
-        for (; j + 4 * QCH <= d_in; j += 4 * QCH) quantize_tiles4_avx512(w, d_in, inv, j, out + j * d_out, d_out);
-#endif
+    if (oc == QCH)
       for (; j + QCH <= d_in; j += QCH) quantize_tile(w, d_in, inv, j, out + j * d_out, d_out);
-    }
     quantize_edge(w, d_in, inv, oc, j, d_in, out + j * d_out, d_out);
   });
 }

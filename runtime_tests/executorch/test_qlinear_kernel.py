@@ -141,12 +141,18 @@ def test_fold_quant_writes_the_quantized_fold(d_out, d_in, n, r, s, cm):
         torch.testing.assert_close(sa, sb, rtol=1e-5, atol=0)
 
 
-def test_fold_quant_refuses_a_float_basis(capfd):
-    """crisp::fold_quant_ takes the int8 codes (r, u) only: a float32 basis fails the call with the kernel's message
-    (ExecuTorch logs it to stderr) instead of being read as int8."""
+@pytest.mark.parametrize("change,message", [
+    ({"codes": "float"}, "crisp::fold_quant_: codes must be the int8 basis stored transposed, (r, u)"),
+    ({"cm": True}, "crisp::fold_quant_: channel-major codes need 16 | d_out and s | d_in"),  # 16 does not divide 24
+])
+def test_fold_quant_refuses_codes_it_cannot_read(change, message, capfd):
+    """crisp::fold_quant_ takes int8 codes (r, u) only, and channel-major codes only where 16 | d_out and s | d_in:
+    anything else fails the call with the kernel's message (ExecuTorch logs it to stderr) instead of being read."""
     custom_ops.load_kernels()
-    prog = _Group(16, 4, 1, 3, 4).eval()
-    prog.codes = nn.Parameter(prog.codes.float(), requires_grad=False)
+    prog = _Group(24, 8, 1, 3, 4).eval()
+    if "codes" in change:
+        prog.codes = nn.Parameter(prog.codes.float(), requires_grad=False)
+    prog.cm = change.get("cm", False)
     view = _SetTask.__new__(_SetTask)
     view.__dict__ = prog.__dict__
     mixers = torch.randn(1, 3, 4)
@@ -154,22 +160,7 @@ def test_fold_quant_refuses_a_float_basis(capfd):
                    "portable", "swappable")
     with pytest.raises(RuntimeError):
         Runtime.get().load_program(bytes(pte)).load_method("set_task").execute([mixers])
-    assert "crisp::fold_quant_: codes must be the int8 basis stored transposed, (r, u)" in capfd.readouterr().err
-
-
-def test_fold_quant_refuses_channel_major_codes_its_shapes_cannot_have(capfd):
-    """Channel-major codes need 16 | d_out and s | d_in: other shapes fail the call with the kernel's message."""
-    custom_ops.load_kernels()
-    prog = _Group(24, 8, 1, 3, 4).eval()  # 16 does not divide 24
-    prog.cm = True
-    view = _SetTask.__new__(_SetTask)
-    view.__dict__ = prog.__dict__
-    mixers = torch.randn(1, 3, 4)
-    pte, _ = lower({"forward": prog, "set_task": view}, {"forward": (torch.ones(1),), "set_task": (mixers,)},
-                   "portable", "swappable")
-    with pytest.raises(RuntimeError):
-        Runtime.get().load_program(bytes(pte)).load_method("set_task").execute([mixers])
-    assert "crisp::fold_quant_: channel-major codes need 16 | d_out and s | d_in" in capfd.readouterr().err
+    assert message in capfd.readouterr().err
 
 
 def test_portable_paths_equal_the_avx512_paths(tmp_path):
