@@ -49,25 +49,35 @@ IO_DOMAIN = "crisp-edge/io/v1"
 IO_METHOD = "crisp_io"
 
 
-def canonical_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """The canonical serialization (module docstring) of ``arrays``, ``crisp.digest`` left out."""
+def _canonical_parts(arrays: Mapping[str, np.ndarray]):
+    """The canonical serialization (module docstring) of ``arrays``, ``crisp.digest`` left out, piece by piece: each
+    tensor's data as a view of its (little-endian, C-order) values, not a copy."""
     items = sorted(((k.encode("utf-8"), np.asarray(v)) for k, v in arrays.items() if k != DIGEST_KEY),
                    key=lambda kv: kv[0])
-    out = [DIGEST_DOMAIN, struct.pack("<I", len(items))]
+    yield DIGEST_DOMAIN + struct.pack("<I", len(items))
     for name, a in items:
         if a.dtype not in DTYPE_CODES:
             raise ValueError(f"tensor {name.decode()!r} has dtype {a.dtype}; task files hold float32, int64 and uint8 only.")
         if a.ndim > 255:
             raise ValueError(f"tensor {name.decode()!r} has {a.ndim} dimensions.")
-        data = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        out += [struct.pack("<I", len(name)), name, struct.pack("<BB", DTYPE_CODES[a.dtype], a.ndim),
-                struct.pack(f"<{a.ndim}q", *a.shape), struct.pack("<Q", len(data)), data]
-    return b"".join(out)
+        data = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False)
+        yield (struct.pack("<I", len(name)) + name + struct.pack("<BB", DTYPE_CODES[a.dtype], a.ndim)
+               + struct.pack(f"<{a.ndim}q", *a.shape) + struct.pack("<Q", data.nbytes))
+        yield memoryview(data.reshape(-1)).cast("B")
+
+
+def canonical_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The canonical serialization (module docstring) of ``arrays``, ``crisp.digest`` left out."""
+    return b"".join(_canonical_parts(arrays))
 
 
 def ptd_digest(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The ``crisp.digest`` tensor (uint8 [32]) of a task file holding ``arrays`` (and the digest)."""
-    return np.frombuffer(hashlib.sha256(canonical_bytes(arrays)).digest(), np.uint8).copy()
+    """The ``crisp.digest`` tensor (uint8 [32]) of a task file holding ``arrays`` (and the digest): SHA-256 of the
+    canonical serialization, fed piece by piece (a switch from a file by path pays no copy of the task's data)."""
+    h = hashlib.sha256()
+    for part in _canonical_parts(arrays):
+        h.update(part)
+    return np.frombuffer(h.digest(), np.uint8).copy()
 
 
 def check_digest(arrays: Mapping[str, np.ndarray]) -> bool | None:
