@@ -122,9 +122,9 @@ class _SwapProgram(nn.Module):
     ``set_task`` rebuilding the buffers from task inputs. ``forward`` runs the model.
 
     ``quantize="int8"``: the CRISP linears are ``_QBufLinear`` (int8 packed buffers) and each basis is stored as
-    int8 codes, transposed (r, u), with one float32 scale per term (``basis_scales``), as ONNX Runtime's swappable
-    int8 bundle stores them (``export/quantize.py`` ``basis_codes``): a quarter of the float32 bytes to store and to
-    read at each switch. ``set_task`` multiplies each term's scale into the gated mixers and ``crisp::fold_quant_``
+    int8 codes, transposed (r, u) and channel-major where the group's shapes allow (``fold_kernel.channel_major``),
+    with one float32 scale per term (``basis_scales``), as ONNX Runtime's swappable int8 bundle stores them
+    (``export/quantize.py`` ``basis_codes``): a quarter of the float32 bytes to store and to read at each switch. ``set_task`` multiplies each term's scale into the gated mixers and ``crisp::fold_quant_``
     folds the codes as they are, quantizing each layer's weight into its buffer.
 
     The task guard: ``set_task`` writes the bundle's tag into the buffer ``task_tag`` (zero in the
