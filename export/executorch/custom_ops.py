@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from crisp_edge.export import fold_kernel
 from crisp_edge.export.errors import ExportError
 from crisp_edge.export.native import build_library, load_library
 
@@ -144,10 +145,10 @@ _lib.define("fold_quant_(Tensor(a!)[] self, Tensor codes, Tensor mixers, int d_i
 @torch.library.impl(_lib, "fold_quant_", "CompositeExplicitAutograd")
 def _fold_quant_(self: list[torch.Tensor], codes: torch.Tensor, mixers: torch.Tensor, d_in: int,
                  channel_major: bool) -> None:
-    r, u = codes.shape
-    s = mixers.shape[2]
-    if channel_major:  # back in product order: the two middle axes of (r, d_out / 16, d_in / s, 16) swapped
-        codes = codes.reshape(r, u * s // d_in // 16, d_in // s, 16).permute(0, 1, 3, 2).reshape(r, u)
+    if channel_major:  # back in product order
+        s = mixers.shape[2]
+        d_out = codes.shape[1] * s // d_in
+        codes = torch.from_numpy(fold_kernel.channel_major(codes.numpy(), d_out, d_in, s, inverse=True))
     basis = codes.float().T  # (u, r): the codes' values, exact in float32
     for w, m in zip(self, mixers):
         w.copy_(quantize_weight((basis @ m).reshape(-1, d_in)))

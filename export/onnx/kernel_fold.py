@@ -51,12 +51,11 @@ def _initializer(t: onnx.TensorProto, folder: Path, data_file: Path | None, wher
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
-def _channel_major_chain(proto: onnx.ModelProto, basis: str, g: dict) -> bool:
+def _channel_major_chain(producer: dict, inits: dict, basis: str, g: dict) -> bool:
     """Whether ``basis`` is its channel-major codes dequantized and put back in product order as ``swap_int8``
     writes it (Reshape to (r, d_out / 16, d_in / s, 16) -> Transpose (0, 1, 3, 2) -> Reshape): the kernel then
-    folds the stored codes as they are (``fold_kernel.fold_quant_group(cm=True)``)."""
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    inits = {t.name: t for t in proto.graph.initializer}
+    folds the stored codes as they are (``fold_kernel.fold_quant_group(cm=True)``). ``producer``: the fold graph's
+    node of each value; ``inits``: its initializers by name."""
     back = producer.get(basis)
     swap = back is not None and back.op_type == "Reshape" and producer.get(back.input[0])
     view = swap and swap.op_type == "Transpose" and producer.get(swap.input[0])
@@ -134,6 +133,7 @@ class KernelFold:
         transpose = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "Transpose"}
         products = {(n.input[0], n.input[1]) for n in proto.graph.node if n.op_type == "MatMul"}
         dequantized = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+        producer = {o: n for n in proto.graph.node for o in n.output}
         groups, done, wanted = [], set(), set(weight_names)
         for key, g in layout.items():
             tag, basis, mixer = f"fold.{key}", f"basis.{key}", f"mixer.{key}"
@@ -149,7 +149,7 @@ class KernelFold:
                 cm = basis not in dequantized  # stored channel-major, put back in product order by the graph
                 if basis in inits or codes is None or scale is None \
                         or dequantized.get(f"{basis}{CHANNEL_MAJOR}" if cm else basis) != codes.name \
-                        or (cm and not _channel_major_chain(proto, basis, g)):
+                        or (cm and not _channel_major_chain(producer, inits, basis, g)):
                     return None
                 scale = np.array(_initializer(scale, fold_path.parent, data_file, where), np.float32)
                 quantized = (g["d_out"], g["d_in"], scale, cm)
