@@ -50,7 +50,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         q.restype = ctypes.c_int
         q.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p),
-                      ctypes.POINTER(ctypes.c_void_p)]
+                      ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
     return lib
 
 
@@ -142,19 +142,22 @@ def _aligned_codes(d_in: int, d_out: int) -> np.ndarray:
 
 
 def fold_quant_group(basis: np.ndarray, gated: np.ndarray, transposed: bool, d_out: int, d_in: int,
-                     outs: tuple[list[np.ndarray], list[np.ndarray]] | None = None, cm: bool = False
-                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                     outs: tuple[list[np.ndarray], list[np.ndarray]] | None = None, cm: bool = False,
+                     qmax: int = 127) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(codes, scales) of every layer of one group: layer i's weight W_i (d_out, d_in), the row-major reshape of
     ``B @ gated[i]`` (operands as :func:`fold_group`'s), quantized symmetric per output channel: ``scales[i][o]`` =
-    max |W_i[o]| / 127 (1 for an all-zero channel) and ``codes[i]`` (d_in, d_out) int8 = round-half-even(W_i /
-    scale)^T, in -127..127 (the fold's float32 values times 127 / max: a value a rounding away from a half may
-    round the other way than exact arithmetic would). Written into ``outs`` (codes, scales) when given. ``basis``
+    max |W_i[o]| / qmax (1 for an all-zero channel) and ``codes[i]`` (d_in, d_out) int8 = round-half-even(W_i /
+    scale)^T, in -qmax..qmax (the fold's float32 values times qmax / max: a value a rounding away from a half may
+    round the other way than exact arithmetic would). ``qmax``: 127, or 64 for ONNX Runtime's 7-bit weights
+    (``onnx/quantize.py`` ``WEIGHT_QMAX``). Written into ``outs`` (codes, scales) when given. ``basis``
     may be int8 codes: the product is then taken with them as they are (multiply each term's scale into
     ``gated`` first). ``cm``: the basis is stored transposed in :func:`channel_major` order (the same codes and
     scales, folded 16 channels at a time: no transpose of the codes)."""
     lib, basis, gated, u, r, n, s = _operands(basis, gated, transposed, "fold_quant_group")
     if d_out * d_in != u * s or d_out <= 0:
         raise ExportError(f"fold_quant_group: a ({d_out}, {d_in}) weight is not the ({u}, {s}) product reshaped.")
+    if not 1 <= qmax <= 127:
+        raise ExportError(f"fold_quant_group: qmax must be in 1..127 (int8 codes), got {qmax}.")
     if cm and not (transposed and channel_major_fits(d_out, d_in, s)):
         raise ExportError(f"fold_quant_group: a channel-major basis is stored transposed, with {CHANNEL_BLOCK} | "
                           f"d_out and s | d_in (got transposed={transposed}, d_out={d_out}, d_in={d_in}, s={s}).")
@@ -166,6 +169,7 @@ def fold_quant_group(basis: np.ndarray, gated: np.ndarray, transposed: bool, d_o
     cp = (ctypes.c_void_p * n)(*[c.ctypes.data for c in codes])
     sp = (ctypes.c_void_p * n)(*[c.ctypes.data for c in scales])
     call = lib.crisp_fold_quant_group_i8 if basis.dtype == np.int8 else lib.crisp_fold_quant_group
-    if call(basis.ctypes.data, u, r, 2 if cm else int(transposed), gated.ctypes.data, n, s, d_out, d_in, cp, sp) != 0:
+    if call(basis.ctypes.data, u, r, 2 if cm else int(transposed), gated.ctypes.data, n, s, d_out, d_in, cp, sp,
+            int(qmax)) != 0:
         raise ExportError(f"crisp-edge's fold kernel refused the sizes u={u} r={r} n={n} s={s} d_out={d_out}.")
     return codes, scales

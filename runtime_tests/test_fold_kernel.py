@@ -39,12 +39,13 @@ def test_fold_group_refuses_mismatched_inputs():
         fold_kernel.fold_group(np.zeros((8, 4)), np.zeros((2, 4, 4), np.float32), False)
 
 
-def quantize_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes (d_in, d_out), scales, distance of each exact w / scale from a rounding tie) of a float64 weight."""
+def quantize_reference(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (d_in, d_out), scales, distance of each exact w / scale from a rounding tie) of a float64 weight, codes
+    in -qmax..qmax."""
     m = np.abs(w).max(axis=1)
-    scale = np.where(m > 0, m / 127, 1.0)
+    scale = np.where(m > 0, m / qmax, 1.0)
     x = w / scale[:, None]
-    return np.clip(np.rint(x), -127, 127).T, scale, np.abs(np.abs(x - np.floor(x)) - 0.5).T
+    return np.clip(np.rint(x), -qmax, qmax).T, scale, np.abs(np.abs(x - np.floor(x)) - 0.5).T
 
 
 @pytest.mark.parametrize("d_out,d_in,r,n,s", [(24, 20, 16, 4, 4),   # 24 channels: one block of 16 and a tail
@@ -54,9 +55,11 @@ def quantize_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
                                               (32, 148, 16, 4, 4),  # inputs: nine tiles of 16, 4 left
                                               (300, 40, 16, 4, 4)])  # u = 3000: the transposed path fetches ahead
 @pytest.mark.parametrize("transposed", [False, True])
-def test_fold_quant_group_is_the_fold_quantized_per_channel(d_out, d_in, r, n, s, transposed):
+@pytest.mark.parametrize("qmax", [127, 64], ids=["8-bit", "7-bit"])
+def test_fold_quant_group_is_the_fold_quantized_per_channel(d_out, d_in, r, n, s, transposed, qmax):
     """Codes and scales against a float64 fold quantized in numpy: scales to float32 rounding, every code equal
-    except where the exact value sits within float32 error of a rounding tie (then one step apart at most)."""
+    except where the exact value sits within float32 error of a rounding tie (then one step apart at most), each
+    within -qmax..qmax (ONNX Runtime's 7-bit weights: 64)."""
     assert fold_kernel.kernel() is not None, fold_kernel.error()
     u = d_out * d_in // s
     rng = np.random.default_rng(d_out * 1000 + d_in)
@@ -64,17 +67,18 @@ def test_fold_quant_group_is_the_fold_quantized_per_channel(d_out, d_in, r, n, s
     gated = rng.standard_normal((n, r, s)).astype(np.float32)
     gated[-1, :, :] = 0  # the last layer all zero: scale 1, codes 0
     codes, scales = fold_kernel.fold_quant_group(np.ascontiguousarray(basis.T) if transposed else basis, gated,
-                                                 transposed, d_out, d_in)
+                                                 transposed, d_out, d_in, qmax=qmax)
     assert len(codes) == len(scales) == n
     for i in range(n):
         w = (basis.astype(np.float64) @ gated[i].astype(np.float64)).reshape(d_out, d_in)
-        ref, ref_scale, tie = quantize_reference(w)
+        ref, ref_scale, tie = quantize_reference(w, qmax)
         assert codes[i].shape == (d_in, d_out) and codes[i].dtype == np.int8 and scales[i].dtype == np.float32
         np.testing.assert_allclose(scales[i], ref_scale, rtol=1e-5)
         off = codes[i].astype(np.int64) != ref
         assert np.all(np.abs(codes[i].astype(np.int64) - ref) <= 1)
         assert np.all(tie[off] < 1e-3), f"codes differ away from a tie: {np.argwhere(off)[:5]}"
         assert off.mean() < 0.01
+        assert i == n - 1 or np.abs(codes[i].astype(np.int64)).max() == qmax  # the largest weight is +-qmax
     assert np.all(codes[-1] == 0) and np.all(scales[-1] == 1)
 
 
@@ -84,6 +88,9 @@ def test_fold_quant_group_refuses_a_shape_that_is_not_the_product():
     codes = ([np.zeros((8, 4), np.int8)] * 2, [np.zeros(3, np.float32)] * 2)
     with pytest.raises(ExportError, match="scales"):
         fold_kernel.fold_quant_group(np.zeros((4, 8), np.float32), np.zeros((2, 4, 4), np.float32), True, 4, 8, codes)
+    with pytest.raises(ExportError, match="qmax must be in 1..127"):
+        fold_kernel.fold_quant_group(np.zeros((4, 8), np.float32), np.zeros((2, 4, 4), np.float32), True, 4, 8,
+                                     qmax=128)
 
 
 @pytest.mark.parametrize("d_out,d_in,r,n,s", [(24, 20, 16, 4, 4), (7, 9, 5, 3, 3), (300, 40, 16, 4, 4)])
@@ -110,7 +117,8 @@ def test_fold_quant_group_takes_int8_basis_codes(d_out, d_in, r, n, s, transpose
                                               (16, 64, 2, 1, 16)])   # one block, one layer
 @pytest.mark.parametrize("dtype", [np.float32, np.int8])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
-def test_channel_major_basis_gives_the_same_codes(d_out, d_in, r, n, s, dtype, aligned):
+@pytest.mark.parametrize("qmax", [127, 64], ids=["8-bit", "7-bit"])
+def test_channel_major_basis_gives_the_same_codes(d_out, d_in, r, n, s, dtype, aligned, qmax):
     """A basis stored channel-major (``fold_kernel.channel_major``, a permutation of its columns) folds to the same
     codes and scales, bit for bit, as the same basis in product order: the same sums in the same order quantized by
     the same arithmetic, whether its rows of codes are written a whole cache line at a time (64 | d_out, codes
@@ -119,13 +127,13 @@ def test_channel_major_basis_gives_the_same_codes(d_out, d_in, r, n, s, dtype, a
     rng = np.random.default_rng(d_out * 7 + d_in)
     basis = (rng.integers(-127, 128, (r, u)) if dtype == np.int8 else rng.standard_normal((r, u))).astype(dtype)
     gated = (rng.standard_normal((n, r, s)) * 0.01).astype(np.float32)
-    want = fold_kernel.fold_quant_group(basis, gated, True, d_out, d_in)
+    want = fold_kernel.fold_quant_group(basis, gated, True, d_out, d_in, qmax=qmax)
     cm = fold_kernel.channel_major(basis, d_out, d_in, s)
     assert cm.shape == basis.shape and not np.array_equal(cm, basis)
     np.testing.assert_array_equal(fold_kernel.channel_major(cm, d_out, d_in, s, inverse=True), basis)
     outs = None if aligned else ([np.empty(d_in * d_out + 1, np.int8)[1:].reshape(d_in, d_out) for _ in range(n)],
                                  [np.empty(d_out, np.float32) for _ in range(n)])
-    got = fold_kernel.fold_quant_group(cm, gated, True, d_out, d_in, outs, cm=True)
+    got = fold_kernel.fold_quant_group(cm, gated, True, d_out, d_in, outs, cm=True, qmax=qmax)
     assert aligned == all(c.ctypes.data % 64 == 0 for c in got[0])
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         np.testing.assert_array_equal(a, b)

@@ -240,9 +240,10 @@ inline void fold_group(const float* B, int64_t ks, int64_t ts, int64_t u, int64_
   fold_rows(B, ks, ts, u, r, mt.data(), col.data(), s, ncol, cpad, 0, u);
 }
 
-// Symmetric int8 quantization per output channel: scale = absmax / 127 (1 for an all-zero channel, whose codes
-// are 0 anyway), code = round-half-even(w * 127 / absmax), in -127..127 with no clamp (|w * 127 / absmax| exceeds
-// 127 by a rounding at most, which rounds back to 127; a clamp's compare is control flow GCC will not vectorise
+// Symmetric int8 quantization per output channel to codes in -qmax..qmax (qmax <= 127: 127, or 64 for ONNX
+// Runtime's 7-bit weights, export/onnx/quantize.py WEIGHT_QMAX): scale = absmax / qmax (1 for an all-zero channel,
+// whose codes are 0 anyway), code = round-half-even(w * qmax / absmax), with no clamp (|w * qmax / absmax| exceeds
+// qmax by a rounding at most, which rounds back to qmax; a clamp's compare is control flow GCC will not vectorise
 // under IEEE semantics). Rounding adds and subtracts 1.5 * 2^23 (exact round-half-even for |x| < 2^22 in the
 // default rounding mode, and vectorised everywhere, where nearbyint is a library call on some targets).
 constexpr float ROUNDER = 12582912.f;
@@ -363,16 +364,17 @@ inline void fold_channel_blocks(const T* B, int64_t ks, int64_t ts, int64_t u, i
 // ONNX Runtime's MatMulInteger takes), and scales[i] (d_out). QCH channels at a time (fold_channel_blocks): their rows of the product
 // folded into a float scratch (n * QCH * d_in floats: ViT-S's fc2, n = 4, d_in = 1536, 384 KiB, in cache; never
 // the whole float W), then each channel's scale, then the codes QCH x QCH at a time, transposed in registers so
-// that every store is QCH contiguous codes. d_out * d_in == u * s.
+// that every store is QCH contiguous codes. d_out * d_in == u * s; codes in -qmax..qmax (above).
 template <typename T>
 inline void fold_quant_group(const T* B, int64_t ks, int64_t ts, int64_t u, int64_t r, const float* g, int64_t n,
-                             int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales) {
+                             int64_t s, int64_t d_out, int64_t d_in, int8_t* const* codes, float* const* scales,
+                             float qmax) {
   float inv[QCH];
   fold_channel_blocks(B, ks, ts, u, r, g, n, s, d_out, d_in, [&](int64_t i, int64_t o0, int64_t oc, const float* w) {
     for (int64_t o = 0; o < oc; ++o) {
       const float m = channel_absmax(w + o * d_in, d_in);
-      scales[i][o0 + o] = m > 0.f ? m / 127.f : 1.f;
-      inv[o] = m > 0.f ? 127.f / m : 0.f;
+      scales[i][o0 + o] = m > 0.f ? m / qmax : 1.f;
+      inv[o] = m > 0.f ? qmax / m : 0.f;
     }
     int8_t* out = codes[i] + o0;
     int64_t j = 0;
@@ -417,9 +419,9 @@ inline void fold_channel_major(const T* B, int64_t u, int64_t r, const float* g,
 }
 
 // Per-channel scales of a (d_in, CM_GROUP) block's QCH channels starting at column sb (the maximum of each
-// column), into scales[0, QCH), and 127 / max per channel (0 for an all-zero one) into inv, as fold_quant_group's.
-__attribute__((always_inline)) inline void column_scales(const float* w, int64_t d_in, int64_t sb, float* scales,
-                                                         float* inv) {
+// column), into scales[0, QCH), and qmax / max per channel (0 for an all-zero one) into inv, as fold_quant_group's.
+__attribute__((always_inline)) inline void column_scales(const float* w, int64_t d_in, int64_t sb, float qmax,
+                                                         float* scales, float* inv) {
   f32x16 m = {};
   for (int64_t j = 0; j < d_in; ++j) {
     i32x16 bits;
@@ -430,19 +432,20 @@ __attribute__((always_inline)) inline void column_scales(const float* w, int64_t
     m = m > v ? m : v;
   }
   for (int64_t q = 0; q < QCH; ++q) {
-    scales[q] = m[q] > 0.f ? m[q] / 127.f : 1.f;
-    inv[q] = m[q] > 0.f ? 127.f / m[q] : 0.f;
+    scales[q] = m[q] > 0.f ? m[q] / qmax : 1.f;
+    inv[q] = m[q] > 0.f ? qmax / m[q] : 0.f;
   }
 }
 
 // ONNX Runtime's layout from a channel-major block: codes (d_in, d_out), out pointing at column o0; QCH codes of a
 // row a store.
 CRISP_FOLD_MULTIVERSION
-static void quantize_cm(const float* w, int64_t d_in, int64_t oc, int8_t* out, int64_t d_out, float* scales) {
+static void quantize_cm(const float* w, int64_t d_in, int64_t oc, int8_t* out, int64_t d_out, float* scales,
+                        float qmax) {
   typedef int8_t i8x16 __attribute__((vector_size(16)));
   for (int64_t sb = 0; sb < oc; sb += QCH) {
     f32x16 inv;
-    column_scales(w, d_in, sb, scales + sb, reinterpret_cast<float*>(&inv));
+    column_scales(w, d_in, sb, qmax, scales + sb, reinterpret_cast<float*>(&inv));
     for (int64_t j = 0; j < d_in; ++j) {
       f32x16 v;
       std::memcpy(&v, w + j * CM_GROUP + sb, sizeof v);
@@ -458,9 +461,10 @@ static void quantize_cm(const float* w, int64_t d_in, int64_t oc, int8_t* out, i
 // one non-temporal store (a whole cache line: written without first reading the line the store replaces, a third of
 // the memory traffic of a switch whose codes are not in cache).
 __attribute__((target("avx512f,avx512bw"))) static void quantize_cm_stream(const float* w, int64_t d_in, int8_t* out,
-                                                                           int64_t d_out, float* scales) {
+                                                                           int64_t d_out, float* scales, float qmax) {
   __m512 inv[4];
-  for (int64_t a = 0; a < 4; ++a) column_scales(w, d_in, a * QCH, scales + a * QCH, reinterpret_cast<float*>(&inv[a]));
+  for (int64_t a = 0; a < 4; ++a)
+    column_scales(w, d_in, a * QCH, qmax, scales + a * QCH, reinterpret_cast<float*>(&inv[a]));
   const __m512 rounder = _mm512_set1_ps(ROUNDER);
   for (int64_t j = 0; j < d_in; ++j) {
     __m128i c[4];
@@ -477,7 +481,7 @@ __attribute__((target("avx512f,avx512bw"))) static void quantize_cm_stream(const
 // fold_quant_group for a channel-major basis (T float or int8 codes): the same codes and scales.
 template <typename T>
 inline void fold_quant_group_cm(const T* B, int64_t u, int64_t r, const float* g, int64_t n, int64_t s, int64_t d_out,
-                                int64_t d_in, int8_t* const* codes, float* const* scales) {
+                                int64_t d_in, int8_t* const* codes, float* const* scales, float qmax) {
 #ifdef CRISP_FOLD_AVX512_CODES
   static const bool avx512bw = __builtin_cpu_supports("avx512bw");
   bool streamed = false;
@@ -485,12 +489,12 @@ inline void fold_quant_group_cm(const T* B, int64_t u, int64_t r, const float* g
   fold_channel_major(B, u, r, g, n, s, d_out, d_in, [&](int64_t i, int64_t o0, int64_t oc, const float* w) {
 #ifdef CRISP_FOLD_AVX512_CODES
     if (avx512bw && oc == CM_GROUP && d_out % CM_GROUP == 0 && reinterpret_cast<uintptr_t>(codes[i]) % 64 == 0) {
-      quantize_cm_stream(w, d_in, codes[i] + o0, d_out, scales[i] + o0);
+      quantize_cm_stream(w, d_in, codes[i] + o0, d_out, scales[i] + o0, qmax);
       streamed = true;
       return;
     }
 #endif
-    quantize_cm(w, d_in, oc, codes[i] + o0, d_out, scales[i] + o0);
+    quantize_cm(w, d_in, oc, codes[i] + o0, d_out, scales[i] + o0, qmax);
   });
 #ifdef CRISP_FOLD_AVX512_CODES
   if (streamed) _mm_sfence();  // the streamed lines visible to the threads that read the codes next (ORT's)

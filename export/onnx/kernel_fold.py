@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from crisp_edge.export import fold_kernel
 from crisp_edge.export.errors import AdapterError, BundleError
-from crisp_edge.export.onnx.swap_int8 import CHANNEL_MAJOR, int8_names
+from crisp_edge.export.onnx.swap_int8 import CHANNEL_MAJOR, QMAX_NAMES, int8_names
 from crisp_edge.method.gates import GATES, get_gate
 
 
@@ -95,9 +95,10 @@ _UNREFERENCED = 3
 
 class KernelFold:
     """Per "pre" group: the mixers' name, the basis (r, u), the gate, the exported mixers, the fold outputs in
-    layer order and, for a swappable int8 bundle (``swap_int8``), the weight's (d_out, d_in) and the basis' scale
-    per term (the basis is then its int8 codes; the outputs each layer's int8 codes and scales,
-    ``fold_kernel.fold_quant_group``); the outputs passed through from task tensors
+    layer order and, for a swappable int8 bundle (``swap_int8``), the weight's (d_out, d_in), the basis' scale
+    per term, whether it is channel-major and the fold graph's largest code (the basis is then its int8 codes; the
+    outputs each layer's int8 codes and scales, ``fold_kernel.fold_quant_group``); the outputs passed through from
+    task tensors
     (biases, head), their exported values; and any other output, left to the fold graph."""
 
     def __init__(self, groups: list[tuple[str, np.ndarray, str, np.ndarray, list[str], tuple | None]],
@@ -134,6 +135,7 @@ class KernelFold:
         products = {(n.input[0], n.input[1]) for n in proto.graph.node if n.op_type == "MatMul"}
         dequantized = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
         producer = {o: n for n in proto.graph.node for o in n.output}
+        qmax = next((int(numpy_helper.to_array(inits[k])) for k in QMAX_NAMES if k in inits), None)  # int8 only
         groups, done, wanted = [], set(), set(weight_names)
         for key, g in layout.items():
             tag, basis, mixer = f"fold.{key}", f"basis.{key}", f"mixer.{key}"
@@ -143,7 +145,8 @@ class KernelFold:
                 return None  # not the graph fold.py writes for a "pre" group
             quantized, where = None, f"{fold_path}"
             if not set(outs) <= wanted:  # a swappable int8 bundle: each float weight leaves as codes and scales
-                if g.get("transpose") or not all(set(int8_names(o)) <= wanted for o in outs):
+                if g.get("transpose") or not all(set(int8_names(o)) <= wanted for o in outs) \
+                        or qmax is None or not 1 <= qmax <= 127:
                     return None
                 codes, scale = (inits.get(n) for n in int8_names(basis))  # its basis int8, a scale per term
                 cm = basis not in dequantized  # stored channel-major, put back in product order by the graph
@@ -152,7 +155,7 @@ class KernelFold:
                         or (cm and not _channel_major_chain(producer, inits, basis, g)):
                     return None
                 scale = np.array(_initializer(scale, fold_path.parent, data_file, where), np.float32)
-                quantized = (g["d_out"], g["d_in"], scale, cm)
+                quantized = (g["d_out"], g["d_in"], scale, cm, qmax)
                 outs = [name for o in outs for name in int8_names(o)]
             elif basis not in inits:
                 return None
@@ -191,12 +194,12 @@ class KernelFold:
                 self._keep((g, "w"), ws)
             else:  # codes and scales of each layer, in the fold graph's output order; the basis' codes summed as
                 # they are, each term's scale multiplied into the mixers (one number per term)
-                d_out, d_in, term_scale, cm = quantized
+                d_out, d_in, term_scale, cm, qmax = quantized
                 gated = gated * term_scale[None, :, None]
                 codes, scales = self._outs((g, "codes"), n), self._outs((g, "scales"), n)
                 codes, scales = fold_kernel.fold_quant_group(basis, gated, True, d_out, d_in,
                                                              None if codes is None or scales is None else (codes, scales),
-                                                             cm=cm)
+                                                             cm=cm, qmax=qmax)
                 self._keep((g, "codes"), codes)
                 self._keep((g, "scales"), scales)
                 ws = [w for pair in zip(codes, scales) for w in pair]

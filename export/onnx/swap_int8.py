@@ -1,7 +1,7 @@
 """The two graphs of a swappable int8 ONNX bundle (``export_onnx(mode="swappable", quantize="int8")``).
 
 The inference graph is the dense int8 graph (``quantize.quantize_graph``: ONNX Runtime's ``quantize_dynamic``,
-DynamicQuantizeLinear -> MatMulInteger, int8 weights with one scale per output channel) of the model with the
+DynamicQuantizeLinear -> MatMulInteger, 7-bit int8 weights with one scale per output channel) of the model with the
 exported task's weights, after which every CRISP layer's int8 weight and its scales are turned from initializers
 into graph inputs, ``dense.<layer>.weight.int8`` (d_in, d_out) and ``dense.<layer>.weight.scale`` (d_out): the
 task inputs; each layer's chain is written as the one ``DynamicQuantizeMatMul`` ONNX Runtime fuses it into for the
@@ -15,11 +15,13 @@ so the bundle is about the dense int8 bundle's size at full capacity, and a swit
 channel-major column order where the group's shapes allow (``fold_kernel.channel_major``: the kernel then folds 16
 output channels at a time straight into MatMulInteger's layout); the kernel folds the codes and multiplies each
 term's scale into the mixers. The weights a switch quantizes are thus
-the fold of already quantized bases: two roundings, each about 1/254 of a range (parity's named tolerance says so).
+the fold of already quantized bases: two roundings, about 1/254 and 1/128 of a range (parity's named tolerance says
+so). The weights' codes span -64..64 (``quantize.WEIGHT_QMAX``), as the dense int8 graph's: exact in ONNX
+Runtime's int8 kernel on every x86-64 CPU.
 
 The fold graph still produces the inputs, so that an app running ONNX Runtime alone can switch tasks: the bases
 dequantized (``DequantizeLinear``), the float fold of ``fold.py``, then per layer the symmetric per-channel quantization in the graph (``Abs`` -> ``ReduceMax``
-per output channel -> scale = max / 127, 1 for an all-zero channel -> ``QuantizeLinear`` per row -> the int8
+per output channel -> scale = max / 64, 1 for an all-zero channel -> ``QuantizeLinear`` per row -> the int8
 transpose MatMulInteger takes). crisp-edge's own session does both at once with the fused kernel instead
 (``fold_kernel.fold_quant_group``, ``kernel_fold.KernelFold``): the same codes up to rounding ties, without
 writing the float weights to memory. A task file is the float32 mixer file of a float32 swappable bundle of the
@@ -38,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from crisp_edge.export import fold_kernel
 from crisp_edge.export.errors import ExportError
 from crisp_edge.export.onnx.fold import FoldSpec
-from crisp_edge.export.onnx.quantize import fold_weight_transposes, quantize_graph
+from crisp_edge.export.onnx.quantize import WEIGHT_QMAX, fold_weight_transposes, quantize_graph
 from crisp_edge.export.quantize import basis_codes
 
 #: Suffixes of a layer's int8 task inputs after its fold output's name ``dense.<layer>.weight`` (and of a basis'
@@ -46,6 +48,9 @@ from crisp_edge.export.quantize import basis_codes
 CODES, SCALES = ".int8", ".scale"
 #: Suffix of a channel-major basis' dequantized values, before the graph puts them back in product order.
 CHANNEL_MAJOR = ".channel_major"
+#: The fold graph's initializer holding the largest weight code (``WEIGHT_QMAX``; bundles written before the
+#: 7-bit weights hold 127 as ``const.q127``), which ``kernel_fold`` reads so that its codes are the graph's.
+QMAX_NAMES = ("const.qmax", "const.q127")
 
 
 def int8_names(weight: str) -> tuple[str, str]:
@@ -157,7 +162,7 @@ def int8_fold_graph(proto: onnx.ModelProto, spec: FoldSpec) -> tuple[onnx.ModelP
     graph; fold output -> model parameter). The float weight becomes an internal value."""
     graph = proto.graph
     nodes, new_outputs, mapping = [], [], {}
-    graph.initializer.extend([numpy_helper.from_array(np.array(127, np.float32), "const.q127"),
+    graph.initializer.extend([numpy_helper.from_array(np.array(WEIGHT_QMAX, np.float32), QMAX_NAMES[0]),
                               numpy_helper.from_array(np.array(0, np.float32), "const.q0"),
                               numpy_helper.from_array(np.array(1, np.float32), "const.q1"),
                               numpy_helper.from_array(np.array([1], np.int64), "const.axis1")])
@@ -180,7 +185,7 @@ def int8_fold_graph(proto: onnx.ModelProto, spec: FoldSpec) -> tuple[onnx.ModelP
         q, s = int8_names(name)
         nodes += [helper.make_node("Abs", [w], [f"{t}.abs"]),
                   helper.make_node("ReduceMax", [f"{t}.abs", "const.axis1"], [f"{t}.max"], keepdims=0),
-                  helper.make_node("Div", [f"{t}.max", "const.q127"], [f"{t}.div"]),
+                  helper.make_node("Div", [f"{t}.max", QMAX_NAMES[0]], [f"{t}.div"]),
                   helper.make_node("Greater", [f"{t}.max", "const.q0"], [f"{t}.nz"]),
                   helper.make_node("Where", [f"{t}.nz", f"{t}.div", "const.q1"], [s]),
                   helper.make_node("QuantizeLinear", [w, s, f"{t}.zero"], [f"{t}.codes"], axis=0),

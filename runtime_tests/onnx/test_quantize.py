@@ -12,6 +12,7 @@ import crisp_edge as ce
 from crisp_edge.errors import ConfigError
 from crisp_edge.export import check_bundle, check_outputs, export_onnx, load_bundle
 from crisp_edge.export.errors import BundleError
+from crisp_edge.export.onnx.quantize import WEIGHT_QMAX
 from crisp_edge.export.parity.compare import ATOL_INT8, MIN_COSINE_INT8
 from crisp_edge.files.io import atomic_write_json
 from crisp_edge.testing import toy_model
@@ -42,6 +43,9 @@ def test_int8_dense_bundle_is_quantized_recorded_and_passes_parity(int8_bundle, 
     assert not float_weight_matmuls, "every weight matmul is integer (attention's activation matmuls stay float)"
     int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8) >= 4 * 4  # every block's qkv, proj, fc1 and fc2 weight
+    # 7-bit codes: a pair of uint8 x int8 products fits ORT's int16 sums on x86-64 CPUs without VNNI
+    assert m["quantize"]["tool"]["reduce_range"] is True and WEIGHT_QMAX == 64 and 2 * 255 * WEIGHT_QMAX <= 2**15 - 1
+    assert max(int(np.abs(onnx.numpy_helper.to_array(t).astype(int)).max()) for t in int8) == WEIGHT_QMAX
     fp32 = export_onnx(crisp_toy(), tmp_path / "fp32", mode="dense")
     assert m["params"]["weights_bytes"] < 0.5 * fp32.manifest["params"]["weights_bytes"]
     report = check_bundle(load_bundle(int8_bundle.path))

@@ -16,6 +16,8 @@ from crisp_edge.errors import BasisMismatchError
 from crisp_edge.export import check_bundle, export_onnx, fold_kernel, load_bundle
 from crisp_edge.export.bundle import bundle_tag
 from crisp_edge.export.onnx.adapter import write_adapter
+from crisp_edge.export.onnx.quantize import WEIGHT_QMAX
+from crisp_edge.export.onnx import swap_int8
 from crisp_edge.export.onnx.session import OnnxCrispSession
 from crisp_edge.export.onnx.swap_int8 import int8_names
 from crisp_edge.export.parity.compare import ATOL_INT8
@@ -95,12 +97,13 @@ def test_default_codes_are_the_folded_int8_bases_quantized_per_channel(setup):
         gated = a / (1 + np.exp(-a))  # silu, the toy's gate
         for i, name in enumerate(basis.layer_names):
             w = (b.T @ gated[i]).reshape(basis.d_out, basis.d_in)
-            scale = np.abs(w).max(1) / 127
+            scale = np.abs(w).max(1) / WEIGHT_QMAX  # 7-bit codes, -64..64
             exact = (w / scale[:, None]).T
             codes, got_scale = (sess._weights[n].numpy() for n in int8_names(f"dense.{name}.weight"))
             np.testing.assert_allclose(got_scale, scale, rtol=1e-5)
             off = codes.astype(int) != np.rint(exact)
             assert np.all(np.abs(np.abs(exact[off] - np.floor(exact[off])) - 0.5) < 1e-3)
+            assert np.abs(codes.astype(int)).max() == WEIGHT_QMAX  # 7-bit: exact in ORT's kernel without VNNI
             err = np.abs(codes.T * got_scale[:, None] - dense[f"{name}.weight"].detach().numpy()).max(1)
             assert np.all(err <= 3 * got_scale)  # a code step and a half each way, at most
 
@@ -115,7 +118,11 @@ def test_kernel_and_fold_graph_switches_agree_and_switching_gives_the_tasks_answ
         kern.set_task(task)
         graph.set_task(task)
         a, b = kern(x), graph(x)
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)  # the same codes but for rounding ties
+        for name, v in kern._weights.items():  # the same codes but for rounding ties, a step apart at most
+            if name.endswith(".int8"):
+                diff = np.abs(v.numpy().astype(int) - graph._weights[name].numpy().astype(int))
+                assert diff.max() <= 1 and diff.mean() < 1e-3, (task, name, diff.max(), diff.mean())
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)  # a step is 1/64 of a channel's largest weight
         if task in outs:
             np.testing.assert_array_equal(a, outs[task])  # back to t1: t1's answer again, nothing left of t2
         outs[task] = a
@@ -127,6 +134,20 @@ def test_kernel_and_fold_graph_switches_agree_and_switching_gives_the_tasks_answ
         assert np.abs(outs[task] - want).max() <= ATOL_INT8
         other = outs["t2" if task == "t1" else "t1"]
         assert np.abs(other - want).max() > 5 * np.abs(outs[task] - want).max()  # the other task is far off
+
+
+def test_the_kernel_quantizes_to_the_fold_graphs_range(tmp_path, monkeypatch):
+    """The kernel's codes follow the fold graph's largest code, so a bundle written before the 7-bit weights (its
+    graph quantizing to -127..127) still switches to the graph's codes with the kernel."""
+    monkeypatch.setattr(swap_int8, "WEIGHT_QMAX", 127)
+    bundle = export_onnx(crisp_toy(), tmp_path / "q127", mode="swappable", quantize="int8")
+    kern, graph = bundle.session(), GraphFold(bundle)
+    assert kern.fold_with == "crisp-edge kernel"
+    kern.set_task("default")
+    graph.set_task("default")
+    codes = [v.numpy() for k, v in kern._weights.items() if k.endswith(".int8")]
+    assert codes and max(int(np.abs(c.astype(int)).max()) for c in codes) == 127
+    np.testing.assert_allclose(kern(x_input()), graph(x_input()), atol=1e-5, rtol=0)
 
 
 def test_a_float32_task_file_is_a_task_and_other_bases_are_refused(setup, tmp_path):
