@@ -54,6 +54,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: The x86-64 vector extensions the int8 and fold kernels pick between at run time, widest first.
+VECTOR_FLAGS = ("avx512_vnni", "avx_vnni", "avx512f", "avx2")
+
+
+def vector_isa() -> list[str]:
+    """Which of ``VECTOR_FLAGS`` this CPU has (its /proc/cpuinfo flags; empty where there are none, or no x86-64):
+    the int8 kernels' speed depends on it (VNNI: 4 int8 products a lane an instruction; AVX2 alone: 2)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in VECTOR_FLAGS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def _git_commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
@@ -72,6 +89,7 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),
+        "vector_isa": vector_isa(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),

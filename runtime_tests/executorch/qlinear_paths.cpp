@@ -1,5 +1,6 @@
-// The portable paths of crisp::qlinear and crisp::fold_quant_ (what an aarch64 build runs) against their AVX-512
-// paths (what this x86-64 machine runs) on the same data, sizes with every tail: prints "ok" or what differs.
+// The portable paths of crisp::qlinear and crisp::fold_quant_ (what an aarch64 build runs) against their x86-64
+// paths this machine has (AVX-512 VNNI; AVX2, qlinear's on CPUs without AVX-512) on the same data, sizes with every
+// tail: prints "ok" or what differs.
 // Built and run by test_qlinear_kernel.py (the kernels' sources included: their functions are file-local).
 #include "../../export/executorch/kernels/fold_quant.cpp"
 #include "../../export/executorch/kernels/qlinear.cpp"
@@ -8,8 +9,10 @@
 #include <random>
 
 int main() {
-  if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512bw")) {
-    std::printf("no-avx512\n");
+  const bool avx512 = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!avx512 && !avx2) {
+    std::printf("no-simd\n");
     return 0;
   }
   std::mt19937 rng(0);
@@ -27,17 +30,21 @@ int main() {
     for (int64_t o = 0; o < n; ++o) {
       const int64_t blk = (o / kBlock) * (kp / kGroup) * kGroupStride + (o % kBlock) * kGroup;
       s1[o] = quantize_row_portable(W.data() + o * k, k, b1.data() + blk, reinterpret_cast<int32_t*>(s1 + n)[o]);
-      s2[o] = quantize_row_avx512(W.data() + o * k, k, b2.data() + blk, reinterpret_cast<int32_t*>(s2 + n)[o]);
+      s2[o] = avx512 ? quantize_row_avx512(W.data() + o * k, k, b2.data() + blk, reinterpret_cast<int32_t*>(s2 + n)[o])
+                     : quantize_row_portable(W.data() + o * k, k, b2.data() + blk, reinterpret_cast<int32_t*>(s2 + n)[o]);
     }
     // the lanes past n (never written here) hold the same 7s in both: only written bytes can differ
     if (b1 != b2) {
       std::printf("quantize differs at %ld x %ld\n", n, k);
       return 1;
     }
-    QRows q1, q2;
+    QRows q1, q2, q3;
     quantize_rows_portable_sized(X.data(), m, k, kp, q1);
-    quantize_rows(X.data(), m, k, kp, q2);
-    if (q1.codes != q2.codes || q1.scale != q2.scale || q1.zero != q2.zero) {
+    quantize_rows(X.data(), m, k, kp, q2);  // the path this CPU picks
+    size_rows(m, kp, q3);
+    if (avx2) quantize_rows_avx2(X.data(), m, k, kp, q3);
+    if (q1.codes != q2.codes || q1.scale != q2.scale || q1.zero != q2.zero ||
+        (avx2 && (q1.codes != q3.codes || q1.scale != q3.scale || q1.zero != q3.zero))) {
       std::printf("activation quantization differs at %ld x %ld\n", m, k);
       return 1;
     }
@@ -45,12 +52,21 @@ int main() {
       for (int64_t g = 0; g < kp / kGroup; ++g)
         std::memset(b1.data() + (o / kBlock * (kp / kGroup) + g) * kGroupStride + (o % kBlock) * kGroup, 0, 4);
     gemm_portable(q1, b1.data(), s1, reinterpret_cast<int32_t*>(s1 + n), bias.data(), y1.data(), m, n, kp);
-    gemm_avx512vnni(q1, b1.data(), s1, reinterpret_cast<int32_t*>(s1 + n), bias.data(), y2.data(), m, n, kp);
-    for (int64_t i = 0; i < m * n; ++i)
-      if (std::fabs(y1[i] - y2[i]) > 1e-4f * (1.f + std::fabs(y1[i]))) {
-        std::printf("gemm differs at %ld x %ld -> %ld, element %ld: %g vs %g\n", m, k, n, i, y1[i], y2[i]);
-        return 1;
-      }
+    for (const Gemm simd : {avx512 ? gemm_avx512vnni : nullptr, avx2 ? gemm_avx2 : nullptr}) {
+      if (!simd) continue;
+      std::fill(y2.begin(), y2.end(), -1e30f);
+      simd(q1, b1.data(), s1, reinterpret_cast<int32_t*>(s1 + n), bias.data(), y2.data(), m, n, kp);
+      for (int64_t i = 0; i < m * n; ++i)
+        if (std::fabs(y1[i] - y2[i]) > 1e-4f * (1.f + std::fabs(y1[i]))) {
+          std::printf("gemm (%s) differs at %ld x %ld -> %ld, element %ld: %g vs %g\n",
+                      simd == gemm_avx2 ? "avx2" : "avx512", m, k, n, i, y1[i], y2[i]);
+          return 1;
+        }
+    }
+  }
+  if (!avx512) {  // the channel-major packing below has an AVX-512 path only
+    std::printf("ok\n");
+    return 0;
   }
   // a channel-major block (fold_core.h: row j of oc channels, CM_GROUP floats apart) into the packed layout
   const int64_t blocks[][2] = {{36, 64}, {10, 32}, {7, 16}, {384, 64}};  // (k, oc): k % 4 = 2 and 3 among them

@@ -113,6 +113,58 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows_avx512(const floa
 }
 #endif
 
+#ifdef CRISP_X86
+// The same quantization in AVX2 (x86-64 CPUs without AVX-512: cvtps rounds half to even, as nearbyint in the
+// default rounding mode; the portable loop calls nearbyint once a value where the baseline x86-64 target has no
+// rounding instruction).
+__attribute__((target("avx2,fma"))) void quantize_rows_avx2(const float* X, int64_t m, int64_t k, int64_t kp,
+                                                            QRows& q) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = X + r * k;
+    __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + i);
+      vlo = _mm256_min_ps(vlo, v);
+      vhi = _mm256_max_ps(vhi, v);
+    }
+    float lo_l[8], hi_l[8];
+    _mm256_storeu_ps(lo_l, vlo);
+    _mm256_storeu_ps(hi_l, vhi);
+    float lo = 0.f, hi = 0.f;
+    for (int j = 0; j < 8; ++j) {
+      lo = lo_l[j] < lo ? lo_l[j] : lo;
+      hi = hi_l[j] > hi ? hi_l[j] : hi;
+    }
+    for (; i < k; ++i) {
+      lo = xr[i] < lo ? xr[i] : lo;
+      hi = xr[i] > hi ? xr[i] : hi;
+    }
+    float scale, inv;
+    int32_t zero;
+    row_params(lo, hi, scale, inv, zero);
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i vzero = _mm256_set1_epi32(zero), vmax = _mm256_set1_epi32(255);
+    uint8_t* qr = q.codes.data() + r * kp;
+    for (i = 0; i + 8 <= k; i += 8) {
+      __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv)), vzero);
+      c = _mm256_min_epi32(_mm256_max_epi32(c, _mm256_setzero_si256()), vmax);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));  // 0..255 fit
+      const __m128i b = _mm_packus_epi16(w, w);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + i), b);
+    }
+    for (; i < k; ++i) {  // the last values, as the AVX2 lanes compute them
+      const __m128 v = _mm_mul_ss(_mm_set_ss(xr[i]), _mm_set_ss(inv));
+      int32_t c = _mm_cvtss_si32(v) + zero;
+      qr[i] = static_cast<uint8_t>(c < 0 ? 0 : (c > 255 ? 255 : c));
+    }
+    for (i = k; i < kp; ++i) qr[i] = static_cast<uint8_t>(zero);  // meets zero weights
+    q.scale[r] = scale;
+    q.zero[r] = zero;
+  }
+}
+#endif
+
 void size_rows(int64_t m, int64_t kp, QRows& q) {
   q.codes.resize(static_cast<size_t>(m * kp));
   q.scale.resize(m);
@@ -127,8 +179,10 @@ void size_rows(int64_t m, int64_t kp, QRows& q) {
 void quantize_rows(const float* X, int64_t m, int64_t k, int64_t kp, QRows& q) {
   size_rows(m, kp, q);
 #ifdef CRISP_X86
-  static const bool avx512 = __builtin_cpu_supports("avx512bw");
+  static const bool avx512 = __builtin_cpu_supports("avx512bw"), avx2 = __builtin_cpu_supports("avx2") &&
+                                                                        __builtin_cpu_supports("fma");
   if (avx512) return quantize_rows_avx512(X, m, k, kp, q);
+  if (avx2) return quantize_rows_avx2(X, m, k, kp, q);
 #endif
   quantize_rows_portable(X, m, k, kp, q);
 }
@@ -236,6 +290,87 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemm_avx512vnni(
 }
 #endif
 
+#ifdef CRISP_X86
+// AVX2 without VNNI: exact 16-bit multiply-adds (vpmaddwd, int16 pairs summed into int32), never vpmaddubsw, whose
+// int16 pair sums saturate on uint8 x int8 (255 x 127 x 2 > 32,767). Per call, the activation codes widened to
+// int16 once (a row's 4 codes of a group one 8-byte broadcast); per block of 16 outputs, its packed weights widened
+// to int16 once into an L1-sized panel (K * 32 bytes: 12 KiB at K = 384) that every row tile reads. A group's 16
+// outputs x 4 inputs are four vectors of 4 outputs x 4 inputs: vpmaddwd leaves each output as two int32 halves
+// (inputs 0-1, 2-3), added at the end (hadd, then a lane permute back into output order).
+template <int MR>
+__attribute__((target("avx2,fma"), always_inline)) inline void tile256(
+    const int16_t* x16, const int16_t* panel, int64_t groups, int64_t kp, __m256i (&acc)[MR][4]) {
+  for (int i = 0; i < MR; ++i)
+    for (int c = 0; c < 4; ++c) acc[i][c] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int16_t* wg = panel + g * 64;
+    _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i) {
+      int64_t x4;
+      std::memcpy(&x4, x16 + i * kp + g * kGroup, 8);
+      const __m256i xb = _mm256_set1_epi64x(x4);
+      _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) acc[i][c] = _mm256_add_epi32(acc[i][c],
+          _mm256_madd_epi16(xb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 16))));
+    }
+  }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void rows256(const QRows& q, const int16_t* x16, const int16_t* panel,
+                                                 const float* ws, const int32_t* wsum, const float* bias, float* Y,
+                                                 int64_t r0, int64_t o, int64_t n, int64_t kp) {
+  const int64_t groups = kp / kGroup;
+  __m256i acc[MR][4];
+  tile256<MR>(x16 + r0 * kp, panel, groups, kp, acc);
+  const int64_t left = n - o;
+  float ws16[kBlock] = {}, b16[kBlock] = {};
+  int32_t sum16[kBlock] = {};
+  for (int64_t j = 0; j < kBlock && j < left; ++j) {
+    ws16[j] = ws[o + j];
+    sum16[j] = wsum[o + j];
+    b16[j] = bias ? bias[o + j] : 0.f;
+  }
+  for (int i = 0; i < MR; ++i) {
+    float out[kBlock];
+    for (int h = 0; h < 2; ++h) {  // outputs 8 h .. 8 h + 7
+      const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][2 * h], acc[i][2 * h + 1]), 0xD8);
+      const __m256i corr = _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sum16 + 8 * h)),
+                                              _mm256_set1_epi32(q.zero[r0 + i]));
+      const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, corr));
+      const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(ws16 + 8 * h), _mm256_set1_ps(q.scale[r0 + i]));
+      _mm256_storeu_ps(out + 8 * h, _mm256_fmadd_ps(v, s, _mm256_loadu_ps(b16 + 8 * h)));
+    }
+    if (left >= kBlock)
+      std::memcpy(Y + (r0 + i) * n + o, out, sizeof out);
+    else
+      std::memcpy(Y + (r0 + i) * n + o, out, left * sizeof(float));
+  }
+}
+
+__attribute__((target("avx2,fma"))) void gemm_avx2(const QRows& q, const int8_t* W, const float* ws,
+                                                   const int32_t* wsum, const float* bias, float* Y, int64_t m,
+                                                   int64_t n, int64_t kp) {
+  const int64_t groups = kp / kGroup, blocks = (n + kBlock - 1) / kBlock;
+  thread_local std::vector<int16_t> x16, panel;  // reused across calls
+  x16.resize(static_cast<size_t>(m * kp));
+  panel.resize(static_cast<size_t>(groups * kBlock * kGroup));
+  for (int64_t i = 0; i + 16 <= m * kp; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16.data() + i),
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.codes.data() + i))));
+  for (int64_t i = m * kp / 16 * 16; i < m * kp; ++i) x16[i] = q.codes[i];
+  constexpr int MR = 3;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* wb = W + b * groups * kBlock * kGroup;
+    for (int64_t i = 0; i < groups * 4; ++i)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel.data() + i * 16),
+                          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + i * 16))));
+    int64_t r = 0;
+    for (; r + MR <= m; r += MR) rows256<MR>(q, x16.data(), panel.data(), ws, wsum, bias, Y, r, b * kBlock, n, kp);
+    if (m - r == 2) rows256<2>(q, x16.data(), panel.data(), ws, wsum, bias, Y, r, b * kBlock, n, kp);
+    if (m - r == 1) rows256<1>(q, x16.data(), panel.data(), ws, wsum, bias, Y, r, b * kBlock, n, kp);
+  }
+}
+#endif
+
 using Gemm = void (*)(const QRows&, const int8_t*, const float*, const int32_t*, const float*, float*, int64_t,
                       int64_t, int64_t);
 
@@ -243,6 +378,7 @@ Gemm pick_gemm() {
 #ifdef CRISP_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) return gemm_avx512vnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return gemm_avx2;
 #endif
   return gemm_portable;
 }
