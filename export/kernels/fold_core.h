@@ -27,7 +27,9 @@
 #endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CRISP_FOLD_NO_MULTIVERSION)
-#define CRISP_FOLD_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+// x86-64-v3: AVX2 with FMA in one clone ("avx2,fma" in target_clones is two clones, AVX2 without FMA and FMA without
+// AVX2, and a CPU without AVX-512 ran the first: a multiply and an add where one FMA does).
+#define CRISP_FOLD_MULTIVERSION __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #define CRISP_FOLD_AVX512_CODES 1  // fold_block_t's int8 codes widened by one AVX-512 instruction, chosen at run time
 #include <immintrin.h>
 #else
@@ -171,8 +173,8 @@ __attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t
   }
 }
 CRISP_FOLD_MULTIVERSION
-static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
-                         int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+static void fold_block_t_f32(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
+                             int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
   fold_block_t_body<float, WidenLoop>(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 }
 CRISP_FOLD_MULTIVERSION
@@ -195,12 +197,104 @@ __attribute__((target("avx512f"), flatten)) static void fold_block_t_avx512(cons
     int64_t cpad) {
   fold_block_t_body<int8_t, WidenAvx512>(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 }
+
+// AVX2 without AVX-512 (e.g. AMD Zen 3): fold_block_t_body keeps CHUNK x V = 256 sums in registers, 16 AVX-512
+// vectors but 32 AVX2 ones, twice the 16 registers AVX2 has: its AVX2 clone spilled every sum on every term (ViT-S's
+// groups 4x the AVX-512 time, not 2x). Here the pass' r terms are widened to float once (V values each, into bv),
+// then the columns are summed NC at a time (NC x 2 vectors of sums, two of the term's values, one mixer broadcast:
+// 15 registers at NC = 6), each column's sums over t = 0..r-1 in order as fold_block_t_body's: the same values.
+constexpr int64_t AVX2_MAX_R = 128;  // terms a pass widens into its stack buffer (more: the portable clone)
+template <int NC>
+__attribute__((target("avx2,fma"), always_inline)) inline void columns_avx2(const float* bv, const float* mt,
+                                                                            int64_t cpad, int64_t c0, int64_t r,
+                                                                            float (*out)[V]) {
+  __m256 acc[NC][2];
+  for (int c = 0; c < NC; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < r; ++t) {
+    const __m256 b0 = _mm256_loadu_ps(bv + t * V), b1 = _mm256_loadu_ps(bv + t * V + 8);
+    const float* m = mt + t * cpad + c0;
+    for (int c = 0; c < NC; ++c) {
+      const __m256 mc = _mm256_broadcast_ss(m + c);
+      acc[c][0] = _mm256_fmadd_ps(mc, b0, acc[c][0]);  // one rounding, as the x86-64-v3 clones' contracted sums
+      acc[c][1] = _mm256_fmadd_ps(mc, b1, acc[c][1]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    _mm256_storeu_ps(out[c], acc[c][0]);
+    _mm256_storeu_ps(out[c] + 8, acc[c][1]);
+  }
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) static void fold_block_t_avx2(const T* b, int64_t ts, const float* mt,
+                                                                  float* const* col, int64_t k, int64_t kw, int64_t u,
+                                                                  int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  static_assert(V == 16, "two AVX2 vectors a column");
+  const bool ahead = k + V + PREFETCH <= u;
+  alignas(32) float bv[AVX2_MAX_R * V];
+  for (int64_t t = 0; t < r; ++t) {
+    const T* bt = b + t * ts;
+    if (ahead) __builtin_prefetch(bt + PREFETCH);
+    if constexpr (sizeof(T) == 1) {
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bt));
+      _mm256_store_ps(bv + t * V, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
+      _mm256_store_ps(bv + t * V + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))));
+    } else {
+      _mm256_store_ps(bv + t * V, _mm256_loadu_ps(bt));
+      _mm256_store_ps(bv + t * V + 8, _mm256_loadu_ps(bt + 8));
+    }
+  }
+  // s = 4: a layer's four columns together (interleaved on the way out); otherwise six columns a step
+  const int64_t step = s == 4 ? 4 : 6;
+  for (int64_t c0 = 0; c0 < ncol; c0 += step) {
+    const int64_t nc = std::min(step, ncol - c0);
+    float out[6][V];
+    switch (nc) {
+      case 6: columns_avx2<6>(bv, mt, cpad, c0, r, out); break;
+      case 5: columns_avx2<5>(bv, mt, cpad, c0, r, out); break;
+      case 4: columns_avx2<4>(bv, mt, cpad, c0, r, out); break;
+      case 3: columns_avx2<3>(bv, mt, cpad, c0, r, out); break;
+      case 2: columns_avx2<2>(bv, mt, cpad, c0, r, out); break;
+      default: columns_avx2<1>(bv, mt, cpad, c0, r, out); break;
+    }
+    if (s == CM) {
+      for (int64_t c = 0; c < nc; ++c) std::memcpy(col[c0 + c] + kw, out[c], sizeof out[c]);
+    } else if (s == 4) {
+      float* o = col[c0] + kw * 4;
+      for (int64_t q = 0; q < V; ++q)
+        for (int64_t j = 0; j < 4; ++j) o[q * 4 + j] = out[j][q];
+    } else {
+      for (int64_t q = 0; q < V; ++q)
+        for (int64_t c = 0; c < nc; ++c) col[c0 + c][(kw + q) * s] = out[c][q];
+    }
+  }
+}
 #endif
+// Which x86-64 path a transposed pass takes: AVX-512 (its clones), AVX2 without it (fold_block_t_avx2), or the rest.
+enum class TPath { avx512, avx2, other };
+inline TPath transposed_path() {
+#ifdef CRISP_FOLD_AVX512_CODES
+  static const TPath p = __builtin_cpu_supports("avx512f") ? TPath::avx512
+                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? TPath::avx2
+                                                                                               : TPath::other;
+  return p;
+#else
+  return TPath::other;
+#endif
+}
+static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
+                         int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+#ifdef CRISP_FOLD_AVX512_CODES
+  if (transposed_path() == TPath::avx2 && r <= AVX2_MAX_R)
+    return fold_block_t_avx2(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+#endif
+  fold_block_t_f32(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+}
 static void fold_block_t(const int8_t* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
                          int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
 #ifdef CRISP_FOLD_AVX512_CODES
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return fold_block_t_avx512(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+  if (transposed_path() == TPath::avx512) return fold_block_t_avx512(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+  if (transposed_path() == TPath::avx2 && r <= AVX2_MAX_R)
+    return fold_block_t_avx2(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 #endif
   fold_block_t_i8(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 }
@@ -478,6 +572,43 @@ __attribute__((target("avx512f,avx512bw"))) static void quantize_cm_stream(const
 }
 #endif
 
+#ifdef CRISP_FOLD_AVX512_CODES
+// quantize_cm with AVX2 (a CPU without AVX-512): the same arithmetic (one FMA, as the x86-64-v3 clone contracts it),
+// each row's 16 codes narrowed by two packs and a lane permute, and the channels' maxima as AVX2 vectors: GCC
+// lowers column_scales' and the narrowing's 16-lane vector extensions poorly without AVX-512 (60 cycles a row of
+// maxima; the codes one at a time), which took most of a switch (ViT-S's fc1 group: 2.3 ms of quantization alone).
+__attribute__((target("avx2,fma"))) static void quantize_cm_avx2(const float* w, int64_t d_in, int64_t oc, int8_t* out,
+                                                                 int64_t d_out, float* scales, float qmax) {
+  const __m256 rounder = _mm256_set1_ps(ROUNDER), abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t sb = 0; sb < oc; sb += QCH) {
+    __m256 m[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t j = 0;
+    for (; j + 2 <= d_in; j += 2)  // two rows a step: four independent maxima
+      for (int a = 0; a < 4; ++a)
+        m[a] = _mm256_max_ps(m[a], _mm256_and_ps(_mm256_loadu_ps(w + (j + a / 2) * CM_GROUP + sb + (a % 2) * 8), abs));
+    for (; j < d_in; ++j)
+      for (int a = 0; a < 2; ++a) m[a] = _mm256_max_ps(m[a], _mm256_and_ps(_mm256_loadu_ps(w + j * CM_GROUP + sb + a * 8), abs));
+    alignas(64) float mx[QCH], inv[QCH];
+    _mm256_store_ps(mx, _mm256_max_ps(m[0], m[2]));
+    _mm256_store_ps(mx + 8, _mm256_max_ps(m[1], m[3]));
+    for (int64_t q = 0; q < QCH; ++q) {  // as column_scales
+      scales[sb + q] = mx[q] > 0.f ? mx[q] / qmax : 1.f;
+      inv[q] = mx[q] > 0.f ? qmax / mx[q] : 0.f;
+    }
+    const __m256 inv0 = _mm256_load_ps(inv), inv1 = _mm256_load_ps(inv + 8);
+    for (int64_t j = 0; j < d_in; ++j) {
+      const float* row = w + j * CM_GROUP + sb;
+      const __m256i c0 = _mm256_cvttps_epi32(_mm256_sub_ps(_mm256_fmadd_ps(_mm256_loadu_ps(row), inv0, rounder), rounder));
+      const __m256i c1 = _mm256_cvttps_epi32(_mm256_sub_ps(_mm256_fmadd_ps(_mm256_loadu_ps(row + 8), inv1, rounder),
+                                                           rounder));
+      const __m256i h = _mm256_permute4x64_epi64(_mm256_packs_epi32(c0, c1), 0xD8);  // 16 int16 in order
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j * d_out + sb),
+                       _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    }
+  }
+}
+#endif
+
 // fold_quant_group for a channel-major basis (T float or int8 codes): the same codes and scales.
 template <typename T>
 inline void fold_quant_group_cm(const T* B, int64_t u, int64_t r, const float* g, int64_t n, int64_t s, int64_t d_out,
@@ -493,6 +624,7 @@ inline void fold_quant_group_cm(const T* B, int64_t u, int64_t r, const float* g
       streamed = true;
       return;
     }
+    if (transposed_path() == TPath::avx2) return quantize_cm_avx2(w, d_in, oc, codes[i] + o0, d_out, scales[i] + o0, qmax);
 #endif
     quantize_cm(w, d_in, oc, codes[i] + o0, d_out, scales[i] + o0, qmax);
   });
