@@ -366,7 +366,13 @@ def render_parity_suite(d: dict) -> str:
             + f"\n\nThe whole parity suite, slow cases included ({m['date'][:10]}, load average "
               f"{m['load_average_1_5_15'][0]}; `bench/results/parity_suite.json`).")
 
-def render_quantize(d: dict) -> str:
+def _cpu(m: dict) -> str:
+    """The machine's CPU and the vector extensions the int8 and fold kernels pick between (where recorded)."""
+    isa = m.get("vector_isa")
+    return m["cpu_model"] + (f" ({', '.join(isa) if isa else 'no AVX2'})" if isa is not None else "")
+
+
+def render_quantize(d: dict, name: str = "quantize.json") -> str:
     rows = []
     for m in d["models"]:
         for rt, r in m["runtimes"].items():
@@ -382,11 +388,23 @@ def render_quantize(d: dict) -> str:
                     f"float32 -> int8 ({n:,} Fashion-MNIST test images)", "parity max abs (int8 tol. 0.5)"], rows)
             + f"\n\nDense bundles, `quantize=\"int8\"` (int8 per-channel weights, dynamically quantized int8 "
               f"activations) against float32 of the same CRISP model, same run, batch 1, {d['threads']} thread, "
-              f"median of interleaved rounds ({m['date'][:10]}, load average {m['load_average_1_5_15'][0]}). "
+              f"median of interleaved rounds ({_cpu(m)}, {m['date'][:10]}, load average {m['load_average_1_5_15'][0]}). "
               f"Targets: bytes <= {t['bytes_ratio']}x, latency <= {t['latency_ratio']}x, top-1 drop <= "
               f"{t['top1_drop_points']} points, agreement >= {t['top1_agreement'] * 100:.0f}% "
-              "(`bench/results/quantize.json`). ViT-S has random weights (no pretrained ViT-S offline): its row "
-              "measures size and speed only." + _swappable_int8(d))
+              f"(`bench/results/{name}`). ViT-S has random weights (no pretrained ViT-S offline): its row "
+              "measures size and speed only. " + _ort_weight_bits(d) + _swappable_int8(d))
+
+
+def _ort_weight_bits(d: dict) -> str:
+    """Which ONNX Runtime weight codes the run measured (7-bit since ORT's saturation on CPUs without VNNI)."""
+    reasons = [r.get("tolerance_int8", {}).get("reason", "") for m in d["models"]
+               for rt, r in m["runtimes"].items() if rt == "onnxruntime"]
+    if any("7-bit" in x for x in reasons):
+        return ("ONNX Runtime's int8 weights are 7-bit codes, -64..64 (`quantize_dynamic`'s `reduce_range`): its "
+                "x86-64 integer kernel without VNNI sums pairs of uint8 x int8 products in int16 (`vpmaddubsw`), "
+                "which 8-bit codes overflow (`export/onnx/quantize.py` `WEIGHT_QMAX`).")
+    return ("ONNX Runtime's rows here were measured with 8-bit weight codes, before its bundles moved to 7-bit "
+            "ones (the same kernels and speed; the 7-bit accuracy is in the AVX2 run below).")
 
 
 def _swappable_int8(d: dict) -> str:
@@ -412,12 +430,16 @@ def _swappable_int8(d: dict) -> str:
     t = d["targets"]
     floors = [f"{m['model']} {m['arithmetic']['fold_over_forward_multiply_adds']:.2f}x (r terms a weight against "
               f"{m['arithmetic']['tokens_per_forward']} tokens)" for m in d["models"] if "arithmetic" in m]
+    isa = d["machine"].get("vector_isa")
+    vnni = isa is None or any("vnni" in f for f in isa)  # runs from before the field: the AVX-512 VNNI machine
+    lanes, times, above = (("16 float32 lanes an instruction, the int8 forward's 64 (VNNI)", "four", "0.12") if vnni else
+                           ("8 float32 lanes an instruction (AVX2), the int8 forward's 16 (vpmaddwd, no VNNI)", "two",
+                            "0.25"))
     floor = ("" if not floors else
              " A switch's fold multiplies each weight's r basis terms, a forward each weight by every token: the fold's "
-             "multiply-adds against a forward's are " + ", ".join(floors) + "; the fold's run 16 float32 lanes an "
-             "instruction, the int8 forward's 64 (VNNI), so a fold costs at least about four times that ratio in int8 "
-             "forwards: a switch of 0.5 int8 forwards is out of reach for any float fold where that ratio is above "
-             "about 0.12 (the embedded ViT at batch 1).")
+             "multiply-adds against a forward's are " + ", ".join(floors) + f"; the fold's run {lanes}, so a fold "
+             f"costs at least about {times} times that ratio in int8 forwards: a switch of 0.5 int8 forwards is out of "
+             f"reach for any float fold where that ratio is above about {above} (the embedded ViT at batch 1).")
     return ("\n\nSwappable int8, in int8 dense forwards of the same model, same run:\n\n"
             + _table(["model", "runtime", "forward / int8 dense", "switch", "switch from the file",
                       "from the file, fold graph (ORT alone)", "reload a dense int8 model per task",
@@ -845,7 +867,8 @@ RENDERERS = {"retrofit": render_retrofit, "adapt": render_adapt, "onnx": render_
              "executorch_vit_small_switch": lambda d: render_executorch(d, "executorch_vit_small_switch.json"),
              "onnx_vit_small_switch": lambda d: render_onnx(d, "onnx_vit_small_switch.json"),
              "compress_llm": render_compress_llm, "pipeline": render_pipeline, "parity_suite": render_parity_suite,
-             "quantize": render_quantize, "minilm_adapt": render_minilm_adapt,
+             "quantize": render_quantize, "quantize_avx2": lambda d: render_quantize(d, "quantize_avx2.json"),
+             "minilm_adapt": render_minilm_adapt,
              "smollm2_adapt": render_minilm_adapt,
              "minilm_compress": render_minilm_compress, "minilm_compress_lr": render_minilm_compress,
              "minilm_adapt_epochs10": render_minilm_adapt, "adapt_lm": render_adapt_lm,

@@ -294,7 +294,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemm_avx512vnni(
 // AVX2 without VNNI: exact 16-bit multiply-adds (vpmaddwd, int16 pairs summed into int32), never vpmaddubsw, whose
 // int16 pair sums saturate on uint8 x int8 (255 x 127 x 2 > 32,767). Per call, the activation codes widened to
 // int16 once (a row's 4 codes of a group one 8-byte broadcast); per block of 16 outputs, its packed weights widened
-// to int16 once into an L1-sized panel (K * 32 bytes: 12 KiB at K = 384) that every row tile reads. A group's 16
+// to int16 once into an L1-sized panel (K * 32 bytes: 12 KiB at K = 384) that every row tile reads, 2 rows a tile. A group's 16
 // outputs x 4 inputs are four vectors of 4 outputs x 4 inputs: vpmaddwd leaves each output as two int32 halves
 // (inputs 0-1, 2-3), added at the end (hadd, then a lane permute back into output order).
 template <int MR>
@@ -357,7 +357,7 @@ __attribute__((target("avx2,fma"))) void gemm_avx2(const QRows& q, const int8_t*
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16.data() + i),
                         _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.codes.data() + i))));
   for (int64_t i = m * kp / 16 * 16; i < m * kp; ++i) x16[i] = q.codes[i];
-  constexpr int MR = 3;
+  constexpr int MR = 2;  // 8 vectors of sums, 4 of weights, 2 broadcasts: AVX2's 16 registers (3 rows spilled sums)
   for (int64_t b = 0; b < blocks; ++b) {
     const int8_t* wb = W + b * groups * kBlock * kGroup;
     for (int64_t i = 0; i < groups * 4; ++i)
@@ -365,7 +365,6 @@ __attribute__((target("avx2,fma"))) void gemm_avx2(const QRows& q, const int8_t*
                           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + i * 16))));
     int64_t r = 0;
     for (; r + MR <= m; r += MR) rows256<MR>(q, x16.data(), panel.data(), ws, wsum, bias, Y, r, b * kBlock, n, kp);
-    if (m - r == 2) rows256<2>(q, x16.data(), panel.data(), ws, wsum, bias, Y, r, b * kBlock, n, kp);
     if (m - r == 1) rows256<1>(q, x16.data(), panel.data(), ws, wsum, bias, Y, r, b * kBlock, n, kp);
   }
 }
