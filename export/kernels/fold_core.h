@@ -25,6 +25,9 @@
 #if defined(__x86_64__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>  // the AVX2 / AVX-512 paths chosen at run time
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CRISP_FOLD_NO_MULTIVERSION)
 // x86-64-v3: AVX2 with FMA in one clone ("avx2,fma" in target_clones is two clones, AVX2 without FMA and FMA without
@@ -572,6 +575,24 @@ __attribute__((target("avx512f,avx512bw"))) static void quantize_cm_stream(const
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The maxima of |w| down QCH columns [sb, sb + QCH) of a channel-major block (rows CM_GROUP floats apart) into
+// mx, with AVX2 (two rows a step: four independent maxima): quantize_cm_avx2's and ExecuTorch's
+// quantize_pack_cm_avx2's (export/executorch/kernels/fold_quant.cpp) channel maxima.
+__attribute__((target("avx2"))) inline void column_absmax_avx2(const float* w, int64_t d_in, int64_t sb, float* mx) {
+  const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 2 <= d_in; j += 2)
+    for (int a = 0; a < 4; ++a)
+      m[a] = _mm256_max_ps(m[a], _mm256_and_ps(_mm256_loadu_ps(w + (j + a / 2) * CM_GROUP + sb + (a % 2) * 8), abs));
+  for (; j < d_in; ++j)
+    for (int a = 0; a < 2; ++a) m[a] = _mm256_max_ps(m[a], _mm256_and_ps(_mm256_loadu_ps(w + j * CM_GROUP + sb + a * 8), abs));
+  _mm256_storeu_ps(mx, _mm256_max_ps(m[0], m[2]));
+  _mm256_storeu_ps(mx + 8, _mm256_max_ps(m[1], m[3]));
+}
+#endif
+
 #ifdef CRISP_FOLD_AVX512_CODES
 // quantize_cm with AVX2 (a CPU without AVX-512): the same arithmetic (one FMA, as the x86-64-v3 clone contracts it),
 // each row's 16 codes narrowed by two packs and a lane permute, and the channels' maxima as AVX2 vectors: GCC
@@ -579,18 +600,10 @@ __attribute__((target("avx512f,avx512bw"))) static void quantize_cm_stream(const
 // maxima; the codes one at a time), which took most of a switch (ViT-S's fc1 group: 2.3 ms of quantization alone).
 __attribute__((target("avx2,fma"))) static void quantize_cm_avx2(const float* w, int64_t d_in, int64_t oc, int8_t* out,
                                                                  int64_t d_out, float* scales, float qmax) {
-  const __m256 rounder = _mm256_set1_ps(ROUNDER), abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 rounder = _mm256_set1_ps(ROUNDER);
   for (int64_t sb = 0; sb < oc; sb += QCH) {
-    __m256 m[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t j = 0;
-    for (; j + 2 <= d_in; j += 2)  // two rows a step: four independent maxima
-      for (int a = 0; a < 4; ++a)
-        m[a] = _mm256_max_ps(m[a], _mm256_and_ps(_mm256_loadu_ps(w + (j + a / 2) * CM_GROUP + sb + (a % 2) * 8), abs));
-    for (; j < d_in; ++j)
-      for (int a = 0; a < 2; ++a) m[a] = _mm256_max_ps(m[a], _mm256_and_ps(_mm256_loadu_ps(w + j * CM_GROUP + sb + a * 8), abs));
     alignas(64) float mx[QCH], inv[QCH];
-    _mm256_store_ps(mx, _mm256_max_ps(m[0], m[2]));
-    _mm256_store_ps(mx + 8, _mm256_max_ps(m[1], m[3]));
+    column_absmax_avx2(w, d_in, sb, mx);
     for (int64_t q = 0; q < QCH; ++q) {  // as column_scales
       scales[sb + q] = mx[q] > 0.f ? mx[q] / qmax : 1.f;
       inv[q] = mx[q] > 0.f ? qmax / mx[q] : 0.f;

@@ -165,6 +165,17 @@ void quantize_pack_cm(const float* w, int64_t o0, int64_t oc, int64_t n, int64_t
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// A group's four rows of 16 channel codes (c[t]: input t) interleaved into its 64 bytes, channel q's four codes at
+// 4 q, by two rounds of unpacking (SSE2): the AVX-512 and AVX2 packers' last step.
+inline void interleave_group(const __m128i (&c)[kGroup], int8_t* dst) {
+  const __m128i a0 = _mm_unpacklo_epi8(c[0], c[1]), a1 = _mm_unpackhi_epi8(c[0], c[1]);
+  const __m128i b0 = _mm_unpacklo_epi8(c[2], c[3]), b1 = _mm_unpackhi_epi8(c[2], c[3]);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi16(a0, b0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_unpackhi_epi16(a0, b0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm_unpacklo_epi16(a1, b1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 48), _mm_unpackhi_epi16(a1, b1));
+}
+
 // The same in AVX-512 (the loops above ran at a fifth of the fold's speed): a block's 16 channels are one vector
 // across a row; roundscale to nearest is nearbyint's half to even; each group's four rows of codes interleaved into
 // its 64 bytes by two rounds of unpacking (channel q's four codes at 4 q).
@@ -205,13 +216,7 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_pack_cm_avx512(const f
         total = _mm512_add_epi32(total, q);
         c[t] = _mm512_cvtepi32_epi8(q);
       }
-      const __m128i a0 = _mm_unpacklo_epi8(c[0], c[1]), a1 = _mm_unpackhi_epi8(c[0], c[1]);
-      const __m128i b0 = _mm_unpacklo_epi8(c[2], c[3]), b1 = _mm_unpackhi_epi8(c[2], c[3]);
-      int8_t* dst = blk + g * kGroupStride;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi16(a0, b0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_unpackhi_epi16(a0, b0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm_unpacklo_epi16(a1, b1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 48), _mm_unpackhi_epi16(a1, b1));
+      interleave_group(c, blk + g * kGroupStride);
     }
     _mm512_storeu_si512(sums + o0 + sb, total);
   }
@@ -219,7 +224,7 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_pack_cm_avx512(const f
 
 // The same in AVX2 (a CPU without AVX-512: the loops above ran at a third of the AVX2 fold's speed there): a block's
 // 16 channels are two vectors across a row; round to nearest is nearbyint's half to even; each row's 16 codes
-// narrowed by two packs and a lane permute, then interleaved into the group's 64 bytes as above.
+// narrowed by two packs and a lane permute, then interleaved into the group's 64 bytes (interleave_group).
 __attribute__((target("avx2,fma"))) void quantize_pack_cm_avx2(const float* w, int64_t o0, int64_t oc, int64_t n,
                                                                int64_t k, int8_t* buf) {
   constexpr int64_t stride = crisp_fold::CM_GROUP;
@@ -227,18 +232,9 @@ __attribute__((target("avx2,fma"))) void quantize_pack_cm_avx2(const float* w, i
   const int64_t groups = (k + kGroup - 1) / kGroup;
   float* scales = reinterpret_cast<float*>(buf + crisp_q::codes_bytes(n, k));
   int32_t* sums = reinterpret_cast<int32_t*>(scales + n);
-  const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t sb = 0; sb < oc; sb += kBlock) {
-    __m256 m[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t j = 0;
-    for (; j + 2 <= k; j += 2)
-      for (int a = 0; a < 4; ++a)
-        m[a] = _mm256_max_ps(m[a], _mm256_and_ps(_mm256_loadu_ps(w + (j + a / 2) * stride + sb + (a % 2) * 8), abs));
-    for (; j < k; ++j)
-      for (int a = 0; a < 2; ++a) m[a] = _mm256_max_ps(m[a], _mm256_and_ps(_mm256_loadu_ps(w + j * stride + sb + a * 8), abs));
     alignas(32) float amax[kBlock], inv[kBlock];
-    _mm256_store_ps(amax, _mm256_max_ps(m[0], m[2]));
-    _mm256_store_ps(amax + 8, _mm256_max_ps(m[1], m[3]));
+    crisp_fold::column_absmax_avx2(w, k, sb, amax);
     for (int64_t q = 0; q < kBlock; ++q) {  // as quantize_pack_cm
       const float scale = amax[q] > 0.f ? amax[q] / 127.f : 1.f;
       scales[o0 + sb + q] = scale;
@@ -264,13 +260,7 @@ __attribute__((target("avx2,fma"))) void quantize_pack_cm_avx2(const float* w, i
         const __m256i h = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);  // 16 int16 in order
         c[t] = _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
       }
-      const __m128i a0 = _mm_unpacklo_epi8(c[0], c[1]), a1 = _mm_unpackhi_epi8(c[0], c[1]);
-      const __m128i b0 = _mm_unpacklo_epi8(c[2], c[3]), b1 = _mm_unpackhi_epi8(c[2], c[3]);
-      int8_t* dst = blk + g * kGroupStride;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi16(a0, b0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_unpackhi_epi16(a0, b0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm_unpacklo_epi16(a1, b1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 48), _mm_unpackhi_epi16(a1, b1));
+      interleave_group(c, blk + g * kGroupStride);
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + o0 + sb), total0);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + o0 + sb + 8), total1);
