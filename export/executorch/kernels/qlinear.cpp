@@ -13,6 +13,10 @@
 // int32 lane). scales: N float32; sums: N int32, sum_k Wq[o, k] (the zero-point correction, precomputed when
 // the weights are written). One buffer, so set_task writes one tensor per layer (crisp::fold_quant_) and the
 // layout is crisp-edge's, not XNNPACK's: whoever writes the weights (fold_quant.cpp, custom_ops.pack_int8) packs.
+//
+// Paths, chosen at run time: AVX-512 VNNI (gemm_avx512vnni), AVX2 without it (gemm_avx2: exact 16-bit
+// multiply-adds, as XNNPACK's AVX2 kernels, at about their speed on ViT-S), portable loops elsewhere (an aarch64
+// build's). Every path gives the same integer sums (qlinear_paths.cpp compares them).
 #include <cmath>
 #include <cstring>
 #include <vector>
