@@ -272,22 +272,23 @@ __attribute__((target("avx2,fma"))) static void fold_block_t_avx2(const T* b, in
   }
 }
 #endif
-// Which x86-64 path a transposed pass takes: AVX-512 (its clones), AVX2 without it (fold_block_t_avx2), or the rest.
-enum class TPath { avx512, avx2, other };
-inline TPath transposed_path() {
+// Which x86-64 path the transposed passes and the channel-major quantization take: AVX-512 (its clones and
+// intrinsics), AVX2 without it (fold_block_t_avx2, quantize_cm_avx2), or the rest (the clones).
+enum class SimdPath { avx512, avx2, other };
+inline SimdPath simd_path() {
 #ifdef CRISP_FOLD_AVX512_CODES
-  static const TPath p = __builtin_cpu_supports("avx512f") ? TPath::avx512
-                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? TPath::avx2
-                                                                                               : TPath::other;
+  static const SimdPath p = __builtin_cpu_supports("avx512f")                                   ? SimdPath::avx512
+                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? SimdPath::avx2
+                                                                                              : SimdPath::other;
   return p;
 #else
-  return TPath::other;
+  return SimdPath::other;
 #endif
 }
 static void fold_block_t(const float* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
                          int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
 #ifdef CRISP_FOLD_AVX512_CODES
-  if (transposed_path() == TPath::avx2 && r <= AVX2_MAX_R)
+  if (simd_path() == SimdPath::avx2 && r <= AVX2_MAX_R)
     return fold_block_t_avx2(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 #endif
   fold_block_t_f32(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
@@ -295,8 +296,8 @@ static void fold_block_t(const float* b, int64_t ts, const float* mt, float* con
 static void fold_block_t(const int8_t* b, int64_t ts, const float* mt, float* const* col, int64_t k, int64_t kw,
                          int64_t u, int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
 #ifdef CRISP_FOLD_AVX512_CODES
-  if (transposed_path() == TPath::avx512) return fold_block_t_avx512(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
-  if (transposed_path() == TPath::avx2 && r <= AVX2_MAX_R)
+  if (simd_path() == SimdPath::avx512) return fold_block_t_avx512(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
+  if (simd_path() == SimdPath::avx2 && r <= AVX2_MAX_R)
     return fold_block_t_avx2(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 #endif
   fold_block_t_i8(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
@@ -515,8 +516,17 @@ inline void fold_channel_major(const T* B, int64_t u, int64_t r, const float* g,
   }
 }
 
+// QCH channels' scales from their maxima mx: max / qmax (1 for an all-zero channel) into scales, qmax / max (0 for
+// an all-zero one) into inv, as fold_quant_group's.
+__attribute__((always_inline)) inline void scales_from_maxima(const float* mx, float qmax, float* scales, float* inv) {
+  for (int64_t q = 0; q < QCH; ++q) {
+    scales[q] = mx[q] > 0.f ? mx[q] / qmax : 1.f;
+    inv[q] = mx[q] > 0.f ? qmax / mx[q] : 0.f;
+  }
+}
+
 // Per-channel scales of a (d_in, CM_GROUP) block's QCH channels starting at column sb (the maximum of each
-// column), into scales[0, QCH), and qmax / max per channel (0 for an all-zero one) into inv, as fold_quant_group's.
+// column), into scales[0, QCH), and inv (scales_from_maxima).
 __attribute__((always_inline)) inline void column_scales(const float* w, int64_t d_in, int64_t sb, float qmax,
                                                          float* scales, float* inv) {
   f32x16 m = {};
@@ -528,10 +538,9 @@ __attribute__((always_inline)) inline void column_scales(const float* w, int64_t
     std::memcpy(&v, &bits, sizeof v);
     m = m > v ? m : v;
   }
-  for (int64_t q = 0; q < QCH; ++q) {
-    scales[q] = m[q] > 0.f ? m[q] / qmax : 1.f;
-    inv[q] = m[q] > 0.f ? qmax / m[q] : 0.f;
-  }
+  float mx[QCH];
+  std::memcpy(mx, &m, sizeof mx);
+  scales_from_maxima(mx, qmax, scales, inv);
 }
 
 // ONNX Runtime's layout from a channel-major block: codes (d_in, d_out), out pointing at column o0; QCH codes of a
@@ -604,10 +613,7 @@ __attribute__((target("avx2,fma"))) static void quantize_cm_avx2(const float* w,
   for (int64_t sb = 0; sb < oc; sb += QCH) {
     alignas(64) float mx[QCH], inv[QCH];
     column_absmax_avx2(w, d_in, sb, mx);
-    for (int64_t q = 0; q < QCH; ++q) {  // as column_scales
-      scales[sb + q] = mx[q] > 0.f ? mx[q] / qmax : 1.f;
-      inv[q] = mx[q] > 0.f ? qmax / mx[q] : 0.f;
-    }
+    scales_from_maxima(mx, qmax, scales + sb, inv);
     const __m256 inv0 = _mm256_load_ps(inv), inv1 = _mm256_load_ps(inv + 8);
     for (int64_t j = 0; j < d_in; ++j) {
       const float* row = w + j * CM_GROUP + sb;
@@ -637,7 +643,7 @@ inline void fold_quant_group_cm(const T* B, int64_t u, int64_t r, const float* g
       streamed = true;
       return;
     }
-    if (transposed_path() == TPath::avx2) return quantize_cm_avx2(w, d_in, oc, codes[i] + o0, d_out, scales[i] + o0, qmax);
+    if (simd_path() == SimdPath::avx2) return quantize_cm_avx2(w, d_in, oc, codes[i] + o0, d_out, scales[i] + o0, qmax);
 #endif
     quantize_cm(w, d_in, oc, codes[i] + o0, d_out, scales[i] + o0, qmax);
   });

@@ -88,6 +88,18 @@ def _passthrough(proto: onnx.ModelProto, outputs: list[str], defaults: dict[str,
     return found
 
 
+def _largest_code(inits: dict) -> int | None:
+    """A swappable int8 fold graph's largest weight code (``swap_int8.QMAX_NAMES``: an inline scalar), or None where
+    there is none or it is not an integer in 1..127 (the session then keeps the graph's own quantization)."""
+    t = next((inits[k] for k in QMAX_NAMES if k in inits), None)
+    if t is None or t.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    a = numpy_helper.to_array(t)
+    if a.size != 1 or not np.isfinite(a).all() or float(a.flat[0]) != int(a.flat[0]) or not 1 <= int(a.flat[0]) <= 127:
+        return None
+    return int(a.flat[0])
+
+
 #: ``sys.getrefcount`` of a spare array only ``KernelFold._spare`` refers to (its list, the comprehension's
 #: variable, the call's argument).
 _UNREFERENCED = 3
@@ -135,7 +147,7 @@ class KernelFold:
         products = {(n.input[0], n.input[1]) for n in proto.graph.node if n.op_type == "MatMul"}
         dequantized = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
         producer = {o: n for n in proto.graph.node for o in n.output}
-        qmax = next((int(numpy_helper.to_array(inits[k])) for k in QMAX_NAMES if k in inits), None)  # int8 only
+        qmax = _largest_code(inits)
         groups, done, wanted = [], set(), set(weight_names)
         for key, g in layout.items():
             tag, basis, mixer = f"fold.{key}", f"basis.{key}", f"mixer.{key}"
@@ -145,8 +157,7 @@ class KernelFold:
                 return None  # not the graph fold.py writes for a "pre" group
             quantized, where = None, f"{fold_path}"
             if not set(outs) <= wanted:  # a swappable int8 bundle: each float weight leaves as codes and scales
-                if g.get("transpose") or not all(set(int8_names(o)) <= wanted for o in outs) \
-                        or qmax is None or not 1 <= qmax <= 127:
+                if g.get("transpose") or not all(set(int8_names(o)) <= wanted for o in outs) or qmax is None:
                     return None
                 codes, scale = (inits.get(n) for n in int8_names(basis))  # its basis int8, a scale per term
                 cm = basis not in dequantized  # stored channel-major, put back in product order by the graph

@@ -170,3 +170,16 @@ def test_a_float32_task_file_is_a_task_and_other_bases_are_refused(setup, tmp_pa
     with pytest.raises(BasisMismatchError):
         sess.set_task(bad)
     assert sess.task is None
+
+
+@pytest.mark.parametrize("value", [np.array([64, 64], np.float32), np.array(64.5, np.float32), np.array(0, np.float32),
+                                   np.array(200, np.float32), np.array(np.nan, np.float32)])
+def test_a_fold_graph_range_that_is_not_one_code_leaves_the_graph_to_quantize(value):
+    """A fold graph whose largest-code constant is not one integer in 1..127 (a damaged or foreign file) gives the
+    kernel no range: the session keeps the graph's own quantization instead of failing or guessing."""
+    from crisp_edge.export.onnx.kernel_fold import _largest_code
+
+    assert _largest_code({swap_int8.QMAX_NAMES[0]: onnx.numpy_helper.from_array(value, swap_int8.QMAX_NAMES[0])}) is None
+    assert _largest_code({}) is None
+    good = onnx.numpy_helper.from_array(np.array(64, np.float32), swap_int8.QMAX_NAMES[1])
+    assert _largest_code({swap_int8.QMAX_NAMES[1]: good}) == 64

@@ -318,21 +318,22 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile256(
   }
 }
 
+// A block's 16 outputs' scales, weight sums and biases (zero past n and for no bias), gathered once per block.
+struct Block16 {
+  float ws[kBlock] = {}, bias[kBlock] = {};
+  int32_t sum[kBlock] = {};
+};
+
 template <int MR>
 __attribute__((target("avx2,fma"))) void rows256(const QRows& q, const int16_t* x16, const int16_t* panel,
-                                                 const float* ws, const int32_t* wsum, const float* bias, float* Y,
-                                                 int64_t r0, int64_t o, int64_t n, int64_t kp) {
+                                                 const Block16& blk, float* Y, int64_t r0, int64_t o, int64_t n,
+                                                 int64_t kp) {
   const int64_t groups = kp / kGroup;
   __m256i acc[MR][4];
   tile256<MR>(x16 + r0 * kp, panel, groups, kp, acc);
   const int64_t left = n - o;
-  float ws16[kBlock] = {}, b16[kBlock] = {};
-  int32_t sum16[kBlock] = {};
-  for (int64_t j = 0; j < kBlock && j < left; ++j) {
-    ws16[j] = ws[o + j];
-    sum16[j] = wsum[o + j];
-    b16[j] = bias ? bias[o + j] : 0.f;
-  }
+  const float *ws16 = blk.ws, *b16 = blk.bias;
+  const int32_t* sum16 = blk.sum;
   for (int i = 0; i < MR; ++i) {
     float out[kBlock];
     for (int h = 0; h < 2; ++h) {  // outputs 8 h .. 8 h + 7
@@ -367,9 +368,16 @@ __attribute__((target("avx2,fma"))) void gemm_avx2(const QRows& q, const int8_t*
     for (int64_t i = 0; i < groups * 4; ++i)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel.data() + i * 16),
                           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + i * 16))));
+    const int64_t o = b * kBlock;
+    Block16 blk;
+    for (int64_t j = 0; j < kBlock && o + j < n; ++j) {
+      blk.ws[j] = ws[o + j];
+      blk.sum[j] = wsum[o + j];
+      blk.bias[j] = bias ? bias[o + j] : 0.f;
+    }
     int64_t r = 0;
-    for (; r + MR <= m; r += MR) rows256<MR>(q, x16.data(), panel.data(), ws, wsum, bias, Y, r, b * kBlock, n, kp);
-    if (m - r == 1) rows256<1>(q, x16.data(), panel.data(), ws, wsum, bias, Y, r, b * kBlock, n, kp);
+    for (; r + MR <= m; r += MR) rows256<MR>(q, x16.data(), panel.data(), blk, Y, r, o, n, kp);
+    if (m - r == 1) rows256<1>(q, x16.data(), panel.data(), blk, Y, r, o, n, kp);
   }
 }
 #endif
