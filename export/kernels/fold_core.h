@@ -2,8 +2,8 @@
 // once. Shared by crisp-edge's ExecuTorch operator crisp::fold_ (export/executorch/kernels/fold.cpp) and the
 // plain C entry point ONNX Runtime's Python session calls (fold_c.cpp, export/fold_kernel.py). Portable C++:
 // `#pragma omp simd` loops, built once per x86-64 vector width (target_clones) and by the compiler's own
-// vectorisation elsewhere (aarch64: NEON); the one intrinsic, an int8 basis' widening on AVX-512 x86-64
-// (WidenAvx512), is chosen at run time behind the same guard as the clones.
+// vectorisation elsewhere (aarch64: NEON); on x86-64, AVX-512 and AVX2 passes in intrinsics (an int8 basis' pass,
+// fold_block_t_avx512; the AVX2 ones) are chosen at run time behind the same guard as the clones.
 //
 // B is (u, r), read with strides (row k, term t at B[k * ks + t * ts]): (u, r) row-major (ks = r, ts = 1), as
 // ExecuTorch programs hold it, or stored transposed, (r, u) (ks = 1, ts = u), as ONNX fold graphs hold it. g:
@@ -135,6 +135,27 @@ struct WidenLoop {
 // of a scratch block, when fold_quant_group folds part of the product at a time). s = CM (a channel-major basis,
 // fold_channel_major): each column's V values are stored as they are, contiguous at col[c] + kw.
 constexpr int64_t CM = 0;
+// A pass' sums (acc[c]: column c's V values) stored where their layers want them, columns [0, end) of col.
+__attribute__((always_inline)) inline void store_columns(const float (&acc)[CHUNK][V], float* const* col, int64_t kw,
+                                                         int64_t s, int64_t end) {
+  if (s == CM) {
+    for (int64_t c = 0; c < end; ++c) std::memcpy(col[c] + kw, acc[c], sizeof acc[c]);
+  } else if (s == 4) {  // crisp-edge's default s: the four columns of a layer interleaved in registers, then stored
+    for (int64_t c = 0; c < end; c += 4) {
+      float* o = col[c] + kw * 4;
+#pragma omp simd
+      for (int64_t q = 0; q < V; ++q) {
+        o[q * 4 + 0] = acc[c][q];
+        o[q * 4 + 1] = acc[c + 1][q];
+        o[q * 4 + 2] = acc[c + 2][q];
+        o[q * 4 + 3] = acc[c + 3][q];
+      }
+    }
+  } else {
+    for (int64_t q = 0; q < V; ++q)
+      for (int64_t c = 0; c < end; ++c) col[c][(kw + q) * s] = acc[c][q];
+  }
+}
 template <typename T, typename Widen>
 __attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t ts, const float* mt,
                                                              float* const* col, int64_t k, int64_t kw, int64_t u,
@@ -155,24 +176,7 @@ __attribute__((always_inline)) inline void fold_block_t_body(const T* b, int64_t
         for (int64_t q = 0; q < V; ++q) acc[c][q] += mc * bv[q];
       }
     }
-    const int64_t end = std::min(CHUNK, ncol - c0);
-    if (s == CM) {
-      for (int64_t c = 0; c < end; ++c) std::memcpy(col[c0 + c] + kw, acc[c], sizeof acc[c]);
-    } else if (s == 4) {  // crisp-edge's default s: the four columns of a layer interleaved in registers, then stored
-      for (int64_t c = 0; c < end; c += 4) {
-        float* o = col[c0 + c] + kw * 4;
-#pragma omp simd
-        for (int64_t q = 0; q < V; ++q) {
-          o[q * 4 + 0] = acc[c][q];
-          o[q * 4 + 1] = acc[c + 1][q];
-          o[q * 4 + 2] = acc[c + 2][q];
-          o[q * 4 + 3] = acc[c + 3][q];
-        }
-      }
-    } else {
-      for (int64_t q = 0; q < V; ++q)
-        for (int64_t c = 0; c < end; ++c) col[c0 + c][(kw + q) * s] = acc[c][q];
-    }
+    store_columns(acc, col + c0, kw, s, std::min(CHUNK, ncol - c0));
   }
 }
 CRISP_FOLD_MULTIVERSION
@@ -186,19 +190,35 @@ static void fold_block_t_i8(const int8_t* b, int64_t ts, const float* mt, float*
   fold_block_t_body<int8_t, WidenLoop>(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 }
 #ifdef CRISP_FOLD_AVX512_CODES
-// With AVX-512 (where GCC 12 vectorises the portable widening in nine shuffles and sign extensions a term, next to
-// the term's 16 multiply-adds): vpmovsxbd + vcvtdq2ps, the int8 fold's loop the float fold's plus one conversion.
-struct WidenAvx512 {
-  __attribute__((target("avx512f"))) static inline void apply(const int8_t* bt, float* bv) {
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bt));
-    _mm512_storeu_ps(bv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
+// With AVX-512, an int8 basis' pass in intrinsics: each term's 16 codes widened by vpmovsxbd + vcvtdq2ps (GCC 12
+// vectorises the portable widening in nine shuffles and sign extensions a term), the CHUNK columns' sums 16
+// registers, each one multiply-add a term (fold_block_t_body's contracted sums, in the same order: the same values).
+// The portable body's zero-initialised sums, a 1 KiB array, cost a `rep stos` at every pass that GCC left in
+// although the sums live in registers (7% of the channel-major fold's time, measured with perf).
+__attribute__((target("avx512f"))) static void fold_block_t_avx512(const int8_t* b, int64_t ts, const float* mt,
+                                                                  float* const* col, int64_t k, int64_t kw, int64_t u,
+                                                                  int64_t r, int64_t s, int64_t ncol, int64_t cpad) {
+  static_assert(V == 16 && CHUNK == 16, "a column's V values one vector, a pass' CHUNK columns 16 registers");
+  const bool ahead = k + V + PREFETCH <= u;
+  for (int64_t c0 = 0; c0 < cpad; c0 += CHUNK) {
+    __m512 acc[CHUNK];
+    for (int64_t c = 0; c < CHUNK; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < r; ++t) {
+      const float* m = mt + t * cpad + c0;
+      const int8_t* bt = b + t * ts;
+      if (ahead && c0 == 0) __builtin_prefetch(bt + PREFETCH);
+      const __m512 bv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bt))));
+      for (int64_t c = 0; c < CHUNK; ++c) acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(m[c]), bv, acc[c]);
+    }
+    const int64_t end = std::min(CHUNK, ncol - c0);
+    if (s == CM) {  // each column's values stored as they are, straight from its register
+      for (int64_t c = 0; c < end; ++c) _mm512_storeu_ps(col[c0 + c] + kw, acc[c]);
+    } else {
+      float out[CHUNK][V];
+      for (int64_t c = 0; c < CHUNK; ++c) _mm512_storeu_ps(out[c], acc[c]);
+      store_columns(out, col + c0, kw, s, end);
+    }
   }
-};
-// flatten: WidenAvx512::apply is inlined here, where the AVX-512 target allows it (the generic body may not).
-__attribute__((target("avx512f"), flatten)) static void fold_block_t_avx512(const int8_t* b, int64_t ts,
-    const float* mt, float* const* col, int64_t k, int64_t kw, int64_t u, int64_t r, int64_t s, int64_t ncol,
-    int64_t cpad) {
-  fold_block_t_body<int8_t, WidenAvx512>(b, ts, mt, col, k, kw, u, r, s, ncol, cpad);
 }
 
 // AVX2 without AVX-512 (e.g. AMD Zen 3): fold_block_t_body keeps CHUNK x V = 256 sums in registers, 16 AVX-512
@@ -492,6 +512,22 @@ inline void fold_quant_group(const T* B, int64_t ks, int64_t ts, int64_t u, int6
 // leaves one channel per block of rows: a transpose of every code, then a maximum a channel).
 constexpr int64_t CM_GROUP = 4 * QCH;  // channels folded before they are quantized: 64 codes, a cache line, a row
 
+// A float buffer starting on a 64-byte boundary (a cache line), zeroed: std::vector's storage of a large block starts
+// 16 bytes past a page (malloc's header), so every 16-float row of the channel-major scratch straddled two lines and
+// each of its stores and loads was split in two.
+class AlignedFloats {
+ public:
+  explicit AlignedFloats(size_t n) : buf_(n + 16, 0.f) {
+    const auto at = reinterpret_cast<uintptr_t>(buf_.data());
+    data_ = buf_.data() + ((64 - at % 64) % 64) / sizeof(float);
+  }
+  float* data() { return data_; }
+
+ private:
+  std::vector<float> buf_;
+  float* data_;
+};
+
 // Folds CM_GROUP channels at a time (QCH per pass, all of the group's d_in / s input positions) into a scratch
 // holding every layer's (d_in, CM_GROUP) block (n * d_in * 64 floats: ViT-S's fc2, 1.5 MiB, in L2), then hands each
 // layer's block to quantize(i, o0, oc, w): row j of channels [o0, o0 + oc) at w + j * CM_GROUP (oc a multiple of QCH).
@@ -501,7 +537,7 @@ inline void fold_channel_major(const T* B, int64_t u, int64_t r, const float* g,
   static_assert(V == QCH, "a pass folds one block of channels");
   const int64_t ncol = n * s, cpad = (ncol + CHUNK - 1) / CHUNK * CHUNK, nq = d_in / s;
   const std::vector<float> mt = mixer_columns(g, n, r, s, cpad);
-  std::vector<float> scratch(static_cast<size_t>(n * d_in * CM_GROUP));
+  AlignedFloats scratch(static_cast<size_t>(n * d_in * CM_GROUP));
   std::vector<float*> col(static_cast<size_t>(ncol));
   for (int64_t o0 = 0; o0 < d_out; o0 += CM_GROUP) {
     const int64_t oc = std::min(CM_GROUP, d_out - o0);
@@ -562,29 +598,25 @@ static void quantize_cm(const float* w, int64_t d_in, int64_t oc, int8_t* out, i
   }
 }
 
-#ifdef CRISP_FOLD_AVX512_CODES
-// The same for a whole group of CM_GROUP channels whose rows are 64-byte aligned, with AVX-512: each row's 64 codes
-// one non-temporal store (a whole cache line: written without first reading the line the store replaces, a third of
-// the memory traffic of a switch whose codes are not in cache).
-__attribute__((target("avx512f,avx512bw"))) static void quantize_cm_stream(const float* w, int64_t d_in, int8_t* out,
-                                                                           int64_t d_out, float* scales, float qmax) {
-  __m512 inv[4];
-  for (int64_t a = 0; a < 4; ++a)
-    column_scales(w, d_in, a * QCH, qmax, scales + a * QCH, reinterpret_cast<float*>(&inv[a]));
-  const __m512 rounder = _mm512_set1_ps(ROUNDER);
-  for (int64_t j = 0; j < d_in; ++j) {
-    __m128i c[4];
-    for (int64_t a = 0; a < 4; ++a)  // (w * inv + ROUNDER) - ROUNDER, as quantize_cm's AVX-512 clone computes it
-      c[a] = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_sub_ps(
-          _mm512_fmadd_ps(_mm512_loadu_ps(w + j * CM_GROUP + a * QCH), inv[a], rounder), rounder)));
-    const __m512i line = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(
-        _mm512_castsi128_si512(c[0]), c[1], 1), c[2], 2), c[3], 3);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j * d_out), line);
-  }
-}
-#endif
-
 #if defined(__x86_64__) && defined(__GNUC__)
+// The maxima of |w| down the first nb * QCH columns (nb <= 4) of a channel-major block (rows CM_GROUP floats apart)
+// into mx, with AVX-512: two rows a step, 2 nb independent maxima (column_scales' one chain a block of QCH channels
+// waited on each maximum's latency, row after row: 40% of the channel-major quantization's time, measured with perf).
+// quantize_cm_stream's and ExecuTorch's quantize_pack_cm_avx512's (export/executorch/kernels/fold_quant.cpp) maxima.
+__attribute__((target("avx512f"))) inline void block_absmax_avx512(const float* w, int64_t d_in, int64_t nb, float* mx) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 m[2][4] = {{zero, zero, zero, zero}, {zero, zero, zero, zero}};
+  int64_t j = 0;
+  for (; j + 2 <= d_in; j += 2)
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t a = 0; a < nb; ++a)
+        m[h][a] = _mm512_max_ps(m[h][a], _mm512_abs_ps(_mm512_loadu_ps(w + (j + h) * CM_GROUP + a * QCH)));
+  for (; j < d_in; ++j)
+    for (int64_t a = 0; a < nb; ++a)
+      m[0][a] = _mm512_max_ps(m[0][a], _mm512_abs_ps(_mm512_loadu_ps(w + j * CM_GROUP + a * QCH)));
+  for (int64_t a = 0; a < nb; ++a) _mm512_storeu_ps(mx + a * QCH, _mm512_max_ps(m[0][a], m[1][a]));
+}
+
 // The maxima of |w| down QCH columns [sb, sb + QCH) of a channel-major block (rows CM_GROUP floats apart) into
 // mx, with AVX2 (two rows a step: four independent maxima): quantize_cm_avx2's and ExecuTorch's
 // quantize_pack_cm_avx2's (export/executorch/kernels/fold_quant.cpp) channel maxima.
@@ -599,6 +631,30 @@ __attribute__((target("avx2"))) inline void column_absmax_avx2(const float* w, i
     for (int a = 0; a < 2; ++a) m[a] = _mm256_max_ps(m[a], _mm256_and_ps(_mm256_loadu_ps(w + j * CM_GROUP + sb + a * 8), abs));
   _mm256_storeu_ps(mx, _mm256_max_ps(m[0], m[2]));
   _mm256_storeu_ps(mx + 8, _mm256_max_ps(m[1], m[3]));
+}
+#endif
+
+#ifdef CRISP_FOLD_AVX512_CODES
+// The same for a whole group of CM_GROUP channels whose rows are 64-byte aligned, with AVX-512: each row's 64 codes
+// one non-temporal store (a whole cache line: written without first reading the line the store replaces, a third of
+// the memory traffic of a switch whose codes are not in cache).
+__attribute__((target("avx512f,avx512bw"))) static void quantize_cm_stream(const float* w, int64_t d_in, int8_t* out,
+                                                                           int64_t d_out, float* scales, float qmax) {
+  alignas(64) float mx[CM_GROUP];
+  __m512 inv[4];
+  block_absmax_avx512(w, d_in, 4, mx);
+  for (int64_t a = 0; a < 4; ++a)
+    scales_from_maxima(mx + a * QCH, qmax, scales + a * QCH, reinterpret_cast<float*>(&inv[a]));
+  const __m512 rounder = _mm512_set1_ps(ROUNDER);
+  for (int64_t j = 0; j < d_in; ++j) {
+    __m128i c[4];
+    for (int64_t a = 0; a < 4; ++a)  // (w * inv + ROUNDER) - ROUNDER, as quantize_cm's AVX-512 clone computes it
+      c[a] = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_sub_ps(
+          _mm512_fmadd_ps(_mm512_loadu_ps(w + j * CM_GROUP + a * QCH), inv[a], rounder), rounder)));
+    const __m512i line = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(
+        _mm512_castsi128_si512(c[0]), c[1], 1), c[2], 2), c[3], 3);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j * d_out), line);
+  }
 }
 #endif
 

@@ -187,15 +187,10 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_pack_cm_avx512(const f
   float* scales = reinterpret_cast<float*>(buf + crisp_q::codes_bytes(n, k));
   int32_t* sums = reinterpret_cast<int32_t*>(scales + n);
   const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f), zero = _mm512_setzero_ps();
+  alignas(64) float mx[crisp_fold::CM_GROUP];  // every block's channel maxima in one pass down the rows
+  crisp_fold::block_absmax_avx512(w, k, oc / kBlock, mx);
   for (int64_t sb = 0; sb < oc; sb += kBlock) {
-    __m512 m0 = zero, m1 = zero;
-    int64_t j = 0;
-    for (; j + 2 <= k; j += 2) {
-      m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(w + j * stride + sb)));
-      m1 = _mm512_max_ps(m1, _mm512_abs_ps(_mm512_loadu_ps(w + (j + 1) * stride + sb)));
-    }
-    if (j < k) m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(w + j * stride + sb)));
-    const __m512 amax = _mm512_max_ps(m0, m1);
+    const __m512 amax = _mm512_load_ps(mx + sb);
     const __mmask16 pos = _mm512_cmp_ps_mask(amax, zero, _CMP_GT_OQ);
     const __m512 scale = _mm512_mask_div_ps(_mm512_set1_ps(1.f), pos, amax, hi);  // amax / 127, 1 where zero
     _mm512_storeu_ps(scales + o0 + sb, scale);
