@@ -211,8 +211,10 @@ __attribute__((target("avx512f"))) static void fold_block_t_avx512(const int8_t*
       for (int64_t c = 0; c < CHUNK; ++c) acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(m[c]), bv, acc[c]);
     }
     const int64_t end = std::min(CHUNK, ncol - c0);
-    if (s == CM) {  // each column's values stored as they are, straight from its register
-      for (int64_t c = 0; c < end; ++c) _mm512_storeu_ps(col[c0 + c] + kw, acc[c]);
+    if (s == CM && end == CHUNK) {  // each column's values stored as they are, straight from its register (a loop
+      // to a run-time end indexes the sums: GCC spilled all 16 to the stack first, half the pass' time at small r)
+#pragma GCC unroll 16
+      for (int64_t c = 0; c < CHUNK; ++c) _mm512_storeu_ps(col[c0 + c] + kw, acc[c]);
     } else {
       float out[CHUNK][V];
       for (int64_t c = 0; c < CHUNK; ++c) _mm512_storeu_ps(out[c], acc[c]);
