@@ -39,13 +39,15 @@ its weight input has: ``W`` (``x @ Transpose(W)``, the exported graph, W packed 
 
     .venv/bin/python bench/bench_fold_layouts.py        # bench/results/fold_layouts.json
     .venv/bin/python bench/bench_fold_layouts.py --kernels-only --crisp-kernel --crisp-quant \
-        --out bench/results/fold_quant_kernel.json
+        --out bench/results/fold_quant_kernel.json [--baseline REV]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from _common import RESULTS_DIR, interleave, machine_info, pin_threads, summarize, write_json
 
@@ -282,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels-only", action="store_true",
                     help="only crisp-edge's kernels (--crisp-kernel, --crisp-quant): no ONNX Runtime graphs")
     ap.add_argument("--fused-kernel", action="store_true", help="also bench/_fused_fold.c (needs cc and AVX-512)")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="with --crisp-quant: also the channel-major fold+quantize built from git revision REV")
     ap.add_argument("--out", default=str(RESULTS_DIR / "fold_layouts.json"))
     args = ap.parse_args(argv)
+    if args.baseline and not args.crisp_quant:
+        ap.error("--baseline times the kernel's fold + quantization: give --crisp-quant too")
     if args.kernels_only and args.fused_kernel:
         ap.error("--fused-kernel is compared with the ONNX Runtime graphs, which --kernels-only leaves out")
     groups, repeats = (1, 3) if args.quick else (args.groups, args.repeats)
@@ -296,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.crisp_kernel:
         cases.update(crisp_kernel_cases(groups, rng))
     if args.crisp_quant:
-        cases.update(_crisp_quant.crisp_quant_cases(groups, rng, ROLES, N, R, S, _cpu_timer))
+        baseline = None
+        if args.baseline:
+            folder = Path(tempfile.mkdtemp(prefix="crisp-fold-baseline-"))
+            baseline = _crisp_quant.baseline_library(args.baseline, folder)
+        cases.update(_crisp_quant.crisp_quant_cases(groups, rng, ROLES, N, R, S, _cpu_timer, baseline))
     if args.executorch:
         from _set_task_layouts import executorch_cases
         cases.update(executorch_cases(ROLES, N, S, R))
@@ -341,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                      "fold": "one run of a graph holding every group's fold (outputs checked against numpy first)",
                      "forward": f"every CRISP product of {BLOCKS} ViT-S blocks at {TOKENS} tokens, batch 1",
                      "set_task": "--executorch: one ExecuTorch set_task call writing one group of each role",
-                     "crisp_quant": "--crisp-quant: one fold_quant_group call per group, outputs written in place"},
+                     "crisp_quant": "--crisp-quant: one fold_quant_group call per group, outputs written in place",
+                     "baseline": args.baseline},
         "onnxruntime": ort.__version__, "onnx": onnx.__version__, "machine": machine_info(), "results": [result],
     })
     if not args.kernels_only:
@@ -359,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.crisp_quant:
         print("fold_quant_group, ms (float32 / int8 / int8 channel-major basis):",
               {r: tuple(round(1e3 * result["crisp_quant_seconds"][k][r], 3) for k in _crisp_quant.KINDS) for r in roles})
+        if args.baseline:
+            print(f"channel-major, this build against {args.baseline}'s:", result["crisp_quant_i8_cm_vs_baseline"],
+                  "all groups", result["crisp_quant_i8_cm_vs_baseline_all_groups"])
     if args.executorch:
         print("ExecuTorch set_task vs narrow:", result["executorch_set_task_vs_narrow"])
     print(f"wrote {out}")

@@ -29,11 +29,12 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def build(out: Path = LIBRARY, flags: tuple[str, ...] = ()) -> Path:
+def build(out: Path = LIBRARY, flags: tuple[str, ...] = (), source: Path = SOURCES[0]) -> Path:
     """Compile ``fold_c.cpp`` into ``out`` (whole or not at all), with extra compiler ``flags`` (tests build
-    ``-DCRISP_FOLD_NO_MULTIVERSION`` variants); an ``ExportError`` saying why when it cannot."""
+    ``-DCRISP_FOLD_NO_MULTIVERSION`` variants); an ``ExportError`` saying why when it cannot. ``source``: another
+    copy of ``fold_c.cpp`` (``bench_fold_layouts.py --baseline`` builds an earlier commit's beside this one)."""
     return build_library(lambda tmp: ["g++", "-std=c++17", "-O3", "-fopenmp-simd", *flags, "-shared", "-fPIC", "-o",
-                                      str(tmp), str(SOURCES[0])], out, "crisp-edge's fold kernel")
+                                      str(tmp), str(source)], out, "crisp-edge's fold kernel")
 
 
 def _load() -> ctypes.CDLL:
