@@ -440,6 +440,10 @@ def _swappable_int8(d: dict) -> str:
              "multiply-adds against a forward's are " + ", ".join(floors) + f"; the fold's run {lanes}, so a fold "
              f"costs at least about {times} times that ratio in int8 forwards: a switch of 0.5 int8 forwards is out of "
              f"reach for any float fold where that ratio is above about {above} (the embedded ViT at batch 1).")
+    if isa and "amx_int8" in isa:  # ORT's MLAS runs its int8 products on AMX tiles (tdpbusd) where the CPU has them
+        floor += (" This CPU has AMX: ONNX Runtime's int8 products run on its matrix tiles (MLAS, `tdpbusd`; XNNPACK's "
+                  "and crisp-edge's on AVX-512 VNNI), which makes ONNX Runtime's dense int8 forward the faster one and "
+                  "every cost around it (a switch; packing a weight input at every run) a larger share of it.")
     return ("\n\nSwappable int8, in int8 dense forwards of the same model, same run:\n\n"
             + _table(["model", "runtime", "forward / int8 dense", "switch", "switch from the file",
                       "from the file, fold graph (ORT alone)", "reload a dense int8 model per task",
