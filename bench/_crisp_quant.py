@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +21,23 @@ import numpy as np
 KINDS = ("f32", "i8", "i8_cm")
 
 
-def baseline_library(rev: str, folder: Path):
-    """``export/kernels/fold_c.cpp`` and ``fold_core.h`` as of git revision ``rev``, built into ``folder`` and bound
-    (``fold_kernel.bind``): the kernel before a change, to time beside it in one run."""
+def baseline_library(rev: str):
+    """``export/kernels/fold_c.cpp`` and ``fold_core.h`` as of git revision ``rev``, built in a temporary folder,
+    loaded and bound (``fold_kernel.bind``; the folder is removed, the library stays loaded): the kernel before a
+    change, to time beside it in one run."""
     from crisp_edge.export import fold_kernel
 
     repo = Path(__file__).resolve().parent.parent
-    for name in ("fold_c.cpp", "fold_core.h"):
-        got = subprocess.run(["git", "show", f"{rev}:export/kernels/{name}"], cwd=repo, capture_output=True)
-        if got.returncode != 0:
-            sys.exit(f"--baseline {rev}: git has no export/kernels/{name} there ({got.stderr.decode().strip()[:200]})")
-        (folder / name).write_bytes(got.stdout)
-    lib = fold_kernel.build(folder / "libcrisp_fold_baseline.so", source=folder / "fold_c.cpp")
-    return fold_kernel.bind(ctypes.CDLL(str(lib)))
+    with tempfile.TemporaryDirectory(prefix="crisp-fold-baseline-") as tmp:
+        folder = Path(tmp)
+        for name in ("fold_c.cpp", "fold_core.h"):
+            got = subprocess.run(["git", "show", f"{rev}:export/kernels/{name}"], cwd=repo, capture_output=True)
+            if got.returncode != 0:
+                sys.exit(f"--baseline {rev}: git has no export/kernels/{name} there "
+                         f"({got.stderr.decode().strip()[:200]})")
+            (folder / name).write_bytes(got.stdout)
+        lib = fold_kernel.build(folder / "libcrisp_fold_baseline.so", source=folder / "fold_c.cpp")
+        return fold_kernel.bind(ctypes.CDLL(str(lib)))
 
 
 @contextlib.contextmanager

@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from _common import RESULTS_DIR, interleave, machine_info, pin_threads, summarize, write_json
 
@@ -302,10 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.crisp_kernel:
         cases.update(crisp_kernel_cases(groups, rng))
     if args.crisp_quant:
-        baseline = None
-        if args.baseline:
-            folder = Path(tempfile.mkdtemp(prefix="crisp-fold-baseline-"))
-            baseline = _crisp_quant.baseline_library(args.baseline, folder)
+        baseline = _crisp_quant.baseline_library(args.baseline) if args.baseline else None
         cases.update(_crisp_quant.crisp_quant_cases(groups, rng, ROLES, N, R, S, _cpu_timer, baseline))
     if args.executorch:
         from _set_task_layouts import executorch_cases
